@@ -1,0 +1,143 @@
+//! Cloud providers: the machines a builder runs on.
+//!
+//! A builder is either an always-on SSH host or a VM in Google Compute Engine
+//! or EC2 that absconda starts and stops through the cloud's REST API. Each
+//! cloud lives in its own file and implements [`Provider`]; the build pipeline
+//! only sees [`InstanceInfo`] and the normalised [`Status`].
+//!
+//! Every API call goes through [`retry::with_retry`], which retries transient
+//! failures (connection errors, 429, 5xx, throttling) with exponential backoff
+//! and jitter under one deadline, and never retries an authentication error.
+
+pub mod retry;
+
+use std::fmt;
+use std::time::Duration;
+
+/// The normalised life-cycle state of a VM, whatever the cloud calls it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Booting: GCE PROVISIONING/STAGING/REPAIRING, EC2 pending.
+    Starting,
+    /// GCE RUNNING, EC2 running; an SSH host is always `Running`.
+    Running,
+    /// GCE STOPPING/SUSPENDING, EC2 stopping/shutting-down.
+    Stopping,
+    /// GCE TERMINATED/SUSPENDED, EC2 stopped.
+    Stopped,
+    /// The instance no longer exists (EC2 terminated, GCE 404).
+    Gone,
+    /// A state this version does not know; the raw name is kept in `InstanceInfo`.
+    Unknown,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Status::Starting => "starting",
+            Status::Running => "running",
+            Status::Stopping => "stopping",
+            Status::Stopped => "stopped",
+            Status::Gone => "gone",
+            Status::Unknown => "unknown",
+        })
+    }
+}
+
+/// What a cloud says about one instance.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InstanceInfo {
+    /// The cloud's own identifier (GCE instance name, EC2 instance id).
+    pub id: String,
+    pub status: Status,
+    /// The status exactly as the cloud spelled it (`TERMINATED`, `stopped`, …).
+    pub raw_status: String,
+    /// The address to reach SSH on, when the instance has one.
+    pub address: Option<String>,
+}
+
+/// Errors from a cloud API, each naming the request it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    /// Credentials were missing, rejected or could not be loaded.
+    /// `source_name` says which credential source was used
+    /// (for example "service account key file `/path/key.json`").
+    #[error("authentication failed using {source_name}: {message}")]
+    Auth { source_name: String, message: String },
+    /// The API answered with an error.
+    #[error("{service} API error {status} for {operation}: {code}: {message}")]
+    Api {
+        service: &'static str,
+        operation: String,
+        status: u16,
+        code: String,
+        message: String,
+        /// Seconds from a `Retry-After` header, when present.
+        retry_after: Option<Duration>,
+    },
+    /// The request never got an HTTP answer (DNS, connect, reset, TLS).
+    #[error("could not reach {url}")]
+    Transport {
+        url: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The answer could not be understood.
+    #[error("unexpected answer from {url}: {message}")]
+    Protocol { url: String, message: String },
+    /// The instance named in the config does not exist.
+    #[error("instance `{instance}` not found")]
+    NotFound { instance: String },
+    /// A long-running operation finished with an error.
+    #[error("operation `{operation}` failed: {message}")]
+    OperationFailed { operation: String, message: String },
+    /// A deadline passed; `last` is the last transient error seen, if any.
+    #[error("{what} did not finish within {}s", after.as_secs())]
+    Timeout {
+        what: String,
+        after: Duration,
+        #[source]
+        last: Option<Box<CloudError>>,
+    },
+}
+
+impl CloudError {
+    /// Whether retrying the same request may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CloudError::Transport { .. } => true,
+            CloudError::Api { status, code, .. } => {
+                *status == 429
+                    || *status >= 500
+                    || code == "RequestLimitExceeded"
+                    || code == "Throttling"
+                    || code == "rateLimitExceeded"
+            }
+            _ => false,
+        }
+    }
+
+    /// The server's requested delay before the next attempt.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            CloudError::Api { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// One cloud's view of one builder VM.
+///
+/// `start` and `stop` are idempotent: starting a running VM or stopping a
+/// stopped one succeeds without doing anything, so two clients racing to start
+/// the same builder are safe. Both return once the cloud has accepted the
+/// request; callers poll [`Provider::describe`] for the state they want.
+pub trait Provider: Send + Sync {
+    /// A short name for messages, for example `gce` or `ec2`.
+    fn kind(&self) -> &'static str;
+    /// The current state and address.
+    fn describe(&self) -> impl Future<Output = Result<InstanceInfo, CloudError>> + Send;
+    fn start(&self) -> impl Future<Output = Result<(), CloudError>> + Send;
+    fn stop(&self) -> impl Future<Output = Result<(), CloudError>> + Send;
+}
