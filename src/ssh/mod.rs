@@ -1,0 +1,402 @@
+//! A native SSH client for builders, on russh.
+//!
+//! One [`Session`] is one TCP connection, authenticated once; everything a
+//! build does (lease, upload, build, push, cleanup) runs in channels of that
+//! connection, so there is one handshake and one host-key check per build.
+//!
+//! - [`known_hosts`]: host key verification, the security boundary.
+//! - [`auth`]: key files (with passphrases) and ssh-agent.
+//! - [`exec`]: running commands with live output and exit statuses.
+
+pub mod auth;
+pub mod exec;
+pub mod known_hosts;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::client::{self, Handle};
+use russh::keys::{PublicKey, PublicKeyOrCertificate};
+
+use known_hosts::{HostKeyPolicy, KnownHosts, Pin, Verdict, fingerprint, host_pattern};
+
+/// Where and as whom to connect, and how to trust the host.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// Key files to offer, in order; empty means the agent and OpenSSH's default files.
+    pub identity_files: Vec<PathBuf>,
+    pub known_hosts: PathBuf,
+    pub policy: HostKeyPolicy,
+    pub pin: Option<Pin>,
+    /// The name to look the host key up under instead of the address
+    /// (for cloud VMs whose address changes at every start).
+    pub host_key_alias: Option<String>,
+    pub connect_timeout: Duration,
+}
+
+impl Target {
+    /// The name the host key is recorded under in `known_hosts`.
+    pub fn known_hosts_name(&self) -> String {
+        host_pattern(
+            self.host_key_alias.as_deref().unwrap_or(&self.host),
+            self.port,
+        )
+    }
+
+    /// `user@host:port`, for messages.
+    pub fn display(&self) -> String {
+        format!("{}@{}:{}", self.user, self.host, self.port)
+    }
+}
+
+/// Errors while connecting, authenticating or running channels.
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("could not connect to `{addr}`")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to `{addr}` timed out after {}s", after.as_secs())]
+    ConnectTimeout { addr: String, after: Duration },
+    #[error("SSH handshake with `{addr}` failed")]
+    Handshake {
+        addr: String,
+        #[source]
+        source: russh::Error,
+    },
+    #[error(
+        "the host key of `{name}` is not known ({algorithm} key {fingerprint}); refusing to connect"
+    )]
+    UnknownHostKey {
+        name: String,
+        algorithm: String,
+        fingerprint: String,
+        known_hosts: PathBuf,
+    },
+    #[error(
+        "HOST KEY MISMATCH for `{name}`: the server presented {algorithm} key {fingerprint}, but `{}` records a different key at line {} ({}); this may be a man-in-the-middle attack",
+        known_hosts.display(),
+        lines.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "),
+        recorded.join("; ")
+    )]
+    HostKeyChanged {
+        name: String,
+        algorithm: String,
+        fingerprint: String,
+        known_hosts: PathBuf,
+        lines: Vec<usize>,
+        recorded: Vec<String>,
+    },
+    #[error(
+        "HOST KEY MISMATCH for `{name}`: the server presented {fingerprint}, but the config pins `host_key: {pinned}`"
+    )]
+    PinMismatch {
+        name: String,
+        fingerprint: String,
+        pinned: String,
+    },
+    #[error("the host key {fingerprint} of `{name}` is marked @revoked in `{}` line {line}", known_hosts.display())]
+    HostKeyRevoked {
+        name: String,
+        fingerprint: String,
+        known_hosts: PathBuf,
+        line: usize,
+    },
+    #[error("could not record the host key of `{name}` in `{}`", path.display())]
+    RecordHostKey {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not read `{}`", path.display())]
+    KnownHostsRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error("SSH channel for {what} on `{addr}` failed")]
+    Channel {
+        what: String,
+        addr: String,
+        #[source]
+        source: russh::Error,
+    },
+    #[error("the connection to `{addr}` was lost")]
+    Lost { addr: String },
+}
+
+impl SshError {
+    /// True for failures of host key verification: the one class of error
+    /// that must never be retried or worked around.
+    pub fn is_host_key(&self) -> bool {
+        matches!(
+            self,
+            SshError::UnknownHostKey { .. }
+                | SshError::HostKeyChanged { .. }
+                | SshError::PinMismatch { .. }
+                | SshError::HostKeyRevoked { .. }
+        )
+    }
+}
+
+/// The russh event handler: checks the host key and remembers why it refused.
+struct Client {
+    check: Arc<Mutex<HostCheck>>,
+}
+
+struct HostCheck {
+    name: String,
+    known: KnownHosts,
+    policy: HostKeyPolicy,
+    pin: Option<Pin>,
+    refusal: Option<SshError>,
+    accepted: Option<PublicKey>,
+}
+
+impl HostCheck {
+    fn verify(&mut self, key: &PublicKey) -> bool {
+        let fp = fingerprint(key);
+        let algorithm = key.algorithm().to_string();
+        if let Some(pin) = &self.pin {
+            if pin.matches(key) {
+                self.accepted = Some(key.clone());
+                return true;
+            }
+            self.refusal = Some(SshError::PinMismatch {
+                name: self.name.clone(),
+                fingerprint: fp,
+                pinned: pin.fingerprint().to_string(),
+            });
+            return false;
+        }
+        match self.known.check(&self.name, key) {
+            Verdict::Known { line } => {
+                tracing::debug!(host = %self.name, line, "host key matches known_hosts");
+                self.accepted = Some(key.clone());
+                true
+            }
+            Verdict::Unknown if self.policy == HostKeyPolicy::AcceptNew => {
+                if let Err(source) = self.known.record(&self.name, key) {
+                    self.refusal = Some(SshError::RecordHostKey {
+                        name: self.name.clone(),
+                        path: self.known.path().to_path_buf(),
+                        source,
+                    });
+                    return false;
+                }
+                tracing::warn!(
+                    "recorded new host key for `{}` ({algorithm} {fp}) in `{}`",
+                    self.name,
+                    self.known.path().display()
+                );
+                self.accepted = Some(key.clone());
+                true
+            }
+            Verdict::Unknown => {
+                self.refusal = Some(SshError::UnknownHostKey {
+                    name: self.name.clone(),
+                    algorithm,
+                    fingerprint: fp,
+                    known_hosts: self.known.path().to_path_buf(),
+                });
+                false
+            }
+            Verdict::Changed { lines, recorded } => {
+                self.refusal = Some(SshError::HostKeyChanged {
+                    name: self.name.clone(),
+                    algorithm,
+                    fingerprint: fp,
+                    known_hosts: self.known.path().to_path_buf(),
+                    lines,
+                    recorded,
+                });
+                false
+            }
+            Verdict::Revoked { line } => {
+                self.refusal = Some(SshError::HostKeyRevoked {
+                    name: self.name.clone(),
+                    fingerprint: fp,
+                    known_hosts: self.known.path().to_path_buf(),
+                    line,
+                });
+                false
+            }
+        }
+    }
+}
+
+impl client::Handler for Client {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        server_key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let key = match server_key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
+            // We never advertise certificate algorithms, so a server cannot
+            // legitimately answer with one.
+            PublicKeyOrCertificate::Certificate(_) => return Ok(false),
+        };
+        let mut check = self.check.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(check.verify(&key))
+    }
+}
+
+/// An authenticated SSH connection to a builder.
+pub struct Session {
+    handle: Handle<Client>,
+    addr: String,
+    host_key: PublicKey,
+}
+
+impl Session {
+    /// Connects, verifies the host key, and authenticates.
+    ///
+    /// No byte of user data is sent before the host key has been accepted:
+    /// russh calls the check during key exchange, before authentication.
+    pub async fn connect(target: &Target) -> Result<Session, SshError> {
+        let addr = format!("{}:{}", target.host, target.port);
+        let known = KnownHosts::load(&target.known_hosts).map_err(|source| {
+            SshError::KnownHostsRead {
+                path: target.known_hosts.clone(),
+                source,
+            }
+        })?;
+        let name = target.known_hosts_name();
+
+        let mut config = client::Config {
+            // Builds can be silent for a long time (a big `RUN` step): never
+            // drop the connection for inactivity, detect a dead peer with
+            // keepalives instead.
+            inactivity_timeout: None,
+            keepalive_interval: Some(Duration::from_secs(15)),
+            keepalive_max: 4,
+            nodelay: true,
+            window_size: 8 * 1024 * 1024,
+            ..Default::default()
+        };
+        // Offer the algorithms we have recorded keys for first, as OpenSSH
+        // does, so a host with several keys proves the one we know.
+        let known_algs = known.algorithms_for(&name);
+        if !known_algs.is_empty() && target.pin.is_none() {
+            let mut prefs: Vec<_> = known_algs.clone();
+            for a in config.preferred.key.iter() {
+                if !prefs.contains(a) {
+                    prefs.push(a.clone());
+                }
+            }
+            config.preferred.key = prefs.into();
+        }
+
+        let check = Arc::new(Mutex::new(HostCheck {
+            name,
+            known,
+            policy: target.policy,
+            pin: target.pin.clone(),
+            refusal: None,
+            accepted: None,
+        }));
+        let handler = Client {
+            check: check.clone(),
+        };
+        let connect = async {
+            let socket = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
+                .await
+                .map_err(|source| SshError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            let _ = socket.set_nodelay(true);
+            client::connect_stream(Arc::new(config), socket, handler)
+                .await
+                .map_err(|source| SshError::Handshake {
+                    addr: addr.clone(),
+                    source,
+                })
+        };
+        let result = tokio::time::timeout(target.connect_timeout, connect)
+            .await
+            .map_err(|_| SshError::ConnectTimeout {
+                addr: addr.clone(),
+                after: target.connect_timeout,
+            })?;
+        let mut check = check.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(refusal) = check.refusal.take() {
+            return Err(refusal);
+        }
+        let mut handle = result?;
+        let host_key = check.accepted.take().ok_or_else(|| SshError::Handshake {
+            addr: addr.clone(),
+            source: russh::Error::UnknownKey,
+        })?;
+        drop(check);
+
+        auth::authenticate(&mut handle, target).await?;
+        tracing::debug!(%addr, "authenticated");
+        Ok(Session {
+            handle,
+            addr,
+            host_key,
+        })
+    }
+
+    /// `host:port`, for messages.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The verified host key.
+    pub fn host_key(&self) -> &PublicKey {
+        &self.host_key
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
+    /// Opens a session channel and starts `command` in it.
+    pub async fn exec(&self, what: &str, command: &str) -> Result<exec::RemoteProcess, SshError> {
+        let err = |source| SshError::Channel {
+            what: what.to_string(),
+            addr: self.addr.clone(),
+            source,
+        };
+        if self.handle.is_closed() {
+            return Err(SshError::Lost {
+                addr: self.addr.clone(),
+            });
+        }
+        tracing::trace!(%what, %command, "exec");
+        let channel = self.handle.channel_open_session().await.map_err(err)?;
+        channel.exec(true, command).await.map_err(err)?;
+        Ok(exec::RemoteProcess::new(channel, what, &self.addr))
+    }
+
+    /// Runs `command` to completion, feeding it `stdin`, and collects its output.
+    pub async fn output(
+        &self,
+        what: &str,
+        command: &str,
+        stdin: &[u8],
+    ) -> Result<exec::Output, SshError> {
+        self.exec(what, command).await?.output(stdin).await
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(self) {
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, "", "en")
+            .await;
+    }
+}
