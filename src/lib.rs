@@ -5,5 +5,6 @@
 //! - `ssh/`: the native SSH client: host keys, authentication, channels
 //! - `shell`: quoting every remote argument for POSIX sh
 pub mod cloud;
+pub mod config;
 pub mod shell;
 pub mod ssh;
