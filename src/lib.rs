@@ -6,5 +6,7 @@
 //! - `shell`: quoting every remote argument for POSIX sh
 pub mod cloud;
 pub mod config;
+pub mod registry;
+pub mod remote;
 pub mod shell;
 pub mod ssh;
