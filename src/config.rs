@@ -377,7 +377,9 @@ impl ConfigFile {
             _ => {
                 return Err(ConfigError::Invalid {
                     at: at(None, None, Some(1)),
-                    message: "the file must be a mapping with `builders:` and optionally `defaults:`".into(),
+                    message:
+                        "the file must be a mapping with `builders:` and optionally `defaults:`"
+                            .into(),
                 });
             }
         };
@@ -394,7 +396,8 @@ impl ConfigFile {
                         _ => {
                             return Err(ConfigError::Invalid {
                                 at: at(None, Some("builders"), file.line_of(&["builders"])),
-                                message: "`builders` must map builder names to their settings".into(),
+                                message: "`builders` must map builder names to their settings"
+                                    .into(),
                             });
                         }
                     };
@@ -535,8 +538,7 @@ impl ConfigFile {
         let local_path = |p: String| -> PathBuf { expand_path(&p, base) };
 
         let host = r.string("host")?;
-        if provider == ProviderKind::Ssh && host.is_none() && r.string("terraform_dir")?.is_none()
-        {
+        if provider == ProviderKind::Ssh && host.is_none() && r.string("terraform_dir")?.is_none() {
             return Err(ConfigError::Missing {
                 at: self.location(Some(name), Some("host")),
                 provider: provider.to_string(),
@@ -617,10 +619,7 @@ impl ConfigFile {
             None | Some("external") => AddressSetting::External,
             Some("internal") => AddressSetting::Internal,
             Some(o) => {
-                return Err(r.invalid(
-                    "address",
-                    format!("`{o}`: use `external` or `internal`"),
-                ));
+                return Err(r.invalid("address", format!("`{o}`: use `external` or `internal`")));
             }
         };
         let port = r.int("port")?.unwrap_or(22);
@@ -646,7 +645,11 @@ impl ConfigFile {
             host,
             port,
             user,
-            identity_files: r.list("identity_file")?.into_iter().map(&local_path).collect(),
+            identity_files: r
+                .list("identity_file")?
+                .into_iter()
+                .map(&local_path)
+                .collect(),
             known_hosts,
             host_key_policy: policy,
             host_key,
@@ -707,9 +710,13 @@ impl ConfigFile {
                     break;
                 }
                 let bare = trimmed.trim_start_matches("- ");
-                let matches = [format!("{key}:"), format!("\"{key}\":"), format!("'{key}':")]
-                    .iter()
-                    .any(|p| bare.starts_with(p.as_str()));
+                let matches = [
+                    format!("{key}:"),
+                    format!("\"{key}\":"),
+                    format!("'{key}':"),
+                ]
+                .iter()
+                .any(|p| bare.starts_with(p.as_str()));
                 if matches && indent > parent_indent {
                     hit = Some((i, indent));
                     break;
@@ -1002,12 +1009,27 @@ defaults:
     #[test]
     fn error_table() {
         let cases: &[(&str, &str)] = &[
-            ("builders:\n  a:\n    hots: x\n", "line 3, builder `a`, key `hots`: unknown key (did you mean `host`?)"),
-            ("builders:\n  a:\n    host: x\n    ssh_options: [-o, X=y]\n", "line 4, builder `a`, key `ssh_options`: not supported by absconda"),
-            ("builders:\n  a:\n    host: x\n    start_command: gcloud start\n", "key `start_command`: not supported by absconda: `start_command` ran an external program"),
+            (
+                "builders:\n  a:\n    hots: x\n",
+                "line 3, builder `a`, key `hots`: unknown key (did you mean `host`?)",
+            ),
+            (
+                "builders:\n  a:\n    host: x\n    ssh_options: [-o, X=y]\n",
+                "line 4, builder `a`, key `ssh_options`: not supported by absconda",
+            ),
+            (
+                "builders:\n  a:\n    host: x\n    start_command: gcloud start\n",
+                "key `start_command`: not supported by absconda: `start_command` ran an external program",
+            ),
             ("builders:\n  a:\n    host: [\n", "invalid YAML"),
-            ("bilders: {}\n", "line 1, key `bilders`: unknown key (did you mean `builders`?)"),
-            ("builders:\n  a:\n    host: x\n    host_key_policy: no\n", "host checking cannot"),
+            (
+                "bilders: {}\n",
+                "line 1, key `bilders`: unknown key (did you mean `builders`?)",
+            ),
+            (
+                "builders:\n  a:\n    host: x\n    host_key_policy: no\n",
+                "host checking cannot",
+            ),
         ];
         for (text, want) in cases {
             let err = match parse(text) {
@@ -1021,11 +1043,20 @@ defaults:
 
     #[test]
     fn type_and_missing_errors_name_the_line() {
-        let f = parse("builders:\n  a:\n    host: x\n    port: many\n  b:\n    provider: gcp\n    zone: z\n").unwrap();
+        let f = parse(
+            "builders:\n  a:\n    host: x\n    port: many\n  b:\n    provider: gcp\n    zone: z\n",
+        )
+        .unwrap();
         let e = f.builder("a").unwrap_err().to_string();
-        assert!(e.contains("line 4, builder `a`, key `port`: expected a whole number, got `many`"), "{e}");
+        assert!(
+            e.contains("line 4, builder `a`, key `port`: expected a whole number, got `many`"),
+            "{e}"
+        );
         let e = f.builder("b").unwrap_err().to_string();
-        assert!(e.contains("builder `b`, key `project`: required for provider `gcp`"), "{e}");
+        assert!(
+            e.contains("builder `b`, key `project`: required for provider `gcp`"),
+            "{e}"
+        );
         let e = f.builder("c").unwrap_err().to_string();
         assert!(e.contains("no builder named `c`"), "{e}");
     }

@@ -1,12 +1,32 @@
 //! absconda builds container images on remote builders.
 //!
+//! A user types `absconda build --remote-builder NAME …`; absconda starts the
+//! builder VM if it is stopped, streams the build context over its own SSH
+//! client, runs `docker build` and `docker push` there with the output
+//! streamed back, and stops the VM when nobody needs it. Nothing but this
+//! binary is needed on the user's machine.
+//!
 //! # Layout
-//! - `cloud/`: the VMs builders run on (GCE, EC2, plain SSH hosts)
+//! - `cli`: clap types only; `commands/`: one file per subcommand
+//! - `config`: `absconda-remote.yaml` → validated [`config::Builder`] settings
 //! - `ssh/`: the native SSH client: host keys, authentication, channels
+//! - `remote`: the POSIX sh programs run on the builder (lease, upload, probe)
+//! - `context/`: walking the context with `.dockerignore`, tar streaming, hashing
+//! - `build`: the build pipeline, orchestration only
+//! - `registry`: registry credentials from the user's side
+//! - `cloud/`: the VMs builders run on (GCE, EC2)
+//! - `report`: progress reporting from library to CLI
 //! - `shell`: quoting every remote argument for POSIX sh
+//! - `exit`: exit codes and error rendering
+pub mod build;
+pub mod cli;
 pub mod cloud;
+pub mod commands;
 pub mod config;
+pub mod context;
+pub mod exit;
 pub mod registry;
 pub mod remote;
+pub mod report;
 pub mod shell;
 pub mod ssh;

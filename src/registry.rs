@@ -45,7 +45,9 @@ pub struct Credentials {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
-    #[error("ABSCONDA_REGISTRY_USER is set but ABSCONDA_REGISTRY_PASSWORD is not (or the other way round)")]
+    #[error(
+        "ABSCONDA_REGISTRY_USER is set but ABSCONDA_REGISTRY_PASSWORD is not (or the other way round)"
+    )]
     HalfSet,
     #[error("could not read `{}`", path.display())]
     Read {
@@ -102,8 +104,12 @@ fn docker_config_path() -> Option<PathBuf> {
 
 /// Finds credentials for `registry`; `Ok(None)` means the builder's own are used.
 pub fn lookup(registry: &str) -> Result<Option<Credentials>, CredentialsError> {
-    let user = std::env::var("ABSCONDA_REGISTRY_USER").ok().filter(|s| !s.is_empty());
-    let pass = std::env::var("ABSCONDA_REGISTRY_PASSWORD").ok().filter(|s| !s.is_empty());
+    let user = std::env::var("ABSCONDA_REGISTRY_USER")
+        .ok()
+        .filter(|s| !s.is_empty());
+    let pass = std::env::var("ABSCONDA_REGISTRY_PASSWORD")
+        .ok()
+        .filter(|s| !s.is_empty());
     match (user, pass) {
         (Some(username), Some(password)) => {
             return Ok(Some(Credentials {
@@ -138,8 +144,10 @@ fn from_docker_config(
             source,
         })?;
     for key in auth_keys(registry) {
-        let Some(entry) = json.pointer(&format!("/auths/{}", key.replace('~', "~0").replace('/', "~1")))
-        else {
+        let Some(entry) = json.pointer(&format!(
+            "/auths/{}",
+            key.replace('~', "~0").replace('/', "~1")
+        )) else {
             continue;
         };
         let bad = || CredentialsError::BadAuth {
@@ -208,7 +216,9 @@ mod tests {
             r#"{{"auths": {{"127.0.0.1:5000": {{"auth": "{auth}"}}, "https://index.docker.io/v1/": {{"username": "hub", "password": "pw"}}}}}}"#
         );
         let p = Path::new("/home/u/.docker/config.json");
-        let c = from_docker_config(&text, "127.0.0.1:5000", p).unwrap().unwrap();
+        let c = from_docker_config(&text, "127.0.0.1:5000", p)
+            .unwrap()
+            .unwrap();
         assert_eq!(c.username, "tester");
         assert_eq!(c.password.expose(), "s3cr:et");
         assert_eq!(format!("{:?}", c.password), "Secret(***)");

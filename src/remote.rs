@@ -173,7 +173,12 @@ pub fn lease(
             s.identity.clone(),
             s.metadata.clone(),
         ),
-        None => ("-1".to_string(), String::new(), String::new(), String::new()),
+        None => (
+            "-1".to_string(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ),
     };
     shell::join([
         "sh",
@@ -282,7 +287,10 @@ mod tests {
         assert_eq!(r.docker_server.as_deref(), Some("20.10.24"));
         assert!(r.buildkit_available());
         assert_eq!(r.disk_used_pct(), Some(75.0));
-        assert_eq!(r.lease_holder.as_deref(), Some("ana@lap (pid 7) since 2026"));
+        assert_eq!(
+            r.lease_holder.as_deref(),
+            Some("ana@lap (pid 7) since 2026")
+        );
     }
 
     /// The scripts must parse in dash and busybox sh, the shells of stock builders.

@@ -92,7 +92,11 @@ mod tests {
         let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
         assert!(out.status.success());
         let got: Vec<&[u8]> = out.stdout.split(|b| *b == 0).collect();
-        let want: Vec<&[u8]> = hostile.iter().map(|s| s.as_bytes()).chain([&b""[..]]).collect();
+        let want: Vec<&[u8]> = hostile
+            .iter()
+            .map(|s| s.as_bytes())
+            .chain([&b""[..]])
+            .collect();
         assert_eq!(got, want);
         assert!(!std::path::Path::new("/tmp/absconda-pwned").exists());
     }

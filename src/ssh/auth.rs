@@ -89,7 +89,9 @@ pub fn load_key(path: &Path) -> Result<PrivateKey, AuthError> {
                 }
             };
             russh::keys::load_secret_key(&path, Some(&pass)).map_err(|e| match e {
-                russh::keys::Error::KeyIsEncrypted => AuthError::WrongPassphrase { path: path.clone() },
+                russh::keys::Error::KeyIsEncrypted => {
+                    AuthError::WrongPassphrase { path: path.clone() }
+                }
                 source => {
                     if format!("{source}").to_ascii_lowercase().contains("decrypt")
                         || format!("{source}").to_ascii_lowercase().contains("crypto")
@@ -108,7 +110,10 @@ pub fn load_key(path: &Path) -> Result<PrivateKey, AuthError> {
     }
 }
 
-pub(super) async fn authenticate(handle: &mut Handle<Client>, target: &Target) -> Result<(), AuthError> {
+pub(super) async fn authenticate(
+    handle: &mut Handle<Client>,
+    target: &Target,
+) -> Result<(), AuthError> {
     let host = format!("{}:{}", target.host, target.port);
     let proto = |source| AuthError::Protocol {
         host: host.clone(),
@@ -153,8 +158,15 @@ pub(super) async fn authenticate(handle: &mut Handle<Client>, target: &Target) -
                         break;
                     }
                     let public = id.public_key().into_owned();
-                    tried.push(format!("agent key {}", super::known_hosts::fingerprint(&public)));
-                    let hash = if public.algorithm().is_rsa() { rsa_hash } else { None };
+                    tried.push(format!(
+                        "agent key {}",
+                        super::known_hosts::fingerprint(&public)
+                    ));
+                    let hash = if public.algorithm().is_rsa() {
+                        rsa_hash
+                    } else {
+                        None
+                    };
                     match handle
                         .authenticate_publickey_with(&target.user, public, hash, &mut agent)
                         .await

@@ -39,7 +39,10 @@ pub enum Verdict {
     /// No entry for this host at all.
     Unknown,
     /// Entries exist for this host, none with this key.
-    Changed { lines: Vec<usize>, recorded: Vec<String> },
+    Changed {
+        lines: Vec<usize>,
+        recorded: Vec<String>,
+    },
     /// The key is marked `@revoked`.
     Revoked { line: usize },
 }
@@ -213,7 +216,10 @@ impl Pin {
             if rest.is_empty() || rest.len() > 64 {
                 return Err("a fingerprint looks like `SHA256:` followed by 43 base64 characters, as `ssh-keygen -lf` prints it".into());
             }
-            return Ok(Pin::Fingerprint(format!("SHA256:{}", rest.trim_end_matches('='))));
+            return Ok(Pin::Fingerprint(format!(
+                "SHA256:{}",
+                rest.trim_end_matches('=')
+            )));
         }
         match PublicKey::from_openssh(text) {
             Ok(k) => Ok(Pin::Key(fingerprint(&k))),
@@ -275,7 +281,9 @@ fn parse(text: &str) -> Vec<Entry> {
                 patterns: first.to_string(),
                 key,
             }),
-            Err(e) => tracing::debug!(line = i + 1, error = %e, "known_hosts: skipping unreadable key"),
+            Err(e) => {
+                tracing::debug!(line = i + 1, error = %e, "known_hosts: skipping unreadable key")
+            }
         }
     }
     out
@@ -333,8 +341,10 @@ fn wildcard_matches(pat: &[u8], s: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    const ED1: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDH4N0673+8lz5tj14CZrNA9OPGl37HV458CH8t1jVuG";
-    const ED2: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOXb5QvGvBPfw4Q3edOdX8AL7Wck634DBWwcFED+Hmro";
+    const ED1: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDH4N0673+8lz5tj14CZrNA9OPGl37HV458CH8t1jVuG";
+    const ED2: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOXb5QvGvBPfw4Q3edOdX8AL7Wck634DBWwcFED+Hmro";
     const ECDSA: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBGQuaTyacL9yrdRTyz7MfxefCfdp1sFZa5aqDQ1GJhxIRmmvR4wI14oISE3SIfwuz46aOqa5JEDdP4Jypnr7ttM=";
 
     fn key(s: &str) -> PublicKey {

@@ -266,12 +266,11 @@ impl Session {
     /// russh calls the check during key exchange, before authentication.
     pub async fn connect(target: &Target) -> Result<Session, SshError> {
         let addr = format!("{}:{}", target.host, target.port);
-        let known = KnownHosts::load(&target.known_hosts).map_err(|source| {
-            SshError::KnownHostsRead {
+        let known =
+            KnownHosts::load(&target.known_hosts).map_err(|source| SshError::KnownHostsRead {
                 path: target.known_hosts.clone(),
                 source,
-            }
-        })?;
+            })?;
         let name = target.known_hosts_name();
 
         let mut config = client::Config {
@@ -330,16 +329,18 @@ impl Session {
                 addr: addr.clone(),
                 after: target.connect_timeout,
             })?;
-        let mut check = check.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(refusal) = check.refusal.take() {
+        let (refusal, accepted) = {
+            let mut check = check.lock().unwrap_or_else(|p| p.into_inner());
+            (check.refusal.take(), check.accepted.take())
+        };
+        if let Some(refusal) = refusal {
             return Err(refusal);
         }
         let mut handle = result?;
-        let host_key = check.accepted.take().ok_or_else(|| SshError::Handshake {
+        let host_key = accepted.ok_or_else(|| SshError::Handshake {
             addr: addr.clone(),
             source: russh::Error::UnknownKey,
         })?;
-        drop(check);
 
         auth::authenticate(&mut handle, target).await?;
         tracing::debug!(%addr, "authenticated");

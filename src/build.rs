@@ -1,0 +1,801 @@
+//! The build pipeline: orchestration only.
+//!
+//! walk the context → connect → take the lease (and probe docker) → stream
+//! the context → `docker build` → `docker push` → release. Everything after
+//! the connection runs in channels of one SSH session. Cleanup of what we
+//! created on the builder is the lease supervisor's job (see
+//! [`crate::remote`]): it runs when we release the lease, when the user
+//! presses Ctrl-C, and when the connection dies.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Builder, BuildkitSetting, CompressionSetting};
+use crate::context::{self, Compression, ContextError, DockerIgnore, ExtraFile};
+use crate::registry::{self, Credentials, CredentialsError};
+use crate::remote::{self, ProbeReport, SelfStop};
+use crate::report::{Phase, Reporter};
+use crate::ssh::exec::{ExitStatus, RemoteProcess};
+use crate::ssh::{Session, SshError, Target};
+
+/// What to build, from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct BuildRequest {
+    pub context_dir: PathBuf,
+    /// The Dockerfile on disk; ignored when `generated_dockerfile` is set.
+    pub dockerfile: PathBuf,
+    /// A Dockerfile made by absconda (from an environment file), sent as `Dockerfile`.
+    pub generated_dockerfile: Option<String>,
+    /// More files to put into the context (`name in context`, local path).
+    pub extra_files: Vec<(String, PathBuf)>,
+    /// Full image references (`repository:tag`).
+    pub images: Vec<String>,
+    pub build_args: Vec<String>,
+    pub labels: Vec<String>,
+    pub target: Option<String>,
+    pub platform: Option<String>,
+    pub network: Option<String>,
+    pub no_cache: bool,
+    pub pull: bool,
+    pub push: bool,
+    /// How long to wait for another build's lease.
+    pub remote_wait: Duration,
+}
+
+/// What happened, for the summary line and `--json`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BuildReport {
+    pub builder: String,
+    pub images: Vec<String>,
+    pub pushed: bool,
+    pub buildkit: bool,
+    pub compression: String,
+    pub files_sent: u64,
+    /// Bytes of file content in the context.
+    pub context_bytes: u64,
+    /// Bytes that crossed the network for the context (after compression).
+    pub bytes_sent: u64,
+    /// Seconds per phase, in order.
+    pub phases: Vec<(Phase, f64)>,
+    pub total_seconds: f64,
+}
+
+impl BuildReport {
+    /// `sent 1.2 MiB (34 files) · connect 0.3s · … · total 16.1s`
+    pub fn summary(&self) -> String {
+        let mut parts = vec![format!(
+            "sent {} ({} files, {} of content)",
+            human_bytes(self.bytes_sent),
+            self.files_sent,
+            human_bytes(self.context_bytes)
+        )];
+        for (phase, secs) in &self.phases {
+            parts.push(format!("{} {:.1}s", phase.name(), secs));
+        }
+        parts.push(format!("total {:.1}s", self.total_seconds));
+        parts.join(" · ")
+    }
+
+    fn record(&mut self, phase: Phase, took: Duration) {
+        self.phases.push((phase, took.as_secs_f64()));
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Context(#[from] ContextError),
+    #[error("the Dockerfile `{}` does not exist", path.display())]
+    NoDockerfile { path: PathBuf },
+    #[error("the context `{}` is not a folder", path.display())]
+    NoContext { path: PathBuf },
+    #[error(transparent)]
+    Ssh(Box<SshError>),
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+    #[error("the builder `{builder}` is busy: {holder} holds it, and it was not released within {}s", waited.as_secs())]
+    LeaseTimeout {
+        builder: String,
+        holder: String,
+        waited: Duration,
+    },
+    #[error("could not set up the workspace `{workspace}` on `{builder}`: {message}")]
+    Workspace {
+        builder: String,
+        workspace: String,
+        message: String,
+    },
+    #[error("sending the context to `{builder}` failed: {message}")]
+    Upload { builder: String, message: String },
+    #[error("docker on `{builder}` is not usable: {message}")]
+    Docker { builder: String, message: String },
+    #[error("`docker build` failed on `{builder}` ({status})")]
+    DockerBuild { builder: String, status: ExitStatus },
+    #[error(
+        "`docker login` to `{registry}` failed on `{builder}` with credentials from {source_name}: {message}"
+    )]
+    Login {
+        builder: String,
+        registry: String,
+        source_name: String,
+        message: String,
+    },
+    #[error("`docker push {image}` failed on `{builder}` ({status})")]
+    DockerPush {
+        builder: String,
+        image: String,
+        status: ExitStatus,
+    },
+    #[error("the build on `{builder}` did not finish within {}s (`timeout`)", after.as_secs())]
+    Timeout { builder: String, after: Duration },
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl From<SshError> for BuildError {
+    fn from(e: SshError) -> Self {
+        BuildError::Ssh(Box::new(e))
+    }
+}
+
+impl BuildError {
+    /// Failures that may go away when the same build runs again: the
+    /// connection dropped, or the builder went away under us. A failing
+    /// Dockerfile step never is.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BuildError::Ssh(e) => matches!(
+                **e,
+                SshError::Lost { .. }
+                    | SshError::Channel { .. }
+                    | SshError::Connect { .. }
+                    | SshError::ConnectTimeout { .. }
+            ),
+            BuildError::DockerBuild { status, .. } | BuildError::DockerPush { status, .. } => {
+                *status == ExitStatus::Unknown
+            }
+            BuildError::Upload { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// The SSH target of a builder at `host`.
+pub fn ssh_target(b: &Builder, host: &str) -> Target {
+    Target {
+        host: host.to_string(),
+        port: b.port,
+        user: b.user.clone(),
+        identity_files: b.identity_files.clone(),
+        known_hosts: b.known_hosts.clone(),
+        policy: b.host_key_policy,
+        pin: b.host_key.clone(),
+        host_key_alias: b.host_key_alias.clone(),
+        connect_timeout: b.connect_timeout,
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
+}
+
+/// Who holds the lease, as other users will see it while they wait.
+fn holder_description() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let host = if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "unknown-host".into()
+    };
+    format!(
+        "{user}@{host} (pid {}) since {}",
+        std::process::id(),
+        chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
+    )
+}
+
+fn run_id() -> String {
+    format!(
+        "{}-{:08x}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%S"),
+        rand::random::<u32>()
+    )
+}
+
+/// The context as it will be sent: walked entries plus in-memory files.
+pub struct PreparedContext {
+    pub entries: Vec<context::Entry>,
+    pub extra: Vec<ExtraFile>,
+    /// A Dockerfile that lives outside the context (or was generated), sent
+    /// next to it as `<run>/Dockerfile`.
+    pub outside_dockerfile: Option<Vec<u8>>,
+    /// `-f` for docker, relative to the run folder.
+    pub dockerfile_arg: String,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Walks the context with its `.dockerignore` (on a blocking thread).
+pub async fn prepare_context(req: &BuildRequest) -> Result<PreparedContext, BuildError> {
+    let req = req.clone();
+    tokio::task::spawn_blocking(move || prepare_context_blocking(&req))
+        .await
+        .map_err(|e| BuildError::Upload {
+            builder: String::new(),
+            message: format!("context walk panicked: {e}"),
+        })?
+}
+
+fn prepare_context_blocking(req: &BuildRequest) -> Result<PreparedContext, BuildError> {
+    let ctx = &req.context_dir;
+    if !ctx.is_dir() {
+        return Err(BuildError::NoContext { path: ctx.clone() });
+    }
+    let mut extra = Vec::new();
+    let mut always: Vec<String> = vec![".dockerignore".into()];
+    let mut outside_dockerfile = None;
+    let dockerfile_arg;
+    let ignore;
+    if let Some(text) = &req.generated_dockerfile {
+        outside_dockerfile = Some(text.as_bytes().to_vec());
+        dockerfile_arg = "Dockerfile".to_string();
+        ignore = DockerIgnore::for_context(ctx, &ctx.join("Dockerfile")).map_err(|e| {
+            ContextError::Unreadable {
+                path: ctx.to_path_buf(),
+                source: e,
+            }
+        })?;
+    } else {
+        let df = &req.dockerfile;
+        if !df.is_file() {
+            return Err(BuildError::NoDockerfile { path: df.clone() });
+        }
+        ignore = DockerIgnore::for_context(ctx, df).map_err(|e| ContextError::Unreadable {
+            path: ctx.to_path_buf(),
+            source: e,
+        })?;
+        let (abs_ctx, abs_df) = (canonical(ctx), canonical(df));
+        match abs_df.strip_prefix(&abs_ctx) {
+            Ok(rel) => {
+                let rel = rel.to_string_lossy().into_owned();
+                dockerfile_arg = format!("context/{rel}");
+                always.push(rel);
+            }
+            Err(_) => {
+                let data = std::fs::read(df).map_err(|e| ContextError::Unreadable {
+                    path: df.to_path_buf(),
+                    source: e,
+                })?;
+                outside_dockerfile = Some(data);
+                dockerfile_arg = "Dockerfile".into();
+            }
+        }
+    }
+    for (name, path) in &req.extra_files {
+        let data = std::fs::read(path).map_err(|e| ContextError::Unreadable {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        extra.push(ExtraFile {
+            name: name.clone(),
+            data,
+            mode: 0o644,
+        });
+    }
+    let always_ref: Vec<&str> = always.iter().map(String::as_str).collect();
+    let entries = context::walk(ctx, &ignore, &always_ref)?;
+    let mut files = extra.len() as u64;
+    let mut bytes: u64 = extra.iter().map(|e| e.data.len() as u64).sum();
+    for e in &entries {
+        if let context::EntryKind::File { size } = e.kind {
+            files += 1;
+            bytes += size;
+        }
+    }
+    Ok(PreparedContext {
+        entries,
+        extra,
+        outside_dockerfile,
+        dockerfile_arg,
+        files,
+        bytes,
+    })
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// A held lease: the supervisor process on the builder.
+pub struct Lease {
+    process: RemoteProcess,
+    pub run_dir: String,
+}
+
+impl Lease {
+    /// Releases the lease; the supervisor kills anything still running and
+    /// removes the run folder before it answers.
+    pub async fn release(mut self, within: Duration) -> bool {
+        let _ = self.process.writer.eof().await;
+        let mut buf = Vec::new();
+        let mut err = Vec::new();
+        let wait = async {
+            while let Some(line) = self.process.reader.line(&mut buf, &mut err).await {
+                if line == "released" {
+                    return true;
+                }
+            }
+            false
+        };
+        tokio::time::timeout(within, wait).await.unwrap_or(false)
+    }
+}
+
+/// Takes the builder's lease, waiting for other builds up to `wait`.
+pub async fn acquire_lease(
+    session: &Session,
+    builder: &Builder,
+    wait: Duration,
+    self_stop: Option<&SelfStop>,
+    reporter: &dyn Reporter,
+) -> Result<Lease, BuildError> {
+    let run_dir = format!(
+        "{}/runs/{}",
+        builder.workspace.trim_end_matches('/'),
+        run_id()
+    );
+    let cmd = remote::lease(
+        &builder.workspace,
+        &run_dir,
+        &holder_description(),
+        wait,
+        self_stop,
+    );
+    let mut process = session.exec("the builder lease", &cmd).await?;
+    let mut buf = Vec::new();
+    let mut stderr = Vec::new();
+    let mut holder = String::new();
+    let deadline = tokio::time::Instant::now() + wait + Duration::from_secs(30);
+    loop {
+        let line = tokio::time::timeout_at(deadline, process.reader.line(&mut buf, &mut stderr))
+            .await
+            .map_err(|_| BuildError::LeaseTimeout {
+                builder: builder.name.clone(),
+                holder: holder.clone(),
+                waited: wait,
+            })?;
+        let Some(line) = line else {
+            let message = String::from_utf8_lossy(&stderr).trim().to_string();
+            return Err(BuildError::Workspace {
+                builder: builder.name.clone(),
+                workspace: builder.workspace.clone(),
+                message: if message.is_empty() {
+                    "the lease supervisor exited early (is `flock` installed on the builder?)"
+                        .into()
+                } else {
+                    message.trim_start_matches("error ").to_string()
+                },
+            });
+        };
+        if line == "acquired" {
+            return Ok(Lease { process, run_dir });
+        } else if let Some(h) = line.strip_prefix("busy ") {
+            holder = h.to_string();
+            reporter.info(&format!(
+                "builder `{}` is busy: held by {}; waiting up to {}s (--remote-wait)",
+                builder.name,
+                if h.is_empty() { "another build" } else { h },
+                wait.as_secs()
+            ));
+        } else if let Some(h) = line.strip_prefix("waiting ") {
+            if !h.is_empty() && h != holder {
+                holder = h.to_string();
+                reporter.info(&format!("builder `{}` now held by {h}", builder.name));
+            }
+        } else if let Some(h) = line.strip_prefix("timeout") {
+            return Err(BuildError::LeaseTimeout {
+                builder: builder.name.clone(),
+                holder: h.trim().to_string(),
+                waited: wait,
+            });
+        }
+    }
+}
+
+/// Runs `docker` probes on the builder.
+pub async fn probe(session: &Session, builder: &Builder) -> Result<ProbeReport, BuildError> {
+    let out = session
+        .output(
+            "probing docker",
+            &remote::probe(&builder.docker, &builder.workspace),
+            b"",
+        )
+        .await?;
+    Ok(ProbeReport::parse(&out.stdout_str()))
+}
+
+fn docker_build_argv(
+    builder: &Builder,
+    req: &BuildRequest,
+    dockerfile_arg: &str,
+    buildkit: bool,
+) -> Vec<String> {
+    let mut argv: Vec<String> = vec![
+        "env".into(),
+        format!("DOCKER_BUILDKIT={}", u8::from(buildkit)),
+        "BUILDKIT_PROGRESS=plain".into(),
+        builder.docker.clone(),
+        "build".into(),
+        "-f".into(),
+        dockerfile_arg.into(),
+    ];
+    for image in &req.images {
+        argv.push("--tag".into());
+        argv.push(image.clone());
+    }
+    for a in &req.build_args {
+        argv.push("--build-arg".into());
+        argv.push(a.clone());
+    }
+    for l in &req.labels {
+        argv.push("--label".into());
+        argv.push(l.clone());
+    }
+    for (flag, value) in [
+        ("--target", &req.target),
+        ("--platform", &req.platform),
+        ("--network", &req.network),
+    ] {
+        if let Some(v) = value {
+            argv.push(flag.into());
+            argv.push(v.clone());
+        }
+    }
+    if req.no_cache {
+        argv.push("--no-cache".into());
+    }
+    if req.pull {
+        argv.push("--pull".into());
+    }
+    argv.push("context".into());
+    argv
+}
+
+/// Runs a command in the run folder with live output.
+async fn stream(
+    session: &Session,
+    what: &str,
+    run_dir: &str,
+    argv: &[String],
+    stdin: &[u8],
+    reporter: &dyn Reporter,
+) -> Result<(ExitStatus, Vec<u8>), BuildError> {
+    let mut p = session.exec(what, &remote::run_in(run_dir, argv)).await?;
+    if !stdin.is_empty() {
+        p.writer.write_all(stdin).await?;
+    }
+    p.writer.eof().await?;
+    let mut tail = Vec::new();
+    let status = p
+        .reader
+        .drain(|is_err, d| {
+            reporter.output(is_err, d);
+            if is_err {
+                tail.extend_from_slice(d);
+                if tail.len() > 16 * 1024 {
+                    tail.drain(..tail.len() - 8 * 1024);
+                }
+            }
+        })
+        .await;
+    Ok((status, tail))
+}
+
+/// Streams the prepared context into the run folder.
+async fn upload(
+    session: &Session,
+    builder: &Builder,
+    run_dir: &str,
+    prepared: PreparedContext,
+    compression: Compression,
+    reporter: &dyn Reporter,
+) -> Result<u64, BuildError> {
+    if let Some(data) = &prepared.outside_dockerfile {
+        let cmd = crate::shell::join([
+            "sh",
+            "-c",
+            "cat > \"$1\"",
+            "absconda-put",
+            &format!("{run_dir}/Dockerfile"),
+        ]);
+        let out = session.output("sending the Dockerfile", &cmd, data).await?;
+        if !out.status.success() {
+            return Err(BuildError::Upload {
+                builder: builder.name.clone(),
+                message: format!("writing the Dockerfile: {}", out.stderr_tail()),
+            });
+        }
+    }
+    let gzip = matches!(compression, Compression::Gzip);
+    let mut p = session
+        .exec("the context upload", &remote::upload(run_dir, gzip))
+        .await?;
+    let (mut rx, producer) = context::tar_stream(
+        prepared.entries,
+        prepared.extra,
+        "context/".into(),
+        compression,
+        256 * 1024,
+    );
+    let writer = &p.writer;
+    let mut stderr = Vec::new();
+    let reader = &mut p.reader;
+    let send = async {
+        let mut sent: u64 = 0;
+        while let Some(chunk) = rx.recv().await {
+            let chunk = chunk.map_err(|e| BuildError::Upload {
+                builder: builder.name.clone(),
+                message: e.to_string(),
+            })?;
+            writer.write_all(&chunk).await?;
+            sent += chunk.len() as u64;
+            reporter.upload_progress(sent);
+        }
+        writer.eof().await?;
+        Ok::<u64, BuildError>(sent)
+    };
+    let recv = reader.drain(|_, d| stderr.extend_from_slice(d));
+    let (sent, status) = tokio::join!(send, recv);
+    let produced = producer.await.map_err(|e| BuildError::Upload {
+        builder: builder.name.clone(),
+        message: format!("tar writer failed: {e}"),
+    })?;
+    produced?;
+    let sent = sent?;
+    if !status.success() {
+        return Err(BuildError::Upload {
+            builder: builder.name.clone(),
+            message: format!(
+                "tar on the builder ended with {status}: {}",
+                String::from_utf8_lossy(&stderr).trim()
+            ),
+        });
+    }
+    Ok(sent)
+}
+
+/// One build's inputs and the things it reports to.
+pub struct Job<'a> {
+    pub builder: &'a Builder,
+    pub req: &'a BuildRequest,
+    pub self_stop: Option<&'a SelfStop>,
+    pub reporter: &'a dyn Reporter,
+    pub cancel: &'a CancellationToken,
+}
+
+/// The whole build on a connected session. The caller owns connecting (and
+/// starting cloud VMs); this owns the lease and everything under it.
+pub async fn build_on(
+    session: &Session,
+    job: &Job<'_>,
+    prepared: PreparedContext,
+    report: &mut BuildReport,
+) -> Result<(), BuildError> {
+    let Job {
+        builder,
+        req,
+        self_stop,
+        reporter,
+        cancel,
+    } = *job;
+    let credentials: Option<Credentials> = if req.push {
+        match req.images.first() {
+            Some(img) => registry::lookup(&registry::registry_of(img))?,
+            None => None,
+        }
+    } else {
+        None
+    };
+
+    // Lease and probe, concurrently on two channels.
+    reporter.phase(Phase::Lease);
+    let t = Instant::now();
+    let lease_and_probe = async {
+        tokio::join!(
+            acquire_lease(session, builder, req.remote_wait, self_stop, reporter),
+            probe(session, builder)
+        )
+    };
+    let (lease, probe) = tokio::select! {
+        r = lease_and_probe => r,
+        _ = cancel.cancelled() => return Err(BuildError::Interrupted),
+    };
+    let lease = lease?;
+    report.record(Phase::Lease, t.elapsed());
+    reporter.phase_done(Phase::Lease, t.elapsed());
+
+    let work = async {
+        let probe = probe?;
+        if probe.docker_server.is_none() {
+            return Err(BuildError::Docker {
+                builder: builder.name.clone(),
+                message: probe
+                    .docker_error
+                    .clone()
+                    .unwrap_or_else(|| format!("`{}` did not answer", builder.docker)),
+            });
+        }
+        let buildkit = match builder.buildkit {
+            BuildkitSetting::On => true,
+            BuildkitSetting::Off => false,
+            BuildkitSetting::Auto => probe.buildkit_available(),
+        };
+        report.buildkit = buildkit;
+        let compression = match builder.compression {
+            CompressionSetting::Gzip => Compression::Gzip,
+            CompressionSetting::None => Compression::None,
+            CompressionSetting::Auto => {
+                if session
+                    .addr()
+                    .rsplit_once(':')
+                    .is_some_and(|(h, _)| is_loopback(h))
+                {
+                    Compression::None
+                } else {
+                    Compression::Gzip
+                }
+            }
+        };
+        report.compression = match compression {
+            Compression::Gzip => "gzip".into(),
+            Compression::None => "none".into(),
+        };
+
+        reporter.phase(Phase::Upload);
+        let t = Instant::now();
+        let dockerfile_arg = prepared.dockerfile_arg.clone();
+        report.files_sent = prepared.files;
+        report.context_bytes = prepared.bytes;
+        report.bytes_sent = upload(
+            session,
+            builder,
+            &lease.run_dir,
+            prepared,
+            compression,
+            reporter,
+        )
+        .await?;
+        report.record(Phase::Upload, t.elapsed());
+        reporter.phase_done(Phase::Upload, t.elapsed());
+
+        reporter.phase(Phase::Build);
+        let t = Instant::now();
+        let argv = docker_build_argv(builder, req, &dockerfile_arg, buildkit);
+        let (status, _) = stream(
+            session,
+            "docker build",
+            &lease.run_dir,
+            &argv,
+            b"",
+            reporter,
+        )
+        .await?;
+        if !status.success() {
+            return Err(BuildError::DockerBuild {
+                builder: builder.name.clone(),
+                status,
+            });
+        }
+        report.record(Phase::Build, t.elapsed());
+        reporter.phase_done(Phase::Build, t.elapsed());
+
+        if req.push {
+            reporter.phase(Phase::Push);
+            let t = Instant::now();
+            let mut env: Vec<String> = vec!["env".into()];
+            if let Some(c) = &credentials {
+                let config_dir = format!("{}/.docker", lease.run_dir);
+                env.push(format!("DOCKER_CONFIG={config_dir}"));
+                let mut argv = env.clone();
+                argv.extend([
+                    builder.docker.clone(),
+                    "login".into(),
+                    "--username".into(),
+                    c.username.clone(),
+                    "--password-stdin".into(),
+                    c.registry.clone(),
+                ]);
+                let stdin = format!("{}\n", c.password.expose());
+                let (status, err) = stream(
+                    session,
+                    "docker login",
+                    &lease.run_dir,
+                    &argv,
+                    stdin.as_bytes(),
+                    &crate::report::Silent,
+                )
+                .await?;
+                if !status.success() {
+                    return Err(BuildError::Login {
+                        builder: builder.name.clone(),
+                        registry: c.registry.clone(),
+                        source_name: c.source.clone(),
+                        message: String::from_utf8_lossy(&err).trim().to_string(),
+                    });
+                }
+                tracing::debug!(registry = %c.registry, source = %c.source, "logged in on the builder");
+            }
+            for image in &req.images {
+                let mut argv = env.clone();
+                argv.extend([builder.docker.clone(), "push".into(), image.clone()]);
+                let (status, _) =
+                    stream(session, "docker push", &lease.run_dir, &argv, b"", reporter).await?;
+                if !status.success() {
+                    return Err(BuildError::DockerPush {
+                        builder: builder.name.clone(),
+                        image: image.clone(),
+                        status,
+                    });
+                }
+            }
+            report.pushed = true;
+            report.record(Phase::Push, t.elapsed());
+            reporter.phase_done(Phase::Push, t.elapsed());
+        }
+        Ok(())
+    };
+
+    let result = tokio::select! {
+        r = tokio::time::timeout(builder.timeout, work) => r.unwrap_or_else(|_| Err(BuildError::Timeout {
+            builder: builder.name.clone(),
+            after: builder.timeout,
+        })),
+        _ = cancel.cancelled() => Err(BuildError::Interrupted),
+    };
+
+    reporter.phase(Phase::Cleanup);
+    let t = Instant::now();
+    if !lease.release(Duration::from_secs(30)).await {
+        tracing::debug!(
+            "the lease supervisor did not confirm cleanup; it cleans up when the connection closes"
+        );
+    }
+    report.record(Phase::Cleanup, t.elapsed());
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_human() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
+    }
+}

@@ -1,0 +1,142 @@
+//! Command-line types (clap), and nothing else.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+const BUILD_EXAMPLES: &str = "\
+Examples:
+  # Build and push through the builder `local` of ./absconda-remote.yaml
+  absconda build --remote-builder local --context . --repository 127.0.0.1:5000/team/app \\
+      --tag v1 --tag latest --push
+
+  # Start the GCE builder if needed, build, push, and stop it right after
+  absconda build --remote-builder gcp-builder --repository ghcr.io/lab/app --tag 2026-11 --push --remote-off
+
+  # Build from a conda environment file (the Dockerfile is generated)
+  absconda build --file environment.yaml --repository ghcr.io/lab/analysis --remote-builder gcp-builder --push";
+
+const REMOTE_EXAMPLES: &str = "\
+Examples:
+  absconda remote list
+  absconda remote status gcp-builder --json
+  absconda remote start gcp-builder
+  absconda remote stop gcp-builder";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "absconda",
+    version,
+    about = "Build container images on remote builders (SSH hosts, GCE and EC2 VMs) from one static binary",
+    long_about = "Build container images on remote builders.\n\nabsconda starts the builder VM if it is stopped, streams the build context to it over SSH, runs `docker build` and `docker push` there with the output streamed back live, and stops the VM again when nobody needs it. It needs no other program on this machine: no ssh, rsync, gcloud, aws or docker."
+)]
+pub struct Cli {
+    /// More output on stderr (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build (and push) an image on a remote builder.
+    #[command(after_help = BUILD_EXAMPLES)]
+    Build(Box<BuildArgs>),
+    /// Manage remote builders.
+    #[command(subcommand, after_help = REMOTE_EXAMPLES)]
+    Remote(RemoteCommand),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArg {
+    /// The builders file (default: $ABSCONDA_REMOTE_CONFIG, then absconda-remote.yaml in this folder or a parent, then $XDG_CONFIG_HOME/absconda/).
+    #[arg(long, value_name = "PATH")]
+    pub remote_config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The builder to use, as named in the builders file.
+    #[arg(long, value_name = "NAME", env = "ABSCONDA_REMOTE_BUILDER")]
+    pub remote_builder: String,
+    /// Seconds to wait while another build holds the builder.
+    #[arg(long, value_name = "SECS", default_value_t = 900)]
+    pub remote_wait: u64,
+    /// Stop the builder VM right after the build (unless other builds wait for it).
+    #[arg(long)]
+    pub remote_off: bool,
+    /// The build context folder.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub context: PathBuf,
+    /// The Dockerfile (default: Dockerfile in the context).
+    #[arg(short = 'f', long, value_name = "PATH")]
+    pub dockerfile: Option<PathBuf>,
+    /// Image repository, e.g. `ghcr.io/lab/app` or `127.0.0.1:5000/team/app`.
+    #[arg(long, value_name = "REPO")]
+    pub repository: String,
+    /// Tag (repeatable). Default: `latest`.
+    #[arg(short, long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+    /// Build-time variable `KEY=VALUE` (repeatable).
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    pub build_args: Vec<String>,
+    /// Image label `KEY=VALUE` (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Build stage to stop at.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Target platform, e.g. `linux/amd64`.
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Networking mode for `RUN` steps (`host`, `none`, …).
+    #[arg(long)]
+    pub network: Option<String>,
+    /// Do not use the builder's cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Always pull newer base images.
+    #[arg(long)]
+    pub pull: bool,
+    /// Push every tag after the build.
+    #[arg(long)]
+    pub push: bool,
+    /// Print the build report as JSON on stdout (build output then goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RemoteCommand {
+    /// List the configured builders and their state.
+    List(ListArgs),
+    /// Show one builder's state: reachable, docker version, BuildKit, disk, lease.
+    Status(NameArgs),
+    /// Start a builder VM and wait until it can build.
+    Start(NameArgs),
+    /// Stop a builder VM.
+    Stop(NameArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NameArgs {
+    /// The builder, as named in the builders file.
+    pub name: String,
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}

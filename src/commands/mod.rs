@@ -1,0 +1,38 @@
+//! One file per subcommand; each turns parsed arguments into library calls.
+
+pub mod build;
+pub mod printer;
+pub mod remote;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{Cli, Command, RemoteCommand};
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Build(args) => build::run(*args, interrupt_token()).await,
+        Command::Remote(RemoteCommand::List(args)) => remote::list(args).await,
+        Command::Remote(RemoteCommand::Status(args)) => remote::status(args).await,
+        Command::Remote(RemoteCommand::Start(args)) => remote::start(args).await,
+        Command::Remote(RemoteCommand::Stop(args)) => remote::stop(args).await,
+    }
+}
+
+/// A token cancelled by the first Ctrl-C; the second one exits at once.
+fn interrupt_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!(
+                "absconda: interrupted; stopping the remote build and cleaning up (Ctrl-C again to quit at once)"
+            );
+            t.cancel();
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(i32::from(crate::exit::INTERRUPTED));
+            }
+        }
+    });
+    token
+}

@@ -1,0 +1,215 @@
+//! The builder lease: builds take turns, a dead client releases at once,
+//! Ctrl-C kills the remote build and cleans up.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::absconda::{Project, text};
+use crate::support::docker::{BASE_IMAGE, docker, registry};
+use crate::support::sshd::{SSHD, Sshd};
+use crate::support::wait_until;
+
+fn ok() -> bool {
+    crate::support::require(SSHD) && crate::support::require("dockerd")
+}
+
+fn processes_matching(needle: &str) -> usize {
+    let out = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+#[test]
+fn two_builds_at_once_take_turns() {
+    if !ok() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::new(&sshd);
+    // Each build records when its RUN step starts and ends; the intervals must not overlap.
+    p.file(
+        "Dockerfile",
+        &format!("FROM {BASE_IMAGE}\nARG N\nRUN echo start $N && sleep 3 && echo end $N\n"),
+    );
+    let spawn = |n: &str| {
+        let mut c = p.cmd();
+        c.args(["build", "--remote-builder", "local", "--context"])
+            .arg(&p.context)
+            .args([
+                "--repository",
+                "turns/app",
+                "--tag",
+                n,
+                "--network",
+                "none",
+                "--no-cache",
+                "--build-arg",
+            ])
+            .arg(format!("N={n}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let t0 = Instant::now();
+    let a = spawn("a");
+    let b = spawn("b");
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success(), "{}", text(&a));
+    assert!(b.status.success(), "{}", text(&b));
+    assert!(
+        t0.elapsed() >= Duration::from_secs(6),
+        "the two 3 s steps ran concurrently"
+    );
+    let waited = [&a, &b]
+        .iter()
+        .filter(|o| String::from_utf8_lossy(&o.stderr).contains("is busy: held by tester@"))
+        .count();
+    assert_eq!(
+        waited,
+        1,
+        "exactly one build waited, naming the holder:\n{}\n{}",
+        text(&a),
+        text(&b)
+    );
+    assert!(p.run_folders().is_empty());
+}
+
+#[test]
+fn a_lease_wait_that_runs_out_exits_7() {
+    if !ok() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::new(&sshd);
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nRUN sleep 8\n"));
+    let mut first = p.cmd();
+    first
+        .args(["build", "--remote-builder", "local", "--context"])
+        .arg(&p.context)
+        .args([
+            "--repository",
+            "wait/app",
+            "--network",
+            "none",
+            "--no-cache",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let first = first.spawn().unwrap();
+    wait_until(
+        "first build holds the lease",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(p.workspace.join(".lease-holder"))
+                .is_ok_and(|s| !s.trim().is_empty())
+        },
+    );
+    let out = p.build("wait/app", &["--remote-wait", "2", "--network", "none"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is busy: tester@"), "{err}");
+    assert!(err.contains("--remote-wait"), "{err}");
+    let first = first.wait_with_output().unwrap();
+    assert!(first.status.success(), "{}", text(&first));
+}
+
+#[test]
+fn a_killed_client_releases_the_lease_within_seconds() {
+    if !ok() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::new(&sshd);
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nRUN sleep 47\n"));
+    let mut c = p.cmd();
+    c.args(["build", "--remote-builder", "local", "--context"])
+        .arg(&p.context)
+        .args([
+            "--repository",
+            "killed/app",
+            "--network",
+            "none",
+            "--no-cache",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    wait_until("the RUN step started", Duration::from_secs(30), || {
+        processes_matching("sleep 47") > 0
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let t = Instant::now();
+    let p2 = Project::new(&sshd);
+    // Same workspace: the second project must point at the first one's.
+    std::fs::write(&p2.config, std::fs::read_to_string(&p.config).unwrap()).unwrap();
+    p2.file("Dockerfile", &format!("FROM {BASE_IMAGE}\n"));
+    let out = p2.build("killed/next", &["--remote-wait", "30"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "lease took {:?} to be released",
+        t.elapsed()
+    );
+    wait_until(
+        "the orphaned build was killed",
+        Duration::from_secs(15),
+        || processes_matching("sleep 47") == 0,
+    );
+    assert!(p.run_folders().is_empty(), "{:?}", p.run_folders());
+}
+
+#[test]
+fn ctrl_c_kills_the_remote_build_and_leaves_no_run_folder() {
+    if !ok() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let mut p = Project::new(&sshd);
+    let reg = registry();
+    p.with_registry_credentials(reg);
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nRUN sleep 53\n"));
+    let mut c = p.cmd();
+    c.args(["build", "--remote-builder", "local", "--context"])
+        .arg(&p.context)
+        .args([
+            "--repository",
+            &format!("{}/ctrlc/app", reg.addr),
+            "--network",
+            "none",
+            "--no-cache",
+            "--push",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = c.spawn().unwrap();
+    wait_until("the RUN step started", Duration::from_secs(30), || {
+        processes_matching("sleep 53") > 0
+    });
+    assert_eq!(p.run_folders().len(), 1);
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out));
+    assert!(t.elapsed() < Duration::from_secs(20));
+    assert_eq!(
+        processes_matching("sleep 53"),
+        0,
+        "the remote RUN step is still running"
+    );
+    assert!(
+        p.run_folders().is_empty(),
+        "run folder left: {:?}",
+        p.run_folders()
+    );
+    let holder = std::fs::read_to_string(p.workspace.join(".lease-holder")).unwrap_or_default();
+    assert!(holder.trim().is_empty(), "lease still held by {holder}");
+    assert!(reg.tags("ctrlc/app").is_empty());
+}

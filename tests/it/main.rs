@@ -1,0 +1,9 @@
+//! Integration tests: the real `absconda` binary against real OpenSSH sshd,
+//! dockerd and a password-protected registry on loopback.
+
+mod support;
+
+mod build;
+mod hostkeys;
+mod lease;
+mod safety;

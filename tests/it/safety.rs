@@ -1,0 +1,292 @@
+//! Secrets stay secret, hostile input runs nothing, bad input gets a clear
+//! error, and absconda runs no other program.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::support::absconda::{BIN, Project, text};
+use crate::support::docker::{BASE_IMAGE, docker, registry};
+use crate::support::sshd::{SSHD, Sshd};
+
+fn ok() -> bool {
+    crate::support::require(SSHD)
+        && crate::support::require("dockerd")
+        && crate::support::require("docker-registry")
+}
+
+fn grep_tree(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut hits = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return hits;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let Ok(md) = p.symlink_metadata() else {
+            continue;
+        };
+        if md.is_dir() {
+            hits.extend(grep_tree(&p, needle));
+        } else if md.is_file()
+            && std::fs::read(&p).is_ok_and(|d| d.windows(needle.len()).any(|w| w == needle))
+        {
+            hits.push(p);
+        }
+    }
+    hits
+}
+
+#[test]
+fn the_registry_password_never_leaks() {
+    if !ok() {
+        return;
+    }
+    let (d, reg) = (docker(), registry());
+    let sshd = Sshd::start(Some(&d.host));
+    let mut p = Project::new(&sshd);
+    p.with_registry_credentials(reg);
+    p.file(
+        "Dockerfile",
+        &format!("FROM {BASE_IMAGE}\nRUN sleep 2\nCOPY x /x\n"),
+    );
+    p.file("x", "x\n");
+    let mut c = p.cmd();
+    c.args(["-vv", "build", "--remote-builder", "local", "--context"])
+        .arg(&p.context)
+        .args([
+            "--repository",
+            &format!("{}/secret/app", reg.addr),
+            "--tag",
+            "v1",
+            "--push",
+            "--network",
+            "none",
+            "--no-cache",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = c.spawn().unwrap();
+    // Watch the process list for the whole build.
+    let mut seen_in_ps = Vec::new();
+    let pid = child.id();
+    let watcher = std::thread::spawn(move || {
+        let mut samples = 0;
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() && samples < 2000 {
+            let out = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+            let s = String::from_utf8_lossy(&out.stdout).into_owned();
+            for line in s.lines() {
+                if line.contains("s3cret-Pa55word") {
+                    seen_in_ps.push(line.to_string());
+                }
+            }
+            samples += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (seen_in_ps, samples)
+    });
+    let out = child.wait_with_output().unwrap();
+    let (seen, samples) = watcher.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        samples > 5,
+        "the process list was not sampled during the build"
+    );
+    assert!(seen.is_empty(), "password in the process list: {seen:?}");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        all.contains("TRACE") || all.contains("DEBUG"),
+        "-vv gave no debug output"
+    );
+    assert!(!all.contains(reg.password), "password in absconda's output");
+    let encoded = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("{}:{}", reg.user, reg.password),
+    );
+    for needle in [reg.password.as_bytes(), encoded.as_bytes()] {
+        let hits = grep_tree(&p.workspace, needle);
+        assert!(
+            hits.is_empty(),
+            "credentials left on the builder in {hits:?}"
+        );
+    }
+    assert_eq!(reg.tags("secret/app"), ["v1"]);
+}
+
+#[test]
+fn hostile_strings_arrive_byte_exact_and_run_nothing() {
+    if !ok() {
+        return;
+    }
+    let (d, reg) = (docker(), registry());
+    let sshd = Sshd::start(Some(&d.host));
+    let mut p = Project::new(&sshd);
+    p.with_registry_credentials(reg);
+    let marker = p.dir.path().join("pwned");
+    let evil = format!(
+        "a b'c\"d $(touch {m}) `touch {m}`; touch {m} && echo\nnext | cat",
+        m = marker.display()
+    );
+    let evil_name = "we ird 'q\" $(x);&.txt";
+    p.file(evil_name, "odd file\n");
+    p.file("line\nbreak.txt", "newline name\n");
+    p.file(
+        "Dockerfile",
+        &format!(
+            "FROM {BASE_IMAGE}\nARG EVIL\nRUN printf '%s' \"$EVIL\" > /evil-arg\nCOPY . /ctx/\n"
+        ),
+    );
+    let out = p.build(
+        &format!("{}/hostile/app", reg.addr),
+        &[
+            "--tag",
+            "v1",
+            "--push",
+            "--network",
+            "none",
+            "--build-arg",
+            &format!("EVIL={evil}"),
+            "--label",
+            &format!("evil={evil}"),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!marker.exists(), "a hostile string ran a command");
+    let files = reg.files("hostile/app", "v1");
+    assert_eq!(
+        files
+            .get("evil-arg")
+            .map(|v| String::from_utf8_lossy(v).into_owned()),
+        Some(evil.clone())
+    );
+    assert_eq!(
+        files.get(&format!("ctx/{evil_name}")).map(|v| v.as_slice()),
+        Some(&b"odd file\n"[..])
+    );
+    assert_eq!(
+        files.get("ctx/line\nbreak.txt").map(|v| v.as_slice()),
+        Some(&b"newline name\n"[..])
+    );
+    let inspect = d.run(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .Config.Labels}}",
+        &format!("{}/hostile/app:v1", reg.addr),
+    ]);
+    let labels: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(labels["evil"], evil.as_str());
+
+    // A hostile tag is refused by docker as a bad reference, byte-exact, and runs nothing.
+    let bad_tag = format!("v1;touch {}", marker.display());
+    let out = p.build(
+        &format!("{}/hostile/app", reg.addr),
+        &["--tag", &bad_tag, "--network", "none"],
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(!marker.exists(), "a hostile tag ran a command");
+}
+
+#[test]
+fn bad_input_gives_a_clear_error_and_exit_code() {
+    if !crate::support::require(SSHD) {
+        return;
+    }
+    let sshd = Sshd::start(None);
+    let p = Project::new(&sshd);
+    p.file("Dockerfile", "FROM scratch\n");
+
+    // A broken config: exit 2, the file, the line, the key, a suggestion.
+    std::fs::write(
+        &p.config,
+        "builders:\n  local:\n    host: 127.0.0.1\n    prot: 22\n",
+    )
+    .unwrap();
+    let out = p.build("x/y", &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 4, builder `local`, key `prot`: unknown key (did you mean `port`?)"),
+        "{err}"
+    );
+    assert!(err.lines().count() <= 12, "not one screen: {err}");
+
+    // Broken YAML.
+    std::fs::write(&p.config, "builders:\n  local: [\n").unwrap();
+    let out = p.build("x/y", &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid YAML"));
+
+    // Rejected keys of the Python original name the replacement.
+    std::fs::write(&p.config, "builders:\n  local:\n    host: h\n    ssh_options: [\"-o\", \"StrictHostKeyChecking=no\"]\n").unwrap();
+    let out = p.build("x/y", &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("host_key_policy"));
+
+    // An unreachable host: exit 3 with a hint.
+    let dead = crate::support::free_port();
+    std::fs::write(
+        &p.config,
+        format!("builders:\n  local:\n    host: 127.0.0.1\n    port: {dead}\n    user: root\n    identity_file: {}\n    known_hosts: {}\n", sshd.user_key.display(), sshd.known_hosts.display()),
+    )
+    .unwrap();
+    let out = p.build("x/y", &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("could not connect to `127.0.0.1:{dead}`")),
+        "{err}"
+    );
+    assert!(err.contains("hint:"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn absconda_executes_no_other_program() {
+    if !(ok() && crate::support::require("strace")) {
+        return;
+    }
+    let (d, reg) = (docker(), registry());
+    let sshd = Sshd::start(Some(&d.host));
+    let mut p = Project::new(&sshd);
+    p.with_registry_credentials(reg);
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY f /f\n"));
+    p.file("f", "static\n");
+    let bin = std::env::var("ABSCONDA_BIN").unwrap_or_else(|_| BIN.to_string());
+    let trace = p.dir.path().join("strace.log");
+    let mut c = p.cmd();
+    c.env("PATH", "/nonexistent");
+    let args: Vec<String> = ["build", "--remote-builder", "local", "--context"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([p.context.display().to_string()])
+        .chain([
+            "--repository".into(),
+            format!("{}/strace/app", reg.addr),
+            "--tag".into(),
+            "v1".into(),
+            "--push".into(),
+        ])
+        .collect();
+    let out = Command::new("/usr/bin/strace")
+        .args(["-f", "-qq", "-e", "trace=execve,execveat", "-o"])
+        .arg(&trace)
+        .arg(&bin)
+        .args(&args)
+        .env_clear()
+        .envs(
+            c.get_envs()
+                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
+        )
+        .current_dir(p.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let log = std::fs::read_to_string(&trace).unwrap();
+    let execs: Vec<&str> = log.lines().filter(|l| l.contains("execve")).collect();
+    assert_eq!(execs.len(), 1, "absconda executed other programs:\n{log}");
+    assert!(execs[0].contains(&bin));
+    assert_eq!(reg.tags("strace/app"), ["v1"]);
+}

@@ -1,0 +1,261 @@
+//! One dockerd and one password-protected registry per test run, shared by
+//! the tests (each test uses its own repository names).
+//!
+//! dockerd runs without touching the host network (`--bridge=none`,
+//! no iptables); base images cannot be pulled here, so a busybox image is
+//! made locally as `local/busybox:latest`.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use super::{free_port, spawn_daemon, wait_until};
+
+/// The docker CLI that matches docker.io's daemon and understands
+/// `DOCKER_BUILDKIT=1` (a newer client elsewhere on PATH may not).
+pub const DOCKER_CLI: &str = "/usr/bin/docker";
+pub const BASE_IMAGE: &str = "local/busybox:latest";
+
+pub struct Docker {
+    pub host: String,
+    pub root: PathBuf,
+}
+
+pub struct Registry {
+    pub addr: String,
+    pub user: &'static str,
+    pub password: &'static str,
+    pub root: PathBuf,
+}
+
+fn state_dir() -> PathBuf {
+    // Short paths: unix socket paths are limited to 108 bytes.
+    let p = PathBuf::from(format!("/tmp/absconda-it-{}", std::process::id()));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+impl Docker {
+    /// `docker` with `DOCKER_HOST` pointing at the test daemon.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(DOCKER_CLI);
+        c.env("DOCKER_HOST", &self.host)
+            .env("DOCKER_CONFIG", self.root.join("client-config"));
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        self.cmd().args(args).output().expect("run docker")
+    }
+}
+
+/// The shared daemon, started on first use.
+pub fn docker() -> &'static Docker {
+    static D: OnceLock<Docker> = OnceLock::new();
+    D.get_or_init(|| {
+        let root = state_dir().join("docker");
+        std::fs::create_dir_all(&root).unwrap();
+        let sock = root.join("docker.sock");
+        let host = format!("unix://{}", sock.display());
+        let mut cmd = Command::new("dockerd");
+        cmd.args([
+            "--bridge=none",
+            "--iptables=false",
+            "--ip-masq=false",
+            "--ip6tables=false",
+        ])
+        .arg("--data-root")
+        .arg(root.join("data"))
+        .arg("--exec-root")
+        .arg(root.join("exec"))
+        .arg("--pidfile")
+        .arg(root.join("docker.pid"))
+        .arg("-H")
+        .arg(&host)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(root.join("dockerd.log")).unwrap());
+        let mut child = spawn_daemon(cmd).expect("start dockerd");
+        let d = Docker { host, root };
+        wait_until("dockerd answering", Duration::from_secs(60), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "dockerd exited ({status}):\n{}",
+                    std::fs::read_to_string(d.root.join("dockerd.log")).unwrap_or_default()
+                );
+            }
+            d.run(&["version"]).status.success()
+        });
+        std::mem::forget(child);
+        // A base image made from the local busybox.
+        let rootfs = d.root.join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+        for c in [
+            "sh",
+            "ls",
+            "cat",
+            "echo",
+            "mkdir",
+            "wc",
+            "sleep",
+            "env",
+            "sha256sum",
+            "find",
+            "stat",
+            "printf",
+            "test",
+            "true",
+            "id",
+            "head",
+            "tr",
+            "sort",
+            "xargs",
+            "cp",
+            "rm",
+            "ln",
+            "chmod",
+            "touch",
+            "tar",
+            "gzip",
+            "grep",
+            "sed",
+            "awk",
+            "dirname",
+            "basename",
+        ] {
+            let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(c));
+        }
+        let mut import = d.cmd();
+        import
+            .args(["import", "-", BASE_IMAGE])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null());
+        let mut child = import.spawn().unwrap();
+        let tar = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .args(["-c", "."])
+            .output()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(&tar.stdout).unwrap();
+        assert!(child.wait().unwrap().success(), "docker import failed");
+        d
+    })
+}
+
+/// The shared registry (htpasswd auth), started on first use.
+pub fn registry() -> &'static Registry {
+    static R: OnceLock<Registry> = OnceLock::new();
+    R.get_or_init(|| {
+        let root = state_dir().join("registry");
+        std::fs::create_dir_all(root.join("data")).unwrap();
+        let (user, password) = ("tester", "s3cret-Pa55word-7c1e");
+        let st = Command::new("htpasswd")
+            .args(["-Bbc"])
+            .arg(root.join("htpasswd"))
+            .args([user, password])
+            .stderr(Stdio::null())
+            .status()
+            .expect("htpasswd");
+        assert!(st.success());
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: absconda-test\n    path: {htp}\n",
+            data = root.join("data").display(),
+            htp = root.join("htpasswd").display(),
+        );
+        std::fs::write(root.join("config.yml"), config).unwrap();
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve")
+            .arg(root.join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(root.join("registry.log")).unwrap());
+        let child = spawn_daemon(cmd).expect("start docker-registry");
+        std::mem::forget(child);
+        wait_until("registry listening", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+        Registry {
+            addr,
+            user,
+            password,
+            root,
+        }
+    })
+}
+
+impl Registry {
+    fn get(&self, path: &str, accept: &str) -> (u16, Vec<u8>) {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-u"])
+            .arg(format!("{}:{}", self.user, self.password))
+            .args(["-H", &format!("Accept: {accept}")])
+            .arg(format!("http://{}{path}", self.addr))
+            .output()
+            .expect("curl");
+        let mut body = out.stdout;
+        let pos = body.iter().rposition(|b| *b == b'\n').unwrap();
+        let code = String::from_utf8_lossy(&body[pos + 1..]).parse().unwrap();
+        body.truncate(pos);
+        (code, body)
+    }
+
+    /// Tags of `name` as the registry's HTTP API lists them.
+    pub fn tags(&self, name: &str) -> Vec<String> {
+        let (code, body) = self.get(&format!("/v2/{name}/tags/list"), "application/json");
+        if code != 200 {
+            return Vec::new();
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let mut tags: Vec<String> = v["tags"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        tags.sort();
+        tags
+    }
+
+    /// The manifest of `name:tag`.
+    pub fn manifest(&self, name: &str, tag: &str) -> Option<serde_json::Value> {
+        let (code, body) = self.get(
+            &format!("/v2/{name}/manifests/{tag}"),
+            "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json",
+        );
+        (code == 200).then(|| serde_json::from_slice(&body).unwrap())
+    }
+
+    /// The files in all layers of `name:tag`, fetched as blobs from the registry.
+    pub fn files(&self, name: &str, tag: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+        let manifest = self.manifest(name, tag).expect("manifest");
+        let mut files = std::collections::BTreeMap::new();
+        for layer in manifest["layers"].as_array().unwrap() {
+            let digest = layer["digest"].as_str().unwrap();
+            let (code, blob) = self.get(&format!("/v2/{name}/blobs/{digest}"), "*/*");
+            assert_eq!(code, 200);
+            let reader: Box<dyn std::io::Read> = if blob.starts_with(&[0x1f, 0x8b]) {
+                Box::new(flate2::read::GzDecoder::new(&blob[..]))
+            } else {
+                Box::new(&blob[..])
+            };
+            let mut ar = tar::Archive::new(reader);
+            for entry in ar.entries().unwrap() {
+                let mut entry = entry.unwrap();
+                let path = entry.path().unwrap().to_string_lossy().into_owned();
+                let mut data = Vec::new();
+                use std::io::Read;
+                entry.read_to_end(&mut data).unwrap();
+                files.insert(path.trim_start_matches("./").to_string(), data);
+            }
+        }
+        files
+    }
+}
