@@ -313,4 +313,50 @@ mod tests {
         };
         assert_eq!(leftovers, [std::ffi::OsString::from("Dockerfile")]);
     }
+
+    #[test]
+    fn run_writes_the_dockerfile_to_output() {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(err) => panic!("{err}"),
+        };
+        let env = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/conda/analysis.yaml");
+        let out = dir.path().join("Dockerfile");
+        let (Some(env_arg), Some(out_arg)) = (env.to_str(), out.to_str()) else {
+            panic!("non-UTF-8 temp path");
+        };
+        let Ok(args) = parse(&["--file", env_arg, "--reproducible", "--output", out_arg]) else {
+            panic!("flags should parse");
+        };
+        if let Err(err) = run(&args) {
+            panic!("{err:#}");
+        }
+        let written = fs::read_to_string(&out).unwrap_or_default();
+        let opts = args.dockerfile.options(None, Utc::now());
+        let Ok(want) = dockerfile::generate(&Source::Environment(env), &opts) else {
+            panic!("generation failed");
+        };
+        assert_eq!(written, want.dockerfile);
+        assert!(written.ends_with("CMD [\"python\"]\n"));
+    }
+
+    #[test]
+    fn run_reports_the_file_and_line_of_a_bad_environment() {
+        let env = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/conda/invalid.yaml");
+        let Some(env_arg) = env.to_str() else {
+            panic!("non-UTF-8 path");
+        };
+        let Ok(args) = parse(&["--file", env_arg]) else {
+            panic!("flags should parse");
+        };
+        let Err(err) = run(&args) else {
+            panic!("an invalid file must fail");
+        };
+        let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
+        assert!(
+            chain[0].starts_with("cannot generate a Dockerfile from `"),
+            "{chain:?}"
+        );
+        assert!(chain[1].contains("invalid.yaml` at line 6"), "{chain:?}");
+    }
 }

@@ -360,3 +360,69 @@ fn input_errors() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Collects what `tracing` prints while `f` runs.
+fn warnings_during(f: impl FnOnce()) -> String {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            match self.0.lock() {
+                Ok(mut buf) => buf.extend_from_slice(bytes),
+                Err(poisoned) => poisoned.into_inner().extend_from_slice(bytes),
+            }
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let bytes = match buffer.0.lock() {
+        Ok(buf) => buf.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[test]
+fn ignored_keys_and_renamed_environments_are_warned_about() {
+    let logged = warnings_during(|| {
+        if let Err(err) = generate(
+            &Source::Environment(fixture("messy.yaml")),
+            &Options::new(created()),
+        ) {
+            panic!("{err}");
+        }
+    });
+    for needle in [
+        "`prefix` in `",
+        "(line 10) is ignored",
+        "unknown key `labels` in `",
+        "(line 11) is ignored",
+        "environment name `My Analysis/v2`",
+        "used as `my-analysis-v2`",
+    ] {
+        assert!(logged.contains(needle), "missing {needle:?} in:\n{logged}");
+    }
+    assert!(logged.contains("WARN"), "{logged}");
+
+    let quiet = warnings_during(|| {
+        if let Err(err) = generate(
+            &Source::Environment(fixture("analysis.yaml")),
+            &Options::new(created()),
+        ) {
+            panic!("{err}");
+        }
+    });
+    assert_eq!(quiet, "", "a clean file gives no warnings");
+}
