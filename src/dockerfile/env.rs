@@ -54,6 +54,13 @@ impl Environment {
         }
     }
 
+    /// True when the file has `pip:` requirements but does not list `pip`
+    /// itself: micromamba then adds `pip` to the conda packages (the
+    /// original did the same), so it ends up in the image all the same.
+    pub fn adds_pip(&self) -> bool {
+        !self.pip.is_empty() && !self.conda.iter().any(|spec| package_name(spec) == "pip")
+    }
+
     /// The name used for the environment directory, `micromamba -n` and the
     /// image title: see [`safe_name`].
     pub fn safe_name(&self) -> String {
@@ -110,6 +117,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Environment, DockerfileError> {
         variables: variables.unwrap_or_default(),
         ignored_keys,
     })
+}
+
+/// The package name of a conda match spec: `conda-forge::numpy>=1.26` →
+/// `numpy`.
+pub fn package_name(spec: &str) -> String {
+    let without_channel = spec.rsplit("::").next().unwrap_or(spec);
+    without_channel
+        .split(|c: char| c.is_whitespace() || "=<>!~[(".contains(c))
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_lowercase()
 }
 
 /// Makes an environment name usable as a path component, a `micromamba -n`
@@ -789,6 +808,27 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(safe_name(input), want, "safe_name({input:?})");
         }
+    }
+
+    #[test]
+    fn package_names_and_implicit_pip() {
+        let cases = [
+            ("numpy", "numpy"),
+            ("numpy>=1.26", "numpy"),
+            ("conda-forge::Python=3.11", "python"),
+            ("r-base 4.3.*", "r-base"),
+            ("pip[version='>=23']", "pip"),
+        ];
+        for (spec, want) in cases {
+            assert_eq!(package_name(spec), want, "{spec:?}");
+        }
+        let adds = |text: &str| parse_ok(text).adds_pip();
+        assert!(adds("dependencies:\n  - python\n  - pip:\n    - rich\n"));
+        assert!(!adds(
+            "dependencies:\n  - python\n  - pip>=23\n  - pip:\n    - rich\n"
+        ));
+        assert!(!adds("dependencies:\n  - python\n  - pip\n"));
+        assert!(!adds("dependencies:\n  - python\n"));
     }
 
     #[test]

@@ -52,6 +52,11 @@ fn cases() -> Vec<Case> {
             opts: base.clone(),
         },
         Case {
+            golden: "environment-pip-only",
+            source: env("pip-only.yaml"),
+            opts: base.clone(),
+        },
+        Case {
             golden: "environment-messy",
             source: env("messy.yaml"),
             opts: base.clone(),
