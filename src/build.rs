@@ -23,7 +23,8 @@ use crate::ssh::{Session, SshError, Target};
 /// What to build, from the command line.
 #[derive(Debug, Clone, Default)]
 pub struct BuildRequest {
-    pub context_dir: PathBuf,
+    /// The context folder; `None` sends only the generated files.
+    pub context_dir: Option<PathBuf>,
     /// The Dockerfile on disk; ignored when `generated_dockerfile` is set.
     pub dockerfile: PathBuf,
     /// A Dockerfile made by absconda (from an environment file), sent as `Dockerfile`.
@@ -250,66 +251,88 @@ pub async fn prepare_context(req: &BuildRequest) -> Result<PreparedContext, Buil
         })?
 }
 
-fn prepare_context_blocking(req: &BuildRequest) -> Result<PreparedContext, BuildError> {
-    let ctx = &req.context_dir;
-    if !ctx.is_dir() {
-        return Err(BuildError::NoContext { path: ctx.clone() });
+fn unreadable(path: &Path) -> impl FnOnce(std::io::Error) -> ContextError + '_ {
+    move |source| ContextError::Unreadable {
+        path: path.to_path_buf(),
+        source,
     }
-    let mut extra = Vec::new();
+}
+
+/// A local file sent into the context under another name (the inputs of a
+/// generated Dockerfile); read from disk while streaming, like any entry.
+fn file_entry(name: &str, path: &Path) -> Result<context::Entry, ContextError> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path).map_err(unreadable(path))?;
+    if !md.is_file() {
+        return Err(ContextError::Unreadable {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+        });
+    }
+    Ok(context::Entry {
+        rel: name.to_string(),
+        abs: path.to_path_buf(),
+        kind: context::EntryKind::File { size: md.len() },
+        mode: md.mode() & 0o7777,
+        mtime: md.mtime(),
+        mtime_nsec: md.mtime_nsec() as u32,
+        ino: md.ino(),
+        dev: md.dev(),
+    })
+}
+
+fn prepare_context_blocking(req: &BuildRequest) -> Result<PreparedContext, BuildError> {
+    let ctx = match &req.context_dir {
+        Some(c) if !c.is_dir() => return Err(BuildError::NoContext { path: c.clone() }),
+        Some(c) => Some(c.as_path()),
+        None => None,
+    };
     let mut always: Vec<String> = vec![".dockerignore".into()];
     let mut outside_dockerfile = None;
     let dockerfile_arg;
-    let ignore;
+    let ignore_for;
     if let Some(text) = &req.generated_dockerfile {
         outside_dockerfile = Some(text.as_bytes().to_vec());
         dockerfile_arg = "Dockerfile".to_string();
-        ignore = DockerIgnore::for_context(ctx, &ctx.join("Dockerfile")).map_err(|e| {
-            ContextError::Unreadable {
-                path: ctx.to_path_buf(),
-                source: e,
-            }
-        })?;
+        ignore_for = ctx.map(|c| c.join("Dockerfile"));
     } else {
         let df = &req.dockerfile;
         if !df.is_file() {
             return Err(BuildError::NoDockerfile { path: df.clone() });
         }
-        ignore = DockerIgnore::for_context(ctx, df).map_err(|e| ContextError::Unreadable {
-            path: ctx.to_path_buf(),
-            source: e,
-        })?;
-        let (abs_ctx, abs_df) = (canonical(ctx), canonical(df));
-        match abs_df.strip_prefix(&abs_ctx) {
-            Ok(rel) => {
+        ignore_for = Some(df.clone());
+        match ctx.map(|c| {
+            canonical(df)
+                .strip_prefix(canonical(c))
+                .map(Path::to_path_buf)
+        }) {
+            Some(Ok(rel)) => {
                 let rel = rel.to_string_lossy().into_owned();
                 dockerfile_arg = format!("context/{rel}");
                 always.push(rel);
             }
-            Err(_) => {
-                let data = std::fs::read(df).map_err(|e| ContextError::Unreadable {
-                    path: df.to_path_buf(),
-                    source: e,
-                })?;
-                outside_dockerfile = Some(data);
+            _ => {
+                outside_dockerfile = Some(std::fs::read(df).map_err(unreadable(df))?);
                 dockerfile_arg = "Dockerfile".into();
             }
         }
     }
+    let mut entries = match (ctx, ignore_for) {
+        (Some(ctx), Some(df)) => {
+            let ignore = DockerIgnore::for_context(ctx, &df).map_err(unreadable(ctx))?;
+            let always_ref: Vec<&str> = always.iter().map(String::as_str).collect();
+            context::walk(ctx, &ignore, &always_ref)?
+        }
+        _ => Vec::new(),
+    };
+    // Generated inputs go in after the walk: a user's `.dockerignore` must
+    // not drop them, and they replace any file of the same name.
     for (name, path) in &req.extra_files {
-        let data = std::fs::read(path).map_err(|e| ContextError::Unreadable {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        extra.push(ExtraFile {
-            name: name.clone(),
-            data,
-            mode: 0o644,
-        });
+        entries.retain(|e| e.rel != *name);
+        entries.push(file_entry(name, path)?);
     }
-    let always_ref: Vec<&str> = always.iter().map(String::as_str).collect();
-    let entries = context::walk(ctx, &ignore, &always_ref)?;
-    let mut files = extra.len() as u64;
-    let mut bytes: u64 = extra.iter().map(|e| e.data.len() as u64).sum();
+    let mut files = 0;
+    let mut bytes = 0;
     for e in &entries {
         if let context::EntryKind::File { size } = e.kind {
             files += 1;
@@ -318,7 +341,7 @@ fn prepare_context_blocking(req: &BuildRequest) -> Result<PreparedContext, Build
     }
     Ok(PreparedContext {
         entries,
-        extra,
+        extra: Vec::new(),
         outside_dockerfile,
         dockerfile_arg,
         files,

@@ -16,6 +16,12 @@ Examples:
   # Build from a conda environment file (the Dockerfile is generated)
   absconda build --file environment.yaml --repository ghcr.io/lab/analysis --remote-builder gcp-builder --push";
 
+const GENERATE_EXAMPLES: &str = "\
+Examples:
+  absconda generate --file environment.yaml                 # the Dockerfile on stdout
+  absconda generate --file environment.yaml --output Dockerfile
+  absconda generate --requirements requirements.txt --reproducible";
+
 const REMOTE_EXAMPLES: &str = "\
 Examples:
   absconda remote list
@@ -43,6 +49,9 @@ pub enum Command {
     /// Build (and push) an image on a remote builder.
     #[command(after_help = BUILD_EXAMPLES)]
     Build(Box<BuildArgs>),
+    /// Write the Dockerfile for a conda environment, requirements file or conda-pack archive.
+    #[command(after_help = GENERATE_EXAMPLES)]
+    Generate(crate::commands::generate::GenerateArgs),
     /// Manage remote builders.
     #[command(subcommand, after_help = REMOTE_EXAMPLES)]
     Remote(RemoteCommand),
@@ -68,24 +77,33 @@ pub struct BuildArgs {
     /// Stop the builder VM right after the build (unless other builds wait for it).
     #[arg(long)]
     pub remote_off: bool,
-    /// The build context folder.
-    #[arg(long, value_name = "DIR", default_value = ".")]
-    pub context: PathBuf,
+    /// The build context folder (default: `.`; with --file, --requirements or
+    /// --tarball: only the generated files).
+    #[arg(long, value_name = "DIR")]
+    pub context: Option<PathBuf>,
     /// The Dockerfile (default: Dockerfile in the context).
-    #[arg(short = 'f', long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["file", "requirements", "tarball"])]
     pub dockerfile: Option<PathBuf>,
+    /// Build from a conda environment file (the Dockerfile is generated).
+    #[arg(short = 'f', long, value_name = "PATH", conflicts_with_all = ["requirements", "tarball"])]
+    pub file: Option<PathBuf>,
+    /// Build a plain pip image from a requirements file.
+    #[arg(short = 'r', long, value_name = "PATH", conflicts_with = "tarball")]
+    pub requirements: Option<PathBuf>,
+    /// Build from a conda-pack archive.
+    #[arg(long, value_name = "PATH")]
+    pub tarball: Option<PathBuf>,
+    #[command(flatten)]
+    pub generate: crate::commands::generate::DockerfileArgs,
     /// Image repository, e.g. `ghcr.io/lab/app` or `127.0.0.1:5000/team/app`.
     #[arg(long, value_name = "REPO")]
     pub repository: String,
-    /// Tag (repeatable). Default: `latest`.
-    #[arg(short, long = "tag", value_name = "TAG")]
+    /// Tag (repeatable). Default: `latest`, or today's date (YYYYMMDD) with --file.
+    #[arg(long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
     /// Build-time variable `KEY=VALUE` (repeatable).
     #[arg(long = "build-arg", value_name = "KEY=VALUE")]
     pub build_args: Vec<String>,
-    /// Image label `KEY=VALUE` (repeatable).
-    #[arg(long = "label", value_name = "KEY=VALUE")]
-    pub labels: Vec<String>,
     /// Build stage to stop at.
     #[arg(long)]
     pub target: Option<String>,

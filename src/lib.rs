@@ -11,6 +11,8 @@
 //! - `config`: `absconda-remote.yaml` → validated [`config::Builder`] settings
 //! - `ssh/`: the native SSH client: host keys, authentication, channels
 //! - `remote`: the POSIX sh programs run on the builder (lease, upload, probe)
+//! - `dockerfile/`: conda `environment.yaml` (or requirements, or a conda-pack
+//!   archive) → Dockerfile, plus the files its build context needs
 //! - `context/`: walking the context with `.dockerignore`, tar streaming, hashing
 //! - `build`: the build pipeline, orchestration only
 //! - `registry`: registry credentials from the user's side
@@ -24,6 +26,7 @@ pub mod cloud;
 pub mod commands;
 pub mod config;
 pub mod context;
+pub mod dockerfile;
 pub mod exit;
 pub mod registry;
 pub mod remote;

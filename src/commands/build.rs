@@ -7,8 +7,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::build::{self, BuildReport, BuildRequest};
 use crate::cli::BuildArgs;
+use crate::commands::generate;
 use crate::commands::printer::Printer;
 use crate::config::{self, ProviderKind};
+use crate::dockerfile::{self, Source};
 use crate::report::{Phase, Reporter};
 use crate::ssh::Session;
 
@@ -17,25 +19,66 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
     let builder = file.builder(&args.remote_builder)?;
     let printer = Printer::new(args.json);
 
-    let tags = if args.tags.is_empty() {
-        vec!["latest".to_string()]
-    } else {
+    let source = match (&args.file, &args.requirements, &args.tarball) {
+        (Some(p), _, _) => Some(Source::Environment(p.clone())),
+        (_, Some(p), _) => Some(Source::Requirements(p.clone())),
+        (_, _, Some(p)) => Some(Source::Tarball(p.clone())),
+        _ => None,
+    };
+    let created = generate::creation_time()?;
+    let tags = if !args.tags.is_empty() {
         args.tags.clone()
+    } else if source.is_some() {
+        vec![dockerfile::default_tag(created)]
+    } else {
+        vec!["latest".to_string()]
+    };
+    let mut generated_dockerfile = None;
+    let mut extra_files = Vec::new();
+    let mut labels: Vec<String> = args
+        .generate
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if let Some(source) = &source {
+        let opts = args.generate.options(tags.first().cloned(), created);
+        let generated = dockerfile::generate(source, &opts).with_context(|| {
+            format!(
+                "cannot generate a Dockerfile from `{}`",
+                source.path().display()
+            )
+        })?;
+        generated_dockerfile = Some(generated.dockerfile);
+        extra_files = generated
+            .files
+            .into_iter()
+            .map(|f| (f.name_in_context, f.local_path))
+            .collect();
+        // The labels are in the generated Dockerfile already.
+        labels.clear();
+    }
+    let context_dir = match (&args.context, &source) {
+        (Some(c), _) => Some(c.clone()),
+        (None, Some(_)) => None,
+        (None, None) => Some(".".into()),
     };
     let req = BuildRequest {
-        context_dir: args.context.clone(),
-        dockerfile: args
-            .dockerfile
-            .clone()
-            .unwrap_or_else(|| args.context.join("Dockerfile")),
-        generated_dockerfile: None,
-        extra_files: Vec::new(),
+        dockerfile: args.dockerfile.clone().unwrap_or_else(|| {
+            context_dir
+                .clone()
+                .unwrap_or_else(|| ".".into())
+                .join("Dockerfile")
+        }),
+        context_dir,
+        generated_dockerfile,
+        extra_files,
         images: tags
             .iter()
             .map(|t| format!("{}:{t}", args.repository))
             .collect(),
         build_args: args.build_args.clone(),
-        labels: args.labels.clone(),
+        labels,
         target: args.target.clone(),
         platform: args.platform.clone(),
         network: args.network.clone(),

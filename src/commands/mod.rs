@@ -1,6 +1,7 @@
 //! One file per subcommand; each turns parsed arguments into library calls.
 
 pub mod build;
+pub mod generate;
 pub mod printer;
 pub mod remote;
 
@@ -12,6 +13,7 @@ use crate::cli::{Cli, Command, RemoteCommand};
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Build(args) => build::run(*args, interrupt_token()).await,
+        Command::Generate(args) => generate::run(&args),
         Command::Remote(RemoteCommand::List(args)) => remote::list(args).await,
         Command::Remote(RemoteCommand::Status(args)) => remote::status(args).await,
         Command::Remote(RemoteCommand::Start(args)) => remote::start(args).await,
