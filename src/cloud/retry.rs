@@ -48,6 +48,9 @@ where
     let start = Instant::now();
     let deadline = start + backoff.deadline;
     let mut attempt = 0u32;
+    // Kept across attempts so that a deadline passing in the middle of an
+    // attempt still reports what went wrong before.
+    let mut last: Option<CloudError> = None;
     loop {
         let err = match tokio::time::timeout_at(deadline, op()).await {
             Ok(Ok(v)) => return Ok(v),
@@ -57,7 +60,7 @@ where
                 return Err(CloudError::Timeout {
                     what: what.to_string(),
                     after: backoff.deadline,
-                    last: None,
+                    last: last.map(Box::new),
                 });
             }
         };
@@ -70,6 +73,7 @@ where
             });
         }
         tracing::debug!(attempt, ?wait, error = %err, "{what}: transient error, retrying");
+        last = Some(err);
         tokio::time::sleep(wait).await;
         attempt += 1;
     }
