@@ -461,20 +461,32 @@ async fn probe_metadata(host: &str) -> bool {
     }
 }
 
-/// An error and its causes on one line, without repeating a cause that its
-/// parent already quoted.
+/// An error and its causes on one line, without the boilerplate
+/// google-cloud-auth adds at each level or a cause its parent already quoted.
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
+    const NOISE: [&str; 4] = [
+        " and future attempts will not succeed",
+        " but future attempts may succeed",
+        "Request to fetch the token failed. Subsequent calls with this credential will also fail.",
+        "cannot create the authentication headers",
+    ];
+    let mut parts: Vec<String> = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        let mut text = err.to_string();
+        for noise in NOISE {
+            text = text.replace(noise, "");
         }
-        next = cause.source();
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
     }
-    out
+    if parts.is_empty() {
+        return "the credentials could not produce a token".into();
+    }
+    parts.join(": ")
 }
 
 #[cfg(test)]

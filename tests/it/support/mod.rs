@@ -1,0 +1,3 @@
+//! Harnesses shared by the integration tests.
+
+pub mod gce_fake;
