@@ -178,6 +178,24 @@ impl Gce {
         )
     }
 
+    /// A timeout after failed attempts names the whole start or stop; its
+    /// cause still names the request that kept failing. (A timeout without a
+    /// cause already says what it waited for.)
+    fn name_timeout(&self, e: CloudError, verb: &str) -> CloudError {
+        match e {
+            CloudError::Timeout {
+                after,
+                last: Some(last),
+                ..
+            } => CloudError::Timeout {
+                what: format!("{verb} `{}`", self.resource_name()),
+                after,
+                last: Some(last),
+            },
+            e => e,
+        }
+    }
+
     fn deadline(&self) -> Instant {
         Instant::now() + self.settings.backoff.deadline
     }
@@ -203,7 +221,6 @@ impl Gce {
     /// its way; returns once the operation is `DONE`.
     async fn change(&self, want_running: bool) -> Result<(), CloudError> {
         let deadline = self.deadline();
-        let request_id = new_request_id();
         let mut polls = 0u32;
         loop {
             let info = self.get_instance(deadline).await?;
@@ -220,19 +237,7 @@ impl Gce {
                 Plan::Settle => {
                     // STOPPING before a start, SUSPENDING before a resume:
                     // the API refuses to act until the VM has settled.
-                    let pause = self.settings.backoff.delay(polls).min(SETTLE_POLL_MAX);
-                    if Instant::now() + pause >= deadline {
-                        return Err(CloudError::Timeout {
-                            what: format!(
-                                "waiting for `{}` to leave status {}",
-                                self.settings.instance, info.raw_status
-                            ),
-                            after: self.settings.backoff.deadline,
-                            last: None,
-                        });
-                    }
-                    tokio::time::sleep(pause).await;
-                    polls += 1;
+                    self.pause(&mut polls, deadline, &info.raw_status).await?;
                     continue;
                 }
                 Plan::Unsupported => {
@@ -247,8 +252,10 @@ impl Gce {
                     });
                 }
             };
+            // One id per decision, reused by the retries of this request.
             let mut url = join_segments(&self.instance_url, &[action.method()])?;
-            url.query_pairs_mut().append_pair("requestId", &request_id);
+            url.query_pairs_mut()
+                .append_pair("requestId", &new_request_id());
             let what = format!("instances.{} `{}`", action.method(), self.resource_name());
             let op = match self
                 .call(&what, Method::POST, &url, Target::Instance, deadline)
@@ -257,16 +264,22 @@ impl Gce {
                 Ok(op) => op,
                 Err(err @ CloudError::Api { status, .. }) if (400..500).contains(&status) => {
                     // Another client may have acted between our get and our
-                    // request (resourceNotReady, a conflict): accept that.
+                    // request (a conflict, resourceNotReady): accept that if
+                    // the VM is on its way, and try again if it is between
+                    // states.
                     let now = self.get_instance(deadline).await?;
-                    let settled = if want_running {
+                    let on_its_way = if want_running {
                         matches!(now.status, Status::Starting | Status::Running)
                     } else {
                         matches!(now.status, Status::Stopping | Status::Stopped)
                     };
-                    if settled {
+                    if on_its_way {
                         tracing::debug!(error = %err, status = %now.raw_status, "{what} refused, but the VM is already on its way");
                         return Ok(());
+                    }
+                    if matches!(&err, CloudError::Api { code, .. } if code == "resourceNotReady") {
+                        self.pause(&mut polls, deadline, &now.raw_status).await?;
+                        continue;
                     }
                     return Err(err);
                 }
@@ -278,6 +291,29 @@ impl Gce {
             })?;
             return self.wait_operation(op, deadline).await;
         }
+    }
+
+    /// Waits a little before looking at a VM that is between states again.
+    async fn pause(
+        &self,
+        polls: &mut u32,
+        deadline: Instant,
+        status: &str,
+    ) -> Result<(), CloudError> {
+        let pause = self.settings.backoff.delay(*polls).min(SETTLE_POLL_MAX);
+        if Instant::now() + pause >= deadline {
+            return Err(CloudError::Timeout {
+                what: format!(
+                    "waiting for `{}` to leave status {status}",
+                    self.settings.instance
+                ),
+                after: self.settings.backoff.deadline,
+                last: None,
+            });
+        }
+        tokio::time::sleep(pause).await;
+        *polls += 1;
+        Ok(())
     }
 
     /// Calls `zoneOperations.wait` until the operation is `DONE`.
@@ -436,11 +472,15 @@ impl Provider for Gce {
     }
 
     async fn start(&self) -> Result<(), CloudError> {
-        self.change(true).await
+        self.change(true)
+            .await
+            .map_err(|e| self.name_timeout(e, "starting"))
     }
 
     async fn stop(&self) -> Result<(), CloudError> {
-        self.change(false).await
+        self.change(false)
+            .await
+            .map_err(|e| self.name_timeout(e, "stopping"))
     }
 }
 

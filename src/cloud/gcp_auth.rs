@@ -288,9 +288,14 @@ impl GcpAuth {
 
     /// An authentication error naming the source and what to check.
     pub fn auth_error(&self, message: impl fmt::Display) -> CloudError {
+        let message = message.to_string();
         CloudError::Auth {
             source_name: self.source.to_string(),
-            message: format!("{message}; hint: {}", self.source.hint()),
+            message: format!(
+                "{}; hint: {}",
+                message.trim_end_matches('.'),
+                self.source.hint()
+            ),
         }
     }
 

@@ -78,3 +78,52 @@ where
         attempt += 1;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transient() -> CloudError {
+        CloudError::Api {
+            service: "test",
+            operation: "op".into(),
+            status: 503,
+            code: "UNAVAILABLE".into(),
+            message: "down".into(),
+            retry_after: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deadline_passing_mid_attempt_keeps_the_last_error() {
+        let backoff = Backoff {
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(10),
+            deadline: Duration::from_millis(300),
+        };
+        let mut calls = 0;
+        let err = with_retry("op", backoff, || {
+            calls += 1;
+            let first = calls == 1;
+            async move {
+                if first {
+                    Err::<(), _>(transient())
+                } else {
+                    // Hangs past the deadline.
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Ok(())
+                }
+            }
+        })
+        .await
+        .unwrap_err();
+        match err {
+            CloudError::Timeout {
+                last: Some(last), ..
+            } => {
+                assert!(matches!(*last, CloudError::Api { status: 503, .. }))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

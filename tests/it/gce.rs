@@ -317,6 +317,28 @@ async fn two_clients_starting_at_once_start_the_vm_once() {
 }
 
 #[tokio::test]
+async fn a_vm_not_ready_for_a_start_is_tried_again() {
+    let fake = GceFake::start();
+    fake.add_instance("busy-vm", "TERMINATED");
+    fake.inject(Scope::Mutations, Fault::NotReady, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let g = gce(&fake, "busy-vm", service_account_auth(&fake, dir.path()));
+    g.start().await.unwrap();
+    assert_eq!(fake.status("busy-vm").as_deref(), Some("RUNNING"));
+    let starts: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|l| l.route == Route::Start)
+        .collect();
+    assert_eq!(
+        starts.iter().map(|l| l.status).collect::<Vec<_>>(),
+        [400, 400, 200]
+    );
+    // Each new attempt is a new request, with a new requestId.
+    assert_ne!(starts[0].query, starts[2].query);
+}
+
+#[tokio::test]
 async fn a_suspended_vm_is_resumed() {
     let fake = GceFake::start();
     fake.add_instance("susp-vm", "SUSPENDED");

@@ -116,6 +116,9 @@ pub enum Fault {
     ResetAfterHandling,
     /// An HTML page with this status (a proxy or load balancer answering).
     Html(u16),
+    /// 400 `resourceNotReady`, as when another client's operation on the
+    /// same VM is still running.
+    NotReady,
 }
 
 /// What a request was, for counting.
@@ -1142,6 +1145,18 @@ fn fault_response(fault: &Fault, path: &str) -> Option<Response> {
             Some("PERMISSION_DENIED"),
         ),
         Fault::Html(status) => html_page(*status, path),
+        Fault::NotReady => google_error(
+            400,
+            &format!(
+                "The resource '{}' is not ready",
+                path.trim_start_matches("/compute/v1/")
+                    .rsplit_once('/')
+                    .map(|(r, _)| r)
+                    .unwrap_or(path)
+            ),
+            "resourceNotReady",
+            None,
+        ),
         Fault::Reset | Fault::ResetAfterHandling => return None,
     })
 }
