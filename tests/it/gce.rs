@@ -10,7 +10,7 @@ use absconda::cloud::gcp_auth::{CredentialSource, GcpAuth};
 use absconda::cloud::retry::Backoff;
 use absconda::cloud::{CloudError, Provider, Status};
 
-use crate::support::gce_fake::{Fault, GceFake, Route, Scope, Timings};
+use crate::support::gce_fake::{Fault, Flow, GceFake, Route, Scope, Timings};
 
 fn backoff(deadline: Duration) -> Backoff {
     Backoff {
@@ -661,38 +661,137 @@ async fn gce_new_reads_the_process_environment() {
     let fake = GceFake::start();
     fake.add_instance("env-vm", "RUNNING");
     let dir = tempfile::tempdir().unwrap();
-    let key = fake.write_service_account_key(dir.path());
     let exe = std::env::current_exe().unwrap();
-    let child = |envs: Vec<(&str, String)>| {
+    for flow in [
+        Flow::ServiceAccountKey,
+        Flow::GcloudUser,
+        Flow::MetadataServer,
+    ] {
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.args(["--exact", "gce::from_env_child", "--ignored", "--nocapture"])
-            .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
-            .env_remove("GCE_METADATA_HOST")
-            .env_remove("CLOUDSDK_CONFIG")
             .env("HOME", dir.path())
             .env("ABSCONDA_TEST_GCE_ENDPOINT", fake.api_endpoint());
-        for (k, v) in envs {
-            cmd.env(k, v);
+        for (name, value) in fake.credential_env(flow, dir.path()) {
+            match value {
+                Some(v) => cmd.env(name, v),
+                None => cmd.env_remove(name),
+            };
         }
-        cmd
-    };
-    for envs in [
-        vec![("GOOGLE_APPLICATION_CREDENTIALS", key.display().to_string())],
-        vec![("GCE_METADATA_HOST", fake.metadata_host())],
-    ] {
-        let out = child(envs.clone()).output().await.unwrap();
+        let out = cmd.output().await.unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success() && stdout.contains("1 passed"),
-            "{envs:?}\n{stdout}\n{}",
+            "{flow:?}\n{stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let creds: Vec<_> = fake
+    let seen: Vec<_> = fake
         .requests()
         .iter()
         .filter(|l| l.route == Route::GetInstance)
-        .map(|l| l.credential)
+        .map(|l| l.principal.clone().unwrap_or_default())
         .collect();
-    assert_eq!(creds, [Some("self-signed-jwt"), Some("minted")]);
+    assert_eq!(seen.len(), 3);
+    assert!(
+        seen[0].starts_with("serviceAccount:absconda-builder@"),
+        "{seen:?}"
+    );
+    assert_eq!(seen[1], "user:dev@example.com");
+    assert!(
+        seen[2].ends_with("-compute@developer.gserviceaccount.com"),
+        "{seen:?}"
+    );
+}
+
+/// The fake itself: the JWT-bearer grant at `token_uri`, Google's 401 and the
+/// HTML 404, which absconda's own flows do not all reach.
+#[tokio::test]
+async fn the_fake_follows_googles_token_flows() {
+    use aws_lc_rs::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    let fake = GceFake::start();
+    fake.add_instance("vm", "RUNNING");
+    let sa = fake.service_account();
+    let pem = sa
+        .private_key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<String>();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(pem)
+        .unwrap();
+    let key = RsaKeyPair::from_pkcs8(&der).unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": sa.private_key_id});
+    let claims = serde_json::json!({
+        "iss": sa.client_email, "scope": "https://www.googleapis.com/auth/cloud-platform",
+        "aud": fake.token_uri(), "iat": now, "exp": now + 3600
+    });
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let mut sig = vec![0u8; key.public_modulus_len()];
+    key.sign(
+        &RSA_PKCS1_SHA256,
+        &aws_lc_rs::rand::SystemRandom::new(),
+        signing_input.as_bytes(),
+        &mut sig,
+    )
+    .unwrap();
+    let assertion = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig));
+
+    let http = reqwest::Client::new();
+    let grant = http
+        .post(fake.token_uri())
+        .form(&[
+            ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+            ("assertion", &assertion),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(grant.status(), 200);
+    let body: serde_json::Value = grant.json().await.unwrap();
+    assert_eq!(body["token_type"], "Bearer");
+    let token = body["access_token"].as_str().unwrap();
+
+    let url = format!(
+        "{}/compute/v1/projects/{}/zones/{}/instances/vm",
+        fake.api_endpoint(),
+        fake.project(),
+        fake.zone()
+    );
+    let ok = http.get(&url).bearer_auth(token).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let instance: serde_json::Value = ok.json().await.unwrap();
+    assert_eq!(instance["kind"], "compute#instance");
+    assert_eq!(instance["status"], "RUNNING");
+
+    // The assertion itself is not an access token for the API: its audience
+    // is the token endpoint.
+    let wrong = http.get(&url).bearer_auth(&assertion).send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    let none = http.get(&url).send().await.unwrap();
+    assert_eq!(none.status(), 401);
+    assert!(none.headers().contains_key("www-authenticate"));
+    let err: serde_json::Value = none.json().await.unwrap();
+    assert_eq!(err["error"]["status"], "UNAUTHENTICATED");
+    assert_eq!(err["error"]["errors"][0]["reason"], "required");
+
+    let html = http
+        .get(format!("{}/compute/v1/nope", fake.api_endpoint()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(html.status(), 404);
+    assert!(
+        html.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
 }

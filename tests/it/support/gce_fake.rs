@@ -203,6 +203,17 @@ impl ServiceAccount {
     }
 }
 
+/// The three ways absconda finds Google credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// `GOOGLE_APPLICATION_CREDENTIALS` = a service account key file.
+    ServiceAccountKey,
+    /// gcloud's `application_default_credentials.json` (`authorized_user`).
+    GcloudUser,
+    /// The metadata server, through `GCE_METADATA_HOST`.
+    MetadataServer,
+}
+
 /// An `authorized_user` as written by `gcloud auth application-default login`.
 #[derive(Debug, Clone)]
 pub struct AuthorizedUser {
@@ -634,6 +645,42 @@ impl GceFake {
             }),
         );
         user
+    }
+
+    /// The environment that makes a child `absconda` use this fake's
+    /// credentials through `flow`: `Some` to set, `None` to remove. Files go
+    /// in `dir`. gcloud's file is placed with `CLOUDSDK_CONFIG`, so `HOME`
+    /// (and the `~/.ssh` under it) is left alone, and the other flows point
+    /// `CLOUDSDK_CONFIG` at an empty directory so that no real gcloud
+    /// credentials are picked up.
+    pub fn credential_env(&self, flow: Flow, dir: &Path) -> Vec<(&'static str, Option<String>)> {
+        let empty = dir.join("no-gcloud");
+        std::fs::create_dir_all(&empty).expect("create an empty gcloud directory");
+        let show = |p: &Path| Some(p.display().to_string());
+        match flow {
+            Flow::ServiceAccountKey => vec![
+                (
+                    "GOOGLE_APPLICATION_CREDENTIALS",
+                    show(&self.write_service_account_key(dir)),
+                ),
+                ("CLOUDSDK_CONFIG", show(&empty)),
+                ("GCE_METADATA_HOST", None),
+            ],
+            Flow::GcloudUser => {
+                let gcloud = dir.join("gcloud");
+                self.write_authorized_user(&gcloud.join("application_default_credentials.json"));
+                vec![
+                    ("GOOGLE_APPLICATION_CREDENTIALS", None),
+                    ("CLOUDSDK_CONFIG", show(&gcloud)),
+                    ("GCE_METADATA_HOST", None),
+                ]
+            }
+            Flow::MetadataServer => vec![
+                ("GOOGLE_APPLICATION_CREDENTIALS", None),
+                ("CLOUDSDK_CONFIG", show(&empty)),
+                ("GCE_METADATA_HOST", Some(self.metadata_host())),
+            ],
+        }
     }
 
     /// Revokes every refresh token and minted access token (a password
