@@ -64,7 +64,8 @@ pub struct GceSettings {
     pub project: String,
     pub zone: String,
     pub instance: String,
-    /// The base URL before `/compute/v1`; [`DEFAULT_API_ENDPOINT`] when unset.
+    /// The base URL before `/compute/v1` (a URL that already ends in
+    /// `/compute/v1` is taken as is); [`DEFAULT_API_ENDPOINT`] when unset.
     pub api_endpoint: Option<String>,
     pub address: AddressKind,
     /// Retries and the deadline of each `describe`, `start` and `stop`.
@@ -495,6 +496,13 @@ fn api_base(endpoint: &str) -> Result<Url, CloudError> {
     }
     if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
         return Err(bad("must not have a query, fragment or user".into()));
+    }
+    // Accept the full API root too: it is an easy mistake to make.
+    if url.path().trim_end_matches('/').ends_with("/compute/v1") {
+        let mut url = url;
+        let path = url.path().trim_end_matches('/').to_string();
+        url.set_path(&path);
+        return Ok(url);
     }
     join_segments(&url, &["compute", "v1"])
 }

@@ -339,6 +339,44 @@ async fn a_vm_not_ready_for_a_start_is_tried_again() {
 }
 
 #[tokio::test]
+async fn a_poweroff_inside_the_vm_shows_as_terminated() {
+    let fake = GceFake::start();
+    fake.add_instance("self-stop-vm", "RUNNING");
+    fake.set_metadata_instance("self-stop-vm");
+    let dir = tempfile::tempdir().unwrap();
+    let g = gce(
+        &fake,
+        "self-stop-vm",
+        service_account_auth(&fake, dir.path()),
+    );
+    // What the builder's self-stop script checks before powering off.
+    let name = reqwest::Client::new()
+        .get(format!(
+            "http://{}/computeMetadata/v1/instance/name",
+            fake.metadata_host()
+        ))
+        .header("Metadata-Flavor", "Google")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(name, "self-stop-vm");
+    let hook = reqwest::Client::new()
+        .post(fake.guest_poweroff_url())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hook.status(), 200);
+    assert_eq!(g.describe().await.unwrap().raw_status, "STOPPING");
+    tokio::time::sleep(fake.timings().stopping + Duration::from_millis(50)).await;
+    let info = g.describe().await.unwrap();
+    assert_eq!(info.status, Status::Stopped);
+    assert_eq!(info.address, None);
+}
+
+#[tokio::test]
 async fn a_suspended_vm_is_resumed() {
     let fake = GceFake::start();
     fake.add_instance("susp-vm", "SUSPENDED");

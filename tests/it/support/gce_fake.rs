@@ -24,14 +24,29 @@
 //! can count them. The fake runs on its own thread and runtime, so it keeps
 //! answering while a test blocks on a child process (the `absconda` binary).
 //!
+//! How a test uses it (the fake runs on its own thread: use it from sync or
+//! async tests alike):
+//!
 //! ```ignore
-//! let fake = GceFake::start();
-//! fake.add_instance("builder", "TERMINATED");
+//! let fake = GceFake::start();                   // API + /token + metadata server
+//! fake.add_instance("builder", "TERMINATED");     // in fake.project(), fake.zone()
 //! let dir = tempfile::tempdir()?;
-//! let key = fake.write_service_account_key(dir.path());
-//! // absconda: GOOGLE_APPLICATION_CREDENTIALS=key, builder `api_endpoint:
-//! // fake.api_endpoint()`, `project: fake.project()`, `zone: fake.zone()`.
+//! // A child `absconda`: credentials through one of the three flows ...
+//! for (name, value) in fake.credential_env(Flow::ServiceAccountKey, dir.path()) {
+//!     match value { Some(v) => cmd.env(name, v), None => cmd.env_remove(name) };
+//! }
+//! // ... and a builder with `provider: gcp`, `project: absconda-test`,
+//! // `zone: us-central1-a`, `instance: builder`,
+//! // `api_endpoint: <fake.api_endpoint()>`, and `host: 127.0.0.1` (plus the
+//! // loopback sshd's port) because the fake's natIP (34.x.y.z) is not routable.
+//! fake.wait_for_status("builder", "TERMINATED", Duration::from_secs(5));
+//! assert_eq!(fake.transitions("builder"), 2);     // started once, stopped once
 //! ```
+//!
+//! Faults: `fake.inject(Scope::Api, Fault::Unavailable, 3)`,
+//! `Fault::TooManyRequests { retry_after_secs }`, `Fault::Reset`,
+//! `fake.inject_always(Scope::Api, Fault::Internal)`; the log:
+//! `fake.requests()`, `fake.count(Route::Start)`.
 #![allow(dead_code)] // a harness: each test uses part of it
 
 use std::collections::{HashMap, VecDeque};
@@ -583,9 +598,23 @@ impl GceFake {
         self.shared.lock().fail_next = Some((code.into(), message.into(), 503));
     }
 
-    /// Which VM the metadata server describes (`instance/name`).
+    /// Which VM the metadata server describes (`instance/name`), and which
+    /// one [`GceFake::guest_poweroff_url`] powers off.
     pub fn set_metadata_instance(&self, name: &str) {
         self.shared.lock().metadata_instance = name.into();
+    }
+
+    /// A URL that powers the metadata server's VM off from inside, as
+    /// `sudo poweroff` on a real one would (RUNNING → STOPPING → TERMINATED,
+    /// seen through the API). For a test `poweroff_command` such as
+    /// `curl -s -X POST <url>`; not part of Google's metadata server.
+    pub fn guest_poweroff_url(&self) -> String {
+        format!("http://{}{GUEST_POWEROFF_PATH}", self.metadata_addr)
+    }
+
+    /// The guest shuts `name` down, as if `poweroff` ran inside it.
+    pub fn guest_poweroff(&self, name: &str) {
+        guest_poweroff(&self.shared, name);
     }
 
     // ---- credentials --------------------------------------------------------
@@ -772,6 +801,23 @@ impl Drop for GceFake {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+const GUEST_POWEROFF_PATH: &str = "/_fake/guest-poweroff";
+
+fn guest_poweroff(shared: &Shared, name: &str) {
+    let mut st = shared.lock();
+    st.advance();
+    let stopping = st.timings.stopping;
+    let mut ip = 0;
+    if let Some(inst) = st.instance(PROJECT, ZONE, name)
+        && matches!(inst.status.as_str(), "RUNNING" | "STAGING" | "PROVISIONING")
+    {
+        inst.schedule.clear();
+        set_status(inst, "STOPPING", &mut ip);
+        inst.schedule
+            .push_back((Instant::now() + stopping, "TERMINATED".into()));
     }
 }
 
@@ -1912,6 +1958,12 @@ fn metadata_text(status: u16, body: String) -> Response {
 }
 
 fn metadata(shared: &Arc<Shared>, req: &Request) -> Response {
+    if req.path == GUEST_POWEROFF_PATH {
+        // Not Google's: a test hook standing in for `poweroff` inside the VM.
+        let name = shared.lock().metadata_instance.clone();
+        guest_poweroff(shared, &name);
+        return metadata_text(200, "powering off\n".into());
+    }
     if req.header("metadata-flavor") != Some("Google") || req.header("x-forwarded-for").is_some() {
         let mut r = html_page(403, &req.path);
         r.body = format!(
