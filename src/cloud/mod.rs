@@ -9,6 +9,8 @@
 //! failures (connection errors, 429, 5xx, throttling) with exponential backoff
 //! and jitter under one deadline, and never retries an authentication error.
 
+pub mod gce;
+pub mod gcp_auth;
 pub mod retry;
 
 use std::fmt;
@@ -95,6 +97,10 @@ pub enum CloudError {
     /// A long-running operation finished with an error.
     #[error("operation `{operation}` failed: {message}")]
     OperationFailed { operation: String, message: String },
+    /// The provider's settings cannot work (for example an `api_endpoint`
+    /// that is not an http or https URL).
+    #[error("invalid settings: {message}")]
+    Config { message: String },
     /// A deadline passed; `last` is the last transient error seen, if any.
     #[error("{what} did not finish within {}s", after.as_secs())]
     Timeout {
@@ -116,6 +122,7 @@ impl CloudError {
                     || code == "RequestLimitExceeded"
                     || code == "Throttling"
                     || code == "rateLimitExceeded"
+                    || code == "userRateLimitExceeded"
             }
             _ => false,
         }

@@ -48,6 +48,9 @@ where
     let start = Instant::now();
     let deadline = start + backoff.deadline;
     let mut attempt = 0u32;
+    // Kept across attempts so that a deadline passing in the middle of an
+    // attempt still reports what went wrong before.
+    let mut last: Option<CloudError> = None;
     loop {
         let err = match tokio::time::timeout_at(deadline, op()).await {
             Ok(Ok(v)) => return Ok(v),
@@ -57,7 +60,7 @@ where
                 return Err(CloudError::Timeout {
                     what: what.to_string(),
                     after: backoff.deadline,
-                    last: None,
+                    last: last.map(Box::new),
                 });
             }
         };
@@ -70,7 +73,57 @@ where
             });
         }
         tracing::debug!(attempt, ?wait, error = %err, "{what}: transient error, retrying");
+        last = Some(err);
         tokio::time::sleep(wait).await;
         attempt += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transient() -> CloudError {
+        CloudError::Api {
+            service: "test",
+            operation: "op".into(),
+            status: 503,
+            code: "UNAVAILABLE".into(),
+            message: "down".into(),
+            retry_after: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deadline_passing_mid_attempt_keeps_the_last_error() {
+        let backoff = Backoff {
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(10),
+            deadline: Duration::from_millis(300),
+        };
+        let mut calls = 0;
+        let err = with_retry("op", backoff, || {
+            calls += 1;
+            let first = calls == 1;
+            async move {
+                if first {
+                    Err::<(), _>(transient())
+                } else {
+                    // Hangs past the deadline.
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Ok(())
+                }
+            }
+        })
+        .await
+        .unwrap_err();
+        match err {
+            CloudError::Timeout {
+                last: Some(last), ..
+            } => {
+                assert!(matches!(*last, CloudError::Api { status: 503, .. }))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

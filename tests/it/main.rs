@@ -4,6 +4,7 @@
 mod support;
 
 mod build;
+mod gce;
 mod hostkeys;
 mod lease;
 mod safety;

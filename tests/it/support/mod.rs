@@ -10,6 +10,7 @@
 
 pub mod absconda;
 pub mod docker;
+pub mod gce_fake;
 pub mod sshd;
 
 use std::net::TcpListener;

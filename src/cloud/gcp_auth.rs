@@ -1,0 +1,615 @@
+//! Google credentials for the compute API, found the way `gcloud` and the
+//! Google client libraries find them (Application Default Credentials).
+//!
+//! The search order follows AIP-4110: the file named by
+//! `GOOGLE_APPLICATION_CREDENTIALS`, then gcloud's
+//! `application_default_credentials.json` (in `$CLOUDSDK_CONFIG`, else
+//! `~/.config/gcloud`), then the metadata server of the VM we run on
+//! (`GCE_METADATA_HOST` overrides its address). We do the search ourselves
+//! rather than through `google_cloud_auth::credentials::Builder` so that every
+//! authentication error can say which source was used and what to check; the
+//! tokens themselves come from google-cloud-auth: it signs a self-signed JWT
+//! locally for a service-account key (no token endpoint involved), posts the
+//! refresh token of an `authorized_user` file to that file's `token_uri`, and
+//! asks the metadata server with `Metadata-Flavor: Google`.
+//!
+//! Two things are added around the crate. Its token cache keeps a transient
+//! failure (a 503 from the token endpoint) for ten seconds before it tries
+//! again, so after a transient error we drop the credentials and build fresh
+//! ones on the next attempt. And when nothing is configured and the metadata
+//! server is only a guess, a short probe decides whether it exists, so a
+//! laptop without credentials gets a clear error at once instead of retries
+//! against `metadata.google.internal` until the deadline.
+//!
+//! Tokens, refresh tokens, client secrets and private keys never leave this
+//! module except inside the `Authorization` header, which is marked sensitive.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use google_cloud_auth::credentials::{
+    CacheableResource, Credentials, external_account, impersonated, mds, service_account,
+    user_account,
+};
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+use tokio::sync::OnceCell;
+
+use super::CloudError;
+
+/// The metadata server's host when nothing overrides it.
+pub const DEFAULT_METADATA_HOST: &str = "metadata.google.internal";
+
+/// How long the probe for an unconfigured metadata server may take.
+const METADATA_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+const IAM_ROLE: &str = "roles/compute.instanceAdmin.v1";
+
+/// Where the credentials came from, for messages. Holds no secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialSource {
+    /// A JSON credentials file named by `GOOGLE_APPLICATION_CREDENTIALS`.
+    EnvFile {
+        path: PathBuf,
+        /// The file's `type`: `service_account`, `authorized_user`, …
+        kind: String,
+        /// The service account's `client_email`, when the file has one.
+        principal: Option<String>,
+    },
+    /// gcloud's `application_default_credentials.json`, written by
+    /// `gcloud auth application-default login`.
+    GcloudFile {
+        path: PathBuf,
+        kind: String,
+        principal: Option<String>,
+    },
+    /// The metadata server of the VM absconda runs on.
+    MetadataServer {
+        host: String,
+        /// Whether `GCE_METADATA_HOST` named it, rather than it being the
+        /// last resort of the search.
+        explicit: bool,
+        /// The gcloud file that was looked for and not found.
+        searched: Option<PathBuf>,
+    },
+}
+
+impl fmt::Display for CredentialSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CredentialSource::EnvFile {
+                path,
+                kind,
+                principal,
+            } => {
+                write!(f, "{} `{}`", file_label(kind), path.display())?;
+                if let Some(p) = principal {
+                    write!(f, " for `{p}`")?;
+                }
+                f.write_str(" (from GOOGLE_APPLICATION_CREDENTIALS)")
+            }
+            CredentialSource::GcloudFile {
+                path,
+                kind,
+                principal,
+            } => {
+                write!(
+                    f,
+                    "gcloud application-default credentials `{}` ({}",
+                    path.display(),
+                    kind
+                )?;
+                if let Some(p) = principal {
+                    write!(f, " `{p}`")?;
+                }
+                f.write_str(")")
+            }
+            CredentialSource::MetadataServer { host, explicit, .. } => {
+                write!(f, "the metadata server at `{host}`")?;
+                if *explicit {
+                    f.write_str(" (from GCE_METADATA_HOST)")
+                } else {
+                    f.write_str(
+                        " (no GOOGLE_APPLICATION_CREDENTIALS and no gcloud credentials file)",
+                    )
+                }
+            }
+        }
+    }
+}
+
+fn file_label(kind: &str) -> &'static str {
+    match kind {
+        "service_account" => "service account key file",
+        "authorized_user" => "user credentials file",
+        "impersonated_service_account" => "impersonated service account file",
+        "external_account" => "workload identity federation file",
+        _ => "credentials file",
+    }
+}
+
+impl CredentialSource {
+    /// What the user should check when the API rejects these credentials.
+    pub fn hint(&self) -> String {
+        match self {
+            CredentialSource::EnvFile {
+                path,
+                kind,
+                principal,
+            }
+            | CredentialSource::GcloudFile {
+                path,
+                kind,
+                principal,
+            } => match kind.as_str() {
+                "service_account" => format!(
+                    "check that the key in `{}` has not been deleted or disabled and that `{}` \
+                     has the role {IAM_ROLE} (Compute Instance Admin) on the project",
+                    path.display(),
+                    principal.as_deref().unwrap_or("the service account"),
+                ),
+                "authorized_user" => format!(
+                    "run `gcloud auth application-default login` again (the refresh token in `{}` \
+                     may be expired or revoked) and check that your account has the role \
+                     {IAM_ROLE} on the project",
+                    path.display()
+                ),
+                _ => format!(
+                    "check the credentials file `{}` and that its identity has the role \
+                     {IAM_ROLE} on the project",
+                    path.display()
+                ),
+            },
+            CredentialSource::MetadataServer {
+                explicit: false,
+                searched,
+                ..
+            } => format!(
+                "set GOOGLE_APPLICATION_CREDENTIALS to a service account key file or run \
+                 `gcloud auth application-default login`{}; on a GCE VM, check that its service \
+                 account has the role {IAM_ROLE} and the VM the `cloud-platform` access scope",
+                searched
+                    .as_ref()
+                    .map(|p| format!(" (looked for `{}`)", p.display()))
+                    .unwrap_or_default()
+            ),
+            CredentialSource::MetadataServer { host, .. } => format!(
+                "check that the metadata server at `{host}` answers and that the VM's service \
+                 account has the role {IAM_ROLE} and the `cloud-platform` access scope"
+            ),
+        }
+    }
+
+    /// The endpoint tokens are fetched from, for transport errors.
+    fn endpoint(&self, config: Option<&Value>) -> String {
+        match self {
+            CredentialSource::MetadataServer { host, .. } => {
+                format!("http://{host}/computeMetadata/v1/instance/service-accounts/default/token")
+            }
+            _ => config
+                .and_then(|c| c.get("token_uri"))
+                .and_then(Value::as_str)
+                .unwrap_or("https://oauth2.googleapis.com/token")
+                .to_string(),
+        }
+    }
+}
+
+/// Application Default Credentials for one `Gce` provider.
+pub struct GcpAuth {
+    source: CredentialSource,
+    /// The credentials file's JSON. Holds secrets: never printed.
+    config: Option<Value>,
+    /// Built on first use, inside the runtime (google-cloud-auth spawns its
+    /// refresh task when credentials are built); dropped after a transient
+    /// error so the next attempt starts a fresh token fetch.
+    credentials: Mutex<Option<Credentials>>,
+    /// The outcome of probing an unconfigured metadata server.
+    probe: OnceCell<bool>,
+}
+
+impl fmt::Debug for GcpAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GcpAuth")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GcpAuth {
+    /// Searches the process environment for credentials.
+    pub fn from_env() -> Result<GcpAuth, CloudError> {
+        GcpAuth::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Searches for credentials with `lookup` standing in for the process
+    /// environment (`GOOGLE_APPLICATION_CREDENTIALS`, `CLOUDSDK_CONFIG`,
+    /// `HOME`, `GCE_METADATA_HOST`). Reads the credentials file, if any; the
+    /// network is only used when a token is first needed.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<GcpAuth, CloudError> {
+        if let Some(path) = lookup("GOOGLE_APPLICATION_CREDENTIALS") {
+            let path = PathBuf::from(path);
+            let (config, kind, principal) = read_credentials_file(&path, true)?;
+            return Ok(GcpAuth::new(
+                CredentialSource::EnvFile {
+                    path,
+                    kind,
+                    principal,
+                },
+                Some(config),
+            ));
+        }
+        let gcloud_dir = lookup("CLOUDSDK_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| lookup("HOME").map(|h| Path::new(&h).join(".config/gcloud")));
+        let well_known = gcloud_dir.map(|d| d.join("application_default_credentials.json"));
+        if let Some(path) = &well_known
+            && path.exists()
+        {
+            let (config, kind, principal) = read_credentials_file(path, false)?;
+            return Ok(GcpAuth::new(
+                CredentialSource::GcloudFile {
+                    path: path.clone(),
+                    kind,
+                    principal,
+                },
+                Some(config),
+            ));
+        }
+        let (host, explicit) = match lookup("GCE_METADATA_HOST") {
+            Some(host) => (host, true),
+            None => (DEFAULT_METADATA_HOST.to_string(), false),
+        };
+        Ok(GcpAuth::new(
+            CredentialSource::MetadataServer {
+                host,
+                explicit,
+                searched: well_known,
+            },
+            None,
+        ))
+    }
+
+    fn new(source: CredentialSource, config: Option<Value>) -> GcpAuth {
+        GcpAuth {
+            source,
+            config,
+            credentials: Mutex::new(None),
+            probe: OnceCell::new(),
+        }
+    }
+
+    /// Which credentials are in use, for messages.
+    pub fn source(&self) -> &CredentialSource {
+        &self.source
+    }
+
+    /// An authentication error naming the source and what to check.
+    pub fn auth_error(&self, message: impl fmt::Display) -> CloudError {
+        let message = message.to_string();
+        CloudError::Auth {
+            source_name: self.source.to_string(),
+            message: format!(
+                "{}; hint: {}",
+                message.trim_end_matches('.'),
+                self.source.hint()
+            ),
+        }
+    }
+
+    /// The headers that authenticate one API request: `Authorization`
+    /// (marked sensitive) and, for user credentials with a quota project,
+    /// `x-goog-user-project`.
+    pub async fn headers(&self) -> Result<HeaderMap, CloudError> {
+        if let CredentialSource::MetadataServer {
+            host,
+            explicit: false,
+            ..
+        } = &self.source
+        {
+            let present = *self.probe.get_or_init(|| probe_metadata(host)).await;
+            if !present {
+                return Err(self.auth_error("no credentials found"));
+            }
+        }
+        let credentials = self.credentials()?;
+        let result = credentials.headers(Default::default()).await;
+        let mut headers = match result {
+            Ok(CacheableResource::New { data, .. }) => data,
+            // Only returned when the caller passes an entity tag; we never do.
+            Ok(CacheableResource::NotModified) => {
+                return Err(self.auth_error("the credentials returned no headers"));
+            }
+            Err(e) if e.is_transient() => {
+                self.forget();
+                return Err(CloudError::Transport {
+                    url: self.source.endpoint(self.config.as_ref()),
+                    source: Box::new(e),
+                });
+            }
+            Err(e) => return Err(self.auth_error(error_chain(&e))),
+        };
+        for value in headers.values_mut() {
+            value.set_sensitive(true);
+        }
+        if !headers.contains_key(reqwest::header::AUTHORIZATION) {
+            return Err(self.auth_error("the credentials gave no `Authorization` header"));
+        }
+        Ok(headers)
+    }
+
+    /// Drops the cached credentials so the next request builds new ones.
+    pub fn forget(&self) {
+        if let Ok(mut guard) = self.credentials.lock() {
+            *guard = None;
+        }
+    }
+
+    fn credentials(&self) -> Result<Credentials, CloudError> {
+        let mut guard = self
+            .credentials
+            .lock()
+            .map_err(|_| self.auth_error("the credentials cache is poisoned"))?;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let built = self.build()?;
+        *guard = Some(built.clone());
+        Ok(built)
+    }
+
+    fn build(&self) -> Result<Credentials, CloudError> {
+        let built = match (&self.source, &self.config) {
+            (CredentialSource::MetadataServer { host, .. }, _) => mds::Builder::default()
+                .with_endpoint(format!("http://{host}"))
+                .build(),
+            (
+                CredentialSource::EnvFile { kind, .. } | CredentialSource::GcloudFile { kind, .. },
+                Some(config),
+            ) => match kind.as_str() {
+                "service_account" => service_account::Builder::new(config.clone()).build(),
+                "authorized_user" => user_account::Builder::new(config.clone()).build(),
+                "impersonated_service_account" => {
+                    impersonated::Builder::new(config.clone()).build()
+                }
+                "external_account" => external_account::Builder::new(config.clone()).build(),
+                other => {
+                    return Err(self.auth_error(format!(
+                        "credentials of type `{other}` are not supported; use a service account \
+                         key or `gcloud auth application-default login`"
+                    )));
+                }
+            },
+            (_, None) => return Err(self.auth_error("the credentials file was not loaded")),
+        };
+        built.map_err(|e| {
+            self.auth_error(format!("cannot load the credentials: {}", error_chain(&e)))
+        })
+    }
+}
+
+/// Reads a credentials file and returns its JSON, `type` and `client_email`.
+fn read_credentials_file(
+    path: &Path,
+    from_env: bool,
+) -> Result<(Value, String, Option<String>), CloudError> {
+    let source_name = if from_env {
+        format!(
+            "credentials file `{}` (from GOOGLE_APPLICATION_CREDENTIALS)",
+            path.display()
+        )
+    } else {
+        format!(
+            "gcloud application-default credentials `{}`",
+            path.display()
+        )
+    };
+    let fail = |message: String| CloudError::Auth {
+        source_name: source_name.clone(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        fail(format!(
+            "cannot read the file: {e}; hint: point GOOGLE_APPLICATION_CREDENTIALS at a service \
+             account key file, or unset it to use `gcloud auth application-default login`"
+        ))
+    })?;
+    // The serde error says where the JSON breaks without quoting the text,
+    // which may be a private key.
+    let config: Value = serde_json::from_str(&text)
+        .map_err(|e| fail(format!("the file is not valid JSON ({e})")))?;
+    let kind = config
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| fail("the file has no `type` field".to_string()))?
+        .to_string();
+    let principal = config
+        .get("client_email")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    Ok((config, kind, principal))
+}
+
+/// Whether a metadata server answers at `host`, within a short timeout. Only
+/// used when no credentials are configured and the metadata server is the
+/// last resort: a real one answers in milliseconds with `Metadata-Flavor: Google`.
+async fn probe_metadata(host: &str) -> bool {
+    let client = match reqwest::Client::builder()
+        .timeout(METADATA_PROBE_TIMEOUT)
+        .no_proxy()
+        .build()
+    {
+        Ok(c) => c,
+        Err(_) => return false,
+    };
+    let url = format!("http://{host}/computeMetadata/v1/");
+    match client
+        .get(&url)
+        .header("Metadata-Flavor", "Google")
+        .send()
+        .await
+    {
+        Ok(resp) => {
+            let flavor_ok = resp
+                .headers()
+                .get("metadata-flavor")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"google"));
+            tracing::debug!(status = %resp.status(), flavor_ok, "metadata server probe at {url}");
+            flavor_ok
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "no metadata server at {url}");
+            false
+        }
+    }
+}
+
+/// An error and its causes on one line, without the boilerplate
+/// google-cloud-auth adds at each level or a cause its parent already quoted.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    const NOISE: [&str; 4] = [
+        " and future attempts will not succeed",
+        " but future attempts may succeed",
+        "Request to fetch the token failed. Subsequent calls with this credential will also fail.",
+        "cannot create the authentication headers",
+    ];
+    let mut parts: Vec<String> = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        let mut text = err.to_string();
+        for noise in NOISE {
+            text = text.replace(noise, "");
+        }
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    if parts.is_empty() {
+        return "the credentials could not produce a token".into();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn env_file_wins_and_names_the_service_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.json");
+        std::fs::write(
+            &key,
+            r#"{"type":"service_account","client_email":"sa@p.iam.gserviceaccount.com","private_key":"x","private_key_id":"k","project_id":"p"}"#,
+        )
+        .unwrap();
+        let auth = GcpAuth::from_lookup(lookup(&[
+            ("GOOGLE_APPLICATION_CREDENTIALS", key.to_str().unwrap()),
+            ("GCE_METADATA_HOST", "127.0.0.1:1"),
+        ]))
+        .unwrap();
+        let text = auth.source().to_string();
+        assert!(text.contains("service account key file"), "{text}");
+        assert!(text.contains("sa@p.iam.gserviceaccount.com"), "{text}");
+        assert!(text.contains("GOOGLE_APPLICATION_CREDENTIALS"), "{text}");
+        assert!(auth.source().hint().contains(IAM_ROLE));
+        // The Debug form carries no part of the key.
+        assert!(!format!("{auth:?}").contains("private_key"));
+    }
+
+    #[test]
+    fn gcloud_file_found_through_cloudsdk_config_then_home() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("gcloud");
+        std::fs::create_dir_all(&cfg).unwrap();
+        std::fs::write(
+            cfg.join("application_default_credentials.json"),
+            r#"{"type":"authorized_user","client_id":"c","client_secret":"s","refresh_token":"r"}"#,
+        )
+        .unwrap();
+        let auth =
+            GcpAuth::from_lookup(lookup(&[("CLOUDSDK_CONFIG", cfg.to_str().unwrap())])).unwrap();
+        assert!(
+            matches!(auth.source(), CredentialSource::GcloudFile { kind, .. } if kind == "authorized_user")
+        );
+        assert!(
+            auth.source()
+                .hint()
+                .contains("gcloud auth application-default login")
+        );
+
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(home.join(".config")).unwrap();
+        std::fs::rename(&cfg, home.join(".config/gcloud")).unwrap();
+        let auth = GcpAuth::from_lookup(lookup(&[("HOME", home.to_str().unwrap())])).unwrap();
+        assert!(matches!(auth.source(), CredentialSource::GcloudFile { .. }));
+    }
+
+    #[test]
+    fn falls_back_to_the_metadata_server() {
+        let auth = GcpAuth::from_lookup(lookup(&[("HOME", "/nonexistent")])).unwrap();
+        assert!(matches!(
+            auth.source(),
+            CredentialSource::MetadataServer { explicit: false, host, .. } if host == DEFAULT_METADATA_HOST
+        ));
+        let auth = GcpAuth::from_lookup(lookup(&[("GCE_METADATA_HOST", "127.0.0.1:9")])).unwrap();
+        assert!(auth.source().to_string().contains("GCE_METADATA_HOST"));
+    }
+
+    #[test]
+    fn missing_or_broken_files_are_auth_errors_without_contents() {
+        let err = GcpAuth::from_lookup(lookup(&[(
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            "/nonexistent/key.json",
+        )]))
+        .unwrap_err();
+        assert!(matches!(err, CloudError::Auth { .. }), "{err}");
+        assert!(err.to_string().contains("/nonexistent/key.json"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.json");
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nSECRETSECRET\n").unwrap();
+        let err = GcpAuth::from_lookup(lookup(&[(
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            key.to_str().unwrap(),
+        )]))
+        .unwrap_err();
+        assert!(!err.to_string().contains("SECRETSECRET"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn unconfigured_metadata_server_fails_fast_with_a_hint() {
+        // Port 9 on loopback: nothing listens, so the probe fails at once.
+        let auth = GcpAuth::new(
+            CredentialSource::MetadataServer {
+                host: "127.0.0.1:9".into(),
+                explicit: false,
+                searched: Some(PathBuf::from(
+                    "/home/u/.config/gcloud/application_default_credentials.json",
+                )),
+            },
+            None,
+        );
+        let err = auth.headers().await.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, CloudError::Auth { .. }), "{text}");
+        assert!(text.contains("no credentials found"), "{text}");
+        assert!(
+            text.contains("gcloud auth application-default login"),
+            "{text}"
+        );
+    }
+}
