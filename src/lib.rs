@@ -33,3 +33,4 @@ pub mod remote;
 pub mod report;
 pub mod shell;
 pub mod ssh;
+pub mod state;
