@@ -9,6 +9,8 @@
 //! failures (connection errors, 429, 5xx, throttling) with exponential backoff
 //! and jitter under one deadline, and never retries an authentication error.
 
+pub mod aws_auth;
+pub mod ec2;
 pub mod retry;
 
 use std::fmt;
@@ -64,7 +66,10 @@ pub enum CloudError {
     /// `source_name` says which credential source was used
     /// (for example "service account key file `/path/key.json`").
     #[error("authentication failed using {source_name}: {message}")]
-    Auth { source_name: String, message: String },
+    Auth {
+        source_name: String,
+        message: String,
+    },
     /// The API answered with an error.
     #[error("{service} API error {status} for {operation}: {code}: {message}")]
     Api {
@@ -100,6 +105,10 @@ pub enum CloudError {
         #[source]
         last: Option<Box<CloudError>>,
     },
+    /// The builder's settings cannot be used as they are: no region, an
+    /// endpoint that is not a URL, a name that matches several instances.
+    #[error("{message}")]
+    Config { message: String },
 }
 
 impl CloudError {

@@ -48,6 +48,8 @@ where
     let start = Instant::now();
     let deadline = start + backoff.deadline;
     let mut attempt = 0u32;
+    // Kept so that a deadline hit mid-attempt still reports what went wrong before.
+    let mut last: Option<CloudError> = None;
     loop {
         let err = match tokio::time::timeout_at(deadline, op()).await {
             Ok(Ok(v)) => return Ok(v),
@@ -57,7 +59,7 @@ where
                 return Err(CloudError::Timeout {
                     what: what.to_string(),
                     after: backoff.deadline,
-                    last: None,
+                    last: last.map(Box::new),
                 });
             }
         };
@@ -71,6 +73,7 @@ where
         }
         tracing::debug!(attempt, ?wait, error = %err, "{what}: transient error, retrying");
         tokio::time::sleep(wait).await;
+        last = Some(err);
         attempt += 1;
     }
 }
