@@ -191,15 +191,11 @@ impl Ec2 {
     /// One attempt: sign, send, classify the answer.
     async fn send(&self, action: &str, params: &[(&str, &str)]) -> Result<String, CloudError> {
         let creds = self.credentials.credentials().await?;
-        let body = {
-            let mut form = url::form_urlencoded::Serializer::new(String::new());
-            form.append_pair("Action", action);
-            form.append_pair("Version", API_VERSION);
-            for (k, v) in params {
-                form.append_pair(k, v);
-            }
-            form.finish()
-        };
+        let body = aws_auth::query_body(
+            [("Action", action), ("Version", API_VERSION)]
+                .into_iter()
+                .chain(params.iter().copied()),
+        );
         let signed = aws_auth::sign(
             &SigningRequest {
                 method: "POST",
