@@ -214,6 +214,15 @@ impl Ec2 {
             .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
             .body(body);
         for (name, value) in signed.iter() {
+            let mut value =
+                reqwest::header::HeaderValue::from_str(value).map_err(|_| CloudError::Auth {
+                    source_name: creds.source.to_string(),
+                    message: format!(
+                        "the credentials contain characters not allowed in the `{name}` header"
+                    ),
+                })?;
+            // Kept out of HTTP/2 header compression tables and `Debug` output.
+            value.set_sensitive(name != "x-amz-date");
             request = request.header(name, value);
         }
         tracing::debug!(action, endpoint = %redact_url(&self.endpoint), "ec2 request");

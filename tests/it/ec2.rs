@@ -128,6 +128,109 @@ async fn start_and_stop_are_idempotent() {
     assert_eq!(moto.state(&id).await, "running");
 }
 
+/// A DescribeInstances answer showing `id` in `state`.
+fn describe_answer(id: &str, state: &str) -> Fault {
+    Fault::Answer {
+        status: 200,
+        body: format!(
+            r#"<?xml version="1.0" encoding="UTF-8"?>
+<DescribeInstancesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>proxy</requestId>
+<reservationSet><item><reservationId>r-1</reservationId><instancesSet><item>
+<instanceId>{id}</instanceId><instanceState><code>0</code><name>{state}</name></instanceState>
+<privateIpAddress>10.0.0.1</privateIpAddress></item></instancesSet></item></reservationSet>
+</DescribeInstancesResponse>"#
+        ),
+    }
+}
+
+#[tokio::test]
+async fn an_instance_half_way_the_other_way_is_waited_for() {
+    let moto = moto!();
+    let id = moto.run_instance(None).await;
+    let proxy = FaultyProxy::start(moto.addr()).await;
+    let ec2 = Ec2::with_env(
+        via(
+            &proxy,
+            &moto,
+            Ec2Instance::Id(id.clone()),
+            Duration::from_secs(20),
+        ),
+        moto.env(),
+    )
+    .unwrap();
+
+    // Still `pending` when asked to stop: wait until it runs, then stop it.
+    proxy.script(
+        [
+            describe_answer(&id, "pending"),
+            describe_answer(&id, "pending"),
+        ],
+        Fault::Pass,
+    );
+    ec2.stop().await.unwrap();
+    assert_eq!(
+        proxy.actions(),
+        [
+            "DescribeInstances",
+            "DescribeInstances",
+            "DescribeInstances",
+            "StopInstances"
+        ]
+    );
+    assert_eq!(moto.state(&id).await, "stopped");
+
+    // Still `stopping` when asked to start: wait until stopped, then start.
+    proxy.script([describe_answer(&id, "stopping")], Fault::Pass);
+    ec2.start().await.unwrap();
+    assert_eq!(
+        proxy.actions(),
+        ["DescribeInstances", "DescribeInstances", "StartInstances"]
+    );
+    assert_eq!(moto.state(&id).await, "running");
+
+    // Another client changed the state between our look and our call: look again.
+    ec2.stop().await.unwrap();
+    proxy.script(
+        [
+            Fault::Pass,
+            Fault::Ec2Error {
+                status: 400,
+                code: "IncorrectInstanceState",
+            },
+        ],
+        Fault::Pass,
+    );
+    ec2.start().await.unwrap();
+    assert_eq!(
+        proxy.actions(),
+        [
+            "DescribeInstances",
+            "StartInstances",
+            "DescribeInstances",
+            "StartInstances"
+        ]
+    );
+    assert_eq!(moto.state(&id).await, "running");
+
+    // A state that never settles ends at the deadline, saying what it waited for.
+    let ec2 = Ec2::with_env(
+        via(
+            &proxy,
+            &moto,
+            Ec2Instance::Id(id.clone()),
+            Duration::from_secs(2),
+        ),
+        moto.env(),
+    )
+    .unwrap();
+    proxy.script([], describe_answer(&id, "stopping"));
+    let err = ec2.start().await.unwrap_err();
+    let CloudError::Timeout { what, .. } = &err else {
+        panic!("not a timeout: {err:?}");
+    };
+    assert!(what.contains("stopping"), "{what}");
+}
+
 #[tokio::test]
 async fn wrong_secret_key_is_an_auth_error_without_retries() {
     let moto = moto!();

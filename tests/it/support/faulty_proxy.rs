@@ -32,6 +32,9 @@ pub enum Fault {
     Ec2Error { status: u16, code: &'static str },
     /// Read the request, then reset the connection without answering.
     Reset,
+    /// Answer with this status and body (an XML document the server could
+    /// have sent, for states moto never shows, such as `stopping`).
+    Answer { status: u16, body: String },
 }
 
 #[derive(Default)]
@@ -139,6 +142,9 @@ async fn handle(mut client: TcpStream, upstream: SocketAddr, state: Arc<Mutex<St
                  <Message>injected {code}</Message></Error></Errors><RequestID>proxy</RequestID></Response>"
             ),
         ),
+        Fault::Answer { status, body } => {
+            canned(status, &[("Content-Type", "text/xml".to_string())], &body)
+        }
         Fault::Reset => {
             // SO_LINGER 0: close sends RST instead of FIN.
             let _ = client.set_zero_linger();
