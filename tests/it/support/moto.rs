@@ -1,8 +1,8 @@
 //! moto's server as a real EC2 endpoint on loopback, with signatures checked.
 //!
-//! [`Moto::start`] installs moto into a Python venv cached under
-//! `$ABSCONDA_TEST_CACHE` (default `target/tmp/test-cache`), reused by every
-//! later run, then starts `moto_server` on a free loopback port as a child
+//! [`Moto::start`] installs moto into a Python venv (made with `python3`, or
+//! `$ABSCONDA_TEST_PYTHON`) cached under `$ABSCONDA_TEST_CACHE` (default
+//! `target/tmp/test-cache`), reused by every later run, then starts `moto_server` on a free loopback port as a child
 //! process that is killed when the [`Moto`] is dropped.
 //!
 //! Signature checking is switched on through moto's
@@ -87,7 +87,8 @@ fn install() -> Result<PathBuf, String> {
     }
     let _ = std::fs::remove_dir_all(&venv);
     eprintln!("installing {MOTO_SPEC} into `{}` (once)", venv.display());
-    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    let python = std::env::var_os("ABSCONDA_TEST_PYTHON").unwrap_or_else(|| "python3".into());
+    run(Command::new(python).arg("-m").arg("venv").arg(&venv))?;
     run(Command::new(venv.join("bin").join("pip")).args([
         "install",
         "--quiet",
