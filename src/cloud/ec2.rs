@@ -404,7 +404,8 @@ impl Ec2 {
         Ok(())
     }
 
-    /// Makes the instance go towards `target` (Running for start, Stopped for stop).
+    /// Starts (`starting`) or stops the instance unless it is already on its
+    /// way there, waiting out a transition the other way first.
     async fn drive(&self, starting: bool) -> Result<(), CloudError> {
         let (action, verb) = if starting {
             ("StartInstances", "start")
@@ -452,13 +453,9 @@ impl Ec2 {
                 }
                 // Half-way the other way (stopping when we start, pending
                 // when we stop): wait for it to settle, then act.
-                (true, _) | (false, _) => CloudError::Api {
-                    service: "ec2",
-                    operation: action.to_string(),
-                    status: 0,
-                    code: "IncorrectInstanceState".into(),
-                    message: format!("the instance `{id}` is `{}`", inst.state),
-                    retry_after: None,
+                (true, _) | (false, _) => CloudError::OperationFailed {
+                    operation: format!("{action} {id}"),
+                    message: format!("the instance is still `{}`", inst.state),
                 },
             };
             let what = format!(
