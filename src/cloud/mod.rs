@@ -11,6 +11,8 @@
 
 pub mod gce;
 pub mod gcp_auth;
+pub mod aws_auth;
+pub mod ec2;
 pub mod retry;
 
 use std::fmt;
@@ -97,8 +99,9 @@ pub enum CloudError {
     /// A long-running operation finished with an error.
     #[error("operation `{operation}` failed: {message}")]
     OperationFailed { operation: String, message: String },
-    /// The provider's settings cannot work (for example an `api_endpoint`
-    /// that is not an http or https URL).
+    /// The builder's settings cannot be used as they are: no region, an
+    /// `api_endpoint` that is not an http(s) URL, a name that matches
+    /// several instances.
     #[error("invalid settings: {message}")]
     Config { message: String },
     /// A deadline passed; `last` is the last transient error seen, if any.

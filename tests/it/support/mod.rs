@@ -10,7 +10,9 @@
 
 pub mod absconda;
 pub mod docker;
+pub mod faulty_proxy;
 pub mod gce_fake;
+pub mod moto;
 pub mod sshd;
 
 use std::net::TcpListener;
@@ -23,6 +25,14 @@ use std::time::{Duration, Instant};
 
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Skips the calling test outside CI, fails it in CI.
+pub fn skip_or_fail(what: &str) {
+    if in_ci() {
+        panic!("{what} (CI=true: integration prerequisites must be available)");
+    }
+    eprintln!("SKIPPED: {what}; set CI=true to make this a failure");
 }
 
 /// Whether `program` exists; in CI a missing program is a failure.
