@@ -64,7 +64,10 @@ pub enum CloudError {
     /// `source_name` says which credential source was used
     /// (for example "service account key file `/path/key.json`").
     #[error("authentication failed using {source_name}: {message}")]
-    Auth { source_name: String, message: String },
+    Auth {
+        source_name: String,
+        message: String,
+    },
     /// The API answered with an error.
     #[error("{service} API error {status} for {operation}: {code}: {message}")]
     Api {
