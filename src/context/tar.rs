@@ -41,6 +41,11 @@ const OUT_BUF: usize = 128 * 1024;
 const STREAM_DEPTH: usize = 4;
 const BLOCK: usize = 512;
 
+/// The chunks of a [`tar_stream`]; an `Err` item means the archive is broken.
+pub type TarChunks = mpsc::Receiver<io::Result<Vec<u8>>>;
+/// The writer of a [`tar_stream`]: its stats, or the error with its path.
+pub type TarTask = JoinHandle<Result<TarStats, ContextError>>;
+
 /// How the tar stream is compressed on the wire.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Compression {
@@ -128,10 +133,7 @@ pub fn tar_stream(
     prefix: String,
     compression: Compression,
     chunk: usize,
-) -> (
-    mpsc::Receiver<io::Result<Vec<u8>>>,
-    JoinHandle<Result<TarStats, ContextError>>,
-) {
+) -> (TarChunks, TarTask) {
     tar_stream_counting(
         entries,
         extra,
@@ -150,10 +152,7 @@ pub(crate) fn tar_stream_counting(
     compression: Compression,
     chunk: usize,
     sent: Arc<AtomicU64>,
-) -> (
-    mpsc::Receiver<io::Result<Vec<u8>>>,
-    JoinHandle<Result<TarStats, ContextError>>,
-) {
+) -> (TarChunks, TarTask) {
     let chunk = chunk.max(BLOCK);
     let (tx, rx) = mpsc::channel(STREAM_DEPTH);
     let handle = tokio::task::spawn_blocking(move || {

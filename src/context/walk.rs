@@ -601,7 +601,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         touch(dir.path(), "locked", "x");
-        fs::set_permissions(dir.path().join("locked"), fs::Permissions::from_mode(0)).unwrap();
+        fs::set_permissions(dir.path().join("locked"), fs::Permissions::from_mode(0o000)).unwrap();
         let err = walk(dir.path(), &DockerIgnore::default(), &[]).unwrap_err();
         assert!(err.to_string().contains("locked"), "{err}");
     }
