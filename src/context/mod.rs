@@ -84,6 +84,9 @@ pub enum ContextError {
         actual: u64,
     },
 
+    #[error("invalid archive prefix `{prefix}`")]
+    InvalidPrefix { prefix: String },
+
     #[error("invalid name `{name}` for a file added to the context")]
     InvalidExtraName { name: String },
 
