@@ -3,7 +3,7 @@
 //!
 //! Users have no `tar` or `docker` on their machine, so absconda decides
 //! itself what `docker build` would see: [`ignore`] reads `.dockerignore`
-//! with Docker's exact rules, [`walk`] lists the context in a deterministic
+//! with Docker's exact rules, [`walk()`] lists the context in a deterministic
 //! order without following symlinks, [`tar`] streams those entries as a tar
 //! archive with bounded memory, and [`hash`] fingerprints file contents. The
 //! walk records size, mtime and inode of every entry, and hashing is separate
