@@ -22,6 +22,10 @@
 //!   `archive.TarWithOptions`): the last matching pattern wins, and a path
 //!   whose parent directory matched a pattern matches it too, so `dir`
 //!   excludes `dir/a/b` while a later `!dir/a/b` can bring that file back.
+//!   Like Docker, a pattern that cannot change a directory's verdict is not
+//!   evaluated on it and counts as "no match" for its children, so in rare
+//!   lists (`*`, `!**/x`, `**/d*`) a later pattern does not re-exclude below
+//!   a directory it names; [`DockerIgnore::is_excluded`] gives that verdict.
 //!
 //! Deviations, all in patterns nobody writes on purpose: Docker copies `\x`
 //! and the inside of `[...]` into a Go regexp, so there `\d` is a digit class,
@@ -608,6 +612,12 @@ mod tests {
             ("caf\u{e9}/*", "caf\u{e9}/menu", true),
             ("*.\u{e9}", "x.\u{e9}", true),
             ("\u{263a}?", "\u{263a}\u{263a}", true),
+            // Docker's regexps use `.` for `**`, which does not cross a
+            // newline: a folder with a newline in its name hides its files
+            // from `**/` regexp patterns (suffix patterns still match).
+            ("**/*.md", "new\nline/x.md", false),
+            ("**/x.md", "new\nline/x.md", true),
+            ("*.md", "new\nline.md", true),
         ];
         for (ignore, path, want) in cases {
             assert_eq!(

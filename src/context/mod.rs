@@ -3,7 +3,7 @@
 //!
 //! Users have no `tar` or `docker` on their machine, so absconda decides
 //! itself what `docker build` would see: [`ignore`] reads `.dockerignore`
-//! with Docker's exact rules, [`walk`] lists the context in a deterministic
+//! with Docker's exact rules, [`walk()`] lists the context in a deterministic
 //! order without following symlinks, [`tar`] streams those entries as a tar
 //! archive with bounded memory, and [`hash`] fingerprints file contents. The
 //! walk records size, mtime and inode of every entry, and hashing is separate
@@ -83,6 +83,9 @@ pub enum ContextError {
         expected: u64,
         actual: u64,
     },
+
+    #[error("invalid archive prefix `{prefix}`")]
+    InvalidPrefix { prefix: String },
 
     #[error("invalid name `{name}` for a file added to the context")]
     InvalidExtraName { name: String },

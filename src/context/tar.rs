@@ -192,8 +192,8 @@ fn normalize_prefix(prefix: &str) -> Result<String, ContextError> {
         return Ok(String::new());
     }
     if cleaned == ".." || cleaned.starts_with("../") {
-        return Err(ContextError::InvalidExtraName {
-            name: prefix.to_string(),
+        return Err(ContextError::InvalidPrefix {
+            prefix: prefix.to_string(),
         });
     }
     Ok(format!("{cleaned}/"))
@@ -751,6 +751,8 @@ mod tests {
             io::sink(),
         );
         assert!(matches!(err, Err(ContextError::DuplicateName { .. })));
+        let err = write_tar(&entries, &[], "../up", Compression::None, io::sink());
+        assert!(matches!(err, Err(ContextError::InvalidPrefix { .. })));
         for bad in ["", "/abs", "../up", "a/../b", "a//b"] {
             let err = write_tar(&entries, &[file(bad)], "", Compression::None, io::sink());
             assert!(

@@ -9,7 +9,11 @@
 //! "could re-include" per pattern and per directory instead of entering every
 //! excluded directory as soon as one exception has a wildcard, so a huge
 //! ignored `node_modules` is not read because of `!**/*.go` elsewhere when no
-//! pattern can reach into it; the result is the same, only faster.
+//! pattern can reach into it; the result is the same, only faster. (The
+//! classic builder's walker enters an excluded folder only for an exception
+//! that starts with its literal path, so it can send less than BuildKit; we
+//! send what BuildKit sends, and the builder's Docker applies the ignore file
+//! again in any case.)
 //!
 //! Symlinks are listed as symlinks (with their target, even one outside the
 //! context) and never followed; sockets, fifos and devices are skipped with
