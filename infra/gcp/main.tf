@@ -48,11 +48,32 @@ resource "google_compute_firewall" "ssh" {
   network     = var.network
   description = "SSH to the absconda builder ${var.name}, from the configured source ranges only"
   direction   = "INGRESS"
+  priority    = 900
 
   source_ranges = var.allowed_ssh_cidr
   target_tags   = [local.network_tag]
 
   allow {
+    protocol = "tcp"
+    ports    = ["22"]
+  }
+}
+
+# The auto-created `default` network comes with `default-allow-ssh` (tcp/22
+# from anywhere, priority 65534). This rule outranks it for the builder, so
+# only the ranges allowed above (priority 900) reach SSH, whatever else the
+# network allows.
+resource "google_compute_firewall" "ssh_deny_others" {
+  name        = "${var.name}-ssh-deny"
+  network     = var.network
+  description = "SSH to the absconda builder ${var.name} from anywhere else: denied"
+  direction   = "INGRESS"
+  priority    = 1000
+
+  source_ranges = ["0.0.0.0/0"]
+  target_tags   = [local.network_tag]
+
+  deny {
     protocol = "tcp"
     ports    = ["22"]
   }

@@ -97,13 +97,13 @@ variable "idle_shutdown_minutes" {
 }
 
 variable "name" {
-  description = "Instance name; also names the firewall rule, the network tag and the service account."
+  description = "Instance name; also names the firewall rules, the network tag and the service account."
   type        = string
   default     = "absconda-builder"
 
   validation {
-    condition     = can(regex("^[a-z]([-a-z0-9]{0,56}[a-z0-9])?$", var.name))
-    error_message = "name must be 1-58 lowercase letters, digits or hyphens, start with a letter and not end with a hyphen."
+    condition     = can(regex("^[a-z]([-a-z0-9]{0,52}[a-z0-9])?$", var.name))
+    error_message = "name must be 1-54 lowercase letters, digits or hyphens, start with a letter and not end with a hyphen (the firewall rules add \"-ssh-deny\")."
   }
 }
 
