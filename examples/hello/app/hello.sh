@@ -1,0 +1,3 @@
+#!/bin/sh
+cat /app/message.txt
+echo "built on a remote builder by absconda"
