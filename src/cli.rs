@@ -125,6 +125,10 @@ pub struct BuildArgs {
     /// Print the build report as JSON on stdout (build output then goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Retry up to N times after transient failures (connection lost, builder
+    /// stopped or preempted under the build); a failing Dockerfile step is never retried.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub retries: u32,
 }
 
 #[derive(Debug, Subcommand)]

@@ -175,6 +175,9 @@ pub struct Builder {
     pub instance: Option<String>,
     pub instance_id: Option<String>,
     pub api_endpoint: Option<String>,
+    /// The metadata server as the builder itself reaches it, for the
+    /// self-stop's identity check.
+    pub metadata_endpoint: Option<String>,
     pub address: AddressSetting,
     pub profile: Option<String>,
     // Provisioning (Terraform) and cost.
@@ -233,6 +236,7 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("instance", Kind::Str),
     ("instance_id", Kind::Str),
     ("api_endpoint", Kind::Str),
+    ("metadata_endpoint", Kind::Str),
     ("address", Kind::Str),
     ("profile", Kind::Str),
     ("terraform_dir", Kind::Str),
@@ -675,6 +679,7 @@ impl ConfigFile {
             instance: r.string("instance")?,
             instance_id: r.string("instance_id")?,
             api_endpoint: r.string("api_endpoint")?,
+            metadata_endpoint: r.string("metadata_endpoint")?,
             address,
             profile: r.string("profile")?,
             terraform_dir: r.string("terraform_dir")?.map(&local_path),

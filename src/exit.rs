@@ -6,6 +6,7 @@
 use crate::build::BuildError;
 use crate::cloud::CloudError;
 use crate::config::ConfigError;
+use crate::lifecycle::LifecycleError;
 use crate::ssh::SshError;
 use crate::ssh::auth::AuthError;
 
@@ -46,8 +47,22 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 BuildError::Interrupted => return INTERRUPTED,
                 BuildError::NoDockerfile { .. } | BuildError::NoContext { .. } => return USAGE,
                 BuildError::Docker { .. } => return NOT_READY,
+                BuildError::Ssh(e) => {
+                    return if e.is_host_key() {
+                        HOST_KEY
+                    } else {
+                        UNREACHABLE
+                    };
+                }
                 _ => {}
             }
+        }
+        if let Some(e) = cause.downcast_ref::<LifecycleError>() {
+            return match e {
+                LifecycleError::Gone { .. } => CLOUD,
+                LifecycleError::NoHost { .. } | LifecycleError::AlwaysOn { .. } => USAGE,
+                _ => NOT_READY,
+            };
         }
         if let Some(e) = cause.downcast_ref::<SshError>() {
             return if e.is_host_key() {
@@ -75,7 +90,14 @@ pub fn code(err: &anyhow::Error) -> u8 {
 /// A hint for errors where we know the fix.
 pub fn hint(err: &anyhow::Error) -> Option<String> {
     for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<SshError>() {
+        let ssh =
+            cause
+                .downcast_ref::<SshError>()
+                .or_else(|| match cause.downcast_ref::<BuildError>() {
+                    Some(BuildError::Ssh(e)) => Some(&**e),
+                    _ => None,
+                });
+        if let Some(e) = ssh {
             return match e {
                 SshError::UnknownHostKey { name, fingerprint, known_hosts, .. } => Some(format!(
                     "compare {fingerprint} with the key on the builder (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` there, or the cloud console's serial output); if it matches, pin it in the builder's settings with `host_key: \"{fingerprint}\"`, or set `host_key_policy: accept-new` to record `{name}` in `{}` on first use",
@@ -120,6 +142,18 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
         }
     }
     None
+}
+
+/// The error and its causes on one line, for retry messages.
+pub fn one_line(err: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let t = cause.to_string();
+        if parts.last() != Some(&t) {
+            parts.push(t);
+        }
+    }
+    parts.join(": ")
 }
 
 /// Prints `error: …`, one `caused by: …` per cause, and a hint.

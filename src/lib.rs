@@ -28,6 +28,7 @@ pub mod config;
 pub mod context;
 pub mod dockerfile;
 pub mod exit;
+pub mod lifecycle;
 pub mod registry;
 pub mod remote;
 pub mod report;

@@ -34,6 +34,9 @@ if ! mkdir -p "$ws/runs" 2>/dev/null || ! [ -w "$ws" ]; then
 fi
 exec 9>>"$ws/.lease" || exit 70
 if ! flock -n 9; then
+  # Let `--remote-off` see that a build is waiting for this builder.
+  mkdir -p "$ws/.waiters" && : > "$ws/.waiters/$$"
+  trap 'rm -f "$ws/.waiters/$$"' EXIT
   printf 'busy %s\n' "$(cat "$ws/.lease-holder" 2>/dev/null)"
   start=$(date +%s)
   until flock -w 2 9; do
@@ -43,6 +46,7 @@ if ! flock -n 9; then
     fi
     printf 'waiting %s\n' "$(cat "$ws/.lease-holder" 2>/dev/null)" || exit 1
   done
+  rm -f "$ws/.waiters/$$"
 fi
 # A build arriving cancels a pending self-stop.
 if [ -s "$ws/.stop-pid" ]; then
@@ -142,6 +146,12 @@ df -Pk "$d" 2>/dev/null | awk 'NR==2 { print "disk_total_kb=" $2; print "disk_av
 if [ -e "$ws/.lease" ] && ! flock -n "$ws/.lease" true 2>/dev/null; then
   printf 'lease_holder=%s\n' "$(cat "$ws/.lease-holder" 2>/dev/null)"
 fi
+n=0
+for f in "$ws"/.waiters/*; do
+  [ -e "$f" ] || continue
+  if [ -d "/proc/${f##*/}" ]; then n=$((n + 1)); else rm -f "$f"; fi
+done
+printf 'waiters=%s\n' "$n"
 printf 'user=%s\n' "$(id -un)"
 "#;
 
@@ -235,6 +245,8 @@ pub struct ProbeReport {
     pub disk_total_kb: Option<u64>,
     pub disk_avail_kb: Option<u64>,
     pub lease_holder: Option<String>,
+    /// Builds waiting for the lease.
+    pub waiters: u32,
     pub user: Option<String>,
 }
 
@@ -254,6 +266,7 @@ impl ProbeReport {
                 "disk_total_kb" => r.disk_total_kb = v.parse().ok(),
                 "disk_avail_kb" => r.disk_avail_kb = v.parse().ok(),
                 "lease_holder" => r.lease_holder = Some(v),
+                "waiters" => r.waiters = v.parse().unwrap_or(0),
                 "user" => r.user = Some(v),
                 _ => {}
             }

@@ -7,12 +7,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::build::{self, BuildReport, BuildRequest};
 use crate::cli::BuildArgs;
+use crate::cloud::Status;
 use crate::commands::generate;
 use crate::commands::printer::Printer;
-use crate::config::{self, ProviderKind};
+use crate::config::{self, Builder};
 use crate::dockerfile::{self, Source};
+use crate::lifecycle::{self, Cloud, LifecycleError};
 use crate::report::{Phase, Reporter};
-use crate::ssh::Session;
+use crate::state::{BuildRecord, StateFile};
 
 pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<()> {
     let file = config::load(args.config.remote_config.as_deref())?;
@@ -88,47 +90,88 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         remote_wait: Duration::from_secs(args.remote_wait),
     };
 
+    let state = StateFile::default_location();
+    let cloud = Cloud::for_builder(&builder)?;
     let started = Instant::now();
-    let prepared = build::prepare_context(&req).await?;
-    let mut report = BuildReport {
-        builder: builder.name.clone(),
-        images: req.images.clone(),
-        ..Default::default()
+    let started_at = chrono::Utc::now();
+    let mut attempt = 0;
+    let (result, report) = loop {
+        let recorder = Recorder::new(&printer);
+        let mut report = BuildReport {
+            builder: builder.name.clone(),
+            images: req.images.clone(),
+            ..Default::default()
+        };
+        let result = attempt_build(
+            &builder,
+            &req,
+            cloud.as_ref(),
+            &args,
+            &state,
+            &recorder,
+            &cancel,
+            &mut report,
+        )
+        .await;
+        let mut phases = recorder.take();
+        phases.append(&mut report.phases);
+        report.phases = phases;
+        report.total_seconds = started.elapsed().as_secs_f64();
+        match &result {
+            Err(e) if attempt < args.retries && is_transient(e) => {
+                attempt += 1;
+                let why = match cloud.as_ref() {
+                    Some(c) => match c.describe().await {
+                        Ok(info) if info.status != Status::Running => format!(
+                            "; the builder is {} (stopped or preempted under the build), so it is started again",
+                            info.raw_status
+                        ),
+                        _ => String::new(),
+                    },
+                    None => String::new(),
+                };
+                printer.info(&format!(
+                    "attempt {attempt} failed: {}{why}; retrying ({attempt}/{})",
+                    crate::exit::one_line(e),
+                    args.retries
+                ));
+                continue;
+            }
+            _ => break (result, report),
+        }
     };
 
-    if builder.provider != ProviderKind::Ssh {
-        anyhow::bail!(
-            "builder `{}` uses provider `{}`, which this build of absconda cannot start yet",
-            builder.name,
-            builder.provider
-        );
+    let outcome = match &result {
+        Ok(()) => "success".to_string(),
+        Err(e) => match crate::exit::code(e) {
+            crate::exit::INTERRUPTED => "interrupted".into(),
+            crate::exit::BUILD_FAILED => "build_failed".into(),
+            crate::exit::PUSH_FAILED => "push_failed".into(),
+            _ => "error".into(),
+        },
+    };
+    if !matches!(&result, Err(e) if crate::exit::code(e) == crate::exit::USAGE) {
+        let record = BuildRecord {
+            started_at,
+            seconds: report.total_seconds,
+            outcome,
+            bytes_sent: report.bytes_sent,
+            phases: report
+                .phases
+                .iter()
+                .map(|(p, s)| (p.name().to_string(), *s))
+                .collect(),
+            vm_seconds: None,
+        };
+        if let Err(e) = state.update(|s| {
+            s.builders
+                .entry(builder.name.clone())
+                .or_default()
+                .record_build(record)
+        }) {
+            tracing::warn!("could not record the build in the state file: {e}");
+        }
     }
-    let host = builder
-        .host
-        .clone()
-        .with_context(|| format!("builder `{}` has no `host`", builder.name))?;
-
-    printer.phase(Phase::Connect);
-    let t = Instant::now();
-    let target = build::ssh_target(&builder, &host);
-    let session = tokio::select! {
-        s = Session::connect(&target) => s?,
-        _ = cancel.cancelled() => return Err(build::BuildError::Interrupted.into()),
-    };
-    report
-        .phases
-        .push((Phase::Connect, t.elapsed().as_secs_f64()));
-
-    let job = build::Job {
-        builder: &builder,
-        req: &req,
-        self_stop: None,
-        reporter: &printer,
-        cancel: &cancel,
-    };
-    let result = build::build_on(&session, &job, prepared, &mut report).await;
-    session.close().await;
-    report.total_seconds = started.elapsed().as_secs_f64();
     result.with_context(|| format!("build on builder `{}` failed", builder.name))?;
 
     eprintln!("absconda: built {}", report.images.join(", "));
@@ -137,4 +180,147 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
+}
+
+fn is_transient(e: &anyhow::Error) -> bool {
+    for cause in e.chain() {
+        if let Some(b) = cause.downcast_ref::<build::BuildError>() {
+            return b.is_transient();
+        }
+        if let Some(s) = cause.downcast_ref::<crate::ssh::SshError>() {
+            return !s.is_host_key()
+                && matches!(
+                    s,
+                    crate::ssh::SshError::Lost { .. }
+                        | crate::ssh::SshError::Connect { .. }
+                        | crate::ssh::SshError::ConnectTimeout { .. }
+                        | crate::ssh::SshError::Handshake { .. }
+                        | crate::ssh::SshError::Channel { .. }
+                );
+        }
+        if cause.downcast_ref::<LifecycleError>().is_some() {
+            return matches!(
+                cause.downcast_ref::<LifecycleError>(),
+                Some(LifecycleError::NotReady { .. })
+            );
+        }
+    }
+    false
+}
+
+/// One attempt: bring the builder up, build, and stop it if asked.
+#[allow(clippy::too_many_arguments)]
+async fn attempt_build(
+    builder: &Builder,
+    req: &BuildRequest,
+    cloud: Option<&Cloud>,
+    args: &BuildArgs,
+    state: &StateFile,
+    reporter: &dyn Reporter,
+    cancel: &CancellationToken,
+    report: &mut BuildReport,
+) -> anyhow::Result<()> {
+    let prepared = build::prepare_context(req).await?;
+    // A retry after preemption must start the builder again.
+    let force_start = false;
+    let ready = lifecycle::bring_up(builder, cloud, force_start, state, reporter, cancel).await?;
+    let self_stop = if args.remote_off {
+        None
+    } else {
+        lifecycle::self_stop(builder, cloud, &ready)
+    };
+    let job = build::Job {
+        builder,
+        req,
+        self_stop: self_stop.as_ref(),
+        reporter,
+        cancel,
+    };
+    let result = build::build_on(&ready.session, &job, prepared, report).await;
+
+    if let (Some(cloud), true) = (cloud, args.remote_off) {
+        // Stop right away, unless another build holds or waits for the builder.
+        let busy = match build::probe(&ready.session, builder).await {
+            Ok(p) => {
+                if p.lease_holder.is_some() || p.waiters > 0 {
+                    Some(match p.lease_holder {
+                        Some(h) => format!("held by {h}"),
+                        None => format!("{} build(s) waiting for it", p.waiters),
+                    })
+                } else {
+                    None
+                }
+            }
+            Err(_) => None,
+        };
+        ready.session.close().await;
+        match busy {
+            Some(why) => reporter.info(&format!(
+                "leaving builder `{}` running: {why} (--remote-off)",
+                builder.name
+            )),
+            None => {
+                if let Err(e) = lifecycle::stop(builder, cloud, state, reporter).await {
+                    reporter.info(&format!(
+                        "could not stop builder `{}`: {e:#}; stop it with `absconda remote stop {}`",
+                        builder.name, builder.name
+                    ));
+                    if result.is_ok() {
+                        return Err(e);
+                    }
+                } else {
+                    reporter.info(&format!("builder `{}` stopped", builder.name));
+                }
+            }
+        }
+    } else {
+        ready.session.close().await;
+    }
+    result.map_err(Into::into)
+}
+
+/// Forwards to the printer and remembers how long each lifecycle phase took.
+struct Recorder<'a> {
+    inner: &'a dyn Reporter,
+    phases: std::sync::Mutex<Vec<(Phase, f64)>>,
+}
+
+impl<'a> Recorder<'a> {
+    fn new(inner: &'a dyn Reporter) -> Recorder<'a> {
+        Recorder {
+            inner,
+            phases: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn take(&self) -> Vec<(Phase, f64)> {
+        std::mem::take(&mut *self.phases.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl Reporter for Recorder<'_> {
+    fn phase(&self, phase: Phase) {
+        self.inner.phase(phase)
+    }
+    fn phase_done(&self, phase: Phase, took: Duration) {
+        if matches!(
+            phase,
+            Phase::Start | Phase::Ready | Phase::Connect | Phase::Stop
+        ) {
+            self.phases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((phase, took.as_secs_f64()));
+        }
+        self.inner.phase_done(phase, took)
+    }
+    fn info(&self, message: &str) {
+        self.inner.info(message)
+    }
+    fn upload_progress(&self, sent: u64) {
+        self.inner.upload_progress(sent)
+    }
+    fn output(&self, stderr: bool, data: &[u8]) {
+        self.inner.output(stderr, data)
+    }
 }

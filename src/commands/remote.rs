@@ -1,17 +1,26 @@
 //! `absconda remote …`: list, status, start, stop.
 
-use anyhow::Context;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::build;
 use crate::cli::{ListArgs, NameArgs};
-use crate::config::{self, ProviderKind};
+use crate::commands::printer::Printer;
+use crate::config::{self, Builder, ProviderKind};
+use crate::lifecycle::{self, Cloud, LifecycleError};
 use crate::ssh::Session;
+use crate::state::StateFile;
 
 /// What `remote status` reports.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct Status {
     pub name: String,
-    pub provider: ProviderKind,
+    pub provider: String,
+    /// The cloud's view (`running`, `stopped`, …); `running` for SSH hosts.
+    pub status: String,
+    /// The status exactly as the cloud spells it.
+    pub cloud_status: Option<String>,
     pub address: Option<String>,
     pub reachable: bool,
     pub error: Option<String>,
@@ -21,66 +30,83 @@ pub struct Status {
     pub disk_avail_bytes: Option<u64>,
     pub disk_used_percent: Option<f64>,
     pub lease_holder: Option<String>,
+    pub last_used: Option<String>,
+    pub builds_count: u64,
 }
 
-pub async fn list(args: ListArgs) -> anyhow::Result<()> {
-    let file = config::load(args.config.remote_config.as_deref())?;
-    let mut rows = Vec::new();
-    for name in file.names() {
-        match file.builder(name) {
-            Ok(b) => rows.push(serde_json::json!({
-                "name": b.name,
-                "provider": b.provider,
-                "address": b.host,
-                "user": b.user,
-                "workspace": b.workspace,
-            })),
-            Err(e) => rows.push(serde_json::json!({ "name": name, "error": e.to_string() })),
-        }
+fn base_status(b: &Builder, state: &StateFile) -> Status {
+    let saved = state
+        .load()
+        .ok()
+        .and_then(|s| s.builders.get(&b.name).cloned())
+        .unwrap_or_default();
+    Status {
+        name: b.name.clone(),
+        provider: b.provider.to_string(),
+        status: "unknown".into(),
+        address: b.host.clone().map(|h| format!("{h}:{}", b.port)),
+        last_used: saved.last_used.map(|t| t.to_rfc3339()),
+        builds_count: saved.builds_count,
+        ..Default::default()
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
-        println!("{:<20} {:<8} ADDRESS", "NAME", "PROVIDER");
-        for r in &rows {
-            let s = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
-            if r.get("error").is_some() {
-                println!("{:<20} {:<8} error: {}", s("name"), "-", s("error"));
-            } else {
-                println!("{:<20} {:<8} {}", s("name"), s("provider"), s("address"));
-            }
-        }
-    }
-    Ok(())
 }
 
-pub async fn status(args: NameArgs) -> anyhow::Result<()> {
-    let file = config::load(args.config.remote_config.as_deref())?;
-    let builder = file.builder(&args.name)?;
-    let host = builder
-        .host
-        .clone()
-        .with_context(|| format!("builder `{}` has no `host`", builder.name))?;
-    let mut st = Status {
-        name: builder.name.clone(),
-        provider: builder.provider,
-        address: Some(format!("{host}:{}", builder.port)),
-        reachable: false,
-        error: None,
-        host_key: None,
-        docker_server: None,
-        buildkit: None,
-        disk_avail_bytes: None,
-        disk_used_percent: None,
-        lease_holder: None,
+/// Asks the cloud (if any) and then the builder itself.
+async fn status_of(
+    b: &Builder,
+    state: &StateFile,
+    probe_ssh: bool,
+) -> (Status, anyhow::Result<()>) {
+    let mut st = base_status(b, state);
+    let cloud = match Cloud::for_builder(b) {
+        Ok(c) => c,
+        Err(e) => {
+            st.error = Some(e.to_string());
+            return (st, Err(e.into()));
+        }
     };
-    let target = build::ssh_target(&builder, &host);
-    let connected = Session::connect(&target).await;
-    let result = match connected {
+    let host = match &cloud {
+        Some(c) => match c.describe().await {
+            Ok(info) => {
+                st.status = info.status.to_string();
+                st.cloud_status = Some(info.raw_status.clone());
+                let _ = state.update(|s| {
+                    let e = s.builders.entry(b.name.clone()).or_default();
+                    e.provider = Some(b.provider.to_string());
+                    e.set_status(&info.status.to_string(), info.address.as_deref());
+                });
+                let host = b.host.clone().or(info.address.clone());
+                st.address = host.as_ref().map(|h| format!("{h}:{}", b.port));
+                if info.status != crate::cloud::Status::Running {
+                    return (st, Ok(()));
+                }
+                host
+            }
+            Err(e) => {
+                st.error = Some(e.to_string());
+                return (st, Err(e.into()));
+            }
+        },
+        None => {
+            st.status = "running".into();
+            b.host.clone()
+        }
+    };
+    let Some(host) = host else {
+        let e = LifecycleError::NoAddress {
+            builder: b.name.clone(),
+        };
+        st.error = Some(e.to_string());
+        return (st, Err(e.into()));
+    };
+    if !probe_ssh {
+        return (st, Ok(()));
+    }
+    let result = match Session::connect(&build::ssh_target(b, &host)).await {
         Ok(session) => {
             st.reachable = true;
             st.host_key = Some(crate::ssh::known_hosts::fingerprint(session.host_key()));
-            let probe = build::probe(&session, &builder).await;
+            let probe = build::probe(&session, b).await;
             session.close().await;
             match probe {
                 Ok(p) => {
@@ -98,12 +124,69 @@ pub async fn status(args: NameArgs) -> anyhow::Result<()> {
         Err(e) => Err(anyhow::Error::from(e)),
     };
     if let Err(e) = &result {
-        st.error = Some(format!("{e:#}"));
+        st.error = Some(crate::exit::one_line(e));
     }
+    (st, result)
+}
+
+pub async fn list(args: ListArgs) -> anyhow::Result<()> {
+    let file = config::load(args.config.remote_config.as_deref())?;
+    let state = StateFile::default_location();
+    let mut rows = Vec::new();
+    for name in file.names() {
+        match file.builder(name) {
+            // Cloud state only: connecting to every builder would be slow.
+            Ok(b) => rows.push(status_of(&b, &state, false).await.0),
+            Err(e) => rows.push(Status {
+                name: name.clone(),
+                status: "invalid".into(),
+                error: Some(e.to_string()),
+                ..Default::default()
+            }),
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{:<20} {:<9} {:<10} {:<24} {:>6}  LAST USED",
+            "NAME", "PROVIDER", "STATUS", "ADDRESS", "BUILDS"
+        );
+        for r in &rows {
+            println!(
+                "{:<20} {:<9} {:<10} {:<24} {:>6}  {}",
+                r.name,
+                r.provider,
+                r.status,
+                r.address.as_deref().unwrap_or("-"),
+                r.builds_count,
+                r.last_used.as_deref().unwrap_or("-")
+            );
+            if let Some(e) = &r.error {
+                println!("  error: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn status(args: NameArgs) -> anyhow::Result<()> {
+    let file = config::load(args.config.remote_config.as_deref())?;
+    let builder = file.builder(&args.name)?;
+    let state = StateFile::default_location();
+    let (st, result) = status_of(&builder, &state, true).await;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&st)?);
     } else {
         println!("builder:    {} ({})", st.name, st.provider);
+        println!(
+            "status:     {}{}",
+            st.status,
+            st.cloud_status
+                .as_deref()
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default()
+        );
         println!("address:    {}", st.address.as_deref().unwrap_or("-"));
         println!("reachable:  {}", if st.reachable { "yes" } else { "no" });
         if let Some(k) = &st.host_key {
@@ -126,26 +209,75 @@ pub async fn status(args: NameArgs) -> anyhow::Result<()> {
                 .map(|h| format!("held by {h}"))
                 .unwrap_or_else(|| "free".into())
         );
+        println!(
+            "builds:     {} (last used {})",
+            st.builds_count,
+            st.last_used.as_deref().unwrap_or("never")
+        );
     }
     result
+}
+
+fn print_short(json: bool, b: &Builder, status: &str, address: Option<&str>) -> anyhow::Result<()> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "name": b.name,
+                "provider": b.provider,
+                "status": status,
+                "address": address,
+            }))?
+        );
+    } else {
+        eprintln!(
+            "absconda: builder `{}` is {status}{}",
+            b.name,
+            address.map(|a| format!(" at {a}")).unwrap_or_default()
+        );
+    }
+    Ok(())
 }
 
 pub async fn start(args: NameArgs) -> anyhow::Result<()> {
     let file = config::load(args.config.remote_config.as_deref())?;
     let builder = file.builder(&args.name)?;
-    anyhow::bail!(
-        "builder `{}` (provider `{}`) is always on: there is nothing to start",
-        builder.name,
-        builder.provider
+    let state = StateFile::default_location();
+    let printer = Printer::new(args.json);
+    let cloud = Cloud::for_builder(&builder)?;
+    let t = Instant::now();
+    let ready = lifecycle::bring_up(
+        &builder,
+        cloud.as_ref(),
+        true,
+        &state,
+        &printer,
+        &CancellationToken::new(),
     )
+    .await?;
+    ready.session.close().await;
+    if builder.provider == ProviderKind::Ssh {
+        eprintln!(
+            "absconda: builder `{}` is an always-on SSH host",
+            builder.name
+        );
+    } else {
+        eprintln!("absconda: ready after {:.1}s", t.elapsed().as_secs_f64());
+    }
+    print_short(args.json, &builder, "running", Some(&ready.address))
 }
 
 pub async fn stop(args: NameArgs) -> anyhow::Result<()> {
     let file = config::load(args.config.remote_config.as_deref())?;
     let builder = file.builder(&args.name)?;
-    anyhow::bail!(
-        "builder `{}` (provider `{}`) is always on: absconda never stops an SSH host",
-        builder.name,
-        builder.provider
-    )
+    let state = StateFile::default_location();
+    let printer = Printer::new(args.json);
+    let Some(cloud) = Cloud::for_builder(&builder)? else {
+        return Err(LifecycleError::AlwaysOn {
+            builder: builder.name.clone(),
+        }
+        .into());
+    };
+    let info = lifecycle::stop(&builder, &cloud, &state, &printer).await?;
+    print_short(args.json, &builder, &info.status.to_string(), None)
 }

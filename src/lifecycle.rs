@@ -1,0 +1,408 @@
+//! Bringing a builder up and down: start the VM if needed, wait until it can
+//! build, stop it when asked.
+//!
+//! "Ready" means three things in a row, with backoff and one deadline
+//! (`ready_timeout`), never a fixed sleep: the cloud says RUNNING, an SSH
+//! handshake succeeds with the host key verified, and docker answers. A host
+//! key failure ends the wait at once: it is never retried.
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::build::{self, ssh_target};
+use crate::cloud::ec2::{Ec2, Ec2Instance, Ec2Settings};
+use crate::cloud::gce::{AddressKind, Gce, GceSettings};
+use crate::cloud::retry::Backoff;
+use crate::cloud::{CloudError, InstanceInfo, Provider, Status};
+use crate::config::{AddressSetting, Builder, ProviderKind};
+use crate::remote::SelfStop;
+use crate::report::{Phase, Reporter};
+use crate::ssh::Session;
+use crate::state::StateFile;
+
+/// The cloud a builder lives in.
+pub enum Cloud {
+    Gce(Gce),
+    Ec2(Ec2),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error(
+        "builder `{builder}` is {status}; start it with `absconda remote start {builder}`, or set `auto_start: true`"
+    )]
+    NotRunning { builder: String, status: String },
+    #[error("the instance of builder `{builder}` no longer exists ({status})")]
+    Gone { builder: String, status: String },
+    #[error("builder `{builder}` was not ready within {}s ({waiting_for})", after.as_secs())]
+    NotReady {
+        builder: String,
+        after: Duration,
+        waiting_for: String,
+        #[source]
+        last: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    #[error(
+        "builder `{builder}` has no address: the cloud reports none and the config sets no `host`"
+    )]
+    NoAddress { builder: String },
+    #[error("builder `{builder}` has no `host` in the config")]
+    NoHost { builder: String },
+    #[error("builder `{builder}` is an always-on SSH host: absconda never stops it")]
+    AlwaysOn { builder: String },
+}
+
+impl Cloud {
+    /// The cloud client for a builder; `None` for always-on SSH hosts.
+    pub fn for_builder(b: &Builder) -> Result<Option<Cloud>, CloudError> {
+        let missing = |key: &str| CloudError::Config {
+            message: format!("builder `{}` needs `{key}`", b.name),
+        };
+        match b.provider {
+            ProviderKind::Ssh => Ok(None),
+            ProviderKind::Gcp => Ok(Some(Cloud::Gce(Gce::new(GceSettings {
+                project: b.project.clone().ok_or_else(|| missing("project"))?,
+                zone: b.zone.clone().ok_or_else(|| missing("zone"))?,
+                instance: b.instance.clone().ok_or_else(|| missing("instance"))?,
+                api_endpoint: b.api_endpoint.clone(),
+                address: match b.address {
+                    AddressSetting::External => AddressKind::External,
+                    AddressSetting::Internal => AddressKind::Internal,
+                },
+                backoff: Backoff::default(),
+            })?))),
+            ProviderKind::Aws => {
+                let instance = match (&b.instance_id, &b.instance) {
+                    (Some(id), _) => Ec2Instance::Id(id.clone()),
+                    (None, Some(name)) => Ec2Instance::Name(name.clone()),
+                    (None, None) => return Err(missing("instance_id")),
+                };
+                Ok(Some(Cloud::Ec2(Ec2::new(Ec2Settings {
+                    region: b.region.clone(),
+                    instance,
+                    endpoint: b.api_endpoint.clone(),
+                    profile: b.profile.clone(),
+                    backoff: Backoff::default(),
+                })?)))
+            }
+        }
+    }
+
+    pub async fn describe(&self) -> Result<InstanceInfo, CloudError> {
+        match self {
+            Cloud::Gce(c) => c.describe().await,
+            Cloud::Ec2(c) => c.describe().await,
+        }
+    }
+
+    pub async fn start(&self) -> Result<(), CloudError> {
+        match self {
+            Cloud::Gce(c) => c.start().await,
+            Cloud::Ec2(c) => c.start().await,
+        }
+    }
+
+    pub async fn stop(&self) -> Result<(), CloudError> {
+        match self {
+            Cloud::Gce(c) => c.stop().await,
+            Cloud::Ec2(c) => c.stop().await,
+        }
+    }
+
+    /// What the self-stop script checks the metadata server against.
+    pub fn identity(&self, info: &InstanceInfo) -> String {
+        match self {
+            Cloud::Gce(c) => format!("gce:{}", c.settings().instance),
+            Cloud::Ec2(_) => format!("ec2:{}", info.id),
+        }
+    }
+
+    pub fn default_metadata(&self) -> &'static str {
+        match self {
+            Cloud::Gce(_) => "http://metadata.google.internal",
+            Cloud::Ec2(_) => "http://169.254.169.254",
+        }
+    }
+}
+
+/// A builder that can build now.
+pub struct Ready {
+    pub session: Session,
+    pub address: String,
+    /// absconda started the VM in this run.
+    pub started_here: bool,
+    pub instance: Option<InstanceInfo>,
+}
+
+fn record_status(state: &StateFile, b: &Builder, info: &InstanceInfo, started: bool) {
+    let status = info.status.to_string();
+    let r = state.update(|s| {
+        let e = s.builders.entry(b.name.clone()).or_default();
+        e.provider = Some(b.provider.to_string());
+        e.set_status(&status, info.address.as_deref());
+        if started {
+            e.started_at = Some(chrono::Utc::now());
+        }
+    });
+    if let Err(e) = r {
+        tracing::warn!("could not update the state file: {e}");
+    }
+}
+
+/// Records that the builder stopped, adding the VM time since absconda started it.
+pub fn record_stopped(state: &StateFile, b: &Builder) {
+    let r = state.update(|s| {
+        let e = s.builders.entry(b.name.clone()).or_default();
+        e.set_status(&Status::Stopped.to_string(), None);
+        if let Some(t) = e.started_at.take() {
+            e.vm_seconds += (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0;
+        }
+    });
+    if let Err(e) = r {
+        tracing::warn!("could not update the state file: {e}");
+    }
+}
+
+/// Starts (if allowed and needed) and waits until the builder can build.
+pub async fn bring_up(
+    b: &Builder,
+    cloud: Option<&Cloud>,
+    force_start: bool,
+    state: &StateFile,
+    reporter: &dyn Reporter,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Ready> {
+    let Some(cloud) = cloud else {
+        let host = b.host.clone().ok_or_else(|| LifecycleError::NoHost {
+            builder: b.name.clone(),
+        })?;
+        reporter.phase(Phase::Connect);
+        let t = Instant::now();
+        let target = ssh_target(b, &host);
+        let session = tokio::select! {
+            s = Session::connect(&target) => s?,
+            _ = cancel.cancelled() => return Err(build::BuildError::Interrupted.into()),
+        };
+        reporter.phase_done(Phase::Connect, t.elapsed());
+        return Ok(Ready {
+            session,
+            address: host,
+            started_here: false,
+            instance: None,
+        });
+    };
+
+    reporter.phase(Phase::Start);
+    let t = Instant::now();
+    let info = cloud.describe().await?;
+    let mut started_here = false;
+    match info.status {
+        Status::Running | Status::Starting => {}
+        Status::Stopped | Status::Stopping | Status::Unknown => {
+            if !(b.auto_start || force_start) {
+                record_status(state, b, &info, false);
+                return Err(LifecycleError::NotRunning {
+                    builder: b.name.clone(),
+                    status: info.raw_status.clone(),
+                }
+                .into());
+            }
+            reporter.info(&format!(
+                "builder `{}` is {}: starting it",
+                b.name, info.raw_status
+            ));
+            tokio::select! {
+                r = cloud.start() => r?,
+                _ = cancel.cancelled() => return Err(build::BuildError::Interrupted.into()),
+            }
+            started_here = true;
+        }
+        Status::Gone => {
+            record_status(state, b, &info, false);
+            return Err(LifecycleError::Gone {
+                builder: b.name.clone(),
+                status: info.raw_status.clone(),
+            }
+            .into());
+        }
+    }
+    reporter.phase_done(Phase::Start, t.elapsed());
+    let result = wait_ready(b, cloud, state, started_here, reporter, cancel).await;
+    if result.is_err() && started_here {
+        // Never leave a VM we started running when we could not use it.
+        reporter.info(&format!(
+            "stopping builder `{}` again, since it could not be used",
+            b.name
+        ));
+        if cloud.stop().await.is_ok() {
+            record_stopped(state, b);
+        }
+    }
+    result
+}
+
+async fn wait_ready(
+    b: &Builder,
+    cloud: &Cloud,
+    state: &StateFile,
+    started_here: bool,
+    reporter: &dyn Reporter,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Ready> {
+    reporter.phase(Phase::Ready);
+    let t = Instant::now();
+    let deadline = tokio::time::Instant::now() + b.ready_timeout;
+    let mut delay = Duration::from_millis(250);
+    let mut waiting_for = "the VM to be RUNNING".to_string();
+    let mut last: Option<Box<dyn std::error::Error + Send + Sync>> = None;
+    let mut recorded = false;
+    loop {
+        let attempt = async {
+            let info = cloud.describe().await?;
+            match info.status {
+                Status::Running => {}
+                Status::Gone => {
+                    return Err(anyhow::Error::from(LifecycleError::Gone {
+                        builder: b.name.clone(),
+                        status: info.raw_status.clone(),
+                    }));
+                }
+                _ => {
+                    return Ok(Err((
+                        format!("the VM to be RUNNING (now {})", info.raw_status),
+                        None,
+                    )));
+                }
+            }
+            if !recorded {
+                record_status(state, b, &info, started_here);
+                recorded = true;
+            }
+            let Some(address) = b.host.clone().or_else(|| info.address.clone()) else {
+                return Err(LifecycleError::NoAddress {
+                    builder: b.name.clone(),
+                }
+                .into());
+            };
+            let session = match Session::connect(&ssh_target(b, &address)).await {
+                Ok(s) => s,
+                Err(e) if e.is_host_key() => return Err(e.into()),
+                Err(e) => {
+                    return Ok(Err((
+                        format!("SSH on `{address}:{}`", b.port),
+                        Some(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+                    )));
+                }
+            };
+            match build::probe(&session, b).await {
+                Ok(p) if p.docker_server.is_some() => Ok(Ok(Ready {
+                    session,
+                    address,
+                    started_here,
+                    instance: Some(info),
+                })),
+                Ok(p) => Ok(Err((
+                    format!(
+                        "docker to answer ({})",
+                        p.docker_error.unwrap_or_else(|| "no answer".into())
+                    ),
+                    None,
+                ))),
+                Err(e) => Ok(Err((
+                    "docker to answer".to_string(),
+                    Some(Box::new(e) as _),
+                ))),
+            }
+        };
+        let outcome = tokio::select! {
+            r = tokio::time::timeout_at(deadline, attempt) => r,
+            _ = cancel.cancelled() => return Err(build::BuildError::Interrupted.into()),
+        };
+        match outcome {
+            Ok(Ok(Ok(ready))) => {
+                reporter.phase_done(Phase::Ready, t.elapsed());
+                return Ok(ready);
+            }
+            Ok(Ok(Err((what, err)))) => {
+                if what != waiting_for {
+                    reporter.info(&format!("waiting for {what}"));
+                    waiting_for = what;
+                }
+                if err.is_some() {
+                    last = err;
+                }
+            }
+            Ok(Err(e)) => {
+                // Transient cloud errors were already retried inside the call.
+                return Err(e);
+            }
+            Err(_) => break,
+        }
+        if tokio::time::Instant::now() + delay >= deadline {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cancel.cancelled() => return Err(build::BuildError::Interrupted.into()),
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+    Err(LifecycleError::NotReady {
+        builder: b.name.clone(),
+        after: b.ready_timeout,
+        waiting_for,
+        last,
+    }
+    .into())
+}
+
+/// Stops a cloud builder through the API and waits until it is stopped.
+pub async fn stop(
+    b: &Builder,
+    cloud: &Cloud,
+    state: &StateFile,
+    reporter: &dyn Reporter,
+) -> anyhow::Result<InstanceInfo> {
+    reporter.phase(Phase::Stop);
+    let t = Instant::now();
+    cloud.stop().await?;
+    let deadline = Instant::now() + b.ready_timeout;
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let info = cloud.describe().await?;
+        if matches!(info.status, Status::Stopped | Status::Gone) {
+            record_stopped(state, b);
+            reporter.phase_done(Phase::Stop, t.elapsed());
+            return Ok(info);
+        }
+        if Instant::now() + delay > deadline {
+            return Err(CloudError::Timeout {
+                what: format!("stopping builder `{}`", b.name),
+                after: b.ready_timeout,
+                last: None,
+            }
+            .into());
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The self-stop to schedule after a build, when the builder wants one.
+pub fn self_stop(b: &Builder, cloud: Option<&Cloud>, ready: &Ready) -> Option<SelfStop> {
+    let cloud = cloud?;
+    if !b.auto_stop || b.provider == ProviderKind::Ssh {
+        return None;
+    }
+    let info = ready.instance.as_ref()?;
+    Some(SelfStop {
+        delay: b.stop_delay,
+        poweroff_command: b.poweroff_command.clone(),
+        identity: cloud.identity(info),
+        metadata: b
+            .metadata_endpoint
+            .clone()
+            .unwrap_or_else(|| cloud.default_metadata().to_string()),
+    })
+}
