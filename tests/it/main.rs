@@ -4,6 +4,7 @@
 mod support;
 
 mod build;
+mod cloud;
 mod ec2;
 mod gce;
 mod hostkeys;
