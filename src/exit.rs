@@ -9,6 +9,7 @@ use crate::config::ConfigError;
 use crate::lifecycle::LifecycleError;
 use crate::ssh::SshError;
 use crate::ssh::auth::AuthError;
+use crate::ssh::exec::ExitStatus;
 
 pub const SUCCESS: u8 = 0;
 /// Anything not listed below.
@@ -38,12 +39,19 @@ pub fn code(err: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<BuildError>() {
             match e {
                 BuildError::LeaseTimeout { .. } => return LEASE_TIMEOUT,
-                BuildError::DockerBuild { status, .. }
-                    if *status != crate::ssh::exec::ExitStatus::Unknown =>
-                {
+                BuildError::DockerBuild { status, .. } if *status != ExitStatus::Unknown => {
                     return BUILD_FAILED;
                 }
-                BuildError::DockerPush { .. } | BuildError::Login { .. } => return PUSH_FAILED,
+                BuildError::DockerPush { status, .. } if *status != ExitStatus::Unknown => {
+                    return PUSH_FAILED;
+                }
+                BuildError::DockerBuild { .. }
+                | BuildError::DockerPush { .. }
+                | BuildError::Upload { .. } => {
+                    // No exit status: the connection went away under the command.
+                    return UNREACHABLE;
+                }
+                BuildError::Login { .. } => return PUSH_FAILED,
                 BuildError::Interrupted => return INTERRUPTED,
                 BuildError::NoDockerfile { .. } | BuildError::NoContext { .. } => return USAGE,
                 BuildError::Docker { .. } => return NOT_READY,

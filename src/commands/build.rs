@@ -111,6 +111,7 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
             &recorder,
             &cancel,
             &mut report,
+            attempt > 0,
         )
         .await;
         let mut phases = recorder.take();
@@ -219,11 +220,11 @@ async fn attempt_build(
     reporter: &dyn Reporter,
     cancel: &CancellationToken,
     report: &mut BuildReport,
+    retrying: bool,
 ) -> anyhow::Result<()> {
     let prepared = build::prepare_context(req).await?;
-    // A retry after preemption must start the builder again.
-    let force_start = false;
-    let ready = lifecycle::bring_up(builder, cloud, force_start, state, reporter, cancel).await?;
+    // A retry after preemption starts the builder again even without auto_start.
+    let ready = lifecycle::bring_up(builder, cloud, retrying, state, reporter, cancel).await?;
     let self_stop = if args.remote_off {
         None
     } else {

@@ -13,7 +13,9 @@ use crate::support::moto::Moto;
 use crate::support::sshd::{SSHD, Sshd};
 
 fn ok() -> bool {
-    crate::support::require(SSHD) && crate::support::require("dockerd") && crate::support::require("docker-registry")
+    crate::support::require(SSHD)
+        && crate::support::require("dockerd")
+        && crate::support::require("docker-registry")
 }
 
 fn gce_project(fake: &GceFake, sshd: &Sshd, extra: &str) -> Project {
@@ -43,24 +45,41 @@ fn gce_builder_is_started_built_on_and_stopped_with_remote_off() {
     fake.add_instance("builder", "TERMINATED");
     let mut p = gce_project(&fake, &sshd, "");
     p.with_registry_credentials(reg);
-    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY hello /hello\n"));
+    p.file(
+        "Dockerfile",
+        &format!("FROM {BASE_IMAGE}\nCOPY hello /hello\n"),
+    );
     p.file("hello", "from a GCE builder\n");
 
-    let out = p.build(&format!("{}/cloud/gce", reg.addr), &["--tag", "v1", "--push", "--remote-off"]);
+    let out = p.build(
+        &format!("{}/cloud/gce", reg.addr),
+        &["--tag", "v1", "--push", "--remote-off"],
+    );
     assert!(out.status.success(), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is TERMINATED: starting it"), "{err}");
     assert!(err.contains("builder `local` stopped"), "{err}");
-    assert_eq!(fake.status("builder").as_deref(), Some("TERMINATED"), "the VM was left running");
+    assert_eq!(
+        fake.status("builder").as_deref(),
+        Some("TERMINATED"),
+        "the VM was left running"
+    );
     assert_eq!(fake.transitions("builder"), 2, "one start, one stop");
-    assert_eq!(reg.files("cloud/gce", "v1").get("hello").map(|v| v.as_slice()), Some(&b"from a GCE builder\n"[..]));
+    assert_eq!(
+        reg.files("cloud/gce", "v1")
+            .get("hello")
+            .map(|v| v.as_slice()),
+        Some(&b"from a GCE builder\n"[..])
+    );
     let state = p.state();
     assert_eq!(state["builders"]["local"]["status"], "stopped");
     assert_eq!(state["builders"]["local"]["builds_count"], 1);
     assert!(state["builders"]["local"]["vm_seconds"].as_f64().unwrap() > 0.0);
     for phase in ["start", "ready", "upload", "build", "push", "stop"] {
         assert!(
-            state["builders"]["local"]["history"][0]["phases"].get(phase).is_some(),
+            state["builders"]["local"]["history"][0]["phases"]
+                .get(phase)
+                .is_some(),
             "phase {phase} not recorded: {state}"
         );
     }
@@ -151,9 +170,16 @@ fn self_stop_fires_after_stop_delay_and_a_new_build_cancels_it() {
     assert!(t2 - t1 >= Duration::from_secs(3));
     // The first timer (t1 + 5 s) was cancelled: still running at t1 + 6.5 s.
     let check = t1 + Duration::from_millis(6500);
-    assert!(check < t2 + Duration::from_secs(5), "the second build took too long for this check");
+    assert!(
+        check < t2 + Duration::from_secs(5),
+        "the second build took too long for this check"
+    );
     std::thread::sleep(check.saturating_duration_since(Instant::now()));
-    assert_eq!(fake.status("builder").as_deref(), Some("RUNNING"), "the first build's self-stop was not cancelled");
+    assert_eq!(
+        fake.status("builder").as_deref(),
+        Some("RUNNING"),
+        "the first build's self-stop was not cancelled"
+    );
     // The second one fires.
     fake.wait_for_status("builder", "TERMINATED", Duration::from_secs(20));
     let log = std::fs::read_to_string(p.workspace.join(".self-stop.log")).unwrap();
@@ -187,15 +213,24 @@ fn self_stop_does_nothing_on_another_instance_or_an_ssh_builder() {
     // An always-on SSH builder never schedules a self-stop at all.
     let ssh = Project::with_builder(
         &sshd,
-        &format!("    auto_stop: true\n    stop_delay: 1\n    poweroff_command: touch {}/ssh\n", marker.path().display()),
+        &format!(
+            "    auto_stop: true\n    stop_delay: 1\n    poweroff_command: touch {}/ssh\n",
+            marker.path().display()
+        ),
     );
     ssh.file("Dockerfile", &format!("FROM {BASE_IMAGE}\n"));
     let out = ssh.build("selfstop/ssh", &[]);
     assert!(out.status.success(), "{}", text(&out));
 
     std::thread::sleep(Duration::from_secs(4));
-    assert!(!marker.path().join("gce").exists(), "powered off without proof of identity");
-    assert!(!marker.path().join("ssh").exists(), "an SSH builder scheduled a self-stop");
+    assert!(
+        !marker.path().join("gce").exists(),
+        "powered off without proof of identity"
+    );
+    assert!(
+        !marker.path().join("ssh").exists(),
+        "an SSH builder scheduled a self-stop"
+    );
     assert!(!ssh.workspace.join(".stop-pid").exists());
     assert_eq!(fake.status("builder").as_deref(), Some("RUNNING"));
 }
@@ -212,7 +247,10 @@ fn ec2_builder_is_started_built_on_and_stopped_with_remote_off() {
     let id = rt.block_on(moto.run_instance(Some("absconda-builder")));
     rt.block_on(async {
         use absconda::cloud::Provider;
-        moto.ec2(absconda::cloud::ec2::Ec2Instance::Id(id.clone())).stop().await.unwrap();
+        moto.ec2(absconda::cloud::ec2::Ec2Instance::Id(id.clone()))
+            .stop()
+            .await
+            .unwrap();
     });
     assert_eq!(rt.block_on(moto.state(&id)), "stopped");
 
@@ -225,16 +263,33 @@ fn ec2_builder_is_started_built_on_and_stopped_with_remote_off() {
     let mut p = Project::with_builder(&sshd, &yaml);
     let (key, secret) = moto.access_key();
     p.env.push(("AWS_ACCESS_KEY_ID".into(), key.to_string()));
-    p.env.push(("AWS_SECRET_ACCESS_KEY".into(), secret.to_string()));
-    p.env.push(("AWS_EC2_METADATA_DISABLED".into(), "true".into()));
+    p.env
+        .push(("AWS_SECRET_ACCESS_KEY".into(), secret.to_string()));
+    p.env
+        .push(("AWS_EC2_METADATA_DISABLED".into(), "true".into()));
     p.with_registry_credentials(reg);
-    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY hello /hello\n"));
+    p.file(
+        "Dockerfile",
+        &format!("FROM {BASE_IMAGE}\nCOPY hello /hello\n"),
+    );
     p.file("hello", "from an EC2 builder\n");
 
-    let out = p.build(&format!("{}/cloud/ec2", reg.addr), &["--tag", "v1", "--push", "--remote-off"]);
+    let out = p.build(
+        &format!("{}/cloud/ec2", reg.addr),
+        &["--tag", "v1", "--push", "--remote-off"],
+    );
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(rt.block_on(moto.state(&id)), "stopped", "the VM was left running");
-    assert_eq!(reg.files("cloud/ec2", "v1").get("hello").map(|v| v.as_slice()), Some(&b"from an EC2 builder\n"[..]));
+    assert_eq!(
+        rt.block_on(moto.state(&id)),
+        "stopped",
+        "the VM was left running"
+    );
+    assert_eq!(
+        reg.files("cloud/ec2", "v1")
+            .get("hello")
+            .map(|v| v.as_slice()),
+        Some(&b"from an EC2 builder\n"[..])
+    );
     let state = p.state();
     assert_eq!(state["builders"]["local"]["status"], "stopped");
     assert_eq!(state["builders"]["local"]["builds_count"], 1);
@@ -242,14 +297,22 @@ fn ec2_builder_is_started_built_on_and_stopped_with_remote_off() {
     // Wrong secret: a clear authentication error, exit 8, and no retries.
     let mut bad = Project::with_builder(&sshd, &yaml);
     bad.env.push(("AWS_ACCESS_KEY_ID".into(), key.to_string()));
-    bad.env.push(("AWS_SECRET_ACCESS_KEY".into(), "wrong-secret".into()));
-    bad.env.push(("AWS_EC2_METADATA_DISABLED".into(), "true".into()));
+    bad.env
+        .push(("AWS_SECRET_ACCESS_KEY".into(), "wrong-secret".into()));
+    bad.env
+        .push(("AWS_EC2_METADATA_DISABLED".into(), "true".into()));
     bad.file("Dockerfile", &format!("FROM {BASE_IMAGE}\n"));
     let t = Instant::now();
     let out = bad.build("x/y", &[]);
     assert_eq!(out.status.code(), Some(8), "{}", text(&out));
-    assert!(t.elapsed() < Duration::from_secs(10), "auth errors must not be retried");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "auth errors must not be retried"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("authentication failed using environment variables"), "{err}");
+    assert!(
+        err.contains("authentication failed using environment variables"),
+        "{err}"
+    );
     assert!(!err.contains("wrong-secret"), "{err}");
 }

@@ -9,4 +9,5 @@ mod ec2;
 mod gce;
 mod hostkeys;
 mod lease;
+mod retry;
 mod safety;

@@ -48,7 +48,11 @@ impl Project {
     }
 
     pub fn write_config(&mut self, sshd: &Sshd, extra: &str) {
-        let provider = if extra.contains("provider:") { "" } else { "    provider: ssh\n" };
+        let provider = if extra.contains("provider:") {
+            ""
+        } else {
+            "    provider: ssh\n"
+        };
         let yaml = format!(
             "builders:\n  local:\n{provider}    host: {host}\n    port: {port}\n    user: root\n    identity_file: {key}\n    known_hosts: {kh}\n    workspace: {ws}\n    docker: {docker}\n{extra}defaults:\n  timeout: 600\n",
             host = sshd.listen,
@@ -103,7 +107,8 @@ impl Project {
     /// The state file absconda writes for this project's HOME.
     pub fn state(&self) -> serde_json::Value {
         let path = self.home.join(".local/share/absconda/remote-state.json");
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         serde_json::from_str(&text).unwrap()
     }
 

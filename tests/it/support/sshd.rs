@@ -126,6 +126,16 @@ impl Sshd {
             .to_string()
     }
 
+    /// Cuts every open connection (as a network failure or a VM powering
+    /// off would), leaving the listener up for new ones.
+    pub fn drop_connections(&self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("pkill")
+                .args(["-KILL", "-P", &c.id().to_string()])
+                .status();
+        }
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
