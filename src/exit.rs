@@ -82,7 +82,11 @@ pub fn code(err: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<AuthError>().is_some() {
             return UNREACHABLE;
         }
-        if cause.downcast_ref::<ConfigError>().is_some() {
+        if cause.downcast_ref::<ConfigError>().is_some()
+            || cause
+                .downcast_ref::<crate::dockerfile::DockerfileError>()
+                .is_some()
+        {
             return USAGE;
         }
         if let Some(e) = cause.downcast_ref::<CloudError>() {

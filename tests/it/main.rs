@@ -7,6 +7,7 @@ mod build;
 mod cloud;
 mod ec2;
 mod gce;
+mod generate;
 mod hostkeys;
 mod lease;
 mod retry;
