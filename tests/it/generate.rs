@@ -90,7 +90,7 @@ fn an_environment_file_becomes_an_image_whose_python_is_the_environments() {
         assert!(out.status.success(), "{mode}: {}", text(&out));
         // Without --tag the image is tagged with today's date.
         let today = chrono::Utc::now().format("%Y%m%d").to_string();
-        assert_eq!(reg.tags(repo), [today.clone()]);
+        assert_eq!(reg.tags(repo), std::slice::from_ref(&today));
         let image = format!("{full}:{today}");
         let run = run_pulled(d, reg, &image, &[]);
         assert_eq!(
