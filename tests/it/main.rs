@@ -3,6 +3,7 @@
 
 mod support;
 
+mod auth;
 mod build;
 mod cloud;
 mod ec2;
