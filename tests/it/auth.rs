@@ -179,6 +179,7 @@ fn keys_held_by_ssh_agent_authenticate() {
         .push(("SSH_AUTH_SOCK".into(), sock.display().to_string()));
     let r = status_ok(&p);
     let _ = agent.kill();
+    let _ = agent.wait();
     r.unwrap();
 }
 
