@@ -21,12 +21,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// A token cancelled by the first Ctrl-C; the second one exits at once.
+/// A token cancelled by the first Ctrl-C (or SIGTERM, as CI systems send
+/// when a job is cancelled); a second Ctrl-C exits at once.
 fn interrupt_token() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        let interrupted = tokio::select! {
+            r = tokio::signal::ctrl_c() => r.is_ok(),
+            _ = term => true,
+        };
+        if interrupted {
             eprintln!(
                 "absconda: interrupted; stopping the remote build and cleaning up (Ctrl-C again to quit at once)"
             );
