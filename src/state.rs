@@ -240,7 +240,10 @@ impl StateFile {
 
     fn set_aside(&self, message: String) -> StateError {
         let mut kept = self.path.clone().into_os_string();
-        kept.push(format!(".corrupt-{}", Utc::now().format("%Y%m%dT%H%M%S%.3f")));
+        kept.push(format!(
+            ".corrupt-{}",
+            Utc::now().format("%Y%m%dT%H%M%S%.3f")
+        ));
         let kept = PathBuf::from(kept);
         if let Err(e) = fs::rename(&self.path, &kept) {
             return self.io(e);
@@ -285,14 +288,17 @@ mod tests {
         assert_eq!(f.load().unwrap(), State::default());
         for i in 0..(HISTORY_LIMIT + 5) {
             f.update(|s| {
-                s.builders.entry("b".into()).or_default().record_build(BuildRecord {
-                    started_at: Utc::now(),
-                    seconds: i as f64,
-                    outcome: "success".into(),
-                    bytes_sent: 1,
-                    phases: BTreeMap::new(),
-                    vm_seconds: None,
-                })
+                s.builders
+                    .entry("b".into())
+                    .or_default()
+                    .record_build(BuildRecord {
+                        started_at: Utc::now(),
+                        seconds: i as f64,
+                        outcome: "success".into(),
+                        bytes_sent: 1,
+                        phases: BTreeMap::new(),
+                        vm_seconds: None,
+                    })
             })
             .unwrap();
         }
@@ -328,7 +334,10 @@ mod tests {
         let cases = [
             (r#"{"version": 1}"#, 0usize),
             (r#"{"version": 1, "builders": {"a": {}}}"#, 1),
-            (r#"{"version": 1, "builders": {"a": {"status": "running", "builds_count": 3}}}"#, 1),
+            (
+                r#"{"version": 1, "builders": {"a": {"status": "running", "builds_count": 3}}}"#,
+                1,
+            ),
         ];
         for (text, n) in cases {
             fs::write(&path, text).unwrap();

@@ -9,10 +9,10 @@
 //! failures (connection errors, 429, 5xx, throttling) with exponential backoff
 //! and jitter under one deadline, and never retries an authentication error.
 
-pub mod gce;
-pub mod gcp_auth;
 pub mod aws_auth;
 pub mod ec2;
+pub mod gce;
+pub mod gcp_auth;
 pub mod retry;
 
 use std::fmt;
