@@ -156,7 +156,7 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                     Some(crate::terraform::INSTALL_HINT.into())
                 }
                 TerraformError::Failed { dir, .. } => Some(format!(
-                    "fix the cause and run the command again: Terraform continues from what it already did (its state is in `{}`)",
+                    "fix the cause and run the command again: Terraform continues from what it already did (its state is in `{}`); `absconda remote destroy` removes what it created",
                     dir.display()
                 )),
                 TerraformError::NoModule { .. } => Some(

@@ -167,7 +167,11 @@ pub fn compute(name: &str, state: &BuilderState, config: Option<&Builder>) -> Bu
     let vm_seconds = if state.vm_seconds > 0.0 {
         state.vm_seconds
     } else {
-        history.iter().filter_map(|r| r.vm_seconds).sum()
+        // (A float sum of nothing is -0.0.)
+        history
+            .iter()
+            .filter_map(|r| r.vm_seconds)
+            .fold(0.0, |a, b| a + b)
     };
     let machine_type = config.and_then(|b| b.machine_type.clone().or(b.instance_type.clone()));
     let (rate, source) = match config.and_then(|b| b.hourly_cost) {

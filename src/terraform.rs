@@ -584,6 +584,7 @@ impl Workdir {
         let root = data_dir().join(path_component(builder));
         let module = std::fs::read_to_string(root.join("module-path"))
             .ok()
+            .filter(|rel| !rel.trim().is_empty())
             .map(|rel| root.join("tree").join(rel.trim()))
             .unwrap_or_else(|| root.join("tree"));
         Workdir { root, module }
@@ -690,6 +691,14 @@ fn parent_levels(dir: &Path) -> Result<usize, TerraformError> {
 /// touched. `.terraform.lock.hcl` comes from the source when it has one and
 /// is otherwise kept from the last `init`.
 pub fn prepare_workdir(builder: &str, source: &Path) -> Result<Workdir, TerraformError> {
+    prepare_workdir_in(&data_dir(), builder, source)
+}
+
+fn prepare_workdir_in(
+    data: &Path,
+    builder: &str,
+    source: &Path,
+) -> Result<Workdir, TerraformError> {
     let source = std::fs::canonicalize(source).map_err(io_err(source))?;
     if !has_tf_files(&source) {
         return Err(TerraformError::NotAModule { dir: source });
@@ -715,7 +724,7 @@ pub fn prepare_workdir(builder: &str, source: &Path) -> Result<Workdir, Terrafor
         .strip_prefix(&copy_root)
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let root = data_dir().join(path_component(builder));
+    let root = data.join(path_component(builder));
     let tree = root.join("tree");
     std::fs::create_dir_all(&tree).map_err(io_err(&tree))?;
     let mut budget = (MAX_COPY_FILES, MAX_COPY_BYTES);
@@ -729,7 +738,11 @@ pub fn prepare_workdir(builder: &str, source: &Path) -> Result<Workdir, Terrafor
     let marker = root.join("module-path");
     std::fs::write(&marker, rel.to_string_lossy().as_bytes()).map_err(io_err(&marker))?;
     Ok(Workdir {
-        module: tree.join(&rel),
+        module: if rel.as_os_str().is_empty() {
+            tree
+        } else {
+            tree.join(&rel)
+        },
         root,
     })
 }
@@ -1339,6 +1352,102 @@ mod tests {
         assert_eq!(path_component("a/b"), "a%2Fb");
         assert_eq!(path_component(".."), "%2E.");
         assert_eq!(path_component(""), "%");
+    }
+
+    fn builder(yaml: &str, key: &Path) -> Builder {
+        let cfg = crate::config::ConfigFile::parse(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("absconda-remote.yaml"),
+            &format!(
+                "builders:\n  b:\n    identity_file: {}\n    user: ana\n{yaml}",
+                key.display()
+            ),
+        )
+        .unwrap();
+        cfg.builder("b").unwrap()
+    }
+
+    fn keypair(dir: &Path) -> PathBuf {
+        let key = dir.join("id_ed25519");
+        let st = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "me@laptop", "-f"])
+            .arg(&key)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        key
+    }
+
+    #[test]
+    fn a_gcp_builder_gets_the_bundled_module_and_only_its_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = keypair(dir.path());
+        let b = builder(
+            "    provider: gcp\n    project: proj\n    zone: europe-west4-a\n    instance: builder-1\n    machine_type: n2-standard-8\n    instance_type: t3.xlarge\n    disk_size: 200\n    spot: true\n    allowed_ssh_cidr: [203.0.113.7/32]\n    idle_shutdown_minutes: 20\n",
+            &key,
+        );
+        let source = module_source(&b).unwrap();
+        assert!(source.ends_with("infra/gcp"), "{}", source.display());
+        let work = prepare_workdir_in(&dir.path().join("data"), "b", &source).unwrap();
+        assert!(
+            work.module.ends_with("tree/gcp"),
+            "{}",
+            work.module.display()
+        );
+        assert!(
+            work.root
+                .join("tree/scripts/builder-setup.sh.tftpl")
+                .is_file(),
+            "the scripts the module reads from ../scripts come along"
+        );
+        let vars = variables_for(&b, &work.module).unwrap();
+        let pubkey = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+        let want: BTreeMap<String, String> = [
+            ("allowed_ssh_cidr", "[\"203.0.113.7/32\"]"),
+            ("disk_size", "200"),
+            ("idle_shutdown_minutes", "20"),
+            ("machine_type", "n2-standard-8"),
+            ("name", "builder-1"),
+            ("project", "proj"),
+            ("spot", "true"),
+            ("ssh_public_key", pubkey.trim()),
+            ("ssh_user", "ana"),
+            ("workspace", "/var/lib/absconda"),
+            ("zone", "europe-west4-a"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(vars, want, "no instance_type for GCE, no region when unset");
+        assert_eq!(
+            var_args(&vars)[..2],
+            [
+                "-var".to_string(),
+                "allowed_ssh_cidr=[\"203.0.113.7/32\"]".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_required_variable_names_its_key_and_a_missing_pub_file_is_derived() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = keypair(dir.path());
+        let expected = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+        std::fs::remove_file(key.with_extension("pub")).unwrap();
+        let b = builder("    provider: aws\n    instance: x\n", &key);
+        let e = variables_for(&b, &module_source(&b).unwrap()).unwrap_err();
+        assert!(
+            matches!(&e, TerraformError::MissingVariable { variable, key: Some("allowed_ssh_cidr"), .. } if variable == "allowed_ssh_cidr"),
+            "{e}"
+        );
+        let derived = public_key(&b).unwrap();
+        let material = |l: &str| l.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        assert_eq!(material(&derived), material(&expected));
+        assert!(derived.ends_with("absconda@b"), "{derived}");
+        let ssh = builder("    host: 10.0.0.1\n", &key);
+        assert!(matches!(
+            module_source(&ssh),
+            Err(TerraformError::NothingToProvision { .. })
+        ));
     }
 
     #[test]

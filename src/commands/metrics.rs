@@ -85,6 +85,12 @@ pub fn run(args: MetricsArgs) -> anyhow::Result<()> {
     let file: Option<ConfigFile> = match config::load(args.config.remote_config.as_deref()) {
         Ok(f) => Some(f),
         Err(ConfigError::NotFound { .. }) if args.config.remote_config.is_none() => None,
+        Err(ConfigError::Read { source, .. })
+            if args.config.remote_config.is_none()
+                && source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            None
+        }
         Err(e) => return Err(e.into()),
     };
     let state = StateFile::default_location().load()?;

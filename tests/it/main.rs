@@ -8,4 +8,5 @@ mod ec2;
 mod gce;
 mod hostkeys;
 mod lease;
+mod lifecycle;
 mod safety;
