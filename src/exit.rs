@@ -34,8 +34,9 @@ pub const CLOUD: u8 = 8;
 pub const NOT_READY: u8 = 9;
 /// Terraform is missing, too old, or failed (`remote provision`, `remote destroy`).
 pub const TERRAFORM: u8 = 10;
-/// The state file disagrees: `provision` of a builder it records as
-/// provisioned, `destroy` of one it does not.
+/// The builder's state forbids it: `provision` of a builder the state file
+/// records as provisioned, `destroy` of one it does not, or another absconda
+/// provisioning or destroying it right now.
 pub const STATE_CONFLICT: u8 = 11;
 /// Interrupted by Ctrl-C (after cleaning up).
 pub const INTERRUPTED: u8 = 130;
@@ -66,6 +67,7 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 | TerraformError::ReachesTooFar { .. }
                 | TerraformError::TooBig { .. } => USAGE,
                 TerraformError::Interrupted { .. } => INTERRUPTED,
+                TerraformError::Busy { .. } => STATE_CONFLICT,
                 _ => TERRAFORM,
             };
         }

@@ -216,6 +216,42 @@ fn provision_records_the_builder_and_destroy_forgets_it() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
+#[test]
+fn two_provisions_at_once_make_one_builder() {
+    if !services() {
+        return;
+    }
+    let Some(tf) = terraform() else { return };
+    let sshd = Sshd::start(Some(&docker().host));
+    let p = provisioned_project(&sshd, &tf);
+    let spawn = || {
+        p.cmd()
+            .args(["remote", "provision", "tf"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    let ok = outs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(ok, 1, "{}\n{}", text(&outs[0]), text(&outs[1]));
+    let refused = outs.iter().find(|o| !o.status.success()).unwrap();
+    assert_eq!(refused.status.code(), Some(11), "{}", text(refused));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("already provisioned") || err.contains("is provisioning or destroying"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("Apply complete!"),
+        "only one apply ran: {err}"
+    );
+    let out = run(&p, &["remote", "destroy", "tf", "--yes"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
 /// Enable once `absconda build` resolves a builder without `host:` through
 /// `absconda::provisioned::endpoint` (or `provisioned_address`).
 #[test]
