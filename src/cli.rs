@@ -141,6 +141,58 @@ pub enum RemoteCommand {
     Start(NameArgs),
     /// Stop a builder VM.
     Stop(NameArgs),
+    /// Create the builder's machine with Terraform and wait until it can build.
+    Provision(ProvisionArgs),
+    /// Destroy a provisioned builder with Terraform (its disk and build cache too).
+    Destroy(DestroyArgs),
+    /// Check a builder: SSH with a trusted host key, docker, free disk, registry reachability.
+    Health(HealthArgs),
+    /// Build statistics from the state file: success rate, phase durations, VM time, cost.
+    Metrics(MetricsArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProvisionArgs {
+    /// The builder, as named in the builders file.
+    pub name: String,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DestroyArgs {
+    /// The builder, as named in the builders file.
+    pub name: String,
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Do not ask for confirmation (needed when stdin is not a terminal).
+    #[arg(long)]
+    pub yes: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthArgs {
+    /// The builder, as named in the builders file.
+    pub name: String,
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Also check that the builder can connect to this registry (`HOST:PORT`).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub registry: Option<String>,
+    /// JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MetricsArgs {
+    /// One builder (default: every builder with recorded builds).
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

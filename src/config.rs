@@ -548,10 +548,13 @@ impl ConfigFile {
                 provider: provider.to_string(),
             });
         }
+        // A builder made by `absconda remote provision` learns its instance
+        // from Terraform's outputs.
+        let provisioned = r.string("terraform_dir")?.is_some();
         match provider {
             ProviderKind::Gcp => {
                 for key in ["project", "zone", "instance"] {
-                    if r.string(key)?.is_none() {
+                    if r.string(key)?.is_none() && !(provisioned && key == "instance") {
                         return Err(ConfigError::Missing {
                             at: Location {
                                 key: Some(key.into()),
@@ -563,7 +566,10 @@ impl ConfigFile {
                 }
             }
             ProviderKind::Aws => {
-                if r.string("instance_id")?.is_none() && r.string("instance")?.is_none() {
+                if r.string("instance_id")?.is_none()
+                    && r.string("instance")?.is_none()
+                    && !provisioned
+                {
                     return Err(ConfigError::Missing {
                         at: Location {
                             key: Some("instance_id` or `instance".into()),

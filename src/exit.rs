@@ -6,10 +6,14 @@
 use crate::build::BuildError;
 use crate::cloud::CloudError;
 use crate::config::ConfigError;
+use crate::health::HealthError;
 use crate::lifecycle::LifecycleError;
+use crate::provisioned::ProvisionError;
 use crate::ssh::SshError;
 use crate::ssh::auth::AuthError;
 use crate::ssh::exec::ExitStatus;
+use crate::state::StateError;
+use crate::terraform::TerraformError;
 
 pub const SUCCESS: u8 = 0;
 /// Anything not listed below.
@@ -30,12 +34,51 @@ pub const LEASE_TIMEOUT: u8 = 7;
 pub const CLOUD: u8 = 8;
 /// The builder did not become ready (SSH and docker) in time, or is unhealthy.
 pub const NOT_READY: u8 = 9;
+/// Terraform is missing, too old, or failed (`remote provision`, `remote destroy`).
+pub const TERRAFORM: u8 = 10;
+/// The builder's state forbids it: `provision` of a builder the state file
+/// records as provisioned, `destroy` of one it does not, or another absconda
+/// provisioning or destroying it right now.
+pub const STATE_CONFLICT: u8 = 11;
 /// Interrupted by Ctrl-C (after cleaning up).
 pub const INTERRUPTED: u8 = 130;
 
 /// The exit code for an error, from the most specific cause in its chain.
 pub fn code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<ProvisionError>() {
+            return match e {
+                ProvisionError::AlreadyProvisioned { .. }
+                | ProvisionError::NotProvisioned { .. } => STATE_CONFLICT,
+                ProvisionError::NoAddress { .. }
+                | ProvisionError::NoTerminal { .. }
+                | ProvisionError::NotConfirmed { .. } => USAGE,
+                ProvisionError::NotReady { .. } => NOT_READY,
+                ProvisionError::HostKey { .. } => HOST_KEY,
+                ProvisionError::WorkdirGone { .. } => FAILURE,
+                ProvisionError::Interrupted => INTERRUPTED,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<TerraformError>() {
+            return match e {
+                TerraformError::NothingToProvision { .. }
+                | TerraformError::NoModule { .. }
+                | TerraformError::NotAModule { .. }
+                | TerraformError::MissingVariable { .. }
+                | TerraformError::NoPublicKey { .. }
+                | TerraformError::ReachesTooFar { .. }
+                | TerraformError::TooBig { .. } => USAGE,
+                TerraformError::Interrupted { .. } => INTERRUPTED,
+                TerraformError::Busy { .. } => STATE_CONFLICT,
+                _ => TERRAFORM,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<HealthError>() {
+            return match e {
+                HealthError::Unhealthy { .. } => NOT_READY,
+                HealthError::BadRegistry { .. } => USAGE,
+            };
+        }
         if let Some(e) = cause.downcast_ref::<BuildError>() {
             match e {
                 BuildError::LeaseTimeout { .. } => return LEASE_TIMEOUT,
@@ -102,6 +145,75 @@ pub fn code(err: &anyhow::Error) -> u8 {
 /// A hint for errors where we know the fix.
 pub fn hint(err: &anyhow::Error) -> Option<String> {
     for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<ProvisionError>() {
+            return match e {
+                ProvisionError::HostKey { builder, source, .. } => Some(match &**source {
+                    SshError::UnknownHostKey { fingerprint, .. } => format!(
+                        "its Terraform module reported no host key fingerprints: compare {fingerprint} with the new machine's console output; if it matches, set `host_key: \"{fingerprint}\"` for the builder (or `host_key_policy: accept-new`) and check it with `absconda remote health {builder}`"
+                    ),
+                    SshError::HostKeyChanged { lines, known_hosts, .. } => format!(
+                        "cloud addresses get reused: if `{}` line {} is about a machine that no longer exists, check the new key out of band and delete that line",
+                        known_hosts.display(),
+                        lines.first().copied().unwrap_or_default()
+                    ),
+                    _ => "the new machine presented a host key its Terraform module did not report (or `host_key:` does not pin); do not use it until you know why".into(),
+                }),
+                ProvisionError::AlreadyProvisioned { builder, .. } => Some(format!(
+                    "`absconda remote health {builder}` checks it; `absconda remote destroy {builder}` removes it first if you want a new one"
+                )),
+                ProvisionError::NotProvisioned { builder, .. } => Some(format!(
+                    "`absconda remote provision {builder}` creates it"
+                )),
+                ProvisionError::NoAddress { builder } => Some(format!(
+                    "set `host:` for it, or create it with `absconda remote provision {builder}`"
+                )),
+                ProvisionError::NoTerminal { .. } => {
+                    Some("pass `--yes` to destroy without being asked".into())
+                }
+                ProvisionError::NotReady { builder, .. } => Some(format!(
+                    "the builder stays provisioned: `absconda remote health {builder}` shows what is wrong; `absconda remote destroy {builder}` removes it"
+                )),
+                ProvisionError::WorkdirGone { .. } => Some(
+                    "delete the builder's resources in the cloud console (look for its instance name), then remove its entry from the state file".into(),
+                ),
+                _ => None,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<TerraformError>() {
+            return match e {
+                TerraformError::NotFound | TerraformError::BadOverride { .. } | TerraformError::TooOld { .. } => {
+                    Some(crate::terraform::INSTALL_HINT.into())
+                }
+                TerraformError::Failed { dir, .. } => Some(format!(
+                    "fix the cause and run the command again: Terraform continues from what it already did (its state is in `{}`); `absconda remote destroy` removes what it created",
+                    dir.display()
+                )),
+                TerraformError::NoModule { .. } => Some(
+                    "set `terraform_dir:` for the builder to the Terraform module that makes it (absconda ships `infra/gcp` and `infra/aws`)".into(),
+                ),
+                TerraformError::MissingVariable { .. } => Some(
+                    "set the key in the builder's settings, or give the variable a value in a `terraform.tfvars` file of the module".into(),
+                ),
+                TerraformError::NoPublicKey { .. } => Some(
+                    "set `identity_file:` to the private key absconda logs in with; its `.pub` is what gets authorised".into(),
+                ),
+                TerraformError::Busy { .. } => Some("wait for the other absconda to finish".into()),
+                _ => None,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<StateError>() {
+            return match e {
+                StateError::Corrupt { path, kept, .. } => Some(format!(
+                    "absconda starts a new `{}`; look at `{}` to recover what it recorded (builds, provisioned builders)",
+                    path.display(),
+                    kept.display()
+                )),
+                StateError::LockTimeout { .. } => Some(
+                    "another absconda holds the state file's lock; if none runs, remove the `.lock` file next to it".into(),
+                ),
+                _ => None,
+            };
+        }
         let ssh =
             cause
                 .downcast_ref::<SshError>()

@@ -17,6 +17,11 @@
 //! - `build`: the build pipeline, orchestration only
 //! - `registry`: registry credentials from the user's side
 //! - `cloud/`: the VMs builders run on (GCE, EC2)
+//! - `terraform`: running Terraform for `remote provision` / `remote destroy`
+//! - `provisioned`: where a provisioned builder is (from the state) and
+//!   waiting until it is ready
+//! - `health`: the checks of `remote health`; `metrics`: `remote metrics`
+//! - `state`: what absconda knows about each builder between runs
 //! - `report`: progress reporting from library to CLI
 //! - `shell`: quoting every remote argument for POSIX sh
 //! - `exit`: exit codes and error rendering
@@ -28,10 +33,14 @@ pub mod config;
 pub mod context;
 pub mod dockerfile;
 pub mod exit;
+pub mod health;
 pub mod lifecycle;
+pub mod metrics;
+pub mod provisioned;
 pub mod registry;
 pub mod remote;
 pub mod report;
 pub mod shell;
 pub mod ssh;
 pub mod state;
+pub mod terraform;

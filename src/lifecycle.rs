@@ -135,12 +135,38 @@ pub struct Ready {
     pub instance: Option<InstanceInfo>,
 }
 
+/// Fills what a provisioned builder's config leaves out (its instance and
+/// SSH user) from the state Terraform's outputs were saved in.
+pub fn with_provisioned(b: &Builder, state: &StateFile) -> Builder {
+    let mut b = b.clone();
+    let Ok(s) = state.load() else {
+        return b;
+    };
+    let Some(saved) = s.builders.get(&b.name) else {
+        return b;
+    };
+    if saved.provisioned_at.is_some() {
+        match b.provider {
+            ProviderKind::Gcp if b.instance.is_none() => b.instance = saved.instance.clone(),
+            ProviderKind::Aws if b.instance_id.is_none() && b.instance.is_none() => {
+                b.instance_id = saved.instance.clone()
+            }
+            _ => {}
+        }
+    }
+    b
+}
+
 fn record_status(state: &StateFile, b: &Builder, info: &InstanceInfo, started: bool) {
     let status = info.status.to_string();
+    let address = info
+        .address
+        .as_deref()
+        .map(|a| crate::provisioned::join_address(a, b.port));
     let r = state.update(|s| {
         let e = s.builders.entry(b.name.clone()).or_default();
         e.provider = Some(b.provider.to_string());
-        e.set_status(&status, info.address.as_deref());
+        e.set_status(&status, address.as_deref());
         if started {
             e.started_at = Some(chrono::Utc::now());
         }
@@ -174,20 +200,24 @@ pub async fn bring_up(
     cancel: &CancellationToken,
 ) -> anyhow::Result<Ready> {
     let Some(cloud) = cloud else {
-        let host = b.host.clone().ok_or_else(|| LifecycleError::NoHost {
-            builder: b.name.clone(),
-        })?;
+        // An always-on host: the config's `host`, or the address Terraform
+        // reported when absconda provisioned it.
+        let saved = if b.host.is_some() {
+            crate::state::State::default()
+        } else {
+            state.load()?
+        };
+        let endpoint = crate::provisioned::endpoint(b, &saved)?;
         reporter.phase(Phase::Connect);
         let t = Instant::now();
-        let target = ssh_target(b, &host);
         let session = tokio::select! {
-            s = Session::connect(&target) => s?,
+            s = crate::provisioned::connect(&endpoint) => s?,
             _ = cancel.cancelled() => return Err(build::BuildError::Interrupted.into()),
         };
         reporter.phase_done(Phase::Connect, t.elapsed());
         return Ok(Ready {
             session,
-            address: host,
+            address: endpoint.address(),
             started_here: false,
             instance: None,
         });

@@ -18,7 +18,10 @@ use crate::state::{BuildRecord, StateFile};
 
 pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<()> {
     let file = config::load(args.config.remote_config.as_deref())?;
-    let builder = file.builder(&args.remote_builder)?;
+    let builder = lifecycle::with_provisioned(
+        &file.builder(&args.remote_builder)?,
+        &StateFile::default_location(),
+    );
     let printer = Printer::new(args.json);
 
     let source = match (&args.file, &args.requirements, &args.tarball) {

@@ -2,7 +2,10 @@
 
 pub mod build;
 pub mod generate;
+pub mod health;
+pub mod metrics;
 pub mod printer;
+pub mod provision;
 pub mod remote;
 
 use tokio_util::sync::CancellationToken;
@@ -18,6 +21,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Remote(RemoteCommand::Status(args)) => remote::status(args).await,
         Command::Remote(RemoteCommand::Start(args)) => remote::start(args).await,
         Command::Remote(RemoteCommand::Stop(args)) => remote::stop(args).await,
+        Command::Remote(RemoteCommand::Provision(args)) => provision::provision(args).await,
+        Command::Remote(RemoteCommand::Destroy(args)) => provision::destroy(args).await,
+        Command::Remote(RemoteCommand::Health(args)) => health::run(args).await,
+        Command::Remote(RemoteCommand::Metrics(args)) => metrics::run(args),
     }
 }
 

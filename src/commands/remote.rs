@@ -9,7 +9,6 @@ use crate::cli::{ListArgs, NameArgs};
 use crate::commands::printer::Printer;
 use crate::config::{self, Builder, ProviderKind};
 use crate::lifecycle::{self, Cloud, LifecycleError};
-use crate::ssh::Session;
 use crate::state::StateFile;
 
 /// What `remote status` reports.
@@ -89,20 +88,32 @@ async fn status_of(
         },
         None => {
             st.status = "running".into();
-            b.host.clone()
+            None
         }
     };
-    let Some(host) = host else {
-        let e = LifecycleError::NoAddress {
-            builder: b.name.clone(),
-        };
-        st.error = Some(e.to_string());
-        return (st, Err(e.into()));
+    let endpoint = match host {
+        Some(h) => Ok(crate::provisioned::Endpoint {
+            target: build::ssh_target(b, &h),
+            pins: Vec::new(),
+            provisioned: None,
+        }),
+        None => state
+            .load()
+            .map_err(anyhow::Error::from)
+            .and_then(|saved| crate::provisioned::endpoint(b, &saved).map_err(Into::into)),
     };
+    let endpoint = match endpoint {
+        Ok(e) => e,
+        Err(e) => {
+            st.error = Some(crate::exit::one_line(&e));
+            return (st, Err(e));
+        }
+    };
+    st.address = Some(endpoint.address());
     if !probe_ssh {
         return (st, Ok(()));
     }
-    let result = match Session::connect(&build::ssh_target(b, &host)).await {
+    let result = match crate::provisioned::connect(&endpoint).await {
         Ok(session) => {
             st.reachable = true;
             st.host_key = Some(crate::ssh::known_hosts::fingerprint(session.host_key()));
@@ -172,8 +183,8 @@ pub async fn list(args: ListArgs) -> anyhow::Result<()> {
 
 pub async fn status(args: NameArgs) -> anyhow::Result<()> {
     let file = config::load(args.config.remote_config.as_deref())?;
-    let builder = file.builder(&args.name)?;
     let state = StateFile::default_location();
+    let builder = lifecycle::with_provisioned(&file.builder(&args.name)?, &state);
     let (st, result) = status_of(&builder, &state, true).await;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&st)?);
@@ -241,8 +252,8 @@ fn print_short(json: bool, b: &Builder, status: &str, address: Option<&str>) -> 
 
 pub async fn start(args: NameArgs) -> anyhow::Result<()> {
     let file = config::load(args.config.remote_config.as_deref())?;
-    let builder = file.builder(&args.name)?;
     let state = StateFile::default_location();
+    let builder = lifecycle::with_provisioned(&file.builder(&args.name)?, &state);
     let printer = Printer::new(args.json);
     let cloud = Cloud::for_builder(&builder)?;
     let t = Instant::now();
@@ -269,8 +280,8 @@ pub async fn start(args: NameArgs) -> anyhow::Result<()> {
 
 pub async fn stop(args: NameArgs) -> anyhow::Result<()> {
     let file = config::load(args.config.remote_config.as_deref())?;
-    let builder = file.builder(&args.name)?;
     let state = StateFile::default_location();
+    let builder = lifecycle::with_provisioned(&file.builder(&args.name)?, &state);
     let printer = Printer::new(args.json);
     let Some(cloud) = Cloud::for_builder(&builder)? else {
         return Err(LifecycleError::AlwaysOn {

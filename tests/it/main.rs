@@ -11,5 +11,6 @@ mod gce;
 mod generate;
 mod hostkeys;
 mod lease;
+mod lifecycle;
 mod retry;
 mod safety;
