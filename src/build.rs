@@ -180,17 +180,7 @@ impl BuildError {
 
 /// The SSH target of a builder at `host`.
 pub fn ssh_target(b: &Builder, host: &str) -> Target {
-    Target {
-        host: host.to_string(),
-        port: b.port,
-        user: b.user.clone(),
-        identity_files: b.identity_files.clone(),
-        known_hosts: b.known_hosts.clone(),
-        policy: b.host_key_policy,
-        pin: b.host_key.clone(),
-        host_key_alias: b.host_key_alias.clone(),
-        connect_timeout: b.connect_timeout,
-    }
+    crate::provisioned::target_at(b, host, b.port)
 }
 
 fn is_loopback(host: &str) -> bool {

@@ -248,21 +248,6 @@ impl Findings {
     }
 }
 
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 /// Judges the disk: used percentage against the thresholds.
 pub fn disk_check(f: &Findings, workspace: &str) -> Check {
     let (Some(total), Some(avail)) = (f.disk_total_kb, f.disk_avail_kb) else {
@@ -287,8 +272,8 @@ pub fn disk_check(f: &Findings, workspace: &str) -> Check {
     let dir = f.disk_dir.clone().unwrap_or_else(|| workspace.to_string());
     let mut detail = format!(
         "{} free of {} ({used:.0}% used) at `{dir}`",
-        human_bytes(avail * 1024),
-        human_bytes(total * 1024)
+        crate::build::human_bytes(avail * 1024),
+        crate::build::human_bytes(total * 1024)
     );
     match status {
         Level::Fail => detail.push_str(&format!(

@@ -110,6 +110,23 @@ pub fn load_key(path: &Path) -> Result<PrivateKey, AuthError> {
     }
 }
 
+/// Offers one key from a file; true when the server accepted it.
+async fn offer_key(
+    handle: &mut Handle<Client>,
+    target: &Target,
+    path: &Path,
+    key: PrivateKey,
+    rsa_hash: Option<HashAlg>,
+    tried: &mut Vec<String>,
+) -> Result<bool, russh::Error> {
+    tried.push(format!("`{}`", path.display()));
+    let key = PrivateKeyWithHashAlg::new(Arc::new(key), rsa_hash);
+    Ok(handle
+        .authenticate_publickey(&target.user, key)
+        .await?
+        .success())
+}
+
 pub(super) async fn authenticate(
     handle: &mut Handle<Client>,
     target: &Target,
@@ -137,13 +154,9 @@ pub(super) async fn authenticate(
             break;
         }
         let key = load_key(path)?;
-        tried.push(format!("`{}`", path.display()));
-        let key = PrivateKeyWithHashAlg::new(Arc::new(key), rsa_hash);
-        if handle
-            .authenticate_publickey(&target.user, key)
+        if offer_key(handle, target, path, key, rsa_hash, &mut tried)
             .await
             .map_err(proto)?
-            .success()
         {
             return Ok(());
         }
@@ -193,13 +206,9 @@ pub(super) async fn authenticate(
                     continue;
                 }
             };
-            tried.push(format!("`{}`", path.display()));
-            let key = PrivateKeyWithHashAlg::new(Arc::new(key), rsa_hash);
-            if handle
-                .authenticate_publickey(&target.user, key)
+            if offer_key(handle, target, &path, key, rsa_hash, &mut tried)
                 .await
                 .map_err(proto)?
-                .success()
             {
                 return Ok(());
             }
