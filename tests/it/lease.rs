@@ -166,6 +166,16 @@ fn a_killed_client_releases_the_lease_within_seconds() {
 
 #[test]
 fn ctrl_c_kills_the_remote_build_and_leaves_no_run_folder() {
+    interrupt_cleans_up(libc::SIGINT);
+}
+
+/// CI systems cancel a job with SIGTERM: the same cleanup must run.
+#[test]
+fn sigterm_cleans_up_like_ctrl_c() {
+    interrupt_cleans_up(libc::SIGTERM);
+}
+
+fn interrupt_cleans_up(signal: i32) {
     if !ok() {
         return;
     }
@@ -174,13 +184,14 @@ fn ctrl_c_kills_the_remote_build_and_leaves_no_run_folder() {
     let mut p = Project::new(&sshd);
     let reg = registry();
     p.with_registry_credentials(reg);
-    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nRUN sleep 53\n"));
+    let marker = format!("sleep 5{signal}");
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nRUN {marker}\n"));
     let mut c = p.cmd();
     c.args(["build", "--remote-builder", "local", "--context"])
         .arg(&p.context)
         .args([
             "--repository",
-            &format!("{}/ctrlc/app", reg.addr),
+            &format!("{}/ctrlc/app{signal}", reg.addr),
             "--network",
             "none",
             "--no-cache",
@@ -190,17 +201,17 @@ fn ctrl_c_kills_the_remote_build_and_leaves_no_run_folder() {
         .stderr(Stdio::piped());
     let child = c.spawn().unwrap();
     wait_until("the RUN step started", Duration::from_secs(30), || {
-        processes_matching("sleep 53") > 0
+        processes_matching(&marker) > 0
     });
     assert_eq!(p.run_folders().len(), 1);
     // SAFETY: plain kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(child.id() as i32, signal) };
     let t = Instant::now();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", text(&out));
     assert!(t.elapsed() < Duration::from_secs(20));
     assert_eq!(
-        processes_matching("sleep 53"),
+        processes_matching(&marker),
         0,
         "the remote RUN step is still running"
     );
@@ -211,5 +222,5 @@ fn ctrl_c_kills_the_remote_build_and_leaves_no_run_folder() {
     );
     let holder = std::fs::read_to_string(p.workspace.join(".lease-holder")).unwrap_or_default();
     assert!(holder.trim().is_empty(), "lease still held by {holder}");
-    assert!(reg.tags("ctrlc/app").is_empty());
+    assert!(reg.tags(&format!("ctrlc/app{signal}")).is_empty());
 }
