@@ -549,8 +549,11 @@ async fn connect_trusting_cloud(
             };
         }
         if may_wait {
+            // Named after where they should appear, so that a VM that never
+            // publishes them (GCE guest attributes not enabled, an image
+            // without the startup script) is easy to recognise at the deadline.
             return Ok(Connected::Wait(
-                "the builder to publish its host keys".into(),
+                format!("the builder to publish its host keys in its {source}"),
                 Some(Box::new(refused)),
             ));
         }

@@ -16,7 +16,7 @@ use absconda::cloud::ec2::{Ec2, Ec2Instance};
 use crate::support::absconda::{Project, text};
 use crate::support::docker::{BASE_IMAGE, DOCKER_CLI, docker};
 use crate::support::faulty_proxy::{Fault, FaultyProxy};
-use crate::support::gce_fake::{Flow, GceFake, Route};
+use crate::support::gce_fake::{Fault as GceFault, Flow, GceFake, Route, Scope};
 use crate::support::moto::{Moto, fast_backoff};
 use crate::support::sshd::{SSHD, Sshd};
 
@@ -213,7 +213,7 @@ fn keys_published_a_while_after_boot_are_waited_for() {
     assert!(out.status.success(), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
-        err.matches("waiting for the builder to publish its host keys")
+        err.matches("waiting for the builder to publish its host keys in its guest attributes")
             .count(),
         1,
         "said once: {err}"
@@ -237,12 +237,50 @@ fn keys_never_published_end_at_the_ready_deadline() {
     assert_eq!(out.status.code(), Some(9), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("not ready within 6s (the builder to publish its host keys)"),
+        err.contains(
+            "not ready within 6s (the builder to publish its host keys in its guest attributes)"
+        ),
         "{err}"
     );
     assert!(err.contains("is not known"), "the cause is kept: {err}");
     nothing_sent(&sshd, &p);
     fake.wait_for_status("builder", "TERMINATED", Duration::from_secs(10));
+}
+
+#[test]
+fn a_cloud_that_cannot_say_is_an_error_unless_accept_new() {
+    if !ok() {
+        return;
+    }
+    let sshd = Sshd::start(Some(&docker().host));
+    let fake = GceFake::start();
+    fake.add_instance("builder", "RUNNING");
+    fake.set_guest_host_keys("builder", &[&sshd.host_key_pub]);
+    // Something that is not the compute API answers for this one method.
+    fake.inject_always(Scope::GuestAttributes, GceFault::Html(404));
+    let p = gce_project(&fake, &sshd, "");
+    let out = p.build("hostkeys/gce", &[]);
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "could not read the host keys the cloud reports for builder `local` (guest attributes)"
+        ),
+        "{err}"
+    );
+    assert!(err.contains(&sshd.fingerprint()), "{err}");
+    nothing_sent(&sshd, &p);
+
+    // accept-new: the user's choice of trust on first use stands, with a word.
+    let p = gce_project(&fake, &sshd, "    host_key_policy: accept-new\n");
+    let out = p.build("hostkeys/gce", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("could not read builder `local`'s host keys from the cloud"),
+        "{err}"
+    );
+    assert!(known_hosts_text(&sshd).contains(key_data(&sshd.host_key_pub)));
 }
 
 #[test]

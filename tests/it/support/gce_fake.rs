@@ -112,6 +112,8 @@ pub enum Scope {
     Mutations,
     /// Only `zoneOperations.get/wait`.
     Operations,
+    /// Only `instances.getGuestAttributes`.
+    GuestAttributes,
     /// The OAuth `/token` endpoint.
     Token,
     /// The metadata server.
@@ -1237,6 +1239,7 @@ fn scope_matches(scope: Scope, route: Route) -> bool {
         ),
         Scope::Mutations => matches!(route, Route::Start | Route::Stop | Route::Resume),
         Scope::Operations => matches!(route, Route::GetOperation | Route::WaitOperation),
+        Scope::GuestAttributes => route == Route::GuestAttributes,
         Scope::Token => route == Route::Token,
         Scope::Metadata => route == Route::Metadata,
     }
