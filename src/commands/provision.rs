@@ -128,8 +128,11 @@ pub async fn provision(args_in: ProvisionArgs) -> anyhow::Result<()> {
     printer.phase(Phase::Ready);
     let t = Instant::now();
     let deadline = t + builder.ready_timeout;
+    // Only where the saved pins will be used: not with a `host_key:` pin or
+    // a `host:` of the config, which win over the state.
     let from_cloud = outputs.host_key_fingerprints.is_empty()
         && builder.host_key.is_none()
+        && builder.host.is_none()
         && matches!(builder.provider, ProviderKind::Gcp | ProviderKind::Aws);
     if from_cloud {
         let fingerprints = host_keys_from_cloud(&builder, &states, deadline, &printer).await?;
