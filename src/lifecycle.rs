@@ -5,6 +5,15 @@
 //! (`ready_timeout`), never a fixed sleep: the cloud says RUNNING, an SSH
 //! handshake succeeds with the host key verified, and docker answers. A host
 //! key failure ends the wait at once: it is never retried.
+//!
+//! A fresh cloud builder's host key is in no `known_hosts` yet, and its
+//! address changes at every start. Rather than trust it on first use,
+//! absconda asks the cloud which keys the VM holds (GCE guest attributes,
+//! the EC2 console output) when the key is unknown, connects only if the
+//! server's key is one of them, and then records it in `known_hosts`, so the
+//! next connection is plainly known. A key the cloud does not report is
+//! refused like any wrong host key. A VM absconda just booted may not have
+//! published its keys yet: then it waits for them, within `ready_timeout`.
 
 use std::time::{Duration, Instant};
 
@@ -18,7 +27,8 @@ use crate::cloud::{CloudError, InstanceInfo, Provider, Status};
 use crate::config::{AddressSetting, Builder, ProviderKind};
 use crate::remote::SelfStop;
 use crate::report::{Phase, Reporter};
-use crate::ssh::Session;
+use crate::ssh::known_hosts::{HostKeyPolicy, KnownHosts, Pin, Verdict};
+use crate::ssh::{Session, SshError};
 use crate::state::StateFile;
 
 /// The cloud a builder lives in.
@@ -51,6 +61,27 @@ pub enum LifecycleError {
     NoHost { builder: String },
     #[error("builder `{builder}` is an always-on SSH host: absconda never stops it")]
     AlwaysOn { builder: String },
+}
+
+/// The builder presented a host key that the cloud does not report for its
+/// VM: someone else may be answering at its address.
+///
+/// The unknown-key refusal is kept as the cause, so the exit code is the
+/// host key one (4).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the host key of builder `{builder}` ({algorithm} {fingerprint}) differs from what the cloud reports for its VM in the {reported_by} ({reported}); refusing to connect, since someone else may be answering at its address"
+)]
+pub struct CloudHostKeyMismatch {
+    pub builder: String,
+    pub algorithm: String,
+    pub fingerprint: String,
+    /// `guest attributes` or `console output`.
+    pub reported_by: &'static str,
+    /// The fingerprints the cloud reports, comma-separated.
+    pub reported: String,
+    #[source]
+    pub refused: SshError,
 }
 
 impl Cloud {
@@ -108,6 +139,46 @@ impl Cloud {
             Cloud::Gce(c) => c.stop().await,
             Cloud::Ec2(c) => c.stop().await,
         }
+    }
+
+    /// Where [`Cloud::host_key_fingerprints`] reads the keys, for messages.
+    pub fn host_key_source(&self) -> &'static str {
+        match self {
+            Cloud::Gce(_) => "guest attributes",
+            Cloud::Ec2(_) => "console output",
+        }
+    }
+
+    /// The `SHA256:` fingerprints of the SSH host keys the cloud reports for
+    /// the VM: the keys the GCE guest agent published as guest attributes,
+    /// or the fingerprints the EC2 instance printed on its console. Empty
+    /// when the VM has published none (yet). Entries absconda cannot read
+    /// are left out with a warning: they can only make a key unknown, never
+    /// trusted.
+    pub async fn host_key_fingerprints(&self) -> Result<Vec<String>, CloudError> {
+        let reported = match self {
+            Cloud::Gce(c) => c.guest_host_keys().await?,
+            Cloud::Ec2(c) => c.console_host_key_fingerprints().await?,
+        };
+        let mut fingerprints = Vec::new();
+        for entry in reported {
+            match Pin::parse(&entry) {
+                Ok(pin) => {
+                    let fp = pin.fingerprint().to_string();
+                    if !fingerprints.contains(&fp) {
+                        fingerprints.push(fp);
+                    }
+                }
+                Err(why) => {
+                    let shown: String = entry.chars().take(60).collect();
+                    tracing::warn!(
+                        "ignoring a host key in the {} that absconda cannot read (`{shown}`): {why}",
+                        self.host_key_source()
+                    );
+                }
+            }
+        }
+        Ok(fingerprints)
     }
 
     /// What the self-stop script checks the metadata server against.
@@ -287,6 +358,8 @@ async fn wait_ready(
     let mut waiting_for = "the VM to be RUNNING".to_string();
     let mut last: Option<Box<dyn std::error::Error + Send + Sync>> = None;
     let mut recorded = false;
+    // Whether the VM was seen booting, started by absconda or not.
+    let mut saw_booting = false;
     loop {
         let attempt = async {
             let info = cloud.describe().await?;
@@ -299,6 +372,7 @@ async fn wait_ready(
                     }));
                 }
                 _ => {
+                    saw_booting |= info.status == Status::Starting;
                     return Ok(Err((
                         format!("the VM to be RUNNING (now {})", info.raw_status),
                         None,
@@ -315,16 +389,14 @@ async fn wait_ready(
                 }
                 .into());
             };
-            let session = match Session::connect(&ssh_target(b, &address)).await {
-                Ok(s) => s,
-                Err(e) if e.is_host_key() => return Err(e.into()),
-                Err(e) => {
-                    return Ok(Err((
-                        format!("SSH on `{address}:{}`", b.port),
-                        Some(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
-                    )));
-                }
-            };
+            // Keys of a VM that booted during this run may still be on
+            // their way to the cloud: worth waiting for.
+            let may_wait = started_here || saw_booting;
+            let session =
+                match connect_trusting_cloud(b, cloud, &address, may_wait, reporter).await? {
+                    Connected::Session(s) => *s,
+                    Connected::Wait(what, err) => return Ok(Err((what, err))),
+                };
             match build::probe(&session, b).await {
                 Ok(p) if p.docker_server.is_some() => Ok(Ok(Ready {
                     session,
@@ -385,6 +457,155 @@ async fn wait_ready(
         last,
     }
     .into())
+}
+
+/// One connection attempt of [`wait_ready`].
+enum Connected {
+    Session(Box<Session>),
+    /// Not yet: what we wait for (stable across attempts, so it is reported
+    /// once) and the error that says why.
+    Wait(String, Option<Box<dyn std::error::Error + Send + Sync>>),
+}
+
+/// Connects to a cloud builder, asking the cloud for its host keys when
+/// `known_hosts` does not know the key the server presents.
+///
+/// - Known key, or a `host_key:` pin: a plain connection; a changed,
+///   revoked or wrongly pinned key is refused at once.
+/// - Unknown key that the cloud reports: connect again pinned to exactly
+///   that fingerprint, then record the key under the target's
+///   `known_hosts` name.
+/// - Unknown key, and the cloud reports others: [`CloudHostKeyMismatch`].
+/// - Unknown key, and the cloud reports none: wait for them when the VM
+///   booted during this run (`may_wait`); with `host_key_policy:
+///   accept-new`, trust on first use as the user asked; else the plain
+///   unknown-key refusal, whose hint explains `host_key` and accept-new.
+///
+/// With accept-new the first connection is made strict, so that the cloud
+/// gets its say before anything is recorded on first use.
+async fn connect_trusting_cloud(
+    b: &Builder,
+    cloud: &Cloud,
+    address: &str,
+    may_wait: bool,
+    reporter: &dyn Reporter,
+) -> anyhow::Result<Connected> {
+    let target = ssh_target(b, address);
+    let ssh_wait = |e: SshError| {
+        Connected::Wait(
+            format!("SSH on `{address}:{}`", b.port),
+            Some(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+        )
+    };
+    let mut strict = target.clone();
+    strict.policy = HostKeyPolicy::Strict;
+    let refused = match Session::connect(&strict).await {
+        Ok(s) => return Ok(Connected::Session(Box::new(s))),
+        Err(e @ SshError::UnknownHostKey { .. }) if target.pin.is_none() => e,
+        Err(e) if e.is_host_key() => return Err(e.into()),
+        Err(e) => return Ok(ssh_wait(e)),
+    };
+    let SshError::UnknownHostKey {
+        name,
+        algorithm,
+        fingerprint,
+        known_hosts,
+    } = &refused
+    else {
+        return Err(refused.into());
+    };
+    let source = cloud.host_key_source();
+    let accept_new = target.policy == HostKeyPolicy::AcceptNew;
+    let reported = match cloud.host_key_fingerprints().await {
+        Ok(r) => r,
+        Err(e) if accept_new => {
+            reporter.info(&format!(
+                "could not read builder `{}`'s host keys from the cloud ({e}); trusting `{name}` on first use (host_key_policy: accept-new)",
+                b.name
+            ));
+            Vec::new()
+        }
+        Err(e) => {
+            return Err(anyhow::Error::from(e).context(format!(
+                "could not read the host keys the cloud reports for builder `{}` ({source}), needed because `{name}` presents {algorithm} key {fingerprint}, which `{}` does not record",
+                b.name,
+                known_hosts.display()
+            )));
+        }
+    };
+    let presented = fingerprint.trim_end_matches('=');
+    if reported.is_empty() {
+        if accept_new {
+            return match Session::connect(&target).await {
+                Ok(s) => {
+                    reporter.info(&format!(
+                        "the cloud reports no host keys for builder `{}` yet; recorded `{name}` ({algorithm} {fingerprint}) on first use (host_key_policy: accept-new)",
+                        b.name
+                    ));
+                    Ok(Connected::Session(Box::new(s)))
+                }
+                Err(e) if e.is_host_key() => Err(e.into()),
+                Err(e) => Ok(ssh_wait(e)),
+            };
+        }
+        if may_wait {
+            // Named after where they should appear, so that a VM that never
+            // publishes them (GCE guest attributes not enabled, an image
+            // without the startup script) is easy to recognise at the deadline.
+            return Ok(Connected::Wait(
+                format!("the builder to publish its host keys in its {source}"),
+                Some(Box::new(refused)),
+            ));
+        }
+        tracing::debug!(builder = %b.name, "the cloud reports no host keys");
+        return Err(refused.into());
+    }
+    if !reported.iter().any(|r| r == presented) {
+        return Err(CloudHostKeyMismatch {
+            builder: b.name.clone(),
+            algorithm: algorithm.clone(),
+            fingerprint: fingerprint.clone(),
+            reported_by: source,
+            reported: reported.join(", "),
+            refused,
+        }
+        .into());
+    }
+    // The key the cloud vouches for: accept exactly that one. A server that
+    // shows another key now is refused (PinMismatch).
+    let mut pinned = target.clone();
+    pinned.pin = Some(Pin::Fingerprint(presented.to_string()));
+    let session = match Session::connect(&pinned).await {
+        Ok(s) => s,
+        Err(e) if e.is_host_key() => return Err(e.into()),
+        Err(e) => return Ok(ssh_wait(e)),
+    };
+    let path = target.known_hosts.clone();
+    let key = session.host_key().clone();
+    let entry = name.clone();
+    let written = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+        let mut known = KnownHosts::load(&path)?;
+        // Another absconda may have recorded it meanwhile.
+        if matches!(known.check(&entry, &key), Verdict::Known { .. }) {
+            return Ok(false);
+        }
+        known.record(&entry, &key)?;
+        Ok(true)
+    })
+    .await;
+    match written {
+        Ok(Ok(true)) => reporter.info(&format!(
+            "recorded the host key of `{name}` ({algorithm} {fingerprint}) in `{}`, as reported by the cloud ({source})",
+            known_hosts.display()
+        )),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => reporter.info(&format!(
+            "warning: the host key of `{name}` ({algorithm} {fingerprint}) matches what the cloud reports ({source}), but it could not be recorded in `{}`: {e}",
+            known_hosts.display()
+        )),
+        Err(e) => tracing::warn!("recording the host key did not finish: {e}"),
+    }
+    Ok(Connected::Session(Box::new(session)))
 }
 
 /// Stops a cloud builder through the API and waits until it is stopped.

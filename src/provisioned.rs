@@ -4,11 +4,14 @@
 //! only known after Terraform made the machine — so every command that
 //! connects to a builder asks [`endpoint`] instead of reading `host` itself:
 //! the config's `host` when set (it always wins), else the address
-//! `provision` saved in the state file. The host keys a module reported
-//! (`host_key_fingerprints`) are pinned for that address, so a provisioned
-//! builder needs neither trust-on-first-use nor a `known_hosts` entry; when
-//! the module reported none, the builder's `host_key_policy` applies as for
-//! any host.
+//! `provision` saved in the state file. The host keys saved with it are
+//! pinned for that address, so a provisioned builder needs neither
+//! trust-on-first-use nor a `known_hosts` entry: the module's
+//! `host_key_fingerprints` output, or, when that is empty for a `gcp` or
+//! `aws` builder (a VM makes its keys at first boot, after Terraform is
+//! done), the keys the cloud reports once the VM has published them (GCE
+//! guest attributes, EC2 console output). When there are none, the
+//! builder's `host_key_policy` applies as for any host.
 //!
 //! The state's `address` is `host:port` (`[v6]:port` for IPv6); a bare host
 //! means port 22.
@@ -165,7 +168,7 @@ impl Endpoint {
         if let Some(p) = &self.target.pin {
             format!("pinned `host_key: {}`", p.fingerprint())
         } else if !self.pins.is_empty() {
-            "pinned by the Terraform module's host_key_fingerprints".into()
+            "pinned by the Terraform module's host_key_fingerprints (or, without them, the keys the cloud reported at provisioning)".into()
         } else {
             format!("`{}`", self.target.known_hosts.display())
         }

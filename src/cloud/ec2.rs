@@ -10,6 +10,11 @@
 //! state-changing call at all; an instance caught half-way the other way
 //! (starting one that is still stopping) is waited for, then changed.
 //!
+//! Before the first SSH connection to a fresh instance,
+//! [`Ec2::console_host_key_fingerprints`] reads the host key fingerprints
+//! the instance printed on its serial console (`GetConsoleOutput`), so
+//! absconda can trust it without trust-on-first-use.
+//!
 //! Every request goes through [`with_retry`]: connection failures, 429, 5xx and
 //! `RequestLimitExceeded` are retried with backoff under the deadline, while
 //! credential errors (`AuthFailure`, `SignatureDoesNotMatch`, …) fail at once
@@ -18,6 +23,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use base64::Engine as _;
 use chrono::Utc;
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -358,6 +364,48 @@ impl Ec2 {
             .ok_or_else(|| CloudError::NotFound {
                 instance: self.instance.to_string(),
             })
+    }
+
+    /// The SSH host key fingerprints (`SHA256:…`) the instance printed on its
+    /// serial console, read with `GetConsoleOutput`.
+    ///
+    /// The bundled startup script prints them at every boot between
+    /// `-----BEGIN ABSCONDA HOST KEY FINGERPRINTS-----` and
+    /// `-----END ABSCONDA HOST KEY FINGERPRINTS-----`; without that block,
+    /// cloud-init's own `-----BEGIN SSH HOST KEY FINGERPRINTS-----` block is
+    /// used. Empty when neither is there (yet): console output reaches the
+    /// API a while after the guest wrote it.
+    ///
+    /// `Latest=true` asks for the newest output, not the buffer of the last
+    /// boot; instance types that do not support it (older than Nitro) refuse
+    /// the parameter, and the call is repeated without it.
+    pub async fn console_host_key_fingerprints(&self) -> Result<Vec<String>, CloudError> {
+        let id = match &self.instance {
+            Ec2Instance::Id(id) => id.clone(),
+            Ec2Instance::Name(_) => self.find().await?.instance_id,
+        };
+        let xml = match self
+            .query(
+                "GetConsoleOutput",
+                &[("InstanceId", id.as_str()), ("Latest", "true")],
+            )
+            .await
+        {
+            Ok(xml) => xml,
+            Err(e @ CloudError::Api { status, .. })
+                if (400..500).contains(&status) && !e.is_transient() =>
+            {
+                tracing::debug!(error = %e, "GetConsoleOutput with Latest=true refused; asking without it");
+                self.query("GetConsoleOutput", &[("InstanceId", id.as_str())])
+                    .await?
+            }
+            Err(e) => return Err(e),
+        };
+        let text = parse_console_output(&xml).map_err(|message| CloudError::Protocol {
+            url: redact_url(&self.endpoint),
+            message,
+        })?;
+        Ok(host_key_fingerprints_in_console(&text))
     }
 
     /// Sends StartInstances or StopInstances for `id`.
@@ -716,6 +764,93 @@ fn parse_state_change(xml: &str) -> Result<Vec<StateChange>, String> {
         .collect())
 }
 
+#[derive(Deserialize)]
+struct ConsoleOutputXml {
+    #[serde(default)]
+    output: Option<String>,
+}
+
+/// The decoded console text of a GetConsoleOutput answer; empty when the
+/// instance has none yet (the answer then has no `<output>`).
+pub fn parse_console_output(xml: &str) -> Result<String, String> {
+    expect_root(xml, "GetConsoleOutputResponse")?;
+    let doc: ConsoleOutputXml = quick_xml::de::from_str(xml)
+        .map_err(|e| format!("cannot read the GetConsoleOutput answer: {e}"))?;
+    let encoded: String = doc
+        .output
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded.as_bytes())
+        .map_err(|e| format!("the console output is not base64: {e}"))?;
+    // Serial consoles carry whatever the guest wrote, escape codes and
+    // broken UTF-8 included.
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+const ABSCONDA_BEGIN: &str = "-----BEGIN ABSCONDA HOST KEY FINGERPRINTS-----";
+const ABSCONDA_END: &str = "-----END ABSCONDA HOST KEY FINGERPRINTS-----";
+const CLOUD_INIT_BEGIN: &str = "-----BEGIN SSH HOST KEY FINGERPRINTS-----";
+const CLOUD_INIT_END: &str = "-----END SSH HOST KEY FINGERPRINTS-----";
+
+/// The `SHA256:…` fingerprints of the last complete ABSCONDA block of a
+/// console text, else of cloud-init's last complete block.
+///
+/// The last block is the newest boot's. A block cut short (the boot is still
+/// printing it, or the console buffer starts in its middle) is ignored
+/// rather than trusted half: a missing key would look like a mismatch.
+/// Marker lines may carry a prefix (cloud-init writes `ec2: -----BEGIN…`,
+/// a console may add timestamps) but must end with the marker; inside a
+/// block every well-formed `SHA256:` token counts, whatever the line's
+/// layout (`ssh-ed25519 SHA256:…` or `256 SHA256:… root@host (ED25519)`),
+/// since kernel messages may be interleaved.
+pub fn host_key_fingerprints_in_console(text: &str) -> Vec<String> {
+    last_block(text, ABSCONDA_BEGIN, ABSCONDA_END)
+        .or_else(|| last_block(text, CLOUD_INIT_BEGIN, CLOUD_INIT_END))
+        .unwrap_or_default()
+}
+
+fn last_block(text: &str, begin: &str, end: &str) -> Option<Vec<String>> {
+    let mut current: Option<Vec<String>> = None;
+    let mut last = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.ends_with(begin) {
+            current = Some(Vec::new());
+            continue;
+        }
+        if line.ends_with(end) {
+            if let Some(block) = current.take()
+                && !block.is_empty()
+            {
+                last = Some(block);
+            }
+            continue;
+        }
+        if let Some(block) = current.as_mut() {
+            for fp in line.split_whitespace().filter_map(sha256_token) {
+                if !block.contains(&fp) {
+                    block.push(fp);
+                }
+            }
+        }
+    }
+    last
+}
+
+/// `SHA256:` and 43 base64 characters (`ssh-keygen -l` leaves out the
+/// padding; a padded one is accepted and normalised).
+fn sha256_token(token: &str) -> Option<String> {
+    let rest = token.strip_prefix("SHA256:")?.trim_end_matches('=');
+    let ok = rest.len() == 43
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/');
+    ok.then(|| format!("SHA256:{rest}"))
+}
+
 /// The first `<Code>` and `<Message>` of an error answer, whatever wraps them
 /// (`<Response><Errors><Error>` for EC2, `<ErrorResponse><Error>` elsewhere).
 pub fn parse_error(xml: &str) -> Option<(String, String)> {
@@ -814,6 +949,118 @@ fn expect_root(xml: &str, expected: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const FP_ED: &str = "SHA256:Yq8wE3rT6uI9oP2aS5dF7gH0jK4lZ1xC3vB6nM8qW2e";
+    const FP_EC: &str = "SHA256:0mTz3n7Qv5yPbXW1kJc8sUu2aHdLr9eFgN4oViYtZqE";
+    const FP_RSA: &str = "SHA256:R7tY1uI4oP9aS2dF5gH8jK0lZ3xC6vB9nM1qW4eE7rT";
+
+    /// A first boot on Ubuntu: kernel lines, cloud-init's block, then the
+    /// startup script's, with a kernel message in the middle of it.
+    fn first_boot() -> String {
+        format!(
+            "[    0.000000] Linux version 6.8.0-1021-aws (buildd@lcy02-amd64-034) (x86_64-linux-gnu-gcc-13)\r\n\
+             [    4.112233] EXT4-fs (nvme0n1p1): mounted filesystem with ordered data mode\r\n\
+             [   12.004512] cloud-init[812]: Cloud-init v. 24.4 running 'modules:config' at Mon, 03 Mar 2025 10:00:01 +0000.\r\n\
+             <14>Mar  3 10:00:02 ec2: \r\n\
+             <14>Mar  3 10:00:02 ec2: #############################################################\r\n\
+             <14>Mar  3 10:00:02 ec2: -----BEGIN SSH HOST KEY FINGERPRINTS-----\r\n\
+             <14>Mar  3 10:00:02 ec2: 256 {FP_EC} root@ip-172-31-5-10 (ECDSA)\r\n\
+             <14>Mar  3 10:00:02 ec2: 256 {FP_ED} root@ip-172-31-5-10 (ED25519)\r\n\
+             <14>Mar  3 10:00:02 ec2: 3072 {FP_RSA} root@ip-172-31-5-10 (RSA)\r\n\
+             <14>Mar  3 10:00:02 ec2: -----END SSH HOST KEY FINGERPRINTS-----\r\n\
+             <14>Mar  3 10:00:02 ec2: #############################################################\r\n\
+             -----BEGIN ABSCONDA HOST KEY FINGERPRINTS-----\r\n\
+             ecdsa-sha2-nistp256 {FP_EC}\r\n\
+             [   14.551002] audit: type=1400 audit(1741000003.120:95): apparmor=\"STATUS\"\r\n\
+             ssh-ed25519 {FP_ED}\r\n\
+             -----END ABSCONDA HOST KEY FINGERPRINTS-----\r\n\
+             Ubuntu 24.04.1 LTS ip-172-31-5-10 ttyS0\r\n"
+        )
+    }
+
+    #[test]
+    fn console_fingerprints_come_from_the_absconda_block() {
+        assert_eq!(
+            host_key_fingerprints_in_console(&first_boot()),
+            vec![FP_EC.to_string(), FP_ED.to_string()]
+        );
+    }
+
+    #[test]
+    fn console_fingerprints_fall_back_to_cloud_init() {
+        let text = first_boot();
+        let without_ours = &text[..text.find("-----BEGIN ABSCONDA").unwrap()];
+        assert_eq!(
+            host_key_fingerprints_in_console(without_ours),
+            vec![FP_EC.to_string(), FP_ED.to_string(), FP_RSA.to_string()]
+        );
+    }
+
+    #[test]
+    fn console_fingerprint_edge_cases() {
+        let other = "SHA256:abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
+        let cases: Vec<(String, Vec<&str>)> = vec![
+            // Nothing printed yet.
+            (String::new(), vec![]),
+            ("login: ".into(), vec![]),
+            // A block still being printed is not trusted half.
+            (format!("{ABSCONDA_BEGIN}\nssh-ed25519 {FP_ED}\n"), vec![]),
+            // A second boot printed the block again: the newest counts.
+            (
+                format!(
+                    "{ABSCONDA_BEGIN}\nssh-ed25519 {other}\n{ABSCONDA_END}\nreboot\n\
+                     {ABSCONDA_BEGIN}\nssh-ed25519 {FP_ED}\n{ABSCONDA_END}\n"
+                ),
+                vec![FP_ED],
+            ),
+            // The buffer starts inside a block: its END alone is ignored.
+            (
+                format!(
+                    "ssh-ed25519 {other}\n{ABSCONDA_END}\n{ABSCONDA_BEGIN}\nssh-rsa {FP_RSA}\n{ABSCONDA_END}\n"
+                ),
+                vec![FP_RSA],
+            ),
+            // Padded, truncated and garbage tokens.
+            (
+                format!(
+                    "{ABSCONDA_BEGIN}\nssh-ed25519 {FP_ED}=\nssh-rsa SHA256:short\nSHA256:{}\n{ABSCONDA_END}\n",
+                    "!".repeat(43)
+                ),
+                vec![FP_ED],
+            ),
+            // An empty block of ours does not hide cloud-init's.
+            (
+                format!(
+                    "{CLOUD_INIT_BEGIN}\n256 {FP_ED} root@h (ED25519)\n{CLOUD_INIT_END}\n{ABSCONDA_BEGIN}\n{ABSCONDA_END}\n"
+                ),
+                vec![FP_ED],
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(host_key_fingerprints_in_console(&text), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn console_output_answers() {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(first_boot());
+        // AWS wraps nothing, but whitespace around the text must not matter.
+        let xml = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+             <GetConsoleOutputResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\">\n\
+             <requestId>59dbff89-35bd-4eac-99ed-be587EXAMPLE</requestId>\n\
+             <instanceId>i-1234567890abcdef0</instanceId>\n\
+             <timestamp>2025-03-03T10:00:05.000Z</timestamp>\n\
+             <output>\n{}\n</output>\n</GetConsoleOutputResponse>",
+            &encoded
+        );
+        assert_eq!(parse_console_output(&xml).unwrap(), first_boot());
+        let none = "<GetConsoleOutputResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>r</requestId><instanceId>i-1</instanceId><timestamp>2025-03-03T10:00:05.000Z</timestamp></GetConsoleOutputResponse>";
+        assert_eq!(parse_console_output(none).unwrap(), "");
+        assert!(parse_console_output("<DescribeInstancesResponse/>").is_err());
+        let bad = none.replace("</timestamp>", "</timestamp><output>%%%</output>");
+        assert!(parse_console_output(&bad).is_err());
+    }
 
     #[test]
     fn status_mapping() {

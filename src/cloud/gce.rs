@@ -16,6 +16,11 @@
 //! or stop that the API refuses because another client got there first is
 //! accepted when a fresh `instances.get` shows the VM heading the right way.
 //!
+//! Before the first SSH connection to a fresh VM, [`Gce::guest_host_keys`]
+//! reads the SSH host keys the guest agent publishes as guest attributes
+//! (`instances.getGuestAttributes?queryPath=hostkeys/`), so absconda can
+//! trust the VM without trust-on-first-use.
+//!
 //! Each public call runs under the one deadline of `GceSettings::backoff`:
 //! transient failures (connection errors, 429, 5xx, `rateLimitExceeded`) are
 //! retried with backoff and `Retry-After`; authentication failures are not,
@@ -84,12 +89,18 @@ pub struct Gce {
     auth: GcpAuth,
 }
 
-/// What a request is about, to tell a missing VM from a missing operation.
+/// What a request is about, to tell a missing VM from a missing operation
+/// or guest attributes that were never written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
     Instance,
     Operation,
+    GuestAttributes,
 }
+
+/// The guest attribute namespace the guest agent writes the SSH host keys
+/// to: one entry per key type, `hostkeys/ssh-ed25519` = the base64 key.
+pub const HOST_KEYS_QUERY_PATH: &str = "hostkeys/";
 
 /// A start or stop, and the API method that performs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +180,47 @@ impl Gce {
     /// Which credentials this provider uses.
     pub fn credential_source(&self) -> &CredentialSource {
         self.auth.source()
+    }
+
+    /// The SSH host public keys the VM's guest agent published under the
+    /// guest attribute path `hostkeys/`, as OpenSSH lines
+    /// (`ssh-ed25519 AAAA…`).
+    ///
+    /// Empty when nothing is published (yet): the agent writes the keys a
+    /// little after boot, and only when the instance's metadata sets
+    /// `enable-guest-attributes = TRUE`. The API answers 404 then, which is
+    /// not an error here. Anything the guest can write is only as
+    /// trustworthy as the guest: these keys say which key the *VM* holds,
+    /// which is what a man in the middle on the network cannot fake.
+    pub async fn guest_host_keys(&self) -> Result<Vec<String>, CloudError> {
+        let mut url = join_segments(&self.instance_url, &["getGuestAttributes"])?;
+        url.query_pairs_mut()
+            .append_pair("queryPath", HOST_KEYS_QUERY_PATH);
+        let what = format!(
+            "instances.getGuestAttributes `{}` (queryPath `{HOST_KEYS_QUERY_PATH}`)",
+            self.resource_name()
+        );
+        let body = match self
+            .call(
+                &what,
+                Method::GET,
+                &url,
+                Target::GuestAttributes,
+                self.deadline(),
+            )
+            .await
+        {
+            Ok(body) => body,
+            Err(CloudError::Api { status: 404, .. }) => {
+                tracing::debug!(instance = %self.settings.instance, "no guest attributes under {HOST_KEYS_QUERY_PATH}");
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(self.name_timeout(e, "reading the host keys of")),
+        };
+        parse_guest_host_keys(&body).map_err(|message| CloudError::Protocol {
+            url: url.to_string(),
+            message,
+        })
     }
 
     /// `projects/{p}/zones/{z}/instances/{name}`, for messages.
@@ -438,6 +490,14 @@ impl Gce {
                 Classified::NotFound if target == Target::Instance => CloudError::NotFound {
                     instance: self.resource_name(),
                 },
+                Classified::NotFound if target == Target::GuestAttributes => CloudError::Api {
+                    service: "compute",
+                    operation,
+                    status,
+                    code: "notFound".into(),
+                    message: "no guest attributes are published under this path".into(),
+                    retry_after,
+                },
                 Classified::NotFound => CloudError::Api {
                     service: "compute",
                     operation,
@@ -706,6 +766,58 @@ fn parse_operation(body: &Value) -> Result<Operation, String> {
     Ok(op)
 }
 
+/// A GuestAttributes resource: `{"kind": "compute#guestAttributes",
+/// "queryPath": "hostkeys/", "queryValue": {"items": [{"namespace",
+/// "key", "value"}]}}`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GuestAttributes {
+    query_value: Option<GuestAttributesValue>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GuestAttributesValue {
+    #[serde(default)]
+    items: Vec<GuestAttributesEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GuestAttributesEntry {
+    namespace: Option<String>,
+    key: Option<String>,
+    value: Option<String>,
+}
+
+/// The OpenSSH lines of the `hostkeys/` entries. The guest agent writes the
+/// key type as the entry's key and the base64 key alone as its value; a
+/// value that is a whole `type base64 [comment]` line (as some hand-written
+/// startup scripts publish) is accepted too. Entries of other namespaces
+/// and empty ones are skipped; whether a line is a valid key is for the SSH
+/// layer to decide.
+fn parse_guest_host_keys(body: &Value) -> Result<Vec<String>, String> {
+    let attrs = GuestAttributes::deserialize(body)
+        .map_err(|e| format!("not a GuestAttributes resource: {e}"))?;
+    let namespace = HOST_KEYS_QUERY_PATH.trim_end_matches('/');
+    let mut lines = Vec::new();
+    for item in attrs.query_value.map(|v| v.items).unwrap_or_default() {
+        if item.namespace.as_deref().is_some_and(|n| n != namespace) {
+            continue;
+        }
+        let key = item.key.unwrap_or_default();
+        let value = item.value.unwrap_or_default();
+        let mut fields = value.split_whitespace();
+        let line = match (fields.next(), fields.next()) {
+            (Some(algorithm), Some(data)) => format!("{algorithm} {data}"),
+            (Some(data), None) if !key.trim().is_empty() => format!("{} {data}", key.trim()),
+            _ => continue,
+        };
+        if !lines.contains(&line) {
+            lines.push(line);
+        }
+    }
+    Ok(lines)
+}
+
 /// Google's error body: `{"error": {"code", "message", "status", "errors": [{"reason"}]}}`.
 #[derive(Debug, Deserialize)]
 struct ErrorBody {
@@ -950,6 +1062,37 @@ mod tests {
         assert!(!running.is_done());
         assert!(parse_operation(&json!({"name": "../x"})).is_err());
         assert!(parse_operation(&json!({"status": "DONE"})).is_err());
+    }
+
+    #[test]
+    fn guest_host_keys_are_read() {
+        let ed = "AAAAC3NzaC1lZDI1NTE5AAAAIDH4N0673+8lz5tj14CZrNA9OPGl37HV458CH8t1jVuG";
+        let body = json!({
+            "kind": "compute#guestAttributes",
+            "queryPath": "hostkeys/",
+            "queryValue": {"items": [
+                {"namespace": "hostkeys", "key": "ssh-ed25519", "value": ed},
+                {"namespace": "hostkeys", "key": "ecdsa-sha2-nistp256", "value": "ecdsa-sha2-nistp256 AAAAE2Vj root@host"},
+                {"namespace": "hostkeys", "key": "ssh-rsa", "value": ""},
+                {"namespace": "other", "key": "ssh-dss", "value": "AAAAB3"},
+                {"namespace": "hostkeys", "key": "ssh-ed25519", "value": ed}
+            ]},
+            "selfLink": "https://www.googleapis.com/compute/v1/projects/p/zones/z/instances/i/guestAttributes/hostkeys/"
+        });
+        assert_eq!(
+            parse_guest_host_keys(&body).unwrap(),
+            vec![
+                format!("ssh-ed25519 {ed}"),
+                "ecdsa-sha2-nistp256 AAAAE2Vj".to_string()
+            ]
+        );
+        // No items at all (an empty namespace) is no keys, not an error.
+        let empty =
+            json!({"kind": "compute#guestAttributes", "queryPath": "hostkeys/", "queryValue": {}});
+        assert!(parse_guest_host_keys(&empty).unwrap().is_empty());
+        let bare = json!({"kind": "compute#guestAttributes", "queryPath": "hostkeys/"});
+        assert!(parse_guest_host_keys(&bare).unwrap().is_empty());
+        assert!(parse_guest_host_keys(&json!([1])).is_err());
     }
 
     #[test]

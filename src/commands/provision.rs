@@ -6,15 +6,22 @@
 //! has destroyed it, so a failed destroy can simply be run again. Destroying
 //! deletes the builder's disk and build cache, so it asks the user to type
 //! the builder's name, and never proceeds silently without a terminal.
+//!
+//! A new cloud VM's host keys are made at its first boot, after Terraform is
+//! done, so the bundled modules output no `host_key_fingerprints`. For a
+//! `gcp` or `aws` builder absconda then asks the cloud (guest attributes,
+//! console output) until the VM has published them, and saves those in the
+//! state, where every later connection pins them: no trust-on-first-use.
 
 use std::io::{IsTerminal, Write};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use crate::cli::{DestroyArgs, ProvisionArgs};
 use crate::commands::printer::Printer;
 use crate::config::{self, Builder, ProviderKind};
+use crate::lifecycle::{self, Cloud};
 use crate::provisioned::{self, ProvisionError, join_address};
 use crate::report::{Phase, Reporter};
 use crate::state::StateFile;
@@ -118,10 +125,39 @@ pub async fn provision(args_in: ProvisionArgs) -> anyhow::Result<()> {
             .unwrap_or_default()
     ));
 
-    let ep = provisioned::endpoint(&builder, &states.load()?)?;
     printer.phase(Phase::Ready);
     let t = Instant::now();
-    let version = provisioned::wait_ready(&builder, &ep, builder.ready_timeout, &printer).await?;
+    let deadline = t + builder.ready_timeout;
+    // Only where the saved pins will be used: not with a `host_key:` pin or
+    // a `host:` of the config, which win over the state.
+    let from_cloud = outputs.host_key_fingerprints.is_empty()
+        && builder.host_key.is_none()
+        && builder.host.is_none()
+        && matches!(builder.provider, ProviderKind::Gcp | ProviderKind::Aws);
+    if from_cloud {
+        let fingerprints = host_keys_from_cloud(&builder, &states, deadline, &printer).await?;
+        if !fingerprints.is_empty() {
+            states
+                .update(|s| {
+                    if let Some(e) = s.builders.get_mut(&builder.name) {
+                        e.host_key_fingerprints = fingerprints.clone();
+                    }
+                })
+                .with_context(|| {
+                    format!(
+                        "could not record the host keys of builder `{}`",
+                        builder.name
+                    )
+                })?;
+        }
+    }
+    let ep = provisioned::endpoint(&builder, &states.load()?)?;
+    // What the wait for host keys left of `ready_timeout`, and a little
+    // more so that a slow cloud still leaves SSH one real try.
+    let within = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(10));
+    let version = provisioned::wait_ready(&builder, &ep, within, &printer).await?;
     printer.phase_done(Phase::Ready, t.elapsed());
     states.update(|s| {
         if let Some(e) = s.builders.get_mut(&builder.name) {
@@ -135,6 +171,85 @@ pub async fn provision(args_in: ProvisionArgs) -> anyhow::Result<()> {
         ep.trust()
     ));
     Ok(())
+}
+
+/// The host key fingerprints the cloud reports for a just-provisioned
+/// builder, polled until the VM has published some or `deadline` passes
+/// (then empty: the builder's `host_key_policy` decides, and a strict one
+/// refuses the unknown key with a hint).
+///
+/// A cloud error is reported and treated like no keys, for the same
+/// reason: the builder exists and is recorded, and the host key check that
+/// follows is what keeps the connection safe.
+async fn host_keys_from_cloud(
+    builder: &Builder,
+    states: &StateFile,
+    deadline: Instant,
+    reporter: &dyn Reporter,
+) -> Result<Vec<String>, ProvisionError> {
+    // The instance name or id comes from the module's outputs, now in the state.
+    let b = lifecycle::with_provisioned(builder, states);
+    let cloud = match Cloud::for_builder(&b) {
+        Ok(Some(c)) => c,
+        Ok(None) => return Ok(Vec::new()),
+        Err(e) => {
+            reporter.info(&format!(
+                "warning: cannot ask the cloud for the host keys of builder `{}`: {e}",
+                b.name
+            ));
+            return Ok(Vec::new());
+        }
+    };
+    let source = cloud.host_key_source();
+    let mut delay = Duration::from_secs(1);
+    let mut said = false;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let asked = tokio::select! {
+            r = tokio::time::timeout(remaining, cloud.host_key_fingerprints()) => r,
+            _ = tokio::signal::ctrl_c() => return Err(ProvisionError::Interrupted),
+        };
+        match asked {
+            Ok(Ok(fingerprints)) if !fingerprints.is_empty() => {
+                reporter.info(&format!(
+                    "builder `{}` published its host keys ({source}): {}; only these are accepted",
+                    b.name,
+                    fingerprints.join(", ")
+                ));
+                return Ok(fingerprints);
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                reporter.info(&format!(
+                    "warning: could not read the host keys of builder `{}` from the cloud ({source}): {}",
+                    b.name,
+                    crate::health::chain(&e)
+                ));
+                return Ok(Vec::new());
+            }
+            Err(_) => {}
+        }
+        if Instant::now() + delay >= deadline {
+            reporter.info(&format!(
+                "warning: builder `{}` published no host keys ({source}) within {}s; its `host_key_policy` decides whether its key is trusted",
+                b.name,
+                builder.ready_timeout.as_secs()
+            ));
+            return Ok(Vec::new());
+        }
+        if !said {
+            reporter.info(&format!(
+                "waiting for builder `{}` to publish its host keys ({source})",
+                b.name
+            ));
+            said = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::signal::ctrl_c() => return Err(ProvisionError::Interrupted),
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
 }
 
 /// Asks the user to type the builder's name (unless `--yes`).

@@ -10,6 +10,7 @@ mod ec2;
 mod gce;
 mod generate;
 mod hostkeys;
+mod hostkeys_cloud;
 mod lease;
 mod lifecycle;
 mod retry;

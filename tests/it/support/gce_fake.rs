@@ -2,7 +2,8 @@
 //!
 //! It follows the public compute v1 REST reference and Google's token flows
 //! field by field, as far as absconda can observe them:
-//! - `instances.get/start/stop/resume` and `zoneOperations.get/wait` under
+//! - `instances.get/start/stop/resume`, `instances.getGuestAttributes` and
+//!   `zoneOperations.get/wait` under
 //!   `/compute/v1/projects/{p}/zones/{z}/...`, with Instance and Operation
 //!   resources shaped like Google's (`kind`, string ids, `selfLink`s on
 //!   `www.googleapis.com`, RFC 3339 times, `clientOperationId` = `requestId`);
@@ -10,6 +11,10 @@
 //!   STAGING → RUNNING, stop: RUNNING → STOPPING → TERMINATED), a new
 //!   ephemeral `natIP` at every start, operations that finish later and a
 //!   `wait` that returns before `DONE`;
+//! - guest attributes as the guest agent writes them: the SSH host keys
+//!   under `hostkeys/` (entry key = key type, value = the base64 key),
+//!   published when a test says so, possibly some time after boot; a 404
+//!   `notFound` while nothing is published;
 //! - Google's JSON errors, and an HTML 404 page for unknown paths;
 //! - Bearer tokens checked on every API call: tokens it minted at its
 //!   `/token` endpoint (refresh-token grant for `authorized_user`, JWT-bearer
@@ -107,6 +112,8 @@ pub enum Scope {
     Mutations,
     /// Only `zoneOperations.get/wait`.
     Operations,
+    /// Only `instances.getGuestAttributes`.
+    GuestAttributes,
     /// The OAuth `/token` endpoint.
     Token,
     /// The metadata server.
@@ -145,6 +152,7 @@ pub enum Route {
     Resume,
     GetOperation,
     WaitOperation,
+    GuestAttributes,
     Token,
     Metadata,
     Unknown,
@@ -253,6 +261,10 @@ struct InstanceState {
     last_start: Option<String>,
     last_stop: Option<String>,
     last_suspended: Option<String>,
+    /// Guest attributes `hostkeys/<type>` = base64 key, visible from
+    /// `host_keys_at` on (the guest agent writes them a little after boot).
+    host_keys: Vec<(String, String)>,
+    host_keys_at: Option<Instant>,
 }
 
 struct OperationState {
@@ -512,6 +524,8 @@ impl GceFake {
             last_start: None,
             last_stop: None,
             last_suspended: None,
+            host_keys: Vec::new(),
+            host_keys_at: None,
         };
         let mut next_ip = st.next_ip;
         set_status(&mut inst, status, &mut next_ip);
@@ -559,6 +573,34 @@ impl GceFake {
         let mut st = self.shared.lock();
         st.instance(PROJECT, ZONE, name)
             .map(|i| i.network_ip.clone())
+    }
+
+    /// Publishes SSH host keys for `name` as its guest agent would: one
+    /// guest attribute `hostkeys/<type>` per OpenSSH public key line
+    /// (`ssh-ed25519 AAAA… comment`), whose value is the base64 key alone.
+    /// An empty list unpublishes them. They stay across stops and starts,
+    /// like the VM's host keys.
+    pub fn set_guest_host_keys(&self, name: &str, lines: &[&str]) {
+        self.set_guest_host_keys_after(name, lines, Duration::ZERO);
+    }
+
+    /// Like [`GceFake::set_guest_host_keys`], visible only `after` from now
+    /// (the guest agent writes them a while after the VM is RUNNING).
+    pub fn set_guest_host_keys_after(&self, name: &str, lines: &[&str], after: Duration) {
+        let keys: Vec<(String, String)> = lines
+            .iter()
+            .map(|l| {
+                let mut f = l.split_whitespace();
+                let kind = f.next().expect("a key type").to_string();
+                let data = f.next().expect("a base64 key").to_string();
+                (kind, data)
+            })
+            .collect();
+        let mut st = self.shared.lock();
+        if let Some(inst) = st.instance(PROJECT, ZONE, name) {
+            inst.host_keys_at = (!keys.is_empty()).then(|| Instant::now() + after);
+            inst.host_keys = keys;
+        }
     }
 
     /// How many start/stop/resume requests actually changed `name`'s state.
@@ -783,6 +825,7 @@ impl GceFake {
                         | Route::Resume
                         | Route::GetOperation
                         | Route::WaitOperation
+                        | Route::GuestAttributes
                 )
             })
             .count()
@@ -1159,6 +1202,12 @@ fn route_of(which: Listener, req: &Request) -> Route {
     match (req.method.as_str(), parse_api_path(&req.path)) {
         ("GET", Some(ApiPath::Instance { action: None, .. })) => Route::GetInstance,
         (
+            "GET",
+            Some(ApiPath::Instance {
+                action: Some(a), ..
+            }),
+        ) if a == "getGuestAttributes" => Route::GuestAttributes,
+        (
             "POST",
             Some(ApiPath::Instance {
                 action: Some(a), ..
@@ -1186,9 +1235,11 @@ fn scope_matches(scope: Scope, route: Route) -> bool {
                 | Route::Resume
                 | Route::GetOperation
                 | Route::WaitOperation
+                | Route::GuestAttributes
         ),
         Scope::Mutations => matches!(route, Route::Start | Route::Stop | Route::Resume),
         Scope::Operations => matches!(route, Route::GetOperation | Route::WaitOperation),
+        Scope::GuestAttributes => route == Route::GuestAttributes,
         Scope::Token => route == Route::Token,
         Scope::Metadata => route == Route::Metadata,
     }
@@ -1326,6 +1377,7 @@ async fn dispatch(
                     Route::Stop => "compute.instances.stop",
                     Route::Resume => "compute.instances.resume",
                     Route::GetOperation | Route::WaitOperation => "compute.zoneOperations.get",
+                    Route::GuestAttributes => "compute.instances.getGuestAttributes",
                     _ => "compute.instances.get",
                 };
                 let resource = match &path {
@@ -1547,6 +1599,10 @@ fn instance_call(
         let inst = st.instance(project, zone, name).expect("checked above");
         return json_response(200, instance_json(inst));
     };
+    if action == "getGuestAttributes" {
+        let inst = st.instance(project, zone, name).expect("checked above");
+        return guest_attributes(inst, req);
+    }
     let request_id = req.query_param("requestId");
     // A retried request: the same operation, nothing done twice.
     if let Some(op_name) = request_id.as_ref().and_then(|id| st.request_ids.get(id))
@@ -1684,6 +1740,68 @@ fn instance_call(
     }
     st.operations.push(op);
     json_response(200, body)
+}
+
+/// `instances.getGuestAttributes`: `queryPath` names a namespace
+/// (`hostkeys/`) or one key (`hostkeys/ssh-ed25519`), `variableKey` one
+/// key whose value is returned alone. Nothing published under the path is
+/// a 404 `notFound` naming it.
+fn guest_attributes(inst: &InstanceState, req: &Request) -> Response {
+    let visible = inst.host_keys_at.is_some_and(|at| Instant::now() >= at);
+    let entries: Vec<(String, String, String)> = if visible {
+        inst.host_keys
+            .iter()
+            .map(|(k, v)| ("hostkeys".to_string(), k.clone(), v.clone()))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let self_link = format!(
+        "{LINK_BASE}/projects/{}/zones/{}/instances/{}/guestAttributes/",
+        inst.project, inst.zone, inst.name
+    );
+    let missing = |path: &str| {
+        not_found(&format!(
+            "projects/{}/zones/{}/instances/{}/guestAttributes/{path}",
+            inst.project, inst.zone, inst.name
+        ))
+    };
+    if let Some(variable) = req.query_param("variableKey") {
+        let (ns, key) = variable.split_once('/').unwrap_or(("", variable.as_str()));
+        return match entries.iter().find(|(n, k, _)| n == ns && k == key) {
+            Some((_, _, value)) => json_response(
+                200,
+                json!({
+                    "kind": "compute#guestAttributes",
+                    "variableKey": variable,
+                    "variableValue": value,
+                    "selfLink": format!("{self_link}{variable}"),
+                }),
+            ),
+            None => missing(&variable),
+        };
+    }
+    let query_path = req.query_param("queryPath").unwrap_or_default();
+    let (ns, key) = query_path
+        .split_once('/')
+        .unwrap_or((query_path.as_str(), ""));
+    let items: Vec<Value> = entries
+        .iter()
+        .filter(|(n, k, _)| (ns.is_empty() || n == ns) && (key.is_empty() || k == key))
+        .map(|(n, k, v)| json!({"namespace": n, "key": k, "value": v}))
+        .collect();
+    if items.is_empty() {
+        return missing(&query_path);
+    }
+    json_response(
+        200,
+        json!({
+            "kind": "compute#guestAttributes",
+            "queryPath": query_path,
+            "queryValue": {"items": items},
+            "selfLink": format!("{self_link}{query_path}"),
+        }),
+    )
 }
 
 async fn operation_call(
