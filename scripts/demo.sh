@@ -44,7 +44,7 @@ tar -C "$work/rootfs" -c . | "$docker_cli" import - local/busybox:latest >/dev/n
 reg_port=$(port)
 reg_user=demo
 reg_password=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
-htpasswd -Bbc "$work/htpasswd" "$reg_user" "$reg_password" 2>/dev/null
+printf '%s' "$reg_password" | htpasswd -iBc "$work/htpasswd" "$reg_user" 2>/dev/null
 cat >"$work/registry.yml" <<YAML
 version: 0.1
 log: {level: warn}
@@ -103,7 +103,7 @@ ABSCONDA_REGISTRY_USER=$reg_user ABSCONDA_REGISTRY_PASSWORD=$reg_password \
   --build-arg BASE_IMAGE=local/busybox:latest
 
 echo "demo: the registry now lists:" >&2
-curl -s -u "$reg_user:$reg_password" "http://127.0.0.1:$reg_port/v2/examples/hello/tags/list"
+printf 'user = "%s:%s"\n' "$reg_user" "$reg_password" | curl -s -K - "http://127.0.0.1:$reg_port/v2/examples/hello/tags/list"
 echo
 echo "demo: running the pushed image:" >&2
 export DOCKER_CONFIG="$work/client-config"

@@ -145,6 +145,12 @@ pub fn code(err: &anyhow::Error) -> u8 {
 /// A hint for errors where we know the fix.
 pub fn hint(err: &anyhow::Error) -> Option<String> {
     for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<crate::lifecycle::CloudHostKeyMismatch>() {
+            return Some(format!(
+                "do not connect until you know why: compare the keys in the VM's serial console with {}; if the VM was re-created and the cloud's record is stale, pin the right key with `host_key:`",
+                e.fingerprint
+            ));
+        }
         if let Some(e) = cause.downcast_ref::<ProvisionError>() {
             return match e {
                 ProvisionError::HostKey { builder, source, .. } => Some(match &**source {

@@ -228,7 +228,8 @@ pub fn with_provisioned(b: &Builder, state: &StateFile) -> Builder {
     b
 }
 
-fn record_status(state: &StateFile, b: &Builder, info: &InstanceInfo, started: bool) {
+/// Records what the cloud said (and, with `started`, that absconda started it).
+pub fn record_status(state: &StateFile, b: &Builder, info: &InstanceInfo, started: bool) {
     let status = info.status.to_string();
     let address = info
         .address
@@ -460,6 +461,26 @@ async fn wait_ready(
 }
 
 /// One connection attempt of [`wait_ready`].
+/// Connects once to a running cloud builder, trusting a host key the cloud
+/// reports (see [`connect_trusting_cloud`]); for `remote status`.
+pub async fn connect_cloud_builder(
+    b: &Builder,
+    cloud: &Cloud,
+    address: &str,
+    reporter: &dyn Reporter,
+) -> anyhow::Result<Session> {
+    match connect_trusting_cloud(b, cloud, address, false, reporter).await? {
+        Connected::Session(s) => Ok(*s),
+        Connected::Wait(what, Some(e)) => {
+            Err(anyhow::Error::from_boxed(e).context(format!("waiting for {what}")))
+        }
+        Connected::Wait(what, None) => Err(anyhow::anyhow!(
+            "builder `{}` is not ready: waiting for {what}",
+            b.name
+        )),
+    }
+}
+
 enum Connected {
     Session(Box<Session>),
     /// Not yet: what we wait for (stable across attempts, so it is reported

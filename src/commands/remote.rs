@@ -69,11 +69,7 @@ async fn status_of(
             Ok(info) => {
                 st.status = info.status.to_string();
                 st.cloud_status = Some(info.raw_status.clone());
-                let _ = state.update(|s| {
-                    let e = s.builders.entry(b.name.clone()).or_default();
-                    e.provider = Some(b.provider.to_string());
-                    e.set_status(&info.status.to_string(), info.address.as_deref());
-                });
+                lifecycle::record_status(state, b, &info, false);
                 let host = b.host.clone().or(info.address.clone());
                 st.address = host.as_ref().map(|h| format!("{h}:{}", b.port));
                 if info.status != crate::cloud::Status::Running {
@@ -91,6 +87,21 @@ async fn status_of(
             None
         }
     };
+    if let (Some(cloud), Some(h)) = (&cloud, &host) {
+        st.address = Some(format!("{h}:{}", b.port));
+        if !probe_ssh {
+            return (st, Ok(()));
+        }
+        let connected = lifecycle::connect_cloud_builder(b, cloud, h, &crate::report::Silent).await;
+        let result = match connected {
+            Ok(session) => probe_into(&mut st, b, session).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            st.error = Some(crate::exit::one_line(e));
+        }
+        return (st, result);
+    }
     let endpoint = match host {
         Some(h) => Ok(crate::provisioned::Endpoint {
             target: build::ssh_target(b, &h),
@@ -114,30 +125,33 @@ async fn status_of(
         return (st, Ok(()));
     }
     let result = match crate::provisioned::connect(&endpoint).await {
-        Ok(session) => {
-            st.reachable = true;
-            st.host_key = Some(crate::ssh::known_hosts::fingerprint(session.host_key()));
-            let probe = build::probe(&session, b).await;
-            session.close().await;
-            match probe {
-                Ok(p) => {
-                    st.buildkit = Some(p.buildkit_available());
-                    st.disk_avail_bytes = p.disk_avail_kb.map(|k| k * 1024);
-                    st.disk_used_percent = p.disk_used_pct();
-                    st.lease_holder = p.lease_holder.clone();
-                    st.error = p.docker_error.clone();
-                    st.docker_server = p.docker_server;
-                    Ok(())
-                }
-                Err(e) => Err(anyhow::Error::from(e)),
-            }
-        }
+        Ok(session) => probe_into(&mut st, b, session).await,
         Err(e) => Err(anyhow::Error::from(e)),
     };
     if let Err(e) = &result {
         st.error = Some(crate::exit::one_line(e));
     }
     (st, result)
+}
+
+/// Fills `st` from the builder's docker, disk and lease.
+async fn probe_into(
+    st: &mut Status,
+    b: &Builder,
+    session: crate::ssh::Session,
+) -> anyhow::Result<()> {
+    st.reachable = true;
+    st.host_key = Some(crate::ssh::known_hosts::fingerprint(session.host_key()));
+    let probe = build::probe(&session, b).await;
+    session.close().await;
+    let p = probe?;
+    st.buildkit = Some(p.buildkit_available());
+    st.disk_avail_bytes = p.disk_avail_kb.map(|k| k * 1024);
+    st.disk_used_percent = p.disk_used_pct();
+    st.lease_holder = p.lease_holder.clone();
+    st.error = p.docker_error.clone();
+    st.docker_server = p.docker_server;
+    Ok(())
 }
 
 pub async fn list(args: ListArgs) -> anyhow::Result<()> {

@@ -153,14 +153,21 @@ pub fn registry() -> &'static Registry {
         let root = state_dir().join("registry");
         std::fs::create_dir_all(root.join("data")).unwrap();
         let (user, password) = ("tester", "s3cret-Pa55word-7c1e");
-        let st = Command::new("htpasswd")
-            .args(["-Bbc"])
+        // The password goes through stdin: a test watches the process list
+        // for it while absconda builds.
+        let mut htpasswd = Command::new("htpasswd")
+            .args(["-iBc"])
             .arg(root.join("htpasswd"))
-            .args([user, password])
+            .arg(user)
+            .stdin(Stdio::piped())
             .stderr(Stdio::null())
-            .status()
+            .spawn()
             .expect("htpasswd");
-        assert!(st.success());
+        {
+            use std::io::Write;
+            htpasswd.stdin.take().unwrap().write_all(password.as_bytes()).unwrap();
+        }
+        assert!(htpasswd.wait().unwrap().success());
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let config = format!(
@@ -191,13 +198,25 @@ pub fn registry() -> &'static Registry {
 
 impl Registry {
     fn get(&self, path: &str, accept: &str) -> (u16, Vec<u8>) {
-        let out = Command::new("curl")
-            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-u"])
-            .arg(format!("{}:{}", self.user, self.password))
+        // Credentials through a curl config on stdin, never in argv.
+        let mut curl = Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-K", "-"])
             .args(["-H", &format!("Accept: {accept}")])
             .arg(format!("http://{}{path}", self.addr))
-            .output()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
             .expect("curl");
+        {
+            use std::io::Write;
+            let config = format!("user = \"{}:{}\"\n", self.user, self.password);
+            curl.stdin
+                .take()
+                .unwrap()
+                .write_all(config.as_bytes())
+                .unwrap();
+        }
+        let out = curl.wait_with_output().expect("curl");
         let mut body = out.stdout;
         let pos = body.iter().rposition(|b| *b == b'\n').unwrap();
         let code = String::from_utf8_lossy(&body[pos + 1..]).parse().unwrap();
