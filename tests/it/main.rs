@@ -6,6 +6,7 @@ mod support;
 mod auth;
 mod build;
 mod cloud;
+mod config;
 mod ec2;
 mod gce;
 mod generate;
