@@ -125,6 +125,15 @@ pub struct BuildArgs {
     /// Print the build report as JSON on stdout (build output then goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Send the whole context instead of only what changed since the last
+    /// build on this builder (which keeps a copy of each context).
+    #[arg(long)]
+    pub no_incremental: bool,
+    /// Check the builder's copy of the context fully before building: hash
+    /// every file there again (by default only names, types, modes, sizes
+    /// and mtimes are compared).
+    #[arg(long, conflicts_with = "no_incremental")]
+    pub verify: bool,
 }
 
 #[derive(Debug, Subcommand)]
