@@ -606,6 +606,7 @@ async fn sync_upload(
         identity: crate::sync::identity(job.req.context_dir.as_deref(), &job.req.extra_files),
         compression,
         verify: job.req.verify,
+        cache_root: None,
     };
     let (summary, dockerfile_bytes) = tokio::try_join!(
         async {

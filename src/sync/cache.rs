@@ -83,9 +83,10 @@ pub fn cache_root() -> Option<PathBuf> {
 }
 
 impl LocalCache {
-    /// Loads the cache of copy `key`; anything unreadable counts as empty.
-    pub fn load(key: &str) -> LocalCache {
-        let path = cache_root().map(|r| r.join("contexts").join(format!("{key}.json")));
+    /// Loads the cache of copy `key` under `root` (see [`cache_root`]);
+    /// anything unreadable counts as empty.
+    pub fn load(root: Option<&Path>, key: &str) -> LocalCache {
+        let path = root.map(|r| r.join("contexts").join(format!("{key}.json")));
         let data = path
             .as_deref()
             .and_then(|p| match std::fs::read(p) {

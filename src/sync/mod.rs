@@ -100,6 +100,9 @@ pub struct SyncJob<'a> {
     pub compression: Compression,
     /// Hash every file again on the builder.
     pub verify: bool,
+    /// Where the local cache lives; `None`: `$XDG_CACHE_HOME/absconda`
+    /// (or `~/.cache/absconda`).
+    pub cache_root: Option<PathBuf>,
 }
 
 /// What a sync did, for the summary and `--json`.
@@ -199,8 +202,9 @@ pub async fn sync_context(
     let t = Instant::now();
     let (mut cache, scanned) = {
         let key = key.clone();
+        let root = job.cache_root.clone().or_else(cache::cache_root);
         tokio::task::spawn_blocking(move || {
-            let cache = LocalCache::load(&key);
+            let cache = LocalCache::load(root.as_deref(), &key);
             let scanned = cache::scan(entries, extra, &cache.data.stats)?;
             Ok::<_, ContextError>((cache, scanned))
         })
@@ -478,15 +482,24 @@ async fn exchange(
         writer.eof().await?;
         Ok::<u64, SyncError>(sent)
     };
+    // Read to the end rather than line by line: sshd may report the exit
+    // status before the last output it read from the script.
     let recv = async {
-        let mut lines = Vec::new();
-        while let Some(line) = reader.line(buf, stderr).await {
-            lines.push(line);
-        }
-        let status = reader.drain(|_, d| stderr.extend_from_slice(d)).await;
-        (lines, status)
+        let mut out = std::mem::take(buf);
+        let status = reader
+            .drain(|is_err, d| {
+                if is_err {
+                    stderr.extend_from_slice(d)
+                } else {
+                    out.extend_from_slice(d)
+                }
+            })
+            .await;
+        (out, status)
     };
-    let (sent, (lines, status)) = tokio::join!(send, recv);
+    let (sent, (out, status)) = tokio::join!(send, recv);
+    let out = String::from_utf8_lossy(&out);
+    let lines: Vec<&str> = out.lines().collect();
     let result = lines.iter().rev().find_map(|l| l.strip_prefix("result "));
     if let Some(producer) = producer {
         match producer.await {

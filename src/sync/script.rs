@@ -161,6 +161,9 @@ if [ "$verify" = 1 ]; then
   ok=${ok#yes }
 fi
 if [ -n "$run" ]; then
+  # A second attempt in the same run replaces the link (ln -s onto a link
+  # to a folder would create the new link inside the copy).
+  if [ -L "$run/context" ]; then rm -f "$run/context"; fi
   ln -s "$tree" "$run/context" || fail "cannot link the copy into $run"
 fi
 if [ "$ok" != yes ]; then

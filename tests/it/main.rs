@@ -9,3 +9,4 @@ mod gce;
 mod hostkeys;
 mod lease;
 mod safety;
+mod sync;
