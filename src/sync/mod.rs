@@ -239,6 +239,7 @@ pub async fn sync_context(
                 &script::command(&job.builder.workspace, &key, job.run_dir),
             )
             .await?;
+        debug!("sync channel open");
         let mut buf = Vec::new();
         let mut stderr = Vec::new();
         let line = tokio::time::timeout(STATE_TIMEOUT, p.reader.line(&mut buf, &mut stderr))
@@ -311,6 +312,12 @@ pub async fn sync_context(
         summary.chmod = plan.chmod.len() as u64;
         let tar =
             (tar_mode != TarMode::None).then(|| scanned_tar(&scanned, &plan, job.compression));
+        debug!(
+            delete = plan.delete.len(),
+            chmod = plan.chmod.len(),
+            send = plan.send.len(),
+            "sending the request"
+        );
         let done = exchange(
             &mut p,
             &mut buf,

@@ -144,7 +144,11 @@ if [ -n "$mods" ]; then
   decode "$mods" | xargs -0 -r -n 2 chmod -- || fail "cannot change permissions in $tree"
 fi
 
-got=$(listing)
+if [ -z "$dels$mods" ] && [ "$tarmode" = none ] && [ "$state" = clean ]; then
+  got=$cur   # nothing changed since it was listed
+else
+  got=$(listing)
+fi
 echo "applied $got"
 ok=yes
 [ "$got" = "$expect" ] || ok=listing
