@@ -312,6 +312,14 @@ edit() { # case
 
 tx_bytes() { cat "/sys/class/net/$VH/statistics/tx_bytes"; }
 
+if [ -n "${BENCH_HOLD:-}" ]; then
+  # For poking at the setup by hand: everything runs until the file goes.
+  cp -a "$WORK/ctx.orig" "$CTX"
+  touch "$WORK/hold"
+  log "holding: WORK=$WORK DOCKER_HOST=$DOCKER_HOST ssh -F $WORK/ssh_config loopback|slow; rm $WORK/hold to go on"
+  while [ -e "$WORK/hold" ]; do sleep 1; done
+fi
+
 RESULTS=$WORK/results.tsv
 : > "$RESULTS"
 run_one() { # link method case
@@ -328,11 +336,13 @@ run_one() { # link method case
 }
 
 command -v bc >/dev/null || die "missing bc"
+# Runs go round the methods (rather than one method's runs in a row), so
+# that load from elsewhere on the machine spreads over all of them.
 for link in $LINKS; do
-  for method in $METHODS; do
-    [ "$method" = rsyncz ] && [ "$link" != slow ] && continue
-    runs=RUNS_$link
-    for _ in $(seq 1 "${!runs}"); do
+  runs=RUNS_$link
+  for _ in $(seq 1 "${!runs}"); do
+    for method in $METHODS; do
+      [ "$method" = rsyncz ] && [ "$link" != slow ] && continue
       rm -rf "$CTX" && cp -a "$WORK/ctx.orig" "$CTX"
       # absconda does not trust the stat of a file changed within 2 s of a
       # scan (it hashes it again next time); users rarely build that soon
