@@ -43,6 +43,11 @@ pub struct BuildRequest {
     pub push: bool,
     /// How long to wait for another build's lease.
     pub remote_wait: Duration,
+    /// Send only what changed since the last build of this context on this
+    /// builder, which keeps a copy (see [`crate::sync`]).
+    pub incremental: bool,
+    /// With `incremental`: hash every file of the builder's copy again.
+    pub verify: bool,
 }
 
 /// What happened, for the summary line and `--json`.
@@ -53,6 +58,7 @@ pub struct BuildReport {
     pub pushed: bool,
     pub buildkit: bool,
     pub compression: String,
+    /// Files in the tar stream (with the incremental sync: the changed ones).
     pub files_sent: u64,
     /// Bytes of file content in the context.
     pub context_bytes: u64,
@@ -61,17 +67,35 @@ pub struct BuildReport {
     /// Seconds per phase, in order.
     pub phases: Vec<(Phase, f64)>,
     pub total_seconds: f64,
+    /// What the incremental sync did; `None` with `--no-incremental`.
+    pub sync: Option<crate::sync::SyncSummary>,
 }
 
 impl BuildReport {
     /// `sent 1.2 MiB (34 files) · connect 0.3s · … · total 16.1s`
     pub fn summary(&self) -> String {
-        let mut parts = vec![format!(
-            "sent {} ({} files, {} of content)",
-            human_bytes(self.bytes_sent),
-            self.files_sent,
-            human_bytes(self.context_bytes)
-        )];
+        let mut parts = vec![match &self.sync {
+            Some(s) if s.mode == "delta" => format!(
+                "sent {} (incremental: {} changed files, {} deleted; {} of content)",
+                human_bytes(self.bytes_sent),
+                s.files_sent,
+                s.deleted,
+                human_bytes(self.context_bytes)
+            ),
+            Some(s) => format!(
+                "sent {} ({} files, {} of content; full sync: {})",
+                human_bytes(self.bytes_sent),
+                self.files_sent,
+                human_bytes(self.context_bytes),
+                s.reason.as_deref().unwrap_or("requested")
+            ),
+            None => format!(
+                "sent {} ({} files, {} of content)",
+                human_bytes(self.bytes_sent),
+                self.files_sent,
+                human_bytes(self.context_bytes)
+            ),
+        }];
         for (phase, secs) in &self.phases {
             parts.push(format!("{} {:.1}s", phase.name(), secs));
         }
@@ -528,6 +552,77 @@ async fn stream(
     Ok((status, tail))
 }
 
+/// Writes a Dockerfile that is not part of the context to
+/// `<run>/Dockerfile`; returns the bytes sent.
+async fn put_outside_dockerfile(
+    session: &Session,
+    builder: &Builder,
+    run_dir: &str,
+    data: Option<&[u8]>,
+) -> Result<u64, BuildError> {
+    let Some(data) = data else {
+        return Ok(0);
+    };
+    let cmd = crate::shell::join([
+        "sh",
+        "-c",
+        "cat > \"$1\"",
+        "absconda-put",
+        &format!("{run_dir}/Dockerfile"),
+    ]);
+    let out = session.output("sending the Dockerfile", &cmd, data).await?;
+    if !out.status.success() {
+        return Err(BuildError::Upload {
+            builder: builder.name.clone(),
+            message: format!("writing the Dockerfile: {}", out.stderr_tail()),
+        });
+    }
+    Ok(data.len() as u64)
+}
+
+/// Brings the builder's persistent copy of the context up to date (and
+/// links it into the run folder as `context`); returns the bytes sent.
+async fn sync_upload(
+    session: &Session,
+    job: &Job<'_>,
+    run_dir: &str,
+    prepared: PreparedContext,
+    compression: Compression,
+    report: &mut BuildReport,
+) -> Result<u64, BuildError> {
+    let sync_job = crate::sync::SyncJob {
+        builder: job.builder,
+        run_dir,
+        identity: crate::sync::identity(job.req.context_dir.as_deref(), &job.req.extra_files),
+        compression,
+        verify: job.req.verify,
+        cache_root: None,
+    };
+    let (summary, dockerfile_bytes) = tokio::try_join!(
+        async {
+            crate::sync::sync_context(
+                session,
+                &sync_job,
+                prepared.entries,
+                prepared.extra,
+                job.reporter,
+            )
+            .await
+            .map_err(BuildError::from)
+        },
+        put_outside_dockerfile(
+            session,
+            job.builder,
+            run_dir,
+            prepared.outside_dockerfile.as_deref()
+        ),
+    )?;
+    report.files_sent = summary.files_sent;
+    let sent = summary.bytes_sent + dockerfile_bytes;
+    report.sync = Some(summary);
+    Ok(sent)
+}
+
 /// Streams the prepared context into the run folder.
 async fn upload(
     session: &Session,
@@ -537,22 +632,13 @@ async fn upload(
     compression: Compression,
     reporter: &dyn Reporter,
 ) -> Result<u64, BuildError> {
-    if let Some(data) = &prepared.outside_dockerfile {
-        let cmd = crate::shell::join([
-            "sh",
-            "-c",
-            "cat > \"$1\"",
-            "absconda-put",
-            &format!("{run_dir}/Dockerfile"),
-        ]);
-        let out = session.output("sending the Dockerfile", &cmd, data).await?;
-        if !out.status.success() {
-            return Err(BuildError::Upload {
-                builder: builder.name.clone(),
-                message: format!("writing the Dockerfile: {}", out.stderr_tail()),
-            });
-        }
-    }
+    put_outside_dockerfile(
+        session,
+        builder,
+        run_dir,
+        prepared.outside_dockerfile.as_deref(),
+    )
+    .await?;
     let gzip = matches!(compression, Compression::Gzip);
     let mut p = session
         .exec("the context upload", &remote::upload(run_dir, gzip))
@@ -693,15 +779,19 @@ pub async fn build_on(
         let dockerfile_arg = prepared.dockerfile_arg.clone();
         report.files_sent = prepared.files;
         report.context_bytes = prepared.bytes;
-        report.bytes_sent = upload(
-            session,
-            builder,
-            &lease.run_dir,
-            prepared,
-            compression,
-            reporter,
-        )
-        .await?;
+        report.bytes_sent = if req.incremental {
+            sync_upload(session, job, &lease.run_dir, prepared, compression, report).await?
+        } else {
+            upload(
+                session,
+                builder,
+                &lease.run_dir,
+                prepared,
+                compression,
+                reporter,
+            )
+            .await?
+        };
         report.record(Phase::Upload, t.elapsed());
         reporter.phase_done(Phase::Upload, t.elapsed());
 

@@ -129,6 +129,15 @@ pub struct BuildArgs {
     /// stopped or preempted under the build); a failing Dockerfile step is never retried.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub retries: u32,
+    /// Send the whole context instead of only what changed since the last
+    /// build on this builder (which keeps a copy of each context).
+    #[arg(long)]
+    pub no_incremental: bool,
+    /// Check the builder's copy of the context fully before building: hash
+    /// every file there again (by default only names, types, modes, sizes
+    /// and mtimes are compared).
+    #[arg(long, conflicts_with = "no_incremental")]
+    pub verify: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -14,6 +14,8 @@
 //! - `dockerfile/`: conda `environment.yaml` (or requirements, or a conda-pack
 //!   archive) → Dockerfile, plus the files its build context needs
 //! - `context/`: walking the context with `.dockerignore`, tar streaming, hashing
+//! - `sync/`: the incremental context sync: a persistent copy per context on
+//!   the builder, manifests, the local hash cache, and the sh that applies deltas
 //! - `build`: the build pipeline, orchestration only
 //! - `registry`: registry credentials from the user's side
 //! - `cloud/`: the VMs builders run on (GCE, EC2)
@@ -43,4 +45,5 @@ pub mod report;
 pub mod shell;
 pub mod ssh;
 pub mod state;
+pub mod sync;
 pub mod terraform;

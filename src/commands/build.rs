@@ -91,6 +91,8 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         pull: args.pull,
         push: args.push,
         remote_wait: Duration::from_secs(args.remote_wait),
+        incremental: !args.no_incremental,
+        verify: args.verify,
     };
 
     let state = StateFile::default_location();

@@ -16,3 +16,4 @@ mod lease;
 mod lifecycle;
 mod retry;
 mod safety;
+mod sync;

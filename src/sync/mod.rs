@@ -1,0 +1,672 @@
+//! Incremental, content-addressed sync of the build context: send only what
+//! changed since the last build on this builder.
+//!
+//! Sending the whole context on every build is what makes remote Docker
+//! builds slow over a laptop's uplink (docker/compose#2090,
+//! moby/moby#32853). So the builder keeps a persistent copy of each
+//! context under `<workspace>/contexts/<key>/tree`, and every build brings
+//! that copy up to date and builds from it (the run folder's `context` is a
+//! symlink to it, so the lease's cleanup of the run folder never touches
+//! the copy, and a Dockerfile outside the context still lands in the run
+//! folder as before).
+//!
+//! - The key is a hash of this machine's id, the canonical local path of the
+//!   context and the builder's name: never the folder's basename, which is
+//!   how docker/buildx#2552 served one project's files to another.
+//! - [`manifest`]: every entry with type, mode, size, mtime, symlink target
+//!   and SHA-256; [`cache`]: the client's stat cache (only changed files are
+//!   hashed again) and the manifest the builder holds; [`plan`]: deletions,
+//!   `chmod`s and entries to send; [`script`]: the sh program that applies
+//!   them with tar and checks the result.
+//! - Each build sends one tar stream of the added and changed entries, after
+//!   a few lines carrying the deletions. The copy is marked dirty while it
+//!   changes and clean (with the manifest hash) only after the builder's
+//!   listing matched the one predicted here; with `--verify` every file is
+//!   hashed again on the builder too. A copy that is dirty, unknown to this
+//!   machine, or changed since it was marked clean gets a full send into a
+//!   fresh copy. A delta whose result does not match is followed at once by
+//!   a full send, in the same build.
+//!
+//! Building from a folder that keeps its path has a bonus: BuildKit keys
+//! its own incremental context transfer on that path, so its copy inside
+//! the daemon is updated incrementally as well.
+
+pub mod cache;
+pub mod manifest;
+pub mod plan;
+pub mod script;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tracing::debug;
+
+use crate::build::BuildError;
+use crate::config::Builder;
+use crate::context::{self, Compression, ContextError, Entry, ExtraFile};
+use crate::report::Reporter;
+use crate::ssh::exec::{ExitStatus, RemoteProcess};
+use crate::ssh::{Session, SshError};
+
+use cache::{LocalCache, Scanned};
+use manifest::{Kind, Manifest};
+use plan::Plan;
+use script::{CopyState, Request, TarMode};
+
+/// How long the builder may take to report its copy (it may wait for the
+/// copy's lock and list a large tree first).
+const STATE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Tar chunks handed to the channel.
+const CHUNK: usize = 256 * 1024;
+
+/// Everything that can go wrong in a sync.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Context(#[from] ContextError),
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    #[error("the context sync on `{builder}` failed: {message}")]
+    Remote { builder: String, message: String },
+    #[error("`{builder}` did not report the state of its copy of the context within {}s", after.as_secs())]
+    Timeout { builder: String, after: Duration },
+}
+
+impl From<SyncError> for BuildError {
+    fn from(e: SyncError) -> BuildError {
+        match e {
+            SyncError::Context(e) => BuildError::Context(e),
+            SyncError::Ssh(e) => BuildError::from(e),
+            SyncError::Remote { builder, message } => BuildError::Upload { builder, message },
+            SyncError::Timeout { builder, after } => BuildError::Upload {
+                builder,
+                message: format!(
+                    "no report on its copy of the context within {}s",
+                    after.as_secs()
+                ),
+            },
+        }
+    }
+}
+
+/// One sync: which builder, which context, how.
+pub struct SyncJob<'a> {
+    pub builder: &'a Builder,
+    /// The run folder, where the copy is linked as `context`.
+    pub run_dir: &'a str,
+    /// What the context is on this machine (see [`identity`]).
+    pub identity: String,
+    pub compression: Compression,
+    /// Hash every file again on the builder.
+    pub verify: bool,
+    /// Where the local cache lives; `None`: `$XDG_CACHE_HOME/absconda`
+    /// (or `~/.cache/absconda`).
+    pub cache_root: Option<PathBuf>,
+}
+
+/// What a sync did, for the summary and `--json`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SyncSummary {
+    /// `delta` (only changes sent) or `full` (everything, into a fresh copy).
+    pub mode: &'static str,
+    /// Why the whole context was sent.
+    pub reason: Option<String>,
+    /// The copy's folder name on the builder (`<workspace>/contexts/<key>`).
+    pub key: String,
+    /// Entries (files, folders, symlinks) in the context.
+    pub entries: u64,
+    /// Files in the tar stream.
+    pub files_sent: u64,
+    /// Files, folders and symlinks in the tar stream.
+    pub entries_sent: u64,
+    /// Paths removed from the copy (topmost only).
+    pub deleted: u64,
+    /// Entries whose permission bits alone changed.
+    pub chmod: u64,
+    /// Bytes written to the channel: request lines and tar stream.
+    pub bytes_sent: u64,
+    /// Files hashed on this machine (the others were known from the cache).
+    pub hashed_files: u64,
+    pub hashed_bytes: u64,
+    /// `listing` (names, types, modes, sizes, mtimes) or `sha256` (`--verify`).
+    pub verified: &'static str,
+    /// Whether the copy matched what was sent (a mismatch after a full send
+    /// is reported as a warning, and the build goes on).
+    pub matched: bool,
+    /// Exchanges with the builder (2 when a delta was followed by a full send).
+    pub attempts: u32,
+    /// Seconds spent walking the cache and hashing.
+    pub scan_seconds: f64,
+    /// Seconds from opening the sync channel to the builder's verdict.
+    pub transfer_seconds: f64,
+}
+
+/// This machine's id (`/etc/machine-id`), or its host name.
+pub fn machine_id() -> String {
+    for path in ["/etc/machine-id", "/var/lib/dbus/machine-id"] {
+        if let Ok(id) = std::fs::read_to_string(path) {
+            let id = id.trim();
+            if !id.is_empty() {
+                return id.to_string();
+            }
+        }
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        return format!("host:{}", String::from_utf8_lossy(&buf[..end]));
+    }
+    "unknown-machine".into()
+}
+
+/// What identifies a context on this machine: the canonical path of its
+/// folder, or (for generated-only contexts) of the files added to it.
+pub fn identity(context_dir: Option<&Path>, extra_files: &[(String, PathBuf)]) -> String {
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    match context_dir {
+        Some(dir) => format!("dir:{}", canonical(dir).display()),
+        None => {
+            let mut parts: Vec<String> = extra_files
+                .iter()
+                .map(|(name, path)| format!("{name}={}", canonical(path).display()))
+                .collect();
+            parts.sort();
+            format!("generated:{}", parts.join("\0"))
+        }
+    }
+}
+
+/// The copy's key on the builder: 32 hex digits.
+pub fn copy_key(machine: &str, identity: &str, builder: &str) -> String {
+    let mut h = Sha256::new();
+    for part in ["absconda-context-copy-v1", machine, identity, builder] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// Brings the builder's copy of the context up to date and links it into
+/// the run folder. Must run while the builder's lease is held.
+pub async fn sync_context(
+    session: &Session,
+    job: &SyncJob<'_>,
+    entries: Vec<Entry>,
+    extra: Vec<ExtraFile>,
+    reporter: &dyn Reporter,
+) -> Result<SyncSummary, SyncError> {
+    let builder = &job.builder.name;
+    let key = copy_key(&machine_id(), &job.identity, builder);
+    let t = Instant::now();
+    let (mut cache, scanned) = {
+        let key = key.clone();
+        let root = job.cache_root.clone().or_else(cache::cache_root);
+        tokio::task::spawn_blocking(move || {
+            let cache = LocalCache::load(root.as_deref(), &key);
+            let scanned = cache::scan(entries, extra, &cache.data.stats)?;
+            Ok::<_, ContextError>((cache, scanned))
+        })
+        .await
+        .map_err(|e| SyncError::Remote {
+            builder: builder.clone(),
+            message: format!("hashing the context panicked: {e}"),
+        })??
+    };
+    cache.data.context = job.identity.clone();
+    cache.data.builder = builder.clone();
+    let new = &scanned.manifest;
+    let new_hash = new.hash();
+    let expected_listing = new.listing_hash();
+    let mut summary = SyncSummary {
+        key: key.clone(),
+        entries: new.entries.len() as u64,
+        hashed_files: scanned.hashed_files,
+        hashed_bytes: scanned.hashed_bytes,
+        scan_seconds: t.elapsed().as_secs_f64(),
+        ..SyncSummary::default()
+    };
+    debug!(%key, entries = summary.entries, hashed = scanned.hashed_files, "context scanned");
+
+    let t = Instant::now();
+    let mut force_full: Option<String> = None;
+    loop {
+        summary.attempts += 1;
+        let mut p = session
+            .exec(
+                "the context sync",
+                &script::command(&job.builder.workspace, &key, job.run_dir),
+            )
+            .await?;
+        debug!("sync channel open");
+        let mut buf = Vec::new();
+        let mut stderr = Vec::new();
+        let line = tokio::time::timeout(STATE_TIMEOUT, p.reader.line(&mut buf, &mut stderr))
+            .await
+            .map_err(|_| SyncError::Timeout {
+                builder: builder.clone(),
+                after: STATE_TIMEOUT,
+            })?;
+        let state = match line.as_deref().and_then(CopyState::parse) {
+            Some(s) => s,
+            None => {
+                let _ = p.reader.drain(|_, d| stderr.extend_from_slice(d)).await;
+                return Err(remote_error(builder, line.as_deref(), &stderr));
+            }
+        };
+        debug!(?state, "the builder's copy");
+
+        let (base, reason, rebooted) = choose_base(&state, &cache, force_full.take());
+        let plan = match base {
+            Some(b) => Plan::delta(b, new),
+            None => Plan::full(new),
+        };
+        let base_hash = base.map(Manifest::hash);
+        summary.mode = if base_hash.is_some() { "delta" } else { "full" };
+        summary.reason = reason;
+        let verify_plan = (job.verify || rebooted).then(|| new.verify_plan());
+        summary.verified = if verify_plan.is_some() {
+            "sha256"
+        } else {
+            "listing"
+        };
+
+        // Remember what is about to be sent before sending it: if the
+        // connection breaks after the builder finished, the next build
+        // still recognises the copy.
+        let stats_changed = cache.data.stats != scanned.stats;
+        if base_hash.as_deref() != Some(new_hash.as_str()) || stats_changed {
+            cache.data.stats = scanned.stats.clone();
+            if base_hash.as_deref() != Some(new_hash.as_str()) {
+                cache.data.sent = Some(new.clone());
+            }
+            save(&mut cache).await;
+        }
+
+        let tar_mode = if plan.send.is_empty() {
+            TarMode::None
+        } else {
+            match job.compression {
+                Compression::Gzip => TarMode::Gzip,
+                Compression::None => TarMode::Plain,
+            }
+        };
+        let request = Request {
+            base: base_hash.as_deref(),
+            new_manifest: &new_hash,
+            tar: tar_mode,
+            expected_listing: &expected_listing,
+            delete: &plan.delete,
+            chmod: &plan.chmod,
+            verify: verify_plan.as_ref(),
+        }
+        .encode();
+        summary.entries_sent = plan.send.len() as u64;
+        summary.files_sent = plan
+            .send
+            .iter()
+            .filter(|i| matches!(new.entries[**i].kind, Kind::File { .. }))
+            .count() as u64;
+        summary.deleted = plan.delete.len() as u64;
+        summary.chmod = plan.chmod.len() as u64;
+        let tar =
+            (tar_mode != TarMode::None).then(|| scanned_tar(&scanned, &plan, job.compression));
+        debug!(
+            delete = plan.delete.len(),
+            chmod = plan.chmod.len(),
+            send = plan.send.len(),
+            "sending the request"
+        );
+        let done = exchange(
+            &mut p,
+            &mut buf,
+            &mut stderr,
+            request,
+            tar,
+            summary.bytes_sent,
+            reporter,
+            builder,
+        )
+        .await?;
+        summary.bytes_sent += done.bytes;
+        match done.outcome {
+            Outcome::Clean => {
+                summary.matched = true;
+                cache.data.synced = Some(new.clone());
+                cache.data.sent = None;
+                if base_hash.as_deref() != Some(new_hash.as_str()) {
+                    save(&mut cache).await;
+                }
+                break;
+            }
+            Outcome::Stale if summary.attempts < 2 => {
+                force_full = Some("the builder's copy changed while this build waited".into());
+            }
+            Outcome::Mismatch(what) if base_hash.is_some() && summary.attempts < 2 => {
+                force_full = Some(format!(
+                    "the updated copy did not match the manifest ({what})"
+                ));
+            }
+            Outcome::Mismatch(what) => {
+                let detail = explain_mismatch(session, job, &key, new).await;
+                reporter.info(&format!(
+                    "warning: the builder's copy of the context differs from what was sent ({what}){detail}; \
+                     building from it anyway, as --no-incremental would; the next build sends the whole context again"
+                ));
+                cache.data.sent = None;
+                save(&mut cache).await;
+                break;
+            }
+            Outcome::Stale => {
+                return Err(SyncError::Remote {
+                    builder: builder.clone(),
+                    message: "the builder's copy kept changing under the lease".into(),
+                });
+            }
+        }
+    }
+    summary.transfer_seconds = t.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Which manifest the builder's copy holds (if it can be trusted), why
+/// not, and whether the builder rebooted since it was checked.
+fn choose_base<'a>(
+    state: &CopyState,
+    cache: &'a LocalCache,
+    force_full: Option<String>,
+) -> (Option<&'a Manifest>, Option<String>, bool) {
+    if let Some(reason) = force_full {
+        return (None, Some(reason), false);
+    }
+    match state {
+        CopyState::None => (
+            None,
+            Some("first build of this context on this builder".into()),
+            false,
+        ),
+        CopyState::Dirty => (
+            None,
+            Some("the builder's copy was left unfinished by an interrupted sync".into()),
+            false,
+        ),
+        CopyState::Clean {
+            manifest,
+            recorded_listing,
+            current_listing,
+            rebooted,
+        } => {
+            if recorded_listing != current_listing {
+                return (
+                    None,
+                    Some("the builder's copy was changed outside absconda".into()),
+                    false,
+                );
+            }
+            match cache.manifest_with_hash(manifest) {
+                Some(m) => (Some(m), None, *rebooted),
+                None => (
+                    None,
+                    Some("this machine has no record of the builder's copy".into()),
+                    false,
+                ),
+            }
+        }
+    }
+}
+
+fn scanned_tar(
+    scanned: &Scanned,
+    plan: &Plan,
+    compression: Compression,
+) -> (context::TarChunks, context::TarTask) {
+    let (entries, extra) = scanned.tar_inputs(&plan.send);
+    context::tar_stream(entries, extra, String::new(), compression, CHUNK)
+}
+
+async fn save(cache: &mut LocalCache) {
+    let mut owned = LocalCache {
+        path: cache.path.clone(),
+        data: std::mem::take(&mut cache.data),
+    };
+    let back = tokio::task::spawn_blocking(move || {
+        owned.save();
+        owned.data
+    })
+    .await;
+    match back {
+        Ok(data) => cache.data = data,
+        Err(e) => tracing::warn!(error = %e, "writing the sync cache panicked"),
+    }
+}
+
+enum Outcome {
+    Clean,
+    /// What differed: `listing`, `files`, `symlinks`.
+    Mismatch(String),
+    /// The copy was not in the state the delta was made for.
+    Stale,
+}
+
+struct Exchanged {
+    outcome: Outcome,
+    bytes: u64,
+}
+
+/// Writes the request and the tar stream, and reads the builder's verdict.
+#[allow(clippy::too_many_arguments)]
+async fn exchange(
+    p: &mut RemoteProcess,
+    buf: &mut Vec<u8>,
+    stderr: &mut Vec<u8>,
+    request: Vec<u8>,
+    tar: Option<(context::TarChunks, context::TarTask)>,
+    already_sent: u64,
+    reporter: &dyn Reporter,
+    builder: &str,
+) -> Result<Exchanged, SyncError> {
+    let (rx, producer) = match tar {
+        Some((rx, producer)) => (Some(rx), Some(producer)),
+        None => (None, None),
+    };
+    let writer = &p.writer;
+    let reader = &mut p.reader;
+    let send = async {
+        let mut sent = request.len() as u64;
+        writer.write_all(&request).await?;
+        if let Some(mut rx) = rx {
+            while let Some(chunk) = rx.recv().await {
+                let chunk = chunk.map_err(|e| SyncError::Remote {
+                    builder: builder.to_string(),
+                    message: format!("the context archive broke: {e}"),
+                })?;
+                writer.write_all(&chunk).await?;
+                sent += chunk.len() as u64;
+                reporter.upload_progress(already_sent + sent);
+            }
+        }
+        writer.eof().await?;
+        Ok::<u64, SyncError>(sent)
+    };
+    // Read to the end rather than line by line: sshd may report the exit
+    // status before the last output it read from the script.
+    let recv = async {
+        let mut out = std::mem::take(buf);
+        let status = reader
+            .drain(|is_err, d| {
+                if is_err {
+                    stderr.extend_from_slice(d)
+                } else {
+                    out.extend_from_slice(d)
+                }
+            })
+            .await;
+        (out, status)
+    };
+    let (sent, (out, status)) = tokio::join!(send, recv);
+    let out = String::from_utf8_lossy(&out);
+    let lines: Vec<&str> = out.lines().collect();
+    let result = lines.iter().rev().find_map(|l| l.strip_prefix("result "));
+    if let Some(producer) = producer {
+        match producer.await {
+            Ok(Ok(_)) => {}
+            // A file that cannot be read is the user's to fix: say which.
+            Ok(Err(ContextError::StreamClosed { .. })) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(e) => {
+                return Err(SyncError::Remote {
+                    builder: builder.to_string(),
+                    message: format!("the tar writer failed: {e}"),
+                });
+            }
+        }
+    }
+    debug!(?lines, %status, "sync exchange");
+    let outcome = match result {
+        Some("clean") if status.success() => Outcome::Clean,
+        Some("stale") => Outcome::Stale,
+        Some(r) if r.starts_with("mismatch") => {
+            Outcome::Mismatch(r.trim_start_matches("mismatch").trim().to_string())
+        }
+        _ => {
+            // Our own write error explains less than the builder's stderr.
+            let text = String::from_utf8_lossy(stderr);
+            let message = text
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("error "))
+                .map(str::to_string)
+                .or_else(|| result.map(|r| r.trim_start_matches("failed ").to_string()));
+            return Err(match (message, sent) {
+                (Some(message), _) => SyncError::Remote {
+                    builder: builder.to_string(),
+                    message,
+                },
+                (None, Err(e)) => e,
+                (None, Ok(_)) => SyncError::Remote {
+                    builder: builder.to_string(),
+                    message: format!("the sync script ended with {status}: {}", text.trim()),
+                },
+            });
+        }
+    };
+    let bytes = match (&outcome, sent) {
+        (_, Ok(n)) => n,
+        (Outcome::Stale, Err(_)) => request.len() as u64,
+        (_, Err(e)) => return Err(e),
+    };
+    Ok(Exchanged { outcome, bytes })
+}
+
+fn remote_error(builder: &str, line: Option<&str>, stderr: &[u8]) -> SyncError {
+    let text = String::from_utf8_lossy(stderr);
+    let message = text
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("error "))
+        .map(str::to_string)
+        .unwrap_or_else(|| match line {
+            Some(l) => format!("unexpected answer `{l}` {}", text.trim()),
+            None => format!(
+                "the sync script ended before reporting the copy's state: {}",
+                text.trim()
+            ),
+        });
+    SyncError::Remote {
+        builder: builder.to_string(),
+        message,
+    }
+}
+
+/// The first lines that differ between the builder's listing and ours.
+async fn explain_mismatch(
+    session: &Session,
+    job: &SyncJob<'_>,
+    key: &str,
+    manifest: &Manifest,
+) -> String {
+    let cmd = script::listing_command(&job.builder.workspace, key);
+    let Ok(out) = session
+        .output("listing the builder's copy", &cmd, b"")
+        .await
+    else {
+        return String::new();
+    };
+    if out.status != ExitStatus::Code(0) {
+        return String::new();
+    }
+    let theirs: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let ours = manifest.listing_lines();
+    let diff = listing_diff(&ours, &theirs, 3);
+    if diff.is_empty() {
+        String::new()
+    } else {
+        format!(": {diff}")
+    }
+}
+
+/// `expected `…`, found `…`` for up to `max` lines on each side.
+fn listing_diff(ours: &[String], theirs: &[String], max: usize) -> String {
+    use std::collections::HashSet;
+    let a: HashSet<&String> = ours.iter().collect();
+    let b: HashSet<&String> = theirs.iter().collect();
+    let missing: Vec<String> = ours
+        .iter()
+        .filter(|l| !b.contains(l))
+        .take(max)
+        .map(|l| format!("`{l}`"))
+        .collect();
+    let extra: Vec<String> = theirs
+        .iter()
+        .filter(|l| !a.contains(l))
+        .take(max)
+        .map(|l| format!("`{l}`"))
+        .collect();
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("expected {}", missing.join(", ")));
+    }
+    if !extra.is_empty() {
+        parts.push(format!("found {}", extra.join(", ")));
+    }
+    parts.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_depend_on_machine_path_and_builder_not_basename() {
+        let k = copy_key("m1", "dir:/home/a/app", "b1");
+        assert_eq!(k.len(), 32);
+        assert_ne!(k, copy_key("m2", "dir:/home/a/app", "b1"));
+        assert_ne!(k, copy_key("m1", "dir:/home/b/app", "b1"));
+        assert_ne!(k, copy_key("m1", "dir:/home/a/app", "b2"));
+        assert_eq!(k, copy_key("m1", "dir:/home/a/app", "b1"));
+    }
+
+    #[test]
+    fn identity_is_the_canonical_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("app");
+        std::fs::create_dir(&sub).unwrap();
+        let via_dots = dir.path().join("app/../app");
+        assert_eq!(identity(Some(&sub), &[]), identity(Some(&via_dots), &[]));
+        assert!(identity(None, &[("env.yaml".into(), sub.clone())]).starts_with("generated:"));
+    }
+
+    #[test]
+    fn diff_names_both_sides() {
+        let ours = vec!["f 4755 1 1 ./a".to_string(), "f 644 1 1 ./b".to_string()];
+        let theirs = vec!["f 755 1 1 ./a".to_string(), "f 644 1 1 ./b".to_string()];
+        assert_eq!(
+            listing_diff(&ours, &theirs, 3),
+            "expected `f 4755 1 1 ./a`; found `f 755 1 1 ./a`"
+        );
+    }
+}

@@ -1,0 +1,669 @@
+//! The builder's half of the sync: one POSIX sh program and the line
+//! protocol absconda speaks with it over one SSH channel.
+//!
+//! The builder may have only sh, coreutils, tar and flock (GNU or busybox),
+//! so the program uses nothing else: `find -exec stat -c` for the listing,
+//! `xargs -0` for lists of names, `tr` to turn the lines absconda sends
+//! into NUL-separated lists, `sha256sum` and `readlink` for `--verify`.
+//!
+//! The exchange, on one channel:
+//! 1. the script takes the copy's own lock (a sync cut off by a dropped
+//!    connection may still be finishing when the next build holds the
+//!    lease), reads the state file and, for a copy marked clean, lists the
+//!    copy; it prints `state <none|dirty|clean> <manifest> <recorded
+//!    listing> <current listing> <same|changed boot>`;
+//! 2. absconda decides between a delta and a full send and writes five
+//!    lines (the command; deletions; permission changes; and for
+//!    `--verify` the files and symlinks to hash), then the tar stream;
+//! 3. the script marks the copy dirty, applies the change, lists the copy
+//!    again and, only when that listing (and with `--verify` every file's
+//!    SHA-256) matches what absconda predicted, marks it clean with the new
+//!    manifest hash. It prints `applied <listing>`, `verified <files>
+//!    <links>` and `result <clean|mismatch …|stale|failed …>`.
+//!
+//! So a copy is never marked clean unless it was checked, and any
+//! interruption leaves it dirty, which the next build sees.
+
+use crate::shell;
+
+/// Prints the SHA-256 of the sorted listing of `$tree` (see
+/// [`super::manifest::Manifest::listing_lines`] for the prediction).
+macro_rules! listing_fn {
+    () => {
+        r#"
+listing_text() {
+  ( cd "$tree" || exit 1
+    find . ! -name . -type d -exec stat -c 'd %a %n' {} + &&
+    find . -type f -exec stat -c 'f %a %s %Y %n' {} + &&
+    find . -type l -exec stat -c 'l %s %n' {} +
+  ) | sort
+}
+listing() {
+  listing_text | sha256sum | { read -r h _; echo "$h"; }
+}
+"#
+    };
+}
+
+/// The header shared by the scripts: where the copy is, and the listing.
+macro_rules! prelude {
+    () => {
+        concat!(
+            r#"
+ws=$1 key=$2 run=$3
+export LC_ALL=C
+set -f
+case $ws in /*) ;; *) ws=$PWD/$ws ;; esac
+dir=$ws/contexts/$key
+tree=$dir/tree
+"#,
+            listing_fn!()
+        )
+    };
+}
+
+const SYNC: &str = concat!(
+    prelude!(),
+    r#"
+if ! mkdir -p "$dir" 2>/dev/null; then
+  echo "error cannot create $dir as $(id -un)" >&2
+  exit 70
+fi
+exec 8>>"$dir/lock" || exit 70
+if ! flock -w 120 8; then
+  echo "error $dir stayed locked by an earlier sync for 120s" >&2
+  exit 71
+fi
+boot=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)
+[ -n "$boot" ] || boot=unknown
+
+state=none mh=- lh=- cur=- bootst=-
+if [ -d "$tree" ]; then
+  state=dirty
+  if [ -f "$dir/state" ] && read -r v st smh slh sboot < "$dir/state" &&
+     [ "$v" = v1 ] && [ "$st" = clean ]; then
+    state=clean mh=$smh lh=$slh
+    cur=$(listing)
+    if [ "$sboot" = "$boot" ]; then bootst=same; else bootst=changed; fi
+  fi
+fi
+printf 'state %s %s %s %s %s\n' "$state" "$mh" "$lh" "$cur" "$bootst"
+
+IFS= read -r cmd || exit 0
+set -- $cmd
+if [ "$1" != v1 ]; then
+  echo "error unknown sync request: $1" >&2
+  exit 2
+fi
+mode=$2 base=$3 new=$4 tarmode=$5 expect=$6 verify=$7 vfiles=$8 vlinks=$9
+if ! { IFS= read -r dels && IFS= read -r mods && IFS= read -r vlist &&
+       IFS= read -r vodd && IFS= read -r vlnk; }; then
+  echo "error the sync request was cut short" >&2
+  exit 2
+fi
+if [ "$mode" = delta ] &&
+   ! { [ "$state" = clean ] && [ "$mh" = "$base" ] && [ "$cur" = "$lh" ]; }; then
+  echo "result stale"
+  exit 4
+fi
+
+putstate() {
+  printf '%s\n' "$1" > "$dir/state.tmp" && mv -f "$dir/state.tmp" "$dir/state"
+}
+fail() {
+  echo "result failed $1"
+  echo "error $1" >&2
+  exit 1
+}
+decode() {
+  printf '%s' "$1" | tr '\376\377' '\n\000'
+}
+putstate 'v1 dirty' || fail "cannot write $dir/state"
+
+if [ "$mode" = full ] && { [ -e "$tree" ] || [ -L "$tree" ]; }; then
+  # Read-only folders stop rm -rf for a user other than root.
+  rm -rf "$tree" 2>/dev/null || { chmod -R u+rwx "$tree"; rm -rf "$tree"; } ||
+    fail "cannot remove the old copy $tree"
+fi
+[ -d "$tree" ] || mkdir "$tree" || fail "cannot create $tree"
+cd "$tree" || fail "cannot enter $tree"
+if [ -n "$dels" ]; then
+  decode "$dels" | xargs -0 -r rm -rf -- || fail "cannot delete old entries in $tree"
+fi
+p=
+case $tarmode in
+  plain|gzip)
+    case $(tar --version 2>/dev/null) in *'GNU tar'*|*bsdtar*) p=-p ;; esac
+    z=
+    [ "$tarmode" = gzip ] && z=-z
+    (umask 0; exec tar -x $p -o $z -f -) || fail "tar could not unpack the changes into $tree" ;;
+  none) ;;
+  *) fail "unknown archive mode $tarmode" ;;
+esac
+if [ -n "$mods" ]; then
+  decode "$mods" | xargs -0 -r -n 2 chmod -- || fail "cannot change permissions in $tree"
+fi
+
+if [ -z "$dels$mods" ] && [ "$tarmode" = none ] && [ "$state" = clean ]; then
+  got=$cur   # nothing changed since it was listed
+else
+  got=$(listing)
+fi
+echo "applied $got"
+ok=yes
+[ "$got" = "$expect" ] || ok=listing
+if [ "$verify" = 1 ]; then
+  f=$( { decode "$vlist" | xargs -0 -r sha256sum -- | cut -c1-64
+         decode "$vodd" | xargs -0 -r -n 1 sh -c 'sha256sum < "$1" | cut -c1-64' absconda-hash
+       } | sha256sum)
+  f=${f%% *}
+  l=$(decode "$vlnk" | xargs -0 -r -n 1 readlink -- | sha256sum)
+  l=${l%% *}
+  echo "verified $f $l"
+  [ "$f" = "$vfiles" ] || ok="$ok files"
+  [ "$l" = "$vlinks" ] || ok="$ok symlinks"
+  ok=${ok#yes }
+fi
+if [ -n "$run" ]; then
+  # A second attempt in the same run replaces the link (ln -s onto a link
+  # to a folder would create the new link inside the copy).
+  if [ -L "$run/context" ]; then rm -f "$run/context"; fi
+  ln -s "$tree" "$run/context" || fail "cannot link the copy into $run"
+fi
+if [ "$ok" != yes ]; then
+  echo "result mismatch $ok"
+  exit 3
+fi
+putstate "v1 clean $new $got $boot" || fail "cannot write $dir/state"
+echo "result clean"
+
+# Copies nobody has built from for 30 days go (under the lease, so none is in use).
+cd "$ws/contexts" &&
+find . -mindepth 1 -maxdepth 1 -type d -mtime +30 ! -name "$key" 2>/dev/null |
+  while IFS= read -r old; do
+    rm -rf "$old" 2>/dev/null || { chmod -R u+rwx "$old"; rm -rf "$old"; }
+  done
+exit 0
+"#
+);
+
+/// Prints the copy's sorted listing, for explaining a mismatch.
+const LISTING: &str = concat!(prelude!(), "\nlisting_text\n");
+
+/// The sync program for the copy `key` under `workspace`, linking the
+/// copy into `run_dir` as `context` (no link when `run_dir` is empty).
+pub fn command(workspace: &str, key: &str, run_dir: &str) -> String {
+    shell::join(["sh", "-c", SYNC, "absconda-sync", workspace, key, run_dir])
+}
+
+/// Prints the copy's listing as the sync script computes its hash.
+pub fn listing_command(workspace: &str, key: &str) -> String {
+    shell::join(["sh", "-c", LISTING, "absconda-listing", workspace, key, ""])
+}
+
+/// What the builder said about its copy before the sync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyState {
+    /// No copy yet.
+    None,
+    /// A sync started and did not finish, or the state file is unreadable.
+    Dirty,
+    Clean {
+        manifest: String,
+        recorded_listing: String,
+        current_listing: String,
+        /// The builder booted since the copy was marked clean: files written
+        /// just before a crash may have lost their content.
+        rebooted: bool,
+    },
+}
+
+impl CopyState {
+    /// Parses `state …`; `None` for anything else.
+    pub fn parse(line: &str) -> Option<CopyState> {
+        let mut words = line.split(' ');
+        if words.next()? != "state" {
+            return None;
+        }
+        let state = words.next()?;
+        let manifest = words.next()?;
+        let recorded = words.next()?;
+        let current = words.next()?;
+        let boot = words.next()?;
+        Some(match state {
+            "none" => CopyState::None,
+            "dirty" => CopyState::Dirty,
+            "clean" => CopyState::Clean {
+                manifest: manifest.to_string(),
+                recorded_listing: recorded.to_string(),
+                current_listing: current.to_string(),
+                rebooted: boot != "same",
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// How the changes travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TarMode {
+    /// Nothing to extract.
+    None,
+    Plain,
+    Gzip,
+}
+
+impl TarMode {
+    fn word(self) -> &'static str {
+        match self {
+            TarMode::None => "none",
+            TarMode::Plain => "plain",
+            TarMode::Gzip => "gzip",
+        }
+    }
+}
+
+/// The lines absconda writes after the state line, before the tar stream.
+pub struct Request<'a> {
+    /// `None` for a full send into a fresh copy, else the base manifest hash.
+    pub base: Option<&'a str>,
+    pub new_manifest: &'a str,
+    pub tar: TarMode,
+    pub expected_listing: &'a str,
+    pub delete: &'a [String],
+    pub chmod: &'a [(u32, String)],
+    pub verify: Option<&'a super::manifest::VerifyPlan>,
+}
+
+impl Request<'_> {
+    pub fn encode(&self) -> Vec<u8> {
+        use super::manifest::encode_line;
+        let (vfiles, vlinks) = match self.verify {
+            Some(v) => (v.files_hash.as_str(), v.links_hash.as_str()),
+            None => ("-", "-"),
+        };
+        let mut out = format!(
+            "v1 {} {} {} {} {} {} {} {}\n",
+            if self.base.is_some() { "delta" } else { "full" },
+            self.base.unwrap_or("-"),
+            self.new_manifest,
+            self.tar.word(),
+            self.expected_listing,
+            u8::from(self.verify.is_some()),
+            vfiles,
+            vlinks
+        )
+        .into_bytes();
+        out.extend(encode_line(self.delete.iter().map(String::as_str)));
+        let modes: Vec<String> = self
+            .chmod
+            .iter()
+            .flat_map(|(mode, path)| [format!("0{:04o}", mode & 0o7777), path.clone()])
+            .collect();
+        out.extend(encode_line(modes.iter().map(String::as_str)));
+        let empty = Vec::new();
+        let (files, odd, links) = match self.verify {
+            Some(v) => (&v.files, &v.odd_files, &v.links),
+            None => (&empty, &empty, &empty),
+        };
+        out.extend(encode_line(files.iter().map(String::as_str)));
+        out.extend(encode_line(odd.iter().map(String::as_str)));
+        out.extend(encode_line(links.iter().map(String::as_str)));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scripts must parse in dash and busybox sh, the shells of stock builders.
+    #[test]
+    fn scripts_parse_in_posix_shells() {
+        for script in [SYNC, LISTING] {
+            for sh in [&["dash"][..], &["busybox", "sh"], &["sh"]] {
+                let ok = std::process::Command::new(sh[0])
+                    .args(&sh[1..])
+                    .args(["-n", "-c", script])
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(true);
+                assert!(ok, "{sh:?} -n rejects:\n{script}");
+            }
+        }
+    }
+
+    #[test]
+    fn state_lines() {
+        assert_eq!(
+            CopyState::parse("state none - - - -"),
+            Some(CopyState::None)
+        );
+        assert_eq!(
+            CopyState::parse("state dirty - - - -"),
+            Some(CopyState::Dirty)
+        );
+        assert_eq!(
+            CopyState::parse("state clean m l c same"),
+            Some(CopyState::Clean {
+                manifest: "m".into(),
+                recorded_listing: "l".into(),
+                current_listing: "c".into(),
+                rebooted: false
+            })
+        );
+        assert!(matches!(
+            CopyState::parse("state clean m l c changed"),
+            Some(CopyState::Clean { rebooted: true, .. })
+        ));
+        assert_eq!(CopyState::parse("error oops"), None);
+        assert_eq!(CopyState::parse("state clean m"), None);
+    }
+
+    use crate::context::{Compression, DockerIgnore, walk, write_tar};
+    use crate::sync::cache::scan;
+    use crate::sync::manifest::Manifest;
+    use crate::sync::plan::Plan;
+    use std::io::{BufRead, BufReader, Write};
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+
+    /// A shell and the PATH it finds its tools on.
+    struct Shell {
+        argv: Vec<String>,
+        path: String,
+    }
+
+    fn gnu() -> Shell {
+        Shell {
+            argv: vec!["dash".into()],
+            path: "/usr/bin:/bin".into(),
+        }
+    }
+
+    /// busybox sh with busybox's own applets first on PATH (flock is not a
+    /// busybox applet on Debian, so it comes from util-linux).
+    fn busybox(dir: &Path) -> Option<Shell> {
+        let bb = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())?;
+        let bin = dir.join("bb-bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        for applet in [
+            "sh",
+            "find",
+            "stat",
+            "sort",
+            "sha256sum",
+            "tar",
+            "xargs",
+            "tr",
+            "cut",
+            "readlink",
+            "chmod",
+            "rm",
+            "mkdir",
+            "mv",
+            "ln",
+            "cat",
+            "id",
+            "gzip",
+            "printf",
+        ] {
+            let _ = std::os::unix::fs::symlink(bb, bin.join(applet));
+        }
+        let _ = std::os::unix::fs::symlink("/usr/bin/flock", bin.join("flock"));
+        Some(Shell {
+            argv: vec![bb.into(), "sh".into()],
+            path: bin.display().to_string(),
+        })
+    }
+
+    /// One sync through the script, locally: returns the state line and
+    /// the script's other output lines.
+    fn run_sync(
+        sh: &Shell,
+        ws: &Path,
+        ctx: &Path,
+        base: Option<&Manifest>,
+        verify: bool,
+        compression: Compression,
+    ) -> (String, Vec<String>, Manifest) {
+        let entries = walk(ctx, &DockerIgnore::parse(""), &[]).unwrap();
+        let scanned = scan(entries, Vec::new(), &[]).unwrap();
+        let new = scanned.manifest.clone();
+        let plan = match base {
+            Some(b) => Plan::delta(b, &new),
+            None => Plan::full(&new),
+        };
+        let base_hash = base.map(Manifest::hash);
+        let verify_plan = verify.then(|| new.verify_plan());
+        let tar_mode = match (plan.send.is_empty(), compression) {
+            (true, _) => TarMode::None,
+            (false, Compression::None) => TarMode::Plain,
+            (false, Compression::Gzip) => TarMode::Gzip,
+        };
+        let new_hash = new.hash();
+        let listing = new.listing_hash();
+        let mut input = Request {
+            base: base_hash.as_deref(),
+            new_manifest: &new_hash,
+            tar: tar_mode,
+            expected_listing: &listing,
+            delete: &plan.delete,
+            chmod: &plan.chmod,
+            verify: verify_plan.as_ref(),
+        }
+        .encode();
+        if tar_mode != TarMode::None {
+            let (entries, extra) = scanned.tar_inputs(&plan.send);
+            write_tar(&entries, &extra, "", compression, &mut input).unwrap();
+        }
+        let mut child = Command::new(&sh.argv[0])
+            .args(&sh.argv[1..])
+            .args(["-c", SYNC, "absconda-sync"])
+            .arg(ws)
+            .args(["k", ""])
+            .env_clear()
+            .env("PATH", &sh.path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut state = String::new();
+        out.read_line(&mut state).unwrap();
+        child.stdin.take().unwrap().write_all(&input).unwrap();
+        let rest: Vec<String> = out.lines().map(|l| l.unwrap()).collect();
+        let status = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&status.stderr).into_owned();
+        assert!(
+            rest.last().is_some_and(|l| l.starts_with("result ")),
+            "{:?}: {state}{rest:?}\n{err}",
+            sh.argv
+        );
+        (state.trim_end().to_string(), rest, new)
+    }
+
+    fn run_clean(
+        sh: &Shell,
+        ws: &Path,
+        ctx: &Path,
+        base: Option<&Manifest>,
+        verify: bool,
+        compression: Compression,
+    ) -> (String, Vec<String>, Manifest) {
+        let (state, rest, m) = run_sync(sh, ws, ctx, base, verify, compression);
+        assert_eq!(
+            rest.last().map(String::as_str),
+            Some("result clean"),
+            "{state} {rest:?}"
+        );
+        (state, rest, m)
+    }
+
+    fn make_tree(ctx: &Path) {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        for (path, body) in [
+            ("plain.txt", "hello\n"),
+            ("with space/and ünïcödé.md", "x"),
+            ("new\nline/file\nname", "nl"),
+            ("back\\slash", "bs"),
+            ("-dash", "d"),
+            ("a/lib/same.rs", "a"),
+            ("b/lib/same.rs", "b"),
+            ("empty", ""),
+        ] {
+            let p = ctx.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, body).unwrap();
+        }
+        std::fs::create_dir_all(ctx.join("empty dir")).unwrap();
+        std::fs::set_permissions(
+            ctx.join("plain.txt"),
+            std::fs::Permissions::from_mode(0o4755),
+        )
+        .unwrap();
+        std::fs::set_permissions(ctx.join("a"), std::fs::Permissions::from_mode(0o700)).unwrap();
+        symlink("plain.txt", ctx.join("link")).unwrap();
+        symlink("/etc/passwd", ctx.join("abs link")).unwrap();
+    }
+
+    fn edit_tree(ctx: &Path) {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        // file -> folder, folder -> file, retarget, chmod, delete, rename.
+        std::fs::remove_file(ctx.join("empty")).unwrap();
+        std::fs::create_dir_all(ctx.join("empty/inside")).unwrap();
+        std::fs::write(ctx.join("empty/inside/f"), "now a folder").unwrap();
+        std::fs::remove_dir_all(ctx.join("b")).unwrap();
+        std::fs::write(ctx.join("b"), "now a file").unwrap();
+        std::fs::remove_file(ctx.join("link")).unwrap();
+        symlink("-dash", ctx.join("link")).unwrap();
+        std::fs::set_permissions(
+            ctx.join("plain.txt"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::set_permissions(ctx.join("a"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(ctx.join("with space"), ctx.join("renamed dir")).unwrap();
+        std::fs::remove_file(ctx.join("new\nline/file\nname")).unwrap();
+        std::fs::write(ctx.join("back\\slash"), "changed").unwrap();
+    }
+
+    /// The script applies a full send and then a delta with every kind of
+    /// change, and its listing matches the prediction, in dash with GNU
+    /// tools and in busybox sh with busybox's.
+    #[test]
+    fn applies_full_and_delta_in_gnu_and_busybox() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut shells = vec![("gnu", gnu())];
+        if let Some(bb) = busybox(dir.path()) {
+            shells.push(("busybox", bb));
+        }
+        for (name, sh) in &shells {
+            for compression in [Compression::None, Compression::Gzip] {
+                let case = dir.path().join(format!("{name}-{compression:?}"));
+                let (ws, ctx) = (case.join("ws"), case.join("ctx"));
+                std::fs::create_dir_all(&ctx).unwrap();
+                make_tree(&ctx);
+                let (state, _, m1) = run_clean(sh, &ws, &ctx, None, true, compression);
+                assert_eq!(state, "state none - - - -");
+                edit_tree(&ctx);
+                let (state, _, m2) = run_clean(sh, &ws, &ctx, Some(&m1), true, compression);
+                assert!(
+                    state.starts_with(&format!("state clean {} {}", m1.hash(), m1.listing_hash())),
+                    "{state}"
+                );
+                let (state, rest, _) = run_clean(sh, &ws, &ctx, Some(&m2), false, compression);
+                assert!(
+                    state.starts_with(&format!("state clean {}", m2.hash())),
+                    "{state}"
+                );
+                assert_eq!(
+                    rest,
+                    [
+                        format!("applied {}", m2.listing_hash()),
+                        "result clean".into()
+                    ]
+                );
+                let tree = ws.join("contexts/k/tree");
+                assert_eq!(
+                    std::fs::read(tree.join("empty/inside/f")).unwrap(),
+                    b"now a folder"
+                );
+                assert_eq!(std::fs::read(tree.join("b")).unwrap(), b"now a file");
+                assert_eq!(
+                    std::fs::read_link(tree.join("link")).unwrap(),
+                    Path::new("-dash")
+                );
+                assert!(!tree.join("with space").exists());
+                assert!(tree.join("renamed dir/and ünïcödé.md").exists());
+            }
+        }
+    }
+
+    /// A change on the builder that keeps size and mtime escapes the
+    /// listing but not `--verify`; one that touches the mtime is seen by
+    /// the listing, and a delta for a copy in another state is refused.
+    #[test]
+    fn detects_tampering_and_refuses_stale_deltas() {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = gnu();
+        let (ws, ctx) = (dir.path().join("ws"), dir.path().join("ctx"));
+        std::fs::create_dir_all(&ctx).unwrap();
+        make_tree(&ctx);
+        let (_, _, m1) = run_clean(&sh, &ws, &ctx, None, false, Compression::None);
+        let victim = ws.join("contexts/k/tree/a/lib/same.rs");
+        let mtime = std::fs::metadata(&victim).unwrap().modified().unwrap();
+        std::fs::write(&victim, "X").unwrap();
+        let f = std::fs::File::options().write(true).open(&victim).unwrap();
+        f.set_modified(mtime).unwrap();
+        drop(f);
+
+        let (state, rest, _) = run_sync(&sh, &ws, &ctx, Some(&m1), false, Compression::None);
+        assert!(state.starts_with("state clean"), "{state}");
+        let words: Vec<&str> = state.split(' ').collect();
+        assert_eq!(
+            words[3], words[4],
+            "same size and mtime: the listing cannot tell"
+        );
+        assert_eq!(rest.last().unwrap(), "result clean");
+
+        let (_, rest, _) = run_sync(&sh, &ws, &ctx, Some(&m1), true, Compression::None);
+        assert_eq!(rest.last().unwrap(), "result mismatch files", "{rest:?}");
+        let (state, rest, _) = run_sync(&sh, &ws, &ctx, Some(&m1), false, Compression::None);
+        assert!(
+            state.starts_with("state dirty"),
+            "a failed check leaves it dirty: {state}"
+        );
+        assert_eq!(rest.last().unwrap(), "result stale");
+
+        let (_, _, m1) = run_clean(&sh, &ws, &ctx, None, false, Compression::None);
+        std::fs::write(&victim, "Y").unwrap();
+        let (state, rest, _) = run_sync(&sh, &ws, &ctx, Some(&m1), false, Compression::None);
+        let words: Vec<&str> = state.split(' ').collect();
+        assert_ne!(
+            words[3], words[4],
+            "a new mtime shows in the listing: {state}"
+        );
+        assert_eq!(rest.last().unwrap(), "result stale");
+    }
+
+    #[test]
+    fn request_lines() {
+        let req = Request {
+            base: Some("B"),
+            new_manifest: "N",
+            tar: TarMode::Gzip,
+            expected_listing: "L",
+            delete: &["a b".into(), "c\nd".into()],
+            chmod: &[(0o755, "x".into())],
+            verify: None,
+        };
+        assert_eq!(
+            req.encode(),
+            b"v1 delta B N gzip L 0 - -\na b\xFFc\xFEd\xFF\n00755\xFFx\xFF\n\n\n\n"
+        );
+    }
+}

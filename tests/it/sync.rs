@@ -1,0 +1,1003 @@
+//! The incremental context sync against real OpenSSH sshd (and dockerd for
+//! whole builds): after every sync the builder's copy equals the local
+//! context, byte for byte; interrupted and tampered copies are repaired;
+//! an unchanged context costs almost nothing on the wire.
+//!
+//! The property test is seeded: it prints its seed, and
+//! `ABSCONDA_SYNC_SEED=<seed>` replays a failure.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+
+use absconda::build::{BuildRequest, acquire_lease, prepare_context, ssh_target};
+use absconda::context::{Compression, DockerIgnore, EntryKind, walk};
+use absconda::report::Silent;
+use absconda::ssh::Session;
+use absconda::sync::{SyncJob, SyncSummary, sync_context};
+
+use crate::support::absconda::{Project, text};
+use crate::support::docker::{BASE_IMAGE, docker};
+use crate::support::sshd::{SSHD, Sshd};
+use crate::support::wait_until;
+
+// ---------------------------------------------------------------------------
+// Comparing trees
+
+/// What must be equal between the local context and the builder's copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Node {
+    File { mode: u32, mtime: i64, sha: String },
+    Dir { mode: u32 },
+    Link { target: PathBuf },
+}
+
+fn sha_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// The local context as Docker would see it (after `.dockerignore`).
+fn local_tree(ctx: &Path) -> BTreeMap<String, Node> {
+    let ignore = DockerIgnore::for_context(ctx, &ctx.join("Dockerfile")).unwrap();
+    let entries = walk(ctx, &ignore, &[".dockerignore", "Dockerfile"]).unwrap();
+    entries
+        .into_iter()
+        .map(|e| {
+            let node = match e.kind {
+                EntryKind::File { .. } => Node::File {
+                    mode: e.mode & 0o7777,
+                    mtime: e.mtime.max(0),
+                    sha: sha_hex(&std::fs::read(&e.abs).unwrap()),
+                },
+                EntryKind::Dir => Node::Dir {
+                    mode: e.mode & 0o7777,
+                },
+                EntryKind::Symlink { target } => Node::Link { target },
+            };
+            (e.rel, node)
+        })
+        .collect()
+}
+
+/// The builder's copy, read straight from disk (the builder is this machine).
+fn builder_tree(root: &Path) -> BTreeMap<String, Node> {
+    fn visit(dir: &Path, rel: &str, out: &mut BTreeMap<String, Node>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().into_string().unwrap();
+            let rel = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let md = entry.path().symlink_metadata().unwrap();
+            let node = if md.file_type().is_symlink() {
+                Node::Link {
+                    target: std::fs::read_link(entry.path()).unwrap(),
+                }
+            } else if md.is_dir() {
+                visit(&entry.path(), &rel, out);
+                Node::Dir {
+                    mode: md.mode() & 0o7777,
+                }
+            } else {
+                Node::File {
+                    mode: md.mode() & 0o7777,
+                    mtime: md.mtime(),
+                    sha: sha_hex(&std::fs::read(entry.path()).unwrap()),
+                }
+            };
+            out.insert(rel, node);
+        }
+    }
+    let mut out = BTreeMap::new();
+    visit(root, "", &mut out);
+    out
+}
+
+fn assert_same(local: &BTreeMap<String, Node>, remote: &BTreeMap<String, Node>, what: &str) {
+    if local == remote {
+        return;
+    }
+    let mut diffs = Vec::new();
+    for (k, v) in local {
+        match remote.get(k) {
+            None => diffs.push(format!("missing on the builder: {k:?} {v:?}")),
+            Some(r) if r != v => diffs.push(format!("differs: {k:?} local {v:?} builder {r:?}")),
+            _ => {}
+        }
+    }
+    for (k, v) in remote {
+        if !local.contains_key(k) {
+            diffs.push(format!("extra on the builder: {k:?} {v:?}"));
+        }
+    }
+    panic!("{what}: the builder's copy differs:\n{}", diffs.join("\n"));
+}
+
+/// `sha256sum` of every file, run on the builder through SSH (GNU
+/// coreutils escapes names with `\` or newline; undone here).
+async fn sha256sum_on_builder(session: &Session, tree: &Path) -> BTreeMap<String, String> {
+    let cmd = absconda::shell::join([
+        "sh",
+        "-c",
+        "cd \"$1\" && find . -type f -exec sha256sum {} +",
+        "x",
+        &tree.display().to_string(),
+    ]);
+    let out = session.output("sha256sum", &cmd, b"").await.unwrap();
+    assert!(out.status.success(), "{}", out.stderr_tail());
+    let mut sums = BTreeMap::new();
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let (escaped, line) = match line.strip_prefix('\\') {
+            Some(rest) => (true, rest),
+            None => (false, line),
+        };
+        let (hash, name) = line.split_at(64);
+        let name = name.strip_prefix("  ./").unwrap();
+        let name = if escaped {
+            let mut out = String::new();
+            let mut chars = name.chars();
+            while let Some(c) = chars.next() {
+                if c == '\\' {
+                    match chars.next() {
+                        Some('n') => out.push('\n'),
+                        Some('r') => out.push('\r'),
+                        Some('\\') => out.push('\\'),
+                        other => panic!("unknown escape {other:?} in {line:?}"),
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        } else {
+            name.to_string()
+        };
+        sums.insert(name, hash.to_string());
+    }
+    sums
+}
+
+// ---------------------------------------------------------------------------
+// Random edits
+
+const NAMES: &[&str] = &[
+    "a",
+    "lib",
+    "src",
+    "with space",
+    "ünïcödé",
+    "日本語",
+    "new\nline",
+    "-dash",
+    "quote'd",
+    "back\\slash",
+    "x.tmp",
+    "star*",
+    "$(echo hi)",
+    "tab\there",
+    "ignored",
+];
+
+struct Editor {
+    rng: StdRng,
+    root: PathBuf,
+    counter: u32,
+    log: Vec<String>,
+}
+
+impl Editor {
+    /// Every path under the root (relative), by kind.
+    fn scan(&self) -> (Vec<PathBuf>, Vec<PathBuf>, Vec<PathBuf>) {
+        let (mut files, mut dirs, mut links) = (Vec::new(), Vec::new(), Vec::new());
+        let mut stack = vec![self.root.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                let md = p.symlink_metadata().unwrap();
+                let rel = p.strip_prefix(&self.root).unwrap().to_path_buf();
+                if rel == Path::new("Dockerfile") || rel == Path::new(".dockerignore") {
+                    continue;
+                }
+                if md.file_type().is_symlink() {
+                    links.push(rel);
+                } else if md.is_dir() {
+                    stack.push(p);
+                    dirs.push(rel);
+                } else {
+                    files.push(rel);
+                }
+            }
+        }
+        files.sort();
+        dirs.sort();
+        links.sort();
+        (files, dirs, links)
+    }
+
+    fn pick<T: Clone>(&mut self, items: &[T]) -> Option<T> {
+        if items.is_empty() {
+            None
+        } else {
+            Some(items[self.rng.random_range(0..items.len())].clone())
+        }
+    }
+
+    fn new_name(&mut self) -> String {
+        self.counter += 1;
+        let base = NAMES[self.rng.random_range(0..NAMES.len())];
+        // Often reuse a bare name, so that same-basename folders appear in
+        // different places.
+        if self.rng.random_bool(0.4) {
+            base.to_string()
+        } else {
+            format!("{base}{}", self.counter)
+        }
+    }
+
+    /// A new path in a random existing folder (or the root).
+    fn new_path(&mut self, dirs: &[PathBuf]) -> PathBuf {
+        let parent = if self.rng.random_bool(0.3) {
+            PathBuf::new()
+        } else {
+            self.pick(dirs).unwrap_or_default()
+        };
+        loop {
+            let p = parent.join(self.new_name());
+            if self.root.join(&p).symlink_metadata().is_err() {
+                return p;
+            }
+        }
+    }
+
+    fn content(&mut self) -> Vec<u8> {
+        let len = match self.rng.random_range(0..10) {
+            0 => 0,
+            1..=6 => self.rng.random_range(1..4000),
+            _ => self.rng.random_range(4000..300_000),
+        };
+        if self.rng.random_bool(0.5) {
+            (0..len).map(|_| self.rng.random()).collect()
+        } else {
+            let line = b"fn main() { println!(\"hi\"); }\n";
+            (0..len).map(|i| line[i % line.len()]).collect()
+        }
+    }
+
+    fn set_mtime(&self, p: &Path, t: SystemTime) {
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+
+    /// One random edit; returns what it did.
+    fn edit(&mut self) {
+        let (files, dirs, links) = self.scan();
+        let op = self.rng.random_range(0..17);
+        let r = self.root.clone();
+        let what = match op {
+            0 | 1 => {
+                let p = self.new_path(&dirs);
+                let data = self.content();
+                std::fs::write(r.join(&p), &data).unwrap();
+                format!("create {p:?} ({} bytes)", data.len())
+            }
+            2 | 3 => match self.pick(&files) {
+                Some(p) => {
+                    let data = self.content();
+                    std::fs::write(r.join(&p), &data).unwrap();
+                    format!("edit {p:?}")
+                }
+                None => "nothing to edit".into(),
+            },
+            4 => match self.pick(&files) {
+                Some(p) => {
+                    let old = r.join(&p).metadata().unwrap().modified().unwrap();
+                    let data = self.content();
+                    std::fs::write(r.join(&p), &data).unwrap();
+                    let back = Duration::from_secs(self.rng.random_range(1..1_000_000));
+                    self.set_mtime(&r.join(&p), old - back);
+                    format!("edit {p:?} with its mtime going back {back:?}")
+                }
+                None => "nothing to edit".into(),
+            },
+            5 => match self.pick(&files) {
+                Some(p) => {
+                    let md = r.join(&p).metadata().unwrap();
+                    let mut data = std::fs::read(r.join(&p)).unwrap();
+                    if data.is_empty() {
+                        return;
+                    }
+                    let i = self.rng.random_range(0..data.len());
+                    data[i] = data[i].wrapping_add(1);
+                    std::fs::write(r.join(&p), &data).unwrap();
+                    self.set_mtime(&r.join(&p), md.modified().unwrap());
+                    format!("edit {p:?} keeping its size and mtime")
+                }
+                None => "nothing to edit".into(),
+            },
+            6 => match self.pick(&files) {
+                Some(p) => {
+                    std::fs::remove_file(r.join(&p)).unwrap();
+                    format!("delete {p:?}")
+                }
+                None => "nothing to delete".into(),
+            },
+            7 => match self.pick(&dirs) {
+                Some(p) => {
+                    std::fs::remove_dir_all(r.join(&p)).unwrap();
+                    format!("delete folder {p:?}")
+                }
+                None => "nothing to delete".into(),
+            },
+            8 => {
+                let all: Vec<PathBuf> = files.iter().chain(&dirs).chain(&links).cloned().collect();
+                match self.pick(&all) {
+                    Some(p) => {
+                        let to = self.new_path(&dirs);
+                        if to.starts_with(&p) {
+                            return;
+                        }
+                        std::fs::rename(r.join(&p), r.join(&to)).unwrap();
+                        format!("rename {p:?} to {to:?}")
+                    }
+                    None => "nothing to rename".into(),
+                }
+            }
+            9 => {
+                let file = self.rng.random_bool(0.6);
+                let pool = if file { &files } else { &dirs };
+                match self.pick(pool) {
+                    Some(p) => {
+                        let modes: &[u32] = if file {
+                            &[0o644, 0o755, 0o600, 0o700, 0o444, 0o4755, 0o640]
+                        } else {
+                            &[0o755, 0o700, 0o750, 0o2775, 0o555]
+                        };
+                        let mode = modes[self.rng.random_range(0..modes.len())];
+                        std::fs::set_permissions(r.join(&p), std::fs::Permissions::from_mode(mode))
+                            .unwrap();
+                        format!("chmod {mode:o} {p:?}")
+                    }
+                    None => "nothing to chmod".into(),
+                }
+            }
+            10 => {
+                let p = self.new_path(&dirs);
+                let target = self.link_target(&files);
+                symlink(&target, r.join(&p)).unwrap();
+                format!("symlink {p:?} -> {target:?}")
+            }
+            11 => match self.pick(&links) {
+                Some(p) => {
+                    let target = self.link_target(&files);
+                    std::fs::remove_file(r.join(&p)).unwrap();
+                    symlink(&target, r.join(&p)).unwrap();
+                    format!("retarget {p:?} -> {target:?}")
+                }
+                None => "no symlink to retarget".into(),
+            },
+            12 => match self.pick(&files) {
+                Some(p) => {
+                    std::fs::remove_file(r.join(&p)).unwrap();
+                    std::fs::create_dir(r.join(&p)).unwrap();
+                    let data = self.content();
+                    std::fs::write(r.join(&p).join("inside"), data).unwrap();
+                    format!("file {p:?} becomes a folder")
+                }
+                None => "no file to swap".into(),
+            },
+            13 => match self.pick(&dirs) {
+                Some(p) => {
+                    std::fs::remove_dir_all(r.join(&p)).unwrap();
+                    let data = self.content();
+                    std::fs::write(r.join(&p), data).unwrap();
+                    format!("folder {p:?} becomes a file")
+                }
+                None => "no folder to swap".into(),
+            },
+            14 => match self.pick(&links) {
+                Some(p) => {
+                    std::fs::remove_file(r.join(&p)).unwrap();
+                    std::fs::write(r.join(&p), b"was a link").unwrap();
+                    format!("symlink {p:?} becomes a file")
+                }
+                None => "no symlink to swap".into(),
+            },
+            15 => {
+                let p = self.new_path(&dirs);
+                std::fs::create_dir(r.join(&p)).unwrap();
+                format!("empty folder {p:?}")
+            }
+            _ => {
+                let patterns = [
+                    "**/*.tmp",
+                    "ignored",
+                    "**/ignored",
+                    "!ignored/keep",
+                    "lib/a*",
+                ];
+                let mut lines: Vec<String> = std::fs::read_to_string(r.join(".dockerignore"))
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::to_string)
+                    .collect();
+                let pat = patterns[self.rng.random_range(0..patterns.len())].to_string();
+                if let Some(i) = lines.iter().position(|l| *l == pat) {
+                    lines.remove(i);
+                } else {
+                    lines.push(pat.clone());
+                }
+                std::fs::write(r.join(".dockerignore"), lines.join("\n") + "\n").unwrap();
+                format!(".dockerignore toggles {pat:?}")
+            }
+        };
+        self.log.push(what);
+    }
+
+    fn link_target(&mut self, files: &[PathBuf]) -> PathBuf {
+        match self.rng.random_range(0..4) {
+            0 => PathBuf::from("/etc/hostname"),
+            1 => PathBuf::from("dangling target"),
+            _ => self.pick(files).unwrap_or_else(|| "nothing".into()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The property test
+
+fn sshd_only() -> bool {
+    crate::support::require(SSHD)
+}
+
+/// A builder session with the lease held, for syncing through the library.
+struct Bench {
+    project: Project,
+    builder: absconda::config::Builder,
+    session: Session,
+    cache: PathBuf,
+}
+
+async fn bench(sshd: &Sshd, extra_yaml: &str) -> Bench {
+    let project = Project::with_builder(sshd, extra_yaml);
+    let file = absconda::config::load(Some(&project.config)).unwrap();
+    let builder = file.builder("local").unwrap();
+    let target = ssh_target(&builder, builder.host.as_deref().unwrap());
+    let session = Session::connect(&target).await.unwrap();
+    let cache = project.dir.path().join("cache");
+    Bench {
+        project,
+        builder,
+        session,
+        cache,
+    }
+}
+
+impl Bench {
+    async fn sync(&self, verify: bool, compression: Compression) -> SyncSummary {
+        let ctx = &self.project.context;
+        let req = BuildRequest {
+            context_dir: Some(ctx.clone()),
+            dockerfile: ctx.join("Dockerfile"),
+            ..BuildRequest::default()
+        };
+        let prepared = prepare_context(&req).await.unwrap();
+        let job = SyncJob {
+            builder: &self.builder,
+            run_dir: "",
+            identity: absconda::sync::identity(Some(ctx), &[]),
+            compression,
+            verify,
+            cache_root: Some(self.cache.clone()),
+        };
+        sync_context(
+            &self.session,
+            &job,
+            prepared.entries,
+            prepared.extra,
+            &Silent,
+        )
+        .await
+        .unwrap()
+    }
+
+    fn tree(&self) -> PathBuf {
+        let contexts = self.project.workspace.join("contexts");
+        let mut copies: Vec<PathBuf> = std::fs::read_dir(&contexts)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(copies.len(), 1, "{copies:?}");
+        copies.pop().unwrap().join("tree")
+    }
+
+    async fn check(&self, what: &str) {
+        let local = local_tree(&self.project.context);
+        let tree = self.tree();
+        assert_same(&local, &builder_tree(&tree), what);
+        let expected: BTreeMap<String, String> = local
+            .iter()
+            .filter_map(|(k, v)| match v {
+                Node::File { sha, .. } => Some((k.clone(), sha.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            sha256sum_on_builder(&self.session, &tree).await,
+            expected,
+            "{what}: sha256sum on the builder"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_edit_sequences_keep_the_copy_identical() {
+    if !sshd_only() {
+        return;
+    }
+    let seed: u64 = std::env::var("ABSCONDA_SYNC_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("property test seed: {seed} (replay with ABSCONDA_SYNC_SEED={seed})");
+    let sshd = Sshd::start(None);
+    let b = bench(&sshd, "").await;
+    let ctx = &b.project.context;
+    b.project
+        .file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+    b.project.file(".dockerignore", "**/*.tmp\n");
+    let lease = acquire_lease(
+        &b.session,
+        &b.builder,
+        Duration::from_secs(30),
+        None,
+        &Silent,
+    )
+    .await
+    .unwrap();
+
+    let mut ed = Editor {
+        rng: StdRng::seed_from_u64(seed),
+        root: ctx.clone(),
+        counter: 0,
+        log: Vec::new(),
+    };
+    // A starting tree, then rounds of 0-4 edits, each followed by a sync.
+    for _ in 0..25 {
+        ed.edit();
+    }
+    let first = b.sync(false, Compression::None).await;
+    assert_eq!(first.mode, "full");
+    b.check(&format!("seed {seed}, initial tree")).await;
+    let rounds = 40;
+    for round in 0..rounds {
+        let before = ed.log.len();
+        let edits = ed.rng.random_range(0..5);
+        for _ in 0..edits {
+            ed.edit();
+        }
+        let verify = ed.rng.random_bool(0.2);
+        let compression = if ed.rng.random_bool(0.5) {
+            Compression::Gzip
+        } else {
+            Compression::None
+        };
+        let s = b.sync(verify, compression).await;
+        let what = format!("seed {seed}, round {round}, after {:?}", &ed.log[before..]);
+        assert_eq!(s.mode, "delta", "{what}: {s:?}");
+        assert!(s.matched, "{what}: {s:?}");
+        if ed.log.len() == before {
+            assert_eq!(s.entries_sent, 0, "{what}: nothing changed: {s:?}");
+            assert!(s.bytes_sent < 4096, "{what}: {s:?}");
+        }
+        b.check(&what).await;
+    }
+    assert!(lease.release(Duration::from_secs(10)).await);
+}
+
+// ---------------------------------------------------------------------------
+// Whole builds through the binary
+
+fn services() -> bool {
+    crate::support::require(SSHD) && crate::support::require("dockerd")
+}
+
+fn build_json(p: &Project, image: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--tag", "t", "--json"];
+    args.extend_from_slice(extra);
+    let out = p.build(image, &args);
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+}
+
+fn cat_in_image(image: &str, path: &str) -> Vec<u8> {
+    let out = docker().run(&["run", "--rm", "--network", "none", image, "cat", path]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random()).collect()
+}
+
+fn gzip_len(data: &[u8]) -> u64 {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(data).unwrap();
+    gz.finish().unwrap().len() as u64
+}
+
+fn sync_of(report: &serde_json::Value) -> &serde_json::Value {
+    &report["sync"]
+}
+
+fn copies(p: &Project) -> Vec<PathBuf> {
+    match std::fs::read_dir(p.workspace.join("contexts")) {
+        Ok(rd) => rd.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn an_unchanged_rebuild_sends_almost_nothing_and_one_change_its_compressed_size() {
+    if !services() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::with_builder(&sshd, "    compression: gzip\n");
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+    for i in 0..300 {
+        p.file(
+            &format!("src/m{}/f{i}.rs", i % 10),
+            &format!("fn f{i}() {{}}\n").repeat(20),
+        );
+    }
+    std::fs::write(p.context.join("big.bin"), random_bytes(1, 2 << 20)).unwrap();
+    p.file("notes.txt", &"a compressible line of text\n".repeat(40_000));
+    let image = "sync/little:t";
+
+    let cold = build_json(&p, "sync/little", &[]);
+    assert_eq!(sync_of(&cold)["mode"], "full", "{cold}");
+    assert_eq!(
+        sync_of(&cold)["reason"],
+        "first build of this context on this builder"
+    );
+    assert!(cold["bytes_sent"].as_u64().unwrap() > 2 << 20);
+
+    let same = build_json(&p, "sync/little", &[]);
+    assert_eq!(sync_of(&same)["mode"], "delta", "{same}");
+    assert_eq!(same["files_sent"], 0);
+    let bytes = same["bytes_sent"].as_u64().unwrap();
+    assert!(bytes <= 64 * 1024, "no-change rebuild sent {bytes} bytes");
+
+    // One compressible file: about its gzip size.
+    let notes = "another compressible line\n".repeat(41_000);
+    p.file("notes.txt", &notes);
+    let one = build_json(&p, "sync/little", &[]);
+    let gz = gzip_len(notes.as_bytes());
+    let bytes = one["bytes_sent"].as_u64().unwrap();
+    assert_eq!(one["files_sent"], 1, "{one}");
+    assert!(
+        bytes <= gz + 64 * 1024 && bytes >= gz,
+        "sent {bytes} bytes for a file of {gz} bytes gzipped"
+    );
+    assert_eq!(cat_in_image(image, "/ctx/notes.txt"), notes.as_bytes());
+
+    // One incompressible file.
+    let big = random_bytes(2, 2 << 20);
+    std::fs::write(p.context.join("big.bin"), &big).unwrap();
+    let one = build_json(&p, "sync/little", &[]);
+    let gz = gzip_len(&big);
+    let bytes = one["bytes_sent"].as_u64().unwrap();
+    assert!(
+        bytes <= gz + 64 * 1024 && bytes >= gz,
+        "sent {bytes} bytes for a file of {gz} bytes gzipped"
+    );
+    assert_eq!(sha_hex(&cat_in_image(image, "/ctx/big.bin")), sha_hex(&big));
+    let stderr_summary = p.build("sync/little", &["--tag", "t"]);
+    let err = String::from_utf8_lossy(&stderr_summary.stderr);
+    assert!(
+        err.contains("incremental: 0 changed files, 0 deleted"),
+        "{err}"
+    );
+    assert!(p.run_folders().is_empty(), "{:?}", p.run_folders());
+    assert_eq!(copies(&p).len(), 1, "the copy stays after the build");
+}
+
+/// A TCP proxy that passes client→server bytes at a fixed rate, so that an
+/// upload lasts long enough to be cut in the middle.
+struct Throttle {
+    port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl Throttle {
+    fn start(upstream: u16, bytes_per_sec: usize) -> Throttle {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = conn else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let pipe = |mut from: TcpStream, mut to: TcpStream, rate: Option<usize>| {
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            if let Some(rate) = rate {
+                                std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                        let _ = from.shutdown(std::net::Shutdown::Read);
+                    });
+                };
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    Some(bytes_per_sec),
+                );
+                pipe(server, client, None);
+            }
+        });
+        Throttle { port, stop }
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn state_of(p: &Project) -> String {
+    copies(p)
+        .first()
+        .and_then(|c| std::fs::read_to_string(c.join("state")).ok())
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_interrupted_sync_is_detected_and_repaired_by_the_next_build() {
+    if !services() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let mut p = Project::with_builder(&sshd, "    compression: none\n");
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+    p.file("small.txt", "version 1\n");
+    std::fs::write(p.context.join("blob.bin"), random_bytes(3, 1 << 20)).unwrap();
+    build_json(&p, "sync/cut", &[]);
+
+    // Change everything, then cut the next upload in the middle.
+    let blob = random_bytes(4, 12 << 20);
+    std::fs::write(p.context.join("blob.bin"), &blob).unwrap();
+    p.file("small.txt", "version 2\n");
+    let throttle = Throttle::start(sshd.port, 2 << 20);
+    let direct = std::fs::read_to_string(&p.config).unwrap();
+    let kh = std::fs::read_to_string(&sshd.known_hosts).unwrap();
+    std::fs::write(
+        &sshd.known_hosts,
+        format!("{kh}[127.0.0.1]:{} {}\n", throttle.port, sshd.host_key_pub),
+    )
+    .unwrap();
+    std::fs::write(
+        &p.config,
+        direct.replace(
+            &format!("port: {}\n", sshd.port),
+            &format!("port: {}\n", throttle.port),
+        ),
+    )
+    .unwrap();
+    let mut child = p
+        .cmd()
+        .args(["build", "--remote-builder", "local", "--context"])
+        .arg(&p.context)
+        .args(["--repository", "sync/cut", "--tag", "t"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the sync started", Duration::from_secs(30), || {
+        state_of(&p).starts_with("v1 dirty")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the upload ended too soon"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(throttle);
+    std::fs::write(&p.config, &direct).unwrap();
+    // Wait until the builder noticed (its tar ends, the copy stays dirty).
+    let t = Instant::now();
+    wait_until("the lease was released", Duration::from_secs(30), || {
+        std::fs::read_to_string(p.workspace.join(".lease-holder"))
+            .is_ok_and(|h| h.trim().is_empty())
+    });
+    assert!(state_of(&p).starts_with("v1 dirty"), "{}", state_of(&p));
+    eprintln!("builder released after {:?}", t.elapsed());
+
+    p.env.push(("RUST_LOG".into(), "absconda=debug".into()));
+    let next = build_json(&p, "sync/cut", &[]);
+    assert_eq!(sync_of(&next)["mode"], "full", "{next}");
+    assert_eq!(
+        sync_of(&next)["reason"],
+        "the builder's copy was left unfinished by an interrupted sync"
+    );
+    assert!(state_of(&p).starts_with("v1 clean"));
+    assert_eq!(cat_in_image("sync/cut:t", "/ctx/small.txt"), b"version 2\n");
+    assert_eq!(
+        sha_hex(&cat_in_image("sync/cut:t", "/ctx/blob.bin")),
+        sha_hex(&blob)
+    );
+    let tree = copies(&p)[0].join("tree");
+    assert_same(
+        &local_tree(&p.context),
+        &builder_tree(&tree),
+        "after repair",
+    );
+}
+
+#[test]
+fn a_copy_changed_on_the_builder_is_caught_and_repaired() {
+    if !services() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::new(&sshd);
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+    p.file("app.conf", "setting = original\n");
+    p.file("other.txt", "other\n");
+    build_json(&p, "sync/tamper", &[]);
+    let tree = copies(&p)[0].join("tree");
+
+    // Someone edits the copy on the builder: the listing sees the mtime.
+    std::fs::write(tree.join("app.conf"), "setting = tampered\n").unwrap();
+    let r = build_json(&p, "sync/tamper", &[]);
+    assert_eq!(sync_of(&r)["mode"], "full", "{r}");
+    assert_eq!(
+        sync_of(&r)["reason"],
+        "the builder's copy was changed outside absconda"
+    );
+    assert_eq!(
+        cat_in_image("sync/tamper:t", "/ctx/app.conf"),
+        b"setting = original\n"
+    );
+
+    // Same size and mtime: only --verify can tell, and then repairs it.
+    let f = tree.join("app.conf");
+    let mtime = f.metadata().unwrap().modified().unwrap();
+    std::fs::write(&f, "setting = ORIGINAL\n").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let r = build_json(&p, "sync/tamper", &["--verify"]);
+    let s = sync_of(&r);
+    assert_eq!(s["verified"], "sha256", "{r}");
+    assert_eq!(s["attempts"], 2, "a delta, then a full send: {r}");
+    assert_eq!(s["mode"], "full");
+    assert!(
+        s["reason"]
+            .as_str()
+            .unwrap()
+            .contains("did not match the manifest (files)"),
+        "{r}"
+    );
+    assert_eq!(
+        cat_in_image("sync/tamper:t", "/ctx/app.conf"),
+        b"setting = original\n"
+    );
+    assert_same(
+        &local_tree(&p.context),
+        &builder_tree(&tree),
+        "after --verify",
+    );
+}
+
+#[test]
+fn contexts_with_the_same_basename_never_share_a_copy() {
+    if !services() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let a = Project::new(&sshd);
+    let b = Project::new(&sshd);
+    // Both context folders are called `ctx`; make them share one workspace.
+    std::fs::write(&b.config, std::fs::read_to_string(&a.config).unwrap()).unwrap();
+    for (p, who) in [(&a, "a"), (&b, "b")] {
+        p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+        p.file("who.txt", who);
+    }
+    build_json(&a, "sync/base-a", &[]);
+    let rb = build_json(&b, "sync/base-b", &[]);
+    assert_eq!(sync_of(&rb)["mode"], "full", "b must not reuse a's copy");
+    let ra = build_json(&a, "sync/base-a", &[]);
+    assert_eq!(sync_of(&ra)["mode"], "delta");
+    assert_eq!(cat_in_image("sync/base-a:t", "/ctx/who.txt"), b"a");
+    assert_eq!(cat_in_image("sync/base-b:t", "/ctx/who.txt"), b"b");
+    assert_eq!(copies(&a).len(), 2);
+}
+
+#[test]
+fn no_incremental_streams_everything_and_an_outside_dockerfile_still_works() {
+    if !services() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::new(&sshd);
+    let outside = p.dir.path().join("elsewhere.Dockerfile");
+    std::fs::write(
+        &outside,
+        format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\nLABEL from=outside\n"),
+    )
+    .unwrap();
+    p.file("x.txt", "x1");
+    let df = outside.display().to_string();
+    let r = build_json(&p, "sync/outside", &["--dockerfile", &df]);
+    assert_eq!(sync_of(&r)["mode"], "full");
+    p.file("x.txt", "x2");
+    let r = build_json(&p, "sync/outside", &["--dockerfile", &df]);
+    assert_eq!(sync_of(&r)["mode"], "delta");
+    assert_eq!(r["files_sent"], 1);
+    assert_eq!(cat_in_image("sync/outside:t", "/ctx/x.txt"), b"x2");
+    // The outside Dockerfile is not part of the copy.
+    assert!(!copies(&p)[0].join("tree/Dockerfile").exists());
+
+    let state = state_of(&p);
+    p.file("x.txt", "x3");
+    let r = build_json(
+        &p,
+        "sync/outside",
+        &["--dockerfile", &df, "--no-incremental"],
+    );
+    assert!(r["sync"].is_null(), "{r}");
+    assert_eq!(cat_in_image("sync/outside:t", "/ctx/x.txt"), b"x3");
+    assert_eq!(
+        state_of(&p),
+        state,
+        "--no-incremental leaves the copy alone"
+    );
+}
