@@ -171,6 +171,7 @@ if [ -n "$run" ]; then
   if [ -L "$run/context" ]; then rm -f "$run/context"; fi
   ln -s "$tree" "$run/context" || fail "cannot link the copy into $run"
 fi
+printf 'tree %s\n' "$tree"
 if [ "$ok" != yes ]; then
   echo "result mismatch $ok"
   exit 3
@@ -361,7 +362,7 @@ mod tests {
         assert_eq!(CopyState::parse("state clean m"), None);
     }
 
-    use crate::context::{Compression, DockerIgnore, walk, write_tar};
+    use crate::context::{Compression, DockerIgnore, walk};
     use crate::sync::cache::scan;
     use crate::sync::manifest::Manifest;
     use crate::sync::plan::Plan;
@@ -473,7 +474,7 @@ mod tests {
         .encode();
         if tar_mode != TarMode::None {
             let (entries, extra) = scanned.tar_inputs(&plan.send);
-            write_tar(&entries, &extra, "", compression, &mut input).unwrap();
+            crate::sync::stream::write(&entries, &extra, compression, &mut input).unwrap();
         }
         let mut child = Command::new(&sh.argv[0])
             .args(&sh.argv[1..])
@@ -601,6 +602,7 @@ mod tests {
                     rest,
                     [
                         format!("applied {}", m2.listing_hash()),
+                        format!("tree {}", ws.join("contexts/k/tree").display()),
                         "result clean".into()
                     ]
                 );
