@@ -37,9 +37,18 @@ use crate::support::wait_until;
 /// What must be equal between the local context and the builder's copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Node {
-    File { mode: u32, mtime: i64, sha: String },
-    Dir { mode: u32 },
-    Link { target: PathBuf },
+    /// The mtime to the nanosecond: BuildKit trusts it (see `stream.rs`).
+    File {
+        mode: u32,
+        mtime: (i64, i64),
+        sha: String,
+    },
+    Dir {
+        mode: u32,
+    },
+    Link {
+        target: PathBuf,
+    },
 }
 
 fn sha_hex(data: &[u8]) -> String {
@@ -56,7 +65,7 @@ fn local_tree(ctx: &Path) -> BTreeMap<String, Node> {
             let node = match e.kind {
                 EntryKind::File { .. } => Node::File {
                     mode: e.mode & 0o7777,
-                    mtime: e.mtime.max(0),
+                    mtime: (e.mtime.max(0), i64::from(e.mtime_nsec)),
                     sha: sha_hex(&std::fs::read(&e.abs).unwrap()),
                 },
                 EntryKind::Dir => Node::Dir {
@@ -93,7 +102,7 @@ fn builder_tree(root: &Path) -> BTreeMap<String, Node> {
             } else {
                 Node::File {
                     mode: md.mode() & 0o7777,
-                    mtime: md.mtime(),
+                    mtime: (md.mtime(), md.mtime_nsec()),
                     sha: sha_hex(&std::fs::read(entry.path()).unwrap()),
                 }
             };
