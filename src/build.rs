@@ -480,6 +480,7 @@ fn docker_build_argv(
     req: &BuildRequest,
     dockerfile_arg: &str,
     buildkit: bool,
+    context: &str,
 ) -> Vec<String> {
     let mut argv: Vec<String> = vec![
         "env".into(),
@@ -518,7 +519,7 @@ fn docker_build_argv(
     if req.pull {
         argv.push("--pull".into());
     }
-    argv.push("context".into());
+    argv.push(context.into());
     argv
 }
 
@@ -797,7 +798,24 @@ pub async fn build_on(
 
         reporter.phase(Phase::Build);
         let t = Instant::now();
-        let argv = docker_build_argv(builder, req, &dockerfile_arg, buildkit);
+        // BuildKit reuses its copy of the last context transferred under
+        // the same path for every file whose size, mode and mtime match,
+        // without reading it. The incremental sync's copy keeps its own
+        // path from build to build (and nanosecond mtimes); a full upload
+        // lands in a new run folder, whose absolute path is never reused
+        // (the bare `context` would share that cache between all contexts).
+        let context = report
+            .sync
+            .as_ref()
+            .and_then(|s| s.tree.clone())
+            .unwrap_or_else(|| {
+                if lease.run_dir.starts_with('/') {
+                    format!("{}/context", lease.run_dir)
+                } else {
+                    "context".into()
+                }
+            });
+        let argv = docker_build_argv(builder, req, &dockerfile_arg, buildkit, &context);
         let (status, _) = stream(
             session,
             "docker build",

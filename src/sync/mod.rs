@@ -35,6 +35,7 @@ pub mod cache;
 pub mod manifest;
 pub mod plan;
 pub mod script;
+pub mod stream;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -140,6 +141,10 @@ pub struct SyncSummary {
     pub scan_seconds: f64,
     /// Seconds from opening the sync channel to the builder's verdict.
     pub transfer_seconds: f64,
+    /// The copy's absolute path on the builder: `docker build` runs on it,
+    /// so BuildKit's own incremental context transfer is keyed on this
+    /// context alone (it keys it on the path it is given).
+    pub tree: Option<String>,
 }
 
 /// This machine's id (`/etc/machine-id`), or its host name.
@@ -330,6 +335,7 @@ pub async fn sync_context(
         )
         .await?;
         summary.bytes_sent += done.bytes;
+        summary.tree = done.tree.or(summary.tree.take());
         match done.outcome {
             Outcome::Clean => {
                 summary.matched = true;
@@ -422,7 +428,7 @@ fn scanned_tar(
     compression: Compression,
 ) -> (context::TarChunks, context::TarTask) {
     let (entries, extra) = scanned.tar_inputs(&plan.send);
-    context::tar_stream(entries, extra, String::new(), compression, CHUNK)
+    stream::tar_stream(entries, extra, compression, CHUNK)
 }
 
 async fn save(cache: &mut LocalCache) {
@@ -452,6 +458,7 @@ enum Outcome {
 struct Exchanged {
     outcome: Outcome,
     bytes: u64,
+    tree: Option<String>,
 }
 
 /// Writes the request and the tar stream, and reads the builder's verdict.
@@ -556,7 +563,15 @@ async fn exchange(
         (Outcome::Stale, Err(_)) => request.len() as u64,
         (_, Err(e)) => return Err(e),
     };
-    Ok(Exchanged { outcome, bytes })
+    let tree = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("tree "))
+        .map(str::to_string);
+    Ok(Exchanged {
+        outcome,
+        bytes,
+        tree,
+    })
 }
 
 fn remote_error(builder: &str, line: Option<&str>, stderr: &[u8]) -> SyncError {

@@ -54,6 +54,7 @@ ws=$1 key=$2 run=$3
 export LC_ALL=C
 set -f
 case $ws in /*) ;; *) ws=$PWD/$ws ;; esac
+case $run in ''|/*) ;; *) run=$PWD/$run ;; esac
 dir=$ws/contexts/$key
 tree=$dir/tree
 "#,
@@ -144,7 +145,7 @@ if [ -n "$mods" ]; then
   decode "$mods" | xargs -0 -r -n 2 chmod -- || fail "cannot change permissions in $tree"
 fi
 
-if [ -z "$dels$mods" ] && [ "$tarmode" = none ] && [ "$state" = clean ]; then
+if [ "$mode" = delta ] && [ -z "$dels$mods" ] && [ "$tarmode" = none ]; then
   got=$cur   # nothing changed since it was listed
 else
   got=$(listing)
@@ -170,6 +171,7 @@ if [ -n "$run" ]; then
   if [ -L "$run/context" ]; then rm -f "$run/context"; fi
   ln -s "$tree" "$run/context" || fail "cannot link the copy into $run"
 fi
+printf 'tree %s\n' "$tree"
 if [ "$ok" != yes ]; then
   echo "result mismatch $ok"
   exit 3
@@ -360,7 +362,7 @@ mod tests {
         assert_eq!(CopyState::parse("state clean m"), None);
     }
 
-    use crate::context::{Compression, DockerIgnore, walk, write_tar};
+    use crate::context::{Compression, DockerIgnore, walk};
     use crate::sync::cache::scan;
     use crate::sync::manifest::Manifest;
     use crate::sync::plan::Plan;
@@ -429,6 +431,21 @@ mod tests {
         verify: bool,
         compression: Compression,
     ) -> (String, Vec<String>, Manifest) {
+        run_sync_in(sh, None, ws, "", ctx, base, verify, compression)
+    }
+
+    /// [`run_sync`] started in `cwd`, linking the copy into `run`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_sync_in(
+        sh: &Shell,
+        cwd: Option<&Path>,
+        ws: &Path,
+        run: &str,
+        ctx: &Path,
+        base: Option<&Manifest>,
+        verify: bool,
+        compression: Compression,
+    ) -> (String, Vec<String>, Manifest) {
         let entries = walk(ctx, &DockerIgnore::parse(""), &[]).unwrap();
         let scanned = scan(entries, Vec::new(), &[]).unwrap();
         let new = scanned.manifest.clone();
@@ -457,13 +474,14 @@ mod tests {
         .encode();
         if tar_mode != TarMode::None {
             let (entries, extra) = scanned.tar_inputs(&plan.send);
-            write_tar(&entries, &extra, "", compression, &mut input).unwrap();
+            crate::sync::stream::write(&entries, &extra, compression, &mut input).unwrap();
         }
         let mut child = Command::new(&sh.argv[0])
             .args(&sh.argv[1..])
             .args(["-c", SYNC, "absconda-sync"])
             .arg(ws)
-            .args(["k", ""])
+            .args(["k", run])
+            .current_dir(cwd.unwrap_or(Path::new("/")))
             .env_clear()
             .env("PATH", &sh.path)
             .stdin(Stdio::piped())
@@ -584,6 +602,7 @@ mod tests {
                     rest,
                     [
                         format!("applied {}", m2.listing_hash()),
+                        format!("tree {}", ws.join("contexts/k/tree").display()),
                         "result clean".into()
                     ]
                 );
@@ -641,6 +660,13 @@ mod tests {
 
         let (_, _, m1) = run_clean(&sh, &ws, &ctx, None, false, Compression::None);
         std::fs::write(&victim, "Y").unwrap();
+        // (The listing has whole seconds: make sure this one is another.)
+        std::fs::File::options()
+            .write(true)
+            .open(&victim)
+            .unwrap()
+            .set_modified(mtime + std::time::Duration::from_secs(100))
+            .unwrap();
         let (state, rest, _) = run_sync(&sh, &ws, &ctx, Some(&m1), false, Compression::None);
         let words: Vec<&str> = state.split(' ').collect();
         assert_ne!(
@@ -648,6 +674,35 @@ mod tests {
             "a new mtime shows in the listing: {state}"
         );
         assert_eq!(rest.last().unwrap(), "result stale");
+    }
+
+    /// A relative workspace is relative to the login folder, and so is the
+    /// run folder the copy is linked into (the lease creates it there).
+    #[test]
+    fn relative_workspace_and_run_folder() {
+        let home = tempfile::tempdir().unwrap();
+        let ctx = home.path().join("ctx");
+        std::fs::create_dir_all(&ctx).unwrap();
+        std::fs::write(ctx.join("f"), "x").unwrap();
+        std::fs::create_dir_all(home.path().join("ws/runs/r1")).unwrap();
+        let ws = Path::new("ws");
+        let (_, rest, _) = run_sync_in(
+            &gnu(),
+            Some(home.path()),
+            ws,
+            "ws/runs/r1",
+            &ctx,
+            None,
+            false,
+            Compression::None,
+        );
+        assert_eq!(rest.last().unwrap(), "result clean");
+        let link = home.path().join("ws/runs/r1/context");
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            home.path().join("ws/contexts/k/tree")
+        );
+        assert_eq!(std::fs::read(link.join("f")).unwrap(), b"x");
     }
 
     #[test]

@@ -37,9 +37,18 @@ use crate::support::wait_until;
 /// What must be equal between the local context and the builder's copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Node {
-    File { mode: u32, mtime: i64, sha: String },
-    Dir { mode: u32 },
-    Link { target: PathBuf },
+    /// The mtime to the nanosecond: BuildKit trusts it (see `stream.rs`).
+    File {
+        mode: u32,
+        mtime: (i64, i64),
+        sha: String,
+    },
+    Dir {
+        mode: u32,
+    },
+    Link {
+        target: PathBuf,
+    },
 }
 
 fn sha_hex(data: &[u8]) -> String {
@@ -56,7 +65,7 @@ fn local_tree(ctx: &Path) -> BTreeMap<String, Node> {
             let node = match e.kind {
                 EntryKind::File { .. } => Node::File {
                     mode: e.mode & 0o7777,
-                    mtime: e.mtime.max(0),
+                    mtime: (e.mtime.max(0), i64::from(e.mtime_nsec)),
                     sha: sha_hex(&std::fs::read(&e.abs).unwrap()),
                 },
                 EntryKind::Dir => Node::Dir {
@@ -93,7 +102,7 @@ fn builder_tree(root: &Path) -> BTreeMap<String, Node> {
             } else {
                 Node::File {
                     mode: md.mode() & 0o7777,
-                    mtime: md.mtime(),
+                    mtime: (md.mtime(), md.mtime_nsec()),
                     sha: sha_hex(&std::fs::read(entry.path()).unwrap()),
                 }
             };
@@ -946,9 +955,14 @@ fn contexts_with_the_same_basename_never_share_a_copy() {
     let b = Project::new(&sshd);
     // Both context folders are called `ctx`; make them share one workspace.
     std::fs::write(&b.config, std::fs::read_to_string(&a.config).unwrap()).unwrap();
+    // Same name, size, mode and mtime to the nanosecond: BuildKit, which
+    // reuses its previous copy of a context for files whose stat did not
+    // change, must not take b's file for a's.
+    let t = SystemTime::now() - Duration::from_secs(60);
     for (p, who) in [(&a, "a"), (&b, "b")] {
         p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
         p.file("who.txt", who);
+        set_mtime(&p.context.join("who.txt"), t);
     }
     build_json(&a, "sync/base-a", &[]);
     let rb = build_json(&b, "sync/base-b", &[]);
@@ -958,6 +972,48 @@ fn contexts_with_the_same_basename_never_share_a_copy() {
     assert_eq!(cat_in_image("sync/base-a:t", "/ctx/who.txt"), b"a");
     assert_eq!(cat_in_image("sync/base-b:t", "/ctx/who.txt"), b"b");
     assert_eq!(copies(&a).len(), 2);
+
+    // Whole uploads too: each lands in a run folder BuildKit never saw.
+    build_json(&a, "sync/base-a", &["--no-incremental"]);
+    build_json(&b, "sync/base-b", &["--no-incremental"]);
+    assert_eq!(cat_in_image("sync/base-b:t", "/ctx/who.txt"), b"b");
+}
+
+fn set_mtime(path: &Path, t: SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
+/// A script that rewrites a version file and builds, in a loop, changes
+/// the file within one second without changing its size: the builder's copy
+/// must carry the mtime to the nanosecond, or BuildKit keeps the old file.
+#[test]
+fn a_same_size_rewrite_within_one_second_reaches_the_image() {
+    if !services() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::new(&sshd);
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+    let second = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    for (i, version) in ["v1", "v2", "v3"].into_iter().enumerate() {
+        p.file("VERSION", version);
+        set_mtime(
+            &p.context.join("VERSION"),
+            second + Duration::from_millis(100 * i as u64 + 100),
+        );
+        let r = build_json(&p, "sync/version", &[]);
+        assert_eq!(
+            cat_in_image("sync/version:t", "/ctx/VERSION"),
+            version.as_bytes(),
+            "{r}"
+        );
+    }
 }
 
 #[test]
