@@ -676,6 +676,62 @@ mod tests {
     }
 
     #[test]
+    fn which_copies_are_trusted() {
+        let m = Manifest::default();
+        let cache = LocalCache {
+            path: None,
+            data: cache::CacheData {
+                synced: Some(m.clone()),
+                ..cache::CacheData::default()
+            },
+        };
+        let clean =
+            |manifest: &str, recorded: &str, current: &str, rebooted: bool| CopyState::Clean {
+                manifest: manifest.into(),
+                recorded_listing: recorded.into(),
+                current_listing: current.into(),
+                rebooted,
+            };
+        let h = m.hash();
+        let cases = [
+            (clean(&h, "l", "l", false), None, true, false, None),
+            (clean(&h, "l", "l", true), None, true, true, None),
+            (
+                clean(&h, "l", "changed", false),
+                None,
+                false,
+                false,
+                Some("changed outside absconda"),
+            ),
+            (
+                clean("unknown", "l", "l", false),
+                None,
+                false,
+                false,
+                Some("no record"),
+            ),
+            (CopyState::Dirty, None, false, false, Some("interrupted")),
+            (CopyState::None, None, false, false, Some("first build")),
+            (
+                clean(&h, "l", "l", false),
+                Some("forced".to_string()),
+                false,
+                false,
+                Some("forced"),
+            ),
+        ];
+        for (state, force, delta, rebooted, reason) in cases {
+            let (base, why, reboot) = choose_base(&state, &cache, force);
+            assert_eq!(base.is_some(), delta, "{state:?}");
+            assert_eq!(reboot, rebooted, "{state:?}");
+            match reason {
+                Some(r) => assert!(why.as_deref().is_some_and(|w| w.contains(r)), "{why:?}"),
+                None => assert!(why.is_none()),
+            }
+        }
+    }
+
+    #[test]
     fn diff_names_both_sides() {
         let ours = vec!["f 4755 1 1 ./a".to_string(), "f 644 1 1 ./b".to_string()];
         let theirs = vec!["f 755 1 1 ./a".to_string(), "f 644 1 1 ./b".to_string()];
