@@ -5,10 +5,11 @@
 //! builds slow over a laptop's uplink (docker/compose#2090,
 //! moby/moby#32853). So the builder keeps a persistent copy of each
 //! context under `<workspace>/contexts/<key>/tree`, and every build brings
-//! that copy up to date and builds from it (the run folder's `context` is a
-//! symlink to it, so the lease's cleanup of the run folder never touches
-//! the copy, and a Dockerfile outside the context still lands in the run
-//! folder as before).
+//! that copy up to date and runs `docker build` on it (the run folder's
+//! `context` is a symlink to it, for `-f context/Dockerfile`; the lease's
+//! cleanup of the run folder never touches the copy, and a Dockerfile
+//! outside the context still lands in the run folder as before). Copies no
+//! build used for 30 days are removed by the next sync on that builder.
 //!
 //! - The key is a hash of this machine's id, the canonical local path of the
 //!   context and the builder's name: never the folder's basename, which is
@@ -16,8 +17,9 @@
 //! - [`manifest`]: every entry with type, mode, size, mtime, symlink target
 //!   and SHA-256; [`cache`]: the client's stat cache (only changed files are
 //!   hashed again) and the manifest the builder holds; [`plan`]: deletions,
-//!   `chmod`s and entries to send; [`script`]: the sh program that applies
-//!   them with tar and checks the result.
+//!   `chmod`s and entries to send; [`stream`]: the tar stream, with
+//!   nanosecond mtimes; [`script`]: the sh program that applies them with
+//!   tar and checks the result.
 //! - Each build sends one tar stream of the added and changed entries, after
 //!   a few lines carrying the deletions. The copy is marked dirty while it
 //!   changes and clean (with the manifest hash) only after the builder's
@@ -27,9 +29,12 @@
 //!   fresh copy. A delta whose result does not match is followed at once by
 //!   a full send, in the same build.
 //!
-//! Building from a folder that keeps its path has a bonus: BuildKit keys
-//! its own incremental context transfer on that path, so its copy inside
-//! the daemon is updated incrementally as well.
+//! BuildKit keeps its own copy of a local context, keyed on the path given
+//! to `docker build`, and trusts a file whose size, mode and mtime (to the
+//! nanosecond) did not change. Building from the copy's own path, with the
+//! local mtimes restored to the nanosecond, makes that copy incremental too
+//! and keeps it from serving another context's file, or an older version of
+//! a file rewritten within the same second (see [`stream`]).
 
 pub mod cache;
 pub mod manifest;
