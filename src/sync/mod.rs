@@ -486,19 +486,28 @@ async fn exchange(
     let reader = &mut p.reader;
     let send = async {
         let mut sent = request.len() as u64;
-        writer.write_all(&request).await?;
-        if let Some(mut rx) = rx {
-            while let Some(chunk) = rx.recv().await {
-                let chunk = chunk.map_err(|e| SyncError::Remote {
-                    builder: builder.to_string(),
-                    message: format!("the context archive broke: {e}"),
-                })?;
-                writer.write_all(&chunk).await?;
-                sent += chunk.len() as u64;
-                reporter.upload_progress(already_sent + sent);
+        let result = async {
+            writer.write_all(&request).await?;
+            if let Some(mut rx) = rx {
+                while let Some(chunk) = rx.recv().await {
+                    let chunk = chunk.map_err(|e| SyncError::Remote {
+                        builder: builder.to_string(),
+                        message: format!("the context archive broke: {e}"),
+                    })?;
+                    writer.write_all(&chunk).await?;
+                    sent += chunk.len() as u64;
+                    reporter.upload_progress(already_sent + sent);
+                }
             }
+            Ok::<(), SyncError>(())
         }
-        writer.eof().await?;
+        .await;
+        // Close stdin even after a failure here (a file that shrank while
+        // being read): the builder's tar then sees a cut archive and
+        // fails, instead of waiting for the rest forever.
+        let closed = writer.eof().await;
+        result?;
+        closed?;
         Ok::<u64, SyncError>(sent)
     };
     // Read to the end rather than line by line: sshd may report the exit
