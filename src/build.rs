@@ -76,9 +76,10 @@ impl BuildReport {
     pub fn summary(&self) -> String {
         let mut parts = vec![match &self.sync {
             Some(s) if s.mode == "delta" => format!(
-                "sent {} (incremental: {} changed files, {} deleted; {} of content)",
+                "sent {} (incremental: {} changed file{}, {} deleted; {} of content)",
                 human_bytes(self.bytes_sent),
                 s.files_sent,
+                if s.files_sent == 1 { "" } else { "s" },
                 s.deleted,
                 human_bytes(self.context_bytes)
             ),

@@ -5,10 +5,11 @@
 //! builds slow over a laptop's uplink (docker/compose#2090,
 //! moby/moby#32853). So the builder keeps a persistent copy of each
 //! context under `<workspace>/contexts/<key>/tree`, and every build brings
-//! that copy up to date and builds from it (the run folder's `context` is a
-//! symlink to it, so the lease's cleanup of the run folder never touches
-//! the copy, and a Dockerfile outside the context still lands in the run
-//! folder as before).
+//! that copy up to date and runs `docker build` on it (the run folder's
+//! `context` is a symlink to it, for `-f context/Dockerfile`; the lease's
+//! cleanup of the run folder never touches the copy, and a Dockerfile
+//! outside the context still lands in the run folder as before). Copies no
+//! build used for 30 days are removed by the next sync on that builder.
 //!
 //! - The key is a hash of this machine's id, the canonical local path of the
 //!   context and the builder's name: never the folder's basename, which is
@@ -16,8 +17,9 @@
 //! - [`manifest`]: every entry with type, mode, size, mtime, symlink target
 //!   and SHA-256; [`cache`]: the client's stat cache (only changed files are
 //!   hashed again) and the manifest the builder holds; [`plan`]: deletions,
-//!   `chmod`s and entries to send; [`script`]: the sh program that applies
-//!   them with tar and checks the result.
+//!   `chmod`s and entries to send; [`stream`]: the tar stream, with
+//!   nanosecond mtimes; [`script`]: the sh program that applies them with
+//!   tar and checks the result.
 //! - Each build sends one tar stream of the added and changed entries, after
 //!   a few lines carrying the deletions. The copy is marked dirty while it
 //!   changes and clean (with the manifest hash) only after the builder's
@@ -27,9 +29,12 @@
 //!   fresh copy. A delta whose result does not match is followed at once by
 //!   a full send, in the same build.
 //!
-//! Building from a folder that keeps its path has a bonus: BuildKit keys
-//! its own incremental context transfer on that path, so its copy inside
-//! the daemon is updated incrementally as well.
+//! BuildKit keeps its own copy of a local context, keyed on the path given
+//! to `docker build`, and trusts a file whose size, mode and mtime (to the
+//! nanosecond) did not change. Building from the copy's own path, with the
+//! local mtimes restored to the nanosecond, makes that copy incremental too
+//! and keeps it from serving another context's file, or an older version of
+//! a file rewritten within the same second (see [`stream`]).
 
 pub mod cache;
 pub mod manifest;
@@ -481,19 +486,28 @@ async fn exchange(
     let reader = &mut p.reader;
     let send = async {
         let mut sent = request.len() as u64;
-        writer.write_all(&request).await?;
-        if let Some(mut rx) = rx {
-            while let Some(chunk) = rx.recv().await {
-                let chunk = chunk.map_err(|e| SyncError::Remote {
-                    builder: builder.to_string(),
-                    message: format!("the context archive broke: {e}"),
-                })?;
-                writer.write_all(&chunk).await?;
-                sent += chunk.len() as u64;
-                reporter.upload_progress(already_sent + sent);
+        let result = async {
+            writer.write_all(&request).await?;
+            if let Some(mut rx) = rx {
+                while let Some(chunk) = rx.recv().await {
+                    let chunk = chunk.map_err(|e| SyncError::Remote {
+                        builder: builder.to_string(),
+                        message: format!("the context archive broke: {e}"),
+                    })?;
+                    writer.write_all(&chunk).await?;
+                    sent += chunk.len() as u64;
+                    reporter.upload_progress(already_sent + sent);
+                }
             }
+            Ok::<(), SyncError>(())
         }
-        writer.eof().await?;
+        .await;
+        // Close stdin even after a failure here (a file that shrank while
+        // being read): the builder's tar then sees a cut archive and
+        // fails, instead of waiting for the rest forever.
+        let closed = writer.eof().await;
+        result?;
+        closed?;
         Ok::<u64, SyncError>(sent)
     };
     // Read to the end rather than line by line: sshd may report the exit
@@ -673,6 +687,62 @@ mod tests {
         let via_dots = dir.path().join("app/../app");
         assert_eq!(identity(Some(&sub), &[]), identity(Some(&via_dots), &[]));
         assert!(identity(None, &[("env.yaml".into(), sub.clone())]).starts_with("generated:"));
+    }
+
+    #[test]
+    fn which_copies_are_trusted() {
+        let m = Manifest::default();
+        let cache = LocalCache {
+            path: None,
+            data: cache::CacheData {
+                synced: Some(m.clone()),
+                ..cache::CacheData::default()
+            },
+        };
+        let clean =
+            |manifest: &str, recorded: &str, current: &str, rebooted: bool| CopyState::Clean {
+                manifest: manifest.into(),
+                recorded_listing: recorded.into(),
+                current_listing: current.into(),
+                rebooted,
+            };
+        let h = m.hash();
+        let cases = [
+            (clean(&h, "l", "l", false), None, true, false, None),
+            (clean(&h, "l", "l", true), None, true, true, None),
+            (
+                clean(&h, "l", "changed", false),
+                None,
+                false,
+                false,
+                Some("changed outside absconda"),
+            ),
+            (
+                clean("unknown", "l", "l", false),
+                None,
+                false,
+                false,
+                Some("no record"),
+            ),
+            (CopyState::Dirty, None, false, false, Some("interrupted")),
+            (CopyState::None, None, false, false, Some("first build")),
+            (
+                clean(&h, "l", "l", false),
+                Some("forced".to_string()),
+                false,
+                false,
+                Some("forced"),
+            ),
+        ];
+        for (state, force, delta, rebooted, reason) in cases {
+            let (base, why, reboot) = choose_base(&state, &cache, force);
+            assert_eq!(base.is_some(), delta, "{state:?}");
+            assert_eq!(reboot, rebooted, "{state:?}");
+            match reason {
+                Some(r) => assert!(why.as_deref().is_some_and(|w| w.contains(r)), "{why:?}"),
+                None => assert!(why.is_none()),
+            }
+        }
     }
 
     #[test]

@@ -676,6 +676,32 @@ mod tests {
         assert_eq!(rest.last().unwrap(), "result stale");
     }
 
+    /// A copy marked clean in an earlier boot is reported as such (the
+    /// client then hashes everything again: a crash may have lost data
+    /// that the state file claims).
+    #[test]
+    fn a_reboot_since_the_last_sync_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ws, ctx) = (dir.path().join("ws"), dir.path().join("ctx"));
+        std::fs::create_dir_all(&ctx).unwrap();
+        std::fs::write(ctx.join("f"), "x").unwrap();
+        let (_, _, m) = run_clean(&gnu(), &ws, &ctx, None, false, Compression::None);
+        let (state, _, _) = run_clean(&gnu(), &ws, &ctx, Some(&m), false, Compression::None);
+        assert!(state.ends_with(" same"), "{state}");
+        let file = ws.join("contexts/k/state");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let (head, _) = text.trim_end().rsplit_once(' ').unwrap();
+        std::fs::write(&file, format!("{head} another-boot\n")).unwrap();
+        let (state, _, _) = run_clean(&gnu(), &ws, &ctx, Some(&m), true, Compression::None);
+        assert!(
+            matches!(
+                CopyState::parse(&state),
+                Some(CopyState::Clean { rebooted: true, .. })
+            ),
+            "{state}"
+        );
+    }
+
     /// A relative workspace is relative to the login folder, and so is the
     /// run folder the copy is linked into (the lease creates it there).
     #[test]

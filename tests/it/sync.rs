@@ -619,6 +619,71 @@ async fn random_edit_sequences_keep_the_copy_identical() {
     assert!(lease.release(Duration::from_secs(10)).await);
 }
 
+/// A Dockerfile generated from an environment file has no context folder:
+/// its input files (from anywhere on disk) make the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_contexts_sync_their_input_files() {
+    if !sshd_only() {
+        return;
+    }
+    let sshd = Sshd::start(None);
+    let b = bench(&sshd, "").await;
+    let inputs = b.project.dir.path().join("inputs");
+    std::fs::create_dir_all(&inputs).unwrap();
+    std::fs::write(inputs.join("environment.yaml"), "name: app\n").unwrap();
+    std::fs::write(inputs.join("pack.tar.gz"), random_bytes(9, 100_000)).unwrap();
+    let extra = vec![
+        (
+            "environment.yaml".to_string(),
+            inputs.join("environment.yaml"),
+        ),
+        ("pack.tar.gz".to_string(), inputs.join("pack.tar.gz")),
+    ];
+    let req = BuildRequest {
+        context_dir: None,
+        generated_dockerfile: Some("FROM scratch\n".into()),
+        extra_files: extra.clone(),
+        ..BuildRequest::default()
+    };
+    let sync = |verify| {
+        let req = req.clone();
+        let b = &b;
+        let extra = extra.clone();
+        async move {
+            let prepared = prepare_context(&req).await.unwrap();
+            let job = SyncJob {
+                builder: &b.builder,
+                run_dir: "",
+                identity: absconda::sync::identity(None, &extra),
+                compression: Compression::Gzip,
+                verify,
+                cache_root: Some(b.cache.clone()),
+            };
+            sync_context(&b.session, &job, prepared.entries, prepared.extra, &Silent)
+                .await
+                .unwrap()
+        }
+    };
+    let first = sync(false).await;
+    assert_eq!((first.mode, first.files_sent), ("full", 2));
+    let tree = b.tree();
+    assert_eq!(
+        std::fs::read(tree.join("pack.tar.gz")).unwrap(),
+        random_bytes(9, 100_000)
+    );
+    assert!(
+        !tree.join("Dockerfile").exists(),
+        "the Dockerfile goes to the run folder"
+    );
+    std::fs::write(inputs.join("environment.yaml"), "name: app2\n").unwrap();
+    let second = sync(true).await;
+    assert_eq!((second.mode, second.files_sent), ("delta", 1), "{second:?}");
+    assert_eq!(
+        std::fs::read(tree.join("environment.yaml")).unwrap(),
+        b"name: app2\n"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Whole builds through the binary
 
