@@ -128,18 +128,21 @@ impl Reader {
         self.status.clone().unwrap_or(ExitStatus::Unknown)
     }
 
-    /// Reads one line of stdout (without the newline); `None` at exit.
-    /// Stderr seen meanwhile is appended to `stderr`.
+    /// Reads one line of stdout (without the newline); `None` once the
+    /// channel is closed and nothing is left. Stderr seen meanwhile is
+    /// appended to `stderr`. Output may still arrive after the exit status,
+    /// so reading goes on until the channel closes.
     pub async fn line(&mut self, buf: &mut Vec<u8>, stderr: &mut Vec<u8>) -> Option<String> {
         loop {
             if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=pos).collect();
                 return Some(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
             }
-            match self.next().await? {
-                Event::Stdout(d) => buf.extend_from_slice(&d),
-                Event::Stderr(d) => stderr.extend_from_slice(&d),
-                Event::Exit(_) => {
+            match self.next().await {
+                Some(Event::Stdout(d)) => buf.extend_from_slice(&d),
+                Some(Event::Stderr(d)) => stderr.extend_from_slice(&d),
+                Some(Event::Exit(_)) => {}
+                None => {
                     if buf.is_empty() {
                         return None;
                     }
