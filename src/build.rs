@@ -722,27 +722,40 @@ pub async fn build_on(
         None
     };
 
-    // The probe runs alongside the lease and the upload, on its own
-    // channel: the build is the first step that needs its answer.
+    // Lease and probe, concurrently on two channels.
     reporter.phase(Phase::Lease);
     let t = Instant::now();
-    let probe_fut = probe(session, builder);
-    tokio::pin!(probe_fut);
-    let mut probed: Option<Result<ProbeReport, BuildError>> = None;
-    let lease_fut = acquire_lease(session, builder, req.remote_wait, self_stop, reporter);
-    tokio::pin!(lease_fut);
-    let lease = loop {
-        tokio::select! {
-            l = &mut lease_fut => break l,
-            p = &mut probe_fut, if probed.is_none() => probed = Some(p),
-            _ = cancel.cancelled() => return Err(BuildError::Interrupted),
-        }
+    let lease_and_probe = async {
+        tokio::join!(
+            acquire_lease(session, builder, req.remote_wait, self_stop, reporter),
+            probe(session, builder)
+        )
+    };
+    let (lease, probe) = tokio::select! {
+        r = lease_and_probe => r,
+        _ = cancel.cancelled() => return Err(BuildError::Interrupted),
     };
     let lease = lease?;
     report.record(Phase::Lease, t.elapsed());
     reporter.phase_done(Phase::Lease, t.elapsed());
 
     let work = async {
+        let probe = probe?;
+        if probe.docker_server.is_none() {
+            return Err(BuildError::Docker {
+                builder: builder.name.clone(),
+                message: probe
+                    .docker_error
+                    .clone()
+                    .unwrap_or_else(|| format!("`{}` did not answer", builder.docker)),
+            });
+        }
+        let buildkit = match builder.buildkit {
+            BuildkitSetting::On => true,
+            BuildkitSetting::Off => false,
+            BuildkitSetting::Auto => probe.buildkit_available(),
+        };
+        report.buildkit = buildkit;
         let compression = match builder.compression {
             CompressionSetting::Gzip => Compression::Gzip,
             CompressionSetting::None => Compression::None,
@@ -768,45 +781,21 @@ pub async fn build_on(
         let dockerfile_arg = prepared.dockerfile_arg.clone();
         report.files_sent = prepared.files;
         report.context_bytes = prepared.bytes;
-        let upload_fut = async {
-            if req.incremental {
-                sync_upload(session, job, &lease.run_dir, prepared, compression, report).await
-            } else {
-                upload(
-                    session,
-                    builder,
-                    &lease.run_dir,
-                    prepared,
-                    compression,
-                    reporter,
-                )
-                .await
-            }
+        report.bytes_sent = if req.incremental {
+            sync_upload(session, job, &lease.run_dir, prepared, compression, report).await?
+        } else {
+            upload(
+                session,
+                builder,
+                &lease.run_dir,
+                prepared,
+                compression,
+                reporter,
+            )
+            .await?
         };
-        let (probe, sent) = match probed.take() {
-            Some(p) => (p, upload_fut.await),
-            None => tokio::join!(&mut probe_fut, upload_fut),
-        };
-        report.bytes_sent = sent?;
         report.record(Phase::Upload, t.elapsed());
         reporter.phase_done(Phase::Upload, t.elapsed());
-
-        let probe = probe?;
-        if probe.docker_server.is_none() {
-            return Err(BuildError::Docker {
-                builder: builder.name.clone(),
-                message: probe
-                    .docker_error
-                    .clone()
-                    .unwrap_or_else(|| format!("`{}` did not answer", builder.docker)),
-            });
-        }
-        let buildkit = match builder.buildkit {
-            BuildkitSetting::On => true,
-            BuildkitSetting::Off => false,
-            BuildkitSetting::Auto => probe.buildkit_available(),
-        };
-        report.buildkit = buildkit;
 
         reporter.phase(Phase::Build);
         let t = Instant::now();
