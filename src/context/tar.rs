@@ -340,6 +340,10 @@ impl<W: Write> TarWriter<W> {
                 // The size now, not at walk time: the header must match the
                 // bytes that follow it.
                 let size = file.metadata().map_err(unreadable)?.len();
+                if entry.mtime >= 0 && entry.mtime_nsec != 0 {
+                    let value = format!("{}.{:09}", entry.mtime, entry.mtime_nsec);
+                    self.pax(&[("mtime", value.as_bytes())], &entry.abs)?;
+                }
                 self.header(
                     &name,
                     EntryType::Regular,
@@ -375,6 +379,38 @@ impl<W: Write> TarWriter<W> {
         self.stats.files += 1;
         self.stats.content_bytes += size;
         Ok(())
+    }
+
+    /// A PAX extended header for the next entry: a file's mtime to the
+    /// nanosecond. BuildKit keeps the previous build's copy of a local
+    /// context and takes a file whose size, mode and mtime (in nanoseconds)
+    /// did not change as unchanged, without reading it; a plain header's
+    /// whole seconds would let a same-size rewrite within one second keep
+    /// the old content in the image. GNU tar (and bsdtar) restore the PAX
+    /// mtime to the nanosecond; busybox tar keeps whole seconds.
+    fn pax(&mut self, records: &[(&str, &[u8])], path: &Path) -> Result<(), ContextError> {
+        let mut data = Vec::new();
+        for (key, value) in records {
+            // "<len> <key>=<value>\n", where <len> counts itself.
+            let rest = key.len() + value.len() + 3;
+            let mut len = rest + 1;
+            while len != rest + len.to_string().len() {
+                len = rest + len.to_string().len();
+            }
+            data.extend_from_slice(format!("{len} {key}=").as_bytes());
+            data.extend_from_slice(value);
+            data.push(b'\n');
+        }
+        let mut h = Header::new_ustar();
+        let label = b"././@PaxHeader";
+        h.as_old_mut().name[..label.len()].copy_from_slice(label);
+        h.set_entry_type(EntryType::XHeader);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        self.write(h.as_bytes(), path)?;
+        self.write(&data, path)?;
+        self.pad(data.len() as u64, path)
     }
 
     /// Copies exactly `size` bytes of `file`, then pads to a block.
