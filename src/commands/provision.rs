@@ -43,6 +43,27 @@ fn args(fixed: &[&str], vars: &std::collections::BTreeMap<String, String>) -> Ve
     a
 }
 
+/// `terraform init`, then `terraform <verb> -auto-approve` with `vars`.
+async fn init_then(
+    tf: &Terraform,
+    module: &std::path::Path,
+    verb: &str,
+    vars: &std::collections::BTreeMap<String, String>,
+) -> Result<(), terraform::TerraformError> {
+    tf.run(
+        module,
+        &args(&["init", "-input=false"], &Default::default()),
+        terraform::INIT_TIMEOUT,
+    )
+    .await?;
+    tf.run(
+        module,
+        &args(&[verb, "-auto-approve", "-input=false"], vars),
+        terraform::APPLY_TIMEOUT,
+    )
+    .await
+}
+
 pub async fn provision(args_in: ProvisionArgs) -> anyhow::Result<()> {
     let file = config::load(args_in.config.remote_config.as_deref())?;
     let builder = file.builder(&args_in.name)?;
@@ -76,20 +97,9 @@ pub async fn provision(args_in: ProvisionArgs) -> anyhow::Result<()> {
     ));
     let started = Instant::now();
     let fail = || format!("could not provision builder `{}`", builder.name);
-    tf.run(
-        &work.module,
-        &args(&["init", "-input=false"], &Default::default()),
-        terraform::INIT_TIMEOUT,
-    )
-    .await
-    .with_context(fail)?;
-    tf.run(
-        &work.module,
-        &args(&["apply", "-auto-approve", "-input=false"], &vars),
-        terraform::APPLY_TIMEOUT,
-    )
-    .await
-    .with_context(fail)?;
+    init_then(&tf, &work.module, "apply", &vars)
+        .await
+        .with_context(fail)?;
     let outputs = tf.outputs(&work.module).await.with_context(fail)?;
 
     let port = outputs.ssh_port.unwrap_or(builder.port);
@@ -343,20 +353,9 @@ pub async fn destroy(args_in: DestroyArgs) -> anyhow::Result<()> {
         work.module.display()
     ));
     let fail = || format!("could not destroy builder `{}`", builder.name);
-    tf.run(
-        &work.module,
-        &args(&["init", "-input=false"], &Default::default()),
-        terraform::INIT_TIMEOUT,
-    )
-    .await
-    .with_context(fail)?;
-    tf.run(
-        &work.module,
-        &args(&["destroy", "-auto-approve", "-input=false"], &vars),
-        terraform::APPLY_TIMEOUT,
-    )
-    .await
-    .with_context(fail)?;
+    init_then(&tf, &work.module, "destroy", &vars)
+        .await
+        .with_context(fail)?;
     // Only now that Terraform destroyed it does absconda forget it.
     states
         .update(|s| s.builders.remove(&builder.name))

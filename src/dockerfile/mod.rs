@@ -204,11 +204,8 @@ pub fn generate(source: &Source, opts: &Options) -> Result<Generated, Dockerfile
     }
 }
 
-fn generate_environment(
-    path: &Path,
-    opts: &Options,
-    checked: &CheckedOptions,
-) -> Result<Generated, DockerfileError> {
+/// The file's text and the hex sha256 of its bytes (for the image's label).
+fn read_text(path: &Path) -> Result<(String, String), DockerfileError> {
     let bytes = std::fs::read(path).map_err(|source| DockerfileError::Read {
         path: path.to_path_buf(),
         source,
@@ -217,6 +214,15 @@ fn generate_environment(
     let text = String::from_utf8(bytes).map_err(|_| DockerfileError::NotUtf8 {
         path: path.to_path_buf(),
     })?;
+    Ok((text, sha256))
+}
+
+fn generate_environment(
+    path: &Path,
+    opts: &Options,
+    checked: &CheckedOptions,
+) -> Result<Generated, DockerfileError> {
+    let (text, sha256) = read_text(path)?;
     let env = env::parse(&text, path)?;
     warn_about_environment(&env, path);
 
@@ -274,14 +280,7 @@ fn generate_requirements(
     opts: &Options,
     checked: &CheckedOptions,
 ) -> Result<Generated, DockerfileError> {
-    let bytes = std::fs::read(path).map_err(|source| DockerfileError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let sha256 = hex::encode(Sha256::digest(&bytes));
-    let text = String::from_utf8(bytes).map_err(|_| DockerfileError::NotUtf8 {
-        path: path.to_path_buf(),
-    })?;
+    let (text, sha256) = read_text(path)?;
     let requirements = requirement_lines(&text);
     warn_about_requirements(&requirements, path);
     warn_unused(
