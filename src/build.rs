@@ -109,20 +109,8 @@ impl BuildReport {
     }
 }
 
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+use crate::util::canonical;
+pub use crate::util::human_bytes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -178,6 +166,25 @@ pub enum BuildError {
 impl From<SshError> for BuildError {
     fn from(e: SshError) -> Self {
         BuildError::Ssh(Box::new(e))
+    }
+}
+
+impl From<crate::sync::SyncError> for BuildError {
+    fn from(e: crate::sync::SyncError) -> BuildError {
+        match e {
+            crate::sync::SyncError::Context(e) => BuildError::Context(e),
+            crate::sync::SyncError::Ssh(e) => BuildError::from(e),
+            crate::sync::SyncError::Remote { builder, message } => {
+                BuildError::Upload { builder, message }
+            }
+            crate::sync::SyncError::Timeout { builder, after } => BuildError::Upload {
+                builder,
+                message: format!(
+                    "no report on its copy of the context within {}s",
+                    after.as_secs()
+                ),
+            },
+        }
     }
 }
 
@@ -362,10 +369,6 @@ fn prepare_context_blocking(req: &BuildRequest) -> Result<PreparedContext, Build
         files,
         bytes,
     })
-}
-
-fn canonical(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// A held lease: the supervisor process on the builder.
@@ -908,16 +911,4 @@ pub async fn build_on(
     }
     report.record(Phase::Cleanup, t.elapsed());
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bytes_are_human() {
-        assert_eq!(human_bytes(12), "12 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
-    }
 }

@@ -134,19 +134,7 @@ impl RegistryAddr {
     }
 }
 
-/// An error with its causes, on one line.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if parts.last() != Some(&s) {
-            parts.push(s);
-        }
-        cur = c.source();
-    }
-    parts.join(": ")
-}
+pub use crate::util::chain;
 
 const HEALTH: &str = r#"
 docker=$1 ws=$2 rhost=$3 rport=$4 rtimeout=$5
@@ -272,8 +260,8 @@ pub fn disk_check(f: &Findings, workspace: &str) -> Check {
     let dir = f.disk_dir.clone().unwrap_or_else(|| workspace.to_string());
     let mut detail = format!(
         "{} free of {} ({used:.0}% used) at `{dir}`",
-        crate::build::human_bytes(avail * 1024),
-        crate::build::human_bytes(total * 1024)
+        crate::util::human_bytes(avail * 1024),
+        crate::util::human_bytes(total * 1024)
     );
     match status {
         Level::Fail => detail.push_str(&format!(

@@ -27,6 +27,7 @@
 //! - `report`: progress reporting from library to CLI
 //! - `shell`: quoting every remote argument for POSIX sh
 //! - `exit`: exit codes and error rendering
+//! - `util`: small helpers every layer may use (byte counts, error chains)
 pub mod build;
 pub mod cli;
 pub mod cloud;
@@ -47,3 +48,4 @@ pub mod ssh;
 pub mod state;
 pub mod sync;
 pub mod terraform;
+pub mod util;

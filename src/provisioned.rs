@@ -272,7 +272,7 @@ pub async fn docker_version(session: &Session, docker: &str) -> Result<String, S
                 .trim()
                 .replace('\n', " ")
         )),
-        Err(e) => Err(crate::health::chain(&e)),
+        Err(e) => Err(crate::util::chain(&e)),
     }
 }
 
@@ -311,7 +311,7 @@ pub async fn wait_ready(
                     source: Box::new(e),
                 });
             }
-            Ok(Err(Attempt::Ssh(e))) => crate::health::chain(&e),
+            Ok(Err(Attempt::Ssh(e))) => crate::util::chain(&e),
             Ok(Err(Attempt::Docker(m))) => m,
             Err(_) => "the attempt did not finish in time".to_string(),
         };

@@ -48,12 +48,12 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tracing::debug;
 
-use crate::build::BuildError;
 use crate::config::Builder;
 use crate::context::{self, Compression, ContextError, Entry, ExtraFile};
 use crate::report::Reporter;
 use crate::ssh::exec::{ExitStatus, RemoteProcess};
 use crate::ssh::{Session, SshError};
+use crate::util::canonical;
 
 use cache::{LocalCache, Scanned};
 use manifest::{Kind, Manifest};
@@ -77,23 +77,6 @@ pub enum SyncError {
     Remote { builder: String, message: String },
     #[error("`{builder}` did not report the state of its copy of the context within {}s", after.as_secs())]
     Timeout { builder: String, after: Duration },
-}
-
-impl From<SyncError> for BuildError {
-    fn from(e: SyncError) -> BuildError {
-        match e {
-            SyncError::Context(e) => BuildError::Context(e),
-            SyncError::Ssh(e) => BuildError::from(e),
-            SyncError::Remote { builder, message } => BuildError::Upload { builder, message },
-            SyncError::Timeout { builder, after } => BuildError::Upload {
-                builder,
-                message: format!(
-                    "no report on its copy of the context within {}s",
-                    after.as_secs()
-                ),
-            },
-        }
-    }
 }
 
 /// One sync: which builder, which context, how.
@@ -174,7 +157,6 @@ pub fn machine_id() -> String {
 /// What identifies a context on this machine: the canonical path of its
 /// folder, or (for generated-only contexts) of the files added to it.
 pub fn identity(context_dir: Option<&Path>, extra_files: &[(String, PathBuf)]) -> String {
-    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     match context_dir {
         Some(dir) => format!("dir:{}", canonical(dir).display()),
         None => {
