@@ -47,3 +47,5 @@ pub mod ssh;
 pub mod state;
 pub mod sync;
 pub mod terraform;
+#[cfg(test)]
+mod test_support;
