@@ -17,6 +17,8 @@ have curl || need+=(curl)
 have ip || need+=(iproute2)
 have visudo || need+=(sudo)
 have unshare || need+=(util-linux)
+have flock || need+=(util-linux)
+have dash || need+=(dash)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""

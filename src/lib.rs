@@ -48,4 +48,6 @@ pub mod ssh;
 pub mod state;
 pub mod sync;
 pub mod terraform;
+#[cfg(test)]
+mod test_support;
 pub mod util;

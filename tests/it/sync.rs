@@ -963,8 +963,19 @@ fn a_copy_changed_on_the_builder_is_caught_and_repaired() {
     build_json(&p, "sync/tamper", &[]);
     let tree = copies(&p)[0].join("tree");
 
-    // Someone edits the copy on the builder: the listing sees the mtime.
-    std::fs::write(tree.join("app.conf"), "setting = tampered\n").unwrap();
+    // Someone edits the copy on the builder, keeping the size, within the
+    // second of the file's mtime (set explicitly, so that no timing decides
+    // it): the fingerprint sees the nanoseconds.
+    let f = tree.join("app.conf");
+    let mtime = f.metadata().unwrap().modified().unwrap();
+    let since = mtime.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+    let same_second = if since.subsec_nanos() > 0 {
+        mtime - Duration::from_nanos(1)
+    } else {
+        mtime + Duration::from_nanos(1)
+    };
+    std::fs::write(&f, "setting = tampered\n").unwrap();
+    set_mtime(&f, same_second);
     let r = build_json(&p, "sync/tamper", &[]);
     assert_eq!(sync_of(&r)["mode"], "full", "{r}");
     assert_eq!(
@@ -977,7 +988,6 @@ fn a_copy_changed_on_the_builder_is_caught_and_repaired() {
     );
 
     // Same size and mtime: only --verify can tell, and then repairs it.
-    let f = tree.join("app.conf");
     let mtime = f.metadata().unwrap().modified().unwrap();
     std::fs::write(&f, "setting = ORIGINAL\n").unwrap();
     std::fs::File::options()
