@@ -36,6 +36,7 @@ pub mod context;
 pub mod dockerfile;
 pub mod exit;
 pub mod health;
+pub mod hints;
 pub mod lifecycle;
 pub mod metrics;
 pub mod provisioned;
