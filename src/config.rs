@@ -78,6 +78,11 @@ pub enum ConfigError {
         name: String,
         available: Vec<String>,
     },
+    #[error("no builder chosen: `{}` defines {} builders ({}) and no `default_builder:`", file.display(), available.len(), available.join(", "))]
+    NoBuilderChosen {
+        file: PathBuf,
+        available: Vec<String>,
+    },
 }
 
 fn suggestion(name: &str, available: &[String]) -> String {
@@ -310,6 +315,7 @@ pub struct ConfigFile {
     builders: BTreeMap<String, BTreeMap<String, Value>>,
     order: Vec<String>,
     defaults: BTreeMap<String, Value>,
+    default_builder: Option<String>,
 }
 
 /// Finds the config file: `--remote-config`, `$ABSCONDA_REMOTE_CONFIG`, the
@@ -374,6 +380,7 @@ impl ConfigFile {
             builders: BTreeMap::new(),
             order: Vec::new(),
             defaults: BTreeMap::new(),
+            default_builder: None,
         };
         let root = match root {
             Value::Mapping(m) => m,
@@ -418,10 +425,27 @@ impl ConfigFile {
                 "defaults" => {
                     file.defaults = file.check_keys(None, v, true)?;
                 }
+                "default_builder" => match v {
+                    Value::String(name) => file.default_builder = Some(name),
+                    Value::Null => {}
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            at: at(
+                                None,
+                                Some("default_builder"),
+                                file.line_of(&["default_builder"]),
+                            ),
+                            message: "`default_builder` must be the name of a builder".into(),
+                        });
+                    }
+                },
                 other => {
                     return Err(ConfigError::UnknownKey {
                         at: at(None, Some(other), file.line_of(&[other])),
-                        suggestion: did_you_mean(other, ["builders", "defaults"].into_iter()),
+                        suggestion: did_you_mean(
+                            other,
+                            ["builders", "defaults", "default_builder"].into_iter(),
+                        ),
                     });
                 }
             }
@@ -509,6 +533,28 @@ impl ConfigFile {
     /// Builder names in file order.
     pub fn names(&self) -> &[String] {
         &self.order
+    }
+
+    /// The builder to use when none is named: `default_builder:`, else the
+    /// only one. Returns the name and why it was chosen.
+    pub fn default_builder(&self) -> Result<(String, &'static str), ConfigError> {
+        if let Some(name) = &self.default_builder {
+            if !self.builders.contains_key(name) {
+                return Err(ConfigError::UnknownBuilder {
+                    file: self.path.clone(),
+                    name: name.clone(),
+                    available: self.order.clone(),
+                });
+            }
+            return Ok((name.clone(), "`default_builder:`"));
+        }
+        match self.order.as_slice() {
+            [only] => Ok((only.clone(), "the only builder")),
+            _ => Err(ConfigError::NoBuilderChosen {
+                file: self.path.clone(),
+                available: self.order.clone(),
+            }),
+        }
     }
 
     /// Resolves one builder: expands variables, checks types, applies defaults.

@@ -267,8 +267,8 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 _ => None,
             };
         }
-        if cause.downcast_ref::<ConfigError>().is_some() {
-            return Some("the README's \"Configuration\" section lists every key".into());
+        if let Some(e) = cause.downcast_ref::<ConfigError>() {
+            return Some(crate::hints::config(e));
         }
     }
     None

@@ -37,6 +37,7 @@ pub mod context;
 pub mod dockerfile;
 pub mod exit;
 pub mod health;
+pub mod hints;
 pub mod lifecycle;
 pub mod metrics;
 pub mod provisioned;
