@@ -9,6 +9,7 @@ scripts/install-test-deps.sh
 if command -v terraform >/dev/null 2>&1; then
   terraform fmt -check -recursive infra/ tests/terraform/
   sh tests/terraform/watchdog_test.sh
+  sh tests/terraform/module_settings_test.sh
   sh tests/terraform/loopback_test.sh
   sh tests/terraform/setup_script_test.sh
 elif [ "${CI:-}" = true ]; then
