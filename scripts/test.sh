@@ -12,6 +12,7 @@ if command -v terraform >/dev/null 2>&1; then
   sh tests/terraform/module_settings_test.sh
   sh tests/terraform/loopback_test.sh
   sh tests/terraform/setup_script_test.sh
+  sh tests/terraform/metadata_guard_test.sh
 elif [ "${CI:-}" = true ]; then
   echo "terraform is required in CI" >&2
   exit 1
