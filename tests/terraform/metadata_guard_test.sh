@@ -95,6 +95,7 @@ mkdir -p "$tmp/www/computeMetadata/v1/instance/service-accounts/default"
 echo "a-token" >"$tmp/www/computeMetadata/v1/instance/service-accounts/default/token"
 # The server writes its own pid (`ip netns exec` may fork): that is what
 # the cleanup stops.
+# shellcheck disable=SC2016 # expanded by the inner shell
 ip netns exec "$meta" sh -c 'echo $$ >"$1/httpd.pid"; exec busybox httpd -f -p 169.254.169.254:80 -h "$1/www"' httpd "$tmp" </dev/null >/dev/null 2>&1 &
 server=$!
 
