@@ -44,8 +44,3 @@ output "iam_role_name" {
   description = "IAM role of the builder's instance profile (ECR push)."
   value       = aws_iam_role.builder.name
 }
-
-output "spot_instance_request_id" {
-  description = "The persistent Spot request of a Spot builder (null otherwise). Cancel it before replacing or destroying the builder: `aws ec2 cancel-spot-instance-requests --spot-instance-request-ids ID`."
-  value       = aws_instance.builder.spot_instance_request_id
-}
