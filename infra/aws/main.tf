@@ -84,8 +84,8 @@ locals {
     idle_shutdown_minutes = var.idle_shutdown_minutes
     build_cache_gb        = var.build_cache_gb
     authorized_key_b64    = base64encode(local.ssh_public_key)
-    watchdog_b64          = base64encode(file("${path.module}/../scripts/absconda-idle-watchdog.sh"))
-    metadata_guard_b64    = base64encode(file("${path.module}/../scripts/absconda-metadata-guard.sh"))
+    watchdog              = file("${path.module}/../scripts/absconda-idle-watchdog.sh")
+    metadata_guard        = file("${path.module}/../scripts/absconda-metadata-guard.sh")
     # The instance id is not known when the user data is rendered: the idle
     # watchdog checks no identity on EC2.
     identity        = ""

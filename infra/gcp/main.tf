@@ -52,8 +52,8 @@ locals {
     # GCE's guest agent creates ssh_user and installs its key from the
     # `ssh-keys` metadata below; the script does not touch authorized_keys.
     authorized_key_b64 = ""
-    watchdog_b64       = base64encode(file("${path.module}/../scripts/absconda-idle-watchdog.sh"))
-    metadata_guard_b64 = base64encode(file("${path.module}/../scripts/absconda-metadata-guard.sh"))
+    watchdog           = file("${path.module}/../scripts/absconda-idle-watchdog.sh")
+    metadata_guard     = file("${path.module}/../scripts/absconda-metadata-guard.sh")
     # The idle watchdog powers off only this instance: project, zone and
     # name as the metadata server reports them.
     identity = "gce:${var.project}/${local.zone}/${var.name}"

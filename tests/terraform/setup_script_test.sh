@@ -209,6 +209,8 @@ EOF
 		echo "ok - shellcheck not run: it is missing (apt-get install shellcheck) # SKIP"
 	fi
 
+	check "EC2 user data within 16 KB (got $(cat "$tmp/aws-user-data-bytes") bytes with a 4096-bit RSA key)" [ "$(cat "$tmp/aws-user-data-bytes")" -le 16384 ]
+
 	# --- Scenario 1: EC2 render, first boot, second boot, new config ----------
 	new_root "$tmp/root1"
 	boot "$tmp/aws.sh"
@@ -393,8 +395,8 @@ mkdir "$tmp/render"
 cat >"$tmp/render/main.tf" <<EOF
 locals {
   template = "$repo/infra/scripts/builder-setup.sh.tftpl"
-  watchdog = base64encode(file("$repo/infra/scripts/absconda-idle-watchdog.sh"))
-  guard    = base64encode(file("$repo/infra/scripts/absconda-metadata-guard.sh"))
+  watchdog = file("$repo/infra/scripts/absconda-idle-watchdog.sh")
+  guard    = file("$repo/infra/scripts/absconda-metadata-guard.sh")
 }
 
 output "aws" {
@@ -405,11 +407,38 @@ output "aws" {
     idle_shutdown_minutes = 45
     build_cache_gb        = 7
     authorized_key_b64    = base64encode(trimspace(file("$tmp/key.pub")))
-    watchdog_b64          = local.watchdog
-    metadata_guard_b64    = local.guard
+    watchdog              = local.watchdog
+    metadata_guard        = local.guard
     identity              = ""
     ssh_allow_users       = "absconda ubuntu"
   })
+}
+
+# The EC2 user data exactly as infra/aws/main.tf builds it: at most 16 KB.
+output "aws_user_data_bytes" {
+  value = length(join("\n", [
+    "#cloud-config",
+    yamlencode({
+      write_files = [{
+        path        = "/var/lib/cloud/scripts/per-boot/absconda-setup.sh"
+        owner       = "root:root"
+        permissions = "0700"
+        encoding    = "gz+b64"
+        content     = base64gzip(templatefile(local.template, {
+          cloud                 = "aws"
+          ssh_user              = "a-rather-long-user-name"
+          workspace             = "/var/lib/a/rather/long/workspace/path"
+          idle_shutdown_minutes = 45
+          build_cache_gb        = 7
+          authorized_key_b64    = base64encode("ssh-rsa $(printf 'A%.0s' $(seq 1 716)) someone@a-rather-long-host-name")
+          watchdog              = local.watchdog
+          metadata_guard        = local.guard
+          identity              = ""
+          ssh_allow_users       = "a-rather-long-user-name ubuntu"
+        }))
+      }]
+    }),
+  ]))
 }
 
 output "gcp" {
@@ -420,8 +449,8 @@ output "gcp" {
     idle_shutdown_minutes = 30
     build_cache_gb        = 20
     authorized_key_b64    = ""
-    watchdog_b64          = local.watchdog
-    metadata_guard_b64    = local.guard
+    watchdog              = local.watchdog
+    metadata_guard        = local.guard
     identity              = "gce:team-proj/us-east1-b/builder"
     ssh_allow_users       = "absconda"
   })
@@ -435,8 +464,8 @@ output "gcp_idle0" {
     idle_shutdown_minutes = 0
     build_cache_gb        = 20
     authorized_key_b64    = ""
-    watchdog_b64          = local.watchdog
-    metadata_guard_b64    = local.guard
+    watchdog              = local.watchdog
+    metadata_guard        = local.guard
     identity              = "gce:team-proj/us-east1-b/builder"
     ssh_allow_users       = "absconda"
   })
@@ -448,6 +477,7 @@ EOF
 	terraform apply -auto-approve -input=false >apply.log 2>&1
 	terraform output -raw aws >"$tmp/aws.sh"
 	terraform output -raw gcp >"$tmp/gcp.sh"
+	terraform output -raw aws_user_data_bytes >"$tmp/aws-user-data-bytes"
 	terraform output -raw gcp_idle0 >"$tmp/gcp-idle0.sh"
 ) || {
 	cat "$tmp/render/"*.log >&2
