@@ -9,8 +9,10 @@ scripts/install-test-deps.sh
 if command -v terraform >/dev/null 2>&1; then
   terraform fmt -check -recursive infra/ tests/terraform/
   sh tests/terraform/watchdog_test.sh
+  sh tests/terraform/module_settings_test.sh
   sh tests/terraform/loopback_test.sh
   sh tests/terraform/setup_script_test.sh
+  sh tests/terraform/metadata_guard_test.sh
 elif [ "${CI:-}" = true ]; then
   echo "terraform is required in CI" >&2
   exit 1
