@@ -99,7 +99,12 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 }
                 BuildError::Login { .. } => return PUSH_FAILED,
                 BuildError::Interrupted => return INTERRUPTED,
-                BuildError::NoDockerfile { .. } | BuildError::NoContext { .. } => return USAGE,
+                BuildError::NoDockerfile { .. }
+                | BuildError::NoContext { .. }
+                | BuildError::Context(
+                    crate::context::ContextError::InputParentNotAFolder { .. }
+                    | crate::context::ContextError::DockerfileOutside { .. },
+                ) => return USAGE,
                 BuildError::Docker { .. } => return NOT_READY,
                 BuildError::Ssh(e) => {
                     return if e.is_host_key() {
