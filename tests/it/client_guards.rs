@@ -1,11 +1,11 @@
-//! What the client refuses before anything reaches the builder: inputs
-//! that would be written through a symlink in the context, and a Dockerfile
-//! that is a symlink out of the context.
+//! What the client keeps from the builder: inputs that would be written
+//! through a symlink in the context, a Dockerfile that is a symlink out of
+//! the context, registry credentials meant for another registry.
 
 use std::os::unix::fs::symlink;
 
 use crate::support::absconda::{Project, text};
-use crate::support::docker::{BASE_IMAGE, docker};
+use crate::support::docker::{BASE_IMAGE, DOCKER_CLI, docker, registry};
 use crate::support::sshd::{SSHD, Sshd};
 
 fn ok() -> bool {
@@ -125,4 +125,72 @@ fn a_dockerfile_linking_out_of_the_context_is_refused_and_one_linking_inside_is_
         "/from-inside",
     ]);
     assert_eq!(String::from_utf8_lossy(&run.stdout), "x\n");
+}
+
+#[test]
+fn scoped_registry_credentials_reach_only_their_registry() {
+    if !ok() || !crate::support::require("docker-registry") {
+        return;
+    }
+    let (d, reg) = (docker(), registry());
+    let sshd = Sshd::start(Some(&d.host));
+    let mut p = Project::new(&sshd);
+    p.with_registry_credentials(reg);
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY x /x\n"));
+    p.file("x", "x\n");
+    // The builder's docker records every `docker login` it is asked for.
+    let logins = p.dir.path().join("logins");
+    let wrapper = p.dir.path().join("docker-wrapper");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = login ] && echo \"$*\" >>'{}'\nexec {DOCKER_CLI} \"$@\"\n",
+            logins.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(&p.config).unwrap().replace(
+        &format!("docker: {DOCKER_CLI}"),
+        &format!("docker: {}", wrapper.display()),
+    );
+    std::fs::write(&p.config, config).unwrap();
+    let repo = format!("{}/scoped/app", reg.addr);
+
+    // Scoped to another registry: not sent.
+    p.env
+        .push(("ABSCONDA_REGISTRY".into(), "127.0.0.1:1".into()));
+    let out = p.build(&repo, &["-v", "--tag", "t1", "--push"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!logins.exists(), "docker login ran: {}", text(&out));
+    assert!(
+        err.contains("are for `127.0.0.1:1` (ABSCONDA_REGISTRY)") && err.contains("not sent"),
+        "{err}"
+    );
+    assert!(!text(&out).contains(reg.password));
+
+    // Scoped to the repository's registry: sent, and -v says so.
+    p.env.retain(|(k, _)| k != "ABSCONDA_REGISTRY");
+    p.env.push(("ABSCONDA_REGISTRY".into(), reg.addr.clone()));
+    let out = p.build(&repo, &["-v", "--tag", "t2", "--push"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "credentials for `{}` (user `{}`) from ABSCONDA_REGISTRY_USER",
+            reg.addr, reg.user
+        )),
+        "{err}"
+    );
+    assert!(!text(&out).contains(reg.password));
+    let recorded = std::fs::read_to_string(&logins).unwrap();
+    assert!(
+        recorded.contains(&reg.addr) && recorded.contains(reg.user),
+        "{recorded}"
+    );
+    assert!(reg.tags("scoped/app").contains(&"t2".to_string()));
 }
