@@ -323,6 +323,9 @@ fn prepare_context_blocking(req: &BuildRequest) -> Result<PreparedContext, Build
             return Err(BuildError::NoDockerfile { path: df.clone() });
         }
         ignore_for = Some(df.clone());
+        if let Some(c) = ctx {
+            context::guard::check_dockerfile(c, df)?;
+        }
         match ctx.map(|c| {
             canonical(df)
                 .strip_prefix(canonical(c))
@@ -350,6 +353,9 @@ fn prepare_context_blocking(req: &BuildRequest) -> Result<PreparedContext, Build
     // Generated inputs go in after the walk: a user's `.dockerignore` must
     // not drop them, and they replace any file of the same name.
     for (name, path) in &req.extra_files {
+        if let Some(c) = ctx {
+            context::guard::check_input_parents(c, name)?;
+        }
         entries.retain(|e| e.rel != *name);
         entries.push(file_entry(name, path)?);
     }

@@ -370,6 +370,10 @@ impl ConfigFile {
             key: key.map(str::to_string),
             line,
         };
+        crate::yaml::check_depth(text).map_err(|e| ConfigError::Yaml {
+            at: at(None, None, Some(e.line)),
+            message: e.to_string(),
+        })?;
         let root: Value = serde_norway::from_str(text).map_err(|e| ConfigError::Yaml {
             at: at(None, None, e.location().map(|l| l.line())),
             message: strip_location(&e.to_string()),
@@ -1150,5 +1154,15 @@ defaults:
             expand_vars("${ABSCONDA_TEST_NEVER_SET?}").unwrap_err(),
             "ABSCONDA_TEST_NEVER_SET"
         );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_quickly() {
+        let text = format!("builders: {}", "{a: ".repeat(100_000));
+        let start = std::time::Instant::now();
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(start.elapsed() < Duration::from_secs(1));
+        assert!(err.contains("nested more than 64 levels deep"), "{err}");
+        assert!(err.contains("line 1"), "{err}");
     }
 }

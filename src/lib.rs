@@ -28,6 +28,7 @@
 //! - `shell`: quoting every remote argument for POSIX sh
 //! - `exit`: exit codes and error rendering
 //! - `util`: small helpers every layer may use (byte counts, error chains)
+//! - `yaml`: the nesting limit applied to YAML files before parsing
 pub mod build;
 pub mod cli;
 pub mod cloud;
@@ -52,3 +53,4 @@ pub mod terraform;
 #[cfg(test)]
 mod test_support;
 pub mod util;
+pub mod yaml;

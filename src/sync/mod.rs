@@ -11,7 +11,9 @@
 //! outside the context still lands in the run folder as before). Copies no
 //! build used for 30 days are removed by the next sync on that builder.
 //!
-//! - The key is a hash of this machine's id, the canonical local path of the
+//! - The key is a hash of this machine's id, a random id of this
+//!   installation (kept in the local cache folder, so machines cloned with
+//!   one `/etc/machine-id` still differ), the canonical local path of the
 //!   context and the builder's name: never the folder's basename, which is
 //!   how docker/buildx#2552 served one project's files to another.
 //! - [`manifest`]: every entry with type, mode, size, mtime, symlink target
@@ -190,15 +192,21 @@ pub async fn sync_context(
     reporter: &dyn Reporter,
 ) -> Result<SyncSummary, SyncError> {
     let builder = &job.builder.name;
-    let key = copy_key(&machine_id(), &job.identity, builder);
     let t = Instant::now();
-    let (mut cache, scanned) = {
-        let key = key.clone();
+    let (key, mut cache, scanned) = {
         let root = job.cache_root.clone().or_else(cache::cache_root);
+        let identity = job.identity.clone();
+        let name = builder.clone();
         tokio::task::spawn_blocking(move || {
+            let machine = format!(
+                "{}\0{}",
+                machine_id(),
+                cache::installation_id(root.as_deref())
+            );
+            let key = copy_key(&machine, &identity, &name);
             let cache = LocalCache::load(root.as_deref(), &key);
             let scanned = cache::scan(entries, extra, &cache.data.stats)?;
-            Ok::<_, ContextError>((cache, scanned))
+            Ok::<_, ContextError>((key, cache, scanned))
         })
         .await
         .map_err(|e| SyncError::Remote {

@@ -5,6 +5,7 @@ mod support;
 
 mod auth;
 mod build;
+mod client_guards;
 mod cloud;
 mod config;
 mod ec2;

@@ -1054,6 +1054,39 @@ fn contexts_with_the_same_basename_never_share_a_copy() {
     assert_eq!(cat_in_image("sync/base-b:t", "/ctx/who.txt"), b"b");
 }
 
+#[test]
+fn two_installations_on_one_machine_id_never_share_a_copy() {
+    if !services() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    // One machine id (this machine's), one context path, one builder: only
+    // the cache folder differs, as on two laptops cloned from one image.
+    let mut p = Project::new(&sshd);
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+    p.file("who.txt", "same");
+    let caches = [p.dir.path().join("cache-a"), p.dir.path().join("cache-b")];
+    p.env = vec![("XDG_CACHE_HOME".into(), caches[0].display().to_string())];
+    build_json(&p, "sync/install-a", &[]);
+    assert_eq!(copies(&p).len(), 1);
+    p.env = vec![("XDG_CACHE_HOME".into(), caches[1].display().to_string())];
+    let rb = build_json(&p, "sync/install-b", &[]);
+    assert_eq!(sync_of(&rb)["mode"], "full", "b must not reuse a's copy");
+    assert_eq!(copies(&p).len(), 2, "one copy per installation");
+    let ids: Vec<String> = caches
+        .iter()
+        .map(|c| std::fs::read_to_string(c.join("absconda/installation-id")).unwrap())
+        .collect();
+    assert_eq!(ids[0].trim().len(), 32);
+    assert_ne!(ids[0], ids[1]);
+    // Each installation keeps its own copy up to date.
+    p.env = vec![("XDG_CACHE_HOME".into(), caches[0].display().to_string())];
+    let ra = build_json(&p, "sync/install-a", &[]);
+    assert_eq!(sync_of(&ra)["mode"], "delta");
+    assert_eq!(copies(&p).len(), 2);
+}
+
 fn set_mtime(path: &Path, t: SystemTime) {
     std::fs::File::options()
         .write(true)
