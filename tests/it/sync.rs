@@ -803,6 +803,8 @@ fn an_unchanged_rebuild_sends_almost_nothing_and_one_change_its_compressed_size(
 struct Throttle {
     port: u16,
     stop: Arc<AtomicBool>,
+    /// Client→server bytes passed on so far.
+    up: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Throttle {
@@ -811,6 +813,8 @@ impl Throttle {
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        let up = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let up2 = up.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if stop2.load(Ordering::Relaxed) {
@@ -821,6 +825,7 @@ impl Throttle {
                     continue;
                 };
                 let pipe = |mut from: TcpStream, mut to: TcpStream, rate: Option<usize>| {
+                    let up = up2.clone();
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 16 * 1024];
                         loop {
@@ -832,6 +837,7 @@ impl Throttle {
                                 break;
                             }
                             if let Some(rate) = rate {
+                                up.fetch_add(n as u64, Ordering::Relaxed);
                                 std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
                             }
                         }
@@ -847,7 +853,7 @@ impl Throttle {
                 pipe(server, client, None);
             }
         });
-        Throttle { port, stop }
+        Throttle { port, stop, up }
     }
 }
 
@@ -910,7 +916,12 @@ fn an_interrupted_sync_is_detected_and_repaired_by_the_next_build() {
     wait_until("the sync started", Duration::from_secs(30), || {
         state_of(&p).starts_with("v1 dirty")
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    // 2 MiB of the 12 MiB upload passed: at 2 MiB/s it cannot have ended.
+    wait_until(
+        "2 MiB of the upload passed",
+        Duration::from_secs(60),
+        || throttle.up.load(Ordering::Relaxed) >= 2 << 20,
+    );
     assert!(
         child.try_wait().unwrap().is_none(),
         "the upload ended too soon"

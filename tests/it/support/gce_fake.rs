@@ -405,6 +405,7 @@ impl GceFake {
     /// Starts the fake on two loopback ports, with one registered service
     /// account (`absconda-builder@absconda-test.iam.gserviceaccount.com`).
     pub fn start() -> GceFake {
+        crate::support::watch();
         let api = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the API port");
         let md = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the metadata port");
         api.set_nonblocking(true).expect("nonblocking");
