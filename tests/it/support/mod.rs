@@ -49,10 +49,8 @@ pub fn watch() {
     struct Registered(u64);
     impl Drop for Registered {
         fn drop(&mut self) {
-            if let Some(m) = RUNNING.get() {
-                if let Ok(mut m) = m.lock() {
-                    m.remove(&self.0);
-                }
+            if let Some(Ok(mut m)) = RUNNING.get().map(Mutex::lock) {
+                m.remove(&self.0);
             }
         }
     }
