@@ -9,10 +9,12 @@
 #![allow(dead_code)]
 
 pub mod absconda;
+pub mod counting_proxy;
 pub mod docker;
 pub mod faulty_proxy;
 pub mod gce_fake;
 pub mod moto;
+pub mod netns;
 pub mod sshd;
 
 use std::net::TcpListener;
