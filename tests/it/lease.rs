@@ -32,7 +32,10 @@ fn two_builds_at_once_take_turns() {
     // Each build records when its RUN step starts and ends; the intervals must not overlap.
     p.file(
         "Dockerfile",
-        &format!("FROM {BASE_IMAGE}\nARG N\nRUN echo start $N && sleep 3 && echo end $N\n"),
+        &format!(
+            "FROM {BASE_IMAGE}\nARG N\n\
+             RUN echo \"mark start $N $(cat /proc/uptime)\" && sleep 3 && echo \"mark end $N $(cat /proc/uptime)\"\n"
+        ),
     );
     let spawn = |n: &str| {
         let mut c = p.cmd();
@@ -53,16 +56,31 @@ fn two_builds_at_once_take_turns() {
             .stderr(Stdio::piped());
         c.spawn().unwrap()
     };
-    let t0 = Instant::now();
     let a = spawn("a");
     let b = spawn("b");
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     assert!(a.status.success(), "{}", text(&a));
     assert!(b.status.success(), "{}", text(&b));
+    // The builder's clock (seconds since boot) as each step printed it in
+    // the streamed log.
+    let mark = |o: &std::process::Output, what: &str, n: &str| -> f64 {
+        let log = String::from_utf8_lossy(&o.stderr).into_owned();
+        let needle = format!("mark {what} {n} ");
+        let at = log
+            .match_indices(&needle)
+            .map(|(i, _)| &log[i + needle.len()..])
+            .find_map(|rest| rest.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no `{needle}<time>` in the log:\n{log}"));
+        at
+    };
+    let (sa, ea) = (mark(&a, "start", "a"), mark(&a, "end", "a"));
+    let (sb, eb) = (mark(&b, "start", "b"), mark(&b, "end", "b"));
+    assert!(sa < ea && sb < eb, "a {sa}..{ea}, b {sb}..{eb}");
     assert!(
-        t0.elapsed() >= Duration::from_secs(6),
-        "the two 3 s steps ran concurrently"
+        ea <= sb || eb <= sa,
+        "the RUN steps overlapped: a {sa}..{ea}, b {sb}..{eb}"
     );
+    eprintln!("RUN steps: a {sa}..{ea}, b {sb}..{eb} (builder uptime)");
     let waited = [&a, &b]
         .iter()
         .filter(|o| String::from_utf8_lossy(&o.stderr).contains("is busy: held by tester@"))
