@@ -66,12 +66,10 @@ fn two_builds_at_once_take_turns() {
     let mark = |o: &std::process::Output, what: &str, n: &str| -> f64 {
         let log = String::from_utf8_lossy(&o.stderr).into_owned();
         let needle = format!("mark {what} {n} ");
-        let at = log
-            .match_indices(&needle)
+        log.match_indices(&needle)
             .map(|(i, _)| &log[i + needle.len()..])
             .find_map(|rest| rest.split_whitespace().next()?.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no `{needle}<time>` in the log:\n{log}"));
-        at
+            .unwrap_or_else(|| panic!("no `{needle}<time>` in the log:\n{log}"))
     };
     let (sa, ea) = (mark(&a, "start", "a"), mark(&a, "end", "a"));
     let (sb, eb) = (mark(&b, "start", "b"), mark(&b, "end", "b"));
