@@ -694,7 +694,7 @@ const RECORD_ENV: &str = "ABSCONDA_IT_RECORD_BUILD";
 /// re-runs this test binary with `--ignored` and `RECORD_ENV` set. Records
 /// one build.
 #[test]
-#[ignore = "run only as a child of twenty_processes_recording_builds_lose_none"]
+#[ignore = "run in a child process by twenty_processes_recording_builds_lose_none"]
 fn record_one_build_child() {
     let spec = std::env::var(RECORD_ENV).expect("RECORD_ENV names the state file");
     let (path, rest) = spec.split_once('|').unwrap();
