@@ -12,6 +12,7 @@ pub struct CountingProxy {
     up: Arc<AtomicU64>,
     down: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
 }
 
 impl CountingProxy {
@@ -23,7 +24,9 @@ impl CountingProxy {
         let addr = listener.local_addr().unwrap();
         let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let stop = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
         let (up2, down2, stop2) = (up.clone(), down.clone(), stop.clone());
+        let paused2 = paused.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if stop2.load(Ordering::Relaxed) {
@@ -37,8 +40,9 @@ impl CountingProxy {
                     client.try_clone().unwrap(),
                     server.try_clone().unwrap(),
                     up2.clone(),
+                    paused2.clone(),
                 );
-                pipe(server, client, down2.clone());
+                pipe(server, client, down2.clone(), paused2.clone());
             }
         });
         CountingProxy {
@@ -46,6 +50,7 @@ impl CountingProxy {
             up,
             down,
             stop,
+            paused,
         }
     }
 
@@ -54,13 +59,23 @@ impl CountingProxy {
         self.up.load(Ordering::Relaxed)
     }
 
+    /// Holds every byte from now on (a link that went silent) until
+    /// [`CountingProxy::resume`].
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::Relaxed);
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::Relaxed);
+    }
+
     /// Bytes from the server to the client so far.
     pub fn down(&self) -> u64 {
         self.down.load(Ordering::Relaxed)
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream, count: Arc<AtomicU64>) {
+fn pipe(mut from: TcpStream, mut to: TcpStream, count: Arc<AtomicU64>, paused: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -68,6 +83,9 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, count: Arc<AtomicU64>) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            while paused.load(Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
             // Counted before passing on: once the other side has it, it shows.
             count.fetch_add(n as u64, Ordering::Relaxed);
             if to.write_all(&buf[..n]).is_err() {
@@ -82,6 +100,7 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, count: Arc<AtomicU64>) {
 impl Drop for CountingProxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.paused.store(false, Ordering::Relaxed);
         let _ = TcpStream::connect(self.addr);
     }
 }
