@@ -8,6 +8,7 @@ mod build;
 mod client_guards;
 mod cloud;
 mod config;
+mod dockerignore;
 mod ec2;
 mod firsthour;
 mod gce;
