@@ -8,6 +8,7 @@ mod build;
 mod cloud;
 mod config;
 mod ec2;
+mod escape;
 mod gce;
 mod generate;
 mod hostkeys;
