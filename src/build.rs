@@ -173,6 +173,10 @@ pub enum BuildError {
     Timeout { builder: String, after: Duration },
     #[error("interrupted")]
     Interrupted,
+    #[error(
+        "the lease supervisor on `{builder}` went away during the build (killed, out of memory or a reboot): the build is abandoned"
+    )]
+    LeaseLost { builder: String },
 }
 
 impl From<SshError> for BuildError {
@@ -197,7 +201,7 @@ impl BuildError {
             BuildError::DockerBuild { status, .. } | BuildError::DockerPush { status, .. } => {
                 *status == ExitStatus::Unknown
             }
-            BuildError::Upload { .. } => true,
+            BuildError::Upload { .. } | BuildError::LeaseLost { .. } => true,
             _ => false,
         }
     }
@@ -391,6 +395,20 @@ impl Lease {
         };
         tokio::time::timeout(within, wait).await.unwrap_or(false)
     }
+}
+
+/// Returns when the lease supervisor's channel closes: it prints nothing
+/// between `acquired` and the release, so anything else means it is gone
+/// (killed, out of memory, the builder rebooted) and with it the lease.
+async fn lease_lost(process: &mut RemoteProcess) {
+    let (mut buf, mut err) = (Vec::new(), Vec::new());
+    while process.reader.line(&mut buf, &mut err).await.is_some() {}
+}
+
+/// What the build steps need of a held lease while [`lease_lost`] watches
+/// its channel.
+struct HeldRun {
+    run_dir: String,
 }
 
 /// Takes the builder's lease, waiting for other builds up to `wait`.
@@ -735,7 +753,11 @@ pub async fn build_on(
         r = lease_and_probe => r,
         _ = cancel.cancelled() => return Err(BuildError::Interrupted),
     };
-    let lease = lease?;
+    let mut held = lease?;
+    let watch = &mut held.process;
+    let lease = HeldRun {
+        run_dir: held.run_dir.clone(),
+    };
     report.record(Phase::Lease, t.elapsed());
     reporter.phase_done(Phase::Lease, t.elapsed());
 
@@ -896,12 +918,13 @@ pub async fn build_on(
             builder: builder.name.clone(),
             after: builder.timeout,
         })),
+        _ = lease_lost(watch) => Err(BuildError::LeaseLost { builder: builder.name.clone() }),
         _ = cancel.cancelled() => Err(BuildError::Interrupted),
     };
 
     reporter.phase(Phase::Cleanup);
     let t = Instant::now();
-    if !lease.release(Duration::from_secs(30)).await {
+    if !held.release(Duration::from_secs(30)).await {
         tracing::debug!(
             "the lease supervisor did not confirm cleanup; it cleans up when the connection closes"
         );

@@ -54,6 +54,23 @@ if [ -s "$ws/.stop-pid" ]; then
   rm -f "$ws/.stop-pid"
 fi
 printf '%s\n' "$holder" > "$ws/.lease-holder"
+# Run folders here belong to no live lease (this one holds it, and has not
+# made its own yet): a supervisor that was killed or a reboot left them,
+# maybe with a registry login in .docker/config.json. Stop what still runs
+# there (only the process that recorded itself and still works in that
+# folder) and remove them.
+for old in "$ws"/runs/*; do
+  if [ -L "$old" ]; then rm -f "$old"; continue; fi
+  [ -d "$old" ] || continue
+  pid=$(cat "$old/pid" 2>/dev/null)
+  case $pid in
+    ''|*[!0-9]*) ;;
+    *) if [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" = "$(cd "$old" && pwd -P)" ]; then
+         kill -KILL -"$pid" 2>/dev/null
+       fi ;;
+  esac
+  rm -rf "$old" 2>/dev/null || { chmod -R u+rwx "$old"; rm -rf "$old"; }
+done
 if ! mkdir "$run"; then
   echo "error cannot create the run folder $run" >&2
   exit 70

@@ -17,4 +17,5 @@ mod lease;
 mod lifecycle;
 mod retry;
 mod safety;
+mod supervisor;
 mod sync;
