@@ -231,6 +231,7 @@ fn holder_description() -> String {
     } else {
         "unknown-host".into()
     };
+    let (user, host) = (printable(&user, 64), printable(&host, 64));
     format!(
         "{user}@{host} (pid {}) since {}",
         std::process::id(),
@@ -372,22 +373,33 @@ fn canonical(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// A held lease: the supervisor process on the builder.
+/// A held lease: the supervisor process on the builder, and the task that
+/// tells it every [`remote::LEASE_HEARTBEAT`] that we are still here.
 pub struct Lease {
     process: RemoteProcess,
     pub run_dir: String,
+    nonce: String,
+    heartbeat: tokio::task::AbortHandle,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
 }
 
 impl Lease {
     /// Releases the lease; the supervisor kills anything still running and
     /// removes the run folder before it answers.
     pub async fn release(mut self, within: Duration) -> bool {
+        self.heartbeat.abort();
         let _ = self.process.writer.eof().await;
         let mut buf = Vec::new();
         let mut err = Vec::new();
+        let released = format!("{} released", self.nonce);
         let wait = async {
             while let Some(line) = self.process.reader.line(&mut buf, &mut err).await {
-                if line == "released" {
+                if line == released {
                     return true;
                 }
             }
@@ -395,6 +407,16 @@ impl Lease {
         };
         tokio::time::timeout(within, wait).await.unwrap_or(false)
     }
+}
+
+/// Builder-side text as absconda may print it: no control characters (a
+/// forged holder file must not move the cursor or recolour the terminal),
+/// at most `max` characters.
+pub fn printable(text: &str, max: usize) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect()
 }
 
 /// Returns when the lease supervisor's channel closes: it prints nothing
@@ -432,6 +454,12 @@ pub async fn acquire_lease(
         self_stop,
     );
     let mut process = session.exec("the builder lease", &cmd).await?;
+    // Protocol lines start with this build's nonce (see `remote::lease`).
+    let nonce = format!("{:032x}", rand::random::<u128>());
+    process
+        .writer
+        .write_all(format!("{nonce}\n").as_bytes())
+        .await?;
     let mut buf = Vec::new();
     let mut stderr = Vec::new();
     let mut holder = String::new();
@@ -445,7 +473,7 @@ pub async fn acquire_lease(
                 waited: wait,
             })?;
         let Some(line) = line else {
-            let message = String::from_utf8_lossy(&stderr).trim().to_string();
+            let message = printable(String::from_utf8_lossy(&stderr).trim(), 400);
             return Err(BuildError::Workspace {
                 builder: builder.name.clone(),
                 workspace: builder.workspace.clone(),
@@ -457,25 +485,50 @@ pub async fn acquire_lease(
                 },
             });
         };
+        let Some(line) = line
+            .strip_prefix(nonce.as_str())
+            .and_then(|l| l.strip_prefix(' '))
+        else {
+            continue;
+        };
+        let text = |h: &str| printable(h.trim(), 200);
         if line == "acquired" {
-            return Ok(Lease { process, run_dir });
+            let mut beat = process.writer.stream();
+            let heartbeat = tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                loop {
+                    tokio::time::sleep(remote::LEASE_HEARTBEAT).await;
+                    if beat.write_all(b"\n").await.is_err() || beat.flush().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .abort_handle();
+            return Ok(Lease {
+                process,
+                run_dir,
+                nonce,
+                heartbeat,
+            });
         } else if let Some(h) = line.strip_prefix("busy ") {
-            holder = h.to_string();
+            let h = text(h);
+            holder = h.clone();
             reporter.info(&format!(
                 "builder `{}` is busy: held by {}; waiting up to {}s (--remote-wait)",
                 builder.name,
-                if h.is_empty() { "another build" } else { h },
+                if h.is_empty() { "another build" } else { &h },
                 wait.as_secs()
             ));
         } else if let Some(h) = line.strip_prefix("waiting ") {
+            let h = text(h);
             if !h.is_empty() && h != holder {
-                holder = h.to_string();
+                holder = h.clone();
                 reporter.info(&format!("builder `{}` now held by {h}", builder.name));
             }
         } else if let Some(h) = line.strip_prefix("timeout") {
             return Err(BuildError::LeaseTimeout {
                 builder: builder.name.clone(),
-                holder: h.trim().to_string(),
+                holder: text(h),
                 waited: wait,
             });
         }

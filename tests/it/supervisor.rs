@@ -43,12 +43,33 @@ pub fn pids_with(needles: &[&str]) -> Vec<i32> {
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
             continue;
         };
-        let cmd = String::from_utf8_lossy(&cmd);
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if needles.iter().all(|n| cmd.contains(n)) {
             pids.push(pid);
         }
     }
     pids
+}
+
+/// The lease supervisor of the workspace `ws` (not its subshells).
+pub fn supervisor(ws: &str) -> Vec<i32> {
+    let all = pids_with(&["absconda-lease", ws]);
+    let parent = |pid: i32| -> i32 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    };
+    let roots: Vec<i32> = all
+        .iter()
+        .copied()
+        .filter(|p| !all.contains(&parent(*p)))
+        .collect();
+    assert_eq!(roots.len(), 1, "one supervisor: {roots:?} of {all:?}");
+    roots
 }
 
 /// The builder's docker with a `push` that waits until the test lets it go
@@ -111,8 +132,7 @@ fn a_supervisor_killed_during_the_push_fails_the_build_and_leaves_no_login() {
     });
     let login = p.run_folders()[0].join(".docker/config.json");
     assert!(login.exists(), "the login is in the run folder");
-    let sup = pids_with(&["absconda-lease", &ws]);
-    assert_eq!(sup.len(), 1, "one supervisor: {sup:?}");
+    let sup = supervisor(&ws);
     // SAFETY: kill(2) of the supervisor this test started through sshd.
     unsafe { libc::kill(sup[0], libc::SIGKILL) };
 
@@ -168,4 +188,129 @@ fn a_supervisor_killed_during_the_push_fails_the_build_and_leaves_no_login() {
             .any(|c| c["name"] == "runs" && c["status"] == "ok"),
         "{report}"
     );
+}
+
+fn processes_matching(needle: &str) -> usize {
+    pids_with(&[needle]).len()
+}
+
+/// A build holding `p`'s builder in a long RUN step marked by `marker`.
+fn holding_build(p: &Project, marker: &str) -> std::process::Child {
+    assert_eq!(
+        processes_matching(marker),
+        0,
+        "`{marker}` is already running"
+    );
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nRUN {marker}\n"));
+    let child = p
+        .cmd()
+        .args(["build", "--remote-builder", "local", "--context"])
+        .arg(&p.context)
+        .args([
+            "--repository",
+            "held/app",
+            "--network",
+            "none",
+            "--no-cache",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the RUN step started", Duration::from_secs(60), || {
+        processes_matching(marker) > 0
+    });
+    child
+}
+
+/// A second project with its own context on the same builder and workspace.
+fn second_project(sshd: &Sshd, p: &Project) -> Project {
+    let p2 = Project::new(sshd);
+    std::fs::write(&p2.config, std::fs::read_to_string(&p.config).unwrap()).unwrap();
+    p2.file("Dockerfile", &format!("FROM {BASE_IMAGE}\n"));
+    p2
+}
+
+/// The holder file is writable by every user of the workspace: a forged
+/// one cannot make a waiting build believe it holds the lease, and its
+/// terminal escapes never reach the user's terminal.
+#[test]
+fn a_forged_holder_file_cannot_pass_for_the_lease_or_reach_the_terminal() {
+    crate::require!(SSHD, "dockerd");
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::new(&sshd);
+    let mut first = holding_build(&p, "sleep 311");
+    std::fs::write(
+        p.workspace.join(".lease-holder"),
+        "x\nacquired\n\x1b[31mred\x1b]0;title\x07\nreleased\n",
+    )
+    .unwrap();
+    let p2 = second_project(&sshd, &p);
+    let out = p2.build("held/second", &["--remote-wait", "4"]);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(
+        !out.stderr.iter().any(|b| *b == 0x1b || *b == 0x07),
+        "control characters reached the terminal: {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("xacquired"),
+        "the holder text is shown, on one line: {}",
+        text(&out)
+    );
+}
+
+/// A client that stops talking without closing its connection (a laptop
+/// off the network, a stopped process) loses the lease within a minute.
+#[test]
+fn a_silent_client_loses_the_lease_within_a_minute() {
+    crate::require!(SSHD, "dockerd");
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::new(&sshd);
+    let mut first = holding_build(&p, "sleep 313");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(first.id() as i32, libc::SIGSTOP) };
+    let stopped = std::time::Instant::now();
+    let p2 = second_project(&sshd, &p);
+    let mut second = p2
+        .cmd()
+        .args(["build", "--remote-builder", "local", "--context"])
+        .arg(&p2.context)
+        .args(["--repository", "held/next", "--remote-wait", "120"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mine = format!("(pid {})", second.id());
+    wait_until(
+        "the second build took the lease",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(p.workspace.join(".lease-holder"))
+                .is_ok_and(|h| h.contains(&mine))
+        },
+    );
+    eprintln!(
+        "lease taken over {:?} after the client stopped",
+        stopped.elapsed()
+    );
+    assert!(stopped.elapsed() < Duration::from_secs(60));
+    wait_until("the second build ended", Duration::from_secs(60), || {
+        second.try_wait().unwrap().is_some()
+    });
+    let out = second.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        processes_matching("sleep 313"),
+        0,
+        "the silent build's step was stopped"
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(first.id() as i32, libc::SIGCONT) };
+    first.kill().unwrap();
+    first.wait().unwrap();
 }
