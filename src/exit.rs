@@ -93,7 +93,8 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 }
                 BuildError::DockerBuild { .. }
                 | BuildError::DockerPush { .. }
-                | BuildError::Upload { .. } => {
+                | BuildError::Upload { .. }
+                | BuildError::LeaseLost { .. } => {
                     // No exit status: the connection went away under the command.
                     return UNREACHABLE;
                 }

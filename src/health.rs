@@ -151,6 +151,10 @@ d=$ws
 while [ ! -d "$d" ] && [ "$d" != / ]; do d=$(dirname "$d"); done
 printf 'disk_dir=%s\n' "$d"
 df -Pk "$d" 2>/dev/null | awk 'NR==2 { print "disk_total_kb=" $2; print "disk_avail_kb=" $4 }'
+n=0
+for r in "$ws"/runs/*; do [ -d "$r" ] && n=$((n + 1)); done
+printf 'runs=%s\n' "$n"
+if [ -e "$ws/.lease" ] && ! flock -n "$ws/.lease" true 2>/dev/null; then echo lease_held=1; fi
 [ -n "$rhost" ] || exit 0
 if command -v nc >/dev/null 2>&1; then
   tool=nc
@@ -210,6 +214,10 @@ pub struct Findings {
     pub registry_tool: Option<String>,
     pub registry_ok: bool,
     pub registry_error: Option<String>,
+    /// Run folders in the workspace, and whether a build holds the lease
+    /// (then one of them is its own).
+    pub runs: Option<u64>,
+    pub lease_held: bool,
 }
 
 impl Findings {
@@ -229,6 +237,8 @@ impl Findings {
                 "registry_tool" => f.registry_tool = Some(v),
                 "registry" => f.registry_ok = v == "ok",
                 "registry_error" => f.registry_error = Some(v),
+                "runs" => f.runs = v.parse().ok(),
+                "lease_held" => f.lease_held = v == "1",
                 _ => {}
             }
         }
@@ -274,6 +284,24 @@ pub fn disk_check(f: &Findings, workspace: &str) -> Check {
         name: "disk",
         status,
         detail,
+    }
+}
+
+/// Run folders no build holds: a lease supervisor that was killed (or a
+/// reboot) left them, maybe with a registry login in them; the next build's
+/// lease removes them.
+pub fn runs_check(f: &Findings, workspace: &str) -> Check {
+    let left = f.runs.unwrap_or(0).saturating_sub(u64::from(f.lease_held));
+    Check {
+        name: "runs",
+        status: if left == 0 { Level::Ok } else { Level::Warn },
+        detail: if left == 0 {
+            format!("no run folders left over in `{workspace}/runs`")
+        } else {
+            format!(
+                "{left} run folder(s) in `{workspace}/runs` left by builds whose supervisor died (they may hold a registry login); the next build removes them"
+            )
+        },
     }
 }
 
@@ -362,6 +390,7 @@ pub async fn check(builder: &Builder, ep: &Endpoint, registry: Option<&RegistryA
                 },
             });
             checks.push(disk_check(&f, &builder.workspace));
+            checks.push(runs_check(&f, &builder.workspace));
             checks.push(match registry {
                 None => skipped("registry", "not checked: no --registry given"),
                 Some(r) if f.registry_ok => Check {

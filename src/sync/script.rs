@@ -27,6 +27,12 @@
 //!
 //! So a copy is never marked clean unless it was checked, and any
 //! interruption leaves it dirty, which the next build sees.
+//!
+//! The apply step trusts neither the request nor the old copy: a delta is
+//! unpacked into a staging folder and moved into the copy entry by entry,
+//! deletions and `chmod`s are applied only where every folder above the
+//! name is a real folder of the copy, and names with `..` or a leading `/`
+//! are refused, so nothing outside the copy's tree is ever touched.
 
 use crate::shell;
 
@@ -87,10 +93,20 @@ tree=$dir/tree
 const SYNC: &str = concat!(
     prelude!(),
     r#"
+for d in "$ws/contexts" "$dir"; do
+  if [ -L "$d" ]; then
+    echo "error $d is a symlink: copies are kept only in a real folder" >&2
+    exit 70
+  fi
+done
 if ! mkdir -p "$dir" 2>/dev/null; then
   echo "error cannot create $dir as $(id -un)" >&2
   exit 70
 fi
+# Nothing here follows a symlink planted in the copy's folder.
+for f in lock state.tmp; do
+  if [ -L "$dir/$f" ]; then rm -f "$dir/$f"; fi
+done
 exec 8>>"$dir/lock" || exit 70
 if ! flock -w 120 8; then
   echo "error $dir stayed locked by an earlier sync for 120s" >&2
@@ -100,7 +116,9 @@ boot=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)
 [ -n "$boot" ] || boot=unknown
 
 state=none mh=- lh=- cur=- bootst=- lsec=-
-if [ -d "$tree" ]; then
+if [ -L "$tree" ]; then
+  state=dirty
+elif [ -d "$tree" ]; then
   state=dirty
   if [ -f "$dir/state" ] && read -r v st smh slh sboot < "$dir/state" &&
      [ "$v" = v1 ] && [ "$st" = clean ]; then
@@ -131,40 +149,101 @@ if [ "$mode" = delta ] &&
 fi
 
 putstate() {
-  printf '%s\n' "$1" > "$dir/state.tmp" && mv -f "$dir/state.tmp" "$dir/state"
+  rm -f "$dir/state.tmp" &&
+    printf '%s\n' "$1" > "$dir/state.tmp" && mv -f "$dir/state.tmp" "$dir/state"
 }
 fail() {
   echo "result failed $1"
   echo "error $1" >&2
   exit 1
 }
+lib=$(cat <<'EOF'
+# A name absconda may send: relative, without `.`, `..` or empty parts.
+named() {
+  case /$1/ in
+    //|*/../*|*/./*|*//*) echo "error refused the name $1" >&2; return 1 ;;
+  esac
+}
+# True when every folder above $1 in the current folder is a real folder.
+inside() {
+  q=$1
+  while :; do
+    case $q in */*) q=${q%/*} ;; *) return 0 ;; esac
+    [ -d "$q" ] && [ ! -L "$q" ] || return 1
+  done
+}
+# rm -rf, also of read-only folders (they stop it for a user other than root).
+wipe() {
+  if [ -L "$1" ]; then rm -f -- "$1"; return; fi
+  [ -e "$1" ] || return 0
+  rm -rf -- "$1" 2>/dev/null || { chmod -R u+rwx -- "$1"; rm -rf -- "$1"; }
+}
+EOF
+)
+eval "$lib"
 decode() {
   printf '%s' "$1" | tr '\376\377' '\n\000'
 }
 putstate 'v1 dirty' || fail "cannot write $dir/state"
 
+# Nothing the request, the tar stream or the old copy holds may write,
+# change or delete anything outside $tree: a name is refused unless it is
+# relative without `.` or `..`, and skipped unless every folder above it in
+# the copy is a real folder (a symlink there would lead outside). A delta is
+# unpacked into a fresh staging folder first and moved in entry by entry;
+# a full send unpacks into a fresh, empty copy. (tar itself refuses `..`
+# and defers symlinks that lead out of the folder it unpacks into.)
+stage=$dir/stage
+wipe "$stage" || fail "cannot remove $stage"
 if [ "$mode" = full ] && { [ -e "$tree" ] || [ -L "$tree" ]; }; then
-  # Read-only folders stop rm -rf for a user other than root.
-  rm -rf "$tree" 2>/dev/null || { chmod -R u+rwx "$tree"; rm -rf "$tree"; } ||
-    fail "cannot remove the old copy $tree"
+  wipe "$tree" || fail "cannot remove the old copy $tree"
 fi
 [ -d "$tree" ] || mkdir "$tree" || fail "cannot create $tree"
 cd "$tree" || fail "cannot enter $tree"
 if [ -n "$dels" ]; then
-  decode "$dels" | xargs -0 -r rm -rf -- || fail "cannot delete old entries in $tree"
+  decode "$dels" | xargs -0 -r sh -c "$lib"'
+    for p; do
+      named "$p" || exit 1
+      if inside "$p"; then wipe "$p" || exit 1; fi
+    done' absconda-delete || fail "cannot delete old entries in $tree"
 fi
+into=$tree
+[ "$mode" = delta ] && into=$stage
 p=
 case $tarmode in
   plain|gzip)
     case $(tar --version 2>/dev/null) in *'GNU tar'*|*bsdtar*) p=-p ;; esac
     z=
     [ "$tarmode" = gzip ] && z=-z
-    (umask 0; exec tar -x $p -o $z -f -) || fail "tar could not unpack the changes into $tree" ;;
+    { [ "$into" = "$tree" ] || mkdir "$stage"; } || fail "cannot create $stage"
+    (cd "$into" && umask 0 && exec tar -x $p -o $z -f -) ||
+      fail "tar could not unpack the changes into $into" ;;
   none) ;;
   *) fail "unknown archive mode $tarmode" ;;
 esac
+if [ "$into" = "$stage" ] && [ "$tarmode" != none ]; then
+  # find lists a folder before its entries: when one is moved, every
+  # folder above it in the copy is already known to be a real folder.
+  (cd "$stage" && find . -mindepth 1 -print0) | xargs -0 -r sh -c "$lib"'
+    s=$1; shift
+    for p; do
+      p=${p#./}
+      [ -e "$s/$p" ] || [ -L "$s/$p" ] || continue   # moved with its folder
+      named "$p" && inside "$p" || exit 1
+      if [ -d "$s/$p" ] && [ ! -L "$s/$p" ] && [ -d "$p" ] && [ ! -L "$p" ]; then
+        [ -w "$s/$p" ] || chmod u+w "$s/$p" || exit 1
+        continue   # a folder in both: its entries move one by one
+      fi
+      if [ -e "$p" ] || [ -L "$p" ]; then wipe "$p" || exit 1; fi
+      mv -f -- "$s/$p" "$p" || exit 1
+    done' absconda-move "$stage" || fail "cannot move the changes into $tree"
+  wipe "$stage" || fail "cannot remove $stage"
+fi
 if [ -n "$mods" ]; then
-  decode "$mods" | xargs -0 -r -n 2 chmod -- || fail "cannot change permissions in $tree"
+  decode "$mods" | xargs -0 -r -n 2 sh -c "$lib"'
+    named "$2" || exit 1
+    if inside "$2" && [ ! -L "$2" ]; then chmod -- "$1" "$2"; fi
+  ' absconda-chmod || fail "cannot change permissions in $tree"
 fi
 
 if [ "$mode" = delta ] && [ -z "$dels$mods" ] && [ "$tarmode" = none ]; then
