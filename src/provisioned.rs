@@ -187,6 +187,8 @@ pub fn target_at(builder: &Builder, host: &str, port: u16) -> Target {
         pin: builder.host_key.clone(),
         host_key_alias: builder.host_key_alias.clone(),
         connect_timeout: builder.connect_timeout,
+        proxy: None,
+        jumps: Vec::new(),
     }
 }
 
