@@ -153,6 +153,10 @@ pub struct Builder {
     #[serde(skip)]
     pub host_key: Option<Pin>,
     pub host_key_alias: Option<String>,
+    /// The HTTP CONNECT or SOCKS5 proxy SSH goes through (password hidden when shown).
+    pub proxy: Option<crate::ssh::proxy::Proxy>,
+    /// Jump hosts, in order, before the builder.
+    pub jump: Vec<crate::ssh::jump::JumpHost>,
     pub workspace: String,
     pub docker: String,
     pub compression: CompressionSetting,
@@ -219,6 +223,8 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("host_key_policy", Kind::Str),
     ("host_key", Kind::Str),
     ("host_key_alias", Kind::Str),
+    ("proxy", Kind::Str),
+    ("jump", Kind::StrList),
     ("workspace", Kind::Str),
     ("docker", Kind::Str),
     ("compression", Kind::Str),
@@ -256,6 +262,8 @@ const DEFAULT_KEYS: &[&str] = &[
     "identity_file",
     "known_hosts",
     "host_key_policy",
+    "proxy",
+    "jump",
     "workspace",
     "docker",
     "compression",
@@ -645,6 +653,35 @@ impl ConfigFile {
             .string("known_hosts")?
             .map(&local_path)
             .unwrap_or_else(|| expand_path("~/.ssh/known_hosts", base));
+        let proxy = match r.string("proxy")?.as_deref() {
+            None | Some("none") => None,
+            Some("env") => {
+                // Only when asked: `ALL_PROXY` is often set for other tools.
+                let url = ["ALL_PROXY", "all_proxy"]
+                    .iter()
+                    .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+                    .ok_or_else(|| {
+                        r.invalid(
+                            "proxy",
+                            "`env` takes the proxy from `ALL_PROXY`, which is not set".into(),
+                        )
+                    })?;
+                Some(
+                    crate::ssh::proxy::Proxy::parse(&url)
+                        .map_err(|m| r.invalid("proxy", format!("`ALL_PROXY`: {m}")))?,
+                )
+            }
+            Some(url) => {
+                Some(crate::ssh::proxy::Proxy::parse(url).map_err(|m| r.invalid("proxy", m))?)
+            }
+        };
+        let jump = r
+            .list("jump")?
+            .iter()
+            .flat_map(|s| s.split(','))
+            .map(crate::ssh::jump::JumpHost::parse)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|m| r.invalid("jump", m))?;
         let secs = |key: &str, default: u64| -> Result<Duration, ConfigError> {
             Ok(Duration::from_secs(r.int(key)?.unwrap_or(default)))
         };
@@ -664,6 +701,8 @@ impl ConfigFile {
             host_key_policy: policy,
             host_key,
             host_key_alias: r.string("host_key_alias")?,
+            proxy,
+            jump,
             workspace: r
                 .string("workspace")?
                 .unwrap_or_else(|| "/var/lib/absconda".into()),

@@ -17,6 +17,7 @@
 
 pub mod auth;
 pub mod exec;
+pub mod jump;
 pub mod known_hosts;
 pub mod proxy;
 pub mod transport;

@@ -60,6 +60,13 @@ impl fmt::Display for Proxy {
     }
 }
 
+impl serde::Serialize for Proxy {
+    /// As the URL with the password hidden.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl Proxy {
     /// Parses `http://[user:pass@]host:port` or `socks5://[user:pass@]host:port`
     /// (`socks5h://` is accepted as a synonym: names are always resolved by
@@ -173,7 +180,8 @@ impl Proxy {
             })?;
         match code {
             200..=299 => Ok(()),
-            407 => Err(ProxyError::AuthRequired {
+            // 407 is the standard answer; some proxies (tinyproxy) send 401.
+            401 | 407 => Err(ProxyError::AuthRequired {
                 sent: self.credentials.is_some(),
                 status: status_line,
             }),

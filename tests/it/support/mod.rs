@@ -13,7 +13,9 @@ pub mod docker;
 pub mod faulty_proxy;
 pub mod gce_fake;
 pub mod moto;
+pub mod netns;
 pub mod sshd;
+pub mod tunnel_proxy;
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;

@@ -59,6 +59,10 @@ impl Sshd {
             ak = d.join("authorized_keys").display(),
             pid = d.join("sshd.pid").display(),
         );
+        if extra.lines().any(|l| l.starts_with("LogLevel ")) {
+            // sshd takes the first value: let the test's win.
+            config = config.replace("LogLevel VERBOSE\n", "");
+        }
         if let Some(h) = docker_host {
             config.push_str(&format!("SetEnv DOCKER_HOST={h}\n"));
         }
@@ -92,8 +96,11 @@ impl Sshd {
             .stderr(std::fs::File::create(d.join("sshd.log")).unwrap());
         let child = spawn_daemon(cmd).expect("start sshd");
         let addr = format!("{listen}:{port}");
-        wait_until("sshd listening", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(&addr).is_ok()
+        let log = d.join("sshd.log");
+        wait_until("sshd listening", Duration::from_secs(10), || match netns {
+            // Inside a namespace it may not be reachable from here: its log says when it listens.
+            Some(_) => std::fs::read_to_string(&log).is_ok_and(|l| l.contains("Server listening")),
+            None => std::net::TcpStream::connect(&addr).is_ok(),
         });
         Sshd {
             port,
