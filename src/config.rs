@@ -225,6 +225,7 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("host_key_alias", Kind::Str),
     ("proxy", Kind::Str),
     ("jump", Kind::StrList),
+    ("ssh_config", Kind::Str),
     ("workspace", Kind::Str),
     ("docker", Kind::Str),
     ("compression", Kind::Str),
@@ -264,6 +265,7 @@ const DEFAULT_KEYS: &[&str] = &[
     "host_key_policy",
     "proxy",
     "jump",
+    "ssh_config",
     "workspace",
     "docker",
     "compression",
@@ -736,6 +738,27 @@ impl ConfigFile {
             idle_shutdown_minutes: r.int("idle_shutdown_minutes")?,
             hourly_cost: r.float("hourly_cost")?,
         };
+        let mut b = b;
+        if provider == ProviderKind::Ssh {
+            let ssh_config = match r.value("ssh_config")? {
+                Some(Value::Bool(false)) => None,
+                Some(Value::Bool(true)) | None => Some(expand_path("~/.ssh/config", base)),
+                Some(_) => r.string("ssh_config")?.map(&local_path),
+            };
+            if let Some(path) = ssh_config {
+                let explicit = crate::builder_ssh::Explicit {
+                    port: r.value("port")?.is_some(),
+                    user: r.value("user")?.is_some(),
+                    identity_file: !r.list("identity_file")?.is_empty(),
+                    known_hosts: r.value("known_hosts")?.is_some(),
+                    host_key_policy: r.value("host_key_policy")?.is_some(),
+                    connect_timeout: r.value("connect_timeout")?.is_some(),
+                    jump: !b.jump.is_empty(),
+                };
+                crate::builder_ssh::apply(&mut b, &path, &explicit)
+                    .map_err(|e| r.invalid("ssh_config", e.to_string()))?;
+            }
+        }
         if b.workspace.is_empty() || b.workspace.contains('\0') {
             return Err(r.invalid("workspace", "must be a non-empty path".into()));
         }

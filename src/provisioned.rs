@@ -209,7 +209,11 @@ fn jump_target(builder: &Builder, j: &crate::ssh::jump::JumpHost) -> Target {
         &user,
         builder.known_hosts.clone(),
     );
-    t.identity_files = builder.identity_files.clone();
+    t.identity_files = if j.identity_files.is_empty() {
+        builder.identity_files.clone()
+    } else {
+        j.identity_files.clone()
+    };
     t.policy = builder.host_key_policy;
     t.connect_timeout = builder.connect_timeout;
     t

@@ -12,6 +12,8 @@ pub struct JumpHost {
     pub user: Option<String>,
     pub host: String,
     pub port: Option<u16>,
+    /// Key files for this hop (from `~/.ssh/config`); empty means the builder's.
+    pub identity_files: Vec<std::path::PathBuf>,
 }
 
 impl JumpHost {
@@ -47,7 +49,12 @@ impl JumpHost {
         if host.is_empty() || host.contains(char::is_whitespace) || host.contains(',') {
             return Err(format!("`{s}` is not `[user@]host[:port]`"));
         }
-        Ok(JumpHost { user, host, port })
+        Ok(JumpHost {
+            user,
+            host,
+            port,
+            identity_files: Vec::new(),
+        })
     }
 
     /// Parses a `ProxyJump` value: hops separated by commas.

@@ -20,6 +20,7 @@ pub mod exec;
 pub mod jump;
 pub mod known_hosts;
 pub mod proxy;
+pub mod ssh_config;
 pub mod transport;
 
 use std::path::PathBuf;

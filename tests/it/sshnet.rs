@@ -396,3 +396,79 @@ fn a_dead_hop_fails_with_a_message_naming_it() {
     );
     assert!(err.contains("jump host"), "{err}");
 }
+
+/// `host:` is a Host alias of `~/.ssh/config`, whose ProxyJump names two
+/// more aliases: a whole build goes through the chain they describe.
+#[test]
+fn an_ssh_config_alias_with_proxyjump_builds_and_pushes() {
+    if !(ok() && crate::support::require("ip")) {
+        return;
+    }
+    let chain = Chain::start();
+    let mut p = Project::new(&chain.target);
+    let ssh = p.home.join(".ssh");
+    std::fs::create_dir_all(&ssh).unwrap();
+    std::fs::copy(&chain.target.user_key, ssh.join("builder_key")).unwrap();
+    std::fs::copy(&chain.target.known_hosts, ssh.join("kh")).unwrap();
+    std::fs::write(
+        ssh.join("extra.conf"),
+        format!(
+            "Host inner-bastion\n  HostName {}\n  Port {}\n",
+            chain.ns.inner_ip, chain.hop2.port
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        ssh.join("config"),
+        format!(
+            "Include extra.conf\n\
+             Host bastion\n  HostName 127.0.0.1\n  Port {}\n\
+             Host my-builder\n  HostName 127.0.0.1\n  Port {}\n  ProxyJump bastion,inner-bastion\n\
+             Host other\n  ProxyCommand nc %h %p\n\
+             Host *\n  User root\n  IdentityFile ~/.ssh/builder_key\n  UserKnownHostsFile ~/.ssh/kh\n",
+            chain.hop1.port, chain.target.port
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &p.config,
+        format!(
+            "builders:\n  local:\n    provider: ssh\n    host: my-builder\n    workspace: {}\n    docker: {}\n",
+            p.workspace.display(),
+            crate::support::docker::DOCKER_CLI
+        ),
+    )
+    .unwrap();
+    let st = status_json(&p);
+    assert_eq!(
+        st["path"],
+        format!(
+            "jump chain root@127.0.0.1:{} -> root@{}:{} -> root@127.0.0.1:{}",
+            chain.hop1.port, chain.ns.inner_ip, chain.hop2.port, chain.target.port
+        )
+    );
+    build_and_check(&mut p, "ssh-config-alias");
+    assert!(chain.hop2.log().contains("Accepted publickey for root"));
+
+    // `ssh_config: false`: the alias means nothing any more.
+    let yaml = std::fs::read_to_string(&p.config).unwrap();
+    std::fs::write(
+        &p.config,
+        yaml.replace(
+            "    host: my-builder\n",
+            "    host: my-builder\n    ssh_config: false\n",
+        ),
+    )
+    .unwrap();
+    assert!(!status(&p).status.success());
+
+    // ProxyCommand would run a program: refused, naming the native replacement.
+    std::fs::write(&p.config, yaml.replace("host: my-builder", "host: other")).unwrap();
+    let out = status(&p);
+    let err = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("ProxyCommand") && err.contains("ProxyJump") && err.contains("proxy:"),
+        "{err}"
+    );
+}
