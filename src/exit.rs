@@ -253,6 +253,10 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 SshError::JumpForward { hop, next, .. } => Some(format!(
                     "the jump host `{hop}` is up but could not reach `{next}`: check that it runs sshd there and that the jump host allows TCP forwarding (`AllowTcpForwarding`)"
                 )),
+                SshError::Auth(AuthError::OpenKey { path, .. }) => Some(format!(
+                    "`chmod 600 {}` (or, where secrets can only be mounted readable by others, set ABSCONDA_ALLOW_OPEN_KEYS=1)",
+                    path.display()
+                )),
                 SshError::Auth(AuthError::Refused { user, .. }) => Some(format!(
                     "add the public key of your `identity_file` to `~/.ssh/authorized_keys` of `{user}` on the builder, or set `identity_file:`"
                 )),

@@ -33,6 +33,11 @@ pub enum AuthError {
         path.display()
     )]
     NeedPassphrase { path: PathBuf },
+    #[error(
+        "permissions {mode:04o} for the key file `{}` are too open: private key files must not be accessible by others, so this key is ignored",
+        path.display()
+    )]
+    OpenKey { path: PathBuf, mode: u32 },
     #[error("wrong passphrase for the key file `{}`", path.display())]
     WrongPassphrase { path: PathBuf },
     #[error("`{user}@{host}` refused every key offered ({})", if tried.is_empty() { "none were available".to_string() } else { tried.join(", ") })]
@@ -69,9 +74,35 @@ fn default_key_files() -> Vec<PathBuf> {
         .collect()
 }
 
+/// Refuses a key file that group or others can access, as OpenSSH does,
+/// unless `ABSCONDA_ALLOW_OPEN_KEYS=1` (for CI systems that mount secrets 0644).
+fn check_permissions(path: &Path) -> Result<(), AuthError> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        // Reading it will say what is wrong.
+        return Ok(());
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    if std::env::var("ABSCONDA_ALLOW_OPEN_KEYS").is_ok_and(|v| v == "1") {
+        tracing::warn!(
+            "the key file `{}` is accessible by others (permissions {mode:04o}); using it because ABSCONDA_ALLOW_OPEN_KEYS=1",
+            path.display()
+        );
+        return Ok(());
+    }
+    Err(AuthError::OpenKey {
+        path: path.to_path_buf(),
+        mode,
+    })
+}
+
 /// Loads a private key, asking for its passphrase when it has one.
 pub fn load_key(path: &Path) -> Result<PrivateKey, AuthError> {
     let path = expand_home(path);
+    check_permissions(&path)?;
     match russh::keys::load_secret_key(&path, None) {
         Ok(k) => Ok(k),
         Err(russh::keys::Error::KeyIsEncrypted) => {

@@ -472,3 +472,44 @@ fn an_ssh_config_alias_with_proxyjump_builds_and_pushes() {
         "{err}"
     );
 }
+
+/// A key file others can read is refused as OpenSSH refuses it, unless
+/// ABSCONDA_ALLOW_OPEN_KEYS=1 (with a warning).
+#[test]
+fn an_open_key_file_is_refused_unless_allowed() {
+    use std::os::unix::fs::PermissionsExt;
+    if !ok() {
+        return;
+    }
+    let sshd = Sshd::start(Some(&docker().host));
+    let mut p = Project::new(&sshd);
+    let key = &sshd.user_key;
+    std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = status(&p);
+    let err = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("permissions 0644"), "{err}");
+    assert!(err.contains("are too open"), "{err}");
+    assert!(
+        err.contains(&format!("hint: `chmod 600 {}`", key.display())),
+        "{err}"
+    );
+    assert!(
+        !sshd.log().contains("Accepted publickey"),
+        "the key must not be offered"
+    );
+
+    p.env.push(("ABSCONDA_ALLOW_OPEN_KEYS".into(), "1".into()));
+    let out = status(&p);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("accessible by others"),
+        "{}",
+        text(&out)
+    );
+
+    std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p.env.clear();
+    let out = status(&p);
+    assert!(out.status.success(), "{}", text(&out));
+}
