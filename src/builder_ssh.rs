@@ -16,6 +16,7 @@ pub struct Explicit {
     pub port: bool,
     pub user: bool,
     pub identity_file: bool,
+    pub certificate_file: bool,
     pub known_hosts: bool,
     pub host_key_policy: bool,
     pub connect_timeout: bool,
@@ -49,6 +50,9 @@ pub fn apply(
     }
     if !explicit.identity_file {
         b.identity_files = existing(&hc.identity_files);
+    }
+    if !explicit.certificate_file {
+        b.certificate_files = existing(&hc.certificate_files);
     }
     if !explicit.known_hosts
         && let Some(k) = &hc.user_known_hosts_file

@@ -148,6 +148,8 @@ pub struct Builder {
     pub port: u16,
     pub user: String,
     pub identity_files: Vec<PathBuf>,
+    /// OpenSSH user certificates (`certificate_file:`).
+    pub certificate_files: Vec<PathBuf>,
     pub known_hosts: PathBuf,
     pub host_key_policy: HostKeyPolicy,
     #[serde(skip)]
@@ -219,6 +221,7 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("port", Kind::Int),
     ("user", Kind::Str),
     ("identity_file", Kind::StrList),
+    ("certificate_file", Kind::StrList),
     ("known_hosts", Kind::Str),
     ("host_key_policy", Kind::Str),
     ("host_key", Kind::Str),
@@ -261,6 +264,7 @@ const DEFAULT_KEYS: &[&str] = &[
     "port",
     "user",
     "identity_file",
+    "certificate_file",
     "known_hosts",
     "host_key_policy",
     "proxy",
@@ -699,6 +703,11 @@ impl ConfigFile {
                 .into_iter()
                 .map(&local_path)
                 .collect(),
+            certificate_files: r
+                .list("certificate_file")?
+                .into_iter()
+                .map(&local_path)
+                .collect(),
             known_hosts,
             host_key_policy: policy,
             host_key,
@@ -750,6 +759,7 @@ impl ConfigFile {
                     port: r.value("port")?.is_some(),
                     user: r.value("user")?.is_some(),
                     identity_file: !r.list("identity_file")?.is_empty(),
+                    certificate_file: !r.list("certificate_file")?.is_empty(),
                     known_hosts: r.value("known_hosts")?.is_some(),
                     host_key_policy: r.value("host_key_policy")?.is_some(),
                     connect_timeout: r.value("connect_timeout")?.is_some(),

@@ -182,6 +182,7 @@ pub fn target_at(builder: &Builder, host: &str, port: u16) -> Target {
         port,
         user: builder.user.clone(),
         identity_files: builder.identity_files.clone(),
+        certificate_files: builder.certificate_files.clone(),
         known_hosts: builder.known_hosts.clone(),
         policy: builder.host_key_policy,
         pin: builder.host_key.clone(),

@@ -42,6 +42,9 @@ pub struct Target {
     pub user: String,
     /// Key files to offer, in order; empty means the agent and OpenSSH's default files.
     pub identity_files: Vec<PathBuf>,
+    /// OpenSSH user certificates to log in with (each with its private key
+    /// among `identity_files`, or next to it as `NAME-cert.pub` → `NAME`).
+    pub certificate_files: Vec<PathBuf>,
     pub known_hosts: PathBuf,
     pub policy: HostKeyPolicy,
     pub pin: Option<Pin>,
@@ -65,6 +68,7 @@ impl Target {
             port,
             user: user.to_string(),
             identity_files: Vec::new(),
+            certificate_files: Vec::new(),
             known_hosts,
             policy: HostKeyPolicy::Strict,
             pin: None,

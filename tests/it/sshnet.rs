@@ -513,3 +513,117 @@ fn an_open_key_file_is_refused_unless_allowed() {
     let out = status(&p);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+fn keygen(args: &[&str]) {
+    let st = Command::new("ssh-keygen").args(args).output().unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
+
+/// OpenSSH user certificates against sshd's `TrustedUserCAKeys`: a valid one
+/// logs in with a key sshd does not list; an expired one and one for another
+/// principal get clear errors before anything is offered.
+#[test]
+fn openssh_user_certificates_log_in_and_bad_ones_are_explained() {
+    if !ok() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let ca = d.join("ca");
+    keygen(&[
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-C",
+        "",
+        "-f",
+        ca.to_str().unwrap(),
+    ]);
+    let sshd = Sshd::start_with(
+        Some(&docker().host),
+        "127.0.0.1",
+        None,
+        &format!("TrustedUserCAKeys {}.pub\n", ca.display()),
+    );
+    let key = d.join("certkey");
+    keygen(&[
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-C",
+        "",
+        "-f",
+        key.to_str().unwrap(),
+    ]);
+    let sign = |name: &str, principal: &str, validity: &str| -> std::path::PathBuf {
+        let k = d.join(name);
+        std::fs::copy(&key, &k).unwrap();
+        std::fs::copy(key.with_extension("pub"), d.join(format!("{name}.pub"))).unwrap();
+        keygen(&[
+            "-q",
+            "-s",
+            ca.to_str().unwrap(),
+            "-I",
+            name,
+            "-n",
+            principal,
+            "-V",
+            validity,
+            d.join(format!("{name}.pub")).to_str().unwrap(),
+        ]);
+        d.join(format!("{name}-cert.pub"))
+    };
+    let project = |cert: &std::path::Path, key: &std::path::Path| {
+        let mut p = Project::with_builder(
+            &sshd,
+            &format!("    certificate_file: {}\n", cert.display()),
+        );
+        let yaml = std::fs::read_to_string(&p.config).unwrap();
+        std::fs::write(
+            &p.config,
+            yaml.replace(
+                &sshd.user_key.display().to_string(),
+                &key.display().to_string(),
+            ),
+        )
+        .unwrap();
+        p.env.clear();
+        p
+    };
+
+    let good = sign("good", "root", "-5m:+1h");
+    let mut p = project(&good, &d.join("good"));
+    build_and_check(&mut p, "certificate");
+    assert!(
+        sshd.log().contains("Accepted certificate ID \"good\""),
+        "{}",
+        sshd.log()
+    );
+
+    let expired = sign("old", "root", "20200101:20200102");
+    let out = status(&project(&expired, &d.join("old")));
+    let err = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("old-cert.pub` expired (valid until 2020-01-02"),
+        "{err}"
+    );
+
+    let other = sign("other", "alice,bob", "-5m:+1h");
+    let out = status(&project(&other, &d.join("other")));
+    let err = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("is not valid for the user `root` (its principals: alice, bob)"),
+        "{err}"
+    );
+    assert!(!sshd.log().contains("ID \"old\"") && !sshd.log().contains("ID \"other\""));
+}
