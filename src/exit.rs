@@ -255,6 +255,19 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 SshError::Connect { addr, .. } | SshError::ConnectTimeout { addr, .. } => Some(format!(
                     "check that `{addr}` is reachable from here and sshd runs there; for a cloud builder, `absconda remote status NAME` shows its state"
                 )),
+                SshError::Proxy { source: crate::ssh::proxy::ProxyError::AuthRequired { .. }, .. } => Some(
+                    "check the user and password in the builder's `proxy:` URL (`http://user:password@host:port`; %-escape `@` and `:` in them)".into(),
+                ),
+                SshError::Proxy { proxy, .. } => Some(format!(
+                    "check that the proxy `{proxy}` runs and may connect to the builder's SSH port"
+                )),
+                SshError::JumpForward { hop, next, .. } => Some(format!(
+                    "the jump host `{hop}` is up but could not reach `{next}`: check that it runs sshd there and that the jump host allows TCP forwarding (`AllowTcpForwarding`)"
+                )),
+                SshError::Auth(AuthError::OpenKey { path, .. }) => Some(format!(
+                    "`chmod 600 {}` (or, where secrets can only be mounted readable by others, set ABSCONDA_ALLOW_OPEN_KEYS=1)",
+                    path.display()
+                )),
                 SshError::Auth(AuthError::Refused { user, .. }) => Some(format!(
                     "add the public key of your `identity_file` to `~/.ssh/authorized_keys` of `{user}` on the builder, or set `identity_file:`"
                 )),

@@ -20,5 +20,6 @@ mod lease;
 mod lifecycle;
 mod retry;
 mod safety;
+mod sshnet;
 mod supervisor;
 mod sync;

@@ -351,9 +351,40 @@ fn absconda_executes_no_other_program() {
     if !(ok() && crate::support::require("strace")) {
         return;
     }
-    let (d, reg) = (docker(), registry());
-    let sshd = Sshd::start(Some(&d.host));
+    let sshd = Sshd::start(Some(&docker().host));
     let mut p = Project::new(&sshd);
+    build_under_strace(&mut p, "app");
+}
+
+#[test]
+fn absconda_executes_no_other_program_through_proxies() {
+    if !(ok() && crate::support::require("strace")) {
+        return;
+    }
+    use crate::support::tunnel_proxy::{Kind, TunnelProxy};
+    let sshd = Sshd::start(Some(&docker().host));
+    for (kind, name) in [(Kind::Http, "http"), (Kind::Socks5, "socks5")] {
+        let proxy = TunnelProxy::start(kind, Some(("u", "pw")));
+        let mut p = Project::with_builder(&sshd, &format!("    proxy: {}\n", proxy.url()));
+        build_under_strace(&mut p, name);
+        assert!(!proxy.tunnels().is_empty());
+    }
+}
+
+#[test]
+fn absconda_executes_no_other_program_through_jump_hosts() {
+    if !(ok() && crate::support::require("strace") && crate::support::require("ip")) {
+        return;
+    }
+    let chain = crate::sshnet::Chain::start();
+    let mut p = Project::with_builder(&chain.target, &chain.jump_yaml());
+    build_under_strace(&mut p, "jumps");
+}
+
+/// Builds and pushes `strace/NAME:v1` under strace and checks that the only
+/// program executed was absconda itself.
+fn build_under_strace(p: &mut Project, name: &str) {
+    let reg = registry();
     p.with_registry_credentials(reg);
     p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY f /f\n"));
     p.file("f", "static\n");
@@ -367,7 +398,7 @@ fn absconda_executes_no_other_program() {
         .chain([p.context.display().to_string()])
         .chain([
             "--repository".into(),
-            format!("{}/strace/app", reg.addr),
+            format!("{}/strace/{name}", reg.addr),
             "--tag".into(),
             "v1".into(),
             "--push".into(),
@@ -391,7 +422,7 @@ fn absconda_executes_no_other_program() {
     let execs: Vec<&str> = log.lines().filter(|l| l.contains("execve")).collect();
     assert_eq!(execs.len(), 1, "absconda executed other programs:\n{log}");
     assert!(execs[0].contains(&bin));
-    assert_eq!(reg.tags("strace/app"), ["v1"]);
+    assert_eq!(reg.tags(&format!("strace/{name}")), ["v1"]);
 }
 
 /// A push the registry refuses, without credentials or with a wrong

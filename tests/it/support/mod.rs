@@ -16,6 +16,7 @@ pub mod gce_fake;
 pub mod moto;
 pub mod netns;
 pub mod sshd;
+pub mod tunnel_proxy;
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;

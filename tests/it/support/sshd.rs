@@ -64,6 +64,10 @@ impl Sshd {
                 ak = d.join("authorized_keys").display(),
                 pid = d.join("sshd.pid").display(),
             );
+            if extra.lines().any(|l| l.starts_with("LogLevel ")) {
+                // sshd takes the first value: let the test's win.
+                config = config.replace("LogLevel VERBOSE\n", "");
+            }
             if let Some(h) = docker_host {
                 config.push_str(&format!("SetEnv DOCKER_HOST={h}\n"));
             }
