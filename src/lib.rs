@@ -18,7 +18,9 @@
 //!   the builder, manifests, the local hash cache, and the sh that applies deltas
 //! - `build`: the build pipeline, orchestration only
 //! - `registry`: registry credentials from the user's side
-//! - `cloud/`: the VMs builders run on (GCE, EC2)
+//! - `cloud/`: the VMs builders run on (GCE, EC2), and OS Login
+//! - `access`: how the user's key comes to be trusted by a cloud builder
+//!   (OS Login, metadata keys)
 //! - `terraform`: running Terraform for `remote provision` / `remote destroy`
 //! - `provisioned`: where a provisioned builder is (from the state) and
 //!   waiting until it is ready
@@ -27,6 +29,7 @@
 //! - `report`: progress reporting from library to CLI
 //! - `shell`: quoting every remote argument for POSIX sh
 //! - `exit`: exit codes and error rendering
+pub mod access;
 pub mod build;
 pub mod cli;
 pub mod cloud;

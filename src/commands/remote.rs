@@ -31,6 +31,11 @@ pub struct Status {
     pub lease_holder: Option<String>,
     pub last_used: Option<String>,
     pub builds_count: u64,
+    /// How the connection was made: `direct`.
+    pub path: Option<String>,
+    /// How the key is trusted (`key`, `oslogin`, `metadata`) and the user.
+    pub access: Option<String>,
+    pub user: Option<String>,
 }
 
 fn base_status(b: &Builder, state: &StateFile) -> Status {
@@ -94,7 +99,12 @@ async fn status_of(
         }
         let connected = lifecycle::connect_cloud_builder(b, cloud, h, &crate::report::Silent).await;
         let result = match connected {
-            Ok(session) => probe_into(&mut st, b, session).await,
+            Ok((session, access)) => {
+                st.path = Some("direct".into());
+                st.access = Some(access.mode.into());
+                st.user = Some(access.user);
+                probe_into(&mut st, b, session).await
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = &result {
@@ -125,7 +135,12 @@ async fn status_of(
         return (st, Ok(()));
     }
     let result = match crate::provisioned::connect(&endpoint).await {
-        Ok(session) => probe_into(&mut st, b, session).await,
+        Ok(session) => {
+            st.path = Some("direct".into());
+            st.access = Some("key".into());
+            st.user = Some(endpoint.target.user.clone());
+            probe_into(&mut st, b, session).await
+        }
         Err(e) => Err(anyhow::Error::from(e)),
     };
     if let Err(e) = &result {
@@ -216,6 +231,10 @@ pub async fn status(args: NameArgs) -> anyhow::Result<()> {
         println!("reachable:  {}", if st.reachable { "yes" } else { "no" });
         if let Some(k) = &st.host_key {
             println!("host key:   {k}");
+        }
+        if let (Some(path), Some(access), Some(user)) = (&st.path, &st.access, &st.user) {
+            println!("path:       {path}");
+            println!("access:     {access} (as `{user}`)");
         }
         println!("docker:     {}", st.docker_server.as_deref().unwrap_or("-"));
         println!(

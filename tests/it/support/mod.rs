@@ -13,6 +13,7 @@ pub mod docker;
 pub mod faulty_proxy;
 pub mod gce_fake;
 pub mod moto;
+pub mod oslogin_fake;
 pub mod sshd;
 
 use std::net::TcpListener;

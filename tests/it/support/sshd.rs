@@ -51,12 +51,21 @@ impl Sshd {
         std::fs::copy(d.join("userkey.pub"), d.join("authorized_keys")).unwrap();
         std::fs::create_dir_all("/run/sshd").unwrap();
         let port = free_port();
+        // A test that brings its own `AuthorizedKeysFile` (sshd takes the
+        // first one) gets only its own.
+        let ak = if extra.contains("AuthorizedKeysFile") {
+            String::new()
+        } else {
+            format!(
+                "AuthorizedKeysFile {}\n",
+                d.join("authorized_keys").display()
+            )
+        };
         let mut config = format!(
-            "Port {port}\nListenAddress {listen}\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
+            "Port {port}\nListenAddress {listen}\nHostKey {hk}\n{ak}\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
              PidFile {pid}\nPermitRootLogin prohibit-password\nMaxStartups 50\nMaxSessions 50\nLogLevel VERBOSE\n",
             hk = d.join("hostkey").display(),
-            ak = d.join("authorized_keys").display(),
             pid = d.join("sshd.pid").display(),
         );
         if let Some(h) = docker_host {
