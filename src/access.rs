@@ -11,6 +11,9 @@
 //!   the guest agent turns into an `authorized_keys` line.
 //! - `auto` (the GCE default): `oslogin` when the instance's (else the
 //!   project's) metadata says `enable-oslogin=TRUE`, else `key`.
+//! - `instance-connect` (EC2): the key is pushed with EC2 Instance Connect
+//!   before each connection and is accepted for 60 seconds, inside which
+//!   the SSH handshake must finish.
 //!
 //! Keys are given a lifetime: long enough for the wait until the builder is
 //! ready and the handshake, short enough that an account or VM does not
@@ -22,7 +25,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 
+use crate::cloud::ec2::{Ec2, Ec2Instance};
 use crate::cloud::gce::{Gce, SshMetadata};
+use crate::cloud::instance_connect::InstanceConnect;
 use crate::cloud::oslogin::{self, KeyChange, OsLogin};
 use crate::cloud::retry::Backoff;
 use crate::config::{Builder, ProviderKind};
@@ -36,6 +41,7 @@ pub enum AccessSetting {
     Auto,
     Oslogin,
     Metadata,
+    InstanceConnect,
 }
 
 impl AccessSetting {
@@ -52,14 +58,23 @@ impl AccessSetting {
             "auto" => AccessSetting::Auto,
             "oslogin" | "os-login" => AccessSetting::Oslogin,
             "metadata" => AccessSetting::Metadata,
+            "instance-connect" => AccessSetting::InstanceConnect,
             other => {
                 return Err(format!(
-                    "`{other}`: use `key`, `auto`, `oslogin` or `metadata` (gcp builders)"
+                    "`{other}`: use `key`, `auto`, `oslogin` or `metadata` (gcp builders), or `instance-connect` (aws builders)"
                 ));
             }
         };
         match (setting, provider) {
-            (AccessSetting::Key, _) | (_, ProviderKind::Gcp) => Ok(setting),
+            (AccessSetting::Key, _)
+            | (AccessSetting::InstanceConnect, ProviderKind::Aws)
+            | (
+                AccessSetting::Auto | AccessSetting::Oslogin | AccessSetting::Metadata,
+                ProviderKind::Gcp,
+            ) => Ok(setting),
+            (AccessSetting::InstanceConnect, _) => Err(format!(
+                "`{value}` is only for aws builders; {provider} builders use `key`"
+            )),
             _ => Err(format!(
                 "`{value}` is only for gcp builders; {provider} builders use `key`"
             )),
@@ -70,7 +85,7 @@ impl AccessSetting {
 /// How one connection was made possible, for `remote status`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Access {
-    /// `key`, `oslogin` or `metadata`.
+    /// `key`, `oslogin`, `metadata` or `instance-connect`.
     pub mode: &'static str,
     /// The user SSH logs in as.
     pub user: String,
@@ -109,10 +124,13 @@ pub async fn prepare(b: &Builder, cloud: &Cloud) -> anyhow::Result<Access> {
     };
     let gce = match cloud {
         Cloud::Gce(g) => g,
+        Cloud::Ec2(ec2) if b.access == AccessSetting::InstanceConnect => {
+            return instance_connect(b, ec2).await;
+        }
         Cloud::Ec2(_) => return Ok(key()),
     };
     match b.access {
-        AccessSetting::Key => Ok(key()),
+        AccessSetting::Key | AccessSetting::InstanceConnect => Ok(key()),
         AccessSetting::Auto => {
             let md = gce.ssh_metadata().await?;
             if md.is_true("enable-oslogin") {
@@ -222,6 +240,47 @@ async fn metadata_key(b: &Builder, gce: &Gce) -> anyhow::Result<Access> {
         mode: "metadata",
         user: b.user.clone(),
     })
+}
+
+async fn instance_connect(b: &Builder, ec2: &Ec2) -> anyhow::Result<Access> {
+    let public_key = public_key(b)?;
+    let instance_id = match ec2.instance() {
+        Ec2Instance::Id(id) => id.clone(),
+        Ec2Instance::Name(_) => {
+            use crate::cloud::Provider as _;
+            ec2.describe().await?.id
+        }
+    };
+    InstanceConnect::new(
+        b.instance_connect_endpoint.as_deref(),
+        ec2.region(),
+        ec2.credentials(),
+        Backoff::default(),
+    )?
+    .send_ssh_public_key(&instance_id, &b.user, &public_key)
+    .await
+    .with_context(|| {
+        format!(
+            "could not push the SSH key to `{instance_id}` with EC2 Instance Connect for user `{}`",
+            b.user
+        )
+    })?;
+    tracing::debug!(instance = %instance_id, user = %b.user, "pushed the SSH key with EC2 Instance Connect");
+    Ok(Access {
+        mode: "instance-connect",
+        user: b.user.clone(),
+    })
+}
+
+/// How long the SSH connection after an Instance Connect push may take, so
+/// that authentication happens inside the key's 60-second window.
+pub fn connect_timeout(b: &Builder) -> Duration {
+    if b.access == AccessSetting::InstanceConnect {
+        b.connect_timeout
+            .min(crate::cloud::instance_connect::KEY_WINDOW - Duration::from_secs(15))
+    } else {
+        b.connect_timeout
+    }
 }
 
 /// The public key of the builder's first identity file.

@@ -501,11 +501,13 @@ async fn connect_with_access(
     reporter: &dyn Reporter,
 ) -> anyhow::Result<(Connected, Access)> {
     let access = crate::access::prepare(b, cloud).await?;
-    let connected = if access.user == b.user {
+    let connect_timeout = crate::access::connect_timeout(b);
+    let connected = if access.user == b.user && connect_timeout == b.connect_timeout {
         connect_trusting_cloud(b, cloud, address, may_wait, reporter).await?
     } else {
         let mut as_user = b.clone();
         as_user.user = access.user.clone();
+        as_user.connect_timeout = connect_timeout;
         connect_trusting_cloud(&as_user, cloud, address, may_wait, reporter).await?
     };
     Ok((connected, access))

@@ -22,10 +22,10 @@ fn ok() -> bool {
         && crate::support::require("docker-registry")
 }
 
-const SA: &str = "absconda-builder@absconda-test.iam.gserviceaccount.com";
+pub(crate) const SA: &str = "absconda-builder@absconda-test.iam.gserviceaccount.com";
 
 /// An sshd that lets in whom the fake's guest keys folder says.
-fn guest_sshd(keys: &std::path::Path) -> Sshd {
+pub(crate) fn guest_sshd(keys: &std::path::Path) -> Sshd {
     let d = docker();
     Sshd::start_with(
         Some(&d.host),
@@ -37,7 +37,7 @@ fn guest_sshd(keys: &std::path::Path) -> Sshd {
 
 /// A gcp builder `local` on the fake's instance `builder`, whose config
 /// says `user: config-user`: OS Login must replace it.
-fn project(fake: &GceFake, sshd: &Sshd, extra: &str) -> Project {
+pub(crate) fn project(fake: &GceFake, sshd: &Sshd, extra: &str) -> Project {
     let yaml = format!(
         "    provider: gcp\n    project: {}\n    zone: {}\n    instance: builder\n    api_endpoint: {}\n    oslogin_endpoint: {}\n    ready_timeout: 30\n{extra}",
         fake.project(),
@@ -54,7 +54,7 @@ fn project(fake: &GceFake, sshd: &Sshd, extra: &str) -> Project {
     p
 }
 
-fn set_config_user(p: &Project, user: &str) {
+pub(crate) fn set_config_user(p: &Project, user: &str) {
     let yaml = std::fs::read_to_string(&p.config).unwrap();
     assert!(yaml.contains("    user: root\n"));
     std::fs::write(
@@ -331,4 +331,115 @@ fn a_metadata_key_is_added_next_to_everything_else_despite_a_concurrent_writer()
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(fake.set_metadata_bodies().len(), 2);
     fake.set_status("builder", "TERMINATED");
+}
+
+#[test]
+fn instance_connect_pushes_the_key_before_each_connection() {
+    use crate::support::instance_connect_tap::InstanceConnectTap;
+    use crate::support::moto::Moto;
+    if !ok() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(moto) = rt.block_on(Moto::start()) else {
+        return;
+    };
+    let id = rt.block_on(moto.run_instance(Some("absconda-builder")));
+    rt.block_on(async {
+        use absconda::cloud::Provider;
+        moto.ec2(absconda::cloud::ec2::Ec2Instance::Id(id.clone()))
+            .stop()
+            .await
+            .unwrap();
+    });
+    let reg = registry();
+    let keys = tempfile::tempdir().unwrap();
+    let sshd = guest_sshd(keys.path());
+    let tap = InstanceConnectTap::start(
+        moto.addr(),
+        keys.path().to_path_buf(),
+        absconda::cloud::instance_connect::KEY_WINDOW,
+    );
+    let yaml = format!(
+        "    provider: aws\n    region: us-east-1\n    instance: absconda-builder\n    api_endpoint: {}\n    instance_connect_endpoint: {}\n    access: instance-connect\n    ready_timeout: 60\n",
+        moto.endpoint(),
+        tap.endpoint(),
+    );
+    let mut p = Project::with_builder(&sshd, &yaml);
+    let (key, secret) = moto.access_key();
+    p.env.push(("AWS_ACCESS_KEY_ID".into(), key.to_string()));
+    p.env
+        .push(("AWS_SECRET_ACCESS_KEY".into(), secret.to_string()));
+    p.env
+        .push(("AWS_EC2_METADATA_DISABLED".into(), "true".into()));
+    p.with_registry_credentials(reg);
+    p.file(
+        "Dockerfile",
+        &format!("FROM {BASE_IMAGE}\nCOPY hello /hello\n"),
+    );
+    p.file("hello", "through EC2 Instance Connect\n");
+
+    let out = p.build(
+        &format!("{}/access/eic", reg.addr),
+        &["--tag", "v1", "--push", "--remote-off"],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), sshd.log());
+    assert_eq!(
+        reg.files("access/eic", "v1")
+            .get("hello")
+            .map(|v| v.as_slice()),
+        Some(&b"through EC2 Instance Connect\n"[..])
+    );
+    assert_eq!(rt.block_on(moto.state(&id)), "stopped");
+    assert!(
+        sshd.log().contains("Accepted publickey for root"),
+        "{}",
+        sshd.log()
+    );
+
+    // Every push was signed for ec2-instance-connect, accepted by moto's
+    // signature check, and carried exactly the user's key for the instance.
+    let pushed = tap.pushed();
+    assert!(!pushed.is_empty());
+    for push in &pushed {
+        assert_eq!(push.status, 200, "{push:?}");
+        assert_eq!(push.body["InstanceId"], id.as_str());
+        assert_eq!(push.body["InstanceOSUser"], "root");
+        assert_eq!(push.body["SSHPublicKey"], public_key(&sshd).as_str());
+        let auth = push
+            .headers
+            .iter()
+            .find(|(k, _)| k == "authorization")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_default();
+        assert!(
+            auth.contains("/us-east-1/ec2-instance-connect/aws4_request"),
+            "{auth}"
+        );
+        assert!(
+            auth.contains("SignedHeaders=content-type;host;x-amz-date;x-amz-target"),
+            "{auth}"
+        );
+    }
+
+    // Another connection, another push first.
+    let before = pushed.len();
+    rt.block_on(async {
+        use absconda::cloud::Provider;
+        moto.ec2(absconda::cloud::ec2::Ec2Instance::Id(id.clone()))
+            .start()
+            .await
+            .unwrap();
+    });
+    let out = p
+        .cmd()
+        .args(["remote", "status", "local", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["reachable"], true, "{st}");
+    assert_eq!(st["access"], "instance-connect");
+    assert_eq!(st["user"], "root");
+    assert_eq!(tap.pushed().len(), before + 1);
 }

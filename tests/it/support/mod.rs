@@ -12,6 +12,7 @@ pub mod absconda;
 pub mod docker;
 pub mod faulty_proxy;
 pub mod gce_fake;
+pub mod instance_connect_tap;
 pub mod moto;
 pub mod oslogin_fake;
 pub mod sshd;
