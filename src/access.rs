@@ -142,6 +142,12 @@ pub async fn prepare(b: &Builder, cloud: &Cloud) -> anyhow::Result<Access> {
         }
         AccessSetting::Oslogin => {
             let md = gce.ssh_metadata().await?;
+            if !md.is_true("enable-oslogin") {
+                tracing::warn!(
+                    "builder `{}`: neither its instance nor its project metadata sets `enable-oslogin=TRUE`, so its guest may ignore OS Login keys",
+                    b.name
+                );
+            }
             os_login(b, gce, &md).await
         }
         AccessSetting::Metadata => {

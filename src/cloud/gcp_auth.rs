@@ -373,9 +373,18 @@ impl GcpAuth {
                     .map_err(|e| self.auth_error(format!("bad `token_uri` ({e})")))?;
                 url.set_path("/tokeninfo");
                 url.set_query(None);
+                let shown = url.to_string();
                 let headers = self.headers().await?;
-                let request = client.get(url.as_str()).headers(headers);
-                (url.to_string(), request)
+                let token = headers
+                    .get(reqwest::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .ok_or_else(|| self.auth_error("the credentials gave no bearer token"))?
+                    .to_string();
+                // The documented form; the URL is only ever shown without it.
+                url.query_pairs_mut().append_pair("access_token", &token);
+                let request = client.get(url.as_str());
+                (shown, request)
             }
         };
         let failed = |why: String| {

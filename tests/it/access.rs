@@ -443,3 +443,52 @@ fn instance_connect_pushes_the_key_before_each_connection() {
     assert_eq!(st["user"], "root");
     assert_eq!(tap.pushed().len(), before + 1);
 }
+
+#[test]
+fn oslogin_finds_the_account_of_gcloud_user_and_metadata_server_credentials() {
+    if !ok() {
+        return;
+    }
+    for (flow, account) in [
+        (Flow::GcloudUser, "dev@example.com"),
+        (
+            Flow::MetadataServer,
+            "123456789012-compute@developer.gserviceaccount.com",
+        ),
+    ] {
+        let keys = tempfile::tempdir().unwrap();
+        let sshd = guest_sshd(keys.path());
+        let fake = GceFake::start();
+        fake.add_instance("builder", "RUNNING");
+        fake.set_instance_metadata("builder", "enable-oslogin", "TRUE");
+        fake.serve_guest_keys("builder", keys.path());
+        fake.oslogin(|o| o.set_username(account, "root"));
+        let mut p = project(&fake, &sshd, "");
+        p.env.retain(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "GOOGLE_APPLICATION_CREDENTIALS" | "CLOUDSDK_CONFIG" | "GCE_METADATA_HOST"
+            )
+        });
+        let mut cmd = p.cmd();
+        for (k, v) in fake.credential_env(flow, p.dir.path()) {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let out = cmd
+            .args(["remote", "status", "local", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{flow:?}: {}", text(&out));
+        let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(st["reachable"], true, "{flow:?}: {st}");
+        assert_eq!(st["access"], "oslogin");
+        let keys_held = fake.oslogin(|o| o.keys(account));
+        assert_eq!(keys_held.len(), 1, "{flow:?}");
+        assert_eq!(keys_held[0].0, public_key(&sshd));
+        // The token never travels in a path the fake logs.
+        assert!(fake.requests().iter().all(|r| !r.path.contains("ya29.")));
+    }
+}

@@ -1241,7 +1241,7 @@ fn route_of(which: Listener, req: &Request) -> Route {
     if which == Listener::Metadata {
         return Route::Metadata;
     }
-    if req.path == "/token" {
+    if req.path == "/token" || req.path == "/tokeninfo" {
         return Route::Token;
     }
     match (req.method.as_str(), parse_api_path(&req.path)) {
@@ -1401,6 +1401,7 @@ async fn dispatch(
 ) -> Response {
     match which {
         Listener::Metadata => metadata(shared, req),
+        Listener::Api if req.path == "/tokeninfo" => tokeninfo(shared, req),
         Listener::Api if route == Route::Token => token_endpoint(shared, req),
         Listener::Api => {
             let Some(path) = parse_api_path(&req.path) else {
@@ -2527,5 +2528,49 @@ impl GceFake {
         let out = f(&mut st.oslogin);
         st.sync_guest_keys();
         out
+    }
+}
+
+/// Google's `tokeninfo` endpoint: `GET /tokeninfo?access_token=…` describes
+/// a token this fake minted, with the account's `email` (tokens carry the
+/// `userinfo.email` scope, as gcloud's application-default login asks for).
+fn tokeninfo(shared: &Arc<Shared>, req: &Request) -> Response {
+    let st = shared.lock();
+    let Some(token) = req.query_param("access_token") else {
+        return json_response(
+            400,
+            json!({"error": "invalid_request", "error_description": "Invalid Value"}),
+        );
+    };
+    match st.tokens.get(&token) {
+        Some(minted) if minted.expires > Instant::now() => {
+            let email = minted
+                .principal
+                .split_once(':')
+                .map(|(_, e)| e)
+                .unwrap_or(&minted.principal);
+            let left = minted
+                .expires
+                .saturating_duration_since(Instant::now())
+                .as_secs();
+            json_response(
+                200,
+                json!({
+                    "azp": "764086051850-6qr4p6gpi6hn506pt8ejuq83di341hur.apps.googleusercontent.com",
+                    "aud": "764086051850-6qr4p6gpi6hn506pt8ejuq83di341hur.apps.googleusercontent.com",
+                    "sub": "109876543210987654321",
+                    "scope": format!("openid https://www.googleapis.com/auth/userinfo.email {CLOUD_PLATFORM}"),
+                    "exp": (chrono::Utc::now().timestamp() + left as i64).to_string(),
+                    "expires_in": left.to_string(),
+                    "email": email,
+                    "email_verified": "true",
+                    "access_type": "offline"
+                }),
+            )
+        }
+        _ => json_response(
+            400,
+            json!({"error": "invalid_token", "error_description": "Invalid Value"}),
+        ),
     }
 }
