@@ -191,6 +191,10 @@ pub struct Builder {
     pub metadata_endpoint: Option<String>,
     pub address: AddressSetting,
     pub profile: Option<String>,
+    /// How the SSH key reaches the builder (`access:`) and where those APIs are.
+    pub access: crate::access::AccessSetting,
+    pub oslogin_endpoint: Option<String>,
+    pub instance_connect_endpoint: Option<String>,
     // Provisioning (Terraform) and cost.
     pub terraform_dir: Option<PathBuf>,
     pub machine_type: Option<String>,
@@ -254,6 +258,9 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("metadata_endpoint", Kind::Str),
     ("address", Kind::Str),
     ("profile", Kind::Str),
+    ("access", Kind::Str),
+    ("oslogin_endpoint", Kind::Str),
+    ("instance_connect_endpoint", Kind::Str),
     ("terraform_dir", Kind::Str),
     ("machine_type", Kind::Str),
     ("instance_type", Kind::Str),
@@ -290,6 +297,7 @@ const DEFAULT_KEYS: &[&str] = &[
     "zone",
     "project",
     "profile",
+    "access",
     "machine_type",
     "instance_type",
     "disk_size",
@@ -788,6 +796,13 @@ impl ConfigFile {
             metadata_endpoint: r.string("metadata_endpoint")?,
             address,
             profile: r.string("profile")?,
+            access: match r.string("access")? {
+                None => crate::access::AccessSetting::default_for(provider),
+                Some(v) => crate::access::AccessSetting::parse(&v, provider)
+                    .map_err(|m| r.invalid("access", m))?,
+            },
+            oslogin_endpoint: r.string("oslogin_endpoint")?,
+            instance_connect_endpoint: r.string("instance_connect_endpoint")?,
             terraform_dir: r.string("terraform_dir")?.map(&local_path),
             machine_type: r.string("machine_type")?,
             instance_type: r.string("instance_type")?,

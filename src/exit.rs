@@ -117,6 +117,9 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 _ => {}
             }
         }
+        if cause.is::<crate::access::AccessError>() {
+            return UNREACHABLE;
+        }
         if let Some(e) = cause.downcast_ref::<LifecycleError>() {
             return match e {
                 LifecycleError::Gone { .. } => CLOUD,

@@ -20,7 +20,9 @@
 //!   the builder, manifests, the local hash cache, and the sh that applies deltas
 //! - `build`: the build pipeline, orchestration only
 //! - `registry`: registry credentials from the user's side
-//! - `cloud/`: the VMs builders run on (GCE, EC2)
+//! - `cloud/`: the VMs builders run on (GCE, EC2), and OS Login
+//! - `access`: how the user's key comes to be trusted by a cloud builder
+//!   (OS Login, metadata keys)
 //! - `terraform`: running Terraform for `remote provision` / `remote destroy`
 //! - `provisioned`: where a provisioned builder is (from the state) and
 //!   waiting until it is ready
@@ -31,6 +33,7 @@
 //! - `exit`: exit codes and error rendering
 //! - `util`: small helpers every layer may use (byte counts, error chains)
 //! - `yaml`: the nesting limit applied to YAML files before parsing
+pub mod access;
 pub mod build;
 pub mod builder_ssh;
 pub mod cli;

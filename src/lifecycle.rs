@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::access::Access;
 use crate::build::{self, ssh_target};
 use crate::cloud::ec2::{Ec2, Ec2Instance, Ec2Settings};
 use crate::cloud::gce::{AddressKind, Gce, GceSettings};
@@ -393,11 +394,12 @@ async fn wait_ready(
             // Keys of a VM that booted during this run may still be on
             // their way to the cloud: worth waiting for.
             let may_wait = started_here || saw_booting;
-            let session =
-                match connect_trusting_cloud(b, cloud, &address, may_wait, reporter).await? {
-                    Connected::Session(s) => *s,
-                    Connected::Wait(what, err) => return Ok(Err((what, err))),
-                };
+            let (connected, _access) =
+                connect_with_access(b, cloud, &address, may_wait, reporter).await?;
+            let session = match connected {
+                Connected::Session(s) => *s,
+                Connected::Wait(what, err) => return Ok(Err((what, err))),
+            };
             match build::probe(&session, b).await {
                 Ok(p) if p.docker_server.is_some() => Ok(Ok(Ready {
                     session,
@@ -468,9 +470,10 @@ pub async fn connect_cloud_builder(
     cloud: &Cloud,
     address: &str,
     reporter: &dyn Reporter,
-) -> anyhow::Result<Session> {
-    match connect_trusting_cloud(b, cloud, address, false, reporter).await? {
-        Connected::Session(s) => Ok(*s),
+) -> anyhow::Result<(Session, Access)> {
+    let (connected, access) = connect_with_access(b, cloud, address, false, reporter).await?;
+    match connected {
+        Connected::Session(s) => Ok((*s, access)),
         Connected::Wait(what, Some(e)) => {
             Err(anyhow::Error::from_boxed(e).context(format!("waiting for {what}")))
         }
@@ -486,6 +489,28 @@ enum Connected {
     /// Not yet: what we wait for (stable across attempts, so it is reported
     /// once) and the error that says why.
     Wait(String, Option<Box<dyn std::error::Error + Send + Sync>>),
+}
+
+/// Puts the user's key in place the way `access:` says (OS Login, instance
+/// metadata), then connects as the user that access gives.
+async fn connect_with_access(
+    b: &Builder,
+    cloud: &Cloud,
+    address: &str,
+    may_wait: bool,
+    reporter: &dyn Reporter,
+) -> anyhow::Result<(Connected, Access)> {
+    let access = crate::access::prepare(b, cloud).await?;
+    let connect_timeout = crate::access::connect_timeout(b);
+    let connected = if access.user == b.user && connect_timeout == b.connect_timeout {
+        connect_trusting_cloud(b, cloud, address, may_wait, reporter).await?
+    } else {
+        let mut as_user = b.clone();
+        as_user.user = access.user.clone();
+        as_user.connect_timeout = connect_timeout;
+        connect_trusting_cloud(&as_user, cloud, address, may_wait, reporter).await?
+    };
+    Ok((connected, access))
 }
 
 /// Connects to a cloud builder, asking the cloud for its host keys when

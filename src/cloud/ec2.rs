@@ -173,6 +173,11 @@ impl Ec2 {
         &self.region
     }
 
+    /// The credentials this provider signs with, for other AWS APIs.
+    pub fn credentials(&self) -> &CredentialChain {
+        &self.credentials
+    }
+
     /// The Query API endpoint requests go to.
     pub fn endpoint(&self) -> &Url {
         &self.endpoint

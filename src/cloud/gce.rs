@@ -96,6 +96,7 @@ enum Target {
     Instance,
     Operation,
     GuestAttributes,
+    Project,
 }
 
 /// The guest attribute namespace the guest agent writes the SSH host keys
@@ -175,6 +176,11 @@ impl Gce {
 
     pub fn settings(&self) -> &GceSettings {
         &self.settings
+    }
+
+    /// The credentials this provider uses, for other Google APIs.
+    pub fn auth(&self) -> &GcpAuth {
+        &self.auth
     }
 
     /// Which credentials this provider uses.
@@ -418,12 +424,26 @@ impl Gce {
         target: Target,
         deadline: Instant,
     ) -> Result<Value, CloudError> {
+        self.call_with(what, method, url, target, deadline, None)
+            .await
+    }
+
+    /// [`Gce::call`] with a JSON request body.
+    async fn call_with(
+        &self,
+        what: &str,
+        method: Method,
+        url: &Url,
+        target: Target,
+        deadline: Instant,
+        body: Option<&Value>,
+    ) -> Result<Value, CloudError> {
         let backoff = Backoff {
             deadline: deadline.saturating_duration_since(Instant::now()),
             ..self.settings.backoff
         };
         let result = with_retry(what, backoff, || {
-            self.send_once(what, method.clone(), url, target)
+            self.send_once(what, method.clone(), url, target, body)
         })
         .await;
         result.map_err(|e| match e {
@@ -443,6 +463,7 @@ impl Gce {
         method: Method,
         url: &Url,
         target: Target,
+        body: Option<&Value>,
     ) -> Result<Value, CloudError> {
         let headers = self.auth.headers().await?;
         let timeout = if url.path().ends_with("/wait") {
@@ -455,7 +476,9 @@ impl Gce {
             .request(method.clone(), url.clone())
             .headers(headers)
             .timeout(timeout);
-        if method == Method::POST {
+        if let Some(body) = body {
+            request = request.json(body);
+        } else if method == Method::POST {
             // Google answers 411 to a POST without a length.
             request = request.header(reqwest::header::CONTENT_LENGTH, "0");
         }
@@ -543,6 +566,208 @@ impl Provider for Gce {
             .await
             .map_err(|e| self.name_timeout(e, "stopping"))
     }
+}
+
+/// The metadata that decides how SSH keys reach a VM: the instance's own
+/// items (with the fingerprint `setMetadata` needs) and the project's
+/// common instance metadata, which instance items override.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SshMetadata {
+    pub instance: Vec<(String, String)>,
+    pub fingerprint: Option<String>,
+    /// `None` when the project could not be read (no `compute.projects.get`
+    /// permission): then only the instance's items are known.
+    pub project: Option<Vec<(String, String)>>,
+}
+
+impl SshMetadata {
+    /// A metadata value as the guest sees it: the instance's item, else the
+    /// project's.
+    pub fn value(&self, key: &str) -> Option<&str> {
+        fn find<'a>(items: &'a [(String, String)], key: &str) -> Option<&'a str> {
+            items
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        }
+        find(&self.instance, key).or_else(|| self.project.as_deref().and_then(|p| find(p, key)))
+    }
+
+    /// Whether a boolean metadata key is set to true (`TRUE`, `true`, `1`,
+    /// `yes`, as the guest environment reads them).
+    pub fn is_true(&self, key: &str) -> bool {
+        self.value(key).is_some_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "true" | "1" | "yes" | "y"
+            )
+        })
+    }
+}
+
+/// How many times a `setMetadata` that lost a race with another writer is
+/// tried again with a fresh fingerprint.
+const METADATA_RACE_RETRIES: u32 = 8;
+
+impl Gce {
+    /// The instance's metadata items and fingerprint, and the project's
+    /// common instance metadata (`projects.get`).
+    pub async fn ssh_metadata(&self) -> Result<SshMetadata, CloudError> {
+        let deadline = self.deadline();
+        let (instance, fingerprint) = self.instance_metadata(deadline).await?;
+        let project_url = join_segments(
+            &api_base_of(&self.instance_url),
+            &["projects", &self.settings.project],
+        )?;
+        let what = format!("projects.get `{}`", self.settings.project);
+        let project = match self
+            .call(&what, Method::GET, &project_url, Target::Project, deadline)
+            .await
+        {
+            Ok(body) => Some(metadata_items(body.get("commonInstanceMetadata"))),
+            Err(e @ (CloudError::Auth { .. } | CloudError::Api { .. })) => {
+                tracing::debug!(
+                    "cannot read the project's metadata, using the instance's only: {e}"
+                );
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(SshMetadata {
+            instance,
+            fingerprint,
+            project,
+        })
+    }
+
+    async fn instance_metadata(
+        &self,
+        deadline: Instant,
+    ) -> Result<(Vec<(String, String)>, Option<String>), CloudError> {
+        let what = format!("instances.get `{}`", self.resource_name());
+        let body = self
+            .call(
+                &what,
+                Method::GET,
+                &self.instance_url,
+                Target::Instance,
+                deadline,
+            )
+            .await?;
+        let metadata = body.get("metadata");
+        let fingerprint = metadata
+            .and_then(|m| m.get("fingerprint"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        Ok((metadata_items(metadata), fingerprint))
+    }
+
+    /// Changes the instance's `ssh-keys` item with `update` (given the
+    /// current value, it returns the new one, or `None` when nothing needs
+    /// to change) through `instances.setMetadata`, sending the fingerprint
+    /// read with it. When another writer changed the metadata in between
+    /// (412 `conditionNotMet`), reads it again and reapplies `update`, so
+    /// no other item or key is ever lost. Returns whether anything changed.
+    pub async fn update_ssh_keys(
+        &self,
+        update: impl Fn(&str) -> Option<String>,
+    ) -> Result<bool, CloudError> {
+        let deadline = self.deadline();
+        let mut races = 0u32;
+        loop {
+            let (mut items, fingerprint) = self.instance_metadata(deadline).await?;
+            let current = items
+                .iter()
+                .find(|(k, _)| k == SSH_KEYS)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            let Some(new) = update(&current) else {
+                return Ok(false);
+            };
+            match items.iter_mut().find(|(k, _)| k == SSH_KEYS) {
+                Some(item) => item.1 = new,
+                None => items.push((SSH_KEYS.to_string(), new)),
+            }
+            let mut body = serde_json::json!({
+                "kind": "compute#metadata",
+                "items": items
+                    .iter()
+                    .map(|(k, v)| serde_json::json!({"key": k, "value": v}))
+                    .collect::<Vec<_>>(),
+            });
+            if let Some(f) = &fingerprint {
+                body["fingerprint"] = Value::String(f.clone());
+            }
+            let mut url = join_segments(&self.instance_url, &["setMetadata"])?;
+            url.query_pairs_mut()
+                .append_pair("requestId", &new_request_id());
+            let what = format!("instances.setMetadata `{}`", self.resource_name());
+            let op = match self
+                .call_with(
+                    &what,
+                    Method::POST,
+                    &url,
+                    Target::Instance,
+                    deadline,
+                    Some(&body),
+                )
+                .await
+            {
+                Ok(op) => op,
+                Err(CloudError::Api { status: 412, .. }) if races < METADATA_RACE_RETRIES => {
+                    // Someone else wrote the metadata since we read it.
+                    races += 1;
+                    tracing::debug!("metadata fingerprint was stale; reading it again");
+                    continue;
+                }
+                Err(e) => return Err(self.name_timeout(e, "adding an SSH key to")),
+            };
+            let op = parse_operation(&op).map_err(|message| CloudError::Protocol {
+                url: url.to_string(),
+                message,
+            })?;
+            self.wait_operation(op, deadline).await?;
+            return Ok(true);
+        }
+    }
+}
+
+/// The metadata key the guest agent reads SSH keys from.
+pub const SSH_KEYS: &str = "ssh-keys";
+
+/// `items[]` of a Metadata resource as pairs; an item without a value is
+/// an empty string.
+fn metadata_items(metadata: Option<&Value>) -> Vec<(String, String)> {
+    metadata
+        .and_then(|m| m.get("items"))
+        .and_then(Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|i| {
+                    let key = i.get("key")?.as_str()?.to_string();
+                    let value = i
+                        .get("value")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string();
+                    Some((key, value))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `.../compute/v1` from an instance URL.
+fn api_base_of(instance_url: &Url) -> Url {
+    let mut url = instance_url.clone();
+    let path = url.path().to_string();
+    let base = match path.find("/projects/") {
+        Some(i) => &path[..i],
+        None => path.as_str(),
+    };
+    url.set_path(base);
+    url
 }
 
 /// `{endpoint}/compute/v1`, checked.

@@ -340,6 +340,85 @@ impl GcpAuth {
         Ok(headers)
     }
 
+    /// The email of the account these credentials act as, for OS Login:
+    /// a service account key's `client_email`, the metadata server's
+    /// default service account, or, for user credentials, what Google's
+    /// `tokeninfo` endpoint (next to the file's `token_uri`) says the
+    /// token belongs to.
+    pub async fn account_email(&self) -> Result<String, CloudError> {
+        let principal = match &self.source {
+            CredentialSource::EnvFile { principal, .. }
+            | CredentialSource::GcloudFile { principal, .. } => principal.clone(),
+            CredentialSource::MetadataServer { .. } => None,
+        };
+        if let Some(p) = principal {
+            return Ok(p);
+        }
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .no_proxy()
+            .build()
+            .map_err(|e| self.auth_error(format!("cannot make an HTTP client: {e}")))?;
+        let (url, request) = match &self.source {
+            CredentialSource::MetadataServer { host, .. } => {
+                let url = format!(
+                    "http://{host}/computeMetadata/v1/instance/service-accounts/default/email"
+                );
+                let request = client.get(&url).header("Metadata-Flavor", "Google");
+                (url, request)
+            }
+            _ => {
+                let token_uri = self.source.endpoint(self.config.as_ref());
+                let mut url = url::Url::parse(&token_uri)
+                    .map_err(|e| self.auth_error(format!("bad `token_uri` ({e})")))?;
+                url.set_path("/tokeninfo");
+                url.set_query(None);
+                let shown = url.to_string();
+                let headers = self.headers().await?;
+                let token = headers
+                    .get(reqwest::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .ok_or_else(|| self.auth_error("the credentials gave no bearer token"))?
+                    .to_string();
+                // The documented form; the URL is only ever shown without it.
+                url.query_pairs_mut().append_pair("access_token", &token);
+                let request = client.get(url.as_str());
+                (shown, request)
+            }
+        };
+        let failed = |why: String| {
+            self.auth_error(format!(
+                "cannot tell which account the credentials belong to (needed for OS Login): {why}"
+            ))
+        };
+        let response = request
+            .send()
+            .await
+            .map_err(|e| failed(format!("{url}: {}", e.without_url())))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| failed(format!("{url}: {}", e.without_url())))?;
+        if !status.is_success() {
+            return Err(failed(format!("{url} answered {status}")));
+        }
+        let email = match &self.source {
+            CredentialSource::MetadataServer { .. } => text.trim().to_string(),
+            _ => serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("email").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or_default(),
+        };
+        if email.is_empty() || !email.contains('@') {
+            return Err(failed(format!(
+                "{url} named no account email (the token may lack the `userinfo.email` scope)"
+            )));
+        }
+        Ok(email)
+    }
+
     /// Drops the cached credentials so the next request builds new ones.
     pub fn forget(&self) {
         if let Ok(mut guard) = self.credentials.lock() {

@@ -13,6 +13,8 @@ pub mod aws_auth;
 pub mod ec2;
 pub mod gce;
 pub mod gcp_auth;
+pub mod instance_connect;
+pub mod oslogin;
 pub mod retry;
 
 use std::fmt;

@@ -35,6 +35,8 @@ pub struct Status {
     pub lease_holder: Option<String>,
     pub last_used: Option<String>,
     pub builds_count: u64,
+    /// How the key is trusted: `key`, `oslogin`, `metadata`, `instance-connect`.
+    pub access: Option<String>,
 }
 
 fn base_status(b: &Builder, state: &StateFile) -> Status {
@@ -98,7 +100,10 @@ async fn status_of(
         }
         let connected = lifecycle::connect_cloud_builder(b, cloud, h, &crate::report::Silent).await;
         let result = match connected {
-            Ok(session) => probe_into(&mut st, b, session).await,
+            Ok((session, access)) => {
+                st.access = Some(access.mode.into());
+                probe_into(&mut st, b, session).await
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = &result {
@@ -129,7 +134,10 @@ async fn status_of(
         return (st, Ok(()));
     }
     let result = match crate::provisioned::connect(&endpoint).await {
-        Ok(session) => probe_into(&mut st, b, session).await,
+        Ok(session) => {
+            st.access = Some("key".into());
+            probe_into(&mut st, b, session).await
+        }
         Err(e) => Err(anyhow::Error::from(e)),
     };
     if let Err(e) = &result {
@@ -225,6 +233,9 @@ pub async fn status(args: NameArgs) -> anyhow::Result<()> {
         }
         if let Some(k) = &st.host_key {
             println!("host key:   {k}");
+        }
+        if let Some(access) = &st.access {
+            println!("access:     {access}");
         }
         println!("docker:     {}", st.docker_server.as_deref().unwrap_or("-"));
         println!(

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod access;
 mod auth;
 mod build;
 mod client_guards;

@@ -15,6 +15,13 @@
 //!   under `hostkeys/` (entry key = key type, value = the base64 key),
 //!   published when a test says so, possibly some time after boot; a 404
 //!   `notFound` while nothing is published;
+//! - instance metadata (`metadata.items`, `metadata.fingerprint`) and the
+//!   project's `commonInstanceMetadata` (`projects.get`); `instances.setMetadata`
+//!   with the fingerprint check (412 `conditionNotMet` when stale), a fresh
+//!   fingerprint after every change, and the guest agent's side: unexpired
+//!   `ssh-keys` entries (or, with `enable-oslogin=TRUE`, the OS Login keys
+//!   of `support::oslogin_fake`) written to `<dir>/<user>` for sshd's
+//!   `AuthorizedKeysFile <dir>/%u`;
 //! - Google's JSON errors, and an HTML 404 page for unknown paths;
 //! - Bearer tokens checked on every API call: tokens it minted at its
 //!   `/token` endpoint (refresh-token grant for `authorized_user`, JWT-bearer
@@ -153,6 +160,9 @@ pub enum Route {
     GetOperation,
     WaitOperation,
     GuestAttributes,
+    SetMetadata,
+    GetProject,
+    OsLogin,
     Token,
     Metadata,
     Unknown,
@@ -265,6 +275,15 @@ struct InstanceState {
     /// `host_keys_at` on (the guest agent writes them a little after boot).
     host_keys: Vec<(String, String)>,
     host_keys_at: Option<Instant>,
+    /// `metadata.items`, in order, and `metadata.fingerprint`.
+    metadata: Vec<(String, String)>,
+    metadata_fingerprint: String,
+    /// A write by someone else, applied just before the next `setMetadata`.
+    concurrent_write: Option<(String, String)>,
+}
+
+fn new_fingerprint() -> String {
+    STANDARD.encode(rand::random::<[u8; 8]>())
 }
 
 struct OperationState {
@@ -316,6 +335,13 @@ struct State {
     metadata_instance: String,
     /// Effective start/stop/resume transitions per instance name.
     transitions: HashMap<String, usize>,
+    project_metadata: Vec<(String, String)>,
+    project_metadata_fingerprint: String,
+    pub(crate) oslogin: super::oslogin_fake::Profiles,
+    /// The guest agent's `authorized_keys` folder and the instance it
+    /// stands in for.
+    guest_keys: Option<(String, PathBuf)>,
+    set_metadata_bodies: Vec<Value>,
 }
 
 impl State {
@@ -438,6 +464,11 @@ impl GceFake {
                 ),
                 metadata_instance: "absconda-builder".into(),
                 transitions: HashMap::new(),
+                project_metadata: Vec::new(),
+                project_metadata_fingerprint: new_fingerprint(),
+                oslogin: Default::default(),
+                guest_keys: None,
+                set_metadata_bodies: Vec::new(),
             }),
         });
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -527,6 +558,9 @@ impl GceFake {
             last_suspended: None,
             host_keys: Vec::new(),
             host_keys_at: None,
+            metadata: Vec::new(),
+            metadata_fingerprint: new_fingerprint(),
+            concurrent_write: None,
         };
         let mut next_ip = st.next_ip;
         set_status(&mut inst, status, &mut next_ip);
@@ -1127,6 +1161,11 @@ async fn read_chunked(sock: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Resul
 // ---- routing -----------------------------------------------------------------
 
 enum ApiPath {
+    Project {
+        project: String,
+    },
+    /// `oslogin.googleapis.com/v1/users/...`, served by `oslogin_fake`.
+    OsLogin,
     Instance {
         project: String,
         zone: String,
@@ -1161,10 +1200,16 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn parse_api_path(path: &str) -> Option<ApiPath> {
+    if path.starts_with("/v1/users/") {
+        return Some(ApiPath::OsLogin);
+    }
     let rest = path.strip_prefix("/compute/v1/")?;
     let seg: Vec<String> = rest.split('/').map(percent_decode).collect();
     let s: Vec<&str> = seg.iter().map(String::as_str).collect();
     match s.as_slice() {
+        ["projects", p] => Some(ApiPath::Project {
+            project: p.to_string(),
+        }),
         ["projects", p, "zones", z, "instances", name] => Some(ApiPath::Instance {
             project: p.to_string(),
             zone: z.to_string(),
@@ -1197,7 +1242,7 @@ fn route_of(which: Listener, req: &Request) -> Route {
     if which == Listener::Metadata {
         return Route::Metadata;
     }
-    if req.path == "/token" {
+    if req.path == "/token" || req.path == "/tokeninfo" {
         return Route::Token;
     }
     match (req.method.as_str(), parse_api_path(&req.path)) {
@@ -1208,6 +1253,8 @@ fn route_of(which: Listener, req: &Request) -> Route {
                 action: Some(a), ..
             }),
         ) if a == "getGuestAttributes" => Route::GuestAttributes,
+        ("GET", Some(ApiPath::Project { .. })) => Route::GetProject,
+        (_, Some(ApiPath::OsLogin)) => Route::OsLogin,
         (
             "POST",
             Some(ApiPath::Instance {
@@ -1217,6 +1264,7 @@ fn route_of(which: Listener, req: &Request) -> Route {
             "start" => Route::Start,
             "stop" => Route::Stop,
             "resume" => Route::Resume,
+            "setMetadata" => Route::SetMetadata,
             _ => Route::Unknown,
         },
         ("GET", Some(ApiPath::Operation { wait: false, .. })) => Route::GetOperation,
@@ -1237,6 +1285,8 @@ fn scope_matches(scope: Scope, route: Route) -> bool {
                 | Route::GetOperation
                 | Route::WaitOperation
                 | Route::GuestAttributes
+                | Route::SetMetadata
+                | Route::GetProject
         ),
         Scope::Mutations => matches!(route, Route::Start | Route::Stop | Route::Resume),
         Scope::Operations => matches!(route, Route::GetOperation | Route::WaitOperation),
@@ -1352,6 +1402,7 @@ async fn dispatch(
 ) -> Response {
     match which {
         Listener::Metadata => metadata(shared, req),
+        Listener::Api if req.path == "/tokeninfo" => tokeninfo(shared, req),
         Listener::Api if route == Route::Token => token_endpoint(shared, req),
         Listener::Api => {
             let Some(path) = parse_api_path(&req.path) else {
@@ -1379,9 +1430,14 @@ async fn dispatch(
                     Route::Resume => "compute.instances.resume",
                     Route::GetOperation | Route::WaitOperation => "compute.zoneOperations.get",
                     Route::GuestAttributes => "compute.instances.getGuestAttributes",
+                    Route::SetMetadata => "compute.instances.setMetadata",
+                    Route::GetProject => "compute.projects.get",
+                    Route::OsLogin => "compute.oslogin.updateExternalUser",
                     _ => "compute.instances.get",
                 };
                 let resource = match &path {
+                    ApiPath::Project { project } => format!("projects/{project}"),
+                    ApiPath::OsLogin => req.path.clone(),
                     ApiPath::Instance {
                         project,
                         zone,
@@ -1404,6 +1460,17 @@ async fn dispatch(
             }
             let user = principal.clone().unwrap_or_default();
             match path {
+                ApiPath::Project { project } => project_call(shared, &project),
+                ApiPath::OsLogin => {
+                    let mut st = shared.lock();
+                    let (status, body) =
+                        st.oslogin
+                            .handle(&user, &req.method, &req.path, &req.query, &req.body);
+                    if req.method != "GET" && status == 200 {
+                        st.sync_guest_keys();
+                    }
+                    json_response(status, body)
+                }
                 ApiPath::Instance {
                     project,
                     zone,
@@ -1495,7 +1562,7 @@ fn instance_json(inst: &InstanceState) -> Value {
             "interface": "SCSI",
             "diskSizeGb": "50"
         }],
-        "metadata": {"kind": "compute#metadata", "fingerprint": "fGgR0UpdX4I="},
+        "metadata": metadata_json(&inst.metadata, &inst.metadata_fingerprint),
         "serviceAccounts": [{
             "email": format!("123456789012-compute@developer.gserviceaccount.com"),
             "scopes": [CLOUD_PLATFORM]
@@ -1610,6 +1677,9 @@ fn instance_call(
         && let Some(op) = st.operations.iter().find(|o| &o.name == op_name)
     {
         return json_response(200, operation_json(op));
+    }
+    if action == "setMetadata" {
+        return set_metadata(&mut st, project, zone, name, user, request_id, req);
     }
     let t = st.timings;
     let now = Instant::now();
@@ -2261,5 +2331,367 @@ mod tests {
             .unwrap();
         assert_eq!(flavored.status(), 200);
         assert_eq!(flavored.headers()["metadata-flavor"], "Google");
+    }
+}
+
+// ---- metadata, projects.get, setMetadata, the guest agent's keys ---------------
+
+fn metadata_json(items: &[(String, String)], fingerprint: &str) -> Value {
+    let mut v = json!({"kind": "compute#metadata", "fingerprint": fingerprint});
+    if !items.is_empty() {
+        v["items"] = json!(
+            items
+                .iter()
+                .map(|(k, val)| json!({"key": k, "value": val}))
+                .collect::<Vec<_>>()
+        );
+    }
+    v
+}
+
+/// `projects.get`: a Project resource with its common instance metadata.
+fn project_call(shared: &Arc<Shared>, project: &str) -> Response {
+    let st = shared.lock();
+    if project != PROJECT {
+        return not_found(&format!("projects/{project}"));
+    }
+    json_response(
+        200,
+        json!({
+            "kind": "compute#project",
+            "id": "123456789012",
+            "creationTimestamp": "2024-01-15T08:00:00.000-08:00",
+            "name": project,
+            "commonInstanceMetadata": metadata_json(&st.project_metadata, &st.project_metadata_fingerprint),
+            "defaultServiceAccount": "123456789012-compute@developer.gserviceaccount.com",
+            "xpnProjectStatus": "UNSPECIFIED_XPN_PROJECT_STATUS",
+            "defaultNetworkTier": "PREMIUM",
+            "vmDnsSetting": "ZONAL_ONLY",
+            "selfLink": format!("{LINK_BASE}/projects/{project}"),
+        }),
+    )
+}
+
+/// `instances.setMetadata`: the body is a Metadata resource whose
+/// `fingerprint` must be the current one; `items` replace all items.
+fn set_metadata(
+    st: &mut State,
+    project: &str,
+    zone: &str,
+    name: &str,
+    user: &str,
+    request_id: Option<String>,
+    req: &Request,
+) -> Response {
+    let body: Value = match serde_json::from_slice(&req.body) {
+        Ok(v) => v,
+        Err(e) => {
+            return google_error(
+                400,
+                &format!("Invalid JSON payload received. {e}"),
+                "parseError",
+                None,
+            );
+        }
+    };
+    st.set_metadata_bodies.push(body.clone());
+    let inst = st
+        .instance(project, zone, name)
+        .expect("checked by the caller");
+    if let Some((k, v)) = inst.concurrent_write.take() {
+        // Another client wrote first: the fingerprint moves on.
+        match inst.metadata.iter_mut().find(|(key, _)| *key == k) {
+            Some(item) => item.1 = v,
+            None => inst.metadata.push((k, v)),
+        }
+        inst.metadata_fingerprint = new_fingerprint();
+    }
+    let Some(fingerprint) = body.get("fingerprint").and_then(Value::as_str) else {
+        return google_error(
+            400,
+            "Invalid value for field 'metadata.fingerprint': ''. Supplied fingerprint is invalid.",
+            "invalid",
+            None,
+        );
+    };
+    if fingerprint != inst.metadata_fingerprint {
+        return google_error(
+            412,
+            "Supplied fingerprint does not match current metadata fingerprint.",
+            "conditionNotMet",
+            None,
+        );
+    }
+    let mut items = Vec::new();
+    for item in body
+        .get("items")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+    {
+        let Some(key) = item.get("key").and_then(Value::as_str) else {
+            return google_error(400, "Required field 'key' not specified", "required", None);
+        };
+        let valid = !key.is_empty()
+            && key.len() <= 128
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid {
+            return google_error(
+                400,
+                &format!("Invalid value for field 'resource.items[].key': '{key}'."),
+                "invalid",
+                None,
+            );
+        }
+        if items.iter().any(|(k, _): &(String, String)| k == key) {
+            return google_error(
+                400,
+                &format!("Duplicate metadata key '{key}'."),
+                "invalid",
+                None,
+            );
+        }
+        let value = item
+            .get("value")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if value.len() > 256 * 1024 {
+            return google_error(400, "Metadata value too large.", "invalid", None);
+        }
+        items.push((key.to_string(), value.to_string()));
+    }
+    inst.metadata = items;
+    inst.metadata_fingerprint = new_fingerprint();
+    let target_id = inst.id;
+    st.sync_guest_keys();
+    let id = st.id();
+    let now = Instant::now();
+    let insert_time = now_rfc3339();
+    let op = OperationState {
+        id,
+        name: operation_name(),
+        project: project.into(),
+        zone: zone.into(),
+        op_type: "setMetadata".into(),
+        target: name.to_string(),
+        target_id,
+        user: user.to_string(),
+        request_id: request_id.clone(),
+        insert_time: insert_time.clone(),
+        created: now,
+        running_at: now + st.timings.pending,
+        done_at: now + st.timings.pending * 2,
+        start_time: Some(insert_time),
+        end_time: None,
+        error: None,
+    };
+    let answer = operation_json(&op);
+    if let Some(id) = request_id {
+        st.request_ids.insert(id, op.name.clone());
+    }
+    st.operations.push(op);
+    json_response(200, answer)
+}
+
+/// The `expireOn` of a `google-ssh` entry, when it has one.
+fn ssh_keys_entry_expired(rest: &str) -> bool {
+    let Some((_, json_part)) = rest.split_once(" google-ssh ") else {
+        return false;
+    };
+    let Ok(v) = serde_json::from_str::<Value>(json_part) else {
+        return true;
+    };
+    match v.get("expireOn").and_then(Value::as_str) {
+        Some(at) => chrono::DateTime::parse_from_str(at, "%Y-%m-%dT%H:%M:%S%z")
+            .map(|t| t < chrono::Utc::now())
+            .unwrap_or(true),
+        None => false,
+    }
+}
+
+impl State {
+    fn metadata_value(&mut self, instance: &str, key: &str) -> Option<String> {
+        let from_instance = self.instance(PROJECT, ZONE, instance).and_then(|i| {
+            i.metadata
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        });
+        from_instance.or_else(|| {
+            self.project_metadata
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        })
+    }
+
+    /// What the guest agent (or, with OS Login, the `AuthorizedKeysCommand`)
+    /// would let in: one file per user in the keys folder.
+    fn sync_guest_keys(&mut self) {
+        let Some((instance, dir)) = self.guest_keys.clone() else {
+            return;
+        };
+        let oslogin = self
+            .metadata_value(&instance, "enable-oslogin")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let mut by_user: BTreeMapOf = std::collections::BTreeMap::new();
+        if oslogin {
+            for (user, keys) in self.oslogin.authorized_keys() {
+                by_user.entry(user).or_default().extend(keys);
+            }
+        } else {
+            let mut lines = Vec::new();
+            let mut block = false;
+            if let Some(inst) = self.instance(PROJECT, ZONE, &instance) {
+                for (k, v) in &inst.metadata {
+                    match k.as_str() {
+                        "ssh-keys" => lines.extend(v.lines().map(str::to_string)),
+                        "block-project-ssh-keys" => block = v.eq_ignore_ascii_case("true"),
+                        _ => {}
+                    }
+                }
+            }
+            if !block
+                && let Some((_, v)) = self.project_metadata.iter().find(|(k, _)| k == "ssh-keys")
+            {
+                lines.extend(v.lines().map(str::to_string));
+            }
+            for line in lines {
+                let Some((user, rest)) = line.split_once(':') else {
+                    continue;
+                };
+                if user.is_empty() || rest.trim().is_empty() || ssh_keys_entry_expired(rest) {
+                    continue;
+                }
+                by_user
+                    .entry(user.to_string())
+                    .or_default()
+                    .push(rest.to_string());
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        for (user, keys) in by_user {
+            let mut text = keys.join("\n");
+            text.push('\n');
+            std::fs::write(dir.join(&user), text).expect("write the guest's authorized keys");
+        }
+    }
+}
+
+type BTreeMapOf = std::collections::BTreeMap<String, Vec<String>>;
+
+impl GceFake {
+    /// Sets (or adds) an instance metadata item, as another client would;
+    /// the fingerprint changes.
+    pub fn set_instance_metadata(&self, name: &str, key: &str, value: &str) {
+        let mut st = self.shared.lock();
+        if let Some(inst) = st.instance(PROJECT, ZONE, name) {
+            match inst.metadata.iter_mut().find(|(k, _)| k == key) {
+                Some(item) => item.1 = value.into(),
+                None => inst.metadata.push((key.into(), value.into())),
+            }
+            inst.metadata_fingerprint = new_fingerprint();
+        }
+        st.sync_guest_keys();
+    }
+
+    /// The instance's metadata items now.
+    pub fn instance_metadata(&self, name: &str) -> Vec<(String, String)> {
+        let mut st = self.shared.lock();
+        st.instance(PROJECT, ZONE, name)
+            .map(|i| i.metadata.clone())
+            .unwrap_or_default()
+    }
+
+    /// Sets a project-wide metadata item (`commonInstanceMetadata`).
+    pub fn set_project_metadata(&self, key: &str, value: &str) {
+        let mut st = self.shared.lock();
+        match st.project_metadata.iter_mut().find(|(k, _)| k == key) {
+            Some(item) => item.1 = value.into(),
+            None => st.project_metadata.push((key.into(), value.into())),
+        }
+        st.project_metadata_fingerprint = new_fingerprint();
+        st.sync_guest_keys();
+    }
+
+    /// Makes another client write `key = value` just before the next
+    /// `setMetadata` on `name` is checked, so its fingerprint is stale.
+    pub fn write_concurrently_before_next_set(&self, name: &str, key: &str, value: &str) {
+        let mut st = self.shared.lock();
+        if let Some(inst) = st.instance(PROJECT, ZONE, name) {
+            inst.concurrent_write = Some((key.into(), value.into()));
+        }
+    }
+
+    /// Plays the guest agent of instance `name`: keeps one file per user in
+    /// `dir` with the keys that user may log in with (for sshd's
+    /// `AuthorizedKeysFile <dir>/%u`).
+    pub fn serve_guest_keys(&self, name: &str, dir: &Path) {
+        let mut st = self.shared.lock();
+        st.guest_keys = Some((name.into(), dir.to_path_buf()));
+        st.sync_guest_keys();
+    }
+
+    /// The bodies of every `setMetadata` call, in order.
+    pub fn set_metadata_bodies(&self) -> Vec<Value> {
+        self.shared.lock().set_metadata_bodies.clone()
+    }
+
+    /// The OS Login service's state.
+    pub fn oslogin<T>(&self, f: impl FnOnce(&mut super::oslogin_fake::Profiles) -> T) -> T {
+        let mut st = self.shared.lock();
+        let out = f(&mut st.oslogin);
+        st.sync_guest_keys();
+        out
+    }
+}
+
+/// Google's `tokeninfo` endpoint: `GET /tokeninfo?access_token=…` describes
+/// a token this fake minted, with the account's `email` (tokens carry the
+/// `userinfo.email` scope, as gcloud's application-default login asks for).
+fn tokeninfo(shared: &Arc<Shared>, req: &Request) -> Response {
+    let st = shared.lock();
+    let Some(token) = req.query_param("access_token") else {
+        return json_response(
+            400,
+            json!({"error": "invalid_request", "error_description": "Invalid Value"}),
+        );
+    };
+    match st.tokens.get(&token) {
+        Some(minted) if minted.expires > Instant::now() => {
+            let email = minted
+                .principal
+                .split_once(':')
+                .map(|(_, e)| e)
+                .unwrap_or(&minted.principal);
+            let left = minted
+                .expires
+                .saturating_duration_since(Instant::now())
+                .as_secs();
+            json_response(
+                200,
+                json!({
+                    "azp": "764086051850-6qr4p6gpi6hn506pt8ejuq83di341hur.apps.googleusercontent.com",
+                    "aud": "764086051850-6qr4p6gpi6hn506pt8ejuq83di341hur.apps.googleusercontent.com",
+                    "sub": "109876543210987654321",
+                    "scope": format!("openid https://www.googleapis.com/auth/userinfo.email {CLOUD_PLATFORM}"),
+                    "exp": (chrono::Utc::now().timestamp() + left as i64).to_string(),
+                    "expires_in": left.to_string(),
+                    "email": email,
+                    "email_verified": "true",
+                    "access_type": "offline"
+                }),
+            )
+        }
+        _ => json_response(
+            400,
+            json!({"error": "invalid_token", "error_description": "Invalid Value"}),
+        ),
     }
 }

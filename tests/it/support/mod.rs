@@ -13,8 +13,10 @@ pub mod counting_proxy;
 pub mod docker;
 pub mod faulty_proxy;
 pub mod gce_fake;
+pub mod instance_connect_tap;
 pub mod moto;
 pub mod netns;
+pub mod oslogin_fake;
 pub mod sshd;
 pub mod tunnel_proxy;
 

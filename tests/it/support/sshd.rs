@@ -56,12 +56,21 @@ impl Sshd {
         let (port, host_key_pub, known_hosts, config_path, child) = loop {
             attempt += 1;
             let port = free_port();
+            // A test that brings its own `AuthorizedKeysFile` (sshd takes the
+            // first one) gets only its own.
+            let ak = if extra.contains("AuthorizedKeysFile") {
+                String::new()
+            } else {
+                format!(
+                    "AuthorizedKeysFile {}\n",
+                    d.join("authorized_keys").display()
+                )
+            };
             let mut config = format!(
-                "Port {port}\nListenAddress {listen}\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
+                "Port {port}\nListenAddress {listen}\nHostKey {hk}\n{ak}\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
              PidFile {pid}\nPermitRootLogin prohibit-password\nMaxStartups 50\nMaxSessions 50\nLogLevel VERBOSE\n",
                 hk = d.join("hostkey").display(),
-                ak = d.join("authorized_keys").display(),
                 pid = d.join("sshd.pid").display(),
             );
             if extra.lines().any(|l| l.starts_with("LogLevel ")) {
