@@ -48,6 +48,8 @@ pub struct BuildRequest {
     pub incremental: bool,
     /// With `incremental`: hash every file of the builder's copy again.
     pub verify: bool,
+    /// `--secret`s, with their values read on this machine.
+    pub secrets: Vec<crate::secrets::BuildSecret>,
 }
 
 /// What happened, for the summary line and `--json`.
@@ -173,6 +175,10 @@ pub enum BuildError {
     Timeout { builder: String, after: Duration },
     #[error("interrupted")]
     Interrupted,
+    #[error("build secrets need BuildKit, but builder `{builder}` uses the legacy builder")]
+    SecretsNeedBuildKit { builder: String },
+    #[error("could not store the build secrets on `{builder}`: {message}")]
+    Secrets { builder: String, message: String },
 }
 
 impl From<SshError> for BuildError {
@@ -482,6 +488,7 @@ fn docker_build_argv(
     dockerfile_arg: &str,
     buildkit: bool,
     context: &str,
+    extra: &[String],
 ) -> Vec<String> {
     let mut argv: Vec<String> = vec![
         "env".into(),
@@ -520,8 +527,45 @@ fn docker_build_argv(
     if req.pull {
         argv.push("--pull".into());
     }
+    argv.extend(extra.iter().cloned());
     argv.push(context.into());
     argv
+}
+
+/// Stores the secrets in a tmpfs folder of the run (see
+/// [`remote::secrets`]) and returns the `docker build` arguments naming them.
+async fn put_secrets(
+    session: &Session,
+    builder: &Builder,
+    run_dir: &str,
+    secrets: &[crate::secrets::BuildSecret],
+) -> Result<Vec<String>, BuildError> {
+    if secrets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let cmd = remote::secrets(
+        &builder.workspace,
+        run_dir,
+        builder.secret_dir.as_deref().unwrap_or(""),
+    );
+    let out = session
+        .output(
+            "storing the build secrets",
+            &cmd,
+            &crate::secrets::tar(secrets),
+        )
+        .await?;
+    let dir = out
+        .stdout_str()
+        .lines()
+        .find_map(|l| l.strip_prefix("secrets=").map(str::to_string));
+    match dir {
+        Some(dir) if out.status.success() => Ok(crate::secrets::docker_args(secrets, &dir)),
+        _ => Err(BuildError::Secrets {
+            builder: builder.name.clone(),
+            message: format!("{} ({})", out.stderr_tail(), out.status),
+        }),
+    }
 }
 
 /// Runs a command in the run folder with live output.
@@ -756,6 +800,11 @@ pub async fn build_on(
             BuildkitSetting::Auto => probe.buildkit_available(),
         };
         report.buildkit = buildkit;
+        if !req.secrets.is_empty() && !buildkit {
+            return Err(BuildError::SecretsNeedBuildKit {
+                builder: builder.name.clone(),
+            });
+        }
         let compression = match builder.compression {
             CompressionSetting::Gzip => Compression::Gzip,
             CompressionSetting::None => Compression::None,
@@ -794,6 +843,7 @@ pub async fn build_on(
             )
             .await?
         };
+        let extra = put_secrets(session, builder, &lease.run_dir, &req.secrets).await?;
         report.record(Phase::Upload, t.elapsed());
         reporter.phase_done(Phase::Upload, t.elapsed());
 
@@ -816,7 +866,7 @@ pub async fn build_on(
                     "context".into()
                 }
             });
-        let argv = docker_build_argv(builder, req, &dockerfile_arg, buildkit, &context);
+        let argv = docker_build_argv(builder, req, &dockerfile_arg, buildkit, &context, &extra);
         let (status, _) = stream(
             session,
             "docker build",

@@ -138,6 +138,12 @@ pub struct BuildArgs {
     /// and mtimes are compared).
     #[arg(long, conflicts_with = "no_incremental")]
     pub verify: bool,
+    /// A build secret for `RUN --mount=type=secret` (repeatable):
+    /// `id=NAME,src=FILE`, `id=NAME,env=VAR`, or `id=NAME` for the
+    /// variable NAME. Needs BuildKit; kept only on a tmpfs of the builder
+    /// during the build.
+    #[arg(long = "secret", value_name = "id=NAME[,src=FILE|,env=VAR]")]
+    pub secrets: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -96,7 +96,9 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 }
                 BuildError::Login { .. } => return PUSH_FAILED,
                 BuildError::Interrupted => return INTERRUPTED,
-                BuildError::NoDockerfile { .. } | BuildError::NoContext { .. } => return USAGE,
+                BuildError::NoDockerfile { .. }
+                | BuildError::NoContext { .. }
+                | BuildError::SecretsNeedBuildKit { .. } => return USAGE,
                 BuildError::Docker { .. } => return NOT_READY,
                 BuildError::Ssh(e) => {
                     return if e.is_host_key() {
@@ -126,6 +128,9 @@ pub fn code(err: &anyhow::Error) -> u8 {
             return UNREACHABLE;
         }
         if cause.downcast_ref::<ConfigError>().is_some()
+            || cause
+                .downcast_ref::<crate::secrets::SecretError>()
+                .is_some()
             || cause
                 .downcast_ref::<crate::dockerfile::DockerfileError>()
                 .is_some()
@@ -263,6 +268,12 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 )),
                 BuildError::Login { .. } => Some(
                     "check ABSCONDA_REGISTRY_USER/ABSCONDA_REGISTRY_PASSWORD or the `auths` entry in ~/.docker/config.json".into(),
+                ),
+                BuildError::SecretsNeedBuildKit { .. } => Some(
+                    "set `buildkit: on` (or `auto` with a docker that has BuildKit) for this builder".into(),
+                ),
+                BuildError::Secrets { .. } => Some(
+                    "secrets are only written to a tmpfs; set `secret_dir:` to a folder the build may use, even on disk".into(),
                 ),
                 _ => None,
             };

@@ -18,6 +18,7 @@
 //!   the builder, manifests, the local hash cache, and the sh that applies deltas
 //! - `build`: the build pipeline, orchestration only
 //! - `registry`: registry credentials from the user's side
+//! - `secrets`: `--secret` values, read here and kept on a tmpfs there
 //! - `cloud/`: the VMs builders run on (GCE, EC2)
 //! - `terraform`: running Terraform for `remote provision` / `remote destroy`
 //! - `provisioned`: where a provisioned builder is (from the state) and
@@ -42,6 +43,7 @@ pub mod provisioned;
 pub mod registry;
 pub mod remote;
 pub mod report;
+pub mod secrets;
 pub mod shell;
 pub mod ssh;
 pub mod state;

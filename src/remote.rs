@@ -54,6 +54,8 @@ if [ -s "$ws/.stop-pid" ]; then
   rm -f "$ws/.stop-pid"
 fi
 printf '%s\n' "$holder" > "$ws/.lease-holder"
+# Secrets folders of builds whose supervisor was killed (see SECRETS).
+for f in "$ws"/.secrets/*; do [ -f "$f" ] && rm -rf "$(cat "$f")" && rm -f "$f"; done
 if ! mkdir "$run"; then
   echo "error cannot create the run folder $run" >&2
   exit 70
@@ -68,6 +70,8 @@ if [ -s "$run/pid" ]; then
   while kill -0 -"$pid" 2>/dev/null && [ $n -lt 20 ]; do sleep 0.5; n=$((n + 1)); done
   kill -KILL -"$pid" 2>/dev/null
 fi
+sec=$ws/.secrets/${run##*/}
+if [ -f "$sec" ]; then rm -rf "$(cat "$sec")"; rm -f "$sec"; fi
 rm -rf "$run"
 : > "$ws/.lease-holder"
 touch "$ws/.last-used"
@@ -130,6 +134,47 @@ const UPLOAD: &str = r#"
 cd "$1" || exit 70
 shift
 exec tar -x -o -f - "$@"
+"#;
+
+/// Stores the build's secrets (a tar stream on stdin) in a 0700 folder
+/// `<tmpfs>/absconda-<uid>/<run id>`, on `/dev/shm` or `$XDG_RUNTIME_DIR`
+/// when either is a tmpfs, or under the configured `secret_dir`. The folder
+/// is recorded in `<workspace>/.secrets/<run id>` before it is created, so
+/// the lease supervisor removes it at release, and the next lease sweeps it
+/// when a supervisor died. Prints `secrets=<folder>`.
+const SECRETS: &str = r#"
+ws=$1 run=$2 dir=$3
+umask 077
+id=${run##*/}
+fstype() {
+  stat -f -c %T "$1" 2>/dev/null ||
+    awk -v p="$1" '$2 == p { t = $3 } END { print t }' /proc/mounts 2>/dev/null
+}
+base=
+if [ -n "$dir" ]; then
+  base=$dir
+else
+  for d in /dev/shm "$XDG_RUNTIME_DIR"; do
+    [ -n "$d" ] && [ -d "$d" ] && [ -w "$d" ] || continue
+    case $(fstype "$d") in
+      tmpfs|ramfs) base=$d; break ;;
+    esac
+  done
+fi
+if [ -z "$base" ]; then
+  echo "neither /dev/shm nor \$XDG_RUNTIME_DIR (${XDG_RUNTIME_DIR:-not set}) is a writable tmpfs" >&2
+  exit 71
+fi
+top=$base/absconda-$(id -u)
+mkdir -p "$top" 2>/dev/null
+if [ -L "$top" ] || ! [ -d "$top" ] || ! [ -O "$top" ] || ! chmod 700 "$top"; then
+  echo "$top is not a folder owned by $(id -un)" >&2
+  exit 71
+fi
+mkdir -p "$ws/.secrets" && printf '%s\n' "$top/$id" > "$ws/.secrets/$id" || exit 70
+mkdir -m 700 "$top/$id" || exit 71
+cd "$top/$id" && tar -x -o -f - || exit 72
+printf 'secrets=%s\n' "$top/$id"
 "#;
 
 const PROBE: &str = r#"
@@ -230,6 +275,20 @@ pub fn upload(run_dir: &str, gzip: bool) -> String {
     shell::join(words)
 }
 
+/// Stores the secrets streamed on stdin for the run (see [`SECRETS`]);
+/// `dir` is the configured `secret_dir`, empty for a tmpfs found on the builder.
+pub fn secrets(workspace: &str, run_dir: &str, dir: &str) -> String {
+    shell::join([
+        "sh",
+        "-c",
+        SECRETS,
+        "absconda-secrets",
+        workspace,
+        run_dir,
+        dir,
+    ])
+}
+
 /// Reports the builder's docker, BuildKit support, disk and lease.
 pub fn probe(docker: &str, workspace: &str) -> String {
     shell::join(["sh", "-c", PROBE, "absconda-probe", docker, workspace])
@@ -309,7 +368,7 @@ mod tests {
     /// The scripts must parse in dash and busybox sh, the shells of stock builders.
     #[test]
     fn scripts_parse_in_posix_shells() {
-        for script in [LEASE, SELF_STOP, RUN, UPLOAD, PROBE] {
+        for script in [LEASE, SELF_STOP, RUN, UPLOAD, PROBE, SECRETS] {
             for sh in ["dash", "sh"] {
                 let ok = std::process::Command::new(sh)
                     .args(["-n", "-c", script])

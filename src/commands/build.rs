@@ -93,6 +93,11 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         remote_wait: Duration::from_secs(args.remote_wait),
         incremental: !args.no_incremental,
         verify: args.verify,
+        secrets: args
+            .secrets
+            .iter()
+            .map(|s| crate::secrets::BuildSecret::read(s))
+            .collect::<Result<_, _>>()?,
     };
 
     let state = StateFile::default_location();

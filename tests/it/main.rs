@@ -16,4 +16,5 @@ mod lease;
 mod lifecycle;
 mod retry;
 mod safety;
+mod secrets;
 mod sync;
