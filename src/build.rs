@@ -71,6 +71,10 @@ pub struct BuildReport {
     pub total_seconds: f64,
     /// What the incremental sync did; `None` with `--no-incremental`.
     pub sync: Option<crate::sync::SyncSummary>,
+    /// The built image's id (`sha256:…` of its config), as `--iidfile` writes it.
+    pub image_id: Option<String>,
+    /// The pushed manifest digest of every image reference.
+    pub digests: std::collections::BTreeMap<String, String>,
 }
 
 impl BuildReport {
@@ -103,6 +107,19 @@ impl BuildReport {
             parts.push(format!("{} {:.1}s", phase.name(), secs));
         }
         parts.push(format!("total {:.1}s", self.total_seconds));
+        let mut digests: Vec<&String> = self.digests.values().collect();
+        digests.dedup();
+        match digests.as_slice() {
+            [] => {}
+            [one] => parts.push(format!("digest {one}")),
+            _ => parts.push(
+                self.digests
+                    .iter()
+                    .map(|(image, d)| format!("{image}@{d}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        }
         parts.join(" · ")
     }
 
@@ -598,6 +615,70 @@ async fn stream(
     Ok((status, tail))
 }
 
+/// Runs a command in the run folder with live output, and returns its
+/// status and (up to 64 KiB of) its stdout.
+async fn stream_stdout(
+    session: &Session,
+    what: &str,
+    run_dir: &str,
+    argv: &[String],
+    reporter: &dyn Reporter,
+) -> Result<(ExitStatus, Vec<u8>), BuildError> {
+    let mut p = session.exec(what, &remote::run_in(run_dir, argv)).await?;
+    p.writer.eof().await?;
+    let mut out = Vec::new();
+    let status = p
+        .reader
+        .drain(|is_err, d| {
+            reporter.output(is_err, d);
+            if !is_err && out.len() < 64 * 1024 {
+                out.extend_from_slice(d);
+            }
+        })
+        .await;
+    Ok((status, out))
+}
+
+/// The manifest digest `docker push` reports (`TAG: digest: sha256:… size: N`).
+fn pushed_digest(output: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(output).lines().find_map(|l| {
+        let (_, rest) = l.split_once(": digest: ")?;
+        let d = rest.split_whitespace().next()?;
+        (d.starts_with("sha256:") && d.len() == 71).then(|| d.to_string())
+    })
+}
+
+/// The id of the image just built (`docker image inspect`).
+async fn image_id(
+    session: &Session,
+    builder: &Builder,
+    run_dir: &str,
+    image: &str,
+) -> Result<String, BuildError> {
+    let argv: Vec<String> = vec![
+        builder.docker.clone(),
+        "image".into(),
+        "inspect".into(),
+        "--format".into(),
+        "{{.Id}}".into(),
+        image.into(),
+    ];
+    let out = session
+        .output("docker image inspect", &remote::run_in(run_dir, &argv), b"")
+        .await?;
+    let id = out.stdout_str().trim().to_string();
+    if !out.status.success() || !id.starts_with("sha256:") {
+        return Err(BuildError::Docker {
+            builder: builder.name.clone(),
+            message: format!(
+                "`docker image inspect {image}` did not give the image id: {}",
+                out.stderr_tail()
+            ),
+        });
+    }
+    Ok(id)
+}
+
 /// Writes a Dockerfile that is not part of the context to
 /// `<run>/Dockerfile`; returns the bytes sent.
 async fn put_outside_dockerfile(
@@ -882,6 +963,9 @@ pub async fn build_on(
                 status,
             });
         }
+        if let Some(first) = req.images.first() {
+            report.image_id = Some(image_id(session, builder, &lease.run_dir, first).await?);
+        }
         report.record(Phase::Build, t.elapsed());
         reporter.phase_done(Phase::Build, t.elapsed());
 
@@ -924,14 +1008,17 @@ pub async fn build_on(
             for image in &req.images {
                 let mut argv = env.clone();
                 argv.extend([builder.docker.clone(), "push".into(), image.clone()]);
-                let (status, _) =
-                    stream(session, "docker push", &lease.run_dir, &argv, b"", reporter).await?;
+                let (status, out) =
+                    stream_stdout(session, "docker push", &lease.run_dir, &argv, reporter).await?;
                 if !status.success() {
                     return Err(BuildError::DockerPush {
                         builder: builder.name.clone(),
                         image: image.clone(),
                         status,
                     });
+                }
+                if let Some(d) = pushed_digest(&out) {
+                    report.digests.insert(image.clone(), d);
                 }
             }
             report.pushed = true;
@@ -963,6 +1050,17 @@ pub async fn build_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn push_digest_from_docker_output() {
+        let d = "sha256:4bd5e9bd0ee4ce4eb4dd1b3f8a1bfcf1e8b35d8a1ffc4b5d3a4c8f5e1a2b3c4d";
+        let out = format!(
+            "The push refers to repository [127.0.0.1:5000/a]\n5f70bf18a086: Pushed\nv1: digest: {d} size: 527\n"
+        );
+        assert_eq!(pushed_digest(out.as_bytes()).as_deref(), Some(d));
+        assert_eq!(pushed_digest(b"v1: digest: sha256:short size: 1\n"), None);
+        assert_eq!(pushed_digest(b""), None);
+    }
 
     #[test]
     fn bytes_are_human() {

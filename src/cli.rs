@@ -99,7 +99,7 @@ pub struct BuildArgs {
     #[arg(long, value_name = "REPO")]
     pub repository: String,
     /// Tag (repeatable). Default: `latest`, or today's date (YYYYMMDD) with --file.
-    #[arg(long = "tag", value_name = "TAG")]
+    #[arg(short = 't', long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
     /// Build-time variable `KEY=VALUE` (repeatable).
     #[arg(long = "build-arg", value_name = "KEY=VALUE")]
@@ -144,6 +144,13 @@ pub struct BuildArgs {
     /// during the build.
     #[arg(long = "secret", value_name = "id=NAME[,src=FILE|,env=VAR]")]
     pub secrets: Vec<String>,
+    /// Write the image id (`sha256:…`) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub iidfile: Option<PathBuf>,
+    /// Write docker's build metadata JSON (`containerimage.digest`,
+    /// `image.name`, …) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub metadata_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -17,6 +17,7 @@
 //! - `sync/`: the incremental context sync: a persistent copy per context on
 //!   the builder, manifests, the local hash cache, and the sh that applies deltas
 //! - `build`: the build pipeline, orchestration only
+//! - `outputs`: files a build writes here (`--iidfile`, `--metadata-file`)
 //! - `registry`: registry credentials from the user's side
 //! - `secrets`: `--secret` values, read here and kept on a tmpfs there
 //! - `cloud/`: the VMs builders run on (GCE, EC2)
@@ -39,6 +40,7 @@ pub mod exit;
 pub mod health;
 pub mod lifecycle;
 pub mod metrics;
+pub mod outputs;
 pub mod provisioned;
 pub mod registry;
 pub mod remote;

@@ -184,6 +184,13 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         }
     }
     result.with_context(|| format!("build on builder `{}` failed", builder.name))?;
+    if let (Some(path), Some(id)) = (&args.iidfile, &report.image_id) {
+        crate::outputs::write_atomic(path, id.as_bytes())?;
+    }
+    if let Some(path) = &args.metadata_file {
+        let json = serde_json::to_vec_pretty(&crate::outputs::metadata(&report))?;
+        crate::outputs::write_atomic(path, &json)?;
+    }
 
     eprintln!("absconda: built {}", report.images.join(", "));
     eprintln!("absconda: {}", report.summary());

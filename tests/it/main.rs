@@ -7,6 +7,7 @@ mod auth;
 mod build;
 mod cloud;
 mod config;
+mod digests;
 mod ec2;
 mod gce;
 mod generate;
