@@ -48,6 +48,11 @@ pub struct BuildRequest {
     pub incremental: bool,
     /// With `incremental`: hash every file of the builder's copy again.
     pub verify: bool,
+    pub add_hosts: Vec<String>,
+    pub shm_size: Option<String>,
+    pub ulimits: Vec<String>,
+    /// `--progress quiet`: `docker build --quiet`.
+    pub quiet: bool,
     /// `--secret`s, with their values read on this machine.
     pub secrets: Vec<crate::secrets::BuildSecret>,
 }
@@ -528,10 +533,20 @@ fn docker_build_argv(
         argv.push("--label".into());
         argv.push(l.clone());
     }
+    for (flag, values) in [("--add-host", &req.add_hosts), ("--ulimit", &req.ulimits)] {
+        for v in values {
+            argv.push(flag.into());
+            argv.push(v.clone());
+        }
+    }
+    if req.quiet {
+        argv.push("--quiet".into());
+    }
     for (flag, value) in [
         ("--target", &req.target),
         ("--platform", &req.platform),
         ("--network", &req.network),
+        ("--shm-size", &req.shm_size),
     ] {
         if let Some(v) = value {
             argv.push(flag.into());

@@ -144,6 +144,19 @@ pub struct BuildArgs {
     /// during the build.
     #[arg(long = "secret", value_name = "id=NAME[,src=FILE|,env=VAR]")]
     pub secrets: Vec<String>,
+    /// Custom host-to-IP mapping for `RUN` steps, `HOST:IP` (repeatable).
+    #[arg(long = "add-host", value_name = "HOST:IP")]
+    pub add_hosts: Vec<String>,
+    /// Size of `/dev/shm` in `RUN` steps, e.g. `2g`.
+    #[arg(long, value_name = "SIZE")]
+    pub shm_size: Option<String>,
+    /// Ulimit for `RUN` steps, e.g. `nofile=1024:2048` (repeatable).
+    #[arg(long = "ulimit", value_name = "NAME=SOFT[:HARD]")]
+    pub ulimits: Vec<String>,
+    /// Build output: `auto`, `plain` and `tty` stream BuildKit's plain
+    /// progress (the builder has no terminal), `quiet` only errors and the image id.
+    #[arg(long, value_name = "MODE", value_parser = ["auto", "plain", "tty", "quiet"])]
+    pub progress: Option<String>,
     /// Write the image id (`sha256:…`) to FILE.
     #[arg(long, value_name = "FILE")]
     pub iidfile: Option<PathBuf>,

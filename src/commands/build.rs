@@ -24,7 +24,12 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
     );
     let printer = Printer::new(args.json);
 
+    // `-f -` or `--dockerfile -`: the Dockerfile comes from stdin.
+    let stdin_dockerfile = [&args.file, &args.dockerfile]
+        .into_iter()
+        .any(|p| p.as_deref() == Some(std::path::Path::new("-")));
     let source = match (&args.file, &args.requirements, &args.tarball) {
+        (Some(_), _, _) if stdin_dockerfile => None,
         (Some(p), _, _) => Some(Source::Environment(p.clone())),
         (_, Some(p), _) => Some(Source::Requirements(p.clone())),
         (_, _, Some(p)) => Some(Source::Tarball(p.clone())),
@@ -63,6 +68,15 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         // The labels are in the generated Dockerfile already.
         labels.clear();
     }
+    if stdin_dockerfile {
+        let text = tokio::task::spawn_blocking(|| {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map(|_| text)
+        })
+        .await?
+        .context("cannot read the Dockerfile from stdin (`-f -`)")?;
+        generated_dockerfile = Some(text);
+    }
     let context_dir = match (&args.context, &source) {
         (Some(c), _) => Some(c.clone()),
         (None, Some(_)) => None,
@@ -93,6 +107,10 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         remote_wait: Duration::from_secs(args.remote_wait),
         incremental: !args.no_incremental,
         verify: args.verify,
+        add_hosts: args.add_hosts.clone(),
+        shm_size: args.shm_size.clone(),
+        ulimits: args.ulimits.clone(),
+        quiet: args.progress.as_deref() == Some("quiet"),
         secrets: args
             .secrets
             .iter()

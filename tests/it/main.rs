@@ -15,6 +15,7 @@ mod hostkeys;
 mod hostkeys_cloud;
 mod lease;
 mod lifecycle;
+mod parity;
 mod retry;
 mod safety;
 mod secrets;
