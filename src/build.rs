@@ -53,6 +53,8 @@ pub struct BuildRequest {
     pub ulimits: Vec<String>,
     /// `--progress quiet`: `docker build --quiet`.
     pub quiet: bool,
+    pub cache_from: Vec<String>,
+    pub cache_to: Vec<String>,
     /// `--secret`s, with their values read on this machine.
     pub secrets: Vec<crate::secrets::BuildSecret>,
 }
@@ -199,6 +201,8 @@ pub enum BuildError {
     Interrupted,
     #[error("build secrets need BuildKit, but builder `{builder}` uses the legacy builder")]
     SecretsNeedBuildKit { builder: String },
+    #[error("cannot use the registry cache on `{builder}`: {message}")]
+    Cache { builder: String, message: String },
     #[error("could not store the build secrets on `{builder}`: {message}")]
     Secrets { builder: String, message: String },
 }
@@ -694,6 +698,49 @@ async fn image_id(
     Ok(id)
 }
 
+/// `docker login` to each registry under a temporary `DOCKER_CONFIG` in
+/// the run folder (the password through stdin); returns that folder.
+async fn login(
+    session: &Session,
+    builder: &Builder,
+    run_dir: &str,
+    logins: &[Credentials],
+) -> Result<String, BuildError> {
+    let config_dir = format!("{run_dir}/.docker");
+    for c in logins {
+        let argv: Vec<String> = vec![
+            "env".into(),
+            format!("DOCKER_CONFIG={config_dir}"),
+            builder.docker.clone(),
+            "login".into(),
+            "--username".into(),
+            c.username.clone(),
+            "--password-stdin".into(),
+            c.registry.clone(),
+        ];
+        let stdin = format!("{}\n", c.password.expose());
+        let (status, err) = stream(
+            session,
+            "docker login",
+            run_dir,
+            &argv,
+            stdin.as_bytes(),
+            &crate::report::Silent,
+        )
+        .await?;
+        if !status.success() {
+            return Err(BuildError::Login {
+                builder: builder.name.clone(),
+                registry: c.registry.clone(),
+                source_name: c.source.clone(),
+                message: String::from_utf8_lossy(&err).trim().to_string(),
+            });
+        }
+        tracing::debug!(registry = %c.registry, source = %c.source, "logged in on the builder");
+    }
+    Ok(config_dir)
+}
+
 /// Writes a Dockerfile that is not part of the context to
 /// `<run>/Dockerfile`; returns the bytes sent.
 async fn put_outside_dockerfile(
@@ -853,14 +900,31 @@ pub async fn build_on(
         reporter,
         cancel,
     } = *job;
-    let credentials: Option<Credentials> = if req.push {
-        match req.images.first() {
-            Some(img) => registry::lookup(&registry::registry_of(img))?,
-            None => None,
+    // The registries to log in to: the pushed images' and the caches'.
+    let mut registries: Vec<String> = Vec::new();
+    if req.push
+        && let Some(img) = req.images.first()
+    {
+        registries.push(registry::registry_of(img));
+    }
+    let cache_refs: Vec<String> = req
+        .cache_from
+        .iter()
+        .chain(&req.cache_to)
+        .filter_map(|s| crate::cache::registry_ref(s))
+        .collect();
+    for r in &cache_refs {
+        let r = registry::registry_of(r);
+        if !registries.contains(&r) {
+            registries.push(r);
         }
-    } else {
-        None
-    };
+    }
+    let mut logins: Vec<Credentials> = Vec::new();
+    for r in &registries {
+        if let Some(c) = registry::lookup(r)? {
+            logins.push(c);
+        }
+    }
 
     // Lease and probe, concurrently on two channels.
     reporter.phase(Phase::Lease);
@@ -962,7 +1026,33 @@ pub async fn build_on(
                     "context".into()
                 }
             });
-        let argv = docker_build_argv(builder, req, &dockerfile_arg, buildkit, &context, &extra);
+        let mut extra = extra;
+        if !req.cache_from.is_empty() || !req.cache_to.is_empty() {
+            if !buildkit {
+                return Err(BuildError::Cache {
+                    builder: builder.name.clone(),
+                    message: "registry caches need BuildKit".into(),
+                });
+            }
+            extra.extend(
+                crate::cache::docker_args(&req.cache_from, &req.cache_to, probe.build_cache_to)
+                    .map_err(|message| BuildError::Cache {
+                        builder: builder.name.clone(),
+                        message,
+                    })?,
+            );
+        }
+        // Logged in under a temporary DOCKER_CONFIG in the run folder; the
+        // build sees it only when it reads or writes a registry cache.
+        let docker_config = if logins.is_empty() {
+            None
+        } else {
+            Some(login(session, builder, &lease.run_dir, &logins).await?)
+        };
+        let mut argv = docker_build_argv(builder, req, &dockerfile_arg, buildkit, &context, &extra);
+        if let (Some(dir), false) = (&docker_config, cache_refs.is_empty()) {
+            argv.insert(1, format!("DOCKER_CONFIG={dir}"));
+        }
         let (status, _) = stream(
             session,
             "docker build",
@@ -988,37 +1078,8 @@ pub async fn build_on(
             reporter.phase(Phase::Push);
             let t = Instant::now();
             let mut env: Vec<String> = vec!["env".into()];
-            if let Some(c) = &credentials {
-                let config_dir = format!("{}/.docker", lease.run_dir);
-                env.push(format!("DOCKER_CONFIG={config_dir}"));
-                let mut argv = env.clone();
-                argv.extend([
-                    builder.docker.clone(),
-                    "login".into(),
-                    "--username".into(),
-                    c.username.clone(),
-                    "--password-stdin".into(),
-                    c.registry.clone(),
-                ]);
-                let stdin = format!("{}\n", c.password.expose());
-                let (status, err) = stream(
-                    session,
-                    "docker login",
-                    &lease.run_dir,
-                    &argv,
-                    stdin.as_bytes(),
-                    &crate::report::Silent,
-                )
-                .await?;
-                if !status.success() {
-                    return Err(BuildError::Login {
-                        builder: builder.name.clone(),
-                        registry: c.registry.clone(),
-                        source_name: c.source.clone(),
-                        message: String::from_utf8_lossy(&err).trim().to_string(),
-                    });
-                }
-                tracing::debug!(registry = %c.registry, source = %c.source, "logged in on the builder");
+            if let Some(dir) = &docker_config {
+                env.push(format!("DOCKER_CONFIG={dir}"));
             }
             for image in &req.images {
                 let mut argv = env.clone();

@@ -157,6 +157,14 @@ pub struct BuildArgs {
     /// progress (the builder has no terminal), `quiet` only errors and the image id.
     #[arg(long, value_name = "MODE", value_parser = ["auto", "plain", "tty", "quiet"])]
     pub progress: Option<String>,
+    /// Read the layer cache from a registry (repeatable):
+    /// `type=registry,ref=IMAGE` or an image reference.
+    #[arg(long, value_name = "type=registry,ref=IMAGE")]
+    pub cache_from: Vec<String>,
+    /// Export the layer cache (repeatable): `type=inline` (in the pushed
+    /// image) or, where the builder has buildx, `type=registry,ref=IMAGE,mode=max`.
+    #[arg(long, value_name = "type=inline|type=registry,ref=IMAGE")]
+    pub cache_to: Vec<String>,
     /// Write the image id (`sha256:…`) to FILE.
     #[arg(long, value_name = "FILE")]
     pub iidfile: Option<PathBuf>,

@@ -98,7 +98,8 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 BuildError::Interrupted => return INTERRUPTED,
                 BuildError::NoDockerfile { .. }
                 | BuildError::NoContext { .. }
-                | BuildError::SecretsNeedBuildKit { .. } => return USAGE,
+                | BuildError::SecretsNeedBuildKit { .. }
+                | BuildError::Cache { .. } => return USAGE,
                 BuildError::Docker { .. } => return NOT_READY,
                 BuildError::Ssh(e) => {
                     return if e.is_host_key() {

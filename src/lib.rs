@@ -16,7 +16,7 @@
 //! - `context/`: walking the context with `.dockerignore`, tar streaming, hashing
 //! - `sync/`: the incremental context sync: a persistent copy per context on
 //!   the builder, manifests, the local hash cache, and the sh that applies deltas
-//! - `build`: the build pipeline, orchestration only
+//! - `build`: the build pipeline, orchestration only; `cache`: `--cache-from/-to`
 //! - `outputs`: files a build writes here (`--iidfile`, `--metadata-file`)
 //! - `registry`: registry credentials from the user's side
 //! - `secrets`: `--secret` values, read here and kept on a tmpfs there
@@ -30,6 +30,7 @@
 //! - `shell`: quoting every remote argument for POSIX sh
 //! - `exit`: exit codes and error rendering
 pub mod build;
+pub mod cache;
 pub mod cli;
 pub mod cloud;
 pub mod commands;

@@ -111,6 +111,8 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         shm_size: args.shm_size.clone(),
         ulimits: args.ulimits.clone(),
         quiet: args.progress.as_deref() == Some("quiet"),
+        cache_from: args.cache_from.clone(),
+        cache_to: args.cache_to.clone(),
         secrets: args
             .secrets
             .iter()

@@ -5,6 +5,7 @@ mod support;
 
 mod auth;
 mod build;
+mod cache;
 mod cloud;
 mod config;
 mod digests;
