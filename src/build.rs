@@ -53,6 +53,8 @@ pub struct BuildRequest {
     pub ulimits: Vec<String>,
     /// `--progress quiet`: `docker build --quiet`.
     pub quiet: bool,
+    /// `--output`: the result streamed back to this machine.
+    pub output: Option<crate::outputs::OutputSpec>,
     pub cache_from: Vec<String>,
     pub cache_to: Vec<String>,
     /// `--secret`s, with their values read on this machine.
@@ -201,6 +203,8 @@ pub enum BuildError {
     Interrupted,
     #[error("build secrets need BuildKit, but builder `{builder}` uses the legacy builder")]
     SecretsNeedBuildKit { builder: String },
+    #[error(transparent)]
+    Output(#[from] crate::outputs::OutputError),
     #[error("cannot use the registry cache on `{builder}`: {message}")]
     Cache { builder: String, message: String },
     #[error("could not store the build secrets on `{builder}`: {message}")]
@@ -698,6 +702,57 @@ async fn image_id(
     Ok(id)
 }
 
+/// Runs the exporting build and streams its stdout into `spec`'s
+/// destination (a temporary name until it is complete).
+async fn receive_output(
+    session: &Session,
+    builder: &Builder,
+    run_dir: &str,
+    argv: &[String],
+    spec: &crate::outputs::OutputSpec,
+    reporter: &dyn Reporter,
+) -> Result<(), BuildError> {
+    use crate::ssh::exec::Event;
+    let mut rx = crate::outputs::Receiver::create(spec).await?;
+    let mut p = session
+        .exec("docker build --output", &remote::run_in(run_dir, argv))
+        .await?;
+    p.writer.eof().await?;
+    let mut failed = None;
+    while let Some(ev) = p.reader.next().await {
+        match ev {
+            Event::Stdout(d) => {
+                if failed.is_none()
+                    && let Err(e) = rx.write(&d).await
+                {
+                    failed = Some(e);
+                }
+            }
+            Event::Stderr(d) => reporter.output(true, &d),
+            Event::Exit(_) => {}
+        }
+    }
+    let status = p.reader.drain(|_, _| {}).await;
+    if let Some(e) = failed {
+        rx.abort().await;
+        return Err(e.into());
+    }
+    if !status.success() {
+        rx.abort().await;
+        return Err(BuildError::DockerBuild {
+            builder: builder.name.clone(),
+            status,
+        });
+    }
+    let bytes = rx.finish().await?;
+    reporter.info(&format!(
+        "wrote the build output to `{}` ({} received)",
+        spec.dest.display(),
+        human_bytes(bytes)
+    ));
+    Ok(())
+}
+
 /// `docker login` to each registry under a temporary `DOCKER_CONFIG` in
 /// the run folder (the password through stdin); returns that folder.
 async fn login(
@@ -1070,6 +1125,28 @@ pub async fn build_on(
         }
         if let Some(first) = req.images.first() {
             report.image_id = Some(image_id(session, builder, &lease.run_dir, first).await?);
+        }
+        if let Some(spec) = &req.output {
+            // The same build again (every step cached), exporting to stdout.
+            let mut extra = extra.clone();
+            extra.extend(["--output".into(), spec.remote_arg()]);
+            let untagged = BuildRequest {
+                images: Vec::new(),
+                quiet: false,
+                ..req.clone()
+            };
+            let mut argv = docker_build_argv(
+                builder,
+                &untagged,
+                &dockerfile_arg,
+                buildkit,
+                &context,
+                &extra,
+            );
+            if let (Some(dir), false) = (&docker_config, cache_refs.is_empty()) {
+                argv.insert(1, format!("DOCKER_CONFIG={dir}"));
+            }
+            receive_output(session, builder, &lease.run_dir, &argv, spec, reporter).await?;
         }
         report.record(Phase::Build, t.elapsed());
         reporter.phase_done(Phase::Build, t.elapsed());

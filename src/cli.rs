@@ -157,6 +157,10 @@ pub struct BuildArgs {
     /// progress (the builder has no terminal), `quiet` only errors and the image id.
     #[arg(long, value_name = "MODE", value_parser = ["auto", "plain", "tty", "quiet"])]
     pub progress: Option<String>,
+    /// Stream the result back to this machine: `type=local,dest=DIR`
+    /// (or just `DIR`), `type=tar,dest=FILE`, `type=oci|docker,dest=FILE`.
+    #[arg(short = 'o', long, value_name = "type=local|tar,dest=PATH")]
+    pub output: Option<String>,
     /// Read the layer cache from a registry (repeatable):
     /// `type=registry,ref=IMAGE` or an image reference.
     #[arg(long, value_name = "type=registry,ref=IMAGE")]

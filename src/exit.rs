@@ -100,6 +100,10 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 | BuildError::NoContext { .. }
                 | BuildError::SecretsNeedBuildKit { .. }
                 | BuildError::Cache { .. } => return USAGE,
+                BuildError::Output(
+                    crate::outputs::OutputError::Spec { .. }
+                    | crate::outputs::OutputError::NotEmpty { .. },
+                ) => return USAGE,
                 BuildError::Docker { .. } => return NOT_READY,
                 BuildError::Ssh(e) => {
                     return if e.is_host_key() {
@@ -132,6 +136,13 @@ pub fn code(err: &anyhow::Error) -> u8 {
             || cause
                 .downcast_ref::<crate::secrets::SecretError>()
                 .is_some()
+            || matches!(
+                cause.downcast_ref::<crate::outputs::OutputError>(),
+                Some(
+                    crate::outputs::OutputError::Spec { .. }
+                        | crate::outputs::OutputError::NotEmpty { .. }
+                )
+            )
             || cause
                 .downcast_ref::<crate::dockerfile::DockerfileError>()
                 .is_some()

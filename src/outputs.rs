@@ -97,3 +97,234 @@ mod tests {
         assert_eq!(m["containerimage.config.digest"], "sha256:id");
     }
 }
+
+/// What `--output` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputKind {
+    /// The image's files unpacked into a folder.
+    Local,
+    /// An archive written as one file: `tar`, `oci` or `docker`.
+    Archive(String),
+}
+
+/// `--output type=local,dest=DIR`, `type=tar,dest=FILE`, or `DIR`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputSpec {
+    pub kind: OutputKind,
+    pub dest: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("`--output {spec}`: {message}")]
+    Spec { spec: String, message: String },
+    #[error("`--output`: `{}` exists and is not an empty folder", path.display())]
+    NotEmpty { path: PathBuf },
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+impl OutputSpec {
+    pub fn parse(spec: &str) -> Result<OutputSpec, OutputError> {
+        let bad = |message: &str| OutputError::Spec {
+            spec: spec.to_string(),
+            message: message.to_string(),
+        };
+        if !spec.contains('=') {
+            if spec == "-" {
+                return Err(bad("writing to stdout is not supported; give `dest=FILE`"));
+            }
+            return Ok(OutputSpec {
+                kind: OutputKind::Local,
+                dest: PathBuf::from(spec),
+            });
+        }
+        let mut kind = None;
+        let mut dest = None;
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("type", v)) => kind = Some(v.to_string()),
+                Some(("dest", v)) => dest = Some(v.to_string()),
+                _ => return Err(bad("use `type=local|tar|oci|docker,dest=PATH`")),
+            }
+        }
+        let dest = dest.ok_or_else(|| bad("`dest=PATH` is missing"))?;
+        if dest == "-" {
+            return Err(bad("writing to stdout is not supported; give `dest=FILE`"));
+        }
+        let kind = match kind.as_deref() {
+            None | Some("local") => OutputKind::Local,
+            Some(t @ ("tar" | "oci" | "docker")) => OutputKind::Archive(t.to_string()),
+            Some(_) => return Err(bad("the type must be `local`, `tar`, `oci` or `docker`")),
+        };
+        Ok(OutputSpec {
+            kind,
+            dest: PathBuf::from(dest),
+        })
+    }
+
+    /// The `--output` the builder's docker gets: the archive on its stdout
+    /// (a `local` output travels as a tar and is unpacked here).
+    pub fn remote_arg(&self) -> String {
+        match &self.kind {
+            OutputKind::Local => "type=tar,dest=-".into(),
+            OutputKind::Archive(t) => format!("type={t},dest=-"),
+        }
+    }
+
+    /// Refuses a destination that would have to be overwritten piecemeal.
+    pub fn check_dest(&self) -> Result<(), OutputError> {
+        if self.kind == OutputKind::Local
+            && let Ok(mut rd) = std::fs::read_dir(&self.dest)
+            && rd.next().is_some()
+        {
+            return Err(OutputError::NotEmpty {
+                path: self.dest.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Receives the output stream into a temporary file next to the
+/// destination; [`Receiver::finish`] puts it under its final name.
+pub struct Receiver {
+    spec: OutputSpec,
+    tmp: PathBuf,
+    file: tokio::fs::File,
+    pub bytes: u64,
+}
+
+impl Receiver {
+    pub async fn create(spec: &OutputSpec) -> Result<Receiver, OutputError> {
+        let tmp = temp_name(&spec.dest);
+        let file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|source| WriteError {
+                path: tmp.clone(),
+                source,
+            })?;
+        Ok(Receiver {
+            spec: spec.clone(),
+            tmp,
+            file,
+            bytes: 0,
+        })
+    }
+
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), OutputError> {
+        use tokio::io::AsyncWriteExt;
+        self.file
+            .write_all(data)
+            .await
+            .map_err(|source| WriteError {
+                path: self.tmp.clone(),
+                source,
+            })?;
+        self.bytes += data.len() as u64;
+        Ok(())
+    }
+
+    /// Removes the partial file.
+    pub async fn abort(self) {
+        drop(self.file);
+        let _ = tokio::fs::remove_file(&self.tmp).await;
+    }
+
+    /// Renames the archive into place, or unpacks a `local` output into a
+    /// temporary folder and renames that.
+    pub async fn finish(self) -> Result<u64, OutputError> {
+        let Receiver {
+            spec,
+            tmp,
+            mut file,
+            bytes,
+        } = self;
+        use tokio::io::AsyncWriteExt;
+        let flushed = async {
+            file.flush().await?;
+            file.sync_all().await
+        }
+        .await;
+        drop(file);
+        let result = match flushed {
+            Err(source) => Err(WriteError {
+                path: tmp.clone(),
+                source,
+            }),
+            Ok(()) => match spec.kind {
+                OutputKind::Archive(_) => {
+                    tokio::fs::rename(&tmp, &spec.dest)
+                        .await
+                        .map_err(|source| WriteError {
+                            path: spec.dest.clone(),
+                            source,
+                        })
+                }
+                OutputKind::Local => {
+                    let (tar, dest) = (tmp.clone(), spec.dest.clone());
+                    tokio::task::spawn_blocking(move || unpack(&tar, &dest))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(WriteError {
+                                path: spec.dest.clone(),
+                                source: std::io::Error::other(e.to_string()),
+                            })
+                        })
+                }
+            },
+        };
+        let _ = tokio::fs::remove_file(&tmp).await;
+        result.map(|()| bytes).map_err(Into::into)
+    }
+}
+
+/// Unpacks `tar` into a temporary folder next to `dest`, then renames it
+/// to `dest` (which may exist only as an empty folder).
+fn unpack(tar: &Path, dest: &Path) -> Result<(), WriteError> {
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| WriteError { path, source }
+    };
+    let tmp_dir = temp_name(dest);
+    let result = (|| {
+        let f = std::fs::File::open(tar).map_err(err(tar))?;
+        std::fs::create_dir(&tmp_dir).map_err(err(&tmp_dir))?;
+        let mut archive = ::tar::Archive::new(std::io::BufReader::new(f));
+        archive.set_preserve_permissions(true);
+        archive.unpack(&tmp_dir).map_err(err(&tmp_dir))?;
+        if dest.is_dir() {
+            std::fs::remove_dir(dest).map_err(err(dest))?;
+        }
+        std::fs::rename(&tmp_dir, dest).map_err(err(dest))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp_dir);
+    }
+    result
+}
+
+#[cfg(test)]
+mod output_tests {
+    use super::*;
+
+    #[test]
+    fn output_specs() {
+        let local = OutputSpec::parse("type=local,dest=out").unwrap();
+        assert_eq!(local.kind, OutputKind::Local);
+        assert_eq!(local.remote_arg(), "type=tar,dest=-");
+        assert_eq!(OutputSpec::parse("out").unwrap(), local);
+        let tar = OutputSpec::parse("type=tar,dest=img.tar").unwrap();
+        assert_eq!(tar.remote_arg(), "type=tar,dest=-");
+        assert_eq!(tar.kind, OutputKind::Archive("tar".into()));
+        for bad in [
+            "-",
+            "type=tar,dest=-",
+            "type=registry,dest=x",
+            "type=tar",
+            "type=tar,x=y",
+        ] {
+            assert!(OutputSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

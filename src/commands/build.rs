@@ -111,6 +111,14 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         shm_size: args.shm_size.clone(),
         ulimits: args.ulimits.clone(),
         quiet: args.progress.as_deref() == Some("quiet"),
+        output: match &args.output {
+            Some(o) => {
+                let spec = crate::outputs::OutputSpec::parse(o)?;
+                spec.check_dest()?;
+                Some(spec)
+            }
+            None => None,
+        },
         cache_from: args.cache_from.clone(),
         cache_to: args.cache_to.clone(),
         secrets: args

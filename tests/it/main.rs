@@ -16,6 +16,7 @@ mod hostkeys;
 mod hostkeys_cloud;
 mod lease;
 mod lifecycle;
+mod outputs;
 mod parity;
 mod retry;
 mod safety;
