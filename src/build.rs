@@ -55,6 +55,8 @@ pub struct BuildRequest {
     pub quiet: bool,
     /// `--output`: the result streamed back to this machine.
     pub output: Option<crate::outputs::OutputSpec>,
+    /// `--ssh`: the local agent forwarded to the `docker build` channel.
+    pub ssh: Option<crate::secrets::SshForward>,
     pub cache_from: Vec<String>,
     pub cache_to: Vec<String>,
     /// `--secret`s, with their values read on this machine.
@@ -201,7 +203,9 @@ pub enum BuildError {
     Timeout { builder: String, after: Duration },
     #[error("interrupted")]
     Interrupted,
-    #[error("build secrets need BuildKit, but builder `{builder}` uses the legacy builder")]
+    #[error(
+        "build secrets and `--ssh` need BuildKit, but builder `{builder}` uses the legacy builder"
+    )]
     SecretsNeedBuildKit { builder: String },
     #[error(transparent)]
     Output(#[from] crate::outputs::OutputError),
@@ -566,6 +570,12 @@ fn docker_build_argv(
     }
     if req.pull {
         argv.push("--pull".into());
+    }
+    if let Some(fw) = &req.ssh {
+        for id in &fw.ids {
+            argv.push("--ssh".into());
+            argv.push(id.clone());
+        }
     }
     argv.extend(extra.iter().cloned());
     argv.push(context.into());
@@ -1015,7 +1025,7 @@ pub async fn build_on(
             BuildkitSetting::Auto => probe.buildkit_available(),
         };
         report.buildkit = buildkit;
-        if !req.secrets.is_empty() && !buildkit {
+        if (!req.secrets.is_empty() || req.ssh.is_some()) && !buildkit {
             return Err(BuildError::SecretsNeedBuildKit {
                 builder: builder.name.clone(),
             });
@@ -1108,15 +1118,31 @@ pub async fn build_on(
         if let (Some(dir), false) = (&docker_config, cache_refs.is_empty()) {
             argv.insert(1, format!("DOCKER_CONFIG={dir}"));
         }
-        let (status, _) = stream(
-            session,
-            "docker build",
-            &lease.run_dir,
-            &argv,
-            b"",
-            reporter,
-        )
-        .await?;
+        let (status, _) = match &req.ssh {
+            None => {
+                stream(
+                    session,
+                    "docker build",
+                    &lease.run_dir,
+                    &argv,
+                    b"",
+                    reporter,
+                )
+                .await?
+            }
+            Some(fw) => {
+                let mut p = session
+                    .exec_with_agent(
+                        "docker build",
+                        &remote::run_in(&lease.run_dir, &argv),
+                        &fw.socket,
+                    )
+                    .await?;
+                p.writer.eof().await?;
+                let status = p.reader.drain(|is_err, d| reporter.output(is_err, d)).await;
+                (status, Vec::new())
+            }
+        };
         if !status.success() {
             return Err(BuildError::DockerBuild {
                 builder: builder.name.clone(),
@@ -1133,6 +1159,7 @@ pub async fn build_on(
             let untagged = BuildRequest {
                 images: Vec::new(),
                 quiet: false,
+                ssh: None,
                 ..req.clone()
             };
             let mut argv = docker_build_argv(

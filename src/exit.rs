@@ -258,6 +258,9 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 SshError::PinMismatch { .. } => Some(
                     "if the builder was re-created, check its new fingerprint out of band and update `host_key:`".into(),
                 ),
+                SshError::AgentRefused { .. } => Some(
+                    "set `AllowAgentForwarding yes` in the builder's sshd_config (and no `no-agent-forwarding` on its authorized key)".into(),
+                ),
                 SshError::Connect { addr, .. } | SshError::ConnectTimeout { addr, .. } => Some(format!(
                     "check that `{addr}` is reachable from here and sshd runs there; for a cloud builder, `absconda remote status NAME` shows its state"
                 )),

@@ -227,3 +227,75 @@ mod tests {
         assert_eq!(v, "hunter2");
     }
 }
+
+/// `--ssh`: the agent forwarded into `RUN --mount=type=ssh` steps.
+#[derive(Debug, Clone)]
+pub struct SshForward {
+    /// The ids `RUN --mount=type=ssh,id=…` uses (`default` when none is given).
+    pub ids: Vec<String>,
+    /// The local agent socket.
+    pub socket: PathBuf,
+}
+
+/// Parses `--ssh default`, `--ssh ID`, `--ssh ID=SOCKET`: every id is
+/// served by one local agent (`SSH_AUTH_SOCK` unless a socket is given).
+pub fn ssh_forward(specs: &[String]) -> Result<Option<SshForward>, SecretError> {
+    if specs.is_empty() {
+        return Ok(None);
+    }
+    let bad = |spec: &str, message: String| SecretError::Spec {
+        spec: format!("--ssh {spec}"),
+        message,
+    };
+    let mut ids = Vec::new();
+    let mut socket: Option<PathBuf> = None;
+    for spec in specs {
+        let (id, path) = match spec.split_once('=') {
+            Some((id, p)) => (id, Some(PathBuf::from(p))),
+            None => (spec.as_str(), None),
+        };
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(bad(spec, format!("`{id}` is not a valid id")));
+        }
+        let path = match path {
+            Some(p) => p,
+            None => std::env::var_os("SSH_AUTH_SOCK")
+                .map(PathBuf::from)
+                .ok_or_else(|| {
+                    bad(
+                        spec,
+                        "`SSH_AUTH_SOCK` is not set: start an agent and add your key (`ssh-add`), or give `ID=SOCKET`".into(),
+                    )
+                })?,
+        };
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::metadata(&path) {
+            Ok(md) if md.file_type().is_socket() => {}
+            Ok(_) => {
+                return Err(bad(
+                    spec,
+                    format!(
+                        "`{}` is not an agent socket; key files are not forwarded: load the key into an agent with `ssh-add` and use `--ssh {id}`",
+                        path.display()
+                    ),
+                ));
+            }
+            Err(e) => return Err(bad(spec, format!("`{}`: {e}", path.display()))),
+        }
+        if let Some(s) = &socket
+            && *s != path
+        {
+            return Err(bad(
+                spec,
+                "all `--ssh` ids must use the same agent socket".into(),
+            ));
+        }
+        socket = Some(path);
+        ids.push(id.to_string());
+    }
+    Ok(socket.map(|socket| SshForward { ids, socket }))
+}

@@ -119,6 +119,7 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
             }
             None => None,
         },
+        ssh: crate::secrets::ssh_forward(&args.ssh)?,
         cache_from: args.cache_from.clone(),
         cache_to: args.cache_to.clone(),
         secrets: args

@@ -21,4 +21,5 @@ mod parity;
 mod retry;
 mod safety;
 mod secrets;
+mod ssh_forward;
 mod sync;

@@ -307,7 +307,7 @@ fn secrets_with_the_legacy_builder_are_refused() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("build secrets need BuildKit") && err.contains("hint: set `buildkit: on`"),
+        err.contains("need BuildKit") && err.contains("hint: set `buildkit: on`"),
         "{err}"
     );
     assert!(recorded_secret_folders(&p.workspace).is_empty());
