@@ -369,6 +369,78 @@ mod tests {
         );
     }
 
+    /// Without a tmpfs the secrets program refuses to write anything, and
+    /// with `secret_dir:` it uses that folder; in dash and busybox sh.
+    #[test]
+    fn secrets_refuse_disk_unless_configured() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        // Every file system looks disk-backed.
+        let fake = bin.join("stat");
+        std::fs::write(&fake, "#!/bin/sh\necho ext2/ext3\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let empty_tar = dir.path().join("empty.tar");
+        std::fs::write(&empty_tar, vec![0u8; 10240]).unwrap();
+        let ws = dir.path().join("ws");
+        let id = "20260101T000000-0000abcd";
+        let run = ws.join("runs").join(id);
+        let configured = dir.path().join("disk-secrets");
+        std::fs::create_dir_all(&run).unwrap();
+        // SAFETY: getuid has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        for sh in ["dash", "busybox"] {
+            let run_secrets = |cfg: &str| {
+                let mut c = std::process::Command::new(sh);
+                if sh == "busybox" {
+                    c.arg("sh");
+                }
+                c.args(["-c", SECRETS, "absconda-secrets"])
+                    .arg(&ws)
+                    .arg(&run)
+                    .arg(cfg)
+                    .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+                    .env_remove("XDG_RUNTIME_DIR")
+                    .stdin(std::fs::File::open(&empty_tar).unwrap())
+                    .output()
+            };
+            // busybox sh runs its own `stat`, which the fake cannot replace.
+            if sh == "dash" {
+                let Ok(out) = run_secrets("") else { continue };
+                assert_eq!(out.status.code(), Some(71), "{sh}");
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(err.contains("is a writable tmpfs"), "{sh}: {err}");
+                assert!(
+                    !ws.join(".secrets").exists(),
+                    "{sh}: recorded without a folder"
+                );
+            }
+
+            let Ok(out) = run_secrets(configured.to_str().unwrap()) else {
+                continue;
+            };
+            let folder = configured.join(format!("absconda-{uid}")).join(id);
+            assert!(
+                out.status.success(),
+                "{sh}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                format!("secrets={}\n", folder.display())
+            );
+            let mode = std::fs::metadata(&folder).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700);
+            assert_eq!(
+                std::fs::read_to_string(ws.join(".secrets").join(id)).unwrap(),
+                format!("{}\n", folder.display())
+            );
+            std::fs::remove_dir_all(&configured).unwrap();
+            std::fs::remove_dir_all(ws.join(".secrets")).unwrap();
+        }
+    }
+
     /// The scripts must parse in dash and busybox sh, the shells of stock builders.
     #[test]
     fn scripts_parse_in_posix_shells() {
