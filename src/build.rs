@@ -48,6 +48,19 @@ pub struct BuildRequest {
     pub incremental: bool,
     /// With `incremental`: hash every file of the builder's copy again.
     pub verify: bool,
+    pub add_hosts: Vec<String>,
+    pub shm_size: Option<String>,
+    pub ulimits: Vec<String>,
+    /// `--progress quiet`: `docker build --quiet`.
+    pub quiet: bool,
+    /// `--output`: the result streamed back to this machine.
+    pub output: Option<crate::outputs::OutputSpec>,
+    /// `--ssh`: the local agent forwarded to the `docker build` channel.
+    pub ssh: Option<crate::secrets::SshForward>,
+    pub cache_from: Vec<String>,
+    pub cache_to: Vec<String>,
+    /// `--secret`s, with their values read on this machine.
+    pub secrets: Vec<crate::secrets::BuildSecret>,
 }
 
 /// What happened, for the summary line and `--json`.
@@ -69,6 +82,10 @@ pub struct BuildReport {
     pub total_seconds: f64,
     /// What the incremental sync did; `None` with `--no-incremental`.
     pub sync: Option<crate::sync::SyncSummary>,
+    /// The built image's id (`sha256:…` of its config), as `--iidfile` writes it.
+    pub image_id: Option<String>,
+    /// The pushed manifest digest of every image reference.
+    pub digests: std::collections::BTreeMap<String, String>,
 }
 
 impl BuildReport {
@@ -101,6 +118,19 @@ impl BuildReport {
             parts.push(format!("{} {:.1}s", phase.name(), secs));
         }
         parts.push(format!("total {:.1}s", self.total_seconds));
+        let mut digests: Vec<&String> = self.digests.values().collect();
+        digests.dedup();
+        match digests.as_slice() {
+            [] => {}
+            [one] => parts.push(format!("digest {one}")),
+            _ => parts.push(
+                self.digests
+                    .iter()
+                    .map(|(image, d)| format!("{image}@{d}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        }
         parts.join(" · ")
     }
 
@@ -165,6 +195,16 @@ pub enum BuildError {
         "the lease supervisor on `{builder}` went away during the build (killed, out of memory or a reboot): the build is abandoned"
     )]
     LeaseLost { builder: String },
+    #[error(
+        "build secrets and `--ssh` need BuildKit, but builder `{builder}` uses the legacy builder"
+    )]
+    SecretsNeedBuildKit { builder: String },
+    #[error(transparent)]
+    Output(#[from] crate::outputs::OutputError),
+    #[error("cannot use the registry cache on `{builder}`: {message}")]
+    Cache { builder: String, message: String },
+    #[error("could not store the build secrets on `{builder}`: {message}")]
+    Secrets { builder: String, message: String },
 }
 
 impl From<SshError> for BuildError {
@@ -562,6 +602,7 @@ fn docker_build_argv(
     dockerfile_arg: &str,
     buildkit: bool,
     context: &str,
+    extra: &[String],
 ) -> Vec<String> {
     let mut argv: Vec<String> = vec![
         "env".into(),
@@ -584,10 +625,20 @@ fn docker_build_argv(
         argv.push("--label".into());
         argv.push(l.clone());
     }
+    for (flag, values) in [("--add-host", &req.add_hosts), ("--ulimit", &req.ulimits)] {
+        for v in values {
+            argv.push(flag.into());
+            argv.push(v.clone());
+        }
+    }
+    if req.quiet {
+        argv.push("--quiet".into());
+    }
     for (flag, value) in [
         ("--target", &req.target),
         ("--platform", &req.platform),
         ("--network", &req.network),
+        ("--shm-size", &req.shm_size),
     ] {
         if let Some(v) = value {
             argv.push(flag.into());
@@ -600,8 +651,51 @@ fn docker_build_argv(
     if req.pull {
         argv.push("--pull".into());
     }
+    if let Some(fw) = &req.ssh {
+        for id in &fw.ids {
+            argv.push("--ssh".into());
+            argv.push(id.clone());
+        }
+    }
+    argv.extend(extra.iter().cloned());
     argv.push(context.into());
     argv
+}
+
+/// Stores the secrets in a tmpfs folder of the run (see
+/// [`remote::secrets`]) and returns the `docker build` arguments naming them.
+async fn put_secrets(
+    session: &Session,
+    builder: &Builder,
+    run_dir: &str,
+    secrets: &[crate::secrets::BuildSecret],
+) -> Result<Vec<String>, BuildError> {
+    if secrets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let cmd = remote::secrets(
+        &builder.workspace,
+        run_dir,
+        builder.secret_dir.as_deref().unwrap_or(""),
+    );
+    let out = session
+        .output(
+            "storing the build secrets",
+            &cmd,
+            &crate::secrets::tar(secrets),
+        )
+        .await?;
+    let dir = out
+        .stdout_str()
+        .lines()
+        .find_map(|l| l.strip_prefix("secrets=").map(str::to_string));
+    match dir {
+        Some(dir) if out.status.success() => Ok(crate::secrets::docker_args(secrets, &dir)),
+        _ => Err(BuildError::Secrets {
+            builder: builder.name.clone(),
+            message: format!("{} ({})", out.stderr_tail(), out.status),
+        }),
+    }
 }
 
 /// Runs a command in the run folder with live output.
@@ -632,6 +726,164 @@ async fn stream(
         })
         .await;
     Ok((status, tail))
+}
+
+/// Runs a command in the run folder with live output, and returns its
+/// status and (up to 64 KiB of) its stdout.
+async fn stream_stdout(
+    session: &Session,
+    what: &str,
+    run_dir: &str,
+    argv: &[String],
+    reporter: &dyn Reporter,
+) -> Result<(ExitStatus, Vec<u8>), BuildError> {
+    let mut p = session.exec(what, &remote::run_in(run_dir, argv)).await?;
+    p.writer.eof().await?;
+    let mut out = Vec::new();
+    let status = p
+        .reader
+        .drain(|is_err, d| {
+            reporter.output(is_err, d);
+            if !is_err && out.len() < 64 * 1024 {
+                out.extend_from_slice(d);
+            }
+        })
+        .await;
+    Ok((status, out))
+}
+
+/// The manifest digest `docker push` reports (`TAG: digest: sha256:… size: N`).
+fn pushed_digest(output: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(output).lines().find_map(|l| {
+        let (_, rest) = l.split_once(": digest: ")?;
+        let d = rest.split_whitespace().next()?;
+        (d.starts_with("sha256:") && d.len() == 71).then(|| d.to_string())
+    })
+}
+
+/// The id of the image just built (`docker image inspect`).
+async fn image_id(
+    session: &Session,
+    builder: &Builder,
+    run_dir: &str,
+    image: &str,
+) -> Result<String, BuildError> {
+    let argv: Vec<String> = vec![
+        builder.docker.clone(),
+        "image".into(),
+        "inspect".into(),
+        "--format".into(),
+        "{{.Id}}".into(),
+        image.into(),
+    ];
+    let out = session
+        .output("docker image inspect", &remote::run_in(run_dir, &argv), b"")
+        .await?;
+    let id = out.stdout_str().trim().to_string();
+    if !out.status.success() || !id.starts_with("sha256:") {
+        return Err(BuildError::Docker {
+            builder: builder.name.clone(),
+            message: format!(
+                "`docker image inspect {image}` did not give the image id: {}",
+                out.stderr_tail()
+            ),
+        });
+    }
+    Ok(id)
+}
+
+/// Runs the exporting build and streams its stdout into `spec`'s
+/// destination (a temporary name until it is complete).
+async fn receive_output(
+    session: &Session,
+    builder: &Builder,
+    run_dir: &str,
+    argv: &[String],
+    spec: &crate::outputs::OutputSpec,
+    reporter: &dyn Reporter,
+) -> Result<(), BuildError> {
+    use crate::ssh::exec::Event;
+    let mut rx = crate::outputs::Receiver::create(spec).await?;
+    let mut p = session
+        .exec("docker build --output", &remote::run_in(run_dir, argv))
+        .await?;
+    p.writer.eof().await?;
+    let mut failed = None;
+    while let Some(ev) = p.reader.next().await {
+        match ev {
+            Event::Stdout(d) => {
+                if failed.is_none()
+                    && let Err(e) = rx.write(&d).await
+                {
+                    failed = Some(e);
+                }
+            }
+            Event::Stderr(d) => reporter.output(true, &d),
+            Event::Exit(_) => {}
+        }
+    }
+    let status = p.reader.drain(|_, _| {}).await;
+    if let Some(e) = failed {
+        rx.abort().await;
+        return Err(e.into());
+    }
+    if !status.success() {
+        rx.abort().await;
+        return Err(BuildError::DockerBuild {
+            builder: builder.name.clone(),
+            status,
+        });
+    }
+    let bytes = rx.finish().await?;
+    reporter.info(&format!(
+        "wrote the build output to `{}` ({} received)",
+        spec.dest.display(),
+        human_bytes(bytes)
+    ));
+    Ok(())
+}
+
+/// `docker login` to each registry under a temporary `DOCKER_CONFIG` in
+/// the run folder (the password through stdin); returns that folder.
+async fn login(
+    session: &Session,
+    builder: &Builder,
+    run_dir: &str,
+    logins: &[Credentials],
+) -> Result<String, BuildError> {
+    let config_dir = format!("{run_dir}/.docker");
+    for c in logins {
+        let argv: Vec<String> = vec![
+            "env".into(),
+            format!("DOCKER_CONFIG={config_dir}"),
+            builder.docker.clone(),
+            "login".into(),
+            "--username".into(),
+            c.username.clone(),
+            "--password-stdin".into(),
+            c.registry.clone(),
+        ];
+        let stdin = format!("{}\n", c.password.expose());
+        let (status, err) = stream(
+            session,
+            "docker login",
+            run_dir,
+            &argv,
+            stdin.as_bytes(),
+            &crate::report::Silent,
+        )
+        .await?;
+        if !status.success() {
+            return Err(BuildError::Login {
+                builder: builder.name.clone(),
+                registry: c.registry.clone(),
+                source_name: c.source.clone(),
+                message: String::from_utf8_lossy(&err).trim().to_string(),
+            });
+        }
+        tracing::debug!(registry = %c.registry, source = %c.source, "logged in on the builder");
+    }
+    Ok(config_dir)
 }
 
 /// Writes a Dockerfile that is not part of the context to
@@ -793,14 +1045,31 @@ pub async fn build_on(
         reporter,
         cancel,
     } = *job;
-    let credentials: Option<Credentials> = if req.push {
-        match req.images.first() {
-            Some(img) => registry::lookup(&registry::registry_of(img))?,
-            None => None,
+    // The registries to log in to: the pushed images' and the caches'.
+    let mut registries: Vec<String> = Vec::new();
+    if req.push
+        && let Some(img) = req.images.first()
+    {
+        registries.push(registry::registry_of(img));
+    }
+    let cache_refs: Vec<String> = req
+        .cache_from
+        .iter()
+        .chain(&req.cache_to)
+        .filter_map(|s| crate::cache::registry_ref(s))
+        .collect();
+    for r in &cache_refs {
+        let r = registry::registry_of(r);
+        if !registries.contains(&r) {
+            registries.push(r);
         }
-    } else {
-        None
-    };
+    }
+    let mut logins: Vec<Credentials> = Vec::new();
+    for r in &registries {
+        if let Some(c) = registry::lookup(r)? {
+            logins.push(c);
+        }
+    }
 
     // Lease and probe, concurrently on two channels.
     reporter.phase(Phase::Lease);
@@ -840,6 +1109,11 @@ pub async fn build_on(
             BuildkitSetting::Auto => probe.buildkit_available(),
         };
         report.buildkit = buildkit;
+        if (!req.secrets.is_empty() || req.ssh.is_some()) && !buildkit {
+            return Err(BuildError::SecretsNeedBuildKit {
+                builder: builder.name.clone(),
+            });
+        }
         let compression = match builder.compression {
             CompressionSetting::Gzip => Compression::Gzip,
             CompressionSetting::None => Compression::None,
@@ -878,6 +1152,7 @@ pub async fn build_on(
             )
             .await?
         };
+        let extra = put_secrets(session, builder, &lease.run_dir, &req.secrets).await?;
         report.record(Phase::Upload, t.elapsed());
         reporter.phase_done(Phase::Upload, t.elapsed());
 
@@ -900,21 +1175,89 @@ pub async fn build_on(
                     "context".into()
                 }
             });
-        let argv = docker_build_argv(builder, req, &dockerfile_arg, buildkit, &context);
-        let (status, _) = stream(
-            session,
-            "docker build",
-            &lease.run_dir,
-            &argv,
-            b"",
-            reporter,
-        )
-        .await?;
+        let mut extra = extra;
+        if !req.cache_from.is_empty() || !req.cache_to.is_empty() {
+            if !buildkit {
+                return Err(BuildError::Cache {
+                    builder: builder.name.clone(),
+                    message: "registry caches need BuildKit".into(),
+                });
+            }
+            extra.extend(
+                crate::cache::docker_args(&req.cache_from, &req.cache_to, probe.build_cache_to)
+                    .map_err(|message| BuildError::Cache {
+                        builder: builder.name.clone(),
+                        message,
+                    })?,
+            );
+        }
+        // Logged in under a temporary DOCKER_CONFIG in the run folder; the
+        // build sees it only when it reads or writes a registry cache.
+        let docker_config = if logins.is_empty() {
+            None
+        } else {
+            Some(login(session, builder, &lease.run_dir, &logins).await?)
+        };
+        let mut argv = docker_build_argv(builder, req, &dockerfile_arg, buildkit, &context, &extra);
+        if let (Some(dir), false) = (&docker_config, cache_refs.is_empty()) {
+            argv.insert(1, format!("DOCKER_CONFIG={dir}"));
+        }
+        let (status, _) = match &req.ssh {
+            None => {
+                stream(
+                    session,
+                    "docker build",
+                    &lease.run_dir,
+                    &argv,
+                    b"",
+                    reporter,
+                )
+                .await?
+            }
+            Some(fw) => {
+                let mut p = session
+                    .exec_with_agent(
+                        "docker build",
+                        &remote::run_in(&lease.run_dir, &argv),
+                        &fw.socket,
+                    )
+                    .await?;
+                p.writer.eof().await?;
+                let status = p.reader.drain(|is_err, d| reporter.output(is_err, d)).await;
+                (status, Vec::new())
+            }
+        };
         if !status.success() {
             return Err(BuildError::DockerBuild {
                 builder: builder.name.clone(),
                 status,
             });
+        }
+        if let Some(first) = req.images.first() {
+            report.image_id = Some(image_id(session, builder, &lease.run_dir, first).await?);
+        }
+        if let Some(spec) = &req.output {
+            // The same build again (every step cached), exporting to stdout.
+            let mut extra = extra.clone();
+            extra.extend(["--output".into(), spec.remote_arg()]);
+            let untagged = BuildRequest {
+                images: Vec::new(),
+                quiet: false,
+                ssh: None,
+                ..req.clone()
+            };
+            let mut argv = docker_build_argv(
+                builder,
+                &untagged,
+                &dockerfile_arg,
+                buildkit,
+                &context,
+                &extra,
+            );
+            if let (Some(dir), false) = (&docker_config, cache_refs.is_empty()) {
+                argv.insert(1, format!("DOCKER_CONFIG={dir}"));
+            }
+            receive_output(session, builder, &lease.run_dir, &argv, spec, reporter).await?;
         }
         report.record(Phase::Build, t.elapsed());
         reporter.phase_done(Phase::Build, t.elapsed());
@@ -923,49 +1266,23 @@ pub async fn build_on(
             reporter.phase(Phase::Push);
             let t = Instant::now();
             let mut env: Vec<String> = vec!["env".into()];
-            if let Some(c) = &credentials {
-                let config_dir = format!("{}/.docker", lease.run_dir);
-                env.push(format!("DOCKER_CONFIG={config_dir}"));
-                let mut argv = env.clone();
-                argv.extend([
-                    builder.docker.clone(),
-                    "login".into(),
-                    "--username".into(),
-                    c.username.clone(),
-                    "--password-stdin".into(),
-                    c.registry.clone(),
-                ]);
-                let stdin = format!("{}\n", c.password.expose());
-                let (status, err) = stream(
-                    session,
-                    "docker login",
-                    &lease.run_dir,
-                    &argv,
-                    stdin.as_bytes(),
-                    &crate::report::Silent,
-                )
-                .await?;
-                if !status.success() {
-                    return Err(BuildError::Login {
-                        builder: builder.name.clone(),
-                        registry: c.registry.clone(),
-                        source_name: c.source.clone(),
-                        message: String::from_utf8_lossy(&err).trim().to_string(),
-                    });
-                }
-                tracing::debug!(registry = %c.registry, source = %c.source, "logged in on the builder");
+            if let Some(dir) = &docker_config {
+                env.push(format!("DOCKER_CONFIG={dir}"));
             }
             for image in &req.images {
                 let mut argv = env.clone();
                 argv.extend([builder.docker.clone(), "push".into(), image.clone()]);
-                let (status, _) =
-                    stream(session, "docker push", &lease.run_dir, &argv, b"", reporter).await?;
+                let (status, out) =
+                    stream_stdout(session, "docker push", &lease.run_dir, &argv, reporter).await?;
                 if !status.success() {
                     return Err(BuildError::DockerPush {
                         builder: builder.name.clone(),
                         image: image.clone(),
                         status,
                     });
+                }
+                if let Some(d) = pushed_digest(&out) {
+                    report.digests.insert(image.clone(), d);
                 }
             }
             report.pushed = true;
@@ -993,4 +1310,27 @@ pub async fn build_on(
     }
     report.record(Phase::Cleanup, t.elapsed());
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_digest_from_docker_output() {
+        let d = "sha256:4bd5e9bd0ee4ce4eb4dd1b3f8a1bfcf1e8b35d8a1ffc4b5d3a4c8f5e1a2b3c4d";
+        let out = format!(
+            "The push refers to repository [127.0.0.1:5000/a]\n5f70bf18a086: Pushed\nv1: digest: {d} size: 527\n"
+        );
+        assert_eq!(pushed_digest(out.as_bytes()).as_deref(), Some(d));
+        assert_eq!(pushed_digest(b"v1: digest: sha256:short size: 1\n"), None);
+        assert_eq!(pushed_digest(b""), None);
+    }
+
+    #[test]
+    fn bytes_are_human() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
+    }
 }

@@ -100,7 +100,7 @@ pub struct BuildArgs {
     #[arg(long, value_name = "REPO")]
     pub repository: String,
     /// Tag (repeatable). Default: `latest`, or today's date (YYYYMMDD) with --file.
-    #[arg(long = "tag", value_name = "TAG")]
+    #[arg(short = 't', long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
     /// Build-time variable `KEY=VALUE` (repeatable).
     #[arg(long = "build-arg", value_name = "KEY=VALUE")]
@@ -139,6 +139,48 @@ pub struct BuildArgs {
     /// and mtimes are compared).
     #[arg(long, conflicts_with = "no_incremental")]
     pub verify: bool,
+    /// A build secret for `RUN --mount=type=secret` (repeatable):
+    /// `id=NAME,src=FILE`, `id=NAME,env=VAR`, or `id=NAME` for the
+    /// variable NAME. Needs BuildKit; kept only on a tmpfs of the builder
+    /// during the build.
+    #[arg(long = "secret", value_name = "id=NAME[,src=FILE|,env=VAR]")]
+    pub secrets: Vec<String>,
+    /// Custom host-to-IP mapping for `RUN` steps, `HOST:IP` (repeatable).
+    #[arg(long = "add-host", value_name = "HOST:IP")]
+    pub add_hosts: Vec<String>,
+    /// Size of `/dev/shm` in `RUN` steps, e.g. `2g`.
+    #[arg(long, value_name = "SIZE")]
+    pub shm_size: Option<String>,
+    /// Ulimit for `RUN` steps, e.g. `nofile=1024:2048` (repeatable).
+    #[arg(long = "ulimit", value_name = "NAME=SOFT[:HARD]")]
+    pub ulimits: Vec<String>,
+    /// Build output: `auto`, `plain` and `tty` stream BuildKit's plain
+    /// progress (the builder has no terminal), `quiet` only errors and the image id.
+    #[arg(long, value_name = "MODE", value_parser = ["auto", "plain", "tty", "quiet"])]
+    pub progress: Option<String>,
+    /// Stream the result back to this machine: `type=local,dest=DIR`
+    /// (or just `DIR`), `type=tar,dest=FILE`, `type=oci|docker,dest=FILE`.
+    #[arg(short = 'o', long, value_name = "type=local|tar,dest=PATH")]
+    pub output: Option<String>,
+    /// Read the layer cache from a registry (repeatable):
+    /// `type=registry,ref=IMAGE` or an image reference.
+    #[arg(long, value_name = "type=registry,ref=IMAGE")]
+    pub cache_from: Vec<String>,
+    /// Export the layer cache (repeatable): `type=inline` (in the pushed
+    /// image) or, where the builder has buildx, `type=registry,ref=IMAGE,mode=max`.
+    #[arg(long, value_name = "type=inline|type=registry,ref=IMAGE")]
+    pub cache_to: Vec<String>,
+    /// Forward your SSH agent to `RUN --mount=type=ssh` steps (repeatable):
+    /// `default` (the agent at SSH_AUTH_SOCK), `ID`, or `ID=SOCKET`.
+    #[arg(long = "ssh", value_name = "default|ID[=SOCKET]")]
+    pub ssh: Vec<String>,
+    /// Write the image id (`sha256:…`) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub iidfile: Option<PathBuf>,
+    /// Write docker's build metadata JSON (`containerimage.digest`,
+    /// `image.name`, …) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub metadata_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -168,6 +168,9 @@ pub struct Builder {
     pub docker: String,
     pub compression: CompressionSetting,
     pub buildkit: BuildkitSetting,
+    /// Where `--secret` values are stored during a build; `None`: a tmpfs
+    /// (`/dev/shm` or `$XDG_RUNTIME_DIR`), refusing disk-backed folders.
+    pub secret_dir: Option<String>,
     #[serde(with = "secs")]
     pub timeout: Duration,
     #[serde(with = "secs")]
@@ -242,6 +245,7 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("docker", Kind::Str),
     ("compression", Kind::Str),
     ("buildkit", Kind::Str),
+    ("secret_dir", Kind::Str),
     ("timeout", Kind::Int),
     ("connect_timeout", Kind::Int),
     ("ready_timeout", Kind::Int),
@@ -286,6 +290,7 @@ const DEFAULT_KEYS: &[&str] = &[
     "docker",
     "compression",
     "buildkit",
+    "secret_dir",
     "timeout",
     "connect_timeout",
     "ready_timeout",
@@ -778,6 +783,7 @@ impl ConfigFile {
             docker: r.string("docker")?.unwrap_or_else(|| "docker".into()),
             compression,
             buildkit,
+            secret_dir: r.string("secret_dir")?,
             timeout: secs("timeout", 3600)?,
             connect_timeout: secs("connect_timeout", 15)?,
             ready_timeout: secs("ready_timeout", 300)?,

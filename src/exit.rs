@@ -102,9 +102,15 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 BuildError::Interrupted => return INTERRUPTED,
                 BuildError::NoDockerfile { .. }
                 | BuildError::NoContext { .. }
+                | BuildError::SecretsNeedBuildKit { .. }
+                | BuildError::Cache { .. }
                 | BuildError::Context(
                     crate::context::ContextError::InputParentNotAFolder { .. }
                     | crate::context::ContextError::DockerfileOutside { .. },
+                ) => return USAGE,
+                BuildError::Output(
+                    crate::outputs::OutputError::Spec { .. }
+                    | crate::outputs::OutputError::NotEmpty { .. },
                 ) => return USAGE,
                 BuildError::Docker { .. } => return NOT_READY,
                 BuildError::Ssh(e) => {
@@ -137,7 +143,18 @@ pub fn code(err: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<AuthError>().is_some() {
             return UNREACHABLE;
         }
-        if cause.downcast_ref::<ConfigError>().is_some() {
+        if cause.downcast_ref::<ConfigError>().is_some()
+            || cause
+                .downcast_ref::<crate::secrets::SecretError>()
+                .is_some()
+            || matches!(
+                cause.downcast_ref::<crate::outputs::OutputError>(),
+                Some(
+                    crate::outputs::OutputError::Spec { .. }
+                        | crate::outputs::OutputError::NotEmpty { .. }
+                )
+            )
+        {
             return USAGE;
         }
         if let Some(e) = cause.downcast_ref::<crate::dockerfile::DockerfileError>() {
@@ -255,6 +272,9 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 SshError::PinMismatch { .. } => Some(
                     "if the builder was re-created, check its new fingerprint out of band and update `host_key:`".into(),
                 ),
+                SshError::AgentRefused { .. } => Some(
+                    "set `AllowAgentForwarding yes` in the builder's sshd_config (and no `no-agent-forwarding` on its authorized key)".into(),
+                ),
                 SshError::Connect { addr, .. } | SshError::ConnectTimeout { addr, .. } => Some(format!(
                     "check that `{addr}` is reachable from here and sshd runs there; for a cloud builder, `absconda remote status NAME` shows its state"
                 )),
@@ -290,6 +310,12 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 )),
                 BuildError::Login { .. } => Some(
                     "check ABSCONDA_REGISTRY_USER/ABSCONDA_REGISTRY_PASSWORD or the `auths` entry in ~/.docker/config.json".into(),
+                ),
+                BuildError::SecretsNeedBuildKit { .. } => Some(
+                    "set `buildkit: on` (or `auto` with a docker that has BuildKit) for this builder".into(),
+                ),
+                BuildError::Secrets { .. } => Some(
+                    "secrets are only written to a tmpfs; set `secret_dir:` to a folder the build may use, even on disk".into(),
                 ),
                 _ => None,
             };

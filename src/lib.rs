@@ -18,11 +18,13 @@
 //! - `context/`: walking the context with `.dockerignore`, tar streaming, hashing
 //! - `sync/`: the incremental context sync: a persistent copy per context on
 //!   the builder, manifests, the local hash cache, and the sh that applies deltas
-//! - `build`: the build pipeline, orchestration only
+//! - `build`: the build pipeline, orchestration only; `cache`: `--cache-from/-to`
+//! - `outputs`: files a build writes here (`--iidfile`, `--metadata-file`)
 //! - `registry`: registry credentials from the user's side
 //! - `cloud/`: the VMs builders run on (GCE, EC2), and OS Login
 //! - `access`: how the user's key comes to be trusted by a cloud builder
 //!   (OS Login, metadata keys)
+//! - `secrets`: `--secret` values, read here and kept on a tmpfs there
 //! - `terraform`: running Terraform for `remote provision` / `remote destroy`
 //! - `provisioned`: where a provisioned builder is (from the state) and
 //!   waiting until it is ready
@@ -36,6 +38,7 @@
 pub mod access;
 pub mod build;
 pub mod builder_ssh;
+pub mod cache;
 pub mod cli;
 pub mod cloud;
 pub mod commands;
@@ -47,10 +50,12 @@ pub mod health;
 pub mod hints;
 pub mod lifecycle;
 pub mod metrics;
+pub mod outputs;
 pub mod provisioned;
 pub mod registry;
 pub mod remote;
 pub mod report;
+pub mod secrets;
 pub mod shell;
 pub mod ssh;
 pub mod state;

@@ -86,6 +86,16 @@ for old in "$ws"/runs/*; do
   esac
   rm -rf "$old" 2>/dev/null || { chmod -R u+rwx "$old"; rm -rf "$old"; }
 done
+# Secrets folders of builds whose supervisor was killed (see SECRETS): each
+# record names `<tmpfs>/absconda-<uid>/<run id>`; anything else is not ours.
+for f in "$ws"/.secrets/*; do
+  [ -f "$f" ] || continue
+  d=$(cat "$f")
+  case $d in
+    /*/absconda-*/"${f##*/}") [ -d "$d" ] && [ ! -L "$d" ] && rm -rf "$d" ;;
+  esac
+  rm -f "$f"
+done
 if ! mkdir "$run"; then
   echo "error cannot create the run folder $run" >&2
   exit 70
@@ -114,6 +124,14 @@ if [ -s "$run/pid" ]; then
   n=0
   while kill -0 -"$pid" 2>/dev/null && [ $n -lt 20 ]; do sleep 0.5; n=$((n + 1)); done
   kill -KILL -"$pid" 2>/dev/null
+fi
+sec=$ws/.secrets/${run##*/}
+if [ -f "$sec" ]; then
+  d=$(cat "$sec")
+  case $d in
+    /*/absconda-*/"${run##*/}") [ -d "$d" ] && [ ! -L "$d" ] && rm -rf "$d" ;;
+  esac
+  rm -f "$sec"
 fi
 rm -rf "$run"
 rm -f "$ws/.lease-holder"
@@ -180,6 +198,47 @@ shift
 exec tar -x -o -f - "$@"
 "#;
 
+/// Stores the build's secrets (a tar stream on stdin) in a 0700 folder
+/// `<tmpfs>/absconda-<uid>/<run id>`, on `/dev/shm` or `$XDG_RUNTIME_DIR`
+/// when either is a tmpfs, or under the configured `secret_dir`. The folder
+/// is recorded in `<workspace>/.secrets/<run id>` before it is created, so
+/// the lease supervisor removes it at release, and the next lease sweeps it
+/// when a supervisor died. Prints `secrets=<folder>`.
+const SECRETS: &str = r#"
+ws=$1 run=$2 dir=$3
+umask 077
+id=${run##*/}
+fstype() {
+  stat -f -c %T "$1" 2>/dev/null ||
+    awk -v p="$1" '$2 == p { t = $3 } END { print t }' /proc/mounts 2>/dev/null
+}
+base=
+if [ -n "$dir" ]; then
+  base=$dir
+else
+  for d in /dev/shm "$XDG_RUNTIME_DIR"; do
+    [ -n "$d" ] && [ -d "$d" ] && [ -w "$d" ] || continue
+    case $(fstype "$d") in
+      tmpfs|ramfs) base=$d; break ;;
+    esac
+  done
+fi
+if [ -z "$base" ]; then
+  echo "neither /dev/shm nor \$XDG_RUNTIME_DIR (${XDG_RUNTIME_DIR:-not set}) is a writable tmpfs" >&2
+  exit 71
+fi
+top=$base/absconda-$(id -u)
+mkdir -p "$top" 2>/dev/null
+if [ -L "$top" ] || ! [ -d "$top" ] || ! [ -O "$top" ] || ! chmod 700 "$top"; then
+  echo "$top is not a folder owned by $(id -un)" >&2
+  exit 71
+fi
+mkdir -p "$ws/.secrets" && printf '%s\n' "$top/$id" > "$ws/.secrets/$id" || exit 70
+mkdir -m 700 "$top/$id" || exit 71
+cd "$top/$id" && tar -x -o -f - || exit 72
+printf 'secrets=%s\n' "$top/$id"
+"#;
+
 const PROBE: &str = r#"
 docker=$1 ws=$2
 if v=$("$docker" version --format '{{.Server.Version}}' 2>&1); then
@@ -189,6 +248,7 @@ else
 fi
 if "$docker" buildx version >/dev/null 2>&1; then echo buildx=1; else echo buildx=0; fi
 if DOCKER_BUILDKIT=1 "$docker" build --help >/dev/null 2>&1; then echo buildkit_env=1; else echo buildkit_env=0; fi
+if "$docker" build --help 2>/dev/null | grep -q -- --cache-to; then echo build_cache_to=1; fi
 if [ -d "$ws" ]; then d=$ws; else d=$(dirname "$ws"); fi
 df -Pk "$d" 2>/dev/null | awk 'NR==2 { print "disk_total_kb=" $2; print "disk_avail_kb=" $4 }'
 if [ -e "$ws/.lease" ] && ! flock -n "$ws/.lease" true 2>/dev/null; then
@@ -278,6 +338,20 @@ pub fn upload(run_dir: &str, gzip: bool) -> String {
     shell::join(words)
 }
 
+/// Stores the secrets streamed on stdin for the run (see [`SECRETS`]);
+/// `dir` is the configured `secret_dir`, empty for a tmpfs found on the builder.
+pub fn secrets(workspace: &str, run_dir: &str, dir: &str) -> String {
+    shell::join([
+        "sh",
+        "-c",
+        SECRETS,
+        "absconda-secrets",
+        workspace,
+        run_dir,
+        dir,
+    ])
+}
+
 /// Reports the builder's docker, BuildKit support, disk and lease.
 pub fn probe(docker: &str, workspace: &str) -> String {
     shell::join(["sh", "-c", PROBE, "absconda-probe", docker, workspace])
@@ -290,6 +364,8 @@ pub struct ProbeReport {
     pub docker_error: Option<String>,
     pub buildx: bool,
     pub buildkit_env: bool,
+    /// `docker build` is buildx: it takes `--cache-to`.
+    pub build_cache_to: bool,
     pub disk_total_kb: Option<u64>,
     pub disk_avail_kb: Option<u64>,
     pub lease_holder: Option<String>,
@@ -311,6 +387,7 @@ impl ProbeReport {
                 "server_error" => r.docker_error = Some(v),
                 "buildx" => r.buildx = v == "1",
                 "buildkit_env" => r.buildkit_env = v == "1",
+                "build_cache_to" => r.build_cache_to = v == "1",
                 "disk_total_kb" => r.disk_total_kb = v.parse().ok(),
                 "disk_avail_kb" => r.disk_avail_kb = v.parse().ok(),
                 "lease_holder" => r.lease_holder = Some(v),
@@ -354,10 +431,82 @@ mod tests {
         );
     }
 
+    /// Without a tmpfs the secrets program refuses to write anything, and
+    /// with `secret_dir:` it uses that folder; in dash and busybox sh.
+    #[test]
+    fn secrets_refuse_disk_unless_configured() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        // Every file system looks disk-backed.
+        let fake = bin.join("stat");
+        std::fs::write(&fake, "#!/bin/sh\necho ext2/ext3\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let empty_tar = dir.path().join("empty.tar");
+        std::fs::write(&empty_tar, vec![0u8; 10240]).unwrap();
+        let ws = dir.path().join("ws");
+        let id = "20260101T000000-0000abcd";
+        let run = ws.join("runs").join(id);
+        let configured = dir.path().join("disk-secrets");
+        std::fs::create_dir_all(&run).unwrap();
+        // SAFETY: getuid has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        for sh in ["dash", "busybox"] {
+            let run_secrets = |cfg: &str| {
+                let mut c = std::process::Command::new(sh);
+                if sh == "busybox" {
+                    c.arg("sh");
+                }
+                c.args(["-c", SECRETS, "absconda-secrets"])
+                    .arg(&ws)
+                    .arg(&run)
+                    .arg(cfg)
+                    .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+                    .env_remove("XDG_RUNTIME_DIR")
+                    .stdin(std::fs::File::open(&empty_tar).unwrap())
+                    .output()
+            };
+            // busybox sh runs its own `stat`, which the fake cannot replace.
+            if sh == "dash" {
+                let Ok(out) = run_secrets("") else { continue };
+                assert_eq!(out.status.code(), Some(71), "{sh}");
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(err.contains("is a writable tmpfs"), "{sh}: {err}");
+                assert!(
+                    !ws.join(".secrets").exists(),
+                    "{sh}: recorded without a folder"
+                );
+            }
+
+            let Ok(out) = run_secrets(configured.to_str().unwrap()) else {
+                continue;
+            };
+            let folder = configured.join(format!("absconda-{uid}")).join(id);
+            assert!(
+                out.status.success(),
+                "{sh}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                format!("secrets={}\n", folder.display())
+            );
+            let mode = std::fs::metadata(&folder).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700);
+            assert_eq!(
+                std::fs::read_to_string(ws.join(".secrets").join(id)).unwrap(),
+                format!("{}\n", folder.display())
+            );
+            std::fs::remove_dir_all(&configured).unwrap();
+            std::fs::remove_dir_all(ws.join(".secrets")).unwrap();
+        }
+    }
+
     /// The scripts must parse in dash and busybox sh, the shells of stock builders.
     #[test]
     fn scripts_parse_in_posix_shells() {
-        for script in [LEASE, SELF_STOP, RUN, UPLOAD, PROBE] {
+        for script in [LEASE, SELF_STOP, RUN, UPLOAD, PROBE, SECRETS] {
             crate::test_support::assert_parses(script);
         }
     }

@@ -33,7 +33,12 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         None => format!("building on `{name}`"),
     });
 
+    // `-f -` or `--dockerfile -`: the Dockerfile comes from stdin.
+    let stdin_dockerfile = [&args.file, &args.dockerfile]
+        .into_iter()
+        .any(|p| p.as_deref() == Some(std::path::Path::new("-")));
     let source = match (&args.file, &args.requirements, &args.tarball) {
+        (Some(_), _, _) if stdin_dockerfile => None,
         (Some(p), _, _) => Some(Source::Environment(p.clone())),
         (_, Some(p), _) => Some(Source::Requirements(p.clone())),
         (_, _, Some(p)) => Some(Source::Tarball(p.clone())),
@@ -72,6 +77,15 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         // The labels are in the generated Dockerfile already.
         labels.clear();
     }
+    if stdin_dockerfile {
+        let text = tokio::task::spawn_blocking(|| {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map(|_| text)
+        })
+        .await?
+        .context("cannot read the Dockerfile from stdin (`-f -`)")?;
+        generated_dockerfile = Some(text);
+    }
     let context_dir = match (&args.context, &source) {
         (Some(c), _) => Some(c.clone()),
         (None, Some(_)) => None,
@@ -102,6 +116,26 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         remote_wait: Duration::from_secs(args.remote_wait),
         incremental: !args.no_incremental,
         verify: args.verify,
+        add_hosts: args.add_hosts.clone(),
+        shm_size: args.shm_size.clone(),
+        ulimits: args.ulimits.clone(),
+        quiet: args.progress.as_deref() == Some("quiet"),
+        output: match &args.output {
+            Some(o) => {
+                let spec = crate::outputs::OutputSpec::parse(o)?;
+                spec.check_dest()?;
+                Some(spec)
+            }
+            None => None,
+        },
+        ssh: crate::secrets::ssh_forward(&args.ssh)?,
+        cache_from: args.cache_from.clone(),
+        cache_to: args.cache_to.clone(),
+        secrets: args
+            .secrets
+            .iter()
+            .map(|s| crate::secrets::BuildSecret::read(s))
+            .collect::<Result<_, _>>()?,
     };
 
     let state = StateFile::default_location();
@@ -188,6 +222,13 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         }
     }
     result.with_context(|| format!("build on builder `{}` failed", builder.name))?;
+    if let (Some(path), Some(id)) = (&args.iidfile, &report.image_id) {
+        crate::outputs::write_atomic(path, id.as_bytes())?;
+    }
+    if let Some(path) = &args.metadata_file {
+        let json = serde_json::to_vec_pretty(&crate::outputs::metadata(&report))?;
+        crate::outputs::write_atomic(path, &json)?;
+    }
 
     eprintln!("absconda: built {}", report.images.join(", "));
     eprintln!("absconda: {}", report.summary());

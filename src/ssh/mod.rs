@@ -212,6 +212,8 @@ pub enum SshError {
     },
     #[error("the connection to `{addr}` was lost")]
     Lost { addr: String },
+    #[error("the SSH server `{addr}` refused agent forwarding (`--ssh`)")]
+    AgentRefused { addr: String },
 }
 
 impl SshError {
@@ -228,9 +230,13 @@ impl SshError {
     }
 }
 
-/// The russh event handler: checks the host key and remembers why it refused.
+/// The russh event handler: checks the host key and remembers why it
+/// refused, and serves agent channels the server opens (only ever for a
+/// channel that asked for agent forwarding, see [`Session::exec_with_agent`]).
 struct Client {
     check: Arc<Mutex<HostCheck>>,
+    /// The local agent socket forwarded channels are connected to.
+    agent: Arc<Mutex<Option<PathBuf>>>,
 }
 
 struct HostCheck {
@@ -330,6 +336,33 @@ impl client::Handler for Client {
         let mut check = self.check.lock().unwrap_or_else(|p| p.into_inner());
         Ok(check.verify(&key))
     }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let socket = self.agent.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(socket) = socket else {
+            // Never asked for: refuse.
+            drop(reply);
+            return Ok(());
+        };
+        reply.accept().await;
+        tokio::spawn(async move {
+            match tokio::net::UnixStream::connect(&socket).await {
+                Ok(mut agent) => {
+                    let mut stream = channel.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut agent, &mut stream).await;
+                }
+                Err(e) => {
+                    tracing::warn!("cannot reach the SSH agent at `{}`: {e}", socket.display());
+                }
+            }
+        });
+        Ok(())
+    }
 }
 
 /// An authenticated SSH connection to a builder.
@@ -341,6 +374,7 @@ pub struct Session {
     user: String,
     /// The jump hosts' sessions, which carry this one; kept open as long as it.
     hops: Vec<Handle<Client>>,
+    agent: Arc<Mutex<Option<PathBuf>>>,
 }
 
 impl Session {
@@ -458,8 +492,10 @@ impl Session {
             refusal: None,
             accepted: None,
         }));
+        let agent = Arc::new(Mutex::new(None));
         let handler = Client {
             check: check.clone(),
+            agent: agent.clone(),
         };
         let result = with_timeout(target.connect_timeout, &addr, async {
             client::connect_stream(Arc::new(config), stream, handler)
@@ -492,6 +528,7 @@ impl Session {
             route: "direct".into(),
             user: target.user.clone(),
             hops: Vec::new(),
+            agent,
         })
     }
 
@@ -539,6 +576,49 @@ impl Session {
         }
         tracing::trace!(%what, %command, "exec");
         let channel = self.handle.channel_open_session().await.map_err(err)?;
+        channel.exec(true, command).await.map_err(err)?;
+        Ok(exec::RemoteProcess::new(channel, what, &self.addr))
+    }
+
+    /// Like [`Session::exec`], with the local agent at `socket` forwarded
+    /// to the command (`SSH_AUTH_SOCK` is set there by the server). Fails
+    /// with [`SshError::AgentRefused`] when the server does not allow it.
+    pub async fn exec_with_agent(
+        &self,
+        what: &str,
+        command: &str,
+        socket: &std::path::Path,
+    ) -> Result<exec::RemoteProcess, SshError> {
+        let err = |source| SshError::Channel {
+            what: what.to_string(),
+            addr: self.addr.clone(),
+            source,
+        };
+        if self.handle.is_closed() {
+            return Err(SshError::Lost {
+                addr: self.addr.clone(),
+            });
+        }
+        *self.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(socket.to_path_buf());
+        let mut channel = self.handle.channel_open_session().await.map_err(err)?;
+        channel.agent_forward(true).await.map_err(err)?;
+        let answer = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match channel.wait().await {
+                    Some(russh::ChannelMsg::Success) => return true,
+                    Some(russh::ChannelMsg::Failure) | None => return false,
+                    Some(_) => continue,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if !answer {
+            return Err(SshError::AgentRefused {
+                addr: self.addr.clone(),
+            });
+        }
+        tracing::trace!(%what, %command, "exec with agent forwarding");
         channel.exec(true, command).await.map_err(err)?;
         Ok(exec::RemoteProcess::new(channel, what, &self.addr))
     }

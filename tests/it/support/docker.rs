@@ -279,6 +279,37 @@ impl Registry {
         tags
     }
 
+    /// The manifest digest the registry reports for `name:tag`
+    /// (`Docker-Content-Digest` of a `HEAD /v2/<name>/manifests/<tag>`).
+    pub fn digest(&self, name: &str, tag: &str) -> Option<String> {
+        let mut curl = Command::new("curl")
+            .args(["-s", "-I", "-K", "-"])
+            .args([
+                "-H",
+                "Accept: application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json",
+            ])
+            .arg(format!("http://{}/v2/{name}/manifests/{tag}", self.addr))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("curl");
+        {
+            use std::io::Write;
+            let config = format!("user = \"{}:{}\"\n", self.user, self.password);
+            curl.stdin
+                .take()
+                .unwrap()
+                .write_all(config.as_bytes())
+                .unwrap();
+        }
+        let out = curl.wait_with_output().expect("curl");
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("docker-content-digest")
+                .then(|| v.trim().to_string())
+        })
+    }
+
     /// The manifest of `name:tag`.
     pub fn manifest(&self, name: &str, tag: &str) -> Option<serde_json::Value> {
         let (code, body) = self.get(
