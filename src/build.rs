@@ -145,13 +145,20 @@ pub enum BuildError {
     #[error("could not set up the workspace `{workspace}` on `{builder}`: {message}")]
     Workspace {
         builder: String,
+        /// The SSH user, who must be able to write there.
+        user: String,
         workspace: String,
         message: String,
     },
     #[error("sending the context to `{builder}` failed: {message}")]
     Upload { builder: String, message: String },
     #[error("docker on `{builder}` is not usable: {message}")]
-    Docker { builder: String, message: String },
+    Docker {
+        builder: String,
+        /// The SSH user, who must be allowed to use docker.
+        user: String,
+        message: String,
+    },
     #[error("`docker build` failed on `{builder}` ({status})")]
     DockerBuild { builder: String, status: ExitStatus },
     #[error(
@@ -430,6 +437,7 @@ pub async fn acquire_lease(
             let message = String::from_utf8_lossy(&stderr).trim().to_string();
             return Err(BuildError::Workspace {
                 builder: builder.name.clone(),
+                user: builder.user.clone(),
                 workspace: builder.workspace.clone(),
                 message: if message.is_empty() {
                     "the lease supervisor exited early (is `flock` installed on the builder?)"
@@ -744,6 +752,7 @@ pub async fn build_on(
         if probe.docker_server.is_none() {
             return Err(BuildError::Docker {
                 builder: builder.name.clone(),
+                user: builder.user.clone(),
                 message: probe
                     .docker_error
                     .clone()

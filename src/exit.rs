@@ -244,9 +244,9 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 SshError::Connect { addr, .. } | SshError::ConnectTimeout { addr, .. } => Some(format!(
                     "check that `{addr}` is reachable from here and sshd runs there; for a cloud builder, `absconda remote status NAME` shows its state"
                 )),
-                SshError::Auth(AuthError::Refused { user, .. }) => Some(format!(
-                    "add the public key of your `identity_file` to `~/.ssh/authorized_keys` of `{user}` on the builder, or set `identity_file:`"
-                )),
+                SshError::Auth(AuthError::Refused { user, host, tried }) => {
+                    Some(crate::hints::key_refused(user, host, tried))
+                }
                 _ => None,
             };
         }
@@ -258,17 +258,23 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 BuildError::DockerBuild { .. } => {
                     Some("the output above shows the failing step".into())
                 }
-                BuildError::Workspace { workspace, .. } => Some(format!(
-                    "create it on the builder for the SSH user (`sudo install -d -o USER {workspace}`) or set `workspace:` to a folder the user can write"
+                BuildError::Workspace { workspace, user, .. } => Some(format!(
+                    "create it on the builder for `{user}`: `sudo install -d -o {user} {workspace}`; or set `workspace:` to a folder `{user}` can write"
                 )),
-                BuildError::Login { .. } => Some(
-                    "check ABSCONDA_REGISTRY_USER/ABSCONDA_REGISTRY_PASSWORD or the `auths` entry in ~/.docker/config.json".into(),
-                ),
+                BuildError::Docker { user, message, .. } => {
+                    Some(crate::hints::docker(user, message))
+                }
+                BuildError::Login { registry, .. } => Some(format!(
+                    "set ABSCONDA_REGISTRY_USER and ABSCONDA_REGISTRY_PASSWORD to an account (or token) that may push to `{registry}`; without them the `auths` entry for it in ~/.docker/config.json is used"
+                )),
                 _ => None,
             };
         }
         if let Some(e) = cause.downcast_ref::<ConfigError>() {
             return Some(crate::hints::config(e));
+        }
+        if let Some(CloudError::Auth { source_name, .. }) = cause.downcast_ref::<CloudError>() {
+            return Some(crate::hints::cloud_auth(source_name));
         }
     }
     None

@@ -39,3 +39,47 @@ pub fn config(e: &ConfigError) -> String {
         _ => "fix that line; the README's \"Configuration\" section lists every key".into(),
     }
 }
+
+/// The builder refused every key: how to authorise one.
+pub fn key_refused(user: &str, host: &str, tried: &[String]) -> String {
+    let key = tried
+        .iter()
+        .map(|t| t.trim_matches('`'))
+        .find(|t| t.starts_with('/') || t.starts_with('~'));
+    match key {
+        Some(key) => format!(
+            "authorise `{key}.pub` for `{user}` on the builder (append it to `~{user}/.ssh/authorized_keys` there, or run `ssh-copy-id -i {key}.pub {user}@{host}`), or set `identity_file:` to a key it accepts"
+        ),
+        None => format!(
+            "create a key with `ssh-keygen -t ed25519`, authorise its `.pub` for `{user}` on the builder (`ssh-copy-id {user}@{host}`), and set `identity_file:` to it"
+        ),
+    }
+}
+
+/// docker on the builder does not answer: install it, or let the user use it.
+pub fn docker(user: &str, message: &str) -> String {
+    let m = message.to_ascii_lowercase();
+    if m.contains("permission denied") {
+        format!(
+            "let `{user}` use docker on the builder: `sudo usermod -aG docker {user}` there (the next connection picks it up)"
+        )
+    } else if m.contains("not found") || m.contains("no such file") {
+        "install docker on the builder (`sudo apt-get install docker.io` on Debian and Ubuntu), or set `docker:` to the path of its docker CLI".into()
+    } else {
+        format!(
+            "start the docker daemon on the builder (`sudo systemctl start docker`) and check that `{user}` may use it"
+        )
+    }
+}
+
+/// No usable cloud credentials.
+pub fn cloud_auth(source_name: &str) -> String {
+    let aws = ["AWS", "profile `", "credential_process", "EC2"]
+        .iter()
+        .any(|w| source_name.contains(w));
+    if aws {
+        "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with AWS_SESSION_TOKEN for temporary keys), or `profile:` / AWS_PROFILE to a profile in ~/.aws/credentials".into()
+    } else {
+        "run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file".into()
+    }
+}

@@ -4,7 +4,7 @@
 use std::process::{Command, Output};
 
 use crate::support::absconda::{BIN, Project, text};
-use crate::support::docker::{BASE_IMAGE, docker, registry};
+use crate::support::docker::{BASE_IMAGE, DOCKER_CLI, docker, registry};
 use crate::support::sshd::{SSHD, Sshd};
 
 fn stderr(o: &Output) -> String {
@@ -128,4 +128,232 @@ fn a_default_builder_that_does_not_exist_gets_a_did_you_mean() {
         "{}",
         text(&out)
     );
+}
+
+/// One error a newcomer can meet: how to provoke it, the exit code, what
+/// the message says and the next step its hint names.
+struct Case {
+    name: &'static str,
+    code: i32,
+    message: &'static str,
+    hint: &'static str,
+}
+
+fn check(case: &Case, out: &Output) {
+    let err = stderr(out);
+    assert_eq!(
+        out.status.code(),
+        Some(case.code),
+        "{}: {}",
+        case.name,
+        text(out)
+    );
+    assert!(err.contains(case.message), "{}: message: {err}", case.name);
+    let hint = err
+        .lines()
+        .find(|l| l.starts_with("hint: "))
+        .unwrap_or_else(|| panic!("{}: no hint: {err}", case.name));
+    assert!(hint.contains(case.hint), "{}: hint: {hint}", case.name);
+    // A next step, never only a pointer to the documentation.
+    assert!(!hint.contains("README"), "{}: {hint}", case.name);
+}
+
+#[test]
+fn newcomer_errors_without_a_builder_end_with_a_next_step() {
+    // No builders file anywhere.
+    let t = crate::support::tempdir();
+    std::fs::create_dir_all(t.path().join("home")).unwrap();
+    let out = Command::new(BIN)
+        .env_clear()
+        .env("HOME", t.path().join("home"))
+        .current_dir(t.path())
+        .args(["build", "--repository", "x/y"])
+        .output()
+        .unwrap();
+    check(
+        &Case {
+            name: "no config",
+            code: 2,
+            message: "no `absconda-remote.yaml` found",
+            hint: "builders:",
+        },
+        &out,
+    );
+
+    // A typo in the builder's name.
+    let (_t, mut c) = with_config("builders:\n  gcp-builder:\n    host: 127.0.0.1\n");
+    let out = c
+        .args(["remote", "status", "gcp-buidler"])
+        .output()
+        .unwrap();
+    check(
+        &Case {
+            name: "unknown builder",
+            code: 2,
+            message: "(did you mean `gcp-builder`?)",
+            hint: "absconda remote list",
+        },
+        &out,
+    );
+
+    // Cloud builders with no credentials anywhere (and no metadata server).
+    let (_t, mut c) = with_config(
+        "builders:\n  g:\n    provider: gcp\n    project: p\n    zone: z\n    instance: i\n    api_endpoint: http://127.0.0.1:1\n",
+    );
+    let out = c
+        .env("GCE_METADATA_HOST", "127.0.0.1:1")
+        .args(["remote", "status", "g"])
+        .output()
+        .unwrap();
+    check(
+        &Case {
+            name: "no GCP credentials",
+            code: 8,
+            message: "authentication failed",
+            hint: "gcloud auth application-default login",
+        },
+        &out,
+    );
+    let (_t, mut c) = with_config(
+        "builders:\n  a:\n    provider: aws\n    region: us-east-1\n    instance_id: i-0123\n    api_endpoint: http://127.0.0.1:1\n",
+    );
+    let out = c
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:1")
+        .args(["remote", "status", "a"])
+        .output()
+        .unwrap();
+    check(
+        &Case {
+            name: "no AWS credentials",
+            code: 8,
+            message: "authentication failed",
+            hint: "AWS_ACCESS_KEY_ID",
+        },
+        &out,
+    );
+}
+
+fn set_docker(p: &Project, docker: &str) {
+    let yaml = std::fs::read_to_string(&p.config).unwrap().replace(
+        &format!("docker: {DOCKER_CLI}\n"),
+        &format!("docker: {docker}\n"),
+    );
+    std::fs::write(&p.config, yaml).unwrap();
+}
+
+#[test]
+fn newcomer_errors_on_the_builder_end_with_a_next_step() {
+    crate::require!(SSHD, "dockerd", "docker-registry", "htpasswd");
+    let (d, reg) = (docker(), registry());
+    let sshd = Sshd::start(Some(&d.host));
+    let dockerfile = format!("FROM {BASE_IMAGE}\nCOPY hi /hi\n");
+
+    // A key the builder does not accept.
+    let p = Project::new(&sshd);
+    p.file("Dockerfile", &dockerfile);
+    p.file("hi", "x\n");
+    let other_key = p.home.join("other_key");
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other_key)
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "{}", text(&keygen));
+    let yaml = std::fs::read_to_string(&p.config).unwrap().replace(
+        &sshd.user_key.display().to_string(),
+        &other_key.display().to_string(),
+    );
+    std::fs::write(&p.config, yaml).unwrap();
+    let out = p.build("127.0.0.1:1/x/y", &[]);
+    check(
+        &Case {
+            name: "key not accepted",
+            code: 3,
+            message: "refused every key offered",
+            hint: &*Box::leak(format!("{}.pub", other_key.display()).into_boxed_str()),
+        },
+        &out,
+    );
+
+    // docker not installed on the builder.
+    let p = Project::new(&sshd);
+    set_docker(&p, "/nonexistent/docker");
+    p.file("Dockerfile", &dockerfile);
+    p.file("hi", "x\n");
+    let out = p.build("127.0.0.1:1/x/y", &[]);
+    check(
+        &Case {
+            name: "docker missing",
+            code: 9,
+            message: "docker on `local` is not usable",
+            hint: "apt-get install",
+        },
+        &out,
+    );
+
+    // docker there, but the SSH user may not use it: a docker CLI that
+    // answers as the real one does without access to the socket.
+    let fake = p.dir.path().join("docker-no-access");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'permission denied while trying to connect to the Docker daemon socket at unix:///var/run/docker.sock: Get \"http://%2Fvar%2Frun%2Fdocker.sock/v1.24/version\": dial unix /var/run/docker.sock: connect: permission denied' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let p = Project::new(&sshd);
+    set_docker(&p, &fake.display().to_string());
+    p.file("Dockerfile", &dockerfile);
+    p.file("hi", "x\n");
+    let out = p.build("127.0.0.1:1/x/y", &[]);
+    check(
+        &Case {
+            name: "docker not allowed",
+            code: 9,
+            message: "permission denied",
+            hint: "usermod -aG docker root",
+        },
+        &out,
+    );
+
+    // A workspace the SSH user cannot create.
+    let p = Project::with_builder(&sshd, "");
+    let yaml = std::fs::read_to_string(&p.config).unwrap().replace(
+        &format!("workspace: {}", p.workspace.display()),
+        "workspace: /proc/absconda-workspace",
+    );
+    std::fs::write(&p.config, yaml).unwrap();
+    p.file("Dockerfile", &dockerfile);
+    p.file("hi", "x\n");
+    let out = p.build("127.0.0.1:1/x/y", &[]);
+    check(
+        &Case {
+            name: "workspace not writable",
+            code: 1,
+            message: "could not set up the workspace `/proc/absconda-workspace`",
+            hint: "sudo install -d -o root /proc/absconda-workspace",
+        },
+        &out,
+    );
+
+    // The registry refuses the login.
+    let mut p = Project::new(&sshd);
+    p.env
+        .push(("ABSCONDA_REGISTRY_USER".into(), reg.user.into()));
+    p.env.push((
+        "ABSCONDA_REGISTRY_PASSWORD".into(),
+        "not-the-password".into(),
+    ));
+    p.file("Dockerfile", &dockerfile);
+    p.file("hi", "x\n");
+    let out = p.build(&format!("{}/x/y", reg.addr), &["--push"]);
+    check(
+        &Case {
+            name: "registry login refused",
+            code: 6,
+            message: "`docker login`",
+            hint: "ABSCONDA_REGISTRY_PASSWORD",
+        },
+        &out,
+    );
+    assert!(!stderr(&out).contains("not-the-password"));
 }
