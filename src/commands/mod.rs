@@ -3,6 +3,7 @@
 pub mod build;
 pub mod generate;
 pub mod health;
+pub mod human;
 pub mod metrics;
 pub mod printer;
 pub mod provision;

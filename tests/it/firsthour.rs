@@ -354,3 +354,78 @@ fn newcomer_errors_on_the_builder_end_with_a_next_step() {
     );
     assert!(!stderr(&out).contains("not-the-password"));
 }
+
+#[test]
+fn remote_list_and_status_read_like_a_person_and_json_keeps_rfc3339() {
+    let (t, mut c) = with_config(
+        "builders:\n  a:\n    host: 127.0.0.1\n    port: 1\n  a-builder-with-a-rather-long-name:\n    host: 127.0.0.1\n    port: 1\n",
+    );
+    let used = chrono::Utc::now() - chrono::Duration::seconds(185);
+    let state = serde_json::json!({
+        "version": 1,
+        "builders": {"a": {
+            "last_used": used.to_rfc3339(),
+            "builds_count": 2,
+            "history": [{
+                "started_at": (used - chrono::Duration::seconds(65)).to_rfc3339(),
+                "seconds": 65.2, "outcome": "success", "bytes_sent": 1000, "phases": {}
+            }]
+        }}
+    });
+    let dir = t.path().join("home/.local/share/absconda");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("remote-state.json"), state.to_string()).unwrap();
+
+    let out = c.args(["remote", "list"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let list = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines.len(), 3, "{list}");
+    assert!(
+        lines[1].starts_with("a  ") && lines[1].ends_with("3 min ago"),
+        "{list}"
+    );
+    // Columns line up whatever the names' lengths.
+    let col = |l: &str| l.find("ssh").unwrap();
+    assert_eq!(
+        col(lines[0].replace("PROVIDER", "ssh     ").as_str()),
+        col(lines[1])
+    );
+    assert_eq!(col(lines[1]), col(lines[2]), "{list}");
+    assert_eq!(col(lines[2]), "a-builder-with-a-rather-long-name  ".len());
+
+    let out = Command::new(BIN)
+        .env_clear()
+        .env("HOME", t.path().join("home"))
+        .current_dir(t.path())
+        .args(["remote", "list", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json_used = v[0]["last_used"].as_str().unwrap();
+    assert_eq!(
+        chrono::DateTime::parse_from_rfc3339(json_used).unwrap(),
+        used,
+        "{json_used}"
+    );
+
+    // status shows the same, and the last build's duration; port 1 refuses,
+    // so it exits 3 after printing what it knows.
+    let out = Command::new(BIN)
+        .env_clear()
+        .env("HOME", t.path().join("home"))
+        .current_dir(t.path())
+        .args(["remote", "status", "a"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains("builds:     2 (last used 3 min ago)"),
+        "{status}"
+    );
+    assert!(
+        status.contains("last build: success, took 1 min 05 s, 4 min ago"),
+        "{status}"
+    );
+}
