@@ -55,6 +55,15 @@ pub enum Command {
     /// Manage remote builders.
     #[command(subcommand, after_help = REMOTE_EXAMPLES)]
     Remote(RemoteCommand),
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish).
+    #[command(after_help = crate::commands::completions::COMPLETIONS_EXAMPLES)]
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on stdout.
+    #[command(after_help = "Example:\n  absconda man > ~/.local/share/man/man1/absconda.1")]
+    Man,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -1,6 +1,7 @@
 //! One file per subcommand; each turns parsed arguments into library calls.
 
 pub mod build;
+pub mod completions;
 pub mod generate;
 pub mod health;
 pub mod human;
@@ -26,6 +27,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Remote(RemoteCommand::Destroy(args)) => provision::destroy(args).await,
         Command::Remote(RemoteCommand::Health(args)) => health::run(args).await,
         Command::Remote(RemoteCommand::Metrics(args)) => metrics::run(args),
+        Command::Completions { shell } => completions::completions(shell),
+        Command::Man => completions::man(),
     }
 }
 

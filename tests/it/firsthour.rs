@@ -429,3 +429,74 @@ fn remote_list_and_status_read_like_a_person_and_json_keeps_rfc3339() {
         "{status}"
     );
 }
+
+#[test]
+fn bash_loads_the_completions_and_completes_subcommands() {
+    crate::require!("bash");
+    let script = format!(
+        "source <({BIN} completions bash) || exit 1\n\
+         complete -p absconda || exit 1\n\
+         COMP_WORDS=(absconda rem); COMP_CWORD=1; COMP_LINE='absconda rem'; COMP_POINT=12\n\
+         _absconda absconda rem absconda\n\
+         echo \"words: ${{COMPREPLY[*]}}\"\n\
+         COMP_WORDS=(absconda build --remote-b); COMP_CWORD=2\n\
+         _absconda absconda --remote-b build\n\
+         echo \"flags: ${{COMPREPLY[*]}}\"\n"
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let o = String::from_utf8_lossy(&out.stdout);
+    assert!(o.contains("-F _absconda absconda"), "{o}");
+    assert!(o.contains("words: remote"), "{o}");
+    assert!(o.contains("flags: --remote-builder"), "{o}");
+
+    for shell in ["zsh", "fish", "powershell"] {
+        let out = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("remote-builder"),
+            "{shell}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+#[test]
+fn man_prints_a_manual_page() {
+    let out = Command::new(BIN).arg("man").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH absconda 1"),
+        "{page}"
+    );
+    assert!(page.contains(".TH absconda 1"));
+    for sub in ["build", "generate", "remote", "completions"] {
+        assert!(page.contains(sub), "{sub} missing from the page");
+    }
+    // Rendered by man(1) where it is installed (not needed in CI).
+    if std::path::Path::new("/usr/bin/man").exists() {
+        let t = crate::support::tempdir();
+        let f = t.path().join("absconda.1");
+        std::fs::write(&f, page.as_bytes()).unwrap();
+        let out = Command::new("man")
+            .arg("-l")
+            .arg(&f)
+            .env("MANPAGER", "cat")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("remote builders"));
+    }
+}
