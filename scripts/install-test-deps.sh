@@ -17,6 +17,7 @@ have curl || need+=(curl)
 have ip || need+=(iproute2)
 have visudo || need+=(sudo)
 have unshare || need+=(util-linux)
+have script || need+=(bsdutils)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""

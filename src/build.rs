@@ -653,12 +653,15 @@ async fn upload(
     let mut p = session
         .exec("the context upload", &remote::upload(run_dir, gzip))
         .await?;
-    let (mut rx, producer) = context::tar_stream(
+    let planned = prepared.bytes;
+    let content = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (mut rx, producer) = context::tar_stream_with_progress(
         prepared.entries,
         prepared.extra,
         "context/".into(),
         compression,
         256 * 1024,
+        content.clone(),
     );
     let writer = &p.writer;
     let mut stderr = Vec::new();
@@ -673,6 +676,7 @@ async fn upload(
             writer.write_all(&chunk).await?;
             sent += chunk.len() as u64;
             reporter.upload_progress(sent);
+            reporter.upload_content(content.load(std::sync::atomic::Ordering::Relaxed), planned);
         }
         writer.eof().await?;
         Ok::<u64, BuildError>(sent)

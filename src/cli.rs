@@ -40,6 +40,9 @@ pub struct Cli {
     /// More output on stderr (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, action = ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Print only errors and, after a build, the image names (on stdout).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
     #[command(subcommand)]
     pub command: Command,
 }

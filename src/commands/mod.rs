@@ -16,6 +16,7 @@ use crate::cli::{Cli, Command, RemoteCommand};
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    printer::set_quiet(cli.quiet);
     match cli.command {
         Command::Build(args) => build::run(*args, interrupt_token()).await,
         Command::Generate(args) => generate::run(&args),

@@ -500,3 +500,118 @@ fn man_prints_a_manual_page() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("remote builders"));
     }
 }
+
+/// A context with `mib` MiB of incompressible data.
+fn big_context(p: &Project, mib: usize) {
+    p.file(
+        "Dockerfile",
+        &format!("FROM {BASE_IMAGE}\nCOPY small /small\n"),
+    );
+    p.file("small", "small\n");
+    let mut data = vec![0u8; mib * 1024 * 1024];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(p.context.join("random.bin"), data).unwrap();
+}
+
+#[test]
+fn upload_progress_shows_total_and_percent_on_a_terminal_and_plain_lines_otherwise() {
+    crate::require!(SSHD, "dockerd", "script");
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::with_builder(&sshd, "    compression: gzip\n");
+    big_context(&p, 48);
+
+    // On a terminal (a pseudo-terminal made by script(1)).
+    let mut build = vec![BIN.to_string(), "build".into(), "--context".into()];
+    build.push(p.context.display().to_string());
+    build.extend(["--repository".into(), "firsthour/progress".into()]);
+    let line = build
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    // script(1) with the environment `p.cmd()` gives absconda.
+    let mut c = Command::new("script");
+    c.env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", &p.home)
+        .env("USER", "tester")
+        .env("TERM", "xterm")
+        .env("ABSCONDA_REMOTE_CONFIG", &p.config)
+        .current_dir(p.dir.path())
+        .args(["-qefc", &line, "/dev/null"]);
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(tty.contains("sending the context ["), "no bar: {tty:?}");
+    assert!(tty.contains("/48.00 MiB"), "no total: {tty:?}");
+    assert!(tty.contains('%') && tty.contains(" left"), "{tty:?}");
+    assert!(tty.contains("on the wire"), "{tty:?}");
+
+    // Not a terminal: plain lines, no control characters at all.
+    std::fs::write(p.context.join("small"), "changed\n").unwrap();
+    let out = p.build("firsthour/progress", &["--no-incremental"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let err = stderr(&out);
+    for l in err.lines().filter(|l| l.starts_with("absconda:")) {
+        assert!(!l.chars().any(|c| c.is_control()), "{l:?}");
+    }
+    assert!(
+        !err.contains('\u{1b}'),
+        "escape sequence in plain mode: {err:?}"
+    );
+    let done = err
+        .lines()
+        .find(|l| l.starts_with("absconda: upload done in"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        done.contains("48.0 MiB of content") && done.contains("on the wire"),
+        "{done}"
+    );
+    // Phases are shown as they start.
+    let sending = err.find("absconda: sending the context").unwrap();
+    let building = err.find("absconda: building\n").unwrap();
+    assert!(sending < building, "{err}");
+}
+
+#[test]
+fn quiet_prints_only_the_image_names() {
+    crate::require!(SSHD, "dockerd");
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::new(&sshd);
+    p.file(
+        "Dockerfile",
+        &format!("FROM {BASE_IMAGE}\nRUN echo noisy-step\n"),
+    );
+    let out = p.build(
+        "firsthour/quiet",
+        &["--tag", "a", "--tag", "b", "--quiet", "--network", "none"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "firsthour/quiet:a\nfirsthour/quiet:b\n"
+    );
+    assert_eq!(stderr(&out), "", "{}", text(&out));
+    // The image was really built.
+    let inspect = d.run(&["image", "inspect", "firsthour/quiet:b"]);
+    assert!(inspect.status.success(), "{}", text(&inspect));
+
+    // A failing build still shows why, with the kept output.
+    p.file(
+        "Dockerfile",
+        &format!("FROM {BASE_IMAGE}\nRUN echo failing-step && exit 3\n"),
+    );
+    let out = p.build("firsthour/quiet", &["--quiet", "--network", "none"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(stderr(&out).contains("failing-step"), "{}", text(&out));
+    assert!(stderr(&out).contains("error: build on builder `local` failed"));
+    assert!(out.stdout.is_empty());
+}
