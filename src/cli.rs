@@ -64,6 +64,9 @@ pub enum Command {
         /// The shell to complete for.
         shell: clap_complete::Shell,
     },
+    /// Write a commented absconda-remote.yaml with one builder and check it.
+    #[command(after_help = crate::commands::init::INIT_EXAMPLES)]
+    Init(Box<crate::commands::init::InitArgs>),
     /// Print the manual page (roff) on stdout.
     #[command(after_help = "Example:\n  absconda man > ~/.local/share/man/man1/absconda.1")]
     Man,
@@ -171,6 +174,8 @@ pub enum RemoteCommand {
     Health(HealthArgs),
     /// Build statistics from the state file: success rate, phase durations, VM time, cost.
     Metrics(MetricsArgs),
+    /// Add a builder to the existing builders file, keeping its comments.
+    Add(Box<crate::commands::init::AddArgs>),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -125,6 +125,12 @@ pub fn code(err: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<AuthError>().is_some() {
             return UNREACHABLE;
         }
+        if let Some(e) = cause.downcast_ref::<crate::commands::init::InitError>() {
+            return match e {
+                crate::commands::init::InitError::Write { .. } => FAILURE,
+                _ => USAGE,
+            };
+        }
         if cause.downcast_ref::<ConfigError>().is_some()
             || cause
                 .downcast_ref::<crate::dockerfile::DockerfileError>()
@@ -269,6 +275,9 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 )),
                 _ => None,
             };
+        }
+        if let Some(e) = cause.downcast_ref::<crate::commands::init::InitError>() {
+            return crate::hints::init(e);
         }
         if let Some(e) = cause.downcast_ref::<ConfigError>() {
             return Some(crate::hints::config(e));

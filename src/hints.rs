@@ -11,11 +11,13 @@ use crate::config::{ConfigError, FILE_NAME};
 pub fn config(e: &ConfigError) -> String {
     match e {
         ConfigError::NotFound { .. } => format!(
-            "create `{FILE_NAME}` in this folder with one builder: `builders: {{local: {{host: HOST, user: USER}}}}`"
+            "run `absconda init` to write `{FILE_NAME}` here (it asks on a terminal; or `absconda init --host HOST --user USER`, `--provider gcp|aws`, `--global`)"
         ),
         ConfigError::UnknownBuilder {
             name, available, ..
-        } if available.is_empty() => format!("add `{name}:` with its `host:` under `builders:`"),
+        } if available.is_empty() => {
+            format!("add it with `absconda remote add {name} --host HOST --user USER`")
+        }
         ConfigError::UnknownBuilder { .. } => {
             "`absconda remote list` shows the builders it defines".into()
         }
@@ -81,5 +83,23 @@ pub fn cloud_auth(source_name: &str) -> String {
         "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with AWS_SESSION_TOKEN for temporary keys), or `profile:` / AWS_PROFILE to a profile in ~/.aws/credentials".into()
     } else {
         "run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file".into()
+    }
+}
+
+/// `absconda init` / `remote add` could not do it.
+pub fn init(e: &crate::commands::init::InitError) -> Option<String> {
+    use crate::commands::init::InitError;
+    match e {
+        InitError::Exists { .. } => Some(
+            "`absconda remote add NAME --host HOST` adds a builder to it; `absconda init --force` replaces it".into(),
+        ),
+        InitError::Duplicate { name, .. } => Some(format!(
+            "choose another name, or edit `{name}` in the file"
+        )),
+        InitError::Missing { flag, .. } => Some(format!(
+            "pass `--{flag} VALUE` (or run `absconda init` on a terminal to be asked)"
+        )),
+        InitError::BadProvider { .. } => Some("pass `--provider ssh`, `gcp` or `aws`".into()),
+        _ => None,
     }
 }

@@ -5,6 +5,7 @@ pub mod completions;
 pub mod generate;
 pub mod health;
 pub mod human;
+pub mod init;
 pub mod metrics;
 pub mod printer;
 pub mod provision;
@@ -30,6 +31,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Remote(RemoteCommand::Metrics(args)) => metrics::run(args),
         Command::Completions { shell } => completions::completions(shell),
         Command::Man => completions::man(),
+        Command::Init(args) => init::init(*args).await,
+        Command::Remote(RemoteCommand::Add(args)) => init::add(*args).await,
     }
 }
 

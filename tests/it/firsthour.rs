@@ -175,7 +175,7 @@ fn newcomer_errors_without_a_builder_end_with_a_next_step() {
             name: "no config",
             code: 2,
             message: "no `absconda-remote.yaml` found",
-            hint: "builders:",
+            hint: "absconda init",
         },
         &out,
     );
@@ -614,4 +614,288 @@ fn quiet_prints_only_the_image_names() {
     assert!(stderr(&out).contains("failing-step"), "{}", text(&out));
     assert!(stderr(&out).contains("error: build on builder `local` failed"));
     assert!(out.stdout.is_empty());
+}
+
+/// An empty folder and HOME whose known_hosts trusts `sshd`.
+fn newcomer(sshd: &Sshd) -> (tempfile::TempDir, impl Fn() -> Command) {
+    let t = crate::support::tempdir();
+    let home = t.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    std::fs::copy(&sshd.known_hosts, home.join(".ssh/known_hosts")).unwrap();
+    std::fs::create_dir_all(t.path().join("project")).unwrap();
+    let dir = t.path().to_path_buf();
+    let cmd = move || {
+        let mut c = Command::new(BIN);
+        c.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", dir.join("home"))
+            .env("USER", "tester")
+            .current_dir(dir.join("project"));
+        c
+    };
+    (t, cmd)
+}
+
+#[test]
+fn init_by_flags_writes_a_checked_file_that_builds_and_remote_add_keeps_comments() {
+    crate::require!(SSHD, "dockerd");
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let (t, cmd) = newcomer(&sshd);
+    let ws = t.path().join("ws");
+    let port = sshd.port.to_string();
+    let key = sshd.user_key.display().to_string();
+    let init_args = [
+        "init",
+        "--host",
+        &sshd.listen,
+        "--port",
+        &port,
+        "--user",
+        "root",
+        "--identity-file",
+        &key,
+        "--workspace",
+        ws.to_str().unwrap(),
+    ];
+    let out = cmd().args(init_args).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("wrote `absconda-remote.yaml` with builder `local`"),
+        "{err}"
+    );
+    assert!(err.contains("builder `local` is ready"), "{err}");
+    let file = t.path().join("project/absconda-remote.yaml");
+    let yaml = std::fs::read_to_string(&file).unwrap();
+    assert!(yaml.starts_with("# Builders for absconda"), "{yaml}");
+    assert!(yaml.contains("default_builder: local\n"), "{yaml}");
+    assert!(yaml.contains(&format!("    port: {port}\n")), "{yaml}");
+
+    // The first build works without naming the builder.
+    std::fs::write(
+        t.path().join("project/Dockerfile"),
+        format!("FROM {BASE_IMAGE}\nCOPY Dockerfile /df\n"),
+    )
+    .unwrap();
+    let out = cmd()
+        .args(["build", "--repository", "firsthour/init", "--tag", "v1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        d.run(&["image", "inspect", "firsthour/init:v1"])
+            .status
+            .success()
+    );
+
+    // Never over an existing file without --force.
+    let mut edited = yaml.replace("defaults:\n", "# my own note\ndefaults:\n");
+    edited.push_str("# last words\n");
+    std::fs::write(&file, &edited).unwrap();
+    let out = cmd().args(init_args).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(stderr(&out).contains("exists already"), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("hint: `absconda remote add NAME"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), edited);
+
+    // remote add inserts into `builders:` and keeps every other line.
+    let out = cmd()
+        .args([
+            "remote",
+            "add",
+            "second",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "1",
+            "--no-check",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let after = std::fs::read_to_string(&file).unwrap();
+    for line in edited.lines() {
+        assert!(after.contains(line), "lost {line:?}:\n{after}");
+    }
+    assert!(
+        after.contains("  second:\n    provider: ssh\n    host: 127.0.0.1\n    port: 1\n"),
+        "{after}"
+    );
+    let out = cmd().args(["remote", "list", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["local", "second"]);
+    let out = cmd()
+        .args(["remote", "add", "second", "--host", "x", "--no-check"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+
+    // --force replaces it.
+    let out = cmd().args(init_args).arg("--force").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !std::fs::read_to_string(&file)
+            .unwrap()
+            .contains("  second:")
+    );
+}
+
+#[test]
+fn init_says_what_is_missing_on_the_builder() {
+    crate::require!(SSHD, "dockerd");
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let (t, cmd) = newcomer(&sshd);
+    std::fs::remove_file(t.path().join("home/.ssh/known_hosts")).unwrap();
+    let port = sshd.port.to_string();
+    let key = sshd.user_key.display().to_string();
+    let out = cmd()
+        .args([
+            "init",
+            "--host",
+            &sshd.listen,
+            "--port",
+            &port,
+            "--user",
+            "root",
+        ])
+        .args(["--identity-file", &key])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let err = stderr(&out);
+    assert!(err.contains("FAIL"), "{err}");
+    assert!(err.contains("not ready yet"), "{err}");
+}
+
+#[test]
+fn init_for_clouds_by_flags_and_missing_flags_are_named() {
+    let t = crate::support::tempdir();
+    std::fs::create_dir_all(t.path().join("home")).unwrap();
+    let cmd = || {
+        let mut c = Command::new(BIN);
+        c.env_clear()
+            .env("HOME", t.path().join("home"))
+            .current_dir(t.path());
+        c
+    };
+    let out = cmd()
+        .args([
+            "init",
+            "--global",
+            "--provider",
+            "gcp",
+            "--project",
+            "p",
+            "--zone",
+            "europe-west1-b",
+        ])
+        .args(["--instance", "absconda-builder", "--user", "builder"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("absconda remote start gcp-builder"),
+        "{}",
+        text(&out)
+    );
+    let global = t.path().join("home/.config/absconda/absconda-remote.yaml");
+    let yaml = std::fs::read_to_string(&global).unwrap();
+    assert!(yaml.contains("    provider: gcp\n    project: p\n    zone: europe-west1-b\n    instance: absconda-builder\n"), "{yaml}");
+    assert!(yaml.contains("host_key_alias: gcp-builder"), "{yaml}");
+
+    let out = cmd()
+        .args([
+            "init",
+            "--provider",
+            "aws",
+            "--region",
+            "us-east-1",
+            "--user",
+            "ubuntu",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("`--instance-id` is required for provider `aws`"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stderr(&out).contains("hint: pass `--instance-id VALUE`"),
+        "{}",
+        text(&out)
+    );
+    assert!(!t.path().join("absconda-remote.yaml").exists());
+    let out = cmd()
+        .args([
+            "init",
+            "--provider",
+            "aws",
+            "--region",
+            "us-east-1",
+            "--instance-id",
+            "i-0abc",
+            "--user",
+            "ubuntu",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let yaml = std::fs::read_to_string(t.path().join("absconda-remote.yaml")).unwrap();
+    assert!(
+        yaml.contains(
+            "  aws-builder:\n    provider: aws\n    region: us-east-1\n    instance_id: i-0abc\n"
+        ),
+        "{yaml}"
+    );
+}
+
+#[test]
+fn init_asks_on_a_terminal() {
+    crate::require!("script");
+    let t = crate::support::tempdir();
+    std::fs::create_dir_all(t.path().join("home")).unwrap();
+    let mut child = Command::new("script")
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", t.path().join("home"))
+        .env("USER", "tester")
+        .env("TERM", "dumb")
+        .current_dir(t.path())
+        .args(["-qefc", &format!("'{BIN}' init --no-check"), "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        // provider, host, user (default), key file (none)
+        stdin.write_all(b"ssh\nbuild.example.com\n\n\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(tty.contains("host (name or address): "), "{tty}");
+    assert!(tty.contains("SSH user on the builder [tester]: "), "{tty}");
+    let yaml = std::fs::read_to_string(t.path().join("absconda-remote.yaml")).unwrap();
+    assert!(
+        yaml.contains(
+            "  local:\n    provider: ssh\n    host: build.example.com\n    user: tester\n"
+        ),
+        "{yaml}"
+    );
 }
