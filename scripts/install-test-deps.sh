@@ -23,6 +23,7 @@ have unshare || need+=(util-linux)
 have flock || need+=(util-linux)
 have dash || need+=(dash)
 have shellcheck || need+=(shellcheck)
+have script || need+=(bsdutils)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""

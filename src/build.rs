@@ -163,13 +163,20 @@ pub enum BuildError {
     #[error("could not set up the workspace `{workspace}` on `{builder}`: {message}")]
     Workspace {
         builder: String,
+        /// The SSH user, who must be able to write there.
+        user: String,
         workspace: String,
         message: String,
     },
     #[error("sending the context to `{builder}` failed: {message}")]
     Upload { builder: String, message: String },
     #[error("docker on `{builder}` is not usable: {message}")]
-    Docker { builder: String, message: String },
+    Docker {
+        builder: String,
+        /// The SSH user, who must be allowed to use docker.
+        user: String,
+        message: String,
+    },
     #[error("`docker build` failed on `{builder}` ({status})")]
     DockerBuild { builder: String, status: ExitStatus },
     #[error(
@@ -525,6 +532,7 @@ pub async fn acquire_lease(
             let message = printable(String::from_utf8_lossy(&stderr).trim(), 400);
             return Err(BuildError::Workspace {
                 builder: builder.name.clone(),
+                user: builder.user.clone(),
                 workspace: builder.workspace.clone(),
                 message: if message.is_empty() {
                     "the lease supervisor exited early (is `flock` installed on the builder?)"
@@ -783,6 +791,7 @@ async fn image_id(
     if !out.status.success() || !id.starts_with("sha256:") {
         return Err(BuildError::Docker {
             builder: builder.name.clone(),
+            user: builder.user.clone(),
             message: format!(
                 "`docker image inspect {image}` did not give the image id: {}",
                 out.stderr_tail()
@@ -977,12 +986,15 @@ async fn upload(
     let mut p = session
         .exec("the context upload", &remote::upload(run_dir, gzip))
         .await?;
-    let (mut rx, producer) = context::tar_stream(
+    let planned = prepared.bytes;
+    let content = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (mut rx, producer) = context::tar_stream_with_progress(
         prepared.entries,
         prepared.extra,
         "context/".into(),
         compression,
         256 * 1024,
+        content.clone(),
     );
     let writer = &p.writer;
     let mut stderr = Vec::new();
@@ -997,6 +1009,7 @@ async fn upload(
             writer.write_all(&chunk).await?;
             sent += chunk.len() as u64;
             reporter.upload_progress(sent);
+            reporter.upload_content(content.load(std::sync::atomic::Ordering::Relaxed), planned);
         }
         writer.eof().await?;
         Ok::<u64, BuildError>(sent)
@@ -1097,6 +1110,7 @@ pub async fn build_on(
         if probe.docker_server.is_none() {
             return Err(BuildError::Docker {
                 builder: builder.name.clone(),
+                user: builder.user.clone(),
                 message: probe
                     .docker_error
                     .clone()

@@ -40,6 +40,9 @@ pub struct Cli {
     /// More output on stderr (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, action = ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Print only errors and, after a build, the image names (on stdout).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -55,6 +58,18 @@ pub enum Command {
     /// Manage remote builders.
     #[command(subcommand, after_help = REMOTE_EXAMPLES)]
     Remote(RemoteCommand),
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish).
+    #[command(after_help = crate::commands::completions::COMPLETIONS_EXAMPLES)]
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Write a commented absconda-remote.yaml with one builder and check it.
+    #[command(after_help = crate::commands::init::INIT_EXAMPLES)]
+    Init(Box<crate::commands::init::InitArgs>),
+    /// Print the manual page (roff) on stdout.
+    #[command(after_help = "Example:\n  absconda man > ~/.local/share/man/man1/absconda.1")]
+    Man,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -201,6 +216,8 @@ pub enum RemoteCommand {
     Health(HealthArgs),
     /// Build statistics from the state file: success rate, phase durations, VM time, cost.
     Metrics(MetricsArgs),
+    /// Add a builder to the existing builders file, keeping its comments.
+    Add(Box<crate::commands::init::AddArgs>),
 }
 
 #[derive(Debug, Clone, Args)]

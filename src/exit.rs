@@ -143,6 +143,12 @@ pub fn code(err: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<AuthError>().is_some() {
             return UNREACHABLE;
         }
+        if let Some(e) = cause.downcast_ref::<crate::commands::init::InitError>() {
+            return match e {
+                crate::commands::init::InitError::Write { .. } => FAILURE,
+                _ => USAGE,
+            };
+        }
         if cause.downcast_ref::<ConfigError>().is_some()
             || cause
                 .downcast_ref::<crate::secrets::SecretError>()
@@ -291,9 +297,9 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                     "`chmod 600 {}` (or, where secrets can only be mounted readable by others, set ABSCONDA_ALLOW_OPEN_KEYS=1)",
                     path.display()
                 )),
-                SshError::Auth(AuthError::Refused { user, .. }) => Some(format!(
-                    "add the public key of your `identity_file` to `~/.ssh/authorized_keys` of `{user}` on the builder, or set `identity_file:`"
-                )),
+                SshError::Auth(AuthError::Refused { user, host, tried }) => {
+                    Some(crate::hints::key_refused(user, host, tried))
+                }
                 _ => None,
             };
         }
@@ -305,12 +311,15 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 BuildError::DockerBuild { .. } => {
                     Some("the output above shows the failing step".into())
                 }
-                BuildError::Workspace { workspace, .. } => Some(format!(
-                    "create it on the builder for the SSH user (`sudo install -d -o USER {workspace}`) or set `workspace:` to a folder the user can write"
+                BuildError::Workspace { workspace, user, .. } => Some(format!(
+                    "create it on the builder for `{user}`: `sudo install -d -o {user} {workspace}`; or set `workspace:` to a folder `{user}` can write"
                 )),
-                BuildError::Login { .. } => Some(
-                    "check ABSCONDA_REGISTRY_USER/ABSCONDA_REGISTRY_PASSWORD or the `auths` entry in ~/.docker/config.json".into(),
-                ),
+                BuildError::Docker { user, message, .. } => {
+                    Some(crate::hints::docker(user, message))
+                }
+                BuildError::Login { registry, .. } => Some(format!(
+                    "set ABSCONDA_REGISTRY_USER and ABSCONDA_REGISTRY_PASSWORD to an account (or token) that may push to `{registry}`; without them the `auths` entry for it in ~/.docker/config.json is used"
+                )),
                 BuildError::SecretsNeedBuildKit { .. } => Some(
                     "set `buildkit: on` (or `auto` with a docker that has BuildKit) for this builder".into(),
                 ),
@@ -320,8 +329,14 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 _ => None,
             };
         }
+        if let Some(e) = cause.downcast_ref::<crate::commands::init::InitError>() {
+            return crate::hints::init(e);
+        }
         if let Some(e) = cause.downcast_ref::<ConfigError>() {
             return Some(crate::hints::config(e));
+        }
+        if let Some(CloudError::Auth { source_name, .. }) = cause.downcast_ref::<CloudError>() {
+            return Some(crate::hints::cloud_auth(source_name));
         }
     }
     None

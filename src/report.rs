@@ -49,6 +49,9 @@ pub trait Reporter: Send + Sync {
     fn info(&self, _message: &str) {}
     /// Upload progress: bytes sent so far.
     fn upload_progress(&self, _sent: u64) {}
+    /// Upload progress in file content: `done` of the `total` bytes the
+    /// upload plans to send, before compression.
+    fn upload_content(&self, _done: u64, _total: u64) {}
     /// Live output of a remote command; `stderr` tells which stream.
     fn output(&self, _stderr: bool, _data: &[u8]) {}
 }

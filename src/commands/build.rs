@@ -221,6 +221,9 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
             tracing::warn!("could not record the build in the state file: {e}");
         }
     }
+    if result.is_err() {
+        printer.show_kept_output();
+    }
     result.with_context(|| format!("build on builder `{}` failed", builder.name))?;
     if let (Some(path), Some(id)) = (&args.iidfile, &report.image_id) {
         crate::outputs::write_atomic(path, id.as_bytes())?;
@@ -230,8 +233,16 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         crate::outputs::write_atomic(path, &json)?;
     }
 
-    eprintln!("absconda: built {}", report.images.join(", "));
-    eprintln!("absconda: {}", report.summary());
+    if crate::commands::printer::quiet() {
+        if !args.json {
+            for image in &report.images {
+                println!("{image}");
+            }
+        }
+    } else {
+        eprintln!("absconda: built {}", report.images.join(", "));
+        eprintln!("absconda: {}", report.summary());
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
@@ -375,6 +386,9 @@ impl Reporter for Recorder<'_> {
     }
     fn upload_progress(&self, sent: u64) {
         self.inner.upload_progress(sent)
+    }
+    fn upload_content(&self, done: u64, total: u64) {
+        self.inner.upload_content(done, total)
     }
     fn output(&self, stderr: bool, data: &[u8]) {
         self.inner.output(stderr, data)

@@ -1,8 +1,11 @@
 //! One file per subcommand; each turns parsed arguments into library calls.
 
 pub mod build;
+pub mod completions;
 pub mod generate;
 pub mod health;
+pub mod human;
+pub mod init;
 pub mod metrics;
 pub mod printer;
 pub mod provision;
@@ -14,6 +17,7 @@ use crate::cli::{Cli, Command, RemoteCommand};
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    printer::set_quiet(cli.quiet);
     match cli.command {
         Command::Build(args) => build::run(*args, interrupt_token()).await,
         Command::Generate(args) => generate::run(&args),
@@ -25,6 +29,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Remote(RemoteCommand::Destroy(args)) => provision::destroy(args).await,
         Command::Remote(RemoteCommand::Health(args)) => health::run(args).await,
         Command::Remote(RemoteCommand::Metrics(args)) => metrics::run(args),
+        Command::Completions { shell } => completions::completions(shell),
+        Command::Man => completions::man(),
+        Command::Init(args) => init::init(*args).await,
+        Command::Remote(RemoteCommand::Add(args)) => init::add(*args).await,
     }
 }
 

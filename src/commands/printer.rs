@@ -1,74 +1,196 @@
 //! The CLI's [`Reporter`]: progress bars on a terminal, plain lines otherwise.
 //!
 //! Remote build output goes to our stdout/stderr as the builder wrote it,
-//! except with `--json`, where stdout is reserved for the report.
+//! except with `--json`, where stdout is reserved for the report, and with
+//! `--quiet`, where it is kept (the last 64 KiB) and shown only if the build
+//! fails. When stderr is not a terminal nothing but plain lines is written:
+//! no cursor movement, no colour. `NO_COLOR` turns colour off on a terminal.
 
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::build::human_bytes;
+use crate::commands::human;
 use crate::report::{Phase, Reporter};
+
+/// `--quiet`: only errors and the final image names.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// How much of the build output `--quiet` keeps for a failure.
+const QUIET_TAIL: usize = 64 * 1024;
+
+/// How often plain (non-terminal) upload progress lines are printed.
+const PLAIN_EVERY: Duration = Duration::from_secs(5);
+
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
+#[derive(Default)]
+struct Upload {
+    started: Option<Instant>,
+    wire: u64,
+    done: u64,
+    total: u64,
+    last_line: Option<Instant>,
+    is_bar: bool,
+}
 
 pub struct Printer {
     json: bool,
-    bar: Mutex<Option<ProgressBar>>,
+    quiet: bool,
+    bar: Mutex<Option<(Phase, ProgressBar)>>,
     tty: bool,
+    colour: bool,
+    upload: Mutex<Upload>,
+    /// With `--quiet`: the end of the build output, for a failure.
+    tail: Mutex<Vec<u8>>,
 }
 
 impl Printer {
     pub fn new(json: bool) -> Printer {
+        let tty = std::io::stderr().is_terminal();
         Printer {
             json,
+            quiet: quiet(),
             bar: Mutex::new(None),
-            tty: std::io::stderr().is_terminal()
-                && std::env::var_os("NO_COLOR").is_none_or(|_| true),
+            tty,
+            colour: tty && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            upload: Mutex::new(Upload::default()),
+            tail: Mutex::new(Vec::new()),
         }
     }
 
     fn finish_bar(&self) {
-        if let Some(bar) = self.bar.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some((_, bar)) = self.bar.lock().unwrap_or_else(|p| p.into_inner()).take() {
             bar.finish_and_clear();
         }
     }
+
+    /// With `--quiet`, writes the kept build output to stderr (after a failure).
+    pub fn show_kept_output(&self) {
+        let tail = std::mem::take(&mut *self.tail.lock().unwrap_or_else(|p| p.into_inner()));
+        if !tail.is_empty() {
+            let mut e = std::io::stderr().lock();
+            let _ = e.write_all(&tail);
+            let _ = e.flush();
+        }
+    }
+
+    fn line(&self, text: &str) {
+        if self.quiet {
+            return;
+        }
+        match &*self.bar.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((_, bar)) => bar.println(format!("absconda: {text}")),
+            None => eprintln!("absconda: {text}"),
+        }
+    }
+
+    fn spinner(&self, message: String) -> ProgressBar {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} · {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.set_message(message);
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    }
+
+    fn upload_bar_style(&self) -> ProgressStyle {
+        let template = if self.colour {
+            "sending the context [{bar:30.cyan/blue}] {bytes}/{total_bytes} {percent}% · {binary_bytes_per_sec} · {eta} left"
+        } else {
+            "sending the context [{bar:30}] {bytes}/{total_bytes} {percent}% · {binary_bytes_per_sec} · {eta} left"
+        };
+        ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ")
+    }
+}
+
+fn label(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Start => "starting the builder",
+        Phase::Ready => "waiting until the builder is ready",
+        Phase::Connect => "connecting",
+        Phase::Lease => "taking the builder lease",
+        Phase::Upload => "sending the context",
+        Phase::Build => "building",
+        Phase::Push => "pushing",
+        Phase::Cleanup => "cleaning up",
+        Phase::Stop => "stopping the builder",
+    }
+}
+
+fn since() -> String {
+    chrono::Local::now().format("%H:%M:%S").to_string()
+}
+
+/// "12.0 MiB of 40.3 MiB (30%), 5.2 MiB/s, 5 s left"
+fn plain_progress(u: &Upload) -> String {
+    let secs = u
+        .started
+        .map(|s| s.elapsed().as_secs_f64())
+        .unwrap_or_default();
+    let rate = if secs > 0.0 {
+        u.done as f64 / secs
+    } else {
+        0.0
+    };
+    let pct = (u.done * 100).checked_div(u.total).unwrap_or(100);
+    let left = if rate > 0.0 && u.total > u.done {
+        format!(
+            ", {} left",
+            human::duration(Duration::from_secs_f64((u.total - u.done) as f64 / rate))
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{} of {} ({pct}%), {}/s{left}",
+        human_bytes(u.done),
+        human_bytes(u.total),
+        human_bytes(rate as u64)
+    )
 }
 
 impl Reporter for Printer {
     fn phase(&self, phase: Phase) {
         self.finish_bar();
-        let label = match phase {
-            Phase::Start => "starting the builder",
-            Phase::Ready => "waiting until the builder is ready",
-            Phase::Connect => "connecting",
-            Phase::Lease => "taking the builder lease",
-            Phase::Upload => "sending the context",
-            Phase::Build => "building",
-            Phase::Push => "pushing",
-            Phase::Cleanup => "cleaning up",
-            Phase::Stop => "stopping the builder",
-        };
+        if phase == Phase::Upload {
+            *self.upload.lock().unwrap_or_else(|p| p.into_inner()) = Upload {
+                started: Some(Instant::now()),
+                ..Upload::default()
+            };
+        }
+        if self.quiet {
+            return;
+        }
+        let label = label(phase);
         if self.tty
             && matches!(
                 phase,
                 Phase::Upload | Phase::Start | Phase::Ready | Phase::Lease
             )
         {
-            let bar = if phase == Phase::Upload {
-                let b = ProgressBar::new_spinner();
-                b.set_style(
-                    ProgressStyle::with_template(
-                        "{spinner} {msg} {bytes} ({bytes_per_sec}) {elapsed}",
-                    )
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-                );
-                b
-            } else {
-                ProgressBar::new_spinner()
+            let message = match phase {
+                Phase::Start | Phase::Ready => format!("{label} (since {})", since()),
+                _ => label.to_string(),
             };
-            bar.set_message(label);
-            bar.enable_steady_tick(Duration::from_millis(120));
-            *self.bar.lock().unwrap_or_else(|p| p.into_inner()) = Some(bar);
+            let bar = self.spinner(message);
+            *self.bar.lock().unwrap_or_else(|p| p.into_inner()) = Some((phase, bar));
+        } else if matches!(phase, Phase::Start | Phase::Ready) {
+            eprintln!("absconda: {label} (since {})", since());
         } else {
             eprintln!("absconda: {label}");
         }
@@ -76,29 +198,90 @@ impl Reporter for Printer {
 
     fn phase_done(&self, phase: Phase, took: Duration) {
         self.finish_bar();
-        if phase == Phase::Upload || phase == Phase::Start || phase == Phase::Ready {
+        if self.quiet {
+            return;
+        }
+        if phase == Phase::Upload {
+            let u = self.upload.lock().unwrap_or_else(|p| p.into_inner());
+            let ratio = if u.done > 0 {
+                format!(" ({:.0}% of it)", u.wire as f64 * 100.0 / u.done as f64)
+            } else {
+                String::new()
+            };
             eprintln!(
-                "absconda: {} done in {:.1}s",
+                "absconda: upload done in {}: {} of content, {} on the wire{ratio}",
+                human::duration(took),
+                human_bytes(u.done),
+                human_bytes(u.wire),
+            );
+        } else if phase == Phase::Start || phase == Phase::Ready {
+            eprintln!(
+                "absconda: {} done in {}",
                 phase.name(),
-                took.as_secs_f64()
+                human::duration(took)
             );
         }
     }
 
     fn info(&self, message: &str) {
-        match &*self.bar.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(bar) => bar.println(format!("absconda: {message}")),
-            None => eprintln!("absconda: {message}"),
+        if self.quiet {
+            return;
         }
+        // What a VM wait is waiting for goes into its spinner.
+        if let Some((Phase::Start | Phase::Ready, bar)) =
+            &*self.bar.lock().unwrap_or_else(|p| p.into_inner())
+            && message.starts_with("waiting for ")
+        {
+            bar.set_message(format!("{message} (since {})", since()));
+            return;
+        }
+        self.line(message);
     }
 
     fn upload_progress(&self, sent: u64) {
-        if let Some(bar) = &*self.bar.lock().unwrap_or_else(|p| p.into_inner()) {
-            bar.set_position(sent);
+        self.upload.lock().unwrap_or_else(|p| p.into_inner()).wire = sent;
+    }
+
+    fn upload_content(&self, done: u64, total: u64) {
+        let mut u = self.upload.lock().unwrap_or_else(|p| p.into_inner());
+        u.done = done;
+        u.total = total;
+        if self.quiet {
+            return;
+        }
+        if self.tty {
+            if let Some((Phase::Upload, bar)) = &*self.bar.lock().unwrap_or_else(|p| p.into_inner())
+            {
+                if !u.is_bar {
+                    u.is_bar = true;
+                    bar.set_length(total);
+                    bar.set_style(self.upload_bar_style());
+                    bar.reset_elapsed();
+                }
+                bar.set_position(done.min(total));
+            }
+        } else {
+            let due = match u.last_line {
+                Some(t) => t.elapsed() >= PLAIN_EVERY,
+                None => u.started.is_some_and(|s| s.elapsed() >= PLAIN_EVERY),
+            };
+            if due {
+                u.last_line = Some(Instant::now());
+                eprintln!("absconda: sending the context: {}", plain_progress(&u));
+            }
         }
     }
 
     fn output(&self, stderr: bool, data: &[u8]) {
+        if self.quiet {
+            let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+            tail.extend_from_slice(data);
+            if tail.len() > QUIET_TAIL {
+                let cut = tail.len() - QUIET_TAIL;
+                tail.drain(..cut);
+            }
+            return;
+        }
         if stderr || self.json {
             let mut e = std::io::stderr().lock();
             let _ = e.write_all(data);
@@ -108,5 +291,24 @@ impl Reporter for Printer {
             let _ = o.write_all(data);
             let _ = o.flush();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_progress_has_total_percent_rate_and_time_left() {
+        let u = Upload {
+            started: Instant::now().checked_sub(Duration::from_secs(2)),
+            done: 10 * 1024 * 1024,
+            total: 40 * 1024 * 1024,
+            ..Upload::default()
+        };
+        let line = plain_progress(&u);
+        assert!(line.starts_with("10.0 MiB of 40.0 MiB (25%), "), "{line}");
+        assert!(line.contains("/s, ") && line.ends_with(" left"), "{line}");
+        assert!(line.chars().all(|c| !c.is_control()), "{line:?}");
     }
 }

@@ -6,6 +6,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::build;
 use crate::cli::{ListArgs, NameArgs};
+use crate::commands::human;
 use crate::commands::printer::Printer;
 use crate::config::{self, Builder, ProviderKind};
 use crate::lifecycle::{self, Cloud, LifecycleError};
@@ -187,21 +188,39 @@ pub async fn list(args: ListArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!(
-            "{:<20} {:<9} {:<10} {:<24} {:>6}  LAST USED",
-            "NAME", "PROVIDER", "STATUS", "ADDRESS", "BUILDS"
-        );
+        let now = chrono::Utc::now();
+        let mut table = Vec::new();
         for r in &rows {
-            println!(
-                "{:<20} {:<9} {:<10} {:<24} {:>6}  {}",
-                r.name,
-                r.provider,
-                r.status,
-                r.address.as_deref().unwrap_or("-"),
-                r.builds_count,
-                r.last_used.as_deref().unwrap_or("-")
-            );
-            if let Some(e) = &r.error {
+            table.push(vec![
+                r.name.clone(),
+                r.provider.clone(),
+                r.status.clone(),
+                r.address.clone().unwrap_or_else(|| "-".into()),
+                r.builds_count.to_string(),
+                r.last_used
+                    .as_deref()
+                    .map(|t| human::ago_rfc3339(t, now))
+                    .unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        let text = human::table(
+            &[
+                "NAME",
+                "PROVIDER",
+                "STATUS",
+                "ADDRESS",
+                "BUILDS",
+                "LAST USED",
+            ],
+            &table,
+            &[4],
+        );
+        for (line, r) in text
+            .lines()
+            .zip(std::iter::once(None).chain(rows.iter().map(Some)))
+        {
+            println!("{line}");
+            if let Some(e) = r.and_then(|r| r.error.as_ref()) {
                 println!("  error: {e}");
             }
         }
@@ -254,11 +273,27 @@ pub async fn status(args: NameArgs) -> anyhow::Result<()> {
                 .map(|h| format!("held by {h}"))
                 .unwrap_or_else(|| "free".into())
         );
+        let now = chrono::Utc::now();
         println!(
             "builds:     {} (last used {})",
             st.builds_count,
-            st.last_used.as_deref().unwrap_or("never")
+            st.last_used
+                .as_deref()
+                .map(|t| human::ago_rfc3339(t, now))
+                .unwrap_or_else(|| "never".into())
         );
+        if let Some(last) = state.load().ok().and_then(|s| {
+            s.builders
+                .get(&st.name)
+                .and_then(|b| b.history.back().cloned())
+        }) {
+            println!(
+                "last build: {}, took {}, {}",
+                last.outcome.replace('_', " "),
+                human::duration(std::time::Duration::from_secs_f64(last.seconds.max(0.0))),
+                human::ago(last.started_at, now)
+            );
+        }
     }
     result
 }

@@ -38,7 +38,10 @@ use std::path::PathBuf;
 
 pub use hash::{sha256_file, sha256_files};
 pub use ignore::{DockerIgnore, InvalidPattern};
-pub use tar::{Compression, ExtraFile, TarChunks, TarStats, TarTask, tar_stream, write_tar};
+pub use tar::{
+    Compression, ExtraFile, TarChunks, TarStats, TarTask, tar_stream, tar_stream_with_progress,
+    write_tar,
+};
 pub use walk::{Entry, EntryKind, walk};
 
 /// Everything that can go wrong while reading or archiving a context.

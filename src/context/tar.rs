@@ -91,9 +91,31 @@ pub fn write_tar<W: Write>(
     compression: Compression,
     out: W,
 ) -> Result<TarStats, ContextError> {
+    write_tar_progress(
+        entries,
+        extra,
+        prefix,
+        compression,
+        out,
+        Arc::new(AtomicU64::new(0)),
+    )
+}
+
+/// [`write_tar`], adding the bytes of file content read so far to `content`
+/// (before compression), so that a progress bar can compare them with the
+/// planned total.
+fn write_tar_progress<W: Write>(
+    entries: &[Entry],
+    extra: &[ExtraFile],
+    prefix: &str,
+    compression: Compression,
+    out: W,
+    content: Arc<AtomicU64>,
+) -> Result<TarStats, ContextError> {
     let prefix = normalize_prefix(prefix)?;
     check_extra_names(entries, extra)?;
     let mut writer = TarWriter::new(out, compression);
+    writer.content = content;
     let mut dir = String::new();
     for part in prefix.split('/').filter(|p| !p.is_empty()) {
         dir.push_str(part);
@@ -153,6 +175,47 @@ pub(crate) fn tar_stream_counting(
     chunk: usize,
     sent: Arc<AtomicU64>,
 ) -> (TarChunks, TarTask) {
+    spawn_tar(
+        entries,
+        extra,
+        prefix,
+        compression,
+        chunk,
+        sent,
+        Arc::new(AtomicU64::new(0)),
+    )
+}
+
+/// [`tar_stream`], adding the bytes of file content read so far (before
+/// compression) to `content`: what an upload's progress bar counts.
+pub fn tar_stream_with_progress(
+    entries: Vec<Entry>,
+    extra: Vec<ExtraFile>,
+    prefix: String,
+    compression: Compression,
+    chunk: usize,
+    content: Arc<AtomicU64>,
+) -> (TarChunks, TarTask) {
+    spawn_tar(
+        entries,
+        extra,
+        prefix,
+        compression,
+        chunk,
+        Arc::new(AtomicU64::new(0)),
+        content,
+    )
+}
+
+fn spawn_tar(
+    entries: Vec<Entry>,
+    extra: Vec<ExtraFile>,
+    prefix: String,
+    compression: Compression,
+    chunk: usize,
+    sent: Arc<AtomicU64>,
+    content: Arc<AtomicU64>,
+) -> (TarChunks, TarTask) {
     let chunk = chunk.max(BLOCK);
     let (tx, rx) = mpsc::channel(STREAM_DEPTH);
     let handle = tokio::task::spawn_blocking(move || {
@@ -162,7 +225,7 @@ pub(crate) fn tar_stream_counting(
             chunk,
             sent,
         };
-        let result = write_tar(&entries, &extra, &prefix, compression, out);
+        let result = write_tar_progress(&entries, &extra, &prefix, compression, out, content);
         if let Err(error) = &result
             && !matches!(error, ContextError::StreamClosed { .. })
         {
@@ -277,6 +340,8 @@ struct TarWriter<W: Write> {
     sink: Sink<W>,
     buf: Vec<u8>,
     stats: TarStats,
+    /// File content bytes read so far, for progress.
+    content: Arc<AtomicU64>,
 }
 
 impl<W: Write> TarWriter<W> {
@@ -296,6 +361,7 @@ impl<W: Write> TarWriter<W> {
             sink,
             buf: vec![0; COPY_BUF],
             stats: TarStats::default(),
+            content: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -440,6 +506,7 @@ impl<W: Write> TarWriter<W> {
             self.sink
                 .write_all(&self.buf[..n])
                 .map_err(|e| out_error(e, path))?;
+            self.content.fetch_add(n as u64, Ordering::Relaxed);
             remaining -= n as u64;
         }
         self.pad(size, path)

@@ -45,6 +45,8 @@ pub mod script;
 pub mod stream;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -310,8 +312,10 @@ pub async fn sync_context(
             .count() as u64;
         summary.deleted = plan.delete.len() as u64;
         summary.chmod = plan.chmod.len() as u64;
-        let tar =
-            (tar_mode != TarMode::None).then(|| scanned_tar(&scanned, &plan, job.compression));
+        let content = Arc::new(AtomicU64::new(0));
+        let planned = planned_bytes(&plan, new);
+        let tar = (tar_mode != TarMode::None)
+            .then(|| scanned_tar(&scanned, &plan, job.compression, &content));
         debug!(
             delete = plan.delete.len(),
             chmod = plan.chmod.len(),
@@ -325,6 +329,7 @@ pub async fn sync_context(
             request,
             tar,
             summary.bytes_sent,
+            (&content, planned),
             reporter,
             builder,
         )
@@ -421,9 +426,21 @@ fn scanned_tar(
     scanned: &Scanned,
     plan: &Plan,
     compression: Compression,
+    content: &Arc<AtomicU64>,
 ) -> (context::TarChunks, context::TarTask) {
     let (entries, extra) = scanned.tar_inputs(&plan.send);
-    stream::tar_stream(entries, extra, compression, CHUNK)
+    stream::tar_stream_with_progress(entries, extra, compression, CHUNK, content.clone())
+}
+
+/// The file content the plan sends, before compression: the upload's total.
+fn planned_bytes(plan: &Plan, new: &Manifest) -> u64 {
+    plan.send
+        .iter()
+        .filter_map(|&i| match new.entries.get(i).map(|e| &e.kind) {
+            Some(Kind::File { size, .. }) => Some(*size),
+            _ => None,
+        })
+        .sum()
 }
 
 async fn save(cache: &mut LocalCache) {
@@ -465,6 +482,7 @@ async fn exchange(
     request: Vec<u8>,
     tar: Option<(context::TarChunks, context::TarTask)>,
     already_sent: u64,
+    (content, planned): (&AtomicU64, u64),
     reporter: &dyn Reporter,
     builder: &str,
 ) -> Result<Exchanged, SyncError> {
@@ -487,6 +505,7 @@ async fn exchange(
                     writer.write_all(&chunk).await?;
                     sent += chunk.len() as u64;
                     reporter.upload_progress(already_sent + sent);
+                    reporter.upload_content(content.load(Ordering::Relaxed), planned);
                 }
             }
             Ok::<(), SyncError>(())

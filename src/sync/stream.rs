@@ -21,7 +21,24 @@ pub fn tar_stream(
     compression: Compression,
     chunk: usize,
 ) -> (TarChunks, TarTask) {
-    context::tar_stream(entries, extra, String::new(), compression, chunk)
+    tar_stream_with_progress(
+        entries,
+        extra,
+        compression,
+        chunk,
+        std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    )
+}
+
+/// [`tar_stream`], counting file content read (before compression) in `content`.
+pub fn tar_stream_with_progress(
+    entries: Vec<Entry>,
+    extra: Vec<ExtraFile>,
+    compression: Compression,
+    chunk: usize,
+    content: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> (TarChunks, TarTask) {
+    context::tar_stream_with_progress(entries, extra, String::new(), compression, chunk, content)
 }
 
 /// Writes the archive into `out` (blocking).
