@@ -481,7 +481,14 @@ pub async fn probe(session: &Session, builder: &Builder) -> Result<ProbeReport, 
             &remote::probe(&builder.docker, &builder.workspace),
             b"",
         )
-        .await?;
+        .await
+        .map_err(|e| match e {
+            SshError::TooMuchOutput { .. } => BuildError::Docker {
+                builder: builder.name.clone(),
+                message: e.to_string(),
+            },
+            e => e.into(),
+        })?;
     Ok(ProbeReport::parse(&out.stdout_str()))
 }
 
@@ -678,7 +685,8 @@ async fn upload(
         writer.eof().await?;
         Ok::<u64, BuildError>(sent)
     };
-    let recv = reader.drain(|_, d| stderr.extend_from_slice(d));
+    let recv = reader
+        .drain(|_, d| crate::ssh::exec::keep_tail(&mut stderr, d, crate::ssh::exec::STDERR_LIMIT));
     let (sent, status) = tokio::join!(send, recv);
     let produced = producer.await.map_err(|e| BuildError::Upload {
         builder: builder.name.clone(),

@@ -194,3 +194,75 @@ fn scoped_registry_credentials_reach_only_their_registry() {
     );
     assert!(reg.tags("scoped/app").contains(&"t2".to_string()));
 }
+
+/// Runs `cmd` and returns its output and peak resident memory in KiB, from
+/// `wait4` on that one process (the kernel's own count, not absconda's).
+fn run_measured(mut cmd: std::process::Command, dir: &std::path::Path) -> (i32, String, i64) {
+    let out_path = dir.join("measured.out");
+    let err_path = dir.join("measured.err");
+    let child = cmd
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our own child, not yet waited for; the pointers are valid.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid);
+    std::mem::forget(child);
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    (code, err, usage.ru_maxrss)
+}
+
+#[test]
+fn a_builder_docker_printing_a_gigabyte_in_the_probe_leaves_the_client_small() {
+    if !ok() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::new(&sshd);
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY x /x\n"));
+    p.file("x", "x\n");
+    // `docker version` on the builder prints 1 GiB without a newline.
+    let wrapper = p.dir.path().join("docker-flood");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = version ]; then head -c 1073741824 /dev/zero | tr '\\0' x; exit 0; fi\nexec {DOCKER_CLI} \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(&p.config).unwrap().replace(
+        &format!("docker: {DOCKER_CLI}"),
+        &format!("docker: {}", wrapper.display()),
+    );
+    std::fs::write(&p.config, config).unwrap();
+    let mut c = p.cmd();
+    c.args(["build", "--remote-builder", "local", "--context"])
+        .arg(&p.context)
+        .args(["--repository", "flood/app", "--tag", "t"]);
+    let (code, err, max_rss_kib) = run_measured(c, p.dir.path());
+    eprintln!("client peak RSS with a 1 GiB probe: {max_rss_kib} KiB");
+    assert!(max_rss_kib < 64 * 1024, "peak RSS {max_rss_kib} KiB: {err}");
+    assert_eq!(code, 9, "{err}");
+    assert!(
+        err.contains("error: build on builder `local` failed")
+            && err.contains("docker on `local` is not usable")
+            && err.contains("more than 1.0 MiB on stdout"),
+        "{err}"
+    );
+}
