@@ -436,6 +436,13 @@ pub async fn acquire_lease(
                 waited: wait,
             })?;
         let Some(line) = line else {
+            if process.reader.overlong() {
+                return Err(BuildError::Workspace {
+                    builder: builder.name.clone(),
+                    workspace: builder.workspace.clone(),
+                    message: "the lease supervisor sent a line longer than 64 KiB".into(),
+                });
+            }
             let message = String::from_utf8_lossy(&stderr).trim().to_string();
             return Err(BuildError::Workspace {
                 builder: builder.name.clone(),
