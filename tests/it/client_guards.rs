@@ -195,31 +195,41 @@ fn scoped_registry_credentials_reach_only_their_registry() {
     assert!(reg.tags("scoped/app").contains(&"t2".to_string()));
 }
 
-/// Runs `cmd` and returns its output and peak resident memory in KiB, from
-/// `wait4` on that one process (the kernel's own count, not absconda's).
-fn run_measured(mut cmd: std::process::Command, dir: &std::path::Path) -> (i32, String, i64) {
-    let out_path = dir.join("measured.out");
+/// Runs `cmd` and returns its exit code, stderr and peak resident memory in
+/// KiB: the kernel's high-water mark (`VmHWM` in `/proc/<pid>/status`) of
+/// that process, sampled until it exits. (`wait4`'s `ru_maxrss` would not
+/// do: a child spawned with vfork inherits its parent's high-water mark at
+/// `exec`.)
+fn run_measured(mut cmd: std::process::Command, dir: &std::path::Path) -> (i32, String, u64) {
     let err_path = dir.join("measured.err");
-    let child = cmd
-        .stdout(std::fs::File::create(&out_path).unwrap())
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
         .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: pid is our own child, not yet waited for; the pointers are valid.
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(waited, pid);
-    std::mem::forget(child);
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        -1
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let status = loop {
+        if let Ok(text) = std::fs::read_to_string(&status_file)
+            && let Some(kib) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak = peak.max(kib);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "absconda did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
     };
     let err = std::fs::read_to_string(&err_path).unwrap();
-    (code, err, usage.ru_maxrss)
+    (status.code().unwrap_or(-1), err, peak)
 }
 
 #[test]
