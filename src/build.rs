@@ -529,6 +529,14 @@ pub async fn acquire_lease(
                 waited: wait,
             })?;
         let Some(line) = line else {
+            if process.reader.overlong() {
+                return Err(BuildError::Workspace {
+                    builder: builder.name.clone(),
+                    user: builder.user.clone(),
+                    workspace: builder.workspace.clone(),
+                    message: "the lease supervisor sent a line longer than 64 KiB".into(),
+                });
+            }
             let message = printable(String::from_utf8_lossy(&stderr).trim(), 400);
             return Err(BuildError::Workspace {
                 builder: builder.name.clone(),
@@ -600,7 +608,15 @@ pub async fn probe(session: &Session, builder: &Builder) -> Result<ProbeReport, 
             &remote::probe(&builder.docker, &builder.workspace),
             b"",
         )
-        .await?;
+        .await
+        .map_err(|e| match e {
+            SshError::TooMuchOutput { .. } => BuildError::Docker {
+                builder: builder.name.clone(),
+                user: builder.user.clone(),
+                message: e.to_string(),
+            },
+            e => e.into(),
+        })?;
     Ok(ProbeReport::parse(&out.stdout_str()))
 }
 
@@ -1014,7 +1030,8 @@ async fn upload(
         writer.eof().await?;
         Ok::<u64, BuildError>(sent)
     };
-    let recv = reader.drain(|_, d| stderr.extend_from_slice(d));
+    let recv = reader
+        .drain(|_, d| crate::ssh::exec::keep_tail(&mut stderr, d, crate::ssh::exec::STDERR_LIMIT));
     let (sent, status) = tokio::join!(send, recv);
     let produced = producer.await.map_err(|e| BuildError::Upload {
         builder: builder.name.clone(),

@@ -61,6 +61,11 @@ const IMDS_TOKEN_TTL_SECONDS: &str = "21600";
 /// A `credential_process` may have to ask a password manager; past this it is
 /// considered hung.
 const PROCESS_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most absconda reads of `credential_process`'s stdout or stderr (its
+/// JSON is a few hundred bytes).
+const PROCESS_OUTPUT_LIMIT: usize = 64 << 10;
+/// The most of one instance metadata answer (a token, a role, credentials).
+const IMDS_LIMIT: usize = 64 << 10;
 
 /// Credentials closer than this to their `Expiration` are fetched again.
 const REFRESH_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
@@ -685,7 +690,7 @@ async fn run_credential_process(profile: &str, command: &str) -> Result<Credenti
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     tracing::debug!(profile, "running credential_process");
-    let output = match tokio::time::timeout(PROCESS_TIMEOUT, cmd.output()).await {
+    let output = match tokio::time::timeout(PROCESS_TIMEOUT, capped_output(cmd)).await {
         Err(_) => {
             return Err(fail(format!(
                 "`credential_process` did not finish within {}s",
@@ -795,11 +800,10 @@ async fn imds_credentials(endpoint: &str) -> Result<Credentials, ImdsError> {
             response.status().as_u16()
         )));
     }
-    let token = response
-        .text()
+    let token = super::read_body(response, IMDS_LIMIT)
         .await
         .map_err(|e| ImdsError::Failed(format!("cannot read the IMDSv2 session token: {e}")))?;
-    let token = token.trim().to_string();
+    let token = String::from_utf8_lossy(&token).trim().to_string();
 
     let get = |path: String| {
         client
@@ -821,10 +825,10 @@ async fn imds_credentials(endpoint: &str) -> Result<Credentials, ImdsError> {
             roles.status().as_u16()
         )));
     }
-    let roles = roles
-        .text()
+    let roles = super::read_body(roles, IMDS_LIMIT)
         .await
         .map_err(|e| ImdsError::Failed(format!("cannot read the instance's IAM roles: {e}")))?;
+    let roles = String::from_utf8_lossy(&roles);
     let Some(role) = roles.lines().map(str::trim).find(|l| !l.is_empty()) else {
         return Err(ImdsError::Failed(
             "this instance has no IAM role (instance profile) attached".into(),
@@ -844,7 +848,7 @@ async fn imds_credentials(endpoint: &str) -> Result<Credentials, ImdsError> {
             creds.status().as_u16()
         )));
     }
-    let body = creds.bytes().await.map_err(|e| {
+    let body = super::read_body(creds, IMDS_LIMIT).await.map_err(|e| {
         ImdsError::Failed(format!("cannot read the credentials of role `{role}`: {e}"))
     })?;
     let doc: ImdsCredentials = serde_json::from_slice(&body).map_err(|e| {
@@ -1106,8 +1110,86 @@ fn uri_encode(s: &str) -> String {
     out
 }
 
+/// Runs `cmd` and collects its output, at most [`PROCESS_OUTPUT_LIMIT`]
+/// bytes of each stream: more is an error at once, and the process is
+/// killed (`kill_on_drop`) rather than read further.
+async fn capped_output(mut cmd: tokio::process::Command) -> std::io::Result<std::process::Output> {
+    use tokio::io::AsyncReadExt;
+    let mut child = cmd.spawn()?;
+    let too_long = || {
+        std::io::Error::other(format!(
+            "it printed more than {}, the most absconda reads",
+            crate::util::human_bytes(PROCESS_OUTPUT_LIMIT as u64)
+        ))
+    };
+    async fn read_capped(
+        pipe: Option<impl tokio::io::AsyncRead + Unpin>,
+    ) -> std::io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        if let Some(pipe) = pipe {
+            pipe.take(PROCESS_OUTPUT_LIMIT as u64 + 1)
+                .read_to_end(&mut buf)
+                .await?;
+        }
+        Ok(buf)
+    }
+    let out_f = read_capped(child.stdout.take());
+    let err_f = read_capped(child.stderr.take());
+    tokio::pin!(out_f, err_f);
+    let (mut stdout, mut stderr) = (None, None);
+    // Whichever stream overflows first ends the wait: the other may never
+    // close while the process blocks writing.
+    while stdout.is_none() || stderr.is_none() {
+        let (slot, got) = tokio::select! {
+            r = &mut out_f, if stdout.is_none() => (&mut stdout, r?),
+            r = &mut err_f, if stderr.is_none() => (&mut stderr, r?),
+        };
+        if got.len() > PROCESS_OUTPUT_LIMIT {
+            return Err(too_long());
+        }
+        *slot = Some(got);
+    }
+    let (stdout, stderr) = (stdout.unwrap_or_default(), stderr.unwrap_or_default());
+    let status = child.wait().await?;
+    Ok(std::process::Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn credential_process_output_is_capped() {
+        let run = |script: &str| {
+            let mut c = tokio::process::Command::new("sh");
+            c.arg("-c")
+                .arg(script)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
+            capped_output(c)
+        };
+        let start = std::time::Instant::now();
+        for script in [
+            "head -c 100000000 /dev/zero",
+            "head -c 100000000 /dev/zero >&2",
+            "yes",
+        ] {
+            let err = run(script).await.unwrap_err();
+            assert!(
+                err.to_string().contains("printed more than 64.0 KiB"),
+                "{err}"
+            );
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        let ok = run("echo '{}'; echo note >&2").await.unwrap();
+        assert_eq!(ok.stdout, b"{}\n");
+        assert_eq!(ok.stderr, b"note\n");
+    }
+
     use super::*;
 
     /// The AWS test suite's example key, joined here so it does not sit whole in the source.

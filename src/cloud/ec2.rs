@@ -244,7 +244,16 @@ impl Ec2 {
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
         let retry_after = parse_retry_after(response.headers());
-        let text = response.text().await.map_err(transport)?;
+        let body = super::read_body(response, super::BODY_LIMIT)
+            .await
+            .map_err(|e| match e {
+                super::BodyError::Http(e) => transport(e),
+                e => CloudError::Protocol {
+                    url: redact_url(&self.endpoint),
+                    message: e.to_string(),
+                },
+            })?;
+        let text = String::from_utf8_lossy(&body).into_owned();
         tracing::debug!(action, status = status.as_u16(), "ec2 answer");
         if status.is_success() {
             return Ok(text);

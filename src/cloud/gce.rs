@@ -489,10 +489,18 @@ impl Gce {
         let status = response.status().as_u16();
         let retry_after = parse_retry_after(response.headers());
         let content_type = content_type(response.headers());
-        let body = response.bytes().await.map_err(|e| CloudError::Transport {
-            url: url.to_string(),
-            source: Box::new(e.without_url()),
-        })?;
+        let body = super::read_body(response, super::BODY_LIMIT)
+            .await
+            .map_err(|e| match e {
+                super::BodyError::Http(e) => CloudError::Transport {
+                    url: url.to_string(),
+                    source: Box::new(e.without_url()),
+                },
+                e => CloudError::Protocol {
+                    url: url.to_string(),
+                    message: e.to_string(),
+                },
+            })?;
         tracing::debug!(%method, %url, status, "compute API answered");
         if (200..300).contains(&status) {
             return serde_json::from_slice(&body).map_err(|e| CloudError::Protocol {

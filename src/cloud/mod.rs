@@ -20,6 +20,39 @@ pub mod retry;
 use std::fmt;
 use std::time::Duration;
 
+/// The most of one HTTP answer absconda reads from a cloud API or a
+/// metadata server: their answers are a few KiB, and a broken or hostile
+/// endpoint must not grow the client's memory.
+pub const BODY_LIMIT: usize = 4 << 20;
+
+/// Why an answer's body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Http(reqwest::Error),
+    #[error("the answer is longer than {}, the most absconda reads", crate::util::human_bytes(*limit as u64))]
+    TooLong { limit: usize },
+}
+
+/// Reads a response's body, at most `limit` bytes: a longer one is an
+/// error as soon as it shows (by its `Content-Length` or while reading).
+pub async fn read_body(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, BodyError> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLong { limit });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Http)? {
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLong { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// The normalised life-cycle state of a VM, whatever the cloud calls it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -155,4 +188,64 @@ pub trait Provider: Send + Sync {
     fn describe(&self) -> impl Future<Output = Result<InstanceInfo, CloudError>> + Send;
     fn start(&self) -> impl Future<Output = Result<(), CloudError>> + Send;
     fn stop(&self) -> impl Future<Output = Result<(), CloudError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    /// An HTTP server on loopback answering every request with `head` and
+    /// then `len` bytes of `x`.
+    async fn server(head: &'static str, len: usize) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut req = [0u8; 4096];
+                    let _ = sock.read(&mut req).await;
+                    let _ = sock.write_all(head.as_bytes()).await;
+                    let chunk = vec![b'x'; 64 << 10];
+                    let mut sent = 0;
+                    while sent < len {
+                        let n = chunk.len().min(len - sent);
+                        if sock.write_all(&chunk[..n]).await.is_err() {
+                            return;
+                        }
+                        sent += n;
+                    }
+                });
+            }
+        });
+        format!("http://{addr}/")
+    }
+
+    #[tokio::test]
+    async fn bodies_are_read_up_to_the_limit_only() {
+        let client = reqwest::Client::new();
+        // No Content-Length: the limit shows while reading 1 GiB.
+        let url = server("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", 1 << 30).await;
+        let start = std::time::Instant::now();
+        let response = client.get(&url).send().await.unwrap();
+        let err = read_body(response, BODY_LIMIT).await.unwrap_err();
+        assert!(matches!(err, BodyError::TooLong { .. }), "{err}");
+        assert!(err.to_string().contains("longer than 4.0 MiB"), "{err}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(20));
+        // A Content-Length over the limit is refused before reading.
+        let url = server(
+            "HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\nConnection: close\r\n\r\n",
+            0,
+        )
+        .await;
+        let response = client.get(&url).send().await.unwrap();
+        assert!(matches!(
+            read_body(response, BODY_LIMIT).await,
+            Err(BodyError::TooLong { .. })
+        ));
+        // Within the limit: the whole body.
+        let url = server("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", 1000).await;
+        let response = client.get(&url).send().await.unwrap();
+        assert_eq!(read_body(response, BODY_LIMIT).await.unwrap().len(), 1000);
+    }
+
+    use super::*;
 }

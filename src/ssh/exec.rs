@@ -4,6 +4,11 @@
 //! exit status or signal is reported as the server sent it, and writing to
 //! stdin respects the channel window so a fast producer waits for a slow
 //! network instead of buffering.
+//!
+//! Whatever is buffered has a cap, whatever the builder sends: collected
+//! stdout ([`OUTPUT_LIMIT`], more is an error), a protocol line
+//! ([`LINE_LIMIT`], more ends the stream), and stderr kept for messages (the
+//! last [`STDERR_LIMIT`]). Build logs are streamed, never collected.
 
 use russh::ChannelMsg;
 use russh::client::Msg;
@@ -11,6 +16,28 @@ use russh::{Channel, ChannelReadHalf, ChannelWriteHalf};
 use tokio::io::AsyncWriteExt;
 
 use super::SshError;
+
+/// The most stdout [`RemoteProcess::output`] collects (probe, status and
+/// health reports are a few hundred bytes).
+pub const OUTPUT_LIMIT: usize = 1 << 20;
+/// The longest line [`Reader::line`] buffers (protocol lines are short).
+pub const LINE_LIMIT: usize = 64 << 10;
+/// How much stderr is kept for error messages: the last this many bytes.
+pub const STDERR_LIMIT: usize = 64 << 10;
+
+/// Appends `data` to `buf`, keeping only the last `limit` bytes.
+pub fn keep_tail(buf: &mut Vec<u8>, data: &[u8], limit: usize) {
+    if data.len() >= limit {
+        buf.clear();
+        buf.extend_from_slice(&data[data.len() - limit..]);
+        return;
+    }
+    buf.extend_from_slice(data);
+    if buf.len() > limit {
+        let excess = buf.len() - limit;
+        buf.drain(..excess);
+    }
+}
 
 /// How a remote command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +106,8 @@ pub struct Reader {
     read: ChannelReadHalf,
     status: Option<ExitStatus>,
     done: bool,
+    /// Set when [`Reader::line`] met a line longer than [`LINE_LIMIT`].
+    overlong: bool,
 }
 
 impl Reader {
@@ -128,19 +157,32 @@ impl Reader {
         self.status.clone().unwrap_or(ExitStatus::Unknown)
     }
 
+    /// True once [`Reader::line`] gave up on a line longer than
+    /// [`LINE_LIMIT`]: the `None` it returned was not the channel closing.
+    pub fn overlong(&self) -> bool {
+        self.overlong
+    }
+
     /// Reads one line of stdout (without the newline); `None` once the
-    /// channel is closed and nothing is left. Stderr seen meanwhile is
-    /// appended to `stderr`. Output may still arrive after the exit status,
-    /// so reading goes on until the channel closes.
+    /// channel is closed and nothing is left, or at a line longer than
+    /// [`LINE_LIMIT`] (see [`Reader::overlong`]). Stderr seen meanwhile is
+    /// appended to `stderr`, of which the last [`STDERR_LIMIT`] bytes are
+    /// kept. Output may still arrive after the exit status, so reading goes
+    /// on until the channel closes.
     pub async fn line(&mut self, buf: &mut Vec<u8>, stderr: &mut Vec<u8>) -> Option<String> {
         loop {
             if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=pos).collect();
                 return Some(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
             }
+            if self.overlong || buf.len() > LINE_LIMIT {
+                self.overlong = true;
+                buf.clear();
+                return None;
+            }
             match self.next().await {
                 Some(Event::Stdout(d)) => buf.extend_from_slice(&d),
-                Some(Event::Stderr(d)) => stderr.extend_from_slice(&d),
+                Some(Event::Stderr(d)) => keep_tail(stderr, &d, STDERR_LIMIT),
                 Some(Event::Exit(_)) => {}
                 None => {
                     if buf.is_empty() {
@@ -205,6 +247,7 @@ impl RemoteProcess {
                 read,
                 status: None,
                 done: false,
+                overlong: false,
             },
             writer: Writer {
                 write,
@@ -214,8 +257,20 @@ impl RemoteProcess {
         }
     }
 
-    /// Feeds `stdin`, closes it, and collects everything until exit.
-    pub async fn output(mut self, stdin: &[u8]) -> Result<Output, SshError> {
+    /// Feeds `stdin`, closes it, and collects everything until exit (at
+    /// most [`OUTPUT_LIMIT`] of stdout, see [`RemoteProcess::output_limited`]).
+    pub async fn output(self, stdin: &[u8]) -> Result<Output, SshError> {
+        self.output_limited(stdin, OUTPUT_LIMIT).await
+    }
+
+    /// Feeds `stdin`, closes it, and collects stdout up to `stdout_limit`
+    /// bytes and the last [`STDERR_LIMIT`] bytes of stderr. More stdout is
+    /// an error at once: the channel is dropped unread rather than buffered.
+    pub async fn output_limited(
+        mut self,
+        stdin: &[u8],
+        stdout_limit: usize,
+    ) -> Result<Output, SshError> {
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
         let writer = &self.writer;
@@ -226,14 +281,44 @@ impl RemoteProcess {
             }
             writer.eof().await
         };
-        let read = reader.drain(|is_err, d| {
-            if is_err {
-                stderr.extend_from_slice(d)
-            } else {
-                stdout.extend_from_slice(d)
+        let read = async {
+            while let Some(ev) = reader.next().await {
+                match ev {
+                    Event::Stdout(d) => {
+                        if stdout.len() + d.len() > stdout_limit {
+                            return Err(SshError::TooMuchOutput {
+                                what: writer.what.clone(),
+                                addr: writer.addr.clone(),
+                                stream: "stdout",
+                                limit: stdout_limit,
+                            });
+                        }
+                        stdout.extend_from_slice(&d);
+                    }
+                    Event::Stderr(d) => keep_tail(&mut stderr, &d, STDERR_LIMIT),
+                    Event::Exit(_) => {}
+                }
             }
-        });
-        let (w, status) = tokio::join!(write, read);
+            Ok(reader.status.clone().unwrap_or(ExitStatus::Unknown))
+        };
+        // Too much output ends the write too: a process flooding stdout
+        // may never read its stdin.
+        let (w, status) = {
+            tokio::pin!(write);
+            tokio::pin!(read);
+            let mut written = None;
+            let status = loop {
+                tokio::select! {
+                    r = &mut write, if written.is_none() => written = Some(r),
+                    s = &mut read => break s?,
+                }
+            };
+            let w = match written {
+                Some(r) => r,
+                None => write.await,
+            };
+            (w, status)
+        };
         // A process may exit without reading its stdin; that is not our error.
         if let Err(e) = w
             && status == ExitStatus::Unknown

@@ -214,6 +214,16 @@ pub enum SshError {
     Lost { addr: String },
     #[error("the SSH server `{addr}` refused agent forwarding (`--ssh`)")]
     AgentRefused { addr: String },
+    #[error(
+        "{what} on `{addr}` sent more than {} on {stream}, the most absconda reads from it; the builder's programs (its `docker`?) print far more than they should",
+        crate::util::human_bytes(*limit as u64)
+    )]
+    TooMuchOutput {
+        what: String,
+        addr: String,
+        stream: &'static str,
+        limit: usize,
+    },
 }
 
 impl SshError {
@@ -623,14 +633,31 @@ impl Session {
         Ok(exec::RemoteProcess::new(channel, what, &self.addr))
     }
 
-    /// Runs `command` to completion, feeding it `stdin`, and collects its output.
+    /// Runs `command` to completion, feeding it `stdin`, and collects its
+    /// output: at most [`exec::OUTPUT_LIMIT`] of stdout (more is an error)
+    /// and the last [`exec::STDERR_LIMIT`] of stderr.
     pub async fn output(
         &self,
         what: &str,
         command: &str,
         stdin: &[u8],
     ) -> Result<exec::Output, SshError> {
-        self.exec(what, command).await?.output(stdin).await
+        self.output_limited(what, command, stdin, exec::OUTPUT_LIMIT)
+            .await
+    }
+
+    /// [`Session::output`] with another limit for stdout.
+    pub async fn output_limited(
+        &self,
+        what: &str,
+        command: &str,
+        stdin: &[u8],
+        stdout_limit: usize,
+    ) -> Result<exec::Output, SshError> {
+        self.exec(what, command)
+            .await?
+            .output_limited(stdin, stdout_limit)
+            .await
     }
 
     /// Closes the connection politely, then the jump hosts' (last first).

@@ -55,7 +55,7 @@ use tracing::debug;
 use crate::config::Builder;
 use crate::context::{self, Compression, ContextError, Entry, ExtraFile};
 use crate::report::Reporter;
-use crate::ssh::exec::{ExitStatus, RemoteProcess};
+use crate::ssh::exec::{ExitStatus, LINE_LIMIT, RemoteProcess, STDERR_LIMIT, keep_tail};
 use crate::ssh::{Session, SshError};
 use crate::util::canonical;
 
@@ -67,6 +67,9 @@ use script::{CopyState, Request, TarMode};
 /// How long the builder may take to report its copy (it may wait for the
 /// copy's lock and list a large tree first).
 const STATE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The most of the builder's listing of its copy read to explain a
+/// mismatch (about 150 bytes an entry).
+const LISTING_LIMIT: usize = 64 << 20;
 /// Tar chunks handed to the channel.
 const CHUNK: usize = 256 * 1024;
 
@@ -252,8 +255,20 @@ pub async fn sync_context(
             })?;
         let state = match line.as_deref().and_then(CopyState::parse) {
             Some(s) => s,
+            None if p.reader.overlong() => {
+                return Err(SyncError::Remote {
+                    builder: builder.clone(),
+                    message: format!(
+                        "the builder sent a line longer than {} where it reports its copy; absconda reads no more",
+                        crate::util::human_bytes(LINE_LIMIT as u64)
+                    ),
+                });
+            }
             None => {
-                let _ = p.reader.drain(|_, d| stderr.extend_from_slice(d)).await;
+                let _ = p
+                    .reader
+                    .drain(|_, d| keep_tail(&mut stderr, d, STDERR_LIMIT))
+                    .await;
                 return Err(remote_error(builder, line.as_deref(), &stderr));
             }
         };
@@ -525,10 +540,11 @@ async fn exchange(
         let mut out = std::mem::take(buf);
         let status = reader
             .drain(|is_err, d| {
+                // The verdict is in the last lines: keep a bounded tail.
                 if is_err {
-                    stderr.extend_from_slice(d)
+                    keep_tail(stderr, d, STDERR_LIMIT)
                 } else {
-                    out.extend_from_slice(d)
+                    keep_tail(&mut out, d, STDERR_LIMIT)
                 }
             })
             .await;
@@ -626,7 +642,7 @@ async fn explain_mismatch(
 ) -> String {
     let cmd = script::listing_command(&job.builder.workspace, key);
     let Ok(out) = session
-        .output("listing the builder's copy", &cmd, b"")
+        .output_limited("listing the builder's copy", &cmd, b"", LISTING_LIMIT)
         .await
     else {
         return String::new();

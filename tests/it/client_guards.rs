@@ -194,3 +194,85 @@ fn scoped_registry_credentials_reach_only_their_registry() {
     );
     assert!(reg.tags("scoped/app").contains(&"t2".to_string()));
 }
+
+/// Runs `cmd` and returns its exit code, stderr and peak resident memory in
+/// KiB: the kernel's high-water mark (`VmHWM` in `/proc/<pid>/status`) of
+/// that process, sampled until it exits. (`wait4`'s `ru_maxrss` would not
+/// do: a child spawned with vfork inherits its parent's high-water mark at
+/// `exec`.)
+fn run_measured(mut cmd: std::process::Command, dir: &std::path::Path) -> (i32, String, u64) {
+    let err_path = dir.join("measured.err");
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let status = loop {
+        if let Ok(text) = std::fs::read_to_string(&status_file)
+            && let Some(kib) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak = peak.max(kib);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "absconda did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    (status.code().unwrap_or(-1), err, peak)
+}
+
+#[test]
+fn a_builder_docker_printing_a_gigabyte_in_the_probe_leaves_the_client_small() {
+    if !ok() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::new(&sshd);
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY x /x\n"));
+    p.file("x", "x\n");
+    // `docker version` on the builder prints 1 GiB without a newline.
+    let wrapper = p.dir.path().join("docker-flood");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = version ]; then head -c 1073741824 /dev/zero | tr '\\0' x; exit 0; fi\nexec {DOCKER_CLI} \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(&p.config).unwrap().replace(
+        &format!("docker: {DOCKER_CLI}"),
+        &format!("docker: {}", wrapper.display()),
+    );
+    std::fs::write(&p.config, config).unwrap();
+    let mut c = p.cmd();
+    c.args(["build", "--remote-builder", "local", "--context"])
+        .arg(&p.context)
+        .args(["--repository", "flood/app", "--tag", "t"]);
+    let (code, err, max_rss_kib) = run_measured(c, p.dir.path());
+    eprintln!("client peak RSS with a 1 GiB probe: {max_rss_kib} KiB");
+    assert!(max_rss_kib < 64 * 1024, "peak RSS {max_rss_kib} KiB: {err}");
+    assert_eq!(code, 9, "{err}");
+    assert!(
+        err.contains("error: build on builder `local` failed")
+            && err.contains("docker on `local` is not usable")
+            && err.contains("more than 1.0 MiB on stdout"),
+        "{err}"
+    );
+}
