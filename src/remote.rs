@@ -62,11 +62,10 @@ if ! flock -n 9; then
   done
   rm -f "$ws/.waiters/$$"
 fi
-# A build arriving cancels a pending self-stop.
-if [ -s "$ws/.stop-pid" ]; then
-  kill "$(cat "$ws/.stop-pid")" 2>/dev/null
-  rm -f "$ws/.stop-pid"
-fi
+# A build arriving cancels a pending self-stop by removing its token (the
+# self-stop checks it under the lease): no process is ever signalled, so a
+# stale or forged file cannot aim a kill at another process.
+rm -f "$ws/.stop-token" "$ws/.stop-pid"
 rm -f "$ws/.lease-holder"
 printf '%s' "$holder" | tr -cd '\040-\176' | cut -c1-200 > "$ws/.lease-holder"
 # Run folders here belong to no live lease (this one holds it, and has not
@@ -120,9 +119,11 @@ rm -f "$ws/.lease-holder"
 : > "$ws/.lease-holder"
 touch "$ws/.last-used"
 if [ "$stop_delay" -ge 0 ] 2>/dev/null && [ -n "$poweroff" ]; then
+  token="$$-$(date +%s)"
+  rm -f "$ws/.stop-token"
+  printf '%s\n' "$token" > "$ws/.stop-token"
   sh -c "$SELF_STOP" absconda-self-stop "$ws" "$stop_delay" "$poweroff" "$identity" "$metadata" \
-    9>&- </dev/null >/dev/null 2>&1 &
-  echo $! > "$ws/.stop-pid"
+    "$token" 9>&- </dev/null >/dev/null 2>&1 &
 fi
 say released
 "#;
@@ -133,11 +134,12 @@ say released
 /// cannot be proven — no curl or wget, no metadata server, another instance —
 /// it does nothing.
 const SELF_STOP: &str = r#"
-ws=$1 delay=$2 poweroff=$3 identity=$4 metadata=$5
+ws=$1 delay=$2 poweroff=$3 identity=$4 metadata=$5 token=$6
 sleep "$delay"
-[ "$(cat "$ws/.stop-pid" 2>/dev/null)" = "$$" ] || exit 0
 exec 8>>"$ws/.lease"
 flock -n 8 || exit 0
+# Under the lease: a build since then removed the token.
+[ "$(cat "$ws/.stop-token" 2>/dev/null)" = "$token" ] || exit 0
 fetch() { # url [header]
   if command -v curl >/dev/null 2>&1; then curl -fsS -m 5 ${2:+-H "$2"} "$1"
   elif command -v wget >/dev/null 2>&1; then wget -qO- -T 5 ${2:+--header "$2"} "$1"
@@ -158,7 +160,7 @@ case $identity in
   *) exit 0 ;;
 esac
 [ -n "$want" ] && [ "$got" = "$want" ] || exit 0
-rm -f "$ws/.stop-pid"
+rm -f "$ws/.stop-token"
 echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) self-stop after ${delay}s idle" >> "$ws/.self-stop.log"
 exec sh -c "$poweroff"
 "#;

@@ -231,7 +231,7 @@ fn self_stop_does_nothing_on_another_instance_or_an_ssh_builder() {
         !marker.path().join("ssh").exists(),
         "an SSH builder scheduled a self-stop"
     );
-    assert!(!ssh.workspace.join(".stop-pid").exists());
+    assert!(!ssh.workspace.join(".stop-token").exists());
     assert_eq!(fake.status("builder").as_deref(), Some("RUNNING"));
 }
 

@@ -314,3 +314,38 @@ fn a_silent_client_loses_the_lease_within_a_minute() {
     first.kill().unwrap();
     first.wait().unwrap();
 }
+
+/// A pending self-stop is cancelled without signalling anything: a stale
+/// or forged stop file naming another process's id leaves it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_stop_file_never_signals_another_process() {
+    crate::require!(SSHD);
+    let sshd = Sshd::start(None);
+    let p = Project::new(&sshd);
+    let mut victim = std::process::Command::new("sleep")
+        .arg("1000")
+        .spawn()
+        .unwrap();
+    std::fs::create_dir_all(&p.workspace).unwrap();
+    for f in [".stop-pid", ".stop-token"] {
+        std::fs::write(p.workspace.join(f), format!("{}\n", victim.id())).unwrap();
+    }
+    let file = absconda::config::load(Some(&p.config)).unwrap();
+    let builder = file.builder("local").unwrap();
+    let target = absconda::build::ssh_target(&builder, builder.host.as_deref().unwrap());
+    let session = absconda::ssh::Session::connect(&target).await.unwrap();
+    let lease = absconda::build::acquire_lease(
+        &session,
+        &builder,
+        Duration::from_secs(10),
+        None,
+        &absconda::report::Silent,
+    )
+    .await
+    .unwrap();
+    assert!(lease.release(Duration::from_secs(10)).await);
+    let alive = victim.try_wait().unwrap().is_none();
+    let _ = victim.kill();
+    let _ = victim.wait();
+    assert!(alive, "the lease signalled an unrelated process");
+}
