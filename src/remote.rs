@@ -165,6 +165,28 @@ echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) self-stop after ${delay}s idle" >> "$ws/.se
 exec sh -c "$poweroff"
 "#;
 
+/// For `--remote-off`: takes the lease (waiting a few seconds at most) and, holding it,
+/// checks that no build waits for it. Prints `idle` and keeps the lease until
+/// absconda closes stdin (after the stop call), so no build can start in
+/// between; anything else (`busy`, `waiting`, an error) means leave it on.
+const STOP_CHECK: &str = r#"
+ws=$1
+exec 9>>"$ws/.lease" || { echo "doubt cannot open $ws/.lease"; exit 0; }
+# (A few seconds: the supervisor that just released may still be exiting.)
+if ! flock -w 5 9; then
+  printf 'busy %s\n' "$(tr -cd '\040-\176' < "$ws/.lease-holder" 2>/dev/null | cut -c1-200)"
+  exit 0
+fi
+n=0
+for f in "$ws"/.waiters/*; do
+  [ -e "$f" ] || continue
+  if [ -d "/proc/${f##*/}" ]; then n=$((n + 1)); fi
+done
+if [ "$n" -gt 0 ]; then echo "waiting $n"; exit 0; fi
+echo idle
+cat >/dev/null 9>&-
+"#;
+
 const RUN: &str = r#"
 run=$1
 shift
@@ -255,6 +277,11 @@ pub fn lease(
         &metadata,
         SELF_STOP,
     ])
+}
+
+/// The `--remote-off` check: see [`STOP_CHECK`].
+pub fn stop_check(workspace: &str) -> String {
+    shell::join(["sh", "-c", STOP_CHECK, "absconda-stop-check", workspace])
 }
 
 /// Runs `argv` inside the run folder, recording its process group so the
@@ -359,7 +386,7 @@ mod tests {
     /// The scripts must parse in dash and busybox sh, the shells of stock builders.
     #[test]
     fn scripts_parse_in_posix_shells() {
-        for script in [LEASE, SELF_STOP, RUN, UPLOAD, PROBE] {
+        for script in [LEASE, SELF_STOP, STOP_CHECK, RUN, UPLOAD, PROBE] {
             for sh in ["dash", "sh"] {
                 let ok = std::process::Command::new(sh)
                     .args(["-n", "-c", script])

@@ -316,3 +316,23 @@ fn ec2_builder_is_started_built_on_and_stopped_with_remote_off() {
     );
     assert!(!err.contains("wrong-secret"), "{err}");
 }
+
+/// `--remote-off` stops the VM only when the builder proves, under its
+/// lease, that no build holds or waits for it: a lease it cannot check
+/// leaves the VM running, and absconda says so.
+#[test]
+fn remote_off_leaves_the_vm_running_when_the_lease_cannot_be_checked() {
+    crate::require!(SSHD, "dockerd");
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let fake = GceFake::start();
+    fake.add_instance("builder", "RUNNING");
+    let p = gce_project(&fake, &sshd, "");
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\n"));
+    std::fs::create_dir_all(p.workspace.join(".lease")).unwrap();
+    let out = p.build("off/doubt", &["--remote-off"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("leaving builder `local` running"), "{err}");
+    assert_eq!(fake.status("builder").as_deref(), Some("RUNNING"));
+}
