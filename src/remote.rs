@@ -130,7 +130,8 @@ say released
 
 /// Powers the builder off after `delay` seconds unless a build took the
 /// lease meanwhile, and only on the instance it was scheduled for: the
-/// metadata server must confirm the instance name (GCE) or id (EC2). When it
+/// metadata server must confirm the project, zone and instance name (GCE)
+/// or the instance id (EC2). When it
 /// cannot be proven — no curl or wget, no metadata server, another instance —
 /// it does nothing.
 const SELF_STOP: &str = r#"
@@ -147,8 +148,14 @@ fetch() { # url [header]
 }
 case $identity in
   gce:*)
+    # Project id, zone and name: one name may exist in many projects and zones.
     want=${identity#gce:}
-    got=$(fetch "$metadata/computeMetadata/v1/instance/name" 'Metadata-Flavor: Google') || exit 0 ;;
+    h='Metadata-Flavor: Google'
+    p=$(fetch "$metadata/computeMetadata/v1/project/project-id" "$h") || exit 0
+    z=$(fetch "$metadata/computeMetadata/v1/instance/zone" "$h") || exit 0
+    n=$(fetch "$metadata/computeMetadata/v1/instance/name" "$h") || exit 0
+    [ -n "$p" ] && [ -n "$z" ] && [ -n "$n" ] || exit 0
+    got="$p/${z##*/}/$n" ;;
   ec2:*)
     want=${identity#ec2:}
     if command -v curl >/dev/null 2>&1; then
@@ -232,7 +239,7 @@ printf 'user=%s\n' "$(id -un)"
 pub struct SelfStop {
     pub delay: Duration,
     pub poweroff_command: String,
-    /// `gce:<instance name>` or `ec2:<instance id>`; the script powers off
+    /// `gce:<project id>/<zone>/<instance name>` or `ec2:<instance id>`; the script powers off
     /// only when the metadata server confirms it runs on that instance.
     pub identity: String,
     /// The metadata server as the builder reaches it

@@ -210,6 +210,12 @@ fn self_stop_does_nothing_on_another_instance_or_an_ssh_builder() {
     let out = p.build("selfstop/other", &[]);
     assert!(out.status.success(), "{}", text(&out));
 
+    // The same instance name in another project is another VM too.
+    fake.set_metadata_instance("builder");
+    fake.set_metadata_project("someone-elses-project");
+    let out = p.build("selfstop/other", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+
     // An always-on SSH builder never schedules a self-stop at all.
     let ssh = Project::with_builder(
         &sshd,
