@@ -600,6 +600,34 @@ pub async fn acquire_lease(
     }
 }
 
+/// For `--remote-off`: holds the builder's lease, taken without waiting,
+/// after the builder checked that no build waits for it; the lease is
+/// released when this is dropped. `Err` says why the builder may be in use
+/// (a holder, waiters, or any doubt).
+pub async fn idle_for_stop(session: &Session, builder: &Builder) -> Result<RemoteProcess, String> {
+    let mut process = session
+        .exec("the stop check", &remote::stop_check(&builder.workspace))
+        .await
+        .map_err(|e| format!("could not check its lease ({e})"))?;
+    let (mut buf, mut err) = (Vec::new(), Vec::new());
+    let line = tokio::time::timeout(
+        Duration::from_secs(30),
+        process.reader.line(&mut buf, &mut err),
+    )
+    .await;
+    match line {
+        Ok(Some(l)) if l == "idle" => Ok(process),
+        Ok(Some(l)) => Err(match l.split_once(' ') {
+            Some(("busy", h)) if !h.trim().is_empty() => format!("held by {}", printable(h, 200)),
+            Some(("busy", _)) => "another build holds it".into(),
+            Some(("waiting", n)) => format!("{} build(s) waiting for it", printable(n, 20)),
+            _ => format!("its lease could not be checked ({})", printable(&l, 200)),
+        }),
+        Ok(None) => Err("its lease could not be checked".into()),
+        Err(_) => Err("its lease could not be checked within 30s".into()),
+    }
+}
+
 /// Runs `docker` probes on the builder.
 pub async fn probe(session: &Session, builder: &Builder) -> Result<ProbeReport, BuildError> {
     let out = session

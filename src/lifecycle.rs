@@ -185,7 +185,10 @@ impl Cloud {
     /// What the self-stop script checks the metadata server against.
     pub fn identity(&self, info: &InstanceInfo) -> String {
         match self {
-            Cloud::Gce(c) => format!("gce:{}", c.settings().instance),
+            Cloud::Gce(c) => {
+                let g = c.settings();
+                format!("gce:{}/{}/{}", g.project, g.zone, g.instance)
+            }
             Cloud::Ec2(_) => format!("ec2:{}", info.id),
         }
     }

@@ -62,11 +62,10 @@ if ! flock -n 9; then
   done
   rm -f "$ws/.waiters/$$"
 fi
-# A build arriving cancels a pending self-stop.
-if [ -s "$ws/.stop-pid" ]; then
-  kill "$(cat "$ws/.stop-pid")" 2>/dev/null
-  rm -f "$ws/.stop-pid"
-fi
+# A build arriving cancels a pending self-stop by removing its token (the
+# self-stop checks it under the lease): no process is ever signalled, so a
+# stale or forged file cannot aim a kill at another process.
+rm -f "$ws/.stop-token" "$ws/.stop-pid"
 rm -f "$ws/.lease-holder"
 printf '%s' "$holder" | tr -cd '\040-\176' | cut -c1-200 > "$ws/.lease-holder"
 # Run folders here belong to no live lease (this one holds it, and has not
@@ -138,24 +137,28 @@ rm -f "$ws/.lease-holder"
 : > "$ws/.lease-holder"
 touch "$ws/.last-used"
 if [ "$stop_delay" -ge 0 ] 2>/dev/null && [ -n "$poweroff" ]; then
+  token="$$-$(date +%s)"
+  rm -f "$ws/.stop-token"
+  printf '%s\n' "$token" > "$ws/.stop-token"
   sh -c "$SELF_STOP" absconda-self-stop "$ws" "$stop_delay" "$poweroff" "$identity" "$metadata" \
-    9>&- </dev/null >/dev/null 2>&1 &
-  echo $! > "$ws/.stop-pid"
+    "$token" 9>&- </dev/null >/dev/null 2>&1 &
 fi
 say released
 "#;
 
 /// Powers the builder off after `delay` seconds unless a build took the
 /// lease meanwhile, and only on the instance it was scheduled for: the
-/// metadata server must confirm the instance name (GCE) or id (EC2). When it
+/// metadata server must confirm the project, zone and instance name (GCE)
+/// or the instance id (EC2). When it
 /// cannot be proven — no curl or wget, no metadata server, another instance —
 /// it does nothing.
 const SELF_STOP: &str = r#"
-ws=$1 delay=$2 poweroff=$3 identity=$4 metadata=$5
+ws=$1 delay=$2 poweroff=$3 identity=$4 metadata=$5 token=$6
 sleep "$delay"
-[ "$(cat "$ws/.stop-pid" 2>/dev/null)" = "$$" ] || exit 0
 exec 8>>"$ws/.lease"
 flock -n 8 || exit 0
+# Under the lease: a build since then removed the token.
+[ "$(cat "$ws/.stop-token" 2>/dev/null)" = "$token" ] || exit 0
 fetch() { # url [header]
   if command -v curl >/dev/null 2>&1; then curl -fsS -m 5 ${2:+-H "$2"} "$1"
   elif command -v wget >/dev/null 2>&1; then wget -qO- -T 5 ${2:+--header "$2"} "$1"
@@ -163,8 +166,14 @@ fetch() { # url [header]
 }
 case $identity in
   gce:*)
+    # Project id, zone and name: one name may exist in many projects and zones.
     want=${identity#gce:}
-    got=$(fetch "$metadata/computeMetadata/v1/instance/name" 'Metadata-Flavor: Google') || exit 0 ;;
+    h='Metadata-Flavor: Google'
+    p=$(fetch "$metadata/computeMetadata/v1/project/project-id" "$h") || exit 0
+    z=$(fetch "$metadata/computeMetadata/v1/instance/zone" "$h") || exit 0
+    n=$(fetch "$metadata/computeMetadata/v1/instance/name" "$h") || exit 0
+    [ -n "$p" ] && [ -n "$z" ] && [ -n "$n" ] || exit 0
+    got="$p/${z##*/}/$n" ;;
   ec2:*)
     want=${identity#ec2:}
     if command -v curl >/dev/null 2>&1; then
@@ -176,9 +185,31 @@ case $identity in
   *) exit 0 ;;
 esac
 [ -n "$want" ] && [ "$got" = "$want" ] || exit 0
-rm -f "$ws/.stop-pid"
+rm -f "$ws/.stop-token"
 echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) self-stop after ${delay}s idle" >> "$ws/.self-stop.log"
 exec sh -c "$poweroff"
+"#;
+
+/// For `--remote-off`: takes the lease (waiting a few seconds at most) and, holding it,
+/// checks that no build waits for it. Prints `idle` and keeps the lease until
+/// absconda closes stdin (after the stop call), so no build can start in
+/// between; anything else (`busy`, `waiting`, an error) means leave it on.
+const STOP_CHECK: &str = r#"
+ws=$1
+exec 9>>"$ws/.lease" || { echo "doubt cannot open $ws/.lease"; exit 0; }
+# (A few seconds: the supervisor that just released may still be exiting.)
+if ! flock -w 5 9; then
+  printf 'busy %s\n' "$(tr -cd '\040-\176' < "$ws/.lease-holder" 2>/dev/null | cut -c1-200)"
+  exit 0
+fi
+n=0
+for f in "$ws"/.waiters/*; do
+  [ -e "$f" ] || continue
+  if [ -d "/proc/${f##*/}" ]; then n=$((n + 1)); fi
+done
+if [ "$n" -gt 0 ]; then echo "waiting $n"; exit 0; fi
+echo idle
+cat >/dev/null 9>&-
 "#;
 
 const RUN: &str = r#"
@@ -268,7 +299,7 @@ printf 'user=%s\n' "$(id -un)"
 pub struct SelfStop {
     pub delay: Duration,
     pub poweroff_command: String,
-    /// `gce:<instance name>` or `ec2:<instance id>`; the script powers off
+    /// `gce:<project id>/<zone>/<instance name>` or `ec2:<instance id>`; the script powers off
     /// only when the metadata server confirms it runs on that instance.
     pub identity: String,
     /// The metadata server as the builder reaches it
@@ -313,6 +344,11 @@ pub fn lease(
         &metadata,
         SELF_STOP,
     ])
+}
+
+/// The `--remote-off` check: see [`STOP_CHECK`].
+pub fn stop_check(workspace: &str) -> String {
+    shell::join(["sh", "-c", STOP_CHECK, "absconda-stop-check", workspace])
 }
 
 /// Runs `argv` inside the run folder, recording its process group so the
@@ -506,7 +542,7 @@ mod tests {
     /// The scripts must parse in dash and busybox sh, the shells of stock builders.
     #[test]
     fn scripts_parse_in_posix_shells() {
-        for script in [LEASE, SELF_STOP, RUN, UPLOAD, PROBE, SECRETS] {
+        for script in [LEASE, SELF_STOP, STOP_CHECK, RUN, UPLOAD, PROBE, SECRETS] {
             crate::test_support::assert_parses(script);
         }
     }

@@ -306,28 +306,22 @@ async fn attempt_build(
     let result = build::build_on(&ready.session, &job, prepared, report).await;
 
     if let (Some(cloud), true) = (cloud, args.remote_off) {
-        // Stop right away, unless another build holds or waits for the builder.
-        let busy = match build::probe(&ready.session, builder).await {
-            Ok(p) => {
-                if p.lease_holder.is_some() || p.waiters > 0 {
-                    Some(match p.lease_holder {
-                        Some(h) => format!("held by {h}"),
-                        None => format!("{} build(s) waiting for it", p.waiters),
-                    })
-                } else {
-                    None
-                }
+        // Stop right away only when the builder proves, under its lease,
+        // that no build holds or waits for it; the check keeps the lease
+        // through the stop call so none can start in between.
+        match build::idle_for_stop(&ready.session, builder).await {
+            Err(why) => {
+                ready.session.close().await;
+                reporter.info(&format!(
+                    "leaving builder `{}` running: {why} (--remote-off)",
+                    builder.name
+                ));
             }
-            Err(_) => None,
-        };
-        ready.session.close().await;
-        match busy {
-            Some(why) => reporter.info(&format!(
-                "leaving builder `{}` running: {why} (--remote-off)",
-                builder.name
-            )),
-            None => {
-                if let Err(e) = lifecycle::stop(builder, cloud, state, reporter).await {
+            Ok(held) => {
+                let stopped = lifecycle::stop(builder, cloud, state, reporter).await;
+                drop(held);
+                ready.session.close().await;
+                if let Err(e) = stopped {
                     reporter.info(&format!(
                         "could not stop builder `{}`: {e:#}; stop it with `absconda remote stop {}`",
                         builder.name, builder.name

@@ -103,6 +103,12 @@ if ! mkdir -p "$dir" 2>/dev/null; then
   echo "error cannot create $dir as $(id -un)" >&2
   exit 70
 fi
+# The copy is this user's alone: no other local user (a group-readable
+# workspace included) can read it or run a setuid file from it.
+if ! chmod 700 "$dir"; then
+  echo "error cannot restrict $dir to $(id -un)" >&2
+  exit 70
+fi
 # Nothing here follows a symlink planted in the copy's folder.
 for f in lock state.tmp; do
   if [ -L "$dir/$f" ]; then rm -f "$dir/$f"; fi

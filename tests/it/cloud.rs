@@ -207,6 +207,12 @@ fn self_stop_does_nothing_on_another_instance_or_an_ssh_builder() {
     let out = p.build("selfstop/other", &[]);
     assert!(out.status.success(), "{}", text(&out));
 
+    // The same instance name in another project is another VM too.
+    fake.set_metadata_instance("builder");
+    fake.set_metadata_project("someone-elses-project");
+    let out = p.build("selfstop/other", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+
     // An always-on SSH builder never schedules a self-stop at all.
     let ssh = Project::with_builder(
         &sshd,
@@ -228,7 +234,7 @@ fn self_stop_does_nothing_on_another_instance_or_an_ssh_builder() {
         !marker.path().join("ssh").exists(),
         "an SSH builder scheduled a self-stop"
     );
-    assert!(!ssh.workspace.join(".stop-pid").exists());
+    assert!(!ssh.workspace.join(".stop-token").exists());
     assert_eq!(fake.status("builder").as_deref(), Some("RUNNING"));
 }
 
@@ -312,4 +318,24 @@ fn ec2_builder_is_started_built_on_and_stopped_with_remote_off() {
         "{err}"
     );
     assert!(!err.contains("wrong-secret"), "{err}");
+}
+
+/// `--remote-off` stops the VM only when the builder proves, under its
+/// lease, that no build holds or waits for it: a lease it cannot check
+/// leaves the VM running, and absconda says so.
+#[test]
+fn remote_off_leaves_the_vm_running_when_the_lease_cannot_be_checked() {
+    crate::require!(SSHD, "dockerd");
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let fake = GceFake::start();
+    fake.add_instance("builder", "RUNNING");
+    let p = gce_project(&fake, &sshd, "");
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\n"));
+    std::fs::create_dir_all(p.workspace.join(".lease")).unwrap();
+    let out = p.build("off/doubt", &["--remote-off"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("leaving builder `local` running"), "{err}");
+    assert_eq!(fake.status("builder").as_deref(), Some("RUNNING"));
 }

@@ -340,3 +340,41 @@ fn applied(said: &str) -> &str {
     assert!(!said.contains("result stale"), "{said}");
     said
 }
+
+/// No other local user can read the copy or reach a file in it (a setuid
+/// one included), even when the workspace itself is open to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_local_users_cannot_reach_the_copy() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    crate::require!(SSHD);
+    let sshd = Sshd::start(None);
+    let a = Attack::new(&sshd).await;
+    std::fs::set_permissions(a.project.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(&a.project.workspace).unwrap();
+    std::fs::set_permissions(&a.project.workspace, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let said = a
+        .send(
+            false,
+            &[],
+            &[],
+            &raw_tar(&[Member::File("secret.txt", b"secret\n")]),
+        )
+        .await;
+    let secret = a.tree.join("secret.txt");
+    assert_eq!(std::fs::read(&secret).unwrap(), b"secret\n", "{said}");
+    // `nobody` stands for any other local user.
+    for (prog, arg) in [("cat", &secret), ("ls", &a.tree)] {
+        let out = std::process::Command::new(prog)
+            .arg(arg)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success() && out.stdout.is_empty(),
+            "`{prog}` as nobody reached the copy: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}

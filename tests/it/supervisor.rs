@@ -194,8 +194,21 @@ fn processes_matching(needle: &str) -> usize {
     pids_with(&[needle]).len()
 }
 
+/// A client process that is continued and killed when the test ends, even
+/// when it fails half-way (a stopped client must not outlive it).
+struct Client(std::process::Child);
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGCONT) };
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A build holding `p`'s builder in a long RUN step marked by `marker`.
-fn holding_build(p: &Project, marker: &str) -> std::process::Child {
+fn holding_build(p: &Project, marker: &str) -> Client {
     assert_eq!(
         processes_matching(marker),
         0,
@@ -217,6 +230,7 @@ fn holding_build(p: &Project, marker: &str) -> std::process::Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let child = Client(child);
     wait_until("the RUN step started", Duration::from_secs(60), || {
         processes_matching(marker) > 0
     });
@@ -240,7 +254,7 @@ fn a_forged_holder_file_cannot_pass_for_the_lease_or_reach_the_terminal() {
     let d = docker();
     let sshd = Sshd::start(Some(&d.host));
     let p = Project::new(&sshd);
-    let mut first = holding_build(&p, "sleep 311");
+    let first = holding_build(&p, "sleep 311");
     std::fs::write(
         p.workspace.join(".lease-holder"),
         "x\nacquired\n\x1b[31mred\x1b]0;title\x07\nreleased\n",
@@ -248,8 +262,7 @@ fn a_forged_holder_file_cannot_pass_for_the_lease_or_reach_the_terminal() {
     .unwrap();
     let p2 = second_project(&sshd, &p);
     let out = p2.build("held/second", &["--remote-wait", "4"]);
-    first.kill().unwrap();
-    first.wait().unwrap();
+    drop(first);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
     assert!(
         !out.stderr.iter().any(|b| *b == 0x1b || *b == 0x07),
@@ -271,9 +284,9 @@ fn a_silent_client_loses_the_lease_within_a_minute() {
     let d = docker();
     let sshd = Sshd::start(Some(&d.host));
     let p = Project::new(&sshd);
-    let mut first = holding_build(&p, "sleep 313");
+    let first = holding_build(&p, "sleep 313");
     // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(first.id() as i32, libc::SIGSTOP) };
+    unsafe { libc::kill(first.0.id() as i32, libc::SIGSTOP) };
     let stopped = std::time::Instant::now();
     let p2 = second_project(&sshd, &p);
     let mut second = p2
@@ -309,8 +322,40 @@ fn a_silent_client_loses_the_lease_within_a_minute() {
         0,
         "the silent build's step was stopped"
     );
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(first.id() as i32, libc::SIGCONT) };
-    first.kill().unwrap();
-    first.wait().unwrap();
+    drop(first);
+}
+
+/// A pending self-stop is cancelled without signalling anything: a stale
+/// or forged stop file naming another process's id leaves it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_stop_file_never_signals_another_process() {
+    crate::require!(SSHD);
+    let sshd = Sshd::start(None);
+    let p = Project::new(&sshd);
+    let mut victim = std::process::Command::new("sleep")
+        .arg("1000")
+        .spawn()
+        .unwrap();
+    std::fs::create_dir_all(&p.workspace).unwrap();
+    for f in [".stop-pid", ".stop-token"] {
+        std::fs::write(p.workspace.join(f), format!("{}\n", victim.id())).unwrap();
+    }
+    let file = absconda::config::load(Some(&p.config)).unwrap();
+    let builder = file.builder("local").unwrap();
+    let target = absconda::build::ssh_target(&builder, builder.host.as_deref().unwrap());
+    let session = absconda::ssh::Session::connect(&target).await.unwrap();
+    let lease = absconda::build::acquire_lease(
+        &session,
+        &builder,
+        Duration::from_secs(10),
+        None,
+        &absconda::report::Silent,
+    )
+    .await
+    .unwrap();
+    assert!(lease.release(Duration::from_secs(10)).await);
+    let alive = victim.try_wait().unwrap().is_none();
+    let _ = victim.kill();
+    let _ = victim.wait();
+    assert!(alive, "the lease signalled an unrelated process");
 }

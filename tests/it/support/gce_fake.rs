@@ -333,6 +333,8 @@ struct State {
     next_id: u64,
     metadata_identity: String,
     metadata_instance: String,
+    /// The project the metadata server reports (`project/project-id`).
+    metadata_project: String,
     /// Effective start/stop/resume transitions per instance name.
     transitions: HashMap<String, usize>,
     project_metadata: Vec<(String, String)>,
@@ -463,6 +465,7 @@ impl GceFake {
                     123456789012u64
                 ),
                 metadata_instance: "absconda-builder".into(),
+                metadata_project: PROJECT.into(),
                 transitions: HashMap::new(),
                 project_metadata: Vec::new(),
                 project_metadata_fingerprint: new_fingerprint(),
@@ -679,6 +682,11 @@ impl GceFake {
     /// one [`GceFake::guest_poweroff_url`] powers off.
     pub fn set_metadata_instance(&self, name: &str) {
         self.shared.lock().metadata_instance = name.into();
+    }
+
+    /// Which project the metadata server says its VM is in.
+    pub fn set_metadata_project(&self, project: &str) {
+        self.shared.lock().metadata_project = project.into();
     }
 
     /// A URL that powers the metadata server's VM off from inside, as
@@ -2185,7 +2193,7 @@ fn metadata(shared: &Arc<Shared>, req: &Request) -> Response {
             let id = st.instance(PROJECT, ZONE, &name).map(|i| i.id).unwrap_or(1);
             text(&id.to_string())
         }
-        "/computeMetadata/v1/project/project-id" => text(PROJECT),
+        "/computeMetadata/v1/project/project-id" => text(&st.metadata_project.clone()),
         "/computeMetadata/v1/project/numeric-project-id" => text("123456789012"),
         "/computeMetadata/v1/universe/universe-domain" => text("googleapis.com"),
         "/computeMetadata/v1/instance/service-accounts/default/email" => text(&sa),
