@@ -62,6 +62,11 @@ pub fn apply(
     if !explicit.host_key_policy && hc.strict_host_key_checking.as_deref() == Some("accept-new") {
         b.host_key_policy = HostKeyPolicy::AcceptNew;
     }
+    b.identities_only = hc.identities_only.unwrap_or(false);
+    b.identity_agent = hc.identity_agent.clone();
+    if let Some(i) = hc.server_alive_interval.filter(|i| *i > 0) {
+        b.server_alive = Some((i, hc.server_alive_count_max.unwrap_or(3)));
+    }
     if b.host_key_alias.is_none() {
         b.host_key_alias = hc.host_key_alias.clone();
     }

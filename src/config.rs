@@ -155,6 +155,11 @@ pub struct Builder {
     pub identity_files: Vec<PathBuf>,
     /// OpenSSH user certificates (`certificate_file:`).
     pub certificate_files: Vec<PathBuf>,
+    /// From `~/.ssh/config`: `IdentitiesOnly`, `IdentityAgent`,
+    /// `ServerAliveInterval`/`ServerAliveCountMax` (seconds, count).
+    pub identities_only: bool,
+    pub identity_agent: Option<String>,
+    pub server_alive: Option<(u64, u64)>,
     pub known_hosts: PathBuf,
     pub host_key_policy: HostKeyPolicy,
     #[serde(skip)]
@@ -771,6 +776,9 @@ impl ConfigFile {
                 .into_iter()
                 .map(&local_path)
                 .collect(),
+            identities_only: false,
+            identity_agent: None,
+            server_alive: None,
             known_hosts,
             host_key_policy: policy,
             host_key,

@@ -23,6 +23,7 @@ use chrono::{DateTime, Utc};
 use crate::config::Builder;
 use crate::report::Reporter;
 use crate::ssh::known_hosts::Pin;
+
 use crate::ssh::{Session, SshError, Target};
 use crate::state::{BuilderState, State, StateError, StateFile};
 
@@ -183,6 +184,11 @@ pub fn target_at(builder: &Builder, host: &str, port: u16) -> Target {
         user: builder.user.clone(),
         identity_files: builder.identity_files.clone(),
         certificate_files: builder.certificate_files.clone(),
+        identities_only: builder.identities_only,
+        identity_agent: builder.identity_agent.clone(),
+        server_alive: builder
+            .server_alive
+            .map(|(i, n)| (Duration::from_secs(i), n as usize)),
         known_hosts: builder.known_hosts.clone(),
         policy: builder.host_key_policy,
         pin: builder.host_key.clone(),

@@ -318,8 +318,21 @@ pub(super) async fn authenticate(
         }
     }
 
-    if std::env::var_os("SSH_AUTH_SOCK").is_some() {
-        match AgentClient::connect_env().await {
+    let agent = match target.identity_agent.as_deref() {
+        _ if target.identities_only => None,
+        Some(a) if a.eq_ignore_ascii_case("none") => None,
+        Some(path) if path != "SSH_AUTH_SOCK" => Some(
+            AgentClient::connect_uds(expand_home(Path::new(path)))
+                .await
+                .map(|a| a.dynamic()),
+        ),
+        _ if std::env::var_os("SSH_AUTH_SOCK").is_some() => {
+            Some(AgentClient::connect_env().await.map(|a| a.dynamic()))
+        }
+        _ => None,
+    };
+    if let Some(agent) = agent {
+        match agent {
             Ok(mut agent) => {
                 let identities = agent.request_identities().await.unwrap_or_default();
                 for id in identities {

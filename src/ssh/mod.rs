@@ -45,6 +45,13 @@ pub struct Target {
     /// OpenSSH user certificates to log in with (each with its private key
     /// among `identity_files`, or next to it as `NAME-cert.pub` → `NAME`).
     pub certificate_files: Vec<PathBuf>,
+    /// Offer no ssh-agent keys (OpenSSH's `IdentitiesOnly yes`).
+    pub identities_only: bool,
+    /// The agent's socket (`IdentityAgent`): `none`, `SSH_AUTH_SOCK` or a path.
+    pub identity_agent: Option<String>,
+    /// Keepalive interval and how many unanswered ones end the connection
+    /// (`ServerAliveInterval`/`ServerAliveCountMax`); default 15 s × 4.
+    pub server_alive: Option<(Duration, usize)>,
     pub known_hosts: PathBuf,
     pub policy: HostKeyPolicy,
     pub pin: Option<Pin>,
@@ -69,6 +76,9 @@ impl Target {
             user: user.to_string(),
             identity_files: Vec::new(),
             certificate_files: Vec::new(),
+            identities_only: false,
+            identity_agent: None,
+            server_alive: None,
             known_hosts,
             policy: HostKeyPolicy::Strict,
             pin: None,
@@ -475,8 +485,13 @@ impl Session {
             // drop the connection for inactivity, detect a dead peer with
             // keepalives instead.
             inactivity_timeout: None,
-            keepalive_interval: Some(Duration::from_secs(15)),
-            keepalive_max: 4,
+            keepalive_interval: Some(
+                target
+                    .server_alive
+                    .map(|(i, _)| i)
+                    .unwrap_or(Duration::from_secs(15)),
+            ),
+            keepalive_max: target.server_alive.map(|(_, n)| n).unwrap_or(4),
             nodelay: true,
             window_size: 8 * 1024 * 1024,
             ..Default::default()

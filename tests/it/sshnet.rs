@@ -627,3 +627,63 @@ fn openssh_user_certificates_log_in_and_bad_ones_are_explained() {
     );
     assert!(!sshd.log().contains("ID \"old\"") && !sshd.log().contains("ID \"other\""));
 }
+
+/// `IdentityAgent` names the agent's socket (no SSH_AUTH_SOCK needed);
+/// `IdentitiesOnly yes` keeps the agent's keys out.
+#[test]
+fn ssh_config_identity_agent_and_identities_only() {
+    if !(ok() && crate::support::require("ssh-agent") && crate::support::require("ssh-add")) {
+        return;
+    }
+    let sshd = Sshd::start(Some(&docker().host));
+    let dir = tempdir();
+    let sock = dir.path().join("agent.sock");
+    let mut c = Command::new("ssh-agent");
+    c.args(["-D", "-a"])
+        .arg(&sock)
+        .stdout(std::process::Stdio::null());
+    let _agent = Kid(spawn_daemon(c).unwrap());
+    wait_until("ssh-agent socket", Duration::from_secs(5), || sock.exists());
+    let st = Command::new("ssh-add")
+        .arg(&sshd.user_key)
+        .env("SSH_AUTH_SOCK", &sock)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    let p = Project::new(&sshd);
+    let ssh = p.home.join(".ssh");
+    std::fs::create_dir_all(&ssh).unwrap();
+    let yaml = std::fs::read_to_string(&p.config).unwrap();
+    let yaml: String = yaml
+        .lines()
+        .filter(|l| !l.contains("identity_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&p.config, yaml).unwrap();
+
+    std::fs::write(
+        ssh.join("config"),
+        format!("Host *\n  IdentityAgent {}\n", sock.display()),
+    )
+    .unwrap();
+    let st = status_json(&p);
+    assert_eq!(st["reachable"], true);
+
+    std::fs::write(
+        ssh.join("config"),
+        format!(
+            "Host *\n  IdentitiesOnly yes\n  IdentityAgent {}\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let out = status(&p);
+    let err = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("refused every key offered (none were available)"),
+        "{err}"
+    );
+}
