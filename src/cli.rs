@@ -68,9 +68,10 @@ pub struct ConfigArg {
 pub struct BuildArgs {
     #[command(flatten)]
     pub config: ConfigArg,
-    /// The builder to use, as named in the builders file.
+    /// The builder to use, as named in the builders file (default: its
+    /// `default_builder:`, or its only builder).
     #[arg(long, value_name = "NAME", env = "ABSCONDA_REMOTE_BUILDER")]
-    pub remote_builder: String,
+    pub remote_builder: Option<String>,
     /// Seconds to wait while another build holds the builder.
     #[arg(long, value_name = "SECS", default_value_t = 900)]
     pub remote_wait: u64,

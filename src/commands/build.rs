@@ -18,11 +18,20 @@ use crate::state::{BuildRecord, StateFile};
 
 pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<()> {
     let file = config::load(args.config.remote_config.as_deref())?;
-    let builder = lifecycle::with_provisioned(
-        &file.builder(&args.remote_builder)?,
-        &StateFile::default_location(),
-    );
+    let (name, why) = match &args.remote_builder {
+        Some(name) => (name.clone(), None),
+        None => {
+            let (name, why) = file.default_builder()?;
+            (name, Some(why))
+        }
+    };
+    let builder =
+        lifecycle::with_provisioned(&file.builder(&name)?, &StateFile::default_location());
     let printer = Printer::new(args.json);
+    printer.info(&match why {
+        Some(why) => format!("building on `{name}` ({why} in `{}`)", file.path.display()),
+        None => format!("building on `{name}`"),
+    });
 
     let source = match (&args.file, &args.requirements, &args.tarball) {
         (Some(p), _, _) => Some(Source::Environment(p.clone())),

@@ -22,6 +22,10 @@ pub struct Status {
     pub cloud_status: Option<String>,
     pub address: Option<String>,
     pub reachable: bool,
+    /// How SSH reached it: `direct`, `jump chain …`, `through proxy …`.
+    pub path: Option<String>,
+    /// The user SSH logged in as.
+    pub user: Option<String>,
     pub error: Option<String>,
     pub host_key: Option<String>,
     pub docker_server: Option<String>,
@@ -31,11 +35,8 @@ pub struct Status {
     pub lease_holder: Option<String>,
     pub last_used: Option<String>,
     pub builds_count: u64,
-    /// How the connection was made: `direct`.
-    pub path: Option<String>,
-    /// How the key is trusted (`key`, `oslogin`, `metadata`) and the user.
+    /// How the key is trusted: `key`, `oslogin`, `metadata`, `instance-connect`.
     pub access: Option<String>,
-    pub user: Option<String>,
 }
 
 fn base_status(b: &Builder, state: &StateFile) -> Status {
@@ -100,9 +101,7 @@ async fn status_of(
         let connected = lifecycle::connect_cloud_builder(b, cloud, h, &crate::report::Silent).await;
         let result = match connected {
             Ok((session, access)) => {
-                st.path = Some("direct".into());
                 st.access = Some(access.mode.into());
-                st.user = Some(access.user);
                 probe_into(&mut st, b, session).await
             }
             Err(e) => Err(e),
@@ -136,9 +135,7 @@ async fn status_of(
     }
     let result = match crate::provisioned::connect(&endpoint).await {
         Ok(session) => {
-            st.path = Some("direct".into());
             st.access = Some("key".into());
-            st.user = Some(endpoint.target.user.clone());
             probe_into(&mut st, b, session).await
         }
         Err(e) => Err(anyhow::Error::from(e)),
@@ -156,6 +153,8 @@ async fn probe_into(
     session: crate::ssh::Session,
 ) -> anyhow::Result<()> {
     st.reachable = true;
+    st.path = Some(session.route().to_string());
+    st.user = Some(session.user().to_string());
     st.host_key = Some(crate::ssh::known_hosts::fingerprint(session.host_key()));
     let probe = build::probe(&session, b).await;
     session.close().await;
@@ -229,12 +228,14 @@ pub async fn status(args: NameArgs) -> anyhow::Result<()> {
         );
         println!("address:    {}", st.address.as_deref().unwrap_or("-"));
         println!("reachable:  {}", if st.reachable { "yes" } else { "no" });
+        if let (Some(path), Some(user)) = (&st.path, &st.user) {
+            println!("ssh:        {path}, as `{user}`");
+        }
         if let Some(k) = &st.host_key {
             println!("host key:   {k}");
         }
-        if let (Some(path), Some(access), Some(user)) = (&st.path, &st.access, &st.user) {
-            println!("path:       {path}");
-            println!("access:     {access} (as `{user}`)");
+        if let Some(access) = &st.access {
+            println!("access:     {access}");
         }
         println!("docker:     {}", st.docker_server.as_deref().unwrap_or("-"));
         println!(
