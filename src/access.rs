@@ -418,6 +418,24 @@ mod tests {
     }
 
     #[test]
+    fn access_in_the_builders_file() {
+        let yaml = "builders:\n  g:\n    provider: gcp\n    project: p\n    zone: z\n    instance: i\n  a:\n    provider: aws\n    region: r\n    instance_id: i-1\n    access: instance-connect\n  s:\n    host: h\n    access: oslogin\ndefaults:\n  access: metadata\n";
+        let f =
+            crate::config::ConfigFile::parse(std::path::Path::new("/x/absconda-remote.yaml"), yaml)
+                .unwrap();
+        assert_eq!(f.builder("g").unwrap().access, AccessSetting::Metadata);
+        assert_eq!(
+            f.builder("a").unwrap().access,
+            AccessSetting::InstanceConnect
+        );
+        let e = f.builder("s").unwrap_err().to_string();
+        assert!(
+            e.contains("key `access`") && e.contains("only for gcp builders"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn access_values() {
         assert_eq!(
             AccessSetting::parse("oslogin", ProviderKind::Gcp),

@@ -475,53 +475,6 @@ fn a_refused_push_exits_6_with_a_clear_message() {
     }
 }
 
-/// Runs `absconda build … --push` of the project's context under strace;
-/// returns the output and every `execve` line.
-fn traced_build(p: &Project, repo: &str) -> (std::process::Output, Vec<String>) {
-    let bin = std::env::var("ABSCONDA_BIN").unwrap_or_else(|_| BIN.to_string());
-    let trace = p.dir.path().join("strace.log");
-    let _ = std::fs::remove_file(&trace);
-    let mut c = p.cmd();
-    c.env("PATH", "/nonexistent");
-    let context = p.context.display().to_string();
-    let args = [
-        "build",
-        "--remote-builder",
-        "local",
-        "--context",
-        &context,
-        "--repository",
-        repo,
-        "--tag",
-        "v1",
-        "--push",
-    ];
-    let out = Command::new("/usr/bin/strace")
-        .args(["-f", "-qq", "-e", "trace=execve,execveat", "-o"])
-        .arg(&trace)
-        .arg(&bin)
-        .args(args)
-        .env_clear()
-        .envs(
-            c.get_envs()
-                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
-        )
-        .current_dir(p.dir.path())
-        .output()
-        .unwrap();
-    let log = std::fs::read_to_string(&trace).unwrap_or_default();
-    let execs: Vec<String> = log
-        .lines()
-        .filter(|l| l.contains("execve"))
-        .map(str::to_string)
-        .collect();
-    assert!(
-        execs.len() == 1 && execs[0].contains(&bin),
-        "absconda executed other programs:\n{log}"
-    );
-    (out, execs)
-}
-
 /// The cloud access paths (OS Login, metadata keys, EC2 Instance Connect)
 /// are native too: each whole build with push executes nothing but absconda.
 #[test]
@@ -533,7 +486,6 @@ fn absconda_executes_no_other_program_through_cloud_access() {
     if !(ok() && crate::support::require("strace")) {
         return;
     }
-    let reg = registry();
     for access in ["oslogin", "metadata"] {
         let keys = tempfile::tempdir().unwrap();
         let sshd = guest_sshd(keys.path());
@@ -545,13 +497,7 @@ fn absconda_executes_no_other_program_through_cloud_access() {
             fake.set_instance_metadata("builder", "enable-oslogin", "TRUE");
         }
         let mut p = project(&fake, &sshd, &format!("    access: {access}\n"));
-        p.with_registry_credentials(reg);
-        p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY f /f\n"));
-        p.file("f", access);
-        let repo = format!("{}/strace/{access}", reg.addr);
-        let (out, _) = traced_build(&p, &repo);
-        assert!(out.status.success(), "{access}: {}", text(&out));
-        assert_eq!(reg.tags(&format!("strace/{access}")), ["v1"]);
+        build_under_strace(&mut p, access);
     }
 
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -578,11 +524,6 @@ fn absconda_executes_no_other_program_through_cloud_access() {
         .push(("AWS_SECRET_ACCESS_KEY".into(), secret.to_string()));
     p.env
         .push(("AWS_EC2_METADATA_DISABLED".into(), "true".into()));
-    p.with_registry_credentials(reg);
-    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY f /f\n"));
-    p.file("f", "instance-connect");
-    let (out, _) = traced_build(&p, &format!("{}/strace/eic", reg.addr));
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(reg.tags("strace/eic"), ["v1"]);
+    build_under_strace(&mut p, "eic");
     assert!(!tap.pushed().is_empty());
 }

@@ -73,6 +73,16 @@ impl Sshd {
                 hk = d.join("hostkey").display(),
                 pid = d.join("sshd.pid").display(),
             );
+            if extra.lines().any(|l| l.starts_with("AuthorizedKeysFile ")) {
+                // A test that brings its own keys file gets only its own.
+                config = config.replace(
+                    &format!(
+                        "AuthorizedKeysFile {}\n",
+                        d.join("authorized_keys").display()
+                    ),
+                    "",
+                );
+            }
             if extra.lines().any(|l| l.starts_with("LogLevel ")) {
                 // sshd takes the first value: let the test's win.
                 config = config.replace("LogLevel VERBOSE\n", "");
