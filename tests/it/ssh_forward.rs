@@ -11,15 +11,24 @@ use crate::support::docker::{BASE_IMAGE, docker};
 use crate::support::sshd::{SSHD, Sshd};
 use crate::support::{spawn_daemon, wait_until};
 
-/// An ssh-agent on `sock` holding a fresh key; returns the key's fingerprint.
-fn agent_with_key(dir: &Path, sock: &Path) -> String {
+/// Stops the test's ssh-agent (it does not keep the parent-death signal).
+struct Agent(std::process::Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An ssh-agent on `sock` holding a fresh key; returns it and the key's fingerprint.
+fn agent_with_key(dir: &Path, sock: &Path) -> (Agent, String) {
     let mut cmd = Command::new("ssh-agent");
     cmd.args(["-D", "-a"])
         .arg(sock)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let child = spawn_daemon(cmd).unwrap();
-    std::mem::forget(child);
+    let agent = Agent(spawn_daemon(cmd).unwrap());
     wait_until("ssh-agent listening", Duration::from_secs(10), || {
         sock.exists()
     });
@@ -42,11 +51,12 @@ fn agent_with_key(dir: &Path, sock: &Path) -> String {
         .arg(key.with_extension("pub"))
         .output()
         .unwrap();
-    String::from_utf8_lossy(&fp.stdout)
+    let fingerprint = String::from_utf8_lossy(&fp.stdout)
         .split_whitespace()
         .nth(1)
         .unwrap()
-        .to_string()
+        .to_string();
+    (agent, fingerprint)
 }
 
 /// ssh-add and the libraries it needs, copied into the context.
@@ -87,7 +97,7 @@ fn the_local_agent_answers_a_build_step() {
     let sshd = Sshd::start(Some(&d.host));
     let mut p = project(&sshd);
     let sock = p.dir.path().join("agent.sock");
-    let fingerprint = agent_with_key(p.dir.path(), &sock);
+    let (_agent, fingerprint) = agent_with_key(p.dir.path(), &sock);
     p.env
         .push(("SSH_AUTH_SOCK".into(), sock.display().to_string()));
     let out = p.build("sshfwd/app", &["--network", "none", "--ssh", "default"]);
@@ -120,7 +130,7 @@ fn a_server_that_refuses_forwarding_is_a_clear_error() {
     );
     let mut p = project(&sshd);
     let sock = p.dir.path().join("agent.sock");
-    agent_with_key(p.dir.path(), &sock);
+    let _agent = agent_with_key(p.dir.path(), &sock);
     p.env
         .push(("SSH_AUTH_SOCK".into(), sock.display().to_string()));
     let out = p.build("sshfwd/refused", &["--network", "none", "--ssh", "default"]);
