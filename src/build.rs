@@ -109,20 +109,8 @@ impl BuildReport {
     }
 }
 
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+use crate::util::canonical;
+pub use crate::util::human_bytes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -180,11 +168,34 @@ pub enum BuildError {
     Timeout { builder: String, after: Duration },
     #[error("interrupted")]
     Interrupted,
+    #[error(
+        "the lease supervisor on `{builder}` went away during the build (killed, out of memory or a reboot): the build is abandoned"
+    )]
+    LeaseLost { builder: String },
 }
 
 impl From<SshError> for BuildError {
     fn from(e: SshError) -> Self {
         BuildError::Ssh(Box::new(e))
+    }
+}
+
+impl From<crate::sync::SyncError> for BuildError {
+    fn from(e: crate::sync::SyncError) -> BuildError {
+        match e {
+            crate::sync::SyncError::Context(e) => BuildError::Context(e),
+            crate::sync::SyncError::Ssh(e) => BuildError::from(e),
+            crate::sync::SyncError::Remote { builder, message } => {
+                BuildError::Upload { builder, message }
+            }
+            crate::sync::SyncError::Timeout { builder, after } => BuildError::Upload {
+                builder,
+                message: format!(
+                    "no report on its copy of the context within {}s",
+                    after.as_secs()
+                ),
+            },
+        }
     }
 }
 
@@ -204,7 +215,7 @@ impl BuildError {
             BuildError::DockerBuild { status, .. } | BuildError::DockerPush { status, .. } => {
                 *status == ExitStatus::Unknown
             }
-            BuildError::Upload { .. } => true,
+            BuildError::Upload { .. } | BuildError::LeaseLost { .. } => true,
             _ => false,
         }
     }
@@ -234,6 +245,7 @@ fn holder_description() -> String {
     } else {
         "unknown-host".into()
     };
+    let (user, host) = (printable(&user, 64), printable(&host, 64));
     format!(
         "{user}@{host} (pid {}) since {}",
         std::process::id(),
@@ -323,6 +335,9 @@ fn prepare_context_blocking(req: &BuildRequest) -> Result<PreparedContext, Build
             return Err(BuildError::NoDockerfile { path: df.clone() });
         }
         ignore_for = Some(df.clone());
+        if let Some(c) = ctx {
+            context::guard::check_dockerfile(c, df)?;
+        }
         match ctx.map(|c| {
             canonical(df)
                 .strip_prefix(canonical(c))
@@ -350,6 +365,9 @@ fn prepare_context_blocking(req: &BuildRequest) -> Result<PreparedContext, Build
     // Generated inputs go in after the walk: a user's `.dockerignore` must
     // not drop them, and they replace any file of the same name.
     for (name, path) in &req.extra_files {
+        if let Some(c) = ctx {
+            context::guard::check_input_parents(c, name)?;
+        }
         entries.retain(|e| e.rel != *name);
         entries.push(file_entry(name, path)?);
     }
@@ -371,26 +389,33 @@ fn prepare_context_blocking(req: &BuildRequest) -> Result<PreparedContext, Build
     })
 }
 
-fn canonical(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
-}
-
-/// A held lease: the supervisor process on the builder.
+/// A held lease: the supervisor process on the builder, and the task that
+/// tells it every [`remote::LEASE_HEARTBEAT`] that we are still here.
 pub struct Lease {
     process: RemoteProcess,
     pub run_dir: String,
+    nonce: String,
+    heartbeat: tokio::task::AbortHandle,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
 }
 
 impl Lease {
     /// Releases the lease; the supervisor kills anything still running and
     /// removes the run folder before it answers.
     pub async fn release(mut self, within: Duration) -> bool {
+        self.heartbeat.abort();
         let _ = self.process.writer.eof().await;
         let mut buf = Vec::new();
         let mut err = Vec::new();
+        let released = format!("{} released", self.nonce);
         let wait = async {
             while let Some(line) = self.process.reader.line(&mut buf, &mut err).await {
-                if line == "released" {
+                if line == released {
                     return true;
                 }
             }
@@ -398,6 +423,30 @@ impl Lease {
         };
         tokio::time::timeout(within, wait).await.unwrap_or(false)
     }
+}
+
+/// Builder-side text as absconda may print it: no control characters (a
+/// forged holder file must not move the cursor or recolour the terminal),
+/// at most `max` characters.
+pub fn printable(text: &str, max: usize) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect()
+}
+
+/// Returns when the lease supervisor's channel closes: it prints nothing
+/// between `acquired` and the release, so anything else means it is gone
+/// (killed, out of memory, the builder rebooted) and with it the lease.
+async fn lease_lost(process: &mut RemoteProcess) {
+    let (mut buf, mut err) = (Vec::new(), Vec::new());
+    while process.reader.line(&mut buf, &mut err).await.is_some() {}
+}
+
+/// What the build steps need of a held lease while [`lease_lost`] watches
+/// its channel.
+struct HeldRun {
+    run_dir: String,
 }
 
 /// Takes the builder's lease, waiting for other builds up to `wait`.
@@ -421,6 +470,12 @@ pub async fn acquire_lease(
         self_stop,
     );
     let mut process = session.exec("the builder lease", &cmd).await?;
+    // Protocol lines start with this build's nonce (see `remote::lease`).
+    let nonce = format!("{:032x}", rand::random::<u128>());
+    process
+        .writer
+        .write_all(format!("{nonce}\n").as_bytes())
+        .await?;
     let mut buf = Vec::new();
     let mut stderr = Vec::new();
     let mut holder = String::new();
@@ -434,7 +489,7 @@ pub async fn acquire_lease(
                 waited: wait,
             })?;
         let Some(line) = line else {
-            let message = String::from_utf8_lossy(&stderr).trim().to_string();
+            let message = printable(String::from_utf8_lossy(&stderr).trim(), 400);
             return Err(BuildError::Workspace {
                 builder: builder.name.clone(),
                 user: builder.user.clone(),
@@ -447,25 +502,50 @@ pub async fn acquire_lease(
                 },
             });
         };
+        let Some(line) = line
+            .strip_prefix(nonce.as_str())
+            .and_then(|l| l.strip_prefix(' '))
+        else {
+            continue;
+        };
+        let text = |h: &str| printable(h.trim(), 200);
         if line == "acquired" {
-            return Ok(Lease { process, run_dir });
+            let mut beat = process.writer.stream();
+            let heartbeat = tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                loop {
+                    tokio::time::sleep(remote::LEASE_HEARTBEAT).await;
+                    if beat.write_all(b"\n").await.is_err() || beat.flush().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .abort_handle();
+            return Ok(Lease {
+                process,
+                run_dir,
+                nonce,
+                heartbeat,
+            });
         } else if let Some(h) = line.strip_prefix("busy ") {
-            holder = h.to_string();
+            let h = text(h);
+            holder = h.clone();
             reporter.info(&format!(
                 "builder `{}` is busy: held by {}; waiting up to {}s (--remote-wait)",
                 builder.name,
-                if h.is_empty() { "another build" } else { h },
+                if h.is_empty() { "another build" } else { &h },
                 wait.as_secs()
             ));
         } else if let Some(h) = line.strip_prefix("waiting ") {
+            let h = text(h);
             if !h.is_empty() && h != holder {
-                holder = h.to_string();
+                holder = h.clone();
                 reporter.info(&format!("builder `{}` now held by {h}", builder.name));
             }
         } else if let Some(h) = line.strip_prefix("timeout") {
             return Err(BuildError::LeaseTimeout {
                 builder: builder.name.clone(),
-                holder: h.trim().to_string(),
+                holder: text(h),
                 waited: wait,
             });
         }
@@ -747,7 +827,11 @@ pub async fn build_on(
         r = lease_and_probe => r,
         _ = cancel.cancelled() => return Err(BuildError::Interrupted),
     };
-    let lease = lease?;
+    let mut held = lease?;
+    let watch = &mut held.process;
+    let lease = HeldRun {
+        run_dir: held.run_dir.clone(),
+    };
     report.record(Phase::Lease, t.elapsed());
     reporter.phase_done(Phase::Lease, t.elapsed());
 
@@ -909,28 +993,17 @@ pub async fn build_on(
             builder: builder.name.clone(),
             after: builder.timeout,
         })),
+        _ = lease_lost(watch) => Err(BuildError::LeaseLost { builder: builder.name.clone() }),
         _ = cancel.cancelled() => Err(BuildError::Interrupted),
     };
 
     reporter.phase(Phase::Cleanup);
     let t = Instant::now();
-    if !lease.release(Duration::from_secs(30)).await {
+    if !held.release(Duration::from_secs(30)).await {
         tracing::debug!(
             "the lease supervisor did not confirm cleanup; it cleans up when the connection closes"
         );
     }
     report.record(Phase::Cleanup, t.elapsed());
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bytes_are_human() {
-        assert_eq!(human_bytes(12), "12 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
-    }
 }

@@ -153,11 +153,17 @@ pub struct Builder {
     pub port: u16,
     pub user: String,
     pub identity_files: Vec<PathBuf>,
+    /// OpenSSH user certificates (`certificate_file:`).
+    pub certificate_files: Vec<PathBuf>,
     pub known_hosts: PathBuf,
     pub host_key_policy: HostKeyPolicy,
     #[serde(skip)]
     pub host_key: Option<Pin>,
     pub host_key_alias: Option<String>,
+    /// The HTTP CONNECT or SOCKS5 proxy SSH goes through (password hidden when shown).
+    pub proxy: Option<crate::ssh::proxy::Proxy>,
+    /// Jump hosts, in order, before the builder.
+    pub jump: Vec<crate::ssh::jump::JumpHost>,
     pub workspace: String,
     pub docker: String,
     pub compression: CompressionSetting,
@@ -220,10 +226,14 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("port", Kind::Int),
     ("user", Kind::Str),
     ("identity_file", Kind::StrList),
+    ("certificate_file", Kind::StrList),
     ("known_hosts", Kind::Str),
     ("host_key_policy", Kind::Str),
     ("host_key", Kind::Str),
     ("host_key_alias", Kind::Str),
+    ("proxy", Kind::Str),
+    ("jump", Kind::StrList),
+    ("ssh_config", Kind::Str),
     ("workspace", Kind::Str),
     ("docker", Kind::Str),
     ("compression", Kind::Str),
@@ -259,8 +269,12 @@ const DEFAULT_KEYS: &[&str] = &[
     "port",
     "user",
     "identity_file",
+    "certificate_file",
     "known_hosts",
     "host_key_policy",
+    "proxy",
+    "jump",
+    "ssh_config",
     "workspace",
     "docker",
     "compression",
@@ -370,6 +384,10 @@ impl ConfigFile {
             key: key.map(str::to_string),
             line,
         };
+        crate::yaml::check_depth(text).map_err(|e| ConfigError::Yaml {
+            at: at(None, None, Some(e.line)),
+            message: e.to_string(),
+        })?;
         let root: Value = serde_norway::from_str(text).map_err(|e| ConfigError::Yaml {
             at: at(None, None, e.location().map(|l| l.line())),
             message: strip_location(&e.to_string()),
@@ -691,6 +709,35 @@ impl ConfigFile {
             .string("known_hosts")?
             .map(&local_path)
             .unwrap_or_else(|| expand_path("~/.ssh/known_hosts", base));
+        let proxy = match r.string("proxy")?.as_deref() {
+            None | Some("none") => None,
+            Some("env") => {
+                // Only when asked: `ALL_PROXY` is often set for other tools.
+                let url = ["ALL_PROXY", "all_proxy"]
+                    .iter()
+                    .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+                    .ok_or_else(|| {
+                        r.invalid(
+                            "proxy",
+                            "`env` takes the proxy from `ALL_PROXY`, which is not set".into(),
+                        )
+                    })?;
+                Some(
+                    crate::ssh::proxy::Proxy::parse(&url)
+                        .map_err(|m| r.invalid("proxy", format!("`ALL_PROXY`: {m}")))?,
+                )
+            }
+            Some(url) => {
+                Some(crate::ssh::proxy::Proxy::parse(url).map_err(|m| r.invalid("proxy", m))?)
+            }
+        };
+        let jump = r
+            .list("jump")?
+            .iter()
+            .flat_map(|s| s.split(','))
+            .map(crate::ssh::jump::JumpHost::parse)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|m| r.invalid("jump", m))?;
         let secs = |key: &str, default: u64| -> Result<Duration, ConfigError> {
             Ok(Duration::from_secs(r.int(key)?.unwrap_or(default)))
         };
@@ -706,10 +753,17 @@ impl ConfigFile {
                 .into_iter()
                 .map(&local_path)
                 .collect(),
+            certificate_files: r
+                .list("certificate_file")?
+                .into_iter()
+                .map(&local_path)
+                .collect(),
             known_hosts,
             host_key_policy: policy,
             host_key,
             host_key_alias: r.string("host_key_alias")?,
+            proxy,
+            jump,
             workspace: r
                 .string("workspace")?
                 .unwrap_or_else(|| "/var/lib/absconda".into()),
@@ -743,6 +797,28 @@ impl ConfigFile {
             idle_shutdown_minutes: r.int("idle_shutdown_minutes")?,
             hourly_cost: r.float("hourly_cost")?,
         };
+        let mut b = b;
+        if provider == ProviderKind::Ssh {
+            let ssh_config = match r.value("ssh_config")? {
+                Some(Value::Bool(false)) => None,
+                Some(Value::Bool(true)) | None => Some(expand_path("~/.ssh/config", base)),
+                Some(_) => r.string("ssh_config")?.map(&local_path),
+            };
+            if let Some(path) = ssh_config {
+                let explicit = crate::builder_ssh::Explicit {
+                    port: r.value("port")?.is_some(),
+                    user: r.value("user")?.is_some(),
+                    identity_file: !r.list("identity_file")?.is_empty(),
+                    certificate_file: !r.list("certificate_file")?.is_empty(),
+                    known_hosts: r.value("known_hosts")?.is_some(),
+                    host_key_policy: r.value("host_key_policy")?.is_some(),
+                    connect_timeout: r.value("connect_timeout")?.is_some(),
+                    jump: !b.jump.is_empty(),
+                };
+                crate::builder_ssh::apply(&mut b, &path, &explicit)
+                    .map_err(|e| r.invalid("ssh_config", e.to_string()))?;
+            }
+        }
         if b.workspace.is_empty() || b.workspace.contains('\0') {
             return Err(r.invalid("workspace", "must be a non-empty path".into()));
         }
@@ -1150,5 +1226,15 @@ defaults:
             expand_vars("${ABSCONDA_TEST_NEVER_SET?}").unwrap_err(),
             "ABSCONDA_TEST_NEVER_SET"
         );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_quickly() {
+        let text = format!("builders: {}", "{a: ".repeat(100_000));
+        let start = std::time::Instant::now();
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(start.elapsed() < Duration::from_secs(1));
+        assert!(err.contains("nested more than 64 levels deep"), "{err}");
+        assert!(err.contains("line 1"), "{err}");
     }
 }

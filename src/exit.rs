@@ -40,6 +40,9 @@ pub const TERRAFORM: u8 = 10;
 /// records as provisioned, `destroy` of one it does not, or another absconda
 /// provisioning or destroying it right now.
 pub const STATE_CONFLICT: u8 = 11;
+/// An input file (`--file`, `--requirements`, `--tarball`) is missing,
+/// unreadable or invalid.
+pub const INPUT: u8 = 12;
 /// Interrupted by Ctrl-C (after cleaning up).
 pub const INTERRUPTED: u8 = 130;
 
@@ -90,13 +93,19 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 }
                 BuildError::DockerBuild { .. }
                 | BuildError::DockerPush { .. }
-                | BuildError::Upload { .. } => {
+                | BuildError::Upload { .. }
+                | BuildError::LeaseLost { .. } => {
                     // No exit status: the connection went away under the command.
                     return UNREACHABLE;
                 }
                 BuildError::Login { .. } => return PUSH_FAILED,
                 BuildError::Interrupted => return INTERRUPTED,
-                BuildError::NoDockerfile { .. } | BuildError::NoContext { .. } => return USAGE,
+                BuildError::NoDockerfile { .. }
+                | BuildError::NoContext { .. }
+                | BuildError::Context(
+                    crate::context::ContextError::InputParentNotAFolder { .. }
+                    | crate::context::ContextError::DockerfileOutside { .. },
+                ) => return USAGE,
                 BuildError::Docker { .. } => return NOT_READY,
                 BuildError::Ssh(e) => {
                     return if e.is_host_key() {
@@ -131,12 +140,14 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 _ => USAGE,
             };
         }
-        if cause.downcast_ref::<ConfigError>().is_some()
-            || cause
-                .downcast_ref::<crate::dockerfile::DockerfileError>()
-                .is_some()
-        {
+        if cause.downcast_ref::<ConfigError>().is_some() {
             return USAGE;
+        }
+        if let Some(e) = cause.downcast_ref::<crate::dockerfile::DockerfileError>() {
+            return match e {
+                crate::dockerfile::DockerfileError::InvalidOption { .. } => USAGE,
+                _ => INPUT,
+            };
         }
         if let Some(e) = cause.downcast_ref::<CloudError>() {
             return match e {
@@ -250,6 +261,19 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 SshError::Connect { addr, .. } | SshError::ConnectTimeout { addr, .. } => Some(format!(
                     "check that `{addr}` is reachable from here and sshd runs there; for a cloud builder, `absconda remote status NAME` shows its state"
                 )),
+                SshError::Proxy { source: crate::ssh::proxy::ProxyError::AuthRequired { .. }, .. } => Some(
+                    "check the user and password in the builder's `proxy:` URL (`http://user:password@host:port`; %-escape `@` and `:` in them)".into(),
+                ),
+                SshError::Proxy { proxy, .. } => Some(format!(
+                    "check that the proxy `{proxy}` runs and may connect to the builder's SSH port"
+                )),
+                SshError::JumpForward { hop, next, .. } => Some(format!(
+                    "the jump host `{hop}` is up but could not reach `{next}`: check that it runs sshd there and that the jump host allows TCP forwarding (`AllowTcpForwarding`)"
+                )),
+                SshError::Auth(AuthError::OpenKey { path, .. }) => Some(format!(
+                    "`chmod 600 {}` (or, where secrets can only be mounted readable by others, set ABSCONDA_ALLOW_OPEN_KEYS=1)",
+                    path.display()
+                )),
                 SshError::Auth(AuthError::Refused { user, host, tried }) => {
                     Some(crate::hints::key_refused(user, host, tried))
                 }
@@ -317,4 +341,90 @@ pub fn report(err: &anyhow::Error) {
         lines.push(format!("hint: {h}"));
     }
     eprintln!("{}", lines.join("\n"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dockerfile::DockerfileError;
+    use std::path::PathBuf;
+
+    /// Every code in the README's table, with the first words of its line.
+    fn readme_table() -> Vec<(u8, String)> {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("\n## Exit codes\n")
+            .nth(1)
+            .expect("README has an `## Exit codes` section");
+        let section = section.split("\n## ").next().unwrap_or(section);
+        section
+            .lines()
+            .filter_map(|line| {
+                let mut cells = line.split('|').map(str::trim).skip(1);
+                let code = cells.next()?.parse::<u8>().ok()?;
+                Some((code, cells.next()?.to_string()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_table_lists_every_code_and_nothing_else() {
+        let table = readme_table();
+        let codes: Vec<u8> = table.iter().map(|(c, _)| *c).collect();
+        let ours = [
+            SUCCESS,
+            FAILURE,
+            USAGE,
+            UNREACHABLE,
+            HOST_KEY,
+            BUILD_FAILED,
+            PUSH_FAILED,
+            LEASE_TIMEOUT,
+            CLOUD,
+            NOT_READY,
+            TERRAFORM,
+            STATE_CONFLICT,
+            INPUT,
+            INTERRUPTED,
+        ];
+        for code in ours {
+            assert!(
+                codes.contains(&code),
+                "exit code {code} missing from README"
+            );
+        }
+        for code in &codes {
+            assert!(
+                ours.contains(code),
+                "README lists exit code {code}, absconda has none"
+            );
+        }
+        let input = table.iter().find(|(c, _)| *c == INPUT).map(|(_, m)| m);
+        assert!(
+            input.is_some_and(|m| m.contains("input file")),
+            "README's line for {INPUT}: {input:?}"
+        );
+    }
+
+    #[test]
+    fn input_file_errors_have_their_own_code() {
+        let invalid = anyhow::Error::new(DockerfileError::InvalidEnvironment {
+            path: PathBuf::from("environment.yaml"),
+            line: Some(3),
+            column: Some(1),
+            reason: "YAML syntax error".into(),
+        });
+        assert_eq!(code(&invalid.context("generating")), INPUT);
+        let missing = anyhow::Error::new(DockerfileError::Read {
+            path: PathBuf::from("environment.yaml"),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        assert_eq!(code(&missing), INPUT);
+        let option = anyhow::Error::new(DockerfileError::InvalidOption {
+            option: "--env-prefix",
+            value: "x".into(),
+            reason: "not absolute".into(),
+        });
+        assert_eq!(code(&option), USAGE);
+    }
 }

@@ -134,19 +134,7 @@ impl RegistryAddr {
     }
 }
 
-/// An error with its causes, on one line.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if parts.last() != Some(&s) {
-            parts.push(s);
-        }
-        cur = c.source();
-    }
-    parts.join(": ")
-}
+pub use crate::util::chain;
 
 const HEALTH: &str = r#"
 docker=$1 ws=$2 rhost=$3 rport=$4 rtimeout=$5
@@ -163,6 +151,10 @@ d=$ws
 while [ ! -d "$d" ] && [ "$d" != / ]; do d=$(dirname "$d"); done
 printf 'disk_dir=%s\n' "$d"
 df -Pk "$d" 2>/dev/null | awk 'NR==2 { print "disk_total_kb=" $2; print "disk_avail_kb=" $4 }'
+n=0
+for r in "$ws"/runs/*; do [ -d "$r" ] && n=$((n + 1)); done
+printf 'runs=%s\n' "$n"
+if [ -e "$ws/.lease" ] && ! flock -n "$ws/.lease" true 2>/dev/null; then echo lease_held=1; fi
 [ -n "$rhost" ] || exit 0
 if command -v nc >/dev/null 2>&1; then
   tool=nc
@@ -222,6 +214,10 @@ pub struct Findings {
     pub registry_tool: Option<String>,
     pub registry_ok: bool,
     pub registry_error: Option<String>,
+    /// Run folders in the workspace, and whether a build holds the lease
+    /// (then one of them is its own).
+    pub runs: Option<u64>,
+    pub lease_held: bool,
 }
 
 impl Findings {
@@ -241,6 +237,8 @@ impl Findings {
                 "registry_tool" => f.registry_tool = Some(v),
                 "registry" => f.registry_ok = v == "ok",
                 "registry_error" => f.registry_error = Some(v),
+                "runs" => f.runs = v.parse().ok(),
+                "lease_held" => f.lease_held = v == "1",
                 _ => {}
             }
         }
@@ -272,8 +270,8 @@ pub fn disk_check(f: &Findings, workspace: &str) -> Check {
     let dir = f.disk_dir.clone().unwrap_or_else(|| workspace.to_string());
     let mut detail = format!(
         "{} free of {} ({used:.0}% used) at `{dir}`",
-        crate::build::human_bytes(avail * 1024),
-        crate::build::human_bytes(total * 1024)
+        crate::util::human_bytes(avail * 1024),
+        crate::util::human_bytes(total * 1024)
     );
     match status {
         Level::Fail => detail.push_str(&format!(
@@ -286,6 +284,24 @@ pub fn disk_check(f: &Findings, workspace: &str) -> Check {
         name: "disk",
         status,
         detail,
+    }
+}
+
+/// Run folders no build holds: a lease supervisor that was killed (or a
+/// reboot) left them, maybe with a registry login in them; the next build's
+/// lease removes them.
+pub fn runs_check(f: &Findings, workspace: &str) -> Check {
+    let left = f.runs.unwrap_or(0).saturating_sub(u64::from(f.lease_held));
+    Check {
+        name: "runs",
+        status: if left == 0 { Level::Ok } else { Level::Warn },
+        detail: if left == 0 {
+            format!("no run folders left over in `{workspace}/runs`")
+        } else {
+            format!(
+                "{left} run folder(s) in `{workspace}/runs` left by builds whose supervisor died (they may hold a registry login); the next build removes them"
+            )
+        },
     }
 }
 
@@ -374,6 +390,7 @@ pub async fn check(builder: &Builder, ep: &Endpoint, registry: Option<&RegistryA
                 },
             });
             checks.push(disk_check(&f, &builder.workspace));
+            checks.push(runs_check(&f, &builder.workspace));
             checks.push(match registry {
                 None => skipped("registry", "not checked: no --registry given"),
                 Some(r) if f.registry_ok => Check {
@@ -503,14 +520,7 @@ mod tests {
 
     #[test]
     fn the_script_parses_in_posix_shells() {
-        for sh in ["dash", "sh"] {
-            let ok = std::process::Command::new(sh)
-                .args(["-n", "-c", HEALTH])
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(true);
-            assert!(ok, "{sh} -n rejects the health script");
-        }
+        crate::test_support::assert_parses(HEALTH);
     }
 
     /// The script against this machine: a closed port fails, an open one is reached.

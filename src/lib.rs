@@ -9,7 +9,9 @@
 //! # Layout
 //! - `cli`: clap types only; `commands/`: one file per subcommand
 //! - `config`: `absconda-remote.yaml` → validated [`config::Builder`] settings
-//! - `ssh/`: the native SSH client: host keys, authentication, channels
+//! - `ssh/`: the native SSH client: transports (proxies, jump hosts), host
+//!   keys, authentication, channels, `~/.ssh/config`
+//! - `builder_ssh`: `~/.ssh/config` applied to a builder's settings
 //! - `remote`: the POSIX sh programs run on the builder (lease, upload, probe)
 //! - `dockerfile/`: conda `environment.yaml` (or requirements, or a conda-pack
 //!   archive) → Dockerfile, plus the files its build context needs
@@ -27,7 +29,10 @@
 //! - `report`: progress reporting from library to CLI
 //! - `shell`: quoting every remote argument for POSIX sh
 //! - `exit`: exit codes and error rendering
+//! - `util`: small helpers every layer may use (byte counts, error chains)
+//! - `yaml`: the nesting limit applied to YAML files before parsing
 pub mod build;
+pub mod builder_ssh;
 pub mod cli;
 pub mod cloud;
 pub mod commands;
@@ -48,3 +53,7 @@ pub mod ssh;
 pub mod state;
 pub mod sync;
 pub mod terraform;
+#[cfg(test)]
+mod test_support;
+pub mod util;
+pub mod yaml;

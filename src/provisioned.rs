@@ -182,12 +182,42 @@ pub fn target_at(builder: &Builder, host: &str, port: u16) -> Target {
         port,
         user: builder.user.clone(),
         identity_files: builder.identity_files.clone(),
+        certificate_files: builder.certificate_files.clone(),
         known_hosts: builder.known_hosts.clone(),
         policy: builder.host_key_policy,
         pin: builder.host_key.clone(),
         host_key_alias: builder.host_key_alias.clone(),
         connect_timeout: builder.connect_timeout,
+        proxy: builder.proxy.clone(),
+        jumps: builder
+            .jump
+            .iter()
+            .map(|j| jump_target(builder, j))
+            .collect(),
     }
+}
+
+/// The target of one jump host: its own address and user, the builder's
+/// keys, known_hosts and host key policy.
+fn jump_target(builder: &Builder, j: &crate::ssh::jump::JumpHost) -> Target {
+    let user = j
+        .user
+        .clone()
+        .unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "root".into()));
+    let mut t = Target::new(
+        &j.host,
+        j.port.unwrap_or(22),
+        &user,
+        builder.known_hosts.clone(),
+    );
+    t.identity_files = if j.identity_files.is_empty() {
+        builder.identity_files.clone()
+    } else {
+        j.identity_files.clone()
+    };
+    t.policy = builder.host_key_policy;
+    t.connect_timeout = builder.connect_timeout;
+    t
 }
 
 /// Where to connect for `builder`: its `host` when the config has one, else
@@ -272,7 +302,7 @@ pub async fn docker_version(session: &Session, docker: &str) -> Result<String, S
                 .trim()
                 .replace('\n', " ")
         )),
-        Err(e) => Err(crate::health::chain(&e)),
+        Err(e) => Err(crate::util::chain(&e)),
     }
 }
 
@@ -311,7 +341,7 @@ pub async fn wait_ready(
                     source: Box::new(e),
                 });
             }
-            Ok(Err(Attempt::Ssh(e))) => crate::health::chain(&e),
+            Ok(Err(Attempt::Ssh(e))) => crate::util::chain(&e),
             Ok(Err(Attempt::Docker(m))) => m,
             Err(_) => "the attempt did not finish in time".to_string(),
         };

@@ -6,7 +6,9 @@
 //! `~/.docker/config.json` — and hands them to `docker login --password-stdin`
 //! through a channel's stdin, under a temporary `DOCKER_CONFIG` inside the
 //! run folder that the lease supervisor deletes. They never appear in argv,
-//! logs or files left behind.
+//! logs or files left behind. `ABSCONDA_REGISTRY=<host[:port]>` says which
+//! registry the environment's credentials are for, so a push elsewhere never
+//! receives them; `-v` says which registry got credentials and from where.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -104,25 +106,76 @@ fn docker_config_path() -> Option<PathBuf> {
 
 /// Finds credentials for `registry`; `Ok(None)` means the builder's own are used.
 pub fn lookup(registry: &str) -> Result<Option<Credentials>, CredentialsError> {
-    let user = std::env::var("ABSCONDA_REGISTRY_USER")
-        .ok()
-        .filter(|s| !s.is_empty());
-    let pass = std::env::var("ABSCONDA_REGISTRY_PASSWORD")
-        .ok()
-        .filter(|s| !s.is_empty());
+    let env = |name: &str| std::env::var(name).ok().filter(|s| !s.is_empty());
+    let found = lookup_with(registry, &env, docker_config_path())?;
+    match &found {
+        Some(c) => tracing::info!(
+            "credentials for `{}` (user `{}`) from {}",
+            c.registry,
+            c.username,
+            c.source
+        ),
+        None => tracing::info!(
+            "no credentials for `{registry}` on this machine; the builder's own are used"
+        ),
+    }
+    Ok(found)
+}
+
+/// A registry as written in `ABSCONDA_REGISTRY` or an image reference,
+/// reduced to the form Docker compares: lowercase `host[:port]`, without a
+/// scheme or path, with Docker Hub's aliases as `docker.io`.
+pub fn normalise_registry(value: &str) -> String {
+    let v = value.trim();
+    let v = v
+        .strip_prefix("https://")
+        .or_else(|| v.strip_prefix("http://"))
+        .unwrap_or(v);
+    let host = v.split('/').next().unwrap_or(v).to_ascii_lowercase();
+    match host.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "docker.io" => "docker.io".into(),
+        _ => host,
+    }
+}
+
+/// [`lookup`] with the environment and the docker config's path given.
+///
+/// `ABSCONDA_REGISTRY_USER`/`ABSCONDA_REGISTRY_PASSWORD` go to any registry
+/// unless `ABSCONDA_REGISTRY=<host[:port]>` names the one they are for: then
+/// a push to another registry does not get them (its credentials come from
+/// the docker config, or the builder's own are used).
+fn lookup_with(
+    registry: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    docker_config: Option<PathBuf>,
+) -> Result<Option<Credentials>, CredentialsError> {
+    let user = env("ABSCONDA_REGISTRY_USER");
+    let pass = env("ABSCONDA_REGISTRY_PASSWORD");
+    let scope = env("ABSCONDA_REGISTRY");
     match (user, pass) {
-        (Some(username), Some(password)) => {
-            return Ok(Some(Credentials {
-                registry: registry.to_string(),
-                username,
-                password: Secret(password),
-                source: "ABSCONDA_REGISTRY_USER/ABSCONDA_REGISTRY_PASSWORD".into(),
-            }));
-        }
+        (Some(username), Some(password)) => match scope {
+            Some(scope) if normalise_registry(&scope) != normalise_registry(registry) => {
+                tracing::info!(
+                    "ABSCONDA_REGISTRY_USER/ABSCONDA_REGISTRY_PASSWORD are for `{}` (ABSCONDA_REGISTRY), not `{registry}`: not sent",
+                    normalise_registry(&scope)
+                );
+            }
+            scope => {
+                return Ok(Some(Credentials {
+                    registry: registry.to_string(),
+                    username,
+                    password: Secret(password),
+                    source: match scope {
+                        Some(_) => "ABSCONDA_REGISTRY_USER/ABSCONDA_REGISTRY_PASSWORD (scoped by ABSCONDA_REGISTRY)".into(),
+                        None => "ABSCONDA_REGISTRY_USER/ABSCONDA_REGISTRY_PASSWORD".into(),
+                    },
+                }));
+            }
+        },
         (None, None) => {}
         _ => return Err(CredentialsError::HalfSet),
     }
-    let Some(path) = docker_config_path() else {
+    let Some(path) = docker_config else {
         return Ok(None);
     };
     let text = match std::fs::read_to_string(&path) {
@@ -193,6 +246,80 @@ fn from_docker_config(
 mod tests {
     use super::*;
     use std::path::Path;
+
+    fn env_of<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn absconda_registry_scopes_the_environment_credentials() {
+        let creds = [
+            ("ABSCONDA_REGISTRY_USER", "u"),
+            ("ABSCONDA_REGISTRY_PASSWORD", "p"),
+        ];
+        let scoped = |scope: &'static str| {
+            let mut v = creds.to_vec();
+            v.push(("ABSCONDA_REGISTRY", scope));
+            v
+        };
+        // Unscoped: sent to any registry, as before.
+        let c = lookup_with("ghcr.io", &env_of(&creds), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.registry.as_str(), c.username.as_str()), ("ghcr.io", "u"));
+        assert_eq!(
+            c.source,
+            "ABSCONDA_REGISTRY_USER/ABSCONDA_REGISTRY_PASSWORD"
+        );
+        // Scoped to the repository's registry, in any spelling.
+        for (scope, registry) in [
+            ("127.0.0.1:5000", "127.0.0.1:5000"),
+            ("https://GHCR.io/", "ghcr.io"),
+            ("index.docker.io", "docker.io"),
+        ] {
+            let vars = scoped(scope);
+            let c = lookup_with(registry, &env_of(&vars), None).unwrap();
+            let c = c.unwrap_or_else(|| panic!("{scope} vs {registry}"));
+            assert!(
+                c.source.contains("scoped by ABSCONDA_REGISTRY"),
+                "{}",
+                c.source
+            );
+        }
+        // Scoped elsewhere: not sent; the docker config may still answer.
+        for (scope, registry) in [
+            ("ghcr.io", "evil.example"),
+            ("127.0.0.1:5000", "127.0.0.1:5001"),
+            ("127.0.0.1:5000", "127.0.0.1"),
+            ("ghcr.io", "docker.io"),
+        ] {
+            let vars = scoped(scope);
+            assert!(
+                lookup_with(registry, &env_of(&vars), None)
+                    .unwrap()
+                    .is_none(),
+                "{scope} vs {registry}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.json");
+        let auth = B64.encode("other:pw2");
+        std::fs::write(
+            &config,
+            format!(r#"{{"auths": {{"evil.example": {{"auth": "{auth}"}}}}}}"#),
+        )
+        .unwrap();
+        let vars = scoped("ghcr.io");
+        let c = lookup_with("evil.example", &env_of(&vars), Some(config))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.username, "other");
+        assert!(c.source.contains("config.json"), "{}", c.source);
+    }
 
     #[test]
     fn registry_table() {

@@ -53,6 +53,15 @@ data "aws_vpc" "default" {
   default = true
 }
 
+# Spot request and replacement triggers, decided without a provider so
+# tests/terraform can check them offline.
+module "settings" {
+  source = "./settings"
+
+  spot     = var.spot
+  ssh_user = var.ssh_user
+}
+
 locals {
   ami_id = var.ami_id != null ? var.ami_id : data.aws_ami.ubuntu[0].id
   vpc_id = var.subnet_id != null ? data.aws_subnet.selected[0].vpc_id : (var.vpc_id != null ? var.vpc_id : data.aws_vpc.default[0].id)
@@ -75,7 +84,12 @@ locals {
     idle_shutdown_minutes = var.idle_shutdown_minutes
     build_cache_gb        = var.build_cache_gb
     authorized_key_b64    = base64encode(local.ssh_public_key)
-    watchdog_b64          = base64encode(file("${path.module}/../scripts/absconda-idle-watchdog.sh"))
+    watchdog              = file("${path.module}/../scripts/absconda-idle-watchdog.sh")
+    metadata_guard        = file("${path.module}/../scripts/absconda-metadata-guard.sh")
+    # The instance id is not known when the user data is rendered: the idle
+    # watchdog checks no identity on EC2.
+    identity        = ""
+    ssh_allow_users = module.settings.ssh_allow_users
   })
 
   # cloud-init writes the setup script into its per-boot directory before the
@@ -207,6 +221,12 @@ resource "aws_iam_instance_profile" "builder" {
 
 # --- The builder ---------------------------------------------------------------
 
+# Switching spot off plans no change to aws_instance
+# (hashicorp/terraform-provider-aws#38141); this makes it a replacement.
+resource "terraform_data" "market" {
+  input = module.settings.replacement_triggers
+}
+
 resource "aws_instance" "builder" {
   ami                    = local.ami_id
   instance_type          = var.instance_type
@@ -228,23 +248,28 @@ resource "aws_instance" "builder" {
   # needs a new instance to take effect.
   user_data_replace_on_change = true
 
+  # Interrupted: stopped (volume and build cache kept), restarted by EC2
+  # when capacity returns. EC2 takes "stop" only with a persistent request,
+  # which outlives the instance: before anything replaces or destroys a Spot
+  # builder, cancel its request (spot_instance_request_id, see README), or
+  # EC2 launches an instance no state knows about
+  # (hashicorp/terraform-provider-aws#38142).
   dynamic "instance_market_options" {
-    for_each = var.spot ? [1] : []
+    for_each = module.settings.spot_options == null ? [] : [module.settings.spot_options]
 
     content {
       market_type = "spot"
 
       spot_options {
-        # Interrupted: stopped (disk kept), restarted by EC2 when capacity
-        # returns. Stop needs a persistent request.
-        instance_interruption_behavior = "stop"
-        spot_instance_type             = "persistent"
+        instance_interruption_behavior = instance_market_options.value.instance_interruption_behavior
+        spot_instance_type             = instance_market_options.value.spot_instance_type
       }
     }
   }
 
   # IMDSv2 only, and one hop: containers of a build cannot reach the instance
-  # credentials through the metadata service.
+  # credentials through the metadata service (the setup script also drops
+  # their packets to it, ../scripts/absconda-metadata-guard.sh).
   metadata_options {
     http_endpoint               = "enabled"
     http_tokens                 = "required"
@@ -266,6 +291,9 @@ resource "aws_instance" "builder" {
     # A newer Ubuntu AMI must not replace a working builder (and its cache);
     # use `terraform apply -replace=aws_instance.builder` to move to it.
     ignore_changes = [ami]
+
+    # Switching between Spot and On-Demand replaces the instance.
+    replace_triggered_by = [terraform_data.market]
 
     precondition {
       condition     = var.build_cache_gb < var.disk_size

@@ -7,8 +7,33 @@
 # (../scripts/absconda-idle-watchdog.sh). A powered-off GCE VM is TERMINATED:
 # only its disk is billed until absconda starts it again.
 
+# The region's zones, when no zone is given: the builder goes to the first
+# one by name (not every region has an `-a` zone). Any status: a zone that is
+# down for a while must not move (and so replace) the builder.
+data "google_compute_zones" "region" {
+  count   = var.zone == null ? 1 : 0
+  project = var.project
+  region  = var.region
+}
+
+# Zone, firewall rules, Artifact Registry grants and the external address,
+# decided without a provider so tests/terraform can check them offline.
+module "settings" {
+  source = "./settings"
+
+  name              = var.name
+  project           = var.project
+  region            = var.region
+  zone              = var.zone
+  region_zones      = var.zone == null ? data.google_compute_zones.region[0].names : []
+  allowed_ssh_cidr  = var.allowed_ssh_cidr
+  iap_tunnel        = var.iap_tunnel
+  assign_public_ip  = var.assign_public_ip
+  push_repositories = var.push_repositories
+}
+
 locals {
-  zone        = coalesce(var.zone, "${var.region}-a")
+  zone        = module.settings.zone
   network_tag = var.name
 
   # Service account IDs are 6-30 characters and must not end with a hyphen.
@@ -27,56 +52,77 @@ locals {
     # GCE's guest agent creates ssh_user and installs its key from the
     # `ssh-keys` metadata below; the script does not touch authorized_keys.
     authorized_key_b64 = ""
-    watchdog_b64       = base64encode(file("${path.module}/../scripts/absconda-idle-watchdog.sh"))
+    watchdog           = file("${path.module}/../scripts/absconda-idle-watchdog.sh")
+    metadata_guard     = file("${path.module}/../scripts/absconda-metadata-guard.sh")
+    # The idle watchdog powers off only this instance: project, zone and
+    # name as the metadata server reports them.
+    identity = "gce:${var.project}/${local.zone}/${var.name}"
+    # The guest agent manages the GCE user's login (no `ubuntu` to allow).
+    ssh_allow_users = var.ssh_user
   })
 }
 
 resource "google_service_account" "builder" {
   account_id   = local.service_account_id
   display_name = "absconda builder ${var.name}"
-  description  = "Identity of the absconda builder VM ${var.name}: may push images to Artifact Registry, nothing else."
+  description  = "Identity of the absconda builder VM ${var.name}: may push images to the Artifact Registry repositories in push_repositories, nothing else."
 }
 
-resource "google_project_iam_member" "artifact_registry_writer" {
-  project = var.project
-  role    = "roles/artifactregistry.writer"
-  member  = "serviceAccount:${google_service_account.builder.email}"
+# Push rights on the listed repositories only, never on the whole project:
+# whatever reaches the VM's token can push to these and nothing else. With
+# no repositories the builder pushes with the credentials absconda forwards.
+resource "google_artifact_registry_repository_iam_member" "push" {
+  for_each = module.settings.repository_grants
+
+  project    = each.value.project
+  location   = each.value.location
+  repository = each.value.repository
+  role       = each.value.role
+  member     = "serviceAccount:${google_service_account.builder.email}"
 }
 
+# SSH from allowed_ssh_cidr and, with iap_tunnel, from IAP's forwarding
+# range (priority 900); from anywhere else denied (priority 1000), which also
+# outranks the `default` network's `default-allow-ssh` (priority 65534).
 resource "google_compute_firewall" "ssh" {
-  name        = "${var.name}-ssh"
-  network     = var.network
-  description = "SSH to the absconda builder ${var.name}, from the configured source ranges only"
-  direction   = "INGRESS"
-  priority    = 900
+  for_each = module.settings.firewall_rules
 
-  source_ranges = var.allowed_ssh_cidr
+  name        = each.value.name
+  network     = var.network
+  description = each.value.description
+  direction   = "INGRESS"
+  priority    = each.value.priority
+
+  source_ranges = each.value.source_ranges
   target_tags   = [local.network_tag]
 
-  allow {
-    protocol = "tcp"
-    ports    = ["22"]
+  dynamic "allow" {
+    for_each = each.value.action == "allow" ? [1] : []
+    content {
+      protocol = "tcp"
+      ports    = ["22"]
+    }
+  }
+
+  dynamic "deny" {
+    for_each = each.value.action == "deny" ? [1] : []
+    content {
+      protocol = "tcp"
+      ports    = ["22"]
+    }
   }
 }
 
-# The auto-created `default` network comes with `default-allow-ssh` (tcp/22
-# from anywhere, priority 65534). This rule outranks it for the builder, so
-# only the ranges allowed above (priority 900) reach SSH, whatever else the
-# network allows.
-resource "google_compute_firewall" "ssh_deny_others" {
-  name        = "${var.name}-ssh-deny"
-  network     = var.network
-  description = "SSH to the absconda builder ${var.name} from anywhere else: denied"
-  direction   = "INGRESS"
-  priority    = 1000
+# The rules of earlier versions of this module keep their names and are not
+# recreated.
+moved {
+  from = google_compute_firewall.ssh
+  to   = google_compute_firewall.ssh["allowed"]
+}
 
-  source_ranges = ["0.0.0.0/0"]
-  target_tags   = [local.network_tag]
-
-  deny {
-    protocol = "tcp"
-    ports    = ["22"]
-  }
+moved {
+  from = google_compute_firewall.ssh_deny_others
+  to   = google_compute_firewall.ssh["deny"]
 }
 
 resource "google_compute_instance" "builder" {
@@ -88,6 +134,8 @@ resource "google_compute_instance" "builder" {
   labels       = local.labels
 
   # Changing machine_type (or the service account) needs a stopped VM.
+  # Changing zone, image, disk_size, disk_type, labels (they label the boot
+  # disk too) or spot replaces the VM: a new boot disk, an empty build cache.
   allow_stopping_for_update = true
 
   boot_disk {
@@ -105,9 +153,10 @@ resource "google_compute_instance" "builder" {
     network    = var.network
     subnetwork = var.subnetwork
 
-    # An ephemeral external address, released while the VM is stopped.
+    # An ephemeral external address, released while the VM is stopped. None
+    # by default with iap_tunnel: IAP reaches the internal address.
     dynamic "access_config" {
-      for_each = var.assign_public_ip ? [1] : []
+      for_each = module.settings.external_ip ? [1] : []
       content {}
     }
   }
@@ -133,8 +182,10 @@ resource "google_compute_instance" "builder" {
     block-project-ssh-keys = "TRUE"
     enable-oslogin         = "FALSE"
 
-    # The guest agent publishes the SSH host keys under the guest attribute
-    # path `hostkeys/`, where absconda reads them before it first connects.
+    # The startup script publishes the SSH host keys under the guest
+    # attribute path `hostkeys/` at every boot (the guest agent does so only
+    # for keys it generated itself), where absconda reads them before it
+    # first connects.
     enable-guest-attributes = "TRUE"
   }
 
@@ -158,5 +209,5 @@ resource "google_compute_instance" "builder" {
   }
 
   # The VM should be able to push as soon as it is up.
-  depends_on = [google_project_iam_member.artifact_registry_writer]
+  depends_on = [google_artifact_registry_repository_iam_member.push]
 }

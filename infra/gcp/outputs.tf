@@ -1,8 +1,8 @@
 # Outputs absconda reads with `terraform output -json` after `remote provision`.
 
 output "instance_ip" {
-  description = "Address absconda connects to over SSH: the ephemeral external IPv4 address, or the internal one when assign_public_ip is false. The external address changes at every start; absconda asks the Compute API for the current one."
-  value       = var.assign_public_ip ? google_compute_instance.builder.network_interface[0].access_config[0].nat_ip : google_compute_instance.builder.network_interface[0].network_ip
+  description = "Address absconda connects to over SSH: the ephemeral external IPv4 address, or the internal one without an external address (iap_tunnel, assign_public_ip = false). The external address changes at every start; absconda asks the Compute API for the current one."
+  value       = module.settings.external_ip ? google_compute_instance.builder.network_interface[0].access_config[0].nat_ip : google_compute_instance.builder.network_interface[0].network_ip
 }
 
 output "instance_name" {
@@ -16,7 +16,7 @@ output "ssh_user" {
 }
 
 output "host_key_fingerprints" {
-  description = "Always empty on GCE: absconda reads the host keys themselves from the guest attributes under `hostkeys/` (see README)."
+  description = "Always empty on GCE: absconda reads the host keys themselves from the guest attributes under `hostkeys/`, which the startup script publishes at every boot (see README)."
   value       = []
 }
 
@@ -36,6 +36,6 @@ output "workspace" {
 }
 
 output "service_account_email" {
-  description = "Service account the builder runs as (roles/artifactregistry.writer on the project)."
+  description = "Service account the builder runs as (roles/artifactregistry.writer on each of push_repositories, nothing else)."
   value       = google_service_account.builder.email
 }

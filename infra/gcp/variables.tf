@@ -21,7 +21,7 @@ variable "region" {
 }
 
 variable "zone" {
-  description = "Zone of the builder. Default: the region's `-a` zone."
+  description = "Zone of the builder. Default: the region's first zone by name, read from the Compute API at the first apply (not every region has an `-a` zone). Changing it replaces the VM."
   type        = string
   default     = null
 }
@@ -50,13 +50,8 @@ variable "spot" {
 }
 
 variable "allowed_ssh_cidr" {
-  description = "IPv4 CIDR ranges allowed to reach SSH (tcp/22), for example [\"203.0.113.7/32\"]. Required: there is no open-to-the-world default."
+  description = "IPv4 CIDR ranges allowed to reach SSH (tcp/22), for example [\"203.0.113.7/32\"]. Required: there is no open-to-the-world default. May be [] with iap_tunnel = true."
   type        = list(string)
-
-  validation {
-    condition     = length(var.allowed_ssh_cidr) > 0
-    error_message = "allowed_ssh_cidr must list at least one CIDR range (for example your address as \"203.0.113.7/32\")."
-  }
 
   validation {
     condition     = alltrue([for c in var.allowed_ssh_cidr : can(cidrnetmask(c))])
@@ -144,9 +139,29 @@ variable "subnetwork" {
 }
 
 variable "assign_public_ip" {
-  description = "Give the builder an ephemeral external IPv4 address (it changes at every start). Without one, instance_ip is the internal address and absconda must reach the VPC (VPN, IAP tunnel, jump host); the builder then also needs Cloud NAT to install Docker."
+  description = "Give the builder an ephemeral external IPv4 address (it changes at every start). Default: yes, unless iap_tunnel. Without one, instance_ip is the internal address and absconda must reach the VPC (`tunnel: iap`, VPN, jump host); the builder then also needs Cloud NAT to install Docker and pull base images."
   type        = bool
-  default     = true
+  default     = null
+}
+
+variable "iap_tunnel" {
+  description = "Let IAP TCP forwarding (35.235.240.0/20) reach SSH, for `tunnel: iap`. The VM then gets no external address unless assign_public_ip = true, and allowed_ssh_cidr may be []: no port open to the internet."
+  type        = bool
+  default     = false
+}
+
+variable "push_repositories" {
+  description = "Artifact Registry repositories the builder's service account may push to (roles/artifactregistry.writer on each repository, never on the project): \"LOCATION/REPOSITORY\" in this project, or \"projects/PROJECT/locations/LOCATION/repositories/REPOSITORY\". Default: none; absconda forwards your own registry credentials to each build."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition = alltrue([
+      for r in var.push_repositories :
+      can(regex("^[a-z0-9-]+/[a-z0-9][a-z0-9._-]*$", r)) || can(regex("^projects/[^/]+/locations/[a-z0-9-]+/repositories/[a-z0-9][a-z0-9._-]*$", r))
+    ])
+    error_message = "every push_repositories entry must be LOCATION/REPOSITORY (for example \"europe-west4/images\") or projects/PROJECT/locations/LOCATION/repositories/REPOSITORY."
+  }
 }
 
 variable "image" {

@@ -233,7 +233,7 @@ async fn host_keys_from_cloud(
                 reporter.info(&format!(
                     "warning: could not read the host keys of builder `{}` from the cloud ({source}): {}",
                     b.name,
-                    crate::health::chain(&e)
+                    crate::util::chain(&e)
                 ));
                 return Ok(Vec::new());
             }

@@ -23,6 +23,10 @@ pub struct Status {
     pub cloud_status: Option<String>,
     pub address: Option<String>,
     pub reachable: bool,
+    /// How SSH reached it: `direct`, `jump chain …`, `through proxy …`.
+    pub path: Option<String>,
+    /// The user SSH logged in as.
+    pub user: Option<String>,
     pub error: Option<String>,
     pub host_key: Option<String>,
     pub docker_server: Option<String>,
@@ -142,6 +146,8 @@ async fn probe_into(
     session: crate::ssh::Session,
 ) -> anyhow::Result<()> {
     st.reachable = true;
+    st.path = Some(session.route().to_string());
+    st.user = Some(session.user().to_string());
     st.host_key = Some(crate::ssh::known_hosts::fingerprint(session.host_key()));
     let probe = build::probe(&session, b).await;
     session.close().await;
@@ -233,6 +239,9 @@ pub async fn status(args: NameArgs) -> anyhow::Result<()> {
         );
         println!("address:    {}", st.address.as_deref().unwrap_or("-"));
         println!("reachable:  {}", if st.reachable { "yes" } else { "no" });
+        if let (Some(path), Some(user)) = (&st.path, &st.user) {
+            println!("ssh:        {path}, as `{user}`");
+        }
         if let Some(k) = &st.host_key {
             println!("host key:   {k}");
         }

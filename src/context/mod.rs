@@ -27,6 +27,7 @@
 //! # let _ = stats; Ok(()) }
 //! ```
 
+pub mod guard;
 pub mod hash;
 pub mod ignore;
 pub mod tar;
@@ -105,4 +106,22 @@ pub enum ContextError {
 
     #[error("the context stream was closed by its reader (at `{}`)", path.display())]
     StreamClosed { path: PathBuf },
+
+    #[error(
+        "cannot add `{name}` to the build context: `{}` is {}",
+        path.display(),
+        if *symlink { "a symlink, and the builder would write through it" } else { "not a folder" }
+    )]
+    InputParentNotAFolder {
+        name: String,
+        path: PathBuf,
+        symlink: bool,
+    },
+
+    #[error(
+        "the Dockerfile `{}` is a symlink to `{}`, outside the build context; absconda does not read it",
+        path.display(),
+        target.display()
+    )]
+    DockerfileOutside { path: PathBuf, target: PathBuf },
 }

@@ -599,8 +599,28 @@ mod tests {
 
     #[test]
     fn unreadable_file_names_the_path() {
-        // Root reads everything, so this case only runs as another user.
+        // Root reads everything: as root, run this very test again as
+        // `nobody` (uid 65534), which must pass.
         if effective_uid() == 0 {
+            use std::os::unix::process::CommandExt;
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "context::walk::tests::unreadable_file_names_the_path",
+                    "--test-threads=1",
+                ])
+                .env("TMPDIR", "/tmp")
+                .current_dir("/")
+                .uid(65534)
+                .gid(65534)
+                .output()
+                .expect("run the test binary as nobody");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "as nobody: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             return;
         }
         let dir = tempfile::tempdir().unwrap();

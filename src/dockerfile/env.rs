@@ -27,6 +27,9 @@ pub const DEFAULT_ENV_NAME: &str = "absconda";
 /// The channel used when the file lists none, as the original did.
 pub const DEFAULT_CHANNEL: &str = "conda-forge";
 
+/// conda's keyword in `channels:` for "leave out the default channels".
+pub const NODEFAULTS: &str = "nodefaults";
+
 /// An `environment.yaml` as absconda understands it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Environment {
@@ -45,13 +48,39 @@ pub struct Environment {
 }
 
 impl Environment {
-    /// The channels micromamba is pointed at: the file's, or `conda-forge`.
+    /// The channels micromamba is pointed at: the file's, or `conda-forge`
+    /// when it lists none. `nodefaults` is conda's keyword for "no default
+    /// channels", not a channel: micromamba reads it from the file, and it
+    /// is never passed as `--channel`.
     pub fn effective_channels(&self) -> Vec<String> {
-        if self.channels.is_empty() {
+        let listed: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|c| c.as_str() != NODEFAULTS)
+            .cloned()
+            .collect();
+        if listed.is_empty() {
             vec![DEFAULT_CHANNEL.to_string()]
         } else {
-            self.channels.clone()
+            listed
         }
+    }
+
+    /// True when the file lists no channel of its own (`nodefaults` aside),
+    /// so the default channel is passed for it.
+    pub fn uses_default_channel(&self) -> bool {
+        self.channels.iter().all(|c| c == NODEFAULTS)
+    }
+
+    /// True when the environment has a python: the file lists `python`,
+    /// `pip` or `pip:` requirements (pip brings python). An environment whose
+    /// packages only pull python in as a dependency counts as without.
+    pub fn has_python(&self) -> bool {
+        !self.pip.is_empty()
+            || self
+                .conda
+                .iter()
+                .any(|spec| matches!(package_name(spec).as_str(), "python" | "pip"))
     }
 
     /// True when the file has `pip:` requirements but does not list `pip`
@@ -75,6 +104,23 @@ pub fn parse(text: &str, path: &Path) -> Result<Environment, DockerfileError> {
             path: path.to_path_buf(),
         });
     }
+    crate::yaml::check_depth(text).map_err(|e| DockerfileError::InvalidEnvironment {
+        path: path.to_path_buf(),
+        line: Some(e.line),
+        column: Some(e.column),
+        reason: format!("nested more than {} levels deep", crate::yaml::MAX_DEPTH),
+    })?;
+    // Syntax first: serde_norway reports a syntax error only after the
+    // events before it were deserialized, so a visitor's complaint about a
+    // half-read node would otherwise hide it (an unclosed `[` read as a
+    // dependency section).
+    serde_norway::from_str::<IgnoredAny>(text).map_err(|err| {
+        let mut e = yaml_error(path, &err);
+        if let DockerfileError::InvalidEnvironment { reason, .. } = &mut e {
+            *reason = format!("YAML syntax error: {reason}");
+        }
+        e
+    })?;
     let raw: RawEnvironment = serde_norway::from_str(text).map_err(|err| yaml_error(path, &err))?;
     let RawEnvironment {
         name,
@@ -679,6 +725,43 @@ mod tests {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn syntax_errors_are_reported_as_such_with_line_and_column() {
+        let cases: [(&str, usize); 3] = [
+            ("name: x\ndependencies:\n  - numpy: [1.2\n  - scipy\n", 5),
+            ("name: x\ndependencies: [numpy, scipy\n", 3),
+            ("name: x\ndependencies:\n  - {numpy\n", 4),
+        ];
+        for (text, line) in cases {
+            let err = parse(text, Path::new("environment.yaml")).unwrap_err();
+            let DockerfileError::InvalidEnvironment {
+                line: got,
+                column,
+                reason,
+                ..
+            } = &err
+            else {
+                panic!("{text:?}: {err}");
+            };
+            assert_eq!(*got, Some(line), "{text:?}: {err}");
+            assert!(column.is_some(), "{text:?}: {err}");
+            assert!(reason.starts_with("YAML syntax error: "), "{text:?}: {err}");
+            assert!(!reason.contains("unsupported"), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_quickly() {
+        let text = format!("dependencies: {}", "[".repeat(100_000));
+        let start = std::time::Instant::now();
+        let err = parse(&text, Path::new("environment.yaml")).unwrap_err();
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+        assert!(
+            err.to_string().contains("nested more than 64 levels deep"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -496,7 +496,11 @@ fn header_lines(path: &Path, in_context: &str, what: &str) -> Vec<String> {
 /// printed the whole file inline, and a reader of the Dockerfile should still
 /// see what goes into the image.
 fn environment_summary(env: &Environment) -> Vec<String> {
-    let mut lines = vec!["channels:".to_string()];
+    let mut lines = vec![if env.uses_default_channel() {
+        "channels (the file lists none; this default is passed with --channel):".to_string()
+    } else {
+        "channels:".to_string()
+    }];
     lines.extend(env.effective_channels().iter().map(|c| format!("  - {c}")));
     lines.push("dependencies:".to_string());
     lines.extend(env.conda.iter().map(|d| format!("  - {d}")));

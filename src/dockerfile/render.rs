@@ -8,9 +8,12 @@
 //! Docker their VM has, and the legacy builder must read every line.
 //!
 //! The shape follows the Python original: a micromamba builder stage that
-//! creates the environment and packs it with conda-pack, a slim runtime stage
-//! that receives it and runs `conda-unpack`, then the `CONDA_*` and `PATH`
-//! exports and `CMD ["python"]`.
+//! creates the environment, a slim runtime stage that receives it, then the
+//! `CONDA_*` and `PATH` exports and `CMD ["python"]` (left out when the
+//! environment has no python). Unlike the original, the builder stage creates
+//! the environment at its final prefix, so it is copied rather than packed
+//! and relocated; only `--tarball` archives are relocated with
+//! `conda-unpack`.
 
 use super::env::Environment;
 
@@ -34,13 +37,17 @@ pub(crate) struct Common<'a> {
 
 /// Where the builder stage reads the environment file from.
 const ENV_FILE_IN_IMAGE: &str = "/tmp/env.yaml";
-/// The directory the builder stage leaves the packed environment in.
-const STAGING_DIR: &str = "/tmp/absconda-env";
 /// The root prefix of the micromamba images, whose `bin` the original also
 /// put on `PATH`.
 const CONDA_ROOT_BIN: &str = "/opt/conda/bin";
 
 /// The default: build in micromamba, run on a slim image.
+///
+/// The environment is created at its final prefix in the builder stage and
+/// copied to the same path in the runtime stage, so nothing in it needs
+/// rewriting: conda-pack and conda-unpack (which needs a python the
+/// environment may not have, e.g. R-only or bioconda-tools environments)
+/// are not involved, and no prefix can be left stale.
 pub(crate) fn multi_stage(
     common: &Common<'_>,
     env: &Environment,
@@ -50,38 +57,27 @@ pub(crate) fn multi_stage(
     env_file_in_context: &str,
 ) -> String {
     let mut out = Dockerfile::new(&common.header);
-    let name = layout.name;
-    let archive = "/tmp/absconda-env.tar.gz";
-
     out.line(format!("FROM {builder_base} AS builder"));
+    out.own_prefix(layout.env_prefix);
     out.line(format!("COPY {env_file_in_context} {ENV_FILE_IN_IMAGE}"));
-    // conda-pack goes into `base` from the environment's own channels, as in
-    // the original; the environment is created from the copied file, which
-    // carries the channels and the `pip:` list to micromamba.
     out.run(&[
         format!(
-            "micromamba install -y -n base {} conda-pack",
+            "micromamba create -y -p {} {} -f {ENV_FILE_IN_IMAGE}",
+            layout.env_dir,
             channel_flags(&env.effective_channels())
         ),
-        format!("micromamba create -y -n {name} -f {ENV_FILE_IN_IMAGE}"),
-        format!(
-            "micromamba run -n base conda-pack -p \"${{MAMBA_ROOT_PREFIX}}/envs/{name}\" -o {archive}"
-        ),
-        format!("mkdir -p {STAGING_DIR}"),
-        format!("tar -xzf {archive} -C {STAGING_DIR}"),
-        format!("rm {archive}"),
+        "micromamba clean -afy".to_string(),
     ]);
     out.blank();
 
     out.line(format!("FROM {runtime_base} AS runtime"));
     out.line(format!(
-        "COPY --from=builder {STAGING_DIR}/ {}/",
-        layout.env_dir
+        "COPY --from=builder {dir}/ {dir}/",
+        dir = layout.env_dir
     ));
-    out.conda_unpack(layout.env_dir);
     out.blank();
     out.exports(layout, &env.variables);
-    out.finish(common.labels)
+    out.finish(common.labels, env.has_python())
 }
 
 /// `--single-stage`: one micromamba image that creates the environment in
@@ -95,16 +91,7 @@ pub(crate) fn single_stage(
 ) -> String {
     let mut out = Dockerfile::new(&common.header);
     out.line(format!("FROM {builder_base}"));
-    if !is_under_conda_root(layout.env_prefix) {
-        // The micromamba images run as `$MAMBA_USER`, who may write only
-        // below /opt/conda: hand the prefix directory over first.
-        out.line("USER root");
-        out.line(format!(
-            "RUN mkdir -p {prefix} && chown \"$MAMBA_USER\" {prefix}",
-            prefix = layout.env_prefix
-        ));
-        out.line("USER $MAMBA_USER");
-    }
+    out.own_prefix(layout.env_prefix);
     out.line(format!("COPY {env_file_in_context} {ENV_FILE_IN_IMAGE}"));
     out.run(&[
         format!(
@@ -116,7 +103,7 @@ pub(crate) fn single_stage(
     ]);
     out.blank();
     out.exports(layout, &env.variables);
-    out.finish(common.labels)
+    out.finish(common.labels, env.has_python())
 }
 
 /// `--tarball`: a conda-pack archive made elsewhere, unpacked into the
@@ -136,7 +123,7 @@ pub(crate) fn tarball(
     out.conda_unpack(layout.env_dir);
     out.blank();
     out.exports(layout, &[]);
-    out.finish(common.labels)
+    out.finish(common.labels, true)
 }
 
 /// `--requirements`: a plain Python image with the requirements installed
@@ -155,7 +142,7 @@ pub(crate) fn requirements(
         format!("rm {in_image}"),
     ]);
     out.blank();
-    out.finish(common.labels)
+    out.finish(common.labels, true)
 }
 
 fn is_under_conda_root(prefix: &str) -> bool {
@@ -208,12 +195,25 @@ impl Dockerfile {
         self.line(format!("RUN {joined}"));
     }
 
+    /// The micromamba images run as `$MAMBA_USER`, who may write only below
+    /// /opt/conda: a prefix elsewhere is created and handed over first.
+    fn own_prefix(&mut self, env_prefix: &str) {
+        if !is_under_conda_root(env_prefix) {
+            self.line("USER root");
+            self.line(format!(
+                "RUN mkdir -p {env_prefix} && chown \"$MAMBA_USER\" {env_prefix}"
+            ));
+            self.line("USER $MAMBA_USER");
+        }
+    }
+
     /// Rewrites the prefixes conda-pack recorded to the environment's new
-    /// place. conda-unpack is a Python script: the environment's own Python
-    /// runs it, or the image's for environments without Python (R-only
-    /// ones); with neither, the prefixes stay as packed, which is harmless
-    /// when the environment did not move. A failing conda-unpack fails the
-    /// build.
+    /// place (`--tarball`: the archive was packed elsewhere). conda-unpack is
+    /// a Python script: the environment's own Python runs it, or the image's
+    /// for environments without Python (R-only ones). With neither the build
+    /// fails: the environment's files would keep the prefix it was packed
+    /// at, and the image would be broken without a word. A failing
+    /// conda-unpack fails the build too.
     fn conda_unpack(&mut self, env_dir: &str) {
         let lines = [
             format!("RUN set -e; prefix={env_dir}; \\"),
@@ -224,7 +224,7 @@ impl Dockerfile {
             "            if [ -n \"$candidate\" ] && [ -x \"$candidate\" ]; then py=\"$candidate\"; break; fi; \\".to_string(),
             "        done; \\".to_string(),
             "        if [ -n \"$py\" ]; then \"$py\" \"$prefix/bin/conda-unpack\"; \\".to_string(),
-            "        else echo \"absconda: no python to run conda-unpack; prefixes left as packed\" >&2; fi; \\".to_string(),
+            "        else echo \"absconda: conda-unpack needs a python to rewrite the packed prefixes, and neither the environment nor the runtime image has one; use a --runtime-base with python\" >&2; exit 1; fi; \\".to_string(),
             "        rm -rf \"$prefix/conda-meta/history\"; \\".to_string(),
             "    fi".to_string(),
         ];
@@ -250,7 +250,10 @@ impl Dockerfile {
     /// Labels go last, just before `CMD`: the `created` label changes on
     /// every build, and an instruction that changes invalidates the build
     /// cache of everything after it.
-    fn finish(mut self, labels: &[(String, String)]) -> String {
+    /// `CMD ["python"]` only when the environment has a python; otherwise no
+    /// `CMD`, so the runtime image's own (a shell, for the default image)
+    /// applies instead of a command that cannot start.
+    fn finish(mut self, labels: &[(String, String)], has_python: bool) -> String {
         if !labels.is_empty() {
             let pairs: Vec<String> = labels
                 .iter()
@@ -259,7 +262,12 @@ impl Dockerfile {
             self.line(format!("LABEL {}", pairs.join(" \\\n      ")));
             self.blank();
         }
-        self.line("CMD [\"python\"]");
+        if has_python {
+            self.line("CMD [\"python\"]");
+        } else {
+            // Without a CMD the text would end in a blank line.
+            self.text.pop();
+        }
         self.text
     }
 }

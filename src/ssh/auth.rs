@@ -33,6 +33,39 @@ pub enum AuthError {
         path.display()
     )]
     NeedPassphrase { path: PathBuf },
+    #[error(
+        "permissions {mode:04o} for the key file `{}` are too open: private key files must not be accessible by others, so this key is ignored",
+        path.display()
+    )]
+    OpenKey { path: PathBuf, mode: u32 },
+    #[error("could not read the certificate `{}`", path.display())]
+    CertificateFile {
+        path: PathBuf,
+        #[source]
+        source: russh::keys::ssh_key::Error,
+    },
+    #[error("the certificate `{}` {when} ({}); ask your CA for a new one", path.display(), at)]
+    CertificateTime {
+        path: PathBuf,
+        when: &'static str,
+        at: String,
+    },
+    #[error(
+        "the certificate `{}` is not valid for the user `{user}` (its principals: {})",
+        path.display(),
+        if principals.is_empty() { "none".to_string() } else { principals.join(", ") }
+    )]
+    CertificatePrincipal {
+        path: PathBuf,
+        user: String,
+        principals: Vec<String>,
+    },
+    #[error(
+        "no private key for the certificate `{}`: put it next to the certificate (`{}`) or list it in `identity_file`",
+        path.display(),
+        path.to_string_lossy().trim_end_matches("-cert.pub")
+    )]
+    CertificateKey { path: PathBuf },
     #[error("wrong passphrase for the key file `{}`", path.display())]
     WrongPassphrase { path: PathBuf },
     #[error("`{user}@{host}` refused every key offered ({})", if tried.is_empty() { "none were available".to_string() } else { tried.join(", ") })]
@@ -69,9 +102,35 @@ fn default_key_files() -> Vec<PathBuf> {
         .collect()
 }
 
+/// Refuses a key file that group or others can access, as OpenSSH does,
+/// unless `ABSCONDA_ALLOW_OPEN_KEYS=1` (for CI systems that mount secrets 0644).
+fn check_permissions(path: &Path) -> Result<(), AuthError> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        // Reading it will say what is wrong.
+        return Ok(());
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    if std::env::var("ABSCONDA_ALLOW_OPEN_KEYS").is_ok_and(|v| v == "1") {
+        tracing::warn!(
+            "the key file `{}` is accessible by others (permissions {mode:04o}); using it because ABSCONDA_ALLOW_OPEN_KEYS=1",
+            path.display()
+        );
+        return Ok(());
+    }
+    Err(AuthError::OpenKey {
+        path: path.to_path_buf(),
+        mode,
+    })
+}
+
 /// Loads a private key, asking for its passphrase when it has one.
 pub fn load_key(path: &Path) -> Result<PrivateKey, AuthError> {
     let path = expand_home(path);
+    check_permissions(&path)?;
     match russh::keys::load_secret_key(&path, None) {
         Ok(k) => Ok(k),
         Err(russh::keys::Error::KeyIsEncrypted) => {
@@ -110,6 +169,66 @@ pub fn load_key(path: &Path) -> Result<PrivateKey, AuthError> {
     }
 }
 
+/// Loads a certificate and its private key, and checks what can be checked
+/// here (validity period, principals) so the user learns why, instead of a
+/// bare refusal from the server.
+fn load_certificate(
+    path: &Path,
+    identity_files: &[PathBuf],
+    user: &str,
+) -> Result<(PrivateKey, russh::keys::Certificate), AuthError> {
+    let cert = russh::keys::load_openssh_certificate(path).map_err(|source| {
+        AuthError::CertificateFile {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let stamp = |t: u64| {
+        chrono::DateTime::from_timestamp(i64::try_from(t).unwrap_or(i64::MAX), 0)
+            .map(|d| d.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+            .unwrap_or_else(|| "forever".into())
+    };
+    if cert.valid_before() <= now {
+        return Err(AuthError::CertificateTime {
+            path: path.to_path_buf(),
+            when: "expired",
+            at: format!("valid until {}", stamp(cert.valid_before())),
+        });
+    }
+    if cert.valid_after() > now {
+        return Err(AuthError::CertificateTime {
+            path: path.to_path_buf(),
+            when: "is not valid yet",
+            at: format!("valid from {}", stamp(cert.valid_after())),
+        });
+    }
+    let principals = cert.valid_principals();
+    if !principals.is_empty() && !principals.iter().any(|p| p == user) {
+        return Err(AuthError::CertificatePrincipal {
+            path: path.to_path_buf(),
+            user: user.to_string(),
+            principals: principals.to_vec(),
+        });
+    }
+    let beside = PathBuf::from(path.to_string_lossy().trim_end_matches("-cert.pub"));
+    let candidates = std::iter::once(beside.clone())
+        .filter(|p| p != path && p.exists())
+        .chain(identity_files.iter().map(|p| expand_home(p)));
+    for candidate in candidates {
+        let key = load_key(&candidate)?;
+        if key.public_key().key_data() == cert.public_key() {
+            return Ok((key, cert));
+        }
+    }
+    Err(AuthError::CertificateKey {
+        path: path.to_path_buf(),
+    })
+}
+
 /// Offers one key from a file; true when the server accepted it.
 async fn offer_key(
     handle: &mut Handle<Client>,
@@ -143,6 +262,43 @@ pub(super) async fn authenticate(
         .map_err(proto)?
         .flatten()
         .or(Some(HashAlg::Sha512));
+
+    // Certificates first: the listed ones, then `KEY-cert.pub` next to keys.
+    let mut certs: Vec<PathBuf> = target
+        .certificate_files
+        .iter()
+        .map(|p| expand_home(p))
+        .collect();
+    for f in &target.identity_files {
+        let c = PathBuf::from(format!("{}-cert.pub", expand_home(f).display()));
+        if c.exists() && !certs.contains(&c) {
+            certs.push(c);
+        }
+    }
+    let listed = target.certificate_files.len();
+    for (i, cert_path) in certs.iter().enumerate() {
+        if tried.len() >= MAX_ATTEMPTS {
+            break;
+        }
+        let (key, cert) = match load_certificate(cert_path, &target.identity_files, &target.user) {
+            Ok(kc) => kc,
+            // One found next to a key is skipped, as OpenSSH does; a listed one is an error.
+            Err(e) if i >= listed => {
+                tracing::debug!(error = %e, "skipping certificate");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        tried.push(format!("certificate `{}`", cert_path.display()));
+        if handle
+            .authenticate_openssh_cert(&target.user, Arc::new(key), cert)
+            .await
+            .map_err(proto)?
+            .success()
+        {
+            return Ok(());
+        }
+    }
 
     let files: Vec<PathBuf> = if target.identity_files.is_empty() {
         Vec::new()

@@ -1,16 +1,27 @@
 //! A native SSH client for builders, on russh.
 //!
-//! One [`Session`] is one TCP connection, authenticated once; everything a
+//! One [`Session`] is one connection, authenticated once; everything a
 //! build does (lease, upload, build, push, cleanup) runs in channels of that
 //! connection, so there is one handshake and one host-key check per build.
 //!
+//! - [`transport`]: the byte stream a session runs over (TCP, a proxy
+//!   tunnel, a jump host's channel, a cloud's websocket).
+//! - [`proxy`]: HTTP CONNECT and SOCKS5 proxies.
 //! - [`known_hosts`]: host key verification, the security boundary.
 //! - [`auth`]: key files (with passphrases) and ssh-agent.
 //! - [`exec`]: running commands with live output and exit statuses.
+//!
+//! Jump hosts: each hop is a full session of its own (its host key checked
+//! under its own name, its own authentication); the next hop's session runs
+//! over a `direct-tcpip` channel of the previous one.
 
 pub mod auth;
 pub mod exec;
+pub mod jump;
 pub mod known_hosts;
+pub mod proxy;
+pub mod ssh_config;
+pub mod transport;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -20,6 +31,8 @@ use russh::client::{self, Handle};
 use russh::keys::{PublicKey, PublicKeyOrCertificate};
 
 use known_hosts::{HostKeyPolicy, KnownHosts, Pin, Verdict, fingerprint, host_pattern};
+use proxy::{Proxy, ProxyError};
+use transport::BoxedStream;
 
 /// Where and as whom to connect, and how to trust the host.
 #[derive(Debug, Clone)]
@@ -29,6 +42,9 @@ pub struct Target {
     pub user: String,
     /// Key files to offer, in order; empty means the agent and OpenSSH's default files.
     pub identity_files: Vec<PathBuf>,
+    /// OpenSSH user certificates to log in with (each with its private key
+    /// among `identity_files`, or next to it as `NAME-cert.pub` → `NAME`).
+    pub certificate_files: Vec<PathBuf>,
     pub known_hosts: PathBuf,
     pub policy: HostKeyPolicy,
     pub pin: Option<Pin>,
@@ -36,9 +52,58 @@ pub struct Target {
     /// (for cloud VMs whose address changes at every start).
     pub host_key_alias: Option<String>,
     pub connect_timeout: Duration,
+    /// The proxy the first TCP connection (to the first jump host, or to
+    /// the host itself) goes through.
+    pub proxy: Option<Proxy>,
+    /// Jump hosts, in order: the session to `host` runs over a channel of
+    /// the last one. Their own `jumps` and `proxy` are not used.
+    pub jumps: Vec<Target>,
 }
 
 impl Target {
+    /// A target with OpenSSH's defaults for everything but the address.
+    pub fn new(host: &str, port: u16, user: &str, known_hosts: PathBuf) -> Target {
+        Target {
+            host: host.to_string(),
+            port,
+            user: user.to_string(),
+            identity_files: Vec::new(),
+            certificate_files: Vec::new(),
+            known_hosts,
+            policy: HostKeyPolicy::Strict,
+            pin: None,
+            host_key_alias: None,
+            connect_timeout: Duration::from_secs(15),
+            proxy: None,
+            jumps: Vec::new(),
+        }
+    }
+
+    /// How the connection is made, for `remote status` and messages:
+    /// `direct`, `via proxy …`, `jump chain a → b`.
+    pub fn route(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.jumps.is_empty() {
+            parts.push(format!(
+                "jump chain {}",
+                self.jumps
+                    .iter()
+                    .map(|j| j.display())
+                    .chain(std::iter::once(self.display()))
+                    .collect::<Vec<_>>()
+                    .join(" -> ")
+            ));
+        }
+        if let Some(p) = &self.proxy {
+            parts.push(format!("through proxy {p}"));
+        }
+        if parts.is_empty() {
+            "direct".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+
     /// The name the host key is recorded under in `known_hosts`.
     pub fn known_hosts_name(&self) -> String {
         host_pattern(
@@ -61,6 +126,21 @@ pub enum SshError {
         addr: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("could not reach `{addr}` through the proxy `{proxy}`")]
+    Proxy {
+        /// The proxy's URL, password hidden.
+        proxy: String,
+        addr: String,
+        #[source]
+        source: ProxyError,
+    },
+    #[error("the jump host `{hop}` could not open a connection to `{next}`")]
+    JumpForward {
+        hop: String,
+        next: String,
+        #[source]
+        source: russh::Error,
     },
     #[error("connecting to `{addr}` timed out after {}s", after.as_secs())]
     ConnectTimeout { addr: String, after: Duration },
@@ -257,15 +337,88 @@ pub struct Session {
     handle: Handle<Client>,
     addr: String,
     host_key: PublicKey,
+    route: String,
+    user: String,
+    /// The jump hosts' sessions, which carry this one; kept open as long as it.
+    hops: Vec<Handle<Client>>,
 }
 
 impl Session {
-    /// Connects, verifies the host key, and authenticates.
+    /// Connects along the target's route (proxy, jump hosts), verifies every
+    /// host key, and authenticates with every hop and the host.
     ///
     /// No byte of user data is sent before the host key has been accepted:
-    /// russh calls the check during key exchange, before authentication.
+    /// russh calls the check during key exchange, before authentication. A
+    /// hop whose host key is refused is never asked to open the next hop.
     pub async fn connect(target: &Target) -> Result<Session, SshError> {
+        let mut hops: Vec<Session> = Vec::new();
+        let total = target.jumps.len();
+        for (i, hop) in target.jumps.iter().enumerate() {
+            let label = format!("{}:{} (jump host {} of {total})", hop.host, hop.port, i + 1);
+            let stream = match hops.last() {
+                None => {
+                    let proxy = target.proxy.as_ref();
+                    with_timeout(hop.connect_timeout, &label, async {
+                        transport::dial(&hop.host, hop.port, proxy, &label).await
+                    })
+                    .await?
+                }
+                Some(prev) => prev.forward(&hop.host, hop.port).await?,
+            };
+            let session = Session::handshake(hop, stream, label).await?;
+            hops.push(session);
+        }
         let addr = format!("{}:{}", target.host, target.port);
+        let stream = match hops.last() {
+            None => {
+                with_timeout(target.connect_timeout, &addr, async {
+                    transport::dial(&target.host, target.port, target.proxy.as_ref(), &addr).await
+                })
+                .await?
+            }
+            Some(prev) => prev.forward(&target.host, target.port).await?,
+        };
+        let mut session = Session::handshake(target, stream, addr).await?;
+        session.route = target.route();
+        session.hops = hops.into_iter().flat_map(|h| h.into_handles()).collect();
+        Ok(session)
+    }
+
+    /// Runs an SSH session over `stream`, which already leads to the
+    /// target's sshd (a websocket tunnel, a channel, a socket): verifies the
+    /// host key and authenticates. The target's `jumps` and `proxy` are not
+    /// used: the stream replaces them.
+    pub async fn connect_over(target: &Target, stream: BoxedStream) -> Result<Session, SshError> {
+        let addr = format!("{}:{}", target.host, target.port);
+        Session::handshake(target, stream, addr).await
+    }
+
+    /// Opens a `direct-tcpip` channel to `host:port` from this session's
+    /// server, as the transport of the next hop.
+    async fn forward(&self, host: &str, port: u16) -> Result<BoxedStream, SshError> {
+        let channel = self
+            .handle
+            .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
+            .await
+            .map_err(|source| SshError::JumpForward {
+                hop: self.addr.clone(),
+                next: format!("{host}:{port}"),
+                source,
+            })?;
+        Ok(transport::boxed(channel.into_stream()))
+    }
+
+    fn into_handles(self) -> Vec<Handle<Client>> {
+        let mut all = self.hops;
+        all.push(self.handle);
+        all
+    }
+
+    async fn handshake(
+        target: &Target,
+        stream: BoxedStream,
+        addr: String,
+    ) -> Result<Session, SshError> {
         let known =
             KnownHosts::load(&target.known_hosts).map_err(|source| SshError::KnownHostsRead {
                 path: target.known_hosts.clone(),
@@ -308,27 +461,15 @@ impl Session {
         let handler = Client {
             check: check.clone(),
         };
-        let connect = async {
-            let socket = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
-                .await
-                .map_err(|source| SshError::Connect {
-                    addr: addr.clone(),
-                    source,
-                })?;
-            let _ = socket.set_nodelay(true);
-            client::connect_stream(Arc::new(config), socket, handler)
+        let result = with_timeout(target.connect_timeout, &addr, async {
+            client::connect_stream(Arc::new(config), stream, handler)
                 .await
                 .map_err(|source| SshError::Handshake {
                     addr: addr.clone(),
                     source,
                 })
-        };
-        let result = tokio::time::timeout(target.connect_timeout, connect)
-            .await
-            .map_err(|_| SshError::ConnectTimeout {
-                addr: addr.clone(),
-                after: target.connect_timeout,
-            })?;
+        })
+        .await;
         let (refusal, accepted) = {
             let mut check = check.lock().unwrap_or_else(|p| p.into_inner());
             (check.refusal.take(), check.accepted.take())
@@ -348,7 +489,26 @@ impl Session {
             handle,
             addr,
             host_key,
+            route: "direct".into(),
+            user: target.user.clone(),
+            hops: Vec::new(),
         })
+    }
+
+    /// How this session reached its host: `direct`, a jump chain, a proxy.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// Marks a session made over a caller's stream with how that stream was
+    /// made (`IAP tunnel`, …), for `remote status`.
+    pub fn set_route(&mut self, route: impl Into<String>) {
+        self.route = route.into();
+    }
+
+    /// The user this session is logged in as.
+    pub fn user(&self) -> &str {
+        &self.user
     }
 
     /// `host:port`, for messages.
@@ -393,11 +553,30 @@ impl Session {
         self.exec(what, command).await?.output(stdin).await
     }
 
-    /// Closes the connection politely.
+    /// Closes the connection politely, then the jump hosts' (last first).
     pub async fn close(self) {
         let _ = self
             .handle
             .disconnect(russh::Disconnect::ByApplication, "", "en")
             .await;
+        for hop in self.hops.iter().rev() {
+            let _ = hop
+                .disconnect(russh::Disconnect::ByApplication, "", "en")
+                .await;
+        }
     }
+}
+
+/// Runs `fut` with the connect timeout.
+async fn with_timeout<T>(
+    after: Duration,
+    addr: &str,
+    fut: impl std::future::Future<Output = Result<T, SshError>>,
+) -> Result<T, SshError> {
+    tokio::time::timeout(after, fut)
+        .await
+        .map_err(|_| SshError::ConnectTimeout {
+            addr: addr.to_string(),
+            after,
+        })?
 }

@@ -82,6 +82,64 @@ pub fn cache_root() -> Option<PathBuf> {
     Some(base.join("absconda"))
 }
 
+/// The name of the installation id's file in the cache folder.
+const INSTALLATION_ID_FILE: &str = "installation-id";
+
+/// A random id of this absconda installation (32 hex digits), kept in
+/// `root/installation-id` and created there on first use. It goes into the
+/// copy key beside the machine id, so two machines cloned from one image
+/// (one `/etc/machine-id`) never share a copy on a builder. The file is
+/// written whole under a temporary name and hard-linked into place, which
+/// fails if it exists: two first builds at once agree on one id. Without a
+/// cache folder, or when it cannot be written, the id is empty (the key
+/// then rests on the machine id alone, as before).
+pub fn installation_id(root: Option<&Path>) -> String {
+    let Some(root) = root else {
+        return String::new();
+    };
+    let path = root.join(INSTALLATION_ID_FILE);
+    let valid = |s: &str| s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && valid(text.trim())
+    {
+        return text.trim().to_string();
+    }
+    let fresh = hex::encode(rand::random::<[u8; 16]>());
+    let created = (|| -> std::io::Result<()> {
+        std::fs::create_dir_all(root)?;
+        let tmp = root.join(format!(
+            ".{INSTALLATION_ID_FILE}.{}.{}",
+            std::process::id(),
+            hex::encode(rand::random::<[u8; 4]>())
+        ));
+        std::fs::write(&tmp, format!("{fresh}\n"))?;
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // Another absconda created it first, or an invalid file is in
+                // the way: replace an invalid one, keep a valid one.
+                let existing = std::fs::read_to_string(&path).unwrap_or_default();
+                if valid(existing.trim()) {
+                    return Ok(());
+                }
+                let tmp2 = root.join(format!(".{INSTALLATION_ID_FILE}.{}", std::process::id()));
+                std::fs::write(&tmp2, format!("{fresh}\n"))?;
+                std::fs::rename(&tmp2, &path)
+            }
+            other => other,
+        }
+    })();
+    if let Err(e) = created {
+        debug!("no installation id in `{}`: {e}", root.display());
+        return String::new();
+    }
+    match std::fs::read_to_string(&path) {
+        Ok(text) if valid(text.trim()) => text.trim().to_string(),
+        _ => String::new(),
+    }
+}
+
 impl LocalCache {
     /// Loads the cache of copy `key` under `root` (see [`cache_root`]);
     /// anything unreadable counts as empty.
@@ -388,6 +446,34 @@ fn secs(s: i64, ns: u32) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_installation_id_is_created_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("absconda");
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| super::installation_id(Some(&root))))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(ids[0].len(), 32, "{ids:?}");
+        assert!(ids.iter().all(|id| id == &ids[0]), "{ids:?}");
+        assert_eq!(super::installation_id(Some(&root)), ids[0]);
+        let on_disk = std::fs::read_to_string(root.join("installation-id")).unwrap();
+        assert_eq!(on_disk.trim(), ids[0]);
+        // Nothing else is left in the folder.
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 1);
+        // Another cache folder, another id.
+        let other = dir.path().join("other");
+        assert_ne!(super::installation_id(Some(&other)), ids[0]);
+        // A damaged file is replaced.
+        std::fs::write(root.join("installation-id"), "junk").unwrap();
+        let fresh = super::installation_id(Some(&root));
+        assert_eq!(fresh.len(), 32);
+        assert_ne!(fresh, ids[0]);
+        assert_eq!(super::installation_id(None), "");
+    }
+
     use super::*;
     use crate::context::{DockerIgnore, walk};
 

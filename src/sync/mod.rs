@@ -11,7 +11,9 @@
 //! outside the context still lands in the run folder as before). Copies no
 //! build used for 30 days are removed by the next sync on that builder.
 //!
-//! - The key is a hash of this machine's id, the canonical local path of the
+//! - The key is a hash of this machine's id, a random id of this
+//!   installation (kept in the local cache folder, so machines cloned with
+//!   one `/etc/machine-id` still differ), the canonical local path of the
 //!   context and the builder's name: never the folder's basename, which is
 //!   how docker/buildx#2552 served one project's files to another.
 //! - [`manifest`]: every entry with type, mode, size, mtime, symlink target
@@ -50,12 +52,12 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tracing::debug;
 
-use crate::build::BuildError;
 use crate::config::Builder;
 use crate::context::{self, Compression, ContextError, Entry, ExtraFile};
 use crate::report::Reporter;
 use crate::ssh::exec::{ExitStatus, RemoteProcess};
 use crate::ssh::{Session, SshError};
+use crate::util::canonical;
 
 use cache::{LocalCache, Scanned};
 use manifest::{Kind, Manifest};
@@ -79,23 +81,6 @@ pub enum SyncError {
     Remote { builder: String, message: String },
     #[error("`{builder}` did not report the state of its copy of the context within {}s", after.as_secs())]
     Timeout { builder: String, after: Duration },
-}
-
-impl From<SyncError> for BuildError {
-    fn from(e: SyncError) -> BuildError {
-        match e {
-            SyncError::Context(e) => BuildError::Context(e),
-            SyncError::Ssh(e) => BuildError::from(e),
-            SyncError::Remote { builder, message } => BuildError::Upload { builder, message },
-            SyncError::Timeout { builder, after } => BuildError::Upload {
-                builder,
-                message: format!(
-                    "no report on its copy of the context within {}s",
-                    after.as_secs()
-                ),
-            },
-        }
-    }
 }
 
 /// One sync: which builder, which context, how.
@@ -176,7 +161,6 @@ pub fn machine_id() -> String {
 /// What identifies a context on this machine: the canonical path of its
 /// folder, or (for generated-only contexts) of the files added to it.
 pub fn identity(context_dir: Option<&Path>, extra_files: &[(String, PathBuf)]) -> String {
-    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     match context_dir {
         Some(dir) => format!("dir:{}", canonical(dir).display()),
         None => {
@@ -210,15 +194,21 @@ pub async fn sync_context(
     reporter: &dyn Reporter,
 ) -> Result<SyncSummary, SyncError> {
     let builder = &job.builder.name;
-    let key = copy_key(&machine_id(), &job.identity, builder);
     let t = Instant::now();
-    let (mut cache, scanned) = {
-        let key = key.clone();
+    let (key, mut cache, scanned) = {
         let root = job.cache_root.clone().or_else(cache::cache_root);
+        let identity = job.identity.clone();
+        let name = builder.clone();
         tokio::task::spawn_blocking(move || {
+            let machine = format!(
+                "{}\0{}",
+                machine_id(),
+                cache::installation_id(root.as_deref())
+            );
+            let key = copy_key(&machine, &identity, &name);
             let cache = LocalCache::load(root.as_deref(), &key);
             let scanned = cache::scan(entries, extra, &cache.data.stats)?;
-            Ok::<_, ContextError>((cache, scanned))
+            Ok::<_, ContextError>((key, cache, scanned))
         })
         .await
         .map_err(|e| SyncError::Remote {

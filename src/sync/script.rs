@@ -2,7 +2,8 @@
 //! protocol absconda speaks with it over one SSH channel.
 //!
 //! The builder may have only sh, coreutils, tar and flock (GNU or busybox),
-//! so the program uses nothing else: `find -exec stat -c` for the listing,
+//! so the program uses nothing else: `find -exec stat -c` for the listing
+//! (written to a file beside the copy, so one walk gives both hashes),
 //! `xargs -0` for lists of names, `tr` to turn the lines absconda sends
 //! into NUL-separated lists, `sha256sum` and `readlink` for `--verify`.
 //!
@@ -11,7 +12,10 @@
 //!    connection may still be finishing when the next build holds the
 //!    lease), reads the state file and, for a copy marked clean, lists the
 //!    copy; it prints `state <none|dirty|clean> <manifest> <recorded
-//!    listing> <current listing> <same|changed boot>`;
+//!    fingerprint> <current fingerprint> <same|changed boot>`, where the
+//!    fingerprint is the hash of the listing plus every file's mtime to
+//!    the nanosecond (stat's `%y`), so that an edit of the copy on the
+//!    builder shows even within the second of the file's own mtime;
 //! 2. absconda decides between a delta and a full send and writes five
 //!    lines (the command; deletions; permission changes; and for
 //!    `--verify` the files and symlinks to hash), then the tar stream;
@@ -23,6 +27,12 @@
 //!
 //! So a copy is never marked clean unless it was checked, and any
 //! interruption leaves it dirty, which the next build sees.
+//!
+//! The apply step trusts neither the request nor the old copy: a delta is
+//! unpacked into a staging folder and moved into the copy entry by entry,
+//! deletions and `chmod`s are applied only where every folder above the
+//! name is a real folder of the copy, and names with `..` or a leading `/`
+//! are refused, so nothing outside the copy's tree is ever touched.
 
 use crate::shell;
 
@@ -38,8 +48,25 @@ listing_text() {
     find . -type l -exec stat -c 'l %s %n' {} +
   ) | sort
 }
-listing() {
-  listing_text | sha256sum | { read -r h _; echo "$h"; }
+sha() {
+  sha256sum | { read -r h _; echo "$h"; }
+}
+# Files' mtimes to the nanosecond: GNU and busybox stat both print them
+# with `%y` (tar restores only whole seconds on some builders, so the
+# prediction leaves them out; a change on the builder still shows here).
+stamp_text() {
+  ( cd "$tree" || exit 1
+    find . -type f -exec stat -c '%y %n' {} +
+  ) | sort
+}
+# Sets lsec, the hash of the listing absconda predicts, and lall, the hash
+# of that listing with the stamps: whether anyone touched the copy since.
+listings() {
+  lsec=- lall=-
+  listing_text > "$dir/listing.tmp" || return 1
+  lsec=$(sha < "$dir/listing.tmp")
+  lall=$( { cat "$dir/listing.tmp"; echo /; stamp_text; } | sha)
+  rm -f "$dir/listing.tmp"
 }
 "#
     };
@@ -51,7 +78,7 @@ macro_rules! prelude {
         concat!(
             r#"
 ws=$1 key=$2 run=$3
-export LC_ALL=C
+export LC_ALL=C TZ=UTC0
 set -f
 case $ws in /*) ;; *) ws=$PWD/$ws ;; esac
 case $run in ''|/*) ;; *) run=$PWD/$run ;; esac
@@ -66,10 +93,20 @@ tree=$dir/tree
 const SYNC: &str = concat!(
     prelude!(),
     r#"
+for d in "$ws/contexts" "$dir"; do
+  if [ -L "$d" ]; then
+    echo "error $d is a symlink: copies are kept only in a real folder" >&2
+    exit 70
+  fi
+done
 if ! mkdir -p "$dir" 2>/dev/null; then
   echo "error cannot create $dir as $(id -un)" >&2
   exit 70
 fi
+# Nothing here follows a symlink planted in the copy's folder.
+for f in lock state.tmp; do
+  if [ -L "$dir/$f" ]; then rm -f "$dir/$f"; fi
+done
 exec 8>>"$dir/lock" || exit 70
 if ! flock -w 120 8; then
   echo "error $dir stayed locked by an earlier sync for 120s" >&2
@@ -78,13 +115,16 @@ fi
 boot=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)
 [ -n "$boot" ] || boot=unknown
 
-state=none mh=- lh=- cur=- bootst=-
-if [ -d "$tree" ]; then
+state=none mh=- lh=- cur=- bootst=- lsec=-
+if [ -L "$tree" ]; then
+  state=dirty
+elif [ -d "$tree" ]; then
   state=dirty
   if [ -f "$dir/state" ] && read -r v st smh slh sboot < "$dir/state" &&
      [ "$v" = v1 ] && [ "$st" = clean ]; then
     state=clean mh=$smh lh=$slh
-    cur=$(listing)
+    listings
+    cur=$lall
     if [ "$sboot" = "$boot" ]; then bootst=same; else bootst=changed; fi
   fi
 fi
@@ -109,46 +149,108 @@ if [ "$mode" = delta ] &&
 fi
 
 putstate() {
-  printf '%s\n' "$1" > "$dir/state.tmp" && mv -f "$dir/state.tmp" "$dir/state"
+  rm -f "$dir/state.tmp" &&
+    printf '%s\n' "$1" > "$dir/state.tmp" && mv -f "$dir/state.tmp" "$dir/state"
 }
 fail() {
   echo "result failed $1"
   echo "error $1" >&2
   exit 1
 }
+lib=$(cat <<'EOF'
+# A name absconda may send: relative, without `.`, `..` or empty parts.
+named() {
+  case /$1/ in
+    //|*/../*|*/./*|*//*) echo "error refused the name $1" >&2; return 1 ;;
+  esac
+}
+# True when every folder above $1 in the current folder is a real folder.
+inside() {
+  q=$1
+  while :; do
+    case $q in */*) q=${q%/*} ;; *) return 0 ;; esac
+    [ -d "$q" ] && [ ! -L "$q" ] || return 1
+  done
+}
+# rm -rf, also of read-only folders (they stop it for a user other than root).
+wipe() {
+  if [ -L "$1" ]; then rm -f -- "$1"; return; fi
+  [ -e "$1" ] || return 0
+  rm -rf -- "$1" 2>/dev/null || { chmod -R u+rwx -- "$1"; rm -rf -- "$1"; }
+}
+EOF
+)
+eval "$lib"
 decode() {
   printf '%s' "$1" | tr '\376\377' '\n\000'
 }
 putstate 'v1 dirty' || fail "cannot write $dir/state"
 
+# Nothing the request, the tar stream or the old copy holds may write,
+# change or delete anything outside $tree: a name is refused unless it is
+# relative without `.` or `..`, and skipped unless every folder above it in
+# the copy is a real folder (a symlink there would lead outside). A delta is
+# unpacked into a fresh staging folder first and moved in entry by entry;
+# a full send unpacks into a fresh, empty copy. (tar itself refuses `..`
+# and defers symlinks that lead out of the folder it unpacks into.)
+stage=$dir/stage
+wipe "$stage" || fail "cannot remove $stage"
 if [ "$mode" = full ] && { [ -e "$tree" ] || [ -L "$tree" ]; }; then
-  # Read-only folders stop rm -rf for a user other than root.
-  rm -rf "$tree" 2>/dev/null || { chmod -R u+rwx "$tree"; rm -rf "$tree"; } ||
-    fail "cannot remove the old copy $tree"
+  wipe "$tree" || fail "cannot remove the old copy $tree"
 fi
 [ -d "$tree" ] || mkdir "$tree" || fail "cannot create $tree"
 cd "$tree" || fail "cannot enter $tree"
 if [ -n "$dels" ]; then
-  decode "$dels" | xargs -0 -r rm -rf -- || fail "cannot delete old entries in $tree"
+  decode "$dels" | xargs -0 -r sh -c "$lib"'
+    for p; do
+      named "$p" || exit 1
+      if inside "$p"; then wipe "$p" || exit 1; fi
+    done' absconda-delete || fail "cannot delete old entries in $tree"
 fi
+into=$tree
+[ "$mode" = delta ] && into=$stage
 p=
 case $tarmode in
   plain|gzip)
     case $(tar --version 2>/dev/null) in *'GNU tar'*|*bsdtar*) p=-p ;; esac
     z=
     [ "$tarmode" = gzip ] && z=-z
-    (umask 0; exec tar -x $p -o $z -f -) || fail "tar could not unpack the changes into $tree" ;;
+    { [ "$into" = "$tree" ] || mkdir "$stage"; } || fail "cannot create $stage"
+    (cd "$into" && umask 0 && exec tar -x $p -o $z -f -) ||
+      fail "tar could not unpack the changes into $into" ;;
   none) ;;
   *) fail "unknown archive mode $tarmode" ;;
 esac
+if [ "$into" = "$stage" ] && [ "$tarmode" != none ]; then
+  # find lists a folder before its entries: when one is moved, every
+  # folder above it in the copy is already known to be a real folder.
+  (cd "$stage" && find . -mindepth 1 -print0) | xargs -0 -r sh -c "$lib"'
+    s=$1; shift
+    for p; do
+      p=${p#./}
+      [ -e "$s/$p" ] || [ -L "$s/$p" ] || continue   # moved with its folder
+      named "$p" && inside "$p" || exit 1
+      if [ -d "$s/$p" ] && [ ! -L "$s/$p" ] && [ -d "$p" ] && [ ! -L "$p" ]; then
+        [ -w "$s/$p" ] || chmod u+w "$s/$p" || exit 1
+        continue   # a folder in both: its entries move one by one
+      fi
+      if [ -e "$p" ] || [ -L "$p" ]; then wipe "$p" || exit 1; fi
+      mv -f -- "$s/$p" "$p" || exit 1
+    done' absconda-move "$stage" || fail "cannot move the changes into $tree"
+  wipe "$stage" || fail "cannot remove $stage"
+fi
 if [ -n "$mods" ]; then
-  decode "$mods" | xargs -0 -r -n 2 chmod -- || fail "cannot change permissions in $tree"
+  decode "$mods" | xargs -0 -r -n 2 sh -c "$lib"'
+    named "$2" || exit 1
+    if inside "$2" && [ ! -L "$2" ]; then chmod -- "$1" "$2"; fi
+  ' absconda-chmod || fail "cannot change permissions in $tree"
 fi
 
 if [ "$mode" = delta ] && [ -z "$dels$mods" ] && [ "$tarmode" = none ]; then
-  got=$cur   # nothing changed since it was listed
+  got=$lsec all=$cur   # nothing changed since it was listed
 else
-  got=$(listing)
+  listings
+  got=$lsec all=$lall
 fi
 echo "applied $got"
 ok=yes
@@ -176,7 +278,7 @@ if [ "$ok" != yes ]; then
   echo "result mismatch $ok"
   exit 3
 fi
-putstate "v1 clean $new $got $boot" || fail "cannot write $dir/state"
+putstate "v1 clean $new $all $boot" || fail "cannot write $dir/state"
 echo "result clean"
 
 # Copies nobody has built from for 30 days go (under the lease, so none is in use).
@@ -323,15 +425,7 @@ mod tests {
     #[test]
     fn scripts_parse_in_posix_shells() {
         for script in [SYNC, LISTING] {
-            for sh in [&["dash"][..], &["busybox", "sh"], &["sh"]] {
-                let ok = std::process::Command::new(sh[0])
-                    .args(&sh[1..])
-                    .args(["-n", "-c", script])
-                    .status()
-                    .map(|s| s.success())
-                    .unwrap_or(true);
-                assert!(ok, "{sh:?} -n rejects:\n{script}");
-            }
+            crate::test_support::assert_parses(script);
         }
     }
 
@@ -386,9 +480,13 @@ mod tests {
     /// busybox sh with busybox's own applets first on PATH (flock is not a
     /// busybox applet on Debian, so it comes from util-linux).
     fn busybox(dir: &Path) -> Option<Shell> {
-        let bb = ["/bin/busybox", "/usr/bin/busybox"]
+        let found = ["/bin/busybox", "/usr/bin/busybox"]
             .into_iter()
-            .find(|p| Path::new(p).exists())?;
+            .find(|p| Path::new(p).exists());
+        let Some(bb) = found else {
+            crate::test_support::require("busybox");
+            return None;
+        };
         let bin = dir.join("bb-bin");
         std::fs::create_dir_all(&bin).unwrap();
         for applet in [
@@ -590,9 +688,11 @@ mod tests {
                 edit_tree(&ctx);
                 let (state, _, m2) = run_clean(sh, &ws, &ctx, Some(&m1), true, compression);
                 assert!(
-                    state.starts_with(&format!("state clean {} {}", m1.hash(), m1.listing_hash())),
+                    state.starts_with(&format!("state clean {} ", m1.hash())),
                     "{state}"
                 );
+                let words: Vec<&str> = state.split(' ').collect();
+                assert_eq!(words[3], words[4], "untouched copy: {state}");
                 let (state, rest, _) = run_clean(sh, &ws, &ctx, Some(&m2), false, compression);
                 assert!(
                     state.starts_with(&format!("state clean {}", m2.hash())),
@@ -674,6 +774,45 @@ mod tests {
             "a new mtime shows in the listing: {state}"
         );
         assert_eq!(rest.last().unwrap(), "result stale");
+    }
+
+    /// An edit of the copy that keeps the size and stays within the second
+    /// of the file's mtime changes the fingerprint (stat's nanoseconds), in
+    /// dash with GNU tools and in busybox sh with busybox's: timing cannot
+    /// hide it.
+    #[test]
+    fn an_edit_within_the_same_second_changes_the_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut shells = vec![("gnu", gnu())];
+        if let Some(bb) = busybox(dir.path()) {
+            shells.push(("busybox", bb));
+        }
+        for (name, sh) in &shells {
+            let case = dir.path().join(name);
+            let (ws, ctx) = (case.join("ws"), case.join("ctx"));
+            std::fs::create_dir_all(&ctx).unwrap();
+            make_tree(&ctx);
+            let second = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+            let f = std::fs::File::options()
+                .write(true)
+                .open(ctx.join("plain.txt"))
+                .unwrap();
+            f.set_modified(second + std::time::Duration::from_nanos(100))
+                .unwrap();
+            drop(f);
+            let (_, _, m1) = run_clean(sh, &ws, &ctx, None, false, Compression::None);
+            let victim = ws.join("contexts/k/tree/plain.txt");
+            std::fs::write(&victim, "HELLO\n").unwrap();
+            let f = std::fs::File::options().write(true).open(&victim).unwrap();
+            f.set_modified(second + std::time::Duration::from_nanos(200))
+                .unwrap();
+            drop(f);
+            let (state, rest, _) = run_sync(sh, &ws, &ctx, Some(&m1), false, Compression::None);
+            let words: Vec<&str> = state.split(' ').collect();
+            assert_eq!(words[1], "clean", "{name}: {state}");
+            assert_ne!(words[3], words[4], "{name}: the edit must show: {state}");
+            assert_eq!(rest.last().unwrap(), "result stale", "{name}");
+        }
     }
 
     /// A copy marked clean in an earlier boot is reported as such (the

@@ -123,15 +123,13 @@ fn rsa_ecdsa_and_passphrase_protected_keys_authenticate() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains("correct horse"));
 }
 
-#[test]
-fn keys_held_by_ssh_agent_authenticate() {
-    if !(ok() && crate::support::require("ssh-agent") && crate::support::require("ssh-add")) {
-        return;
-    }
-    let sshd = Sshd::start(Some(&docker().host));
+/// Starts ssh-agent holding `decoys` unrelated keys, then `sshd`'s user
+/// key, and points a project at it with no identity file. Returns the
+/// project, the agent and its folder.
+fn agent_project(sshd: &Sshd, decoys: usize) -> (Project, std::process::Child, tempfile::TempDir) {
     let dir = crate::support::tempdir();
     let sock = dir.path().join("agent.sock");
-    let mut agent = Command::new("ssh-agent")
+    let agent = Command::new("ssh-agent")
         .arg("-D")
         .arg("-a")
         .arg(&sock)
@@ -143,13 +141,18 @@ fn keys_held_by_ssh_agent_authenticate() {
         std::time::Duration::from_secs(5),
         || sock.exists(),
     );
-    // Several unrelated keys first, then the right one: offering stays bounded.
-    for i in 0..3 {
-        let k = dir.path().join(format!("decoy{i}"));
-        keygen(&k, &["-t", "ed25519", "-N", ""]);
+    let mut keys: Vec<std::path::PathBuf> = (0..decoys)
+        .map(|i| {
+            let k = dir.path().join(format!("decoy{i}"));
+            keygen(&k, &["-t", "ed25519", "-N", ""]);
+            k
+        })
+        .collect();
+    keys.push(sshd.user_key.clone());
+    for k in &keys {
         assert!(
             Command::new("ssh-add")
-                .arg(&k)
+                .arg(k)
                 .env("SSH_AUTH_SOCK", &sock)
                 .stderr(Stdio::null())
                 .status()
@@ -157,16 +160,7 @@ fn keys_held_by_ssh_agent_authenticate() {
                 .success()
         );
     }
-    assert!(
-        Command::new("ssh-add")
-            .arg(&sshd.user_key)
-            .env("SSH_AUTH_SOCK", &sock)
-            .stderr(Stdio::null())
-            .status()
-            .unwrap()
-            .success()
-    );
-    let mut p = Project::new(&sshd);
+    let mut p = Project::new(sshd);
     // No identity_file: the agent's keys are offered.
     let yaml = std::fs::read_to_string(&p.config).unwrap();
     let yaml: String = yaml
@@ -177,10 +171,44 @@ fn keys_held_by_ssh_agent_authenticate() {
     std::fs::write(&p.config, yaml).unwrap();
     p.env
         .push(("SSH_AUTH_SOCK".into(), sock.display().to_string()));
+    (p, agent, dir)
+}
+
+#[test]
+fn keys_held_by_ssh_agent_authenticate() {
+    if !(ok() && crate::support::require("ssh-agent") && crate::support::require("ssh-add")) {
+        return;
+    }
+    let sshd = Sshd::start(Some(&docker().host));
+    // Several unrelated keys first, then the right one.
+    let (p, mut agent, _dir) = agent_project(&sshd, 3);
     let r = status_ok(&p);
     let _ = agent.kill();
     let _ = agent.wait();
     r.unwrap();
+}
+
+/// An agent crowded with keys: absconda offers at most five, as sshd's log
+/// shows, even to a server that would take more tries (here the right key
+/// is the seventh, and sshd allows 20).
+#[test]
+fn a_crowded_agent_is_offered_at_most_five_keys() {
+    if !(ok() && crate::support::require("ssh-agent") && crate::support::require("ssh-add")) {
+        return;
+    }
+    let sshd = Sshd::start_with(Some(&docker().host), "127.0.0.1", None, "MaxAuthTries 20\n");
+    let (p, mut agent, _dir) = agent_project(&sshd, 6);
+    let r = status_ok(&p);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let err = r.expect_err("the seventh key must not be offered");
+    let log = sshd.log();
+    let failed = log.matches("Failed publickey for root").count();
+    assert!(!log.contains("Accepted publickey"), "{log}");
+    assert!(
+        (1..=5).contains(&failed),
+        "{failed} keys tried:\n{log}\n{err}"
+    );
 }
 
 #[test]

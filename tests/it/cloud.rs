@@ -168,12 +168,9 @@ fn self_stop_fires_after_stop_delay_and_a_new_build_cancels_it() {
     assert!(second.status.success(), "{}", text(&second));
     let t2 = Instant::now();
     assert!(t2 - t1 >= Duration::from_secs(3));
-    // The first timer (t1 + 5 s) was cancelled: still running at t1 + 6.5 s.
+    // The first timer (t1 + 5 s) was cancelled: still running at t1 + 6.5 s,
+    // which is before the second one is due (t2 + 5 s, and t2 >= t1 + 3 s).
     let check = t1 + Duration::from_millis(6500);
-    assert!(
-        check < t2 + Duration::from_secs(5),
-        "the second build took too long for this check"
-    );
     std::thread::sleep(check.saturating_duration_since(Instant::now()));
     assert_eq!(
         fake.status("builder").as_deref(),

@@ -92,3 +92,25 @@ fn discovery_order_first_match_wins() {
         "{err}"
     );
 }
+
+#[test]
+fn a_deeply_nested_builders_file_is_refused_quickly() {
+    let t = crate::support::tempdir();
+    let file = t.path().join("absconda-remote.yaml");
+    std::fs::write(&file, format!("builders: {}", "[".repeat(100_000))).unwrap();
+    let start = std::time::Instant::now();
+    let out = Command::new(BIN)
+        .env("HOME", t.path())
+        .args(["remote", "list", "--remote-config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error:") && err.contains("nested more than 64 levels deep"),
+        "{err}"
+    );
+}

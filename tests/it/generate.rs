@@ -252,11 +252,177 @@ fn generate_prints_only_the_dockerfile_and_names_the_line_of_a_broken_file() {
         .args(["generate", "--file", &fixture("invalid.yaml")])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    // Exit 12: a bad input file (README's exit-code table).
+    assert_eq!(out.status.code(), Some(12), "{}", text(&out));
     assert!(out.stdout.is_empty());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("invalid.yaml") && err.contains("line 6"),
         "{err}"
     );
+}
+
+#[test]
+fn input_file_errors_exit_12_and_bad_options_exit_2() {
+    let dir = crate::support::tempdir();
+    let bin = crate::support::absconda::BIN;
+    let unclosed = dir.path().join("unclosed.yaml");
+    std::fs::write(
+        &unclosed,
+        "name: x\ndependencies:\n  - numpy: [1.2\n  - scipy\n",
+    )
+    .unwrap();
+    let deep = dir.path().join("deep.yaml");
+    std::fs::write(&deep, format!("dependencies: {}", "[".repeat(100_000))).unwrap();
+    let missing = dir.path().join("missing.yaml");
+    for (file, needle) in [
+        (&unclosed, "YAML syntax error"),
+        (&deep, "nested more than 64 levels deep"),
+        (&missing, "cannot read"),
+    ] {
+        let start = std::time::Instant::now();
+        let out = std::process::Command::new(bin)
+            .args(["generate", "--file"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        assert_eq!(out.status.code(), Some(12), "{}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle) && err.starts_with("error:"), "{err}");
+        assert!(!err.contains("unsupported"), "{err}");
+    }
+    let out = std::process::Command::new(bin)
+        .args([
+            "generate",
+            "--file",
+            &fixture("analysis.yaml"),
+            "--env-prefix",
+            "relative/dir",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+#[test]
+fn an_environment_without_python_at_another_prefix_is_not_left_with_stale_prefixes() {
+    if !ok() {
+        return;
+    }
+    standin_images();
+    let (d, reg) = (docker(), registry());
+    let sshd = Sshd::start(Some(&d.host));
+    let p = project(&sshd);
+    let dir = crate::support::tempdir();
+    let env_file = dir.path().join("rtools.yaml");
+    std::fs::write(
+        &env_file,
+        "name: rtools\nchannels:\n  - bioconda\n  - nodefaults\ndependencies:\n  - r-base=4.3\n  - samtools\n",
+    )
+    .unwrap();
+    let full = format!("{}/gen/rtools", reg.addr);
+    let out = p
+        .cmd()
+        .args(["build", "--remote-builder", "local", "--file"])
+        .arg(&env_file)
+        .args([
+            "--env-prefix",
+            "/srv/envs",
+            "--repository",
+            &full,
+            "--tag",
+            "r1",
+            "--push",
+            "--network",
+            "none",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let image = format!("{full}:r1");
+    // The environment's files name the prefix it lives at.
+    let run = run_pulled(d, reg, &image, &["absconda-tool"]);
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout).trim(),
+        "absconda stand-in tool in /srv/envs/rtools",
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // micromamba got the file's channel, and not `nodefaults` as a channel.
+    let files = reg.files("gen/rtools", "r1");
+    let log = files
+        .iter()
+        .find(|(k, _)| k.ends_with("srv/envs/rtools/conda-meta/absconda-standin.log"))
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default();
+    assert!(log.contains("create channels: bioconda file:"), "{log}");
+    assert!(!log.contains("nodefaults"), "{log}");
+    assert!(!files.keys().any(|k| k.ends_with("rtools/bin/python")));
+    // No python, so no `CMD ["python"]`: the runtime image's own applies.
+    let inspect = d.run(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .Config.Cmd}}",
+        &image,
+    ]);
+    let cmd = String::from_utf8_lossy(&inspect.stdout);
+    assert!(!cmd.contains("python"), "{cmd}");
+
+    // A conda-pack archive without python cannot be relocated: the build
+    // fails instead of leaving the packed prefix in the files.
+    let staging = dir.path().join("env");
+    std::fs::create_dir_all(staging.join("bin")).unwrap();
+    std::fs::create_dir_all(staging.join("conda-meta")).unwrap();
+    let standin = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/standin");
+    std::fs::copy(
+        standin.join("conda-unpack"),
+        staging.join("bin/conda-unpack"),
+    )
+    .unwrap();
+    std::fs::write(
+        staging.join("bin/absconda-tool"),
+        "#!/bin/sh\necho absconda stand-in tool in /opt/conda/envs/rtools\n",
+    )
+    .unwrap();
+    std::fs::write(
+        staging.join("conda-meta/absconda-packed-prefix"),
+        "/opt/conda/envs/rtools\n",
+    )
+    .unwrap();
+    let archive = dir.path().join("rtools.tar.gz");
+    let tar = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&staging)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    let out = p
+        .cmd()
+        .args(["build", "--remote-builder", "local", "--tarball"])
+        .arg(&archive)
+        .args([
+            "--env-prefix",
+            "/srv/envs",
+            "--repository",
+            &full,
+            "--tag",
+            "t1",
+            "--push",
+            "--network",
+            "none",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(
+        text(&out).contains("conda-unpack needs a python"),
+        "{}",
+        text(&out)
+    );
+    assert!(!reg.tags("gen/rtools").contains(&"t1".to_string()));
 }

@@ -149,3 +149,40 @@ fn an_unknown_host_is_refused_with_its_fingerprint_and_accept_new_records_it() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// `accept-new` accepts only keys of hosts it has never seen: a host whose
+/// recorded key changed is refused as under `strict`, and the recorded key
+/// stays as it was.
+#[test]
+fn a_changed_host_key_is_refused_under_accept_new() {
+    if !ok() {
+        return;
+    }
+    let sshd = Sshd::start(Some(&docker().host));
+    let p = Project::with_builder(&sshd, "    host_key_policy: accept-new\n");
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\n"));
+    // What an earlier accept-new recorded for this host and port: the key
+    // the server had before it changed.
+    let other = crate::support::tempdir();
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(other.path().join("k"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let other_pub = std::fs::read_to_string(other.path().join("k.pub")).unwrap();
+    let recorded = format!("[127.0.0.1]:{} {}", sshd.port, other_pub.trim());
+    std::fs::write(&sshd.known_hosts, format!("{recorded}\n")).unwrap();
+
+    let out = p.build("127.0.0.1:1/x/y", &["--tag", "t"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("HOST KEY MISMATCH"), "{err}");
+    assert!(err.contains(&sshd.fingerprint()), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&sshd.known_hosts).unwrap(),
+        format!("{recorded}\n"),
+        "the recorded key was replaced"
+    );
+    nothing_sent(&sshd, &p);
+}

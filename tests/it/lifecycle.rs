@@ -691,15 +691,16 @@ fn a_corrupt_state_file_is_kept_aside_and_named() {
 const RECORD_ENV: &str = "ABSCONDA_IT_RECORD_BUILD";
 
 /// Not a test on its own: the child of the concurrency test below, which
-/// re-runs this test binary with `RECORD_ENV` set. Records one build.
+/// re-runs this test binary with `--ignored` and `RECORD_ENV` set. Records
+/// one build.
 #[test]
+#[ignore = "run in a child process by twenty_processes_recording_builds_lose_none"]
 fn record_one_build_child() {
-    let Ok(spec) = std::env::var(RECORD_ENV) else {
-        return;
-    };
+    let spec = std::env::var(RECORD_ENV).expect("RECORD_ENV names the state file");
     let (path, rest) = spec.split_once('|').unwrap();
     let (go, n) = rest.split_once('|').unwrap();
     // Start together, so the writers really overlap.
+    std::fs::write(format!("{go}.ready-{n}"), "").unwrap();
     crate::support::wait_until("the start signal", Duration::from_secs(30), || {
         Path::new(go).exists()
     });
@@ -732,6 +733,7 @@ fn twenty_processes_recording_builds_lose_none() {
                 .args([
                     "--exact",
                     "lifecycle::record_one_build_child",
+                    "--ignored",
                     "--test-threads=1",
                     "--quiet",
                 ])
@@ -745,7 +747,9 @@ fn twenty_processes_recording_builds_lose_none() {
                 .unwrap()
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    crate::support::wait_until("every writer ready", Duration::from_secs(60), || {
+        (0..20).all(|n| Path::new(&format!("{}.ready-{n}", go.display())).exists())
+    });
     std::fs::write(&go, "").unwrap();
     for c in children {
         let out = c.wait_with_output().unwrap();

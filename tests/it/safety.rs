@@ -35,6 +35,50 @@ fn grep_tree(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
     hits
 }
 
+/// Files under `roots` changed since `since` (every file when `since` is
+/// `None`) that contain one of `needles`; `skip` names folders not walked.
+fn files_containing(
+    roots: &[&std::path::Path],
+    since: Option<std::time::SystemTime>,
+    needles: &[&[u8]],
+    skip: &[&str],
+) -> Vec<std::path::PathBuf> {
+    fn visit(
+        dir: &std::path::Path,
+        since: Option<std::time::SystemTime>,
+        needles: &[&[u8]],
+        skip: &[&str],
+        hits: &mut Vec<std::path::PathBuf>,
+    ) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(md) = p.symlink_metadata() else {
+                continue;
+            };
+            if md.is_dir() {
+                if !skip.iter().any(|s| p.ends_with(s)) {
+                    visit(&p, since, needles, skip, hits);
+                }
+            } else if md.is_file()
+                && md.len() < 256 << 20
+                && since.is_none_or(|t| md.modified().is_ok_and(|m| m >= t))
+                && std::fs::read(&p)
+                    .is_ok_and(|d| needles.iter().any(|n| d.windows(n.len()).any(|w| w == *n)))
+            {
+                hits.push(p);
+            }
+        }
+    }
+    let mut hits = Vec::new();
+    for r in roots {
+        visit(r, since, needles, skip, &mut hits);
+    }
+    hits
+}
+
 #[test]
 fn the_registry_password_never_leaks() {
     if !ok() {
@@ -64,7 +108,43 @@ fn the_registry_password_never_leaks() {
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // The builder is this machine, its SSH user root: what a build could
+    // touch is root's home, the workspace and /tmp (the toolchains in
+    // ~/.rustup and ~/.cargo are not walked: no build writes there).
+    let home = std::path::PathBuf::from("/root");
+    let t0 = std::time::SystemTime::now() - Duration::from_secs(2);
+    let encoded = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("{}:{}", reg.user, reg.password),
+    );
+    let needles: [Vec<u8>; 2] = [
+        reg.password.as_bytes().to_vec(),
+        encoded.clone().into_bytes(),
+    ];
+    // (Nor are cargo's `target` folders of the programs built here.)
+    let skip = [".rustup", ".cargo", "target"];
     let child = c.spawn().unwrap();
+    // Search the builder's files while the build runs: the workspace over
+    // and over, root's home and /tmp (files changed since the start) as
+    // often as a walk of them allows.
+    let search = |roots: Vec<std::path::PathBuf>, since: Option<std::time::SystemTime>| {
+        let needles = needles.clone();
+        let pid = child.id();
+        std::thread::spawn(move || {
+            let mut hits = std::collections::BTreeSet::new();
+            let mut rounds = 0;
+            while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let n: Vec<&[u8]> = needles.iter().map(Vec::as_slice).collect();
+                let r: Vec<&std::path::Path> = roots.iter().map(|p| p.as_path()).collect();
+                hits.extend(files_containing(&r, since, &n, &skip));
+                rounds += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (hits, rounds)
+        })
+    };
+    let during_ws = search(vec![p.workspace.clone()], None);
+    let during = search(vec![home.clone(), "/tmp".into()], Some(t0));
     // Watch the process list for the whole build.
     let mut seen_in_ps = Vec::new();
     let pid = child.id();
@@ -101,10 +181,6 @@ fn the_registry_password_never_leaks() {
         "-vv gave no debug output"
     );
     assert!(!all.contains(reg.password), "password in absconda's output");
-    let encoded = base64::Engine::encode(
-        &base64::engine::general_purpose::STANDARD,
-        format!("{}:{}", reg.user, reg.password),
-    );
     for needle in [reg.password.as_bytes(), encoded.as_bytes()] {
         let hits = grep_tree(&p.workspace, needle);
         assert!(
@@ -112,6 +188,33 @@ fn the_registry_password_never_leaks() {
             "credentials left on the builder in {hits:?}"
         );
     }
+    // During the build they were only in the run folder's own DOCKER_CONFIG
+    // (`docker login` writes them there; the lease deletes the folder).
+    let (mut hits, rounds) = during.join().unwrap();
+    let (ws_hits, ws_rounds) = during_ws.join().unwrap();
+    hits.extend(ws_hits);
+    assert!(
+        rounds >= 1 && ws_rounds >= 1,
+        "the builder's files were not searched during the build"
+    );
+    let runs = p.workspace.join("runs");
+    let elsewhere: Vec<_> = hits.iter().filter(|h| !h.starts_with(&runs)).collect();
+    assert!(
+        elsewhere.is_empty(),
+        "credentials on the builder during the build in {elsewhere:?}"
+    );
+    // After it: nowhere on the builder, nor in absconda's local state and cache.
+    let n: Vec<&[u8]> = needles.iter().map(Vec::as_slice).collect();
+    let after = files_containing(&[&p.workspace, &p.home], None, &n, &[]);
+    assert!(after.is_empty(), "credentials left in {after:?}");
+    let after = files_containing(&[&home, std::path::Path::new("/tmp")], Some(t0), &n, &skip);
+    assert!(
+        after.is_empty(),
+        "credentials left on the builder in {after:?}"
+    );
+    eprintln!(
+        "searched the workspace {ws_rounds} and the rest {rounds} times during the build; found the credentials only in {hits:?}"
+    );
     assert_eq!(reg.tags("secret/app"), ["v1"]);
 }
 
@@ -248,9 +351,40 @@ fn absconda_executes_no_other_program() {
     if !(ok() && crate::support::require("strace")) {
         return;
     }
-    let (d, reg) = (docker(), registry());
-    let sshd = Sshd::start(Some(&d.host));
+    let sshd = Sshd::start(Some(&docker().host));
     let mut p = Project::new(&sshd);
+    build_under_strace(&mut p, "app");
+}
+
+#[test]
+fn absconda_executes_no_other_program_through_proxies() {
+    if !(ok() && crate::support::require("strace")) {
+        return;
+    }
+    use crate::support::tunnel_proxy::{Kind, TunnelProxy};
+    let sshd = Sshd::start(Some(&docker().host));
+    for (kind, name) in [(Kind::Http, "http"), (Kind::Socks5, "socks5")] {
+        let proxy = TunnelProxy::start(kind, Some(("u", "pw")));
+        let mut p = Project::with_builder(&sshd, &format!("    proxy: {}\n", proxy.url()));
+        build_under_strace(&mut p, name);
+        assert!(!proxy.tunnels().is_empty());
+    }
+}
+
+#[test]
+fn absconda_executes_no_other_program_through_jump_hosts() {
+    if !(ok() && crate::support::require("strace") && crate::support::require("ip")) {
+        return;
+    }
+    let chain = crate::sshnet::Chain::start();
+    let mut p = Project::with_builder(&chain.target, &chain.jump_yaml());
+    build_under_strace(&mut p, "jumps");
+}
+
+/// Builds and pushes `strace/NAME:v1` under strace and checks that the only
+/// program executed was absconda itself.
+fn build_under_strace(p: &mut Project, name: &str) {
+    let reg = registry();
     p.with_registry_credentials(reg);
     p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY f /f\n"));
     p.file("f", "static\n");
@@ -264,7 +398,7 @@ fn absconda_executes_no_other_program() {
         .chain([p.context.display().to_string()])
         .chain([
             "--repository".into(),
-            format!("{}/strace/app", reg.addr),
+            format!("{}/strace/{name}", reg.addr),
             "--tag".into(),
             "v1".into(),
             "--push".into(),
@@ -288,5 +422,55 @@ fn absconda_executes_no_other_program() {
     let execs: Vec<&str> = log.lines().filter(|l| l.contains("execve")).collect();
     assert_eq!(execs.len(), 1, "absconda executed other programs:\n{log}");
     assert!(execs[0].contains(&bin));
-    assert_eq!(reg.tags("strace/app"), ["v1"]);
+    assert_eq!(reg.tags(&format!("strace/{name}")), ["v1"]);
+}
+
+/// A push the registry refuses, without credentials or with a wrong
+/// password, exits 6 with one clear error that names the registry and
+/// never prints the password; nothing reaches the registry.
+#[test]
+fn a_refused_push_exits_6_with_a_clear_message() {
+    if !ok() {
+        return;
+    }
+    let (d, reg) = (docker(), registry());
+    let sshd = Sshd::start(Some(&d.host));
+    let wrong = "not-the-Pa55word-91";
+    for creds in [None, Some(wrong)] {
+        let mut p = Project::new(&sshd);
+        if let Some(pw) = creds {
+            p.env
+                .push(("ABSCONDA_REGISTRY_USER".into(), reg.user.into()));
+            p.env.push(("ABSCONDA_REGISTRY_PASSWORD".into(), pw.into()));
+        }
+        p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY x /x\n"));
+        p.file("x", "x\n");
+        let out = p.build(
+            &format!("{}/refused/app", reg.addr),
+            &["--tag", "v1", "--push"],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(6), "{creds:?}: {}", text(&out));
+        // One `error:` and its causes, naming the push and the registry.
+        assert_eq!(err.matches("error:").count(), 1, "{err}");
+        let block = err
+            .lines()
+            .skip_while(|l| !l.starts_with("error:"))
+            .take_while(|l| {
+                l.starts_with("error:") || l.starts_with("  caused by:") || l.starts_with("hint:")
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            block.contains("docker push") || block.contains("docker login"),
+            "{block}"
+        );
+        assert!(
+            block.contains(&reg.addr),
+            "the error names the registry: {block}"
+        );
+        assert!(!err.contains(wrong) && !err.contains(reg.password), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(reg.tags("refused/app").is_empty());
+    }
 }

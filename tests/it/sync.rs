@@ -27,7 +27,9 @@ use absconda::ssh::Session;
 use absconda::sync::{SyncJob, SyncSummary, sync_context};
 
 use crate::support::absconda::{Project, text};
+use crate::support::counting_proxy::CountingProxy;
 use crate::support::docker::{BASE_IMAGE, docker};
+use crate::support::netns::NetNs;
 use crate::support::sshd::{SSHD, Sshd};
 use crate::support::wait_until;
 
@@ -739,6 +741,14 @@ fn an_unchanged_rebuild_sends_almost_nothing_and_one_change_its_compressed_size(
     let d = docker();
     let sshd = Sshd::start(Some(&d.host));
     let p = Project::with_builder(&sshd, "    compression: gzip\n");
+    // Every byte absconda sends to the builder passes this proxy.
+    let wire = CountingProxy::start("127.0.0.1:0", ([127, 0, 0, 1], sshd.port).into());
+    route_through(&p, &sshd, wire.addr.port());
+    let sent_by = |f: &mut dyn FnMut() -> serde_json::Value| {
+        let before = wire.up();
+        let r = f();
+        (r, wire.up() - before)
+    };
     p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
     for i in 0..300 {
         p.file(
@@ -750,43 +760,46 @@ fn an_unchanged_rebuild_sends_almost_nothing_and_one_change_its_compressed_size(
     p.file("notes.txt", &"a compressible line of text\n".repeat(40_000));
     let image = "sync/little:t";
 
-    let cold = build_json(&p, "sync/little", &[]);
+    let build = || build_json(&p, "sync/little", &[]);
+    let (cold, bytes) = sent_by(&mut || build());
     assert_eq!(sync_of(&cold)["mode"], "full", "{cold}");
     assert_eq!(
         sync_of(&cold)["reason"],
         "first build of this context on this builder"
     );
-    assert!(cold["bytes_sent"].as_u64().unwrap() > 2 << 20);
+    assert!(bytes > 2 << 20, "{bytes} bytes on the wire");
 
-    let same = build_json(&p, "sync/little", &[]);
+    let (same, bytes) = sent_by(&mut || build());
     assert_eq!(sync_of(&same)["mode"], "delta", "{same}");
-    assert_eq!(same["files_sent"], 0);
-    let bytes = same["bytes_sent"].as_u64().unwrap();
-    assert!(bytes <= 64 * 1024, "no-change rebuild sent {bytes} bytes");
+    assert!(
+        bytes <= 64 * 1024,
+        "no-change rebuild sent {bytes} bytes on the wire"
+    );
+    eprintln!("no-change rebuild: {bytes} bytes on the wire");
 
     // One compressible file: about its gzip size.
     let notes = "another compressible line\n".repeat(41_000);
     p.file("notes.txt", &notes);
-    let one = build_json(&p, "sync/little", &[]);
+    let (one, bytes) = sent_by(&mut || build());
     let gz = gzip_len(notes.as_bytes());
-    let bytes = one["bytes_sent"].as_u64().unwrap();
     assert_eq!(one["files_sent"], 1, "{one}");
     assert!(
         bytes <= gz + 64 * 1024 && bytes >= gz,
-        "sent {bytes} bytes for a file of {gz} bytes gzipped"
+        "sent {bytes} bytes on the wire for a file of {gz} bytes gzipped"
     );
+    eprintln!("one compressible file ({gz} bytes gzipped): {bytes} bytes on the wire");
     assert_eq!(cat_in_image(image, "/ctx/notes.txt"), notes.as_bytes());
 
     // One incompressible file.
     let big = random_bytes(2, 2 << 20);
     std::fs::write(p.context.join("big.bin"), &big).unwrap();
-    let one = build_json(&p, "sync/little", &[]);
+    let (_, bytes) = sent_by(&mut || build());
     let gz = gzip_len(&big);
-    let bytes = one["bytes_sent"].as_u64().unwrap();
     assert!(
         bytes <= gz + 64 * 1024 && bytes >= gz,
-        "sent {bytes} bytes for a file of {gz} bytes gzipped"
+        "sent {bytes} bytes on the wire for a file of {gz} bytes gzipped"
     );
+    eprintln!("one incompressible file ({gz} bytes gzipped): {bytes} bytes on the wire");
     assert_eq!(sha_hex(&cat_in_image(image, "/ctx/big.bin")), sha_hex(&big));
     let stderr_summary = p.build("sync/little", &["--tag", "t"]);
     let err = String::from_utf8_lossy(&stderr_summary.stderr);
@@ -803,6 +816,8 @@ fn an_unchanged_rebuild_sends_almost_nothing_and_one_change_its_compressed_size(
 struct Throttle {
     port: u16,
     stop: Arc<AtomicBool>,
+    /// Client→server bytes passed on so far.
+    up: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Throttle {
@@ -811,6 +826,8 @@ impl Throttle {
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        let up = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let up2 = up.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if stop2.load(Ordering::Relaxed) {
@@ -821,6 +838,7 @@ impl Throttle {
                     continue;
                 };
                 let pipe = |mut from: TcpStream, mut to: TcpStream, rate: Option<usize>| {
+                    let up = up2.clone();
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 16 * 1024];
                         loop {
@@ -832,6 +850,7 @@ impl Throttle {
                                 break;
                             }
                             if let Some(rate) = rate {
+                                up.fetch_add(n as u64, Ordering::Relaxed);
                                 std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
                             }
                         }
@@ -847,7 +866,7 @@ impl Throttle {
                 pipe(server, client, None);
             }
         });
-        Throttle { port, stop }
+        Throttle { port, stop, up }
     }
 }
 
@@ -856,6 +875,69 @@ impl Drop for Throttle {
         self.stop.store(true, Ordering::Relaxed);
         let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
+}
+
+/// Points `p`'s builder at `port` on loopback (a proxy in front of
+/// `sshd`), which presents sshd's host key.
+fn route_through(p: &Project, sshd: &Sshd, port: u16) {
+    route_through_at(p, sshd, "127.0.0.1", port);
+}
+
+/// Points `p`'s builder at `host:port` (a proxy in front of `sshd`).
+fn route_through_at(p: &Project, sshd: &Sshd, host: &str, port: u16) {
+    let kh = std::fs::read_to_string(&sshd.known_hosts).unwrap();
+    std::fs::write(
+        &sshd.known_hosts,
+        format!("{kh}[{host}]:{port} {}\n", sshd.host_key_pub),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(&p.config).unwrap();
+    std::fs::write(
+        &p.config,
+        config
+            .replace(
+                &format!("host: {}\n", sshd.listen),
+                &format!("host: {host}\n"),
+            )
+            .replace(
+                &format!("port: {}\n", sshd.port),
+                &format!("port: {port}\n"),
+            ),
+    )
+    .unwrap();
+}
+
+/// `compression: auto` gzips when the builder is not on loopback: measured
+/// on the wire of a link into a network namespace, 900 kB of text cost
+/// less than 100 kB; on loopback the same file goes as it is.
+#[test]
+fn auto_compression_gzips_on_a_non_loopback_link_only() {
+    if !services() {
+        return;
+    }
+    let Some(ns) = NetNs::new() else { return };
+    let d = docker();
+    let sshd = Sshd::start_with(Some(&d.host), &ns.ns_ip, Some(&ns.name), "");
+    let upstream = format!("{}:{}", ns.ns_ip, sshd.port).parse().unwrap();
+    let body = "compressible text\n".repeat(50_000);
+    let mut sent = Vec::new();
+    for host in [ns.host_ip.as_str(), "127.0.0.1"] {
+        let p = Project::with_builder(&sshd, "    compression: auto\n");
+        let wire = CountingProxy::start(&format!("{host}:0"), upstream);
+        route_through_at(&p, &sshd, host, wire.addr.port());
+        p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+        p.file("big.txt", &body);
+        let out = p.build("sync/auto", &["--tag", "t"]);
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(cat_in_image("sync/auto:t", "/ctx/big.txt"), body.as_bytes());
+        eprintln!("900 kB of text via {host}: {} bytes on the wire", wire.up());
+        sent.push(wire.up());
+    }
+    assert!(
+        sent[0] < 100_000,
+        "not gzipped on a non-loopback link: {sent:?}"
+    );
+    assert!(sent[1] > 900_000, "gzipped on loopback: {sent:?}");
 }
 
 fn state_of(p: &Project) -> String {
@@ -910,7 +992,12 @@ fn an_interrupted_sync_is_detected_and_repaired_by_the_next_build() {
     wait_until("the sync started", Duration::from_secs(30), || {
         state_of(&p).starts_with("v1 dirty")
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    // 2 MiB of the 12 MiB upload passed: at 2 MiB/s it cannot have ended.
+    wait_until(
+        "2 MiB of the upload passed",
+        Duration::from_secs(60),
+        || throttle.up.load(Ordering::Relaxed) >= 2 << 20,
+    );
     assert!(
         child.try_wait().unwrap().is_none(),
         "the upload ended too soon"
@@ -963,8 +1050,19 @@ fn a_copy_changed_on_the_builder_is_caught_and_repaired() {
     build_json(&p, "sync/tamper", &[]);
     let tree = copies(&p)[0].join("tree");
 
-    // Someone edits the copy on the builder: the listing sees the mtime.
-    std::fs::write(tree.join("app.conf"), "setting = tampered\n").unwrap();
+    // Someone edits the copy on the builder, keeping the size, within the
+    // second of the file's mtime (set explicitly, so that no timing decides
+    // it): the fingerprint sees the nanoseconds.
+    let f = tree.join("app.conf");
+    let mtime = f.metadata().unwrap().modified().unwrap();
+    let since = mtime.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+    let same_second = if since.subsec_nanos() > 0 {
+        mtime - Duration::from_nanos(1)
+    } else {
+        mtime + Duration::from_nanos(1)
+    };
+    std::fs::write(&f, "setting = tampered\n").unwrap();
+    set_mtime(&f, same_second);
     let r = build_json(&p, "sync/tamper", &[]);
     assert_eq!(sync_of(&r)["mode"], "full", "{r}");
     assert_eq!(
@@ -977,7 +1075,6 @@ fn a_copy_changed_on_the_builder_is_caught_and_repaired() {
     );
 
     // Same size and mtime: only --verify can tell, and then repairs it.
-    let f = tree.join("app.conf");
     let mtime = f.metadata().unwrap().modified().unwrap();
     std::fs::write(&f, "setting = ORIGINAL\n").unwrap();
     std::fs::File::options()
@@ -1042,6 +1139,39 @@ fn contexts_with_the_same_basename_never_share_a_copy() {
     build_json(&a, "sync/base-a", &["--no-incremental"]);
     build_json(&b, "sync/base-b", &["--no-incremental"]);
     assert_eq!(cat_in_image("sync/base-b:t", "/ctx/who.txt"), b"b");
+}
+
+#[test]
+fn two_installations_on_one_machine_id_never_share_a_copy() {
+    if !services() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    // One machine id (this machine's), one context path, one builder: only
+    // the cache folder differs, as on two laptops cloned from one image.
+    let mut p = Project::new(&sshd);
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+    p.file("who.txt", "same");
+    let caches = [p.dir.path().join("cache-a"), p.dir.path().join("cache-b")];
+    p.env = vec![("XDG_CACHE_HOME".into(), caches[0].display().to_string())];
+    build_json(&p, "sync/install-a", &[]);
+    assert_eq!(copies(&p).len(), 1);
+    p.env = vec![("XDG_CACHE_HOME".into(), caches[1].display().to_string())];
+    let rb = build_json(&p, "sync/install-b", &[]);
+    assert_eq!(sync_of(&rb)["mode"], "full", "b must not reuse a's copy");
+    assert_eq!(copies(&p).len(), 2, "one copy per installation");
+    let ids: Vec<String> = caches
+        .iter()
+        .map(|c| std::fs::read_to_string(c.join("absconda/installation-id")).unwrap())
+        .collect();
+    assert_eq!(ids[0].trim().len(), 32);
+    assert_ne!(ids[0], ids[1]);
+    // Each installation keeps its own copy up to date.
+    p.env = vec![("XDG_CACHE_HOME".into(), caches[0].display().to_string())];
+    let ra = build_json(&p, "sync/install-a", &[]);
+    assert_eq!(sync_of(&ra)["mode"], "delta");
+    assert_eq!(copies(&p).len(), 2);
 }
 
 fn set_mtime(path: &Path, t: SystemTime) {

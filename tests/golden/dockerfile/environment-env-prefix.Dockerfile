@@ -15,27 +15,15 @@
 #     - rich
 
 FROM mambaorg/micromamba:1.5.5 AS builder
+USER root
+RUN mkdir -p /opt/envs && chown "$MAMBA_USER" /opt/envs
+USER $MAMBA_USER
 COPY .absconda/environment.yaml /tmp/env.yaml
-RUN micromamba install -y -n base --channel conda-forge --channel bioconda conda-pack && \
-    micromamba create -y -n analysis -f /tmp/env.yaml && \
-    micromamba run -n base conda-pack -p "${MAMBA_ROOT_PREFIX}/envs/analysis" -o /tmp/absconda-env.tar.gz && \
-    mkdir -p /tmp/absconda-env && \
-    tar -xzf /tmp/absconda-env.tar.gz -C /tmp/absconda-env && \
-    rm /tmp/absconda-env.tar.gz
+RUN micromamba create -y -p /opt/envs/analysis --channel conda-forge --channel bioconda -f /tmp/env.yaml && \
+    micromamba clean -afy
 
 FROM debian:bookworm-slim AS runtime
-COPY --from=builder /tmp/absconda-env/ /opt/envs/analysis/
-RUN set -e; prefix=/opt/envs/analysis; \
-    if [ -x "$prefix/bin/conda-unpack" ]; then \
-        py=; \
-        for candidate in "$prefix/bin/python3" "$prefix/bin/python" \
-                "$(command -v python3 2>/dev/null)" "$(command -v python 2>/dev/null)"; do \
-            if [ -n "$candidate" ] && [ -x "$candidate" ]; then py="$candidate"; break; fi; \
-        done; \
-        if [ -n "$py" ]; then "$py" "$prefix/bin/conda-unpack"; \
-        else echo "absconda: no python to run conda-unpack; prefixes left as packed" >&2; fi; \
-        rm -rf "$prefix/conda-meta/history"; \
-    fi
+COPY --from=builder /opt/envs/analysis/ /opt/envs/analysis/
 
 ENV CONDA_DEFAULT_ENV=analysis
 ENV CONDA_PREFIX=/opt/envs/analysis

@@ -10,26 +10,11 @@
 
 FROM mambaorg/micromamba:1.5.5 AS builder
 COPY .absconda/environment.yaml /tmp/env.yaml
-RUN micromamba install -y -n base --channel conda-forge/label/python_rc --channel defaults conda-pack && \
-    micromamba create -y -n my-analysis-v2 -f /tmp/env.yaml && \
-    micromamba run -n base conda-pack -p "${MAMBA_ROOT_PREFIX}/envs/my-analysis-v2" -o /tmp/absconda-env.tar.gz && \
-    mkdir -p /tmp/absconda-env && \
-    tar -xzf /tmp/absconda-env.tar.gz -C /tmp/absconda-env && \
-    rm /tmp/absconda-env.tar.gz
+RUN micromamba create -y -p /opt/conda/envs/my-analysis-v2 --channel conda-forge/label/python_rc --channel defaults -f /tmp/env.yaml && \
+    micromamba clean -afy
 
 FROM debian:bookworm-slim AS runtime
-COPY --from=builder /tmp/absconda-env/ /opt/conda/envs/my-analysis-v2/
-RUN set -e; prefix=/opt/conda/envs/my-analysis-v2; \
-    if [ -x "$prefix/bin/conda-unpack" ]; then \
-        py=; \
-        for candidate in "$prefix/bin/python3" "$prefix/bin/python" \
-                "$(command -v python3 2>/dev/null)" "$(command -v python 2>/dev/null)"; do \
-            if [ -n "$candidate" ] && [ -x "$candidate" ]; then py="$candidate"; break; fi; \
-        done; \
-        if [ -n "$py" ]; then "$py" "$prefix/bin/conda-unpack"; \
-        else echo "absconda: no python to run conda-unpack; prefixes left as packed" >&2; fi; \
-        rm -rf "$prefix/conda-meta/history"; \
-    fi
+COPY --from=builder /opt/conda/envs/my-analysis-v2/ /opt/conda/envs/my-analysis-v2/
 
 ENV CONDA_DEFAULT_ENV=my-analysis-v2
 ENV CONDA_PREFIX=/opt/conda/envs/my-analysis-v2

@@ -11,7 +11,7 @@ RUN set -e; prefix=/opt/conda/envs/analysis; \
             if [ -n "$candidate" ] && [ -x "$candidate" ]; then py="$candidate"; break; fi; \
         done; \
         if [ -n "$py" ]; then "$py" "$prefix/bin/conda-unpack"; \
-        else echo "absconda: no python to run conda-unpack; prefixes left as packed" >&2; fi; \
+        else echo "absconda: conda-unpack needs a python to rewrite the packed prefixes, and neither the environment nor the runtime image has one; use a --runtime-base with python" >&2; exit 1; fi; \
         rm -rf "$prefix/conda-meta/history"; \
     fi
 

@@ -28,6 +28,7 @@ impl Project {
 
     /// Like [`Project::new`], with extra YAML lines for the builder.
     pub fn with_builder(sshd: &Sshd, extra: &str) -> Project {
+        crate::support::watch();
         let dir = tempdir();
         let home = dir.path().join("home");
         let context = dir.path().join("ctx");

@@ -52,6 +52,7 @@ impl Docker {
 
 /// The shared daemon, started on first use.
 pub fn docker() -> &'static Docker {
+    crate::support::watch();
     static D: OnceLock<Docker> = OnceLock::new();
     D.get_or_init(|| {
         let root = state_dir().join("docker");
@@ -146,6 +147,23 @@ pub fn docker() -> &'static Docker {
     })
 }
 
+/// Whether the server at `addr` asks for credentials for `realm`.
+fn answers_with_realm(addr: &str, realm: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = s.take(64 * 1024).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).contains(&format!("realm=\"{realm}\""))
+}
+
 /// The shared registry (htpasswd auth), started on first use.
 pub fn registry() -> &'static Registry {
     static R: OnceLock<Registry> = OnceLock::new();
@@ -168,10 +186,17 @@ pub fn registry() -> &'static Registry {
             htpasswd.stdin.take().unwrap().write_all(password.as_bytes()).unwrap();
         }
         assert!(htpasswd.wait().unwrap().success());
+        // Another process may take the free port first: the registry then
+        // exits, or another server answers without this registry's realm;
+        // either way the next attempt takes another port.
+        let mut attempt = 0;
+        let addr = loop {
+        attempt += 1;
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
+        let realm = format!("absconda-test-{}-{port}", std::process::id());
         let config = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: absconda-test\n    path: {htp}\n",
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: {realm}\n    path: {htp}\n",
             data = root.join("data").display(),
             htp = root.join("htpasswd").display(),
         );
@@ -182,11 +207,22 @@ pub fn registry() -> &'static Registry {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(root.join("registry.log")).unwrap());
-        let child = spawn_daemon(cmd).expect("start docker-registry");
-        std::mem::forget(child);
+        let mut child = spawn_daemon(cmd).expect("start docker-registry");
+        let mut exited = false;
+        let mut ours = false;
         wait_until("registry listening", Duration::from_secs(20), || {
-            std::net::TcpStream::connect(&addr).is_ok()
+            exited = child.try_wait().ok().flatten().is_some();
+            ours = !exited && answers_with_realm(&addr, &realm);
+            exited || ours
         });
+        if ours {
+            std::mem::forget(child);
+            break addr;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(attempt < 5, "docker-registry did not start: {}", std::fs::read_to_string(root.join("registry.log")).unwrap_or_default());
+        };
         Registry {
             addr,
             user,

@@ -54,6 +54,7 @@ pub struct FaultyProxy {
 impl FaultyProxy {
     /// A proxy to `upstream` that passes everything until scripted.
     pub async fn start(upstream: SocketAddr) -> FaultyProxy {
+        crate::support::watch();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let state = Arc::new(Mutex::new(State {

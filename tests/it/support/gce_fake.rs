@@ -405,6 +405,7 @@ impl GceFake {
     /// Starts the fake on two loopback ports, with one registered service
     /// account (`absconda-builder@absconda-test.iam.gserviceaccount.com`).
     pub fn start() -> GceFake {
+        crate::support::watch();
         let api = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the API port");
         let md = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the metadata port");
         api.set_nonblocking(true).expect("nonblocking");
@@ -2140,5 +2141,125 @@ fn metadata(shared: &Arc<Shared>, req: &Request) -> Response {
             r.headers.push(("Metadata-Flavor".into(), "Google".into()));
             r
         }
+    }
+}
+
+/// The fake's own behaviour where absconda's flows do not reach it.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fake itself: the JWT-bearer grant at `token_uri`, Google's 401 and the
+    /// HTML 404, which absconda's own flows do not all reach.
+    #[tokio::test]
+    async fn follows_googles_token_flows() {
+        use aws_lc_rs::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+        let fake = GceFake::start();
+        fake.add_instance("vm", "RUNNING");
+        let sa = fake.service_account();
+        let pem = sa
+            .private_key_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<String>();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(pem)
+            .unwrap();
+        let key = RsaKeyPair::from_pkcs8(&der).unwrap();
+        let now = chrono::Utc::now().timestamp();
+        let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": sa.private_key_id});
+        let claims = serde_json::json!({
+            "iss": sa.client_email, "scope": "https://www.googleapis.com/auth/cloud-platform",
+            "aud": fake.token_uri(), "iat": now, "exp": now + 3600
+        });
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let mut sig = vec![0u8; key.public_modulus_len()];
+        key.sign(
+            &RSA_PKCS1_SHA256,
+            &aws_lc_rs::rand::SystemRandom::new(),
+            signing_input.as_bytes(),
+            &mut sig,
+        )
+        .unwrap();
+        let assertion = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig));
+
+        let http = reqwest::Client::new();
+        let grant = http
+            .post(fake.token_uri())
+            .form(&[
+                ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                ("assertion", &assertion),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(grant.status(), 200);
+        let body: serde_json::Value = grant.json().await.unwrap();
+        assert_eq!(body["token_type"], "Bearer");
+        let token = body["access_token"].as_str().unwrap();
+
+        let url = format!(
+            "{}/compute/v1/projects/{}/zones/{}/instances/vm",
+            fake.api_endpoint(),
+            fake.project(),
+            fake.zone()
+        );
+        let ok = http.get(&url).bearer_auth(token).send().await.unwrap();
+        assert_eq!(ok.status(), 200);
+        let instance: serde_json::Value = ok.json().await.unwrap();
+        assert_eq!(instance["kind"], "compute#instance");
+        assert_eq!(instance["status"], "RUNNING");
+
+        // The assertion itself is not an access token for the API: its audience
+        // is the token endpoint.
+        let wrong = http.get(&url).bearer_auth(&assertion).send().await.unwrap();
+        assert_eq!(wrong.status(), 401);
+        let none = http.get(&url).send().await.unwrap();
+        assert_eq!(none.status(), 401);
+        assert!(none.headers().contains_key("www-authenticate"));
+        let err: serde_json::Value = none.json().await.unwrap();
+        assert_eq!(err["error"]["status"], "UNAUTHENTICATED");
+        assert_eq!(err["error"]["errors"][0]["reason"], "required");
+
+        let html = http
+            .get(format!("{}/compute/v1/nope", fake.api_endpoint()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(html.status(), 404);
+        assert!(
+            html.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html")
+        );
+    }
+
+    /// The metadata server refuses a request without the flavor header, as
+    /// the real one does.
+    #[tokio::test]
+    async fn the_metadata_server_wants_the_flavor_header() {
+        let fake = GceFake::start();
+        let url = format!(
+            "http://{}/computeMetadata/v1/instance/service-accounts/default/token",
+            fake.metadata_host()
+        );
+        let plain = reqwest::get(&url).await.unwrap();
+        assert_eq!(plain.status(), 403);
+        let flavored = reqwest::Client::new()
+            .get(&url)
+            .header("Metadata-Flavor", "Google")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(flavored.status(), 200);
+        assert_eq!(flavored.headers()["metadata-flavor"], "Google");
     }
 }

@@ -9,11 +9,14 @@
 #![allow(dead_code)]
 
 pub mod absconda;
+pub mod counting_proxy;
 pub mod docker;
 pub mod faulty_proxy;
 pub mod gce_fake;
 pub mod moto;
+pub mod netns;
 pub mod sshd;
+pub mod tunnel_proxy;
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -35,8 +38,72 @@ pub fn skip_or_fail(what: &str) {
     eprintln!("SKIPPED: {what}; set CI=true to make this a failure");
 }
 
+/// How long one test may run before the watchdog fails the whole run.
+pub const TEST_DEADLINE: Duration = Duration::from_secs(280);
+
+/// Puts the calling test under the watchdog (idempotent; the harness's
+/// entry points call it). libtest names each test's thread after the test,
+/// so a test that hangs is reported by name: after [`TEST_DEADLINE`] the
+/// watchdog prints it and ends the test process, which takes the daemons
+/// started through [`spawn_daemon`] with it.
+pub fn watch() {
+    use std::collections::HashMap;
+    static RUNNING: OnceLock<Mutex<HashMap<u64, (String, Instant)>>> = OnceLock::new();
+    struct Registered(u64);
+    impl Drop for Registered {
+        fn drop(&mut self) {
+            if let Some(Ok(mut m)) = RUNNING.get().map(Mutex::lock) {
+                m.remove(&self.0);
+            }
+        }
+    }
+    thread_local! {
+        static ME: std::cell::OnceCell<Registered> = const { std::cell::OnceCell::new() };
+    }
+    let Some(name) = std::thread::current().name().map(str::to_string) else {
+        return;
+    };
+    if name == "main" || name.starts_with("tokio-") {
+        return;
+    }
+    let running = RUNNING.get_or_init(|| {
+        std::thread::spawn(|| loop {
+            std::thread::sleep(Duration::from_secs(2));
+            let hung: Vec<(String, Duration)> = RUNNING
+                .get()
+                .and_then(|m| m.lock().ok())
+                .map(|m| {
+                    m.values()
+                        .filter(|(_, t)| t.elapsed() > TEST_DEADLINE)
+                        .map(|(n, t)| (n.clone(), t.elapsed()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !hung.is_empty() {
+                for (n, t) in &hung {
+                    eprintln!("\nHUNG: test `{n}` still running after {t:?} (deadline {TEST_DEADLINE:?})");
+                    println!("test {n} ... FAILED (hung for {t:?})");
+                }
+                std::process::exit(101);
+            }
+        });
+        Mutex::new(HashMap::new())
+    });
+    ME.with(|me| {
+        me.get_or_init(|| {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Ok(mut m) = running.lock() {
+                m.insert(id, (name, Instant::now()));
+            }
+            Registered(id)
+        });
+    });
+}
+
 /// Whether `program` exists; in CI a missing program is a failure.
 pub fn require(program: &str) -> bool {
+    watch();
     let found = if program.contains('/') {
         Path::new(program).exists()
     } else {
@@ -74,6 +141,7 @@ type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 
 /// Spawns a daemon that dies with the test process.
 pub fn spawn_daemon(cmd: Command) -> std::io::Result<Child> {
+    watch();
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     let tx = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<SpawnRequest>();
@@ -100,6 +168,7 @@ pub fn spawn_daemon(cmd: Command) -> std::io::Result<Child> {
 
 /// Polls `f` until it returns true or `timeout` passes.
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    watch();
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if f() {
@@ -112,6 +181,7 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 /// A scratch folder under the target dir, removed on drop.
 pub fn tempdir() -> tempfile::TempDir {
+    watch();
     let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
     std::fs::create_dir_all(base).unwrap();
     tempfile::Builder::new()

@@ -147,6 +147,7 @@ impl Moto {
     /// Starts a server, or returns `None` when moto cannot be installed and
     /// this is not CI (the test then returns early, having said why).
     pub async fn start() -> Option<Moto> {
+        crate::support::watch();
         let program = match moto_server_program() {
             Ok(p) => p,
             Err(e) => {

@@ -50,51 +50,74 @@ impl Sshd {
         keygen(&d.join("userkey"), "ed25519");
         std::fs::copy(d.join("userkey.pub"), d.join("authorized_keys")).unwrap();
         std::fs::create_dir_all("/run/sshd").unwrap();
-        let port = free_port();
-        let mut config = format!(
-            "Port {port}\nListenAddress {listen}\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
+        // Another process may take the free port before sshd binds it: then
+        // sshd exits, and the next attempt takes another port.
+        let mut attempt = 0;
+        let (port, host_key_pub, known_hosts, config_path, child) = loop {
+            attempt += 1;
+            let port = free_port();
+            let mut config = format!(
+                "Port {port}\nListenAddress {listen}\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
              PidFile {pid}\nPermitRootLogin prohibit-password\nMaxStartups 50\nMaxSessions 50\nLogLevel VERBOSE\n",
-            hk = d.join("hostkey").display(),
-            ak = d.join("authorized_keys").display(),
-            pid = d.join("sshd.pid").display(),
-        );
-        if let Some(h) = docker_host {
-            config.push_str(&format!("SetEnv DOCKER_HOST={h}\n"));
-        }
-        config.push_str(extra);
-        let config_path = d.join("sshd_config");
-        std::fs::write(&config_path, config).unwrap();
-        let host_key_pub = std::fs::read_to_string(d.join("hostkey.pub"))
-            .unwrap()
-            .trim()
-            .to_string();
-        let name = if port == 22 {
-            listen.to_string()
-        } else {
-            format!("[{listen}]:{port}")
-        };
-        let known_hosts = d.join("known_hosts");
-        std::fs::write(&known_hosts, format!("{name} {host_key_pub}\n")).unwrap();
-
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, SSHD]);
-                c
+                hk = d.join("hostkey").display(),
+                ak = d.join("authorized_keys").display(),
+                pid = d.join("sshd.pid").display(),
+            );
+            if extra.lines().any(|l| l.starts_with("LogLevel ")) {
+                // sshd takes the first value: let the test's win.
+                config = config.replace("LogLevel VERBOSE\n", "");
             }
-            None => Command::new(SSHD),
+            if let Some(h) = docker_host {
+                config.push_str(&format!("SetEnv DOCKER_HOST={h}\n"));
+            }
+            config.push_str(extra);
+            let config_path = d.join("sshd_config");
+            std::fs::write(&config_path, config).unwrap();
+            let host_key_pub = std::fs::read_to_string(d.join("hostkey.pub"))
+                .unwrap()
+                .trim()
+                .to_string();
+            let name = if port == 22 {
+                listen.to_string()
+            } else {
+                format!("[{listen}]:{port}")
+            };
+            let known_hosts = d.join("known_hosts");
+            std::fs::write(&known_hosts, format!("{name} {host_key_pub}\n")).unwrap();
+
+            let mut cmd = match netns {
+                Some(ns) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns, SSHD]);
+                    c
+                }
+                None => Command::new(SSHD),
+            };
+            cmd.args(["-D", "-e", "-f"])
+                .arg(&config_path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(d.join("sshd.log")).unwrap());
+            let mut child = spawn_daemon(cmd).expect("start sshd");
+            let log = d.join("sshd.log");
+            let mut exited = false;
+            wait_until("sshd listening", Duration::from_secs(20), || {
+                exited = child.try_wait().ok().flatten().is_some();
+                exited
+                    || std::fs::read_to_string(&log).is_ok_and(|l| {
+                        l.contains(&format!("Server listening on {listen} port {port}"))
+                    })
+            });
+            if !exited {
+                break (port, host_key_pub, known_hosts, config_path, child);
+            }
+            assert!(
+                attempt < 5,
+                "sshd did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
         };
-        cmd.args(["-D", "-e", "-f"])
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(d.join("sshd.log")).unwrap());
-        let child = spawn_daemon(cmd).expect("start sshd");
-        let addr = format!("{listen}:{port}");
-        wait_until("sshd listening", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(&addr).is_ok()
-        });
         Sshd {
             port,
             user_key: d.join("userkey"),
