@@ -29,8 +29,11 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         lifecycle::with_provisioned(&file.builder(&name)?, &StateFile::default_location());
     let printer = Printer::new(args.json);
     printer.info(&match why {
-        Some(why) => format!("building on `{name}` ({why} in `{}`)", file.path.display()),
-        None => format!("building on `{name}`"),
+        Some(why) => format!(
+            "using builder `{name}` ({why} in `{}`)",
+            file.path.display()
+        ),
+        None => format!("using builder `{name}`"),
     });
 
     // `-f -` or `--dockerfile -`: the Dockerfile comes from stdin.

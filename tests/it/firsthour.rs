@@ -53,7 +53,7 @@ fn default_builder_is_used_and_named_in_the_first_line() {
     let err = stderr(&out);
     let first = err.lines().next().unwrap_or_default();
     assert!(
-        first.contains("building on `local`") && first.contains("`default_builder:`"),
+        first.contains("using builder `local`") && first.contains("`default_builder:`"),
         "first line: {first}\n{err}"
     );
     assert_eq!(
@@ -74,7 +74,7 @@ fn default_builder_is_used_and_named_in_the_first_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(
-        stderr(&out).starts_with("absconda: building on `elsewhere`\n"),
+        stderr(&out).starts_with("absconda: using builder `elsewhere`\n"),
         "{}",
         text(&out)
     );
@@ -94,7 +94,7 @@ fn the_only_builder_is_chosen_without_the_flag() {
     assert!(
         err.lines()
             .next()
-            .is_some_and(|l| l.contains("building on `solo` (the only builder in `")),
+            .is_some_and(|l| l.contains("using builder `solo` (the only builder in `")),
         "{err}"
     );
     assert!(err.contains("127.0.0.1:1"), "{err}");
