@@ -328,23 +328,43 @@ async fn differential(part: usize, of: usize) {
 
 const _: () = assert!(CASES.len() >= 40, "the corpus keeps at least 40 cases");
 
-// Four parts that run in parallel, each well within the per-test deadline.
+// Eight parts that run in parallel, each well within the per-test deadline.
 #[tokio::test]
 async fn docker_and_absconda_ignore_the_same_files_part_1() {
-    differential(0, 4).await;
+    differential(0, 8).await;
 }
 
 #[tokio::test]
 async fn docker_and_absconda_ignore_the_same_files_part_2() {
-    differential(1, 4).await;
+    differential(1, 8).await;
 }
 
 #[tokio::test]
 async fn docker_and_absconda_ignore_the_same_files_part_3() {
-    differential(2, 4).await;
+    differential(2, 8).await;
 }
 
 #[tokio::test]
 async fn docker_and_absconda_ignore_the_same_files_part_4() {
-    differential(3, 4).await;
+    differential(3, 8).await;
+}
+
+#[tokio::test]
+async fn docker_and_absconda_ignore_the_same_files_part_5() {
+    differential(4, 8).await;
+}
+
+#[tokio::test]
+async fn docker_and_absconda_ignore_the_same_files_part_6() {
+    differential(5, 8).await;
+}
+
+#[tokio::test]
+async fn docker_and_absconda_ignore_the_same_files_part_7() {
+    differential(6, 8).await;
+}
+
+#[tokio::test]
+async fn docker_and_absconda_ignore_the_same_files_part_8() {
+    differential(7, 8).await;
 }
