@@ -27,6 +27,11 @@
 //!   lists (`*`, `!**/x`, `**/d*`) a later pattern does not re-exclude below
 //!   a directory it names; [`DockerIgnore::is_excluded`] gives that verdict.
 //!
+//! Docker 20.10's client, still common on builders, matched parent
+//! directories differently (see [`DockerIgnore::kept_by_docker_20_10`]); the
+//! walk also sends what it would keep, which only costs bandwidth where a
+//! newer Docker filters it out again.
+//!
 //! Deviations, all in patterns nobody writes on purpose: Docker copies `\x`
 //! and the inside of `[...]` into a Go regexp, so there `\d` is a digit class,
 //! `\1` an error and `[*]` a strange nested class; here an escaped character is
@@ -248,6 +253,58 @@ impl DockerIgnore {
             }
         }
         (matched, MatchInfo(info))
+    }
+
+    /// Whether Docker 20.10's client (which filters the context for both of
+    /// its builders) keeps `path`: no ancestor directory was skipped whole,
+    /// and its `PatternMatcher.Matches` does not exclude the path itself.
+    ///
+    /// Its matcher differs from today's in one way that matters: a pattern
+    /// is tried on the path and on the one ancestor with as many components
+    /// as the pattern, not on every ancestor. So below a directory it entered
+    /// for an exception (`**/node_modules` with `!node_modules/a/x`), it
+    /// keeps files that current Docker excludes (`node_modules/a/y`). A
+    /// builder may run either Docker, and both filter the context again, so
+    /// the walk sends what either keeps.
+    pub fn kept_by_docker_20_10(&self, path: &str) -> bool {
+        if self.patterns.is_empty() {
+            return true;
+        }
+        for dir in parent_dirs(path) {
+            if self.matches_20_10(dir) && !self.exception_text_below(dir) {
+                return false;
+            }
+        }
+        !self.matches_20_10(path)
+    }
+
+    /// moby 20.10 `fileutils.PatternMatcher.Matches`.
+    fn matches_20_10(&self, path: &str) -> bool {
+        let parents: Vec<&str> = match path.rfind('/') {
+            Some(i) => path[..i].split('/').collect(),
+            None => Vec::new(),
+        };
+        let mut matched = false;
+        for p in &self.patterns {
+            let mut hit = p.matcher.matches(path);
+            let depth = p.text.split('/').count();
+            if !hit && !parents.is_empty() && depth <= parents.len() {
+                hit = p.matcher.matches(&parents[..depth].join("/"));
+            }
+            if hit {
+                matched = !p.exception;
+            }
+        }
+        matched
+    }
+
+    /// The classic walk's test for entering an excluded directory: some
+    /// exception's text starts with `dir/`.
+    fn exception_text_below(&self, dir: &str) -> bool {
+        let dir_slash = format!("{dir}/");
+        self.patterns
+            .iter()
+            .any(|p| p.exception && format!("{}/", p.text).starts_with(&dir_slash))
     }
 
     /// Whether some exception (`!`) pattern could match a path strictly below

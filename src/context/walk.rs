@@ -214,10 +214,15 @@ impl Walker<'_> {
             };
 
             let (excluded, info) = self.ignore.evaluate(&rel, &task.info);
-            let forced = self.always.binary_search(&rel).is_ok();
+            // Below a directory entered for an exception, Docker 20.10 keeps
+            // some paths that today's Docker leaves out (see ignore.rs).
+            let kept_by_old_docker =
+                excluded && task.excluded && self.ignore.kept_by_docker_20_10(&rel);
+            let forced = self.always.binary_search(&rel).is_ok()
+                || (kept_by_old_docker && !file_type.is_dir());
 
             if excluded && !forced {
-                if file_type.is_dir() && self.must_enter(&rel) {
+                if file_type.is_dir() && (self.must_enter(&rel) || kept_by_old_docker) {
                     // Entered for an exception; listed only if needed.
                     let Ok(meta) = dirent.metadata() else {
                         continue;
@@ -501,6 +506,46 @@ mod tests {
                 .count(),
             50
         );
+    }
+
+    /// Below `node_modules`, entered for the exception, Docker 20.10 keeps
+    /// what `**/node_modules` no longer reaches at its depth: sent too.
+    #[test]
+    fn what_docker_20_10_keeps_below_an_entered_directory_is_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for rel in [
+            "node_modules/pkg/README.md",
+            "node_modules/pkg/index.js",
+            "node_modules/other/index.js",
+            "node_modules/top.js",
+            "src/node_modules/x.js",
+            "src/main.rs",
+        ] {
+            touch(root, rel, rel);
+        }
+        let (entries, _) = run(root, "**/node_modules\n!node_modules/pkg/README.md\n", &[]);
+        assert_eq!(
+            rels(&entries)
+                .into_iter()
+                .filter(|r| !r.ends_with("node_modules")
+                    && !r.ends_with("pkg")
+                    && !r.ends_with("other")
+                    && *r != "src")
+                .collect::<Vec<_>>(),
+            [
+                "node_modules/other/index.js",
+                "node_modules/pkg/README.md",
+                "node_modules/pkg/index.js",
+                "node_modules/top.js",
+                "src/main.rs"
+            ]
+        );
+        let ignore = DockerIgnore::parse("**/node_modules\n!node_modules/pkg/README.md\n");
+        assert!(ignore.kept_by_docker_20_10("node_modules/pkg/index.js"));
+        assert!(ignore.kept_by_docker_20_10("node_modules/top.js"));
+        assert!(!ignore.kept_by_docker_20_10("src/node_modules/x.js"));
+        assert!(ignore.is_excluded("node_modules/pkg/index.js"));
     }
 
     #[test]

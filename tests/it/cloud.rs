@@ -339,3 +339,140 @@ fn remote_off_leaves_the_vm_running_when_the_lease_cannot_be_checked() {
     assert!(err.contains("leaving builder `local` running"), "{err}");
     assert_eq!(fake.status("builder").as_deref(), Some("RUNNING"));
 }
+
+fn processes_with(needle: &str) -> usize {
+    let out = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// An EC2 builder's self-stop proves the instance over IMDSv2 (a session
+/// token, then the instance id) before it powers off: on the builder's own
+/// instance it fires; where IMDS names another instance it does nothing.
+#[test]
+fn ec2_self_stop_checks_the_instance_id_over_imdsv2() {
+    if !(ok() && crate::support::require("curl")) {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(moto) = rt.block_on(Moto::start()) else {
+        return;
+    };
+    let id = rt.block_on(moto.run_instance(Some("absconda-builder")));
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let marker = crate::support::tempdir();
+    for (imds_says, fires) in [
+        (id.clone(), true),
+        ("i-0another00000000".to_string(), false),
+    ] {
+        let imds = crate::support::imds_fake::ImdsFake::start(&imds_says, "builder-role", None);
+        let flag = marker.path().join(if fires { "mine" } else { "other" });
+        let yaml = format!(
+            "    provider: aws\n    region: us-east-1\n    instance: absconda-builder\n    api_endpoint: {}\n    ready_timeout: 60\n    auto_stop: true\n    stop_delay: 1\n    poweroff_command: touch {}\n    metadata_endpoint: {}\n",
+            moto.endpoint(),
+            flag.display(),
+            imds.endpoint()
+        );
+        let mut p = Project::with_builder(&sshd, &yaml);
+        let (key, secret) = moto.access_key();
+        p.env.push(("AWS_ACCESS_KEY_ID".into(), key.to_string()));
+        p.env
+            .push(("AWS_SECRET_ACCESS_KEY".into(), secret.to_string()));
+        p.env
+            .push(("AWS_EC2_METADATA_DISABLED".into(), "true".into()));
+        p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\n"));
+        let out = p.build("selfstop/ec2", &[]);
+        assert!(out.status.success(), "{}", text(&out));
+        // The script asks IMDS who it is, then decides.
+        crate::support::wait_until(
+            "the self-stop asked IMDS for the instance id",
+            Duration::from_secs(30),
+            || {
+                imds.requests()
+                    .iter()
+                    .any(|r| r.path == "/latest/meta-data/instance-id")
+            },
+        );
+        crate::support::wait_until(
+            "the self-stop script ended",
+            Duration::from_secs(30),
+            || flag.exists() || processes_with(&flag.display().to_string()) == 0,
+        );
+        let seen = imds.requests();
+        assert_eq!(seen[0].method, "PUT", "{seen:?}");
+        assert_eq!(seen[0].ttl.as_deref(), Some("60"), "{seen:?}");
+        assert!(
+            seen.iter()
+                .filter(|r| r.method == "GET")
+                .all(|r| r.token_ok && r.status == 200),
+            "{seen:?}"
+        );
+        assert_eq!(
+            flag.exists(),
+            fires,
+            "IMDS said {imds_says}, the builder is {id}"
+        );
+    }
+}
+
+/// With no keys in the environment or files, credentials come from IMDSv2:
+/// a session token first (with its TTL header), then the role's document
+/// with the token; EC2 (moto, checking signatures) accepts them.
+#[test]
+fn imdsv2_credentials_reach_ec2() {
+    if !ok() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(moto) = rt.block_on(Moto::start()) else {
+        return;
+    };
+    rt.block_on(moto.run_instance(Some("absconda-builder")));
+    // A role's temporary credentials, as IMDS hands them out (STS AssumeRole).
+    let session = rt.block_on(moto.session_credentials());
+    let imds = crate::support::imds_fake::ImdsFake::start(
+        "i-0ffffffffffffffff",
+        "absconda-client-role",
+        Some((
+            &session.access_key_id,
+            &session.secret_access_key,
+            &session.session_token,
+        )),
+    );
+    let sshd = Sshd::start(Some(&docker().host));
+    let yaml = format!(
+        "    provider: aws\n    region: us-east-1\n    instance: absconda-builder\n    api_endpoint: {}\n    ready_timeout: 60\n",
+        moto.endpoint()
+    );
+    let p = Project::with_builder(&sshd, &yaml);
+    let out = p
+        .cmd()
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint())
+        .args(["remote", "status", "local", "--json"])
+        .output()
+        .unwrap();
+    let seen = imds.requests();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{seen:?}", text(&out)));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!status["cloud_status"].is_null(), "EC2 answered: {status}");
+    assert_eq!(seen[0].method, "PUT", "{seen:?}");
+    assert!(seen[0].ttl.is_some(), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|r| r.path == "/latest/meta-data/iam/security-credentials/absconda-client-role"),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .filter(|r| r.method == "GET")
+            .all(|r| r.token_ok),
+        "every read carried the session token: {seen:?}"
+    );
+}

@@ -13,6 +13,7 @@ pub mod counting_proxy;
 pub mod docker;
 pub mod faulty_proxy;
 pub mod gce_fake;
+pub mod imds_fake;
 pub mod instance_connect_tap;
 pub mod moto;
 pub mod netns;
