@@ -299,6 +299,7 @@ exit 0
 
 /// Prints the copy's sorted listing, for explaining a mismatch.
 const LISTING: &str = concat!(prelude!(), "\nlisting_text\n");
+const FINGERPRINT: &str = concat!(prelude!(), "\n{ listing_text; echo /; stamp_text; }\n");
 
 /// The sync program for the copy `key` under `workspace`, linking the
 /// copy into `run_dir` as `context` (no link when `run_dir` is empty).
@@ -309,6 +310,20 @@ pub fn command(workspace: &str, key: &str, run_dir: &str) -> String {
 /// Prints the copy's listing as the sync script computes its hash.
 pub fn listing_command(workspace: &str, key: &str) -> String {
     shell::join(["sh", "-c", LISTING, "absconda-listing", workspace, key, ""])
+}
+
+/// Prints what the sync script hashes into the copy's recorded fingerprint
+/// (the listing, then every file's mtime to the nanosecond).
+pub fn fingerprint_command(workspace: &str, key: &str) -> String {
+    shell::join([
+        "sh",
+        "-c",
+        FINGERPRINT,
+        "absconda-fingerprint",
+        workspace,
+        key,
+        "",
+    ])
 }
 
 /// What the builder said about its copy before the sync.
@@ -430,7 +445,7 @@ mod tests {
     /// The scripts must parse in dash and busybox sh, the shells of stock builders.
     #[test]
     fn scripts_parse_in_posix_shells() {
-        for script in [SYNC, LISTING] {
+        for script in [SYNC, LISTING, FINGERPRINT] {
             crate::test_support::assert_parses(script);
         }
     }

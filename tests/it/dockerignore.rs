@@ -164,7 +164,9 @@ fn docker_files(ctx: &Path, tag: &str, buildkit: bool) -> BTreeSet<String> {
     let out = d
         .cmd()
         .env("DOCKER_BUILDKIT", if buildkit { "1" } else { "0" })
-        .args(["build", "-q", "-t", tag])
+        // No cache: cases run in parallel and remove their images, so a
+        // cached step could name an image another case just removed.
+        .args(["build", "-q", "--no-cache", "-t", tag])
         .arg(ctx)
         .output()
         .unwrap();

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use absconda::build::ssh_target;
 use absconda::ssh::Session;
-use absconda::sync::script::{Request, TarMode, command, listing_command};
+use absconda::sync::script::{Request, TarMode, command, fingerprint_command};
 
 use crate::support::absconda::Project;
 use crate::support::sshd::{SSHD, Sshd};
@@ -138,7 +138,7 @@ impl Attack {
         }
         let out = self
             .session
-            .output("listing", &listing_command(&self.ws(), KEY), b"")
+            .output("fingerprint", &fingerprint_command(&self.ws(), KEY), b"")
             .await
             .unwrap();
         assert!(out.status.success(), "{}", out.stderr_tail());
