@@ -488,6 +488,7 @@ pub fn module_source(builder: &Builder) -> Result<PathBuf, TerraformError> {
         }
         ProviderKind::Gcp => "gcp",
         ProviderKind::Aws => "aws",
+        ProviderKind::Azure => "azure",
     };
     let mut searched = Vec::new();
     let config_dir = builder
