@@ -4,6 +4,7 @@
 mod support;
 
 mod auth;
+mod azure;
 mod build;
 mod cloud;
 mod config;

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod absconda;
+pub mod azure_fake;
 pub mod docker;
 pub mod faulty_proxy;
 pub mod gce_fake;

@@ -1,0 +1,296 @@
+//! Azure builders against the fake ARM, Entra ID and IMDS: every credential
+//! source, the life cycle of a VM (always deallocated, never only powered
+//! off), long-running operations, and the faults ARM throws at a client.
+
+use std::time::{Duration, Instant};
+
+use absconda::cloud::azure::{Azure, AzureSettings};
+use absconda::cloud::azure_auth::{AzureAuth, AzureCredentialSource};
+use absconda::cloud::gce::AddressKind;
+use absconda::cloud::retry::Backoff;
+use absconda::cloud::{CloudError, Provider, Status};
+
+use crate::support::azure_fake::{AzureFake, CLIENT_SECRET, Fault, RESOURCE_GROUP, SUBSCRIPTION};
+
+fn settings(fake: &AzureFake, vm: &str, deadline: Duration) -> AzureSettings {
+    AzureSettings {
+        subscription_id: SUBSCRIPTION.into(),
+        resource_group: RESOURCE_GROUP.into(),
+        vm_name: vm.into(),
+        api_endpoint: Some(fake.endpoint()),
+        address: AddressKind::External,
+        backoff: Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(300),
+            deadline,
+        },
+    }
+}
+
+fn auth(env: Vec<(String, String)>) -> AzureAuth {
+    AzureAuth::from_lookup(
+        move |k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()),
+        None,
+    )
+    .expect("credentials")
+}
+
+fn azure(fake: &AzureFake, vm: &str, env: Vec<(String, String)>) -> Azure {
+    Azure::with_auth(settings(fake, vm, Duration::from_secs(15)), auth(env)).expect("provider")
+}
+
+/// Start, check, stop, check: what a build with `--remote-off` does.
+async fn life_cycle(fake: &AzureFake, a: &Azure, vm: &str) {
+    let info = a.describe().await.unwrap();
+    assert_eq!(info.id, AzureFake::resource_id(vm));
+    assert_eq!(info.status, Status::Stopped);
+    assert_eq!(info.raw_status, "deallocated");
+    assert_eq!(info.address, None);
+
+    a.start().await.unwrap();
+    // The operation was followed to its end: the VM is running now.
+    assert_eq!(fake.power(vm).as_deref(), Some("running"));
+    let info = a.describe().await.unwrap();
+    assert_eq!(info.status, Status::Running, "{info:?}");
+    assert!(info.address.is_some());
+    assert_eq!(info.address, fake.public_ip(vm));
+
+    a.stop().await.unwrap();
+    assert_eq!(fake.power(vm).as_deref(), Some("deallocated"));
+    let info = a.describe().await.unwrap();
+    assert_eq!(info.status, Status::Stopped);
+    assert_eq!(info.address, None);
+    assert_eq!(fake.transitions(vm), 2);
+    assert_eq!(fake.count("POST", "/powerOff"), 0, "a stop must deallocate");
+}
+
+#[tokio::test]
+async fn client_secret_life_cycle() {
+    let fake = AzureFake::start();
+    fake.add_vm("sp-vm", "deallocated");
+    let a = azure(&fake, "sp-vm", fake.secret_env(CLIENT_SECRET));
+    assert!(matches!(
+        a.credential_source(),
+        AzureCredentialSource::ClientSecret { .. }
+    ));
+    life_cycle(&fake, &a, "sp-vm").await;
+    // One token for the whole life cycle, and long-running operations
+    // followed through Azure-AsyncOperation.
+    assert_eq!(fake.count("POST", "/oauth2/v2.0/token"), 1);
+    assert!(
+        fake.requests()
+            .iter()
+            .any(|l| l.method == "GET" && l.path.contains("/locations/westeurope/operations/")),
+        "{:#?}",
+        fake.requests()
+    );
+}
+
+#[tokio::test]
+async fn certificate_signs_a_client_assertion() {
+    if !crate::support::require("openssl") {
+        return;
+    }
+    let fake = AzureFake::start();
+    fake.add_vm("cert-vm", "deallocated");
+    let dir = tempfile::tempdir().unwrap();
+    let a = azure(&fake, "cert-vm", fake.certificate_env(dir.path()));
+    assert!(matches!(
+        a.credential_source(),
+        AzureCredentialSource::ClientCertificate { .. }
+    ));
+    life_cycle(&fake, &a, "cert-vm").await;
+}
+
+#[tokio::test]
+async fn a_certificate_the_app_does_not_know_is_refused() {
+    if !crate::support::require("openssl") {
+        return;
+    }
+    let fake = AzureFake::start();
+    fake.add_vm("cert-vm", "deallocated");
+    let dir = tempfile::tempdir().unwrap();
+    let env = fake.certificate_env(dir.path());
+    // The app registration now holds another certificate.
+    let other = tempfile::tempdir().unwrap();
+    fake.certificate_env(other.path());
+    let a = azure(&fake, "cert-vm", env);
+    let e = a.describe().await.unwrap_err();
+    assert!(matches!(e, CloudError::Auth { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(msg.contains("AADSTS700027"), "{msg}");
+    assert!(msg.contains("AZURE_CLIENT_CERTIFICATE_PATH"), "{msg}");
+    assert!(!msg.contains("PRIVATE KEY"), "{msg}");
+}
+
+#[tokio::test]
+async fn workload_identity_sends_the_federated_token() {
+    let fake = AzureFake::start();
+    fake.add_vm("wi-vm", "deallocated");
+    let dir = tempfile::tempdir().unwrap();
+    let a = azure(&fake, "wi-vm", fake.federated_env(dir.path()));
+    assert!(matches!(
+        a.credential_source(),
+        AzureCredentialSource::WorkloadIdentity { .. }
+    ));
+    life_cycle(&fake, &a, "wi-vm").await;
+}
+
+#[tokio::test]
+async fn managed_identity_from_imds() {
+    let fake = AzureFake::start();
+    fake.add_vm("mi-vm", "deallocated");
+    let a = azure(&fake, "mi-vm", fake.managed_identity_env());
+    assert!(matches!(
+        a.credential_source(),
+        AzureCredentialSource::ManagedIdentity {
+            client_id: Some(_),
+            ..
+        }
+    ));
+    life_cycle(&fake, &a, "mi-vm").await;
+}
+
+#[tokio::test]
+async fn a_wrong_secret_is_an_auth_error_that_names_the_source_and_hides_the_secret() {
+    let fake = AzureFake::start();
+    fake.add_vm("vm", "deallocated");
+    let a = azure(&fake, "vm", fake.secret_env("not-the-secret-42"));
+    let t = Instant::now();
+    let e = a.start().await.unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "auth errors are not retried"
+    );
+    assert!(matches!(e, CloudError::Auth { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(msg.contains("AADSTS7000215"), "{msg}");
+    assert!(msg.contains("AZURE_CLIENT_SECRET"), "{msg}");
+    assert!(!msg.contains("not-the-secret-42"), "{msg}");
+    assert_eq!(fake.transitions("vm"), 0);
+}
+
+#[tokio::test]
+async fn throttling_and_server_errors_are_retried() {
+    let fake = AzureFake::start();
+    fake.add_vm("vm", "deallocated");
+    let a = azure(&fake, "vm", fake.secret_env(CLIENT_SECRET));
+    fake.inject(
+        Fault::TooManyRequests {
+            retry_after_secs: 1,
+        },
+        1,
+    );
+    fake.inject(Fault::Internal, 2);
+    let t = Instant::now();
+    a.start().await.unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_secs(1),
+        "Retry-After was not honoured"
+    );
+    assert_eq!(fake.power("vm").as_deref(), Some("running"));
+    let statuses: Vec<u16> = fake.requests().iter().map(|l| l.status).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 500).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(fake.transitions("vm"), 1);
+}
+
+#[tokio::test]
+async fn a_permanent_500_times_out_with_the_last_error() {
+    let fake = AzureFake::start();
+    fake.add_vm("vm", "deallocated");
+    let a = Azure::with_auth(
+        settings(&fake, "vm", Duration::from_secs(2)),
+        auth(fake.secret_env(CLIENT_SECRET)),
+    )
+    .unwrap();
+    fake.inject_always(Fault::Internal);
+    let e = a.start().await.unwrap_err();
+    match &e {
+        CloudError::Timeout {
+            last: Some(last), ..
+        } => {
+            assert!(last.to_string().contains("InternalServerError"), "{last}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_conflict_during_a_transition_is_waited_out() {
+    let fake = AzureFake::start();
+    fake.add_vm("vm", "running");
+    let a = azure(&fake, "vm", fake.secret_env(CLIENT_SECRET));
+    // The first deallocate meets another operation holding the VM.
+    fake.inject(Fault::Conflict, 1);
+    a.stop().await.unwrap();
+    assert_eq!(fake.power("vm").as_deref(), Some("deallocated"));
+    assert!(fake.requests().iter().any(|l| l.status == 409));
+    // A stop while the VM is still starting waits for it, then deallocates.
+    let a2 = azure(&fake, "vm", fake.secret_env(CLIENT_SECRET));
+    let start = tokio::spawn(async move { a2.start().await });
+    let until = Instant::now() + Duration::from_secs(5);
+    while fake.power("vm").as_deref() != Some("starting") {
+        assert!(Instant::now() < until, "never starting");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.stop().await.unwrap();
+    start.await.unwrap().unwrap();
+    assert_eq!(fake.power("vm").as_deref(), Some("deallocated"));
+}
+
+#[tokio::test]
+async fn a_vm_only_powered_off_is_deallocated() {
+    let fake = AzureFake::start();
+    fake.add_vm("vm", "stopped");
+    let a = azure(&fake, "vm", fake.secret_env(CLIENT_SECRET));
+    assert_eq!(a.describe().await.unwrap().raw_status, "stopped");
+    a.stop().await.unwrap();
+    assert_eq!(fake.power("vm").as_deref(), Some("deallocated"));
+    assert_eq!(fake.count("POST", "/deallocate"), 1);
+}
+
+#[tokio::test]
+async fn the_internal_address_is_the_nics_private_ip() {
+    let fake = AzureFake::start();
+    fake.add_vm("vm", "running");
+    let mut s = settings(&fake, "vm", Duration::from_secs(10));
+    s.address = AddressKind::Internal;
+    let a = Azure::with_auth(s, auth(fake.secret_env(CLIENT_SECRET))).unwrap();
+    let info = a.describe().await.unwrap();
+    assert_eq!(info.address, fake.private_ip("vm"));
+}
+
+#[tokio::test]
+async fn an_unknown_vm_is_not_found() {
+    let fake = AzureFake::start();
+    let a = azure(&fake, "nope", fake.secret_env(CLIENT_SECRET));
+    let e = a.describe().await.unwrap_err();
+    assert!(matches!(e, CloudError::NotFound { .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn host_key_fingerprints_come_from_the_serial_log() {
+    let fake = AzureFake::start();
+    fake.add_vm("vm", "running");
+    let fp = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU";
+    fake.set_serial_log(
+        "vm",
+        &format!(
+            "[  OK  ] Started ssh.service\n-----BEGIN SSH HOST KEY FINGERPRINTS-----\n256 {fp} root@builder (ED25519)\n-----END SSH HOST KEY FINGERPRINTS-----\nlogin:\n"
+        ),
+    );
+    let a = azure(&fake, "vm", fake.secret_env(CLIENT_SECRET));
+    assert_eq!(
+        a.serial_log_host_key_fingerprints().await.unwrap(),
+        vec![fp.to_string()]
+    );
+}
