@@ -294,3 +294,108 @@ async fn host_key_fingerprints_come_from_the_serial_log() {
         vec![fp.to_string()]
     );
 }
+
+// ---- the binary, end to end ---------------------------------------------------
+
+use crate::support::absconda::{Project, text};
+use crate::support::docker::{BASE_IMAGE, docker, registry};
+use crate::support::sshd::{SSHD, Sshd};
+
+fn azure_project(fake: &AzureFake, sshd: &Sshd, env: Vec<(String, String)>) -> Project {
+    let yaml = format!(
+        "    provider: azure\n    subscription_id: {SUBSCRIPTION}\n    resource_group: {RESOURCE_GROUP}\n    vm_name: builder\n    api_endpoint: {}\n    authority_host: {}\n    ready_timeout: 60\n",
+        fake.endpoint(),
+        fake.endpoint()
+    );
+    let mut p = Project::with_builder(sshd, &yaml);
+    p.env.extend(env);
+    p
+}
+
+#[test]
+fn azure_builder_is_started_built_on_and_deallocated_with_remote_off() {
+    if !(crate::support::require(SSHD)
+        && crate::support::require("dockerd")
+        && crate::support::require("docker-registry"))
+    {
+        return;
+    }
+    let (d, reg) = (docker(), registry());
+    let sshd = Sshd::start(Some(&d.host));
+    let fake = AzureFake::start();
+    fake.add_vm("builder", "deallocated");
+    let mut p = azure_project(&fake, &sshd, fake.secret_env(CLIENT_SECRET));
+    p.with_registry_credentials(reg);
+    p.file(
+        "Dockerfile",
+        &format!("FROM {BASE_IMAGE}\nCOPY hello /hello\n"),
+    );
+    p.file("hello", "from an Azure builder\n");
+
+    let out = p.build(
+        &format!("{}/cloud/azure", reg.addr),
+        &["--tag", "v1", "--push", "--remote-off"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        fake.power("builder").as_deref(),
+        Some("deallocated"),
+        "the VM was left allocated"
+    );
+    assert_eq!(fake.transitions("builder"), 2, "one start, one deallocate");
+    assert_eq!(fake.count("POST", "/powerOff"), 0);
+    assert_eq!(
+        reg.files("cloud/azure", "v1")
+            .get("hello")
+            .map(|v| v.as_slice()),
+        Some(&b"from an Azure builder\n"[..])
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains(CLIENT_SECRET), "{err}");
+    assert_eq!(p.state()["builders"]["local"]["status"], "stopped");
+}
+
+#[test]
+fn a_wrong_client_secret_exits_8_with_the_source_named() {
+    if !crate::support::require(SSHD) {
+        return;
+    }
+    let sshd = Sshd::start(None);
+    let fake = AzureFake::start();
+    fake.add_vm("builder", "deallocated");
+    let p = azure_project(&fake, &sshd, fake.secret_env("wrong-secret-value-7"));
+    let out = p.cmd().args(["remote", "start", "local"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("error:"), "{err}");
+    assert!(err.contains("AADSTS7000215"), "{err}");
+    assert!(err.contains("AZURE_CLIENT_SECRET"), "{err}");
+    assert!(!err.contains("wrong-secret-value-7"), "{err}");
+    assert!(err.lines().count() <= 12, "not one screen: {err}");
+    assert_eq!(fake.transitions("builder"), 0);
+}
+
+#[test]
+fn remote_commands_report_and_retry_through_500s() {
+    if !crate::support::require(SSHD) {
+        return;
+    }
+    let sshd = Sshd::start(None);
+    let fake = AzureFake::start();
+    fake.add_vm("builder", "deallocated");
+    let p = azure_project(&fake, &sshd, fake.secret_env(CLIENT_SECRET));
+    fake.inject(Fault::Internal, 2);
+    let out = p
+        .cmd()
+        .args(["remote", "status", "local", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["status"], "stopped");
+    assert_eq!(st["cloud_status"], "deallocated");
+    assert_eq!(
+        fake.requests().iter().filter(|l| l.status == 500).count(),
+        2
+    );
+}
