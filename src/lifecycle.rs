@@ -213,7 +213,15 @@ impl Cloud {
         match self {
             Cloud::Gce(c) => format!("gce:{}", c.settings().instance),
             Cloud::Ec2(_) => format!("ec2:{}", info.id),
-            Cloud::Azure(c) => format!("azure:{}", c.resource_id()),
+            Cloud::Azure(c) => format!(
+                "azure:{} {}",
+                c.resource_id(),
+                c.settings()
+                    .api_endpoint
+                    .as_deref()
+                    .unwrap_or(crate::cloud::azure::DEFAULT_API_ENDPOINT)
+                    .trim_end_matches('/')
+            ),
         }
     }
 

@@ -399,3 +399,68 @@ fn remote_commands_report_and_retry_through_500s() {
         2
     );
 }
+
+/// The builder deallocates itself through ARM with its managed identity
+/// after `stop_delay`, once IMDS proves it is that VM; on another VM it
+/// does nothing.
+#[test]
+fn self_stop_deallocates_through_arm_with_the_managed_identity() {
+    if !(crate::support::require(SSHD)
+        && crate::support::require("dockerd")
+        && crate::support::require("curl"))
+    {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let fake = AzureFake::start();
+    fake.add_vm("builder", "running");
+    fake.add_vm("other", "running");
+    let extra = format!(
+        "    auto_stop: true\n    stop_delay: 1\n    metadata_endpoint: {}\n",
+        fake.imds_endpoint()
+    );
+    let p = azure_project(&fake, &sshd, fake.secret_env(CLIENT_SECRET));
+    let yaml = std::fs::read_to_string(&p.config).unwrap();
+    std::fs::write(
+        &p.config,
+        yaml.replace(
+            "    ready_timeout: 60\n",
+            &format!("    ready_timeout: 60\n{extra}"),
+        ),
+    )
+    .unwrap();
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\n"));
+
+    // IMDS says this is `other`: the script cannot prove it runs on
+    // `builder`, so nothing is deallocated.
+    fake.set_imds_vm("other");
+    let out = p.build("selfstop/azure", &["--network", "none"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let log = p.workspace.join(".self-stop.log");
+    // The self-stop runs on this machine: wait until its process has ended.
+    let pid = std::fs::read_to_string(p.workspace.join(".stop-pid")).unwrap();
+    let until = Instant::now() + Duration::from_secs(15);
+    while std::path::Path::new(&format!("/proc/{}", pid.trim())).exists() {
+        assert!(Instant::now() < until, "the self-stop did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        fake.requests()
+            .iter()
+            .any(|l| l.path.ends_with("/compute/resourceId")),
+        "the self-stop never asked IMDS who it is"
+    );
+    assert_eq!(fake.power("builder").as_deref(), Some("running"));
+    assert_eq!(fake.power("other").as_deref(), Some("running"));
+    assert!(!log.exists());
+
+    fake.set_imds_vm("builder");
+    let out = p.build("selfstop/azure", &["--network", "none"]);
+    assert!(out.status.success(), "{}", text(&out));
+    fake.wait_for_power("builder", "deallocated", Duration::from_secs(20));
+    assert_eq!(fake.power("other").as_deref(), Some("running"));
+    assert_eq!(fake.count("POST", "/powerOff"), 0);
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(log.lines().count(), 1, "{log}");
+}
