@@ -184,7 +184,8 @@ printf 'user=%s\n' "$(id -un)"
 pub struct SelfStop {
     pub delay: Duration,
     pub poweroff_command: String,
-    /// `gce:<instance name>` or `ec2:<instance id>`; the script powers off
+    /// `gce:<instance name>`, `ec2:<instance id>` or `azure:<VM resource id>
+    /// <ARM endpoint>` (which deallocates through ARM); the script powers off
     /// only when the metadata server confirms it runs on that instance.
     pub identity: String,
     /// The metadata server as the builder reaches it
