@@ -464,3 +464,52 @@ fn self_stop_deallocates_through_arm_with_the_managed_identity() {
     let log = std::fs::read_to_string(&log).unwrap();
     assert_eq!(log.lines().count(), 1, "{log}");
 }
+
+/// `infra/azure`'s idle-watchdog helper deallocates the VM through ARM with
+/// the managed identity, under dash and busybox sh, and only the VM IMDS
+/// names.
+#[test]
+fn the_idle_watchdog_helper_deallocates_only_its_own_vm() {
+    if !crate::support::require("curl") {
+        return;
+    }
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/infra/azure/absconda-azure-deallocate.sh"
+    );
+    let shells: Vec<Vec<&str>> = [vec!["dash"], vec!["busybox", "sh"]]
+        .into_iter()
+        .filter(|s| crate::support::require(s[0]))
+        .collect();
+    for sh in shells {
+        let fake = AzureFake::start();
+        fake.add_vm("builder", "running");
+        fake.add_vm("other", "running");
+        fake.set_imds_vm("other");
+        let run = || {
+            std::process::Command::new(sh[0])
+                .args(&sh[1..])
+                .arg(script)
+                .env("ABSCONDA_AZURE_VM_ID", AzureFake::resource_id("builder"))
+                .env(
+                    "ABSCONDA_AZURE_CLIENT_ID",
+                    crate::support::azure_fake::MANAGED_IDENTITY_CLIENT_ID,
+                )
+                .env("ABSCONDA_METADATA_URL", fake.imds_endpoint())
+                .env("ABSCONDA_ARM_ENDPOINT", fake.endpoint())
+                .output()
+                .unwrap()
+        };
+        let out = run();
+        assert!(!out.status.success(), "{sh:?}: {}", text(&out));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not deallocating"));
+        assert_eq!(fake.count("POST", "/deallocate"), 0);
+
+        fake.set_imds_vm("builder");
+        let out = run();
+        assert!(out.status.success(), "{sh:?}: {}", text(&out));
+        fake.wait_for_power("builder", "deallocated", Duration::from_secs(10));
+        assert_eq!(fake.power("other").as_deref(), Some("running"));
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("fake-arm-token"));
+    }
+}
