@@ -50,6 +50,9 @@ const POLL_DEFAULT: Duration = Duration::from_secs(2);
 /// Longest pause between polls, whatever `Retry-After` says.
 const POLL_MAX: Duration = Duration::from_secs(30);
 const SETTLE_POLL_MAX: Duration = Duration::from_secs(2);
+/// How long an accepted start or deallocate may take to finish: Azure
+/// often needs a minute or two, more than the deadline of a single call.
+const OPERATION_DEADLINE: Duration = Duration::from_secs(900);
 /// How much of the end of the serial log is searched for host keys.
 const MAX_SERIAL_LOG: usize = 1 << 20;
 
@@ -511,13 +514,14 @@ impl Azure {
             (None, None) => return Ok(()),
         };
         let url = self.poll_url(&url)?;
+        let deadline = deadline.max(Instant::now() + OPERATION_DEADLINE);
         let mut wait = retry_after(&answer.headers);
         loop {
             let pause = wait.unwrap_or(POLL_DEFAULT).min(POLL_MAX);
             if Instant::now() + pause >= deadline {
                 return Err(CloudError::Timeout {
                     what: format!("{what} (following its operation)"),
-                    after: self.settings.backoff.deadline,
+                    after: OPERATION_DEADLINE,
                     last: None,
                 });
             }
