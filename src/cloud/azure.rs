@@ -559,9 +559,11 @@ impl Azure {
         }
     }
 
-    /// A poll URL from ARM, followed only on the API's own origin.
+    /// A poll URL from ARM. The token only ever goes to the API endpoint:
+    /// a URL on another origin (a front end's own host name, say) is
+    /// followed with its path and query on the endpoint's origin.
     fn poll_url(&self, raw: &str) -> Result<Url, CloudError> {
-        let url = self.base.join(raw).map_err(|e| CloudError::Protocol {
+        let mut url = self.base.join(raw).map_err(|e| CloudError::Protocol {
             url: self.vm_url.to_string(),
             message: format!("operation URL `{raw}`: {e}"),
         })?;
@@ -570,14 +572,15 @@ impl Azure {
             && (url.host_str() == self.base.host_str()
                 || (is_loopback(&url) && is_loopback(&self.base)));
         if !same {
-            return Err(CloudError::Protocol {
-                url: self.vm_url.to_string(),
-                message: format!(
-                    "the operation URL `{}` is not on the API endpoint `{}`; absconda does not send its token there",
-                    url.origin().ascii_serialization(),
-                    self.base.origin().ascii_serialization()
-                ),
-            });
+            tracing::debug!(
+                "operation URL on `{}`: following it on `{}`",
+                url.origin().ascii_serialization(),
+                self.base.origin().ascii_serialization()
+            );
+            let mut on_base = self.base.clone();
+            on_base.set_path(url.path());
+            on_base.set_query(url.query());
+            url = on_base;
         }
         Ok(url)
     }
@@ -740,6 +743,39 @@ fn is_loopback(url: &Url) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn operation_urls_never_take_the_token_elsewhere() {
+        let auth = AzureAuth::from_lookup(
+            |k| match k {
+                "AZURE_TENANT_ID" | "AZURE_CLIENT_ID" | "AZURE_CLIENT_SECRET" => Some("x".into()),
+                _ => None,
+            },
+            None,
+        )
+        .unwrap();
+        let a = Azure::with_auth(
+            AzureSettings {
+                subscription_id: "s".into(),
+                resource_group: "rg".into(),
+                vm_name: "vm".into(),
+                api_endpoint: Some("https://arm.example.net".into()),
+                address: AddressKind::External,
+                backoff: Backoff::default(),
+            },
+            auth,
+        )
+        .unwrap();
+        let u = a
+            .poll_url("https://evil.example.com/subscriptions/s/providers/Microsoft.Compute/locations/x/operations/1?api-version=2024-07-01")
+            .unwrap();
+        assert_eq!(
+            u.as_str(),
+            "https://arm.example.net/subscriptions/s/providers/Microsoft.Compute/locations/x/operations/1?api-version=2024-07-01"
+        );
+        let u = a.poll_url("https://arm.example.net/op/2?x=1").unwrap();
+        assert_eq!(u.as_str(), "https://arm.example.net/op/2?x=1");
+    }
 
     #[test]
     fn stopping_always_deallocates() {

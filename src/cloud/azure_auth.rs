@@ -147,7 +147,7 @@ impl AzureCredentialSource {
 /// The secret half of a source.
 enum Secret {
     Password(String),
-    Certificate { key: RsaKeyPair, x5t: String },
+    Certificate { key: RsaKeyPair, x5t: Thumbprints },
     FederatedToken(PathBuf),
     Imds,
 }
@@ -547,9 +547,15 @@ fn pem_blocks(text: &str, label: &str) -> Vec<Vec<u8>> {
     out
 }
 
-/// The RSA key and the certificate's `x5t` (base64url SHA-1 of its DER) from
-/// a PEM file holding both.
-fn load_certificate(path: &Path) -> Result<(RsaKeyPair, String), String> {
+/// The certificate's thumbprints for the assertion's header: `x5t` (base64url
+/// SHA-1 of its DER), which Entra matches, and `x5t#S256` (SHA-256).
+struct Thumbprints {
+    x5t: String,
+    x5t_s256: String,
+}
+
+/// The RSA key and the certificate's thumbprints from a PEM file holding both.
+fn load_certificate(path: &Path) -> Result<(RsaKeyPair, Thumbprints), String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read the certificate file `{}`: {e}", path.display()))?;
     let cert = pem_blocks(&text, "CERTIFICATE")
@@ -582,13 +588,14 @@ fn load_certificate(path: &Path) -> Result<(RsaKeyPair, String), String> {
         ));
     };
     let x5t = URL_SAFE_NO_PAD.encode(sha1::Sha1::digest(&cert));
-    Ok((key, x5t))
+    let x5t_s256 = URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(&cert));
+    Ok((key, Thumbprints { x5t, x5t_s256 }))
 }
 
 /// An RS256 client assertion for the token endpoint `aud`.
 fn sign_assertion(
     key: &RsaKeyPair,
-    x5t: &str,
+    x5t: &Thumbprints,
     client_id: &str,
     aud: &str,
 ) -> Result<String, String> {
@@ -596,7 +603,7 @@ fn sign_assertion(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let header = json!({"alg": "RS256", "typ": "JWT", "x5t": x5t});
+    let header = json!({"alg": "RS256", "typ": "JWT", "x5t": x5t.x5t, "x5t#S256": x5t.x5t_s256});
     let claims = json!({
         "aud": aud,
         "iss": client_id,
