@@ -513,3 +513,89 @@ fn the_idle_watchdog_helper_deallocates_only_its_own_vm() {
         assert!(!String::from_utf8_lossy(&out.stderr).contains("fake-arm-token"));
     }
 }
+
+/// `remote provision` of an Azure builder with the offline loopback module:
+/// the module names the VM after the builder, the host key fingerprint the
+/// VM printed to its serial console is read through boot diagnostics and
+/// pinned (no trust on first use), and `remote stop` then deallocates the VM
+/// the state names.
+#[test]
+fn provision_of_an_azure_builder_pins_the_serial_log_fingerprint() {
+    if !(crate::support::require(SSHD)
+        && crate::support::require("dockerd")
+        && crate::support::require("terraform"))
+    {
+        return;
+    }
+    let sshd = Sshd::start(Some(&docker().host));
+    std::fs::write(&sshd.known_hosts, "").unwrap();
+    let fake = AzureFake::start();
+    fake.add_vm("azb", "running");
+    fake.set_serial_log(
+        "azb",
+        &format!(
+            "cloud-init[1]: Cloud-init v. 24.1 running 'modules:final'\n-----BEGIN SSH HOST KEY FINGERPRINTS-----\n256 {} root@azb (ED25519)\n-----END SSH HOST KEY FINGERPRINTS-----\n",
+            sshd.fingerprint()
+        ),
+    );
+    let mut p = Project::new(&sshd);
+    let module = p.dir.path().join("module");
+    std::fs::create_dir_all(&module).unwrap();
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/terraform/loopback/main.tf"
+        ),
+        module.join("main.tf"),
+    )
+    .unwrap();
+    std::fs::write(
+        module.join("terraform.auto.tfvars"),
+        format!("address = \"127.0.0.1\"\nport    = {}\n", sshd.port),
+    )
+    .unwrap();
+    std::fs::write(
+        &p.config,
+        format!(
+            "builders:\n  azb:\n    provider: azure\n    subscription_id: {SUBSCRIPTION}\n    resource_group: {RESOURCE_GROUP}\n    api_endpoint: {api}\n    authority_host: {api}\n    terraform_dir: {module}\n    user: root\n    identity_file: {key}\n    known_hosts: {kh}\n    workspace: {ws}\n    docker: {docker}\n    ready_timeout: 60\n    connect_timeout: 5\n",
+            api = fake.endpoint(),
+            module = module.display(),
+            key = sshd.user_key.display(),
+            kh = sshd.known_hosts.display(),
+            ws = p.workspace.display(),
+            docker = crate::support::docker::DOCKER_CLI,
+        ),
+    )
+    .unwrap();
+    p.env.extend(fake.secret_env(CLIENT_SECRET));
+    // The child's PATH is the harness's: name Terraform explicitly.
+    let tf = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("terraform"))
+        .find(|p| p.is_file())
+        .unwrap();
+    p.env
+        .push(("ABSCONDA_TERRAFORM".into(), tf.display().to_string()));
+    let out = p
+        .cmd()
+        .args(["remote", "provision", "azb"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let state = p.state();
+    assert_eq!(
+        state["builders"]["azb"]["host_key_fingerprints"],
+        serde_json::json!([sshd.fingerprint()])
+    );
+    assert_eq!(state["builders"]["azb"]["instance"], "azb");
+    assert!(fake.count("POST", "/retrieveBootDiagnosticsData") >= 1);
+    assert_eq!(
+        std::fs::read_to_string(&sshd.known_hosts).unwrap_or_default(),
+        "",
+        "pinned through the state, not recorded on first use"
+    );
+
+    let out = p.cmd().args(["remote", "stop", "azb"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(fake.power("azb").as_deref(), Some("deallocated"));
+}
