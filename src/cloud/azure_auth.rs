@@ -481,7 +481,7 @@ impl AzureAuth {
     pub fn auth_error(&self, message: String) -> CloudError {
         CloudError::Auth {
             source_name: self.source.to_string(),
-            message: format!("{message}; {}", self.source.hint()),
+            message: format!("{}; {}", message.trim_end_matches('.'), self.source.hint()),
         }
     }
 }
