@@ -2,6 +2,7 @@
 //! source, the life cycle of a VM (always deallocated, never only powered
 //! off), long-running operations, and the faults ARM throws at a client.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use absconda::cloud::azure::{Azure, AzureSettings};
@@ -598,4 +599,24 @@ fn provision_of_an_azure_builder_pins_the_serial_log_fingerprint() {
     let out = p.cmd().args(["remote", "stop", "azb"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(fake.power("azb").as_deref(), Some("deallocated"));
+}
+
+#[test]
+fn azure_config_keys_alias_and_missing_keys() {
+    use absconda::config::{ConfigFile, ProviderKind};
+    let f = ConfigFile::parse(
+        Path::new("absconda-remote.yaml"),
+        "builders:\n  a:\n    provider: az\n    subscription_id: s\n    resource_group: rg\n    vm_name: vm\n    address: internal\n    authority_host: https://login.example\n  b:\n    provider: azure\n    subscription_id: s\n    vm_name: vm\n",
+    )
+    .unwrap();
+    let a = f.builder("a").unwrap();
+    assert_eq!(a.provider, ProviderKind::Azure);
+    assert_eq!(a.vm_name.as_deref(), Some("vm"));
+    assert_eq!(a.authority_host.as_deref(), Some("https://login.example"));
+    assert!(a.auto_start, "cloud builders start by default");
+    let e = f.builder("b").unwrap_err().to_string();
+    assert!(
+        e.contains("key `resource_group`: required for provider `azure`"),
+        "{e}"
+    );
 }
