@@ -79,6 +79,9 @@ pub struct Azure {
     vm_url: Url,
     http: reqwest::Client,
     auth: AzureAuth,
+    /// ARM refused a token with 401: a cached token revoked or expired early
+    /// gets one more try with a fresh one.
+    refused: std::sync::atomic::AtomicBool,
 }
 
 /// One answer of ARM.
@@ -201,6 +204,7 @@ impl Azure {
             vm_url,
             http,
             auth,
+            refused: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -597,11 +601,25 @@ impl Azure {
             deadline: deadline.saturating_duration_since(Instant::now()),
             ..self.settings.backoff
         };
-        with_retry(what, backoff, || {
+        let first = with_retry(what, backoff, || {
             self.send_once(what, method.clone(), url, is_vm)
         })
-        .await
-        .map_err(|e| match e {
+        .await;
+        let result = match first {
+            Err(CloudError::Auth { .. })
+                if self
+                    .refused
+                    .swap(false, std::sync::atomic::Ordering::SeqCst) =>
+            {
+                tracing::debug!("{what}: token refused, trying once more with a fresh one");
+                let again = self.send_once(what, method.clone(), url, is_vm).await;
+                self.refused
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                again
+            }
+            r => r,
+        };
+        result.map_err(|e| match e {
             CloudError::Timeout { what, last, .. } => CloudError::Timeout {
                 what,
                 after: self.settings.backoff.deadline,
@@ -665,6 +683,8 @@ impl Azure {
         match status {
             401 => {
                 self.auth.invalidate().await;
+                self.refused
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 Err(self
                     .auth
                     .auth_error(format!("ARM refused the token (HTTP 401 `{code}`: {message})")))

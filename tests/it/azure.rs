@@ -620,3 +620,19 @@ fn azure_config_keys_alias_and_missing_keys() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn a_revoked_token_is_replaced_once() {
+    let fake = AzureFake::start();
+    fake.add_vm("vm", "deallocated");
+    let a = azure(&fake, "vm", fake.secret_env(CLIENT_SECRET));
+    a.describe().await.unwrap();
+    fake.revoke_all();
+    a.start().await.unwrap();
+    assert_eq!(fake.power("vm").as_deref(), Some("running"));
+    assert_eq!(fake.count("POST", "/oauth2/v2.0/token"), 2);
+    assert_eq!(
+        fake.requests().iter().filter(|l| l.status == 401).count(),
+        1
+    );
+}

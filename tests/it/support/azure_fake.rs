@@ -311,6 +311,11 @@ impl AzureFake {
         }
     }
 
+    /// Forgets every token it minted, as a revocation would.
+    pub fn revoke_all(&self) {
+        self.shared.lock().tokens.clear();
+    }
+
     pub fn inject(&self, fault: Fault, times: usize) {
         let mut st = self.shared.lock();
         for _ in 0..times {
