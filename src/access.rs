@@ -127,7 +127,7 @@ pub async fn prepare(b: &Builder, cloud: &Cloud) -> anyhow::Result<Access> {
         Cloud::Ec2(ec2) if b.access == AccessSetting::InstanceConnect => {
             return instance_connect(b, ec2).await;
         }
-        Cloud::Ec2(_) => return Ok(key()),
+        Cloud::Ec2(_) | Cloud::Azure(_) => return Ok(key()),
     };
     match b.access {
         AccessSetting::Key | AccessSetting::InstanceConnect => Ok(key()),

@@ -101,6 +101,7 @@ pub enum ProviderKind {
     Ssh,
     Gcp,
     Aws,
+    Azure,
 }
 
 impl fmt::Display for ProviderKind {
@@ -109,6 +110,7 @@ impl fmt::Display for ProviderKind {
             ProviderKind::Ssh => "ssh",
             ProviderKind::Gcp => "gcp",
             ProviderKind::Aws => "aws",
+            ProviderKind::Azure => "azure",
         })
     }
 }
@@ -212,6 +214,12 @@ pub struct Builder {
     pub allowed_ssh_cidr: Vec<String>,
     pub idle_shutdown_minutes: Option<u64>,
     pub hourly_cost: Option<f64>,
+    // Azure identity: the VM `vm_name` in `resource_group` of `subscription_id`,
+    // with tokens from `authority_host` (Microsoft Entra ID).
+    pub subscription_id: Option<String>,
+    pub resource_group: Option<String>,
+    pub vm_name: Option<String>,
+    pub authority_host: Option<String>,
 }
 
 mod secs {
@@ -278,6 +286,10 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("allowed_ssh_cidr", Kind::StrList),
     ("idle_shutdown_minutes", Kind::Int),
     ("hourly_cost", Kind::Float),
+    ("subscription_id", Kind::Str),
+    ("resource_group", Kind::Str),
+    ("vm_name", Kind::Str),
+    ("authority_host", Kind::Str),
 ];
 
 /// Keys `defaults:` accepts: everything that is not a builder's identity.
@@ -314,6 +326,9 @@ const DEFAULT_KEYS: &[&str] = &[
     "spot",
     "allowed_ssh_cidr",
     "idle_shutdown_minutes",
+    "subscription_id",
+    "resource_group",
+    "authority_host",
 ];
 
 /// The Python original's spellings, accepted as aliases.
@@ -612,10 +627,11 @@ impl ConfigFile {
             None | Some("ssh") => ProviderKind::Ssh,
             Some("gcp") | Some("gce") => ProviderKind::Gcp,
             Some("aws") | Some("ec2") => ProviderKind::Aws,
+            Some("azure") | Some("az") => ProviderKind::Azure,
             Some(other) => {
                 return Err(r.invalid(
                     "provider",
-                    format!("unknown provider `{other}`: use `ssh`, `gcp` or `aws`"),
+                    format!("unknown provider `{other}`: use `ssh`, `gcp`, `aws` or `azure`"),
                 ));
             }
         };
@@ -659,6 +675,19 @@ impl ConfigFile {
                         },
                         provider: "aws".into(),
                     });
+                }
+            }
+            ProviderKind::Azure => {
+                for key in ["subscription_id", "resource_group", "vm_name"] {
+                    if r.string(key)?.is_none() && !(provisioned && key == "vm_name") {
+                        return Err(ConfigError::Missing {
+                            at: Location {
+                                key: Some(key.into()),
+                                ..self.location(Some(name), None)
+                            },
+                            provider: "azure".into(),
+                        });
+                    }
                 }
             }
             ProviderKind::Ssh => {}
@@ -825,6 +854,10 @@ impl ConfigFile {
             allowed_ssh_cidr: r.list("allowed_ssh_cidr")?,
             idle_shutdown_minutes: r.int("idle_shutdown_minutes")?,
             hourly_cost: r.float("hourly_cost")?,
+            subscription_id: r.string("subscription_id")?,
+            resource_group: r.string("resource_group")?,
+            vm_name: r.string("vm_name")?,
+            authority_host: r.string("authority_host")?,
         };
         let mut b = b;
         if provider == ProviderKind::Ssh {

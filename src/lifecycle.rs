@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::Access;
 use crate::build::{self, ssh_target};
+use crate::cloud::azure::{Azure, AzureSettings};
 use crate::cloud::ec2::{Ec2, Ec2Instance, Ec2Settings};
 use crate::cloud::gce::{AddressKind, Gce, GceSettings};
 use crate::cloud::retry::Backoff;
@@ -36,6 +37,7 @@ use crate::state::StateFile;
 pub enum Cloud {
     Gce(Gce),
     Ec2(Ec2),
+    Azure(Azure),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +120,26 @@ impl Cloud {
                     backoff: Backoff::default(),
                 })?)))
             }
+            ProviderKind::Azure => Ok(Some(Cloud::Azure(Azure::new(
+                AzureSettings {
+                    subscription_id: b
+                        .subscription_id
+                        .clone()
+                        .ok_or_else(|| missing("subscription_id"))?,
+                    resource_group: b
+                        .resource_group
+                        .clone()
+                        .ok_or_else(|| missing("resource_group"))?,
+                    vm_name: b.vm_name.clone().ok_or_else(|| missing("vm_name"))?,
+                    api_endpoint: b.api_endpoint.clone(),
+                    address: match b.address {
+                        AddressSetting::External => AddressKind::External,
+                        AddressSetting::Internal => AddressKind::Internal,
+                    },
+                    backoff: Backoff::default(),
+                },
+                b.authority_host.as_deref(),
+            )?))),
         }
     }
 
@@ -125,6 +147,7 @@ impl Cloud {
         match self {
             Cloud::Gce(c) => c.describe().await,
             Cloud::Ec2(c) => c.describe().await,
+            Cloud::Azure(c) => c.describe().await,
         }
     }
 
@@ -132,6 +155,7 @@ impl Cloud {
         match self {
             Cloud::Gce(c) => c.start().await,
             Cloud::Ec2(c) => c.start().await,
+            Cloud::Azure(c) => c.start().await,
         }
     }
 
@@ -139,6 +163,7 @@ impl Cloud {
         match self {
             Cloud::Gce(c) => c.stop().await,
             Cloud::Ec2(c) => c.stop().await,
+            Cloud::Azure(c) => c.stop().await,
         }
     }
 
@@ -147,6 +172,7 @@ impl Cloud {
         match self {
             Cloud::Gce(_) => "guest attributes",
             Cloud::Ec2(_) => "console output",
+            Cloud::Azure(_) => "boot diagnostics serial log",
         }
     }
 
@@ -160,6 +186,7 @@ impl Cloud {
         let reported = match self {
             Cloud::Gce(c) => c.guest_host_keys().await?,
             Cloud::Ec2(c) => c.console_host_key_fingerprints().await?,
+            Cloud::Azure(c) => c.serial_log_host_key_fingerprints().await?,
         };
         let mut fingerprints = Vec::new();
         for entry in reported {
@@ -190,13 +217,22 @@ impl Cloud {
                 format!("gce:{}/{}/{}", g.project, g.zone, g.instance)
             }
             Cloud::Ec2(_) => format!("ec2:{}", info.id),
+            Cloud::Azure(c) => format!(
+                "azure:{} {}",
+                c.resource_id(),
+                c.settings()
+                    .api_endpoint
+                    .as_deref()
+                    .unwrap_or(crate::cloud::azure::DEFAULT_API_ENDPOINT)
+                    .trim_end_matches('/')
+            ),
         }
     }
 
     pub fn default_metadata(&self) -> &'static str {
         match self {
             Cloud::Gce(_) => "http://metadata.google.internal",
-            Cloud::Ec2(_) => "http://169.254.169.254",
+            Cloud::Ec2(_) | Cloud::Azure(_) => "http://169.254.169.254",
         }
     }
 }
@@ -226,6 +262,7 @@ pub fn with_provisioned(b: &Builder, state: &StateFile) -> Builder {
             ProviderKind::Aws if b.instance_id.is_none() && b.instance.is_none() => {
                 b.instance_id = saved.instance.clone()
             }
+            ProviderKind::Azure if b.vm_name.is_none() => b.vm_name = saved.instance.clone(),
             _ => {}
         }
     }

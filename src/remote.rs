@@ -182,11 +182,35 @@ case $identity in
       exit 0
     fi
     got=$(fetch "$metadata/latest/meta-data/instance-id" "X-aws-ec2-metadata-token: $tok") || exit 0 ;;
+  azure:*)
+    # `azure:<VM resource id> <ARM endpoint>`; ARM ids are case-insensitive.
+    rest=${identity#azure:}
+    want=$(printf '%s' "${rest%% *}" | tr 'A-Z' 'a-z')
+    arm=${rest#* }
+    command -v curl >/dev/null 2>&1 || exit 0
+    got=$(fetch "$metadata/metadata/instance/compute/resourceId?api-version=2021-02-01&format=text" 'Metadata: true' | tr 'A-Z' 'a-z') || exit 0 ;;
   *) exit 0 ;;
 esac
 [ -n "$want" ] && [ "$got" = "$want" ] || exit 0
 rm -f "$ws/.stop-token"
 echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) self-stop after ${delay}s idle" >> "$ws/.self-stop.log"
+case $identity in
+  azure:*)
+    # Powering off inside the VM keeps it allocated and billed: deallocate it
+    # through ARM with the VM's own managed identity. The token goes to curl
+    # on stdin (printf is a shell builtin), never in an argument.
+    tok=$(fetch "$metadata/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F" 'Metadata: true' |
+      sed -n 's/.*"access_token" *: *"\([^"]*\)".*/\1/p')
+    if [ -z "$tok" ]; then
+      echo "self-stop: no managed identity token from the metadata service" >> "$ws/.self-stop.log"
+      exit 0
+    fi
+    printf 'Authorization: Bearer %s\n' "$tok" |
+      curl -fsS -m 30 -X POST -H @- -H 'Content-Length: 0' \
+        "$arm${rest%% *}/deallocate?api-version=2024-07-01" -o /dev/null ||
+      echo "self-stop: the ARM deallocate request failed" >> "$ws/.self-stop.log"
+    exit 0 ;;
+esac
 exec sh -c "$poweroff"
 "#;
 
@@ -299,7 +323,9 @@ printf 'user=%s\n' "$(id -un)"
 pub struct SelfStop {
     pub delay: Duration,
     pub poweroff_command: String,
-    /// `gce:<project id>/<zone>/<instance name>` or `ec2:<instance id>`; the script powers off
+    /// `gce:<project id>/<zone>/<instance name>`, `ec2:<instance id>` or
+    /// `azure:<VM resource id> <ARM endpoint>` (which deallocates through
+    /// ARM); the script powers off
     /// only when the metadata server confirms it runs on that instance.
     pub identity: String,
     /// The metadata server as the builder reaches it

@@ -488,6 +488,7 @@ pub fn module_source(builder: &Builder) -> Result<PathBuf, TerraformError> {
         }
         ProviderKind::Gcp => "gcp",
         ProviderKind::Aws => "aws",
+        ProviderKind::Azure => "azure",
     };
     let mut searched = Vec::new();
     let config_dir = builder
@@ -1163,11 +1164,15 @@ fn value_for(
                 builder
                     .instance
                     .clone()
+                    .or_else(|| builder.vm_name.clone())
                     .unwrap_or_else(|| builder.name.clone()),
             ),
             Some("instance"),
         ),
         "workspace" => (Some(builder.workspace.clone()), Some("workspace")),
+        "subscription_id" => (s(&builder.subscription_id), Some("subscription_id")),
+        "resource_group" => (s(&builder.resource_group), Some("resource_group")),
+        "location" => (s(&builder.region), Some("region")),
         _ => (None, None),
     })
 }
@@ -1290,6 +1295,17 @@ mod tests {
         let aws = declared_variables(&root.join("infra/aws")).unwrap();
         assert!(aws.iter().any(|v| v.name == "instance_type"));
         assert!(!aws.iter().any(|v| v.name == "project"));
+        let azure = declared_variables(&root.join("infra/azure")).unwrap();
+        let required: Vec<&str> = azure
+            .iter()
+            .filter(|v| !v.has_default)
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(
+            required,
+            ["subscription_id", "allowed_ssh_cidr", "ssh_public_key"]
+        );
+        assert!(azure.iter().any(|v| v.name == "location"));
         let loopback = declared_variables(&root.join("tests/terraform/loopback")).unwrap();
         assert!(loopback.iter().all(|v| v.has_default), "{loopback:?}");
         assert!(loopback.iter().any(|v| v.name == "port"));
@@ -1300,6 +1316,7 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         assert_eq!(parent_levels(&root.join("infra/gcp")).unwrap(), 1);
         assert_eq!(parent_levels(&root.join("infra/aws")).unwrap(), 1);
+        assert_eq!(parent_levels(&root.join("infra/azure")).unwrap(), 1);
         assert_eq!(
             parent_levels(&root.join("tests/terraform/loopback")).unwrap(),
             0

@@ -10,6 +10,8 @@
 //! and jitter under one deadline, and never retries an authentication error.
 
 pub mod aws_auth;
+pub mod azure;
+pub mod azure_auth;
 pub mod ec2;
 pub mod gce;
 pub mod gcp_auth;

@@ -143,7 +143,10 @@ pub async fn provision(args_in: ProvisionArgs) -> anyhow::Result<()> {
     let from_cloud = outputs.host_key_fingerprints.is_empty()
         && builder.host_key.is_none()
         && builder.host.is_none()
-        && matches!(builder.provider, ProviderKind::Gcp | ProviderKind::Aws);
+        && matches!(
+            builder.provider,
+            ProviderKind::Gcp | ProviderKind::Aws | ProviderKind::Azure
+        );
     if from_cloud {
         let fingerprints = host_keys_from_cloud(&builder, &states, deadline, &printer).await?;
         if !fingerprints.is_empty() {

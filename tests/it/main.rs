@@ -5,6 +5,7 @@ mod support;
 
 mod access;
 mod auth;
+mod azure;
 mod build;
 mod cache;
 mod client_guards;

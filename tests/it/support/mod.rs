@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod absconda;
+pub mod azure_fake;
 pub mod counting_proxy;
 pub mod docker;
 pub mod faulty_proxy;
