@@ -21,10 +21,12 @@
 //! - `build`: the build pipeline, orchestration only; `cache`: `--cache-from/-to`
 //! - `outputs`: files a build writes here (`--iidfile`, `--metadata-file`)
 //! - `registry`: registry credentials from the user's side
-//! - `cloud/`: the VMs builders run on (GCE, EC2), and OS Login
+//! - `cloud/`: the VMs builders run on (GCE, EC2, Azure), OS Login and EC2
+//!   Instance Connect
 //! - `access`: how the user's key comes to be trusted by a cloud builder
 //!   (OS Login, metadata keys)
 //! - `secrets`: `--secret` values, read here and kept on a tmpfs there
+//! - `lifecycle`: starting, stopping and reaching a cloud builder's VM
 //! - `terraform`: running Terraform for `remote provision` / `remote destroy`
 //! - `provisioned`: where a provisioned builder is (from the state) and
 //!   waiting until it is ready
@@ -32,7 +34,8 @@
 //! - `state`: what absconda knows about each builder between runs
 //! - `report`: progress reporting from library to CLI
 //! - `shell`: quoting every remote argument for POSIX sh
-//! - `exit`: exit codes and error rendering
+//! - `exit`: exit codes and error rendering; `hints`: the next step for the
+//!   errors a newcomer meets
 //! - `util`: small helpers every layer may use (byte counts, error chains)
 //! - `yaml`: the nesting limit applied to YAML files before parsing
 pub mod access;
