@@ -13,6 +13,7 @@ pub mod aws_auth;
 pub mod ec2;
 pub mod gce;
 pub mod gcp_auth;
+pub mod http;
 pub mod instance_connect;
 pub mod oslogin;
 pub mod retry;
@@ -153,7 +154,8 @@ impl CloudError {
     /// Whether retrying the same request may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            CloudError::Transport { .. } => true,
+            // A certificate that is not trusted now will not be on retry.
+            CloudError::Transport { source, .. } => !http::is_certificate_error(source.as_ref()),
             CloudError::Api { status, code, .. } => {
                 *status == 429
                     || *status >= 500
