@@ -205,6 +205,8 @@ pub struct Builder {
     pub access: crate::access::AccessSetting,
     pub oslogin_endpoint: Option<String>,
     pub instance_connect_endpoint: Option<String>,
+    /// Extra CA certificates (PEM) trusted by the cloud API clients.
+    pub ca_file: Option<PathBuf>,
     // Provisioning (Terraform) and cost.
     pub terraform_dir: Option<PathBuf>,
     pub machine_type: Option<String>,
@@ -278,6 +280,7 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("access", Kind::Str),
     ("oslogin_endpoint", Kind::Str),
     ("instance_connect_endpoint", Kind::Str),
+    ("ca_file", Kind::Str),
     ("terraform_dir", Kind::Str),
     ("machine_type", Kind::Str),
     ("instance_type", Kind::Str),
@@ -329,6 +332,7 @@ const DEFAULT_KEYS: &[&str] = &[
     "subscription_id",
     "resource_group",
     "authority_host",
+    "ca_file",
 ];
 
 /// The Python original's spellings, accepted as aliases.
@@ -846,6 +850,7 @@ impl ConfigFile {
             },
             oslogin_endpoint: r.string("oslogin_endpoint")?,
             instance_connect_endpoint: r.string("instance_connect_endpoint")?,
+            ca_file: r.string("ca_file")?.map(&local_path),
             terraform_dir: r.string("terraform_dir")?.map(&local_path),
             machine_type: r.string("machine_type")?,
             instance_type: r.string("instance_type")?,

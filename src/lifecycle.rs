@@ -93,6 +93,7 @@ impl Cloud {
         let missing = |key: &str| CloudError::Config {
             message: format!("builder `{}` needs `{key}`", b.name),
         };
+        crate::cloud::http::set_ca_file(b.ca_file.clone());
         match b.provider {
             ProviderKind::Ssh => Ok(None),
             ProviderKind::Gcp => Ok(Some(Cloud::Gce(Gce::new(GceSettings {

@@ -771,7 +771,8 @@ struct ImdsCredentials {
 /// IMDSv2: a session token from `PUT /latest/api/token`, then the role's
 /// credentials under `/latest/meta-data/iam/security-credentials/`.
 async fn imds_credentials(endpoint: &str) -> Result<Credentials, ImdsError> {
-    let client = reqwest::Client::builder()
+    let client = super::http::builder()
+        .map_err(|e| ImdsError::Failed(e.to_string()))?
         .no_proxy()
         .connect_timeout(IMDS_CONNECT_TIMEOUT)
         .timeout(IMDS_REQUEST_TIMEOUT)

@@ -150,7 +150,7 @@ impl Ec2 {
                     redact_url_text(&endpoint)
                 ),
             })?;
-        let http = reqwest::Client::builder()
+        let http = super::http::builder()?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("absconda/", env!("CARGO_PKG_VERSION")))

@@ -154,7 +154,7 @@ impl Gce {
         let instance_url = join_segments(&zone_url, &["instances", &settings.instance])?;
         let mut operations_url = join_segments(&zone_url, &["operations"])?;
         operations_url.set_path(&format!("{}/", operations_url.path()));
-        let mut builder = reqwest::Client::builder()
+        let mut builder = super::http::builder()?
             .connect_timeout(CONNECT_TIMEOUT)
             .user_agent(concat!("absconda/", env!("CARGO_PKG_VERSION")));
         if is_loopback(&base) {

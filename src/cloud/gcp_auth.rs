@@ -354,7 +354,8 @@ impl GcpAuth {
         if let Some(p) = principal {
             return Ok(p);
         }
-        let client = reqwest::Client::builder()
+        let client = super::http::builder()
+            .map_err(|e| self.auth_error(e.to_string()))?
             .timeout(Duration::from_secs(15))
             .no_proxy()
             .build()
@@ -515,11 +516,10 @@ fn read_credentials_file(
 /// used when no credentials are configured and the metadata server is the
 /// last resort: a real one answers in milliseconds with `Metadata-Flavor: Google`.
 async fn probe_metadata(host: &str) -> bool {
-    let client = match reqwest::Client::builder()
-        .timeout(METADATA_PROBE_TIMEOUT)
-        .no_proxy()
-        .build()
-    {
+    let Ok(builder) = super::http::builder() else {
+        return false;
+    };
+    let client = match builder.timeout(METADATA_PROBE_TIMEOUT).no_proxy().build() {
         Ok(c) => c,
         Err(_) => return false,
     };

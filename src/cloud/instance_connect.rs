@@ -73,7 +73,7 @@ impl<'a> InstanceConnect<'a> {
                     "the EC2 Instance Connect endpoint `{endpoint}` is not an http(s) URL"
                 ),
             })?;
-        let http = reqwest::Client::builder()
+        let http = super::http::builder()?
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(20))
             .user_agent(concat!("absconda/", env!("CARGO_PKG_VERSION")))

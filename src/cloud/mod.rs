@@ -15,6 +15,7 @@ pub mod azure_auth;
 pub mod ec2;
 pub mod gce;
 pub mod gcp_auth;
+pub mod http;
 pub mod instance_connect;
 pub mod oslogin;
 pub mod retry;
@@ -155,7 +156,8 @@ impl CloudError {
     /// Whether retrying the same request may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            CloudError::Transport { .. } => true,
+            // A certificate that is not trusted now will not be on retry.
+            CloudError::Transport { source, .. } => !http::is_certificate_error(source.as_ref()),
             CloudError::Api { status, code, .. } => {
                 *status == 429
                     || *status >= 500

@@ -97,7 +97,7 @@ impl<'a> OsLogin<'a> {
         let path = base.path().trim_end_matches('/').to_string();
         let path = path.strip_suffix("/v1").unwrap_or(&path).to_string();
         base.set_path(&path);
-        let mut builder = reqwest::Client::builder()
+        let mut builder = super::http::builder()?
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("absconda/", env!("CARGO_PKG_VERSION")));
         if matches!(base.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")) {

@@ -31,3 +31,4 @@ mod ssh_forward;
 mod sshnet;
 mod supervisor;
 mod sync;
+mod tls;

@@ -1,0 +1,183 @@
+//! The one place absconda's HTTPS clients get their trust roots.
+//!
+//! The roots are the system store (`SSL_CERT_FILE` and `SSL_CERT_DIR` are
+//! honoured, as OpenSSL does), or, when that is empty or missing (a `FROM
+//! scratch` CI image), Mozilla's roots compiled into the binary. The CA file
+//! of the builder's `ca_file:` or of `ABSCONDA_CA_FILE` is added to them, for
+//! private endpoints and TLS-intercepting proxies. An `http://` endpoint
+//! needs no roots at all, so a client can always be built.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use super::CloudError;
+
+/// The environment variable naming an extra CA file (PEM).
+pub const CA_FILE_ENV: &str = "ABSCONDA_CA_FILE";
+
+/// The builder's `ca_file:`, set when its cloud client is made.
+static CA_FILE: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Sets the extra CA file of the builder being worked on (`ca_file:`).
+pub fn set_ca_file(path: Option<PathBuf>) {
+    if let Ok(mut guard) = CA_FILE.lock() {
+        *guard = path;
+    }
+}
+
+/// The extra CA file in effect: the builder's `ca_file:`, else `ABSCONDA_CA_FILE`.
+fn ca_file() -> Option<PathBuf> {
+    let configured = CA_FILE.lock().ok().and_then(|g| g.clone());
+    configured.or_else(|| {
+        std::env::var_os(CA_FILE_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
+}
+
+/// Where the base roots came from, for `-v`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootSource {
+    System,
+    BuiltIn,
+}
+
+/// Certificates that can serve as trust anchors; those that cannot are dropped.
+fn usable(ders: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    ders.into_iter()
+        .filter(|der| {
+            let mut store = rustls::RootCertStore::empty();
+            store
+                .add(rustls::pki_types::CertificateDer::from(der.as_slice()))
+                .is_ok()
+        })
+        .collect()
+}
+
+/// The system's roots, or Mozilla's when the system has none usable.
+fn base_roots() -> &'static (RootSource, Vec<Vec<u8>>) {
+    static ROOTS: OnceLock<(RootSource, Vec<Vec<u8>>)> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            tracing::debug!(error = %e, "while loading the system's CA certificates");
+        }
+        let system = usable(found.certs.iter().map(|c| c.to_vec()).collect());
+        pick_roots(system)
+    })
+}
+
+fn pick_roots(system: Vec<Vec<u8>>) -> (RootSource, Vec<Vec<u8>>) {
+    if system.is_empty() {
+        let built_in: Vec<Vec<u8>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+            .iter()
+            .map(|c| c.to_vec())
+            .collect();
+        tracing::info!(
+            count = built_in.len(),
+            "no CA certificates in the system store (SSL_CERT_FILE, SSL_CERT_DIR, the usual bundle paths); using Mozilla's roots built into absconda"
+        );
+        (RootSource::BuiltIn, built_in)
+    } else {
+        tracing::debug!(count = system.len(), "using the system's CA certificates");
+        (RootSource::System, system)
+    }
+}
+
+/// Whether a transport error is the server's certificate being refused
+/// (unknown issuer, expired, wrong name), which retrying does not change.
+pub fn is_certificate_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        for candidate in [Some(e), inner].into_iter().flatten() {
+            if matches!(
+                candidate.downcast_ref::<rustls::Error>(),
+                Some(rustls::Error::InvalidCertificate(_))
+            ) || candidate
+                .to_string()
+                .starts_with("invalid peer certificate")
+            {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// The certificates of a PEM CA file, or a config error naming it.
+pub fn read_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, CloudError> {
+    let bad = |why: String| CloudError::Config {
+        message: format!("CA file `{}` {why}", path.display()),
+    };
+    let pem = std::fs::read(path).map_err(|e| bad(format!("cannot be read: {e}")))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| bad(format!("is not a PEM certificate bundle: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad("holds no PEM certificate".into()));
+    }
+    Ok(certs)
+}
+
+/// A client builder with absconda's trust roots; every HTTP client starts here.
+pub fn builder() -> Result<reqwest::ClientBuilder, CloudError> {
+    let (_, base) = base_roots();
+    let mut roots = Vec::with_capacity(base.len() + 1);
+    for der in base {
+        // Already checked to be usable, so this does not fail.
+        if let Ok(c) = reqwest::Certificate::from_der(der) {
+            roots.push(c);
+        }
+    }
+    if let Some(path) = ca_file() {
+        let extra = read_ca_file(&path)?;
+        tracing::debug!(count = extra.len(), file = %path.display(), "extra CA certificates");
+        roots.extend(extra);
+    }
+    Ok(reqwest::Client::builder().tls_certs_only(roots))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_system_roots_falls_back_to_the_built_in_ones() {
+        let (source, roots) = pick_roots(Vec::new());
+        assert_eq!(source, RootSource::BuiltIn);
+        assert!(roots.len() > 100, "{}", roots.len());
+        assert_eq!(usable(roots.clone()).len(), roots.len());
+    }
+
+    #[test]
+    fn unusable_certificates_are_dropped() {
+        assert!(usable(vec![b"not a certificate".to_vec()]).is_empty());
+    }
+
+    #[test]
+    fn a_bad_ca_file_is_a_config_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = read_ca_file(&missing).unwrap_err().to_string();
+        assert!(
+            e.contains("missing.pem") && e.contains("cannot be read"),
+            "{e}"
+        );
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "hello\n").unwrap();
+        let e = read_ca_file(&empty).unwrap_err().to_string();
+        assert!(e.contains("holds no PEM certificate"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_client_builds_with_no_roots_at_all() {
+        let client = reqwest::Client::builder()
+            .tls_certs_only(Vec::new())
+            .build();
+        assert!(client.is_ok());
+    }
+}
