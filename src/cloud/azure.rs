@@ -186,7 +186,7 @@ impl Azure {
                 "virtualMachines",
                 &settings.vm_name,
             ]);
-        let mut builder = reqwest::Client::builder()
+        let mut builder = super::http::builder()?
             .connect_timeout(CONNECT_TIMEOUT)
             .user_agent(concat!("absconda/", env!("CARGO_PKG_VERSION")))
             // Poll URLs are followed by hand, after an origin check.

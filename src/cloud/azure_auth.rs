@@ -265,7 +265,7 @@ impl AzureAuth {
                 )
             }
         };
-        let http = reqwest::Client::builder()
+        let http = super::http::builder()?
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("absconda/", env!("CARGO_PKG_VERSION")))
             .no_proxy_if_loopback(&source, &authority_host)
