@@ -185,9 +185,40 @@ case $identity in
   *) exit 0 ;;
 esac
 [ -n "$want" ] && [ "$got" = "$want" ] || exit 0
-rm -f "$ws/.stop-token"
-echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) self-stop after ${delay}s idle" >> "$ws/.self-stop.log"
-exec sh -c "$poweroff"
+# Other workspaces on this machine (other users' configs name their own), as
+# the idle watchdog finds them: those it recorded, and those whose `.lease`
+# some process has open; a workspace has a `runs` folder and a regular,
+# unlinked `.lease`. Each lease is taken without waiting and held while
+# powering off: one in use means no poweroff.
+self=$(cd "$ws" && pwd -P) || exit 0
+is_ws() {
+  case $1 in /*) ;; *) return 1 ;; esac
+  [ -d "$1/runs" ] && [ -f "$1/.lease" ] && [ ! -L "$1/.lease" ]
+}
+others=$( { cat /var/lib/absconda-setup/workspaces 2>/dev/null
+            ls -l /proc/[0-9]*/fd 2>/dev/null | sed -n 's|^.* -> \(/.*\)/\.lease$|\1|p'
+          } | sort -u)
+set --
+while IFS= read -r w; do
+  is_ws "$w" || continue
+  [ "$(cd "$w" 2>/dev/null && pwd -P)" = "$self" ] && continue
+  set -- "$@" "$w"
+done <<EOF
+$others
+EOF
+power() {
+  rm -f "$ws/.stop-token"
+  echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) self-stop after ${delay}s idle" >> "$ws/.self-stop.log"
+  exec sh -c "$poweroff"
+}
+hold() { # WS...: takes each lease (read-only, never created), then powers off
+  if [ $# -eq 0 ]; then power; fi
+  ( w=$1; shift
+    [ ! -L "$w/.lease" ] && exec 7<"$w/.lease" && flock -n 7 || exit 75
+    hold "$@" )
+}
+hold "$@"
+exit 0
 "#;
 
 /// For `--remote-off`: takes the lease (waiting a few seconds at most) and, holding it,
