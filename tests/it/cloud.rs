@@ -534,11 +534,21 @@ fn self_stop_waits_while_another_workspace_on_the_machine_holds_its_lease() {
     std::fs::create_dir(other.path().join("runs")).unwrap();
     let lease = other.path().join(".lease");
     std::fs::write(&lease, "").unwrap();
-    let mut holder = std::process::Command::new("sh")
-        .args(["-c", "exec 9<\"$1\" && flock 9 && exec sleep 120", "hold"])
-        .arg(&lease)
-        .spawn()
-        .unwrap();
+    /// Kills the lease holder, also when the test fails.
+    struct Holder(std::process::Child);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let holder = Holder(
+        std::process::Command::new("sh")
+            .args(["-c", "exec 9<\"$1\" && flock 9 && exec sleep 120", "hold"])
+            .arg(&lease)
+            .spawn()
+            .unwrap(),
+    );
     let held = || {
         !std::process::Command::new("flock")
             .arg("-n")
@@ -558,8 +568,7 @@ fn self_stop_waits_while_another_workspace_on_the_machine_holds_its_lease() {
     assert!(out.status.success(), "{}", text(&out));
     wait_for_self_stop(&p.workspace);
     let busy = flag.exists();
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    drop(holder);
     assert!(
         !busy,
         "powered off while another workspace's build held its lease"
