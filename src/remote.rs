@@ -155,63 +155,102 @@ say released
 const SELF_STOP: &str = r#"
 ws=$1 delay=$2 poweroff=$3 identity=$4 metadata=$5 token=$6
 sleep "$delay"
-exec 8>>"$ws/.lease"
-flock -n 8 || exit 0
-# Under the lease: a build since then removed the token.
-[ "$(cat "$ws/.stop-token" 2>/dev/null)" = "$token" ] || exit 0
-fetch() { # url [header]
-  if command -v curl >/dev/null 2>&1; then curl -fsS -m 5 ${2:+-H "$2"} "$1"
-  elif command -v wget >/dev/null 2>&1; then wget -qO- -T 5 ${2:+--header "$2"} "$1"
-  else return 1; fi
-}
-case $identity in
-  gce:*)
-    # Project id, zone and name: one name may exist in many projects and zones.
-    want=${identity#gce:}
-    h='Metadata-Flavor: Google'
-    p=$(fetch "$metadata/computeMetadata/v1/project/project-id" "$h") || exit 0
-    z=$(fetch "$metadata/computeMetadata/v1/instance/zone" "$h") || exit 0
-    n=$(fetch "$metadata/computeMetadata/v1/instance/name" "$h") || exit 0
-    [ -n "$p" ] && [ -n "$z" ] && [ -n "$n" ] || exit 0
-    got="$p/${z##*/}/$n" ;;
-  ec2:*)
-    want=${identity#ec2:}
-    if command -v curl >/dev/null 2>&1; then
-      tok=$(curl -fsS -m 5 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' "$metadata/latest/api/token") || exit 0
-    else
-      exit 0
-    fi
-    got=$(fetch "$metadata/latest/meta-data/instance-id" "X-aws-ec2-metadata-token: $tok") || exit 0 ;;
-  azure:*)
-    # `azure:<VM resource id> <ARM endpoint>`; ARM ids are case-insensitive.
-    rest=${identity#azure:}
-    want=$(printf '%s' "${rest%% *}" | tr 'A-Z' 'a-z')
-    arm=${rest#* }
-    command -v curl >/dev/null 2>&1 || exit 0
-    got=$(fetch "$metadata/metadata/instance/compute/resourceId?api-version=2021-02-01&format=text" 'Metadata: true' | tr 'A-Z' 'a-z') || exit 0 ;;
-  *) exit 0 ;;
-esac
-[ -n "$want" ] && [ "$got" = "$want" ] || exit 0
-rm -f "$ws/.stop-token"
-echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) self-stop after ${delay}s idle" >> "$ws/.self-stop.log"
-case $identity in
-  azure:*)
-    # Powering off inside the VM keeps it allocated and billed: deallocate it
-    # through ARM with the VM's own managed identity. The token goes to curl
-    # on stdin (printf is a shell builtin), never in an argument.
-    tok=$(fetch "$metadata/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F" 'Metadata: true' |
-      sed -n 's/.*"access_token" *: *"\([^"]*\)".*/\1/p')
-    if [ -z "$tok" ]; then
-      echo "self-stop: no managed identity token from the metadata service" >> "$ws/.self-stop.log"
-      exit 0
-    fi
-    printf 'Authorization: Bearer %s\n' "$tok" |
-      curl -fsS -m 30 -X POST -H @- -H 'Content-Length: 0' \
-        "$arm${rest%% *}/deallocate?api-version=2024-07-01" -o /dev/null ||
-      echo "self-stop: the ARM deallocate request failed" >> "$ws/.self-stop.log"
-    exit 0 ;;
-esac
-exec sh -c "$poweroff"
+tries=3
+while :; do
+  exec 8>>"$ws/.lease"
+  flock -n 8 || exit 0
+  # Under the lease: a build since then removed the token.
+  [ "$(cat "$ws/.stop-token" 2>/dev/null)" = "$token" ] || exit 0
+  fetch() { # url [header]
+    if command -v curl >/dev/null 2>&1; then curl -fsS -m 5 ${2:+-H "$2"} "$1"
+    elif command -v wget >/dev/null 2>&1; then wget -qO- -T 5 ${2:+--header "$2"} "$1"
+    else return 1; fi
+  }
+  case $identity in
+    gce:*)
+      # Project id, zone and name: one name may exist in many projects and zones.
+      want=${identity#gce:}
+      h='Metadata-Flavor: Google'
+      p=$(fetch "$metadata/computeMetadata/v1/project/project-id" "$h") || exit 0
+      z=$(fetch "$metadata/computeMetadata/v1/instance/zone" "$h") || exit 0
+      n=$(fetch "$metadata/computeMetadata/v1/instance/name" "$h") || exit 0
+      [ -n "$p" ] && [ -n "$z" ] && [ -n "$n" ] || exit 0
+      got="$p/${z##*/}/$n" ;;
+    ec2:*)
+      want=${identity#ec2:}
+      if command -v curl >/dev/null 2>&1; then
+        tok=$(curl -fsS -m 5 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' "$metadata/latest/api/token") || exit 0
+      else
+        exit 0
+      fi
+      got=$(fetch "$metadata/latest/meta-data/instance-id" "X-aws-ec2-metadata-token: $tok") || exit 0 ;;
+    azure:*)
+      # `azure:<VM resource id> <ARM endpoint>`; ARM ids are case-insensitive.
+      rest=${identity#azure:}
+      want=$(printf '%s' "${rest%% *}" | tr 'A-Z' 'a-z')
+      arm=${rest#* }
+      command -v curl >/dev/null 2>&1 || exit 0
+      got=$(fetch "$metadata/metadata/instance/compute/resourceId?api-version=2021-02-01&format=text" 'Metadata: true' | tr 'A-Z' 'a-z') || exit 0 ;;
+    *) exit 0 ;;
+  esac
+  [ -n "$want" ] && [ "$got" = "$want" ] || exit 0
+  # Other workspaces on this machine (other users' configs name their own), as
+  # the idle watchdog finds them: those it recorded, and those whose `.lease`
+  # some process has open; a workspace has a `runs` folder and a regular,
+  # unlinked `.lease`. Each lease is taken without waiting and held while
+  # powering off: while one is in use, no poweroff (tried again 3 times,
+  # `delay` seconds apart, each time under this workspace's lease again).
+  self=$(cd "$ws" && pwd -P) || exit 0
+  is_ws() {
+    case $1 in /*) ;; *) return 1 ;; esac
+    [ -d "$1/runs" ] && [ -f "$1/.lease" ] && [ ! -L "$1/.lease" ]
+  }
+  others=$( { cat /var/lib/absconda-setup/workspaces 2>/dev/null
+              ls -l /proc/[0-9]*/fd 2>/dev/null | sed -n 's|^.* -> \(/.*\)/\.lease$|\1|p'
+            } | sort -u)
+  set --
+  while IFS= read -r w; do
+    is_ws "$w" || continue
+    [ "$(cd "$w" 2>/dev/null && pwd -P)" = "$self" ] && continue
+    set -- "$@" "$w"
+  done <<EOF
+$others
+EOF
+  power() {
+    rm -f "$ws/.stop-token"
+    echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) self-stop after ${delay}s idle" >> "$ws/.self-stop.log"
+    case $identity in
+      azure:*)
+        # Powering off inside the VM keeps it allocated and billed: deallocate
+        # it through ARM with the VM's own managed identity. The token goes to
+        # curl on stdin (printf is a shell builtin), never in an argument.
+        tok=$(fetch "$metadata/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F" 'Metadata: true' |
+          sed -n 's/.*"access_token" *: *"\([^"]*\)".*/\1/p')
+        if [ -z "$tok" ]; then
+          echo "self-stop: no managed identity token from the metadata service" >> "$ws/.self-stop.log"
+          exit 0
+        fi
+        printf 'Authorization: Bearer %s\n' "$tok" |
+          curl -fsS -m 30 -X POST -H @- -H 'Content-Length: 0' \
+            "$arm${rest%% *}/deallocate?api-version=2024-07-01" -o /dev/null ||
+          echo "self-stop: the ARM deallocate request failed" >> "$ws/.self-stop.log"
+        exit 0 ;;
+    esac
+    exec sh -c "$poweroff"
+  }
+  hold() { # WS...: takes each lease (read-only, never created), then powers off
+    if [ $# -eq 0 ]; then power; fi
+    ( w=$1; shift
+      [ ! -L "$w/.lease" ] && exec 7<"$w/.lease" && flock -n 7 || exit 75
+      hold "$@" )
+  }
+  hold "$@"
+  # Another workspace's build is running: try again later, a few times.
+  [ $? -eq 75 ] && [ "$tries" -gt 0 ] || exit 0
+  tries=$((tries - 1))
+  exec 8>&-
+  sleep "$delay"
+done
 "#;
 
 /// For `--remote-off`: takes the lease (waiting a few seconds at most) and, holding it,

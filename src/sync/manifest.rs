@@ -19,6 +19,10 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// The permission bits a copy on the builder keeps: the sync clears setuid
+/// and setgid bits there, so the prediction of its listing leaves them out.
+pub const COPIED_MODE_BITS: u32 = 0o1777;
+
 /// What an entry is, with what the builder must reproduce of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -109,11 +113,11 @@ impl Manifest {
             record.clear();
             // Must match `LISTING` in the sync script, field for field.
             let _ = match &e.kind {
-                Kind::Dir => writeln!(record, "d {:o} ./{}", e.mode & 0o7777, e.path),
+                Kind::Dir => writeln!(record, "d {:o} ./{}", e.mode & COPIED_MODE_BITS, e.path),
                 Kind::File { size, mtime, .. } => writeln!(
                     record,
                     "f {:o} {size} {mtime} ./{}",
-                    e.mode & 0o7777,
+                    e.mode & COPIED_MODE_BITS,
                     e.path
                 ),
                 Kind::Symlink { target } => writeln!(record, "l {} ./{}", target.len(), e.path),
@@ -274,8 +278,9 @@ mod tests {
             m.listing_lines(),
             [
                 "d 755 ./a dir",
-                "f 4755 0 0 ./a dir/x",
                 "f 644 3 10 ./b",
+                // The builder clears setuid and setgid bits.
+                "f 755 0 0 ./a dir/x",
                 "l 4 ./link",
                 "y"
             ]

@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 
-use super::manifest::{Kind, Manifest, ManifestEntry};
+use super::manifest::{COPIED_MODE_BITS, Kind, Manifest, ManifestEntry};
 
 /// The changes from one manifest to another.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -44,7 +44,9 @@ impl Plan {
                 (Some(o), Some(n)) if o.path == n.path => {
                     match change(o, n) {
                         Change::None => {}
-                        Change::Mode => plan.chmod.push((n.mode & 0o7777, n.path.clone())),
+                        Change::Mode => {
+                            plan.chmod.push((n.mode & COPIED_MODE_BITS, n.path.clone()))
+                        }
                         Change::Replace => {
                             delete(&o.path, &mut deleted, &mut plan);
                             plan.send.push(j);
@@ -98,7 +100,7 @@ fn change(old: &ManifestEntry, new: &ManifestEntry) -> Change {
     if !old.same_type(new) {
         return Change::Replace;
     }
-    let mode_differs = old.mode & 0o7777 != new.mode & 0o7777;
+    let mode_differs = old.mode & COPIED_MODE_BITS != new.mode & COPIED_MODE_BITS;
     match (&old.kind, &new.kind) {
         (Kind::File { .. }, Kind::File { .. }) if old.kind != new.kind => Change::Replace,
         (Kind::Symlink { target: a }, Kind::Symlink { target: b }) => {

@@ -251,6 +251,12 @@ if [ -n "$mods" ]; then
     if inside "$2" && [ ! -L "$2" ]; then chmod -- "$1" "$2"; fi
   ' absconda-chmod || fail "cannot change permissions in $tree"
 fi
+# No setuid or setgid bit survives into the copy (absconda's listing leaves
+# them out too); find never follows a symlink, and chmod skips them.
+if [ "$tarmode" != none ] || [ -n "$mods" ]; then
+  find "$tree" ! -type l \( -perm -4000 -o -perm -2000 \) -exec chmod ug-s {} + ||
+    fail "cannot clear setuid and setgid bits in $tree"
+fi
 
 if [ "$mode" = delta ] && [ -z "$dels$mods" ] && [ "$tarmode" = none ]; then
   got=$lsec all=$cur   # nothing changed since it was listed
@@ -423,7 +429,10 @@ impl Request<'_> {
         let modes: Vec<String> = self
             .chmod
             .iter()
-            .flat_map(|(mode, path)| [format!("0{:04o}", mode & 0o7777), path.clone()])
+            .flat_map(|(mode, path)| {
+                let mode = mode & super::manifest::COPIED_MODE_BITS;
+                [format!("0{mode:04o}"), path.clone()]
+            })
             .collect();
         out.extend(encode_line(modes.iter().map(String::as_str)));
         let empty = Vec::new();

@@ -476,3 +476,111 @@ fn imdsv2_credentials_reach_ec2() {
         "every read carried the session token: {seen:?}"
     );
 }
+
+/// Pids of the self-stop scripts scheduled for `workspace` (the builder is
+/// this machine).
+fn self_stops(workspace: &std::path::Path) -> Vec<String> {
+    let mut want = b"absconda-self-stop\0".to_vec();
+    want.extend_from_slice(workspace.as_os_str().as_encoded_bytes());
+    want.push(0);
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
+            && cmd.windows(want.len()).any(|w| w == want.as_slice())
+        {
+            pids.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    pids
+}
+
+/// Waits for the self-stop scheduled by the build that just ended to start
+/// and then to finish, whatever it decided.
+fn wait_for_self_stop(workspace: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while self_stops(workspace).is_empty() {
+        assert!(Instant::now() < deadline, "no self-stop was scheduled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !self_stops(workspace).is_empty() {
+        assert!(Instant::now() < deadline, "the self-stop did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn self_stop_waits_while_another_workspace_on_the_machine_holds_its_lease() {
+    if !ok() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let fake = GceFake::start();
+    fake.add_instance("builder", "RUNNING");
+    fake.set_metadata_instance("builder");
+    let marker = crate::support::tempdir();
+    let flag = marker.path().join("off");
+    let extra = format!(
+        "    auto_stop: true\n    stop_delay: 1\n    poweroff_command: touch {}\n    metadata_endpoint: http://{}\n",
+        flag.display(),
+        fake.metadata_host()
+    );
+    let p = gce_project(&fake, &sshd, &extra);
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\n"));
+
+    // Another user's workspace on the same machine, with a build running.
+    let other = crate::support::tempdir();
+    std::fs::create_dir(other.path().join("runs")).unwrap();
+    let lease = other.path().join(".lease");
+    std::fs::write(&lease, "").unwrap();
+    /// Kills the lease holder, also when the test fails.
+    struct Holder(std::process::Child);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let holder = Holder(
+        std::process::Command::new("sh")
+            .args(["-c", "exec 9<\"$1\" && flock 9 && exec sleep 120", "hold"])
+            .arg(&lease)
+            .spawn()
+            .unwrap(),
+    );
+    let held = || {
+        !std::process::Command::new("flock")
+            .arg("-n")
+            .arg(&lease)
+            .arg("true")
+            .status()
+            .unwrap()
+            .success()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !held() {
+        assert!(Instant::now() < deadline, "the other lease was never taken");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let out = p.build("selfstop/shared", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for_self_stop(&p.workspace);
+    let busy = flag.exists();
+    drop(holder);
+    assert!(
+        !busy,
+        "powered off while another workspace's build held its lease"
+    );
+    assert!(!p.workspace.join(".self-stop.log").exists());
+
+    // Once that build is over, the self-stop fires.
+    let out = p.build("selfstop/shared", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for_self_stop(&p.workspace);
+    assert!(
+        flag.exists(),
+        "the self-stop did not fire once every lease was free"
+    );
+}

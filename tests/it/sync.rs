@@ -65,13 +65,14 @@ fn local_tree(ctx: &Path) -> BTreeMap<String, Node> {
         .into_iter()
         .map(|e| {
             let node = match e.kind {
+                // The copy never keeps setuid and setgid bits.
                 EntryKind::File { .. } => Node::File {
-                    mode: e.mode & 0o7777,
+                    mode: e.mode & 0o1777,
                     mtime: (e.mtime.max(0), i64::from(e.mtime_nsec)),
                     sha: sha_hex(&std::fs::read(&e.abs).unwrap()),
                 },
                 EntryKind::Dir => Node::Dir {
-                    mode: e.mode & 0o7777,
+                    mode: e.mode & 0o1777,
                 },
                 EntryKind::Symlink { target } => Node::Link { target },
             };
@@ -1139,6 +1140,66 @@ fn contexts_with_the_same_basename_never_share_a_copy() {
     build_json(&a, "sync/base-a", &["--no-incremental"]);
     build_json(&b, "sync/base-b", &["--no-incremental"]);
     assert_eq!(cat_in_image("sync/base-b:t", "/ctx/who.txt"), b"b");
+}
+
+#[test]
+fn setuid_and_setgid_bits_never_reach_the_builders_copy() {
+    if !services() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::new(&sshd);
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+    p.file("bin/tool", "#!/bin/sh\necho hi\n");
+    p.file("shared/readme.txt", "group folder\n");
+    let perm = |path: &str, mode: u32| {
+        std::fs::set_permissions(p.context.join(path), std::fs::Permissions::from_mode(mode))
+            .unwrap()
+    };
+    perm("bin/tool", 0o4755);
+    perm("shared", 0o2775);
+    perm("shared/readme.txt", 0o2644);
+    let on_disk = |rel: &str| -> u32 {
+        let copy = copies(&p)
+            .into_iter()
+            .next()
+            .expect("a copy on the builder");
+        std::fs::symlink_metadata(copy.join("tree").join(rel))
+            .unwrap()
+            .mode()
+            & 0o7777
+    };
+
+    let first = build_json(&p, "sync/setuid", &[]);
+    assert_eq!(sync_of(&first)["mode"], "full");
+    assert_eq!(on_disk("bin/tool"), 0o755, "setuid bit cleared");
+    assert_eq!(on_disk("shared"), 0o775, "setgid bit of a folder cleared");
+    assert_eq!(on_disk("shared/readme.txt"), 0o644);
+    assert!(state_of(&p).contains("clean"), "{}", state_of(&p));
+    assert_eq!(
+        cat_in_image("sync/setuid:t", "/ctx/bin/tool"),
+        b"#!/bin/sh\necho hi\n"
+    );
+
+    // Nothing changed: the copy without the bits is what absconda expects.
+    let second = build_json(&p, "sync/setuid", &[]);
+    let s = sync_of(&second);
+    assert_eq!(s["mode"], "delta", "{second}");
+    assert_eq!(s["entries_sent"], 0, "{second}");
+    assert_eq!(s["chmod"], 0, "{second}");
+    assert_eq!(s["attempts"], 1, "{second}");
+    assert_eq!(s["matched"], true, "{second}");
+
+    // Setting the bit again changes nothing in the copy.
+    perm("bin/tool", 0o6755);
+    let third = build_json(&p, "sync/setuid", &[]);
+    let s = sync_of(&third);
+    assert_eq!(s["mode"], "delta", "{third}");
+    assert_eq!(s["attempts"], 1, "{third}");
+    assert_eq!(s["matched"], true, "{third}");
+    assert_eq!(on_disk("bin/tool"), 0o755);
+    assert!(state_of(&p).contains("clean"), "{}", state_of(&p));
 }
 
 #[test]
