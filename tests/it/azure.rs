@@ -440,12 +440,7 @@ fn self_stop_deallocates_through_arm_with_the_managed_identity() {
     assert!(out.status.success(), "{}", text(&out));
     let log = p.workspace.join(".self-stop.log");
     // The self-stop runs on this machine: wait until its process has ended.
-    let pid = std::fs::read_to_string(p.workspace.join(".stop-pid")).unwrap();
-    let until = Instant::now() + Duration::from_secs(15);
-    while std::path::Path::new(&format!("/proc/{}", pid.trim())).exists() {
-        assert!(Instant::now() < until, "the self-stop did not end");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::cloud::wait_for_self_stop(&p.workspace);
     assert!(
         fake.requests()
             .iter()

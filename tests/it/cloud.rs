@@ -496,7 +496,7 @@ fn self_stops(workspace: &std::path::Path) -> Vec<String> {
 
 /// Waits for the self-stop scheduled by the build that just ended to start
 /// and then to finish, whatever it decided.
-fn wait_for_self_stop(workspace: &std::path::Path) {
+pub(crate) fn wait_for_self_stop(workspace: &std::path::Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while self_stops(workspace).is_empty() {
         assert!(Instant::now() < deadline, "no self-stop was scheduled");
