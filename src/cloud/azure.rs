@@ -33,7 +33,7 @@ use url::Url;
 
 use super::azure_auth::{AzureAuth, AzureCredentialSource};
 use super::gce::AddressKind;
-use super::retry::{Backoff, with_retry};
+use super::retry::{Backoff, settle_pause, with_retry, with_retry_until};
 use super::{CloudError, InstanceInfo, Provider, Status};
 
 /// Azure Resource Manager's public endpoint.
@@ -478,20 +478,19 @@ impl Azure {
         deadline: Instant,
         power: &str,
     ) -> Result<(), CloudError> {
-        let pause = self.settings.backoff.delay(*polls).min(SETTLE_POLL_MAX);
-        if Instant::now() + pause >= deadline {
-            return Err(CloudError::Timeout {
-                what: format!(
+        settle_pause(
+            self.settings.backoff,
+            SETTLE_POLL_MAX,
+            polls,
+            deadline,
+            || {
+                format!(
                     "waiting for `{}` to leave power state `{power}`",
                     self.settings.vm_name
-                ),
-                after: self.settings.backoff.deadline,
-                last: None,
-            });
-        }
-        tokio::time::sleep(pause).await;
-        *polls += 1;
-        Ok(())
+                )
+            },
+        )
+        .await
     }
 
     /// Follows a long-running operation until it ends.
@@ -597,15 +596,11 @@ impl Azure {
         is_vm: bool,
         deadline: Instant,
     ) -> Result<Answer, CloudError> {
-        let backoff = Backoff {
-            deadline: deadline.saturating_duration_since(Instant::now()),
-            ..self.settings.backoff
-        };
-        let first = with_retry(what, backoff, || {
+        let first = with_retry_until(what, self.settings.backoff, deadline, || {
             self.send_once(what, method.clone(), url, is_vm)
         })
         .await;
-        let result = match first {
+        match first {
             Err(CloudError::Auth { .. })
                 if self
                     .refused
@@ -618,15 +613,7 @@ impl Azure {
                 again
             }
             r => r,
-        };
-        result.map_err(|e| match e {
-            CloudError::Timeout { what, last, .. } => CloudError::Timeout {
-                what,
-                after: self.settings.backoff.deadline,
-                last,
-            },
-            e => e,
-        })
+        }
     }
 
     async fn send_once(

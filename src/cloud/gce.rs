@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use url::Url;
 
 use super::gcp_auth::{CredentialSource, GcpAuth};
-use super::retry::{Backoff, with_retry};
+use super::retry::{Backoff, settle_pause, with_retry_until};
 use super::{CloudError, InstanceInfo, Provider, Status};
 
 /// The compute API's base URL when `api_endpoint` is not set.
@@ -359,20 +359,19 @@ impl Gce {
         deadline: Instant,
         status: &str,
     ) -> Result<(), CloudError> {
-        let pause = self.settings.backoff.delay(*polls).min(SETTLE_POLL_MAX);
-        if Instant::now() + pause >= deadline {
-            return Err(CloudError::Timeout {
-                what: format!(
+        settle_pause(
+            self.settings.backoff,
+            SETTLE_POLL_MAX,
+            polls,
+            deadline,
+            || {
+                format!(
                     "waiting for `{}` to leave status {status}",
                     self.settings.instance
-                ),
-                after: self.settings.backoff.deadline,
-                last: None,
-            });
-        }
-        tokio::time::sleep(pause).await;
-        *polls += 1;
-        Ok(())
+                )
+            },
+        )
+        .await
     }
 
     /// Calls `zoneOperations.wait` until the operation is `DONE`.
@@ -438,23 +437,10 @@ impl Gce {
         deadline: Instant,
         body: Option<&Value>,
     ) -> Result<Value, CloudError> {
-        let backoff = Backoff {
-            deadline: deadline.saturating_duration_since(Instant::now()),
-            ..self.settings.backoff
-        };
-        let result = with_retry(what, backoff, || {
+        with_retry_until(what, self.settings.backoff, deadline, || {
             self.send_once(what, method.clone(), url, target, body)
         })
-        .await;
-        result.map_err(|e| match e {
-            // Report the whole budget, not what was left of it for this call.
-            CloudError::Timeout { what, last, .. } => CloudError::Timeout {
-                what,
-                after: self.settings.backoff.deadline,
-                last,
-            },
-            e => e,
-        })
+        .await
     }
 
     async fn send_once(

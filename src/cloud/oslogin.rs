@@ -21,7 +21,7 @@ use url::Url;
 
 use super::CloudError;
 use super::gcp_auth::GcpAuth;
-use super::retry::{Backoff, with_retry};
+use super::retry::{Backoff, with_retry_until};
 
 /// The OS Login API's base URL when `oslogin_endpoint` is not set.
 pub const DEFAULT_ENDPOINT: &str = "https://oslogin.googleapis.com";
@@ -209,11 +209,7 @@ impl<'a> OsLogin<'a> {
         body: Option<&Value>,
         deadline: Instant,
     ) -> Result<Value, CloudError> {
-        let backoff = Backoff {
-            deadline: deadline.saturating_duration_since(Instant::now()),
-            ..self.backoff
-        };
-        with_retry(what, backoff, || {
+        with_retry_until(what, self.backoff, deadline, || {
             self.send_once(what, method.clone(), url, body)
         })
         .await

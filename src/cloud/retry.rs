@@ -79,6 +79,60 @@ where
     }
 }
 
+/// [`with_retry`] for a call that must finish by `deadline`, a point inside a
+/// longer operation governed by `budget`.
+///
+/// The call gets what is left until `deadline`; a timeout reports the whole
+/// budget (`budget.deadline`), which is what the user configured, not the
+/// remainder this one call happened to get.
+pub async fn with_retry_until<T, F, Fut>(
+    what: &str,
+    budget: Backoff,
+    deadline: Instant,
+    op: F,
+) -> Result<T, CloudError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, CloudError>>,
+{
+    let backoff = Backoff {
+        deadline: deadline.saturating_duration_since(Instant::now()),
+        ..budget
+    };
+    with_retry(what, backoff, op).await.map_err(|e| match e {
+        CloudError::Timeout { what, last, .. } => CloudError::Timeout {
+            what,
+            after: budget.deadline,
+            last,
+        },
+        e => e,
+    })
+}
+
+/// Waits before looking again at something that is between states (a VM
+/// starting or stopping), backing off up to `cap`; attempt `polls` counts up.
+/// When the wait would pass `deadline`, fails with [`CloudError::Timeout`]
+/// for `what`, reporting the whole budget.
+pub async fn settle_pause(
+    budget: Backoff,
+    cap: Duration,
+    polls: &mut u32,
+    deadline: Instant,
+    what: impl FnOnce() -> String,
+) -> Result<(), CloudError> {
+    let pause = budget.delay(*polls).min(cap);
+    if Instant::now() + pause >= deadline {
+        return Err(CloudError::Timeout {
+            what: what(),
+            after: budget.deadline,
+            last: None,
+        });
+    }
+    tokio::time::sleep(pause).await;
+    *polls += 1;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -58,16 +58,7 @@ pub(crate) fn multi_stage(
 ) -> String {
     let mut out = Dockerfile::new(&common.header);
     out.line(format!("FROM {builder_base} AS builder"));
-    out.own_prefix(layout.env_prefix);
-    out.line(format!("COPY {env_file_in_context} {ENV_FILE_IN_IMAGE}"));
-    out.run(&[
-        format!(
-            "micromamba create -y -p {} {} -f {ENV_FILE_IN_IMAGE}",
-            layout.env_dir,
-            channel_flags(&env.effective_channels())
-        ),
-        "micromamba clean -afy".to_string(),
-    ]);
+    out.create_env(env, layout, env_file_in_context);
     out.blank();
 
     out.line(format!("FROM {runtime_base} AS runtime"));
@@ -91,16 +82,7 @@ pub(crate) fn single_stage(
 ) -> String {
     let mut out = Dockerfile::new(&common.header);
     out.line(format!("FROM {builder_base}"));
-    out.own_prefix(layout.env_prefix);
-    out.line(format!("COPY {env_file_in_context} {ENV_FILE_IN_IMAGE}"));
-    out.run(&[
-        format!(
-            "micromamba create -y -p {} {} -f {ENV_FILE_IN_IMAGE}",
-            layout.env_dir,
-            channel_flags(&env.effective_channels())
-        ),
-        "micromamba clean -afy".to_string(),
-    ]);
+    out.create_env(env, layout, env_file_in_context);
     out.blank();
     out.exports(layout, &env.variables);
     out.finish(common.labels, env.has_python())
@@ -205,6 +187,21 @@ impl Dockerfile {
             ));
             self.line("USER $MAMBA_USER");
         }
+    }
+
+    /// Creates the environment from the `environment.yaml` in the context,
+    /// at its final prefix, and drops micromamba's package cache.
+    fn create_env(&mut self, env: &Environment, layout: &Layout<'_>, env_file_in_context: &str) {
+        self.own_prefix(layout.env_prefix);
+        self.line(format!("COPY {env_file_in_context} {ENV_FILE_IN_IMAGE}"));
+        self.run(&[
+            format!(
+                "micromamba create -y -p {} {} -f {ENV_FILE_IN_IMAGE}",
+                layout.env_dir,
+                channel_flags(&env.effective_channels())
+            ),
+            "micromamba clean -afy".to_string(),
+        ]);
     }
 
     /// Rewrites the prefixes conda-pack recorded to the environment's new

@@ -5,7 +5,7 @@
 //! no iptables); base images cannot be pulled here, so a busybox image is
 //! made locally as `local/busybox:latest`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -30,10 +30,44 @@ pub struct Registry {
 }
 
 fn state_dir() -> PathBuf {
+    static SWEPT: OnceLock<()> = OnceLock::new();
+    SWEPT.get_or_init(sweep_dead_state_dirs);
     // Short paths: unix socket paths are limited to 108 bytes.
     let p = PathBuf::from(format!("/tmp/absconda-it-{}", std::process::id()));
     std::fs::create_dir_all(&p).unwrap();
     p
+}
+
+/// Removes what earlier test runs left behind: the state folder of every
+/// test process that no longer exists, after lazily unmounting what its
+/// dockerd (killed with the test process) still had mounted there.
+fn sweep_dead_state_dirs() {
+    let Ok(entries) = std::fs::read_dir("/tmp") else {
+        return;
+    };
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("absconda-it-") else {
+            continue;
+        };
+        if pid.parse::<u32>().is_err() || Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        let dir = entry.path();
+        let prefix = format!("{}/", dir.display());
+        let mut below: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .filter(|m| m.starts_with(&prefix))
+            .collect();
+        // Deepest first.
+        below.sort_unstable_by(|a, b| b.cmp(a));
+        for m in below {
+            let _ = Command::new("umount").args(["-l", m]).status();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 impl Docker {
