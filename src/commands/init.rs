@@ -25,6 +25,10 @@ use crate::ssh::known_hosts::{HostKeyPolicy, KnownHosts, Pin, Verdict};
 use crate::ssh::ssh_config::SshConfig;
 use crate::state::State;
 
+/// How long `init` waits for a cloud API before it reports what it could
+/// not learn (the file is written by then).
+const CLOUD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub const INIT_EXAMPLES: &str = "\
 Examples:
   absconda init                      # on a terminal: asks what it needs
@@ -497,7 +501,7 @@ impl Listing {
 /// instances of `--region` (aws).
 async fn list(flags: &BuilderFlags, filters: &Filters) -> anyhow::Result<Listing> {
     let backoff = Backoff {
-        deadline: std::time::Duration::from_secs(60),
+        deadline: CLOUD_TIMEOUT,
         ..Backoff::default()
     };
     match provider(flags)? {
@@ -951,7 +955,15 @@ async fn check(
     };
     let ep = match (&builder.host, &cloud) {
         (Some(_), _) | (None, None) => crate::provisioned::endpoint(&builder, &State::default())?,
-        (None, Some(cloud)) => match cloud.describe().await {
+        (None, Some(cloud)) => match tokio::time::timeout(CLOUD_TIMEOUT, cloud.describe())
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::cloud::CloudError::Timeout {
+                    what: format!("describing the VM of builder `{name}`"),
+                    after: CLOUD_TIMEOUT,
+                    last: None,
+                })
+            }) {
             Ok(info) => match (&info.status, &info.address) {
                 (Status::Running, Some(address)) => Endpoint {
                     target: crate::provisioned::target_at(&builder, address, builder.port),
@@ -1060,7 +1072,10 @@ async fn host_key(
     let (source, reported) = match cloud {
         Some(c) => (
             c.host_key_source(),
-            c.host_key_fingerprints().await.map_err(|e| e.to_string()),
+            match tokio::time::timeout(CLOUD_TIMEOUT, c.host_key_fingerprints()).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {}s", CLOUD_TIMEOUT.as_secs())),
+            },
         ),
         None => ("", Ok(Vec::new())),
     };
