@@ -1344,6 +1344,45 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn aggregated_list_pages_are_read_by_zone_scope() {
+        let page = parse_aggregated(&json!({
+            "kind": "compute#instanceAggregatedList",
+            "items": {
+                "zones/us-central1-a": {"instances": [{
+                    "name": "b", "status": "RUNNING",
+                    "labels": {"role": "builder", "env": "ci"},
+                    "networkInterfaces": [{"networkIP": "10.0.0.2",
+                        "accessConfigs": [{"natIP": "34.1.2.3"}]}]
+                }]},
+                "zones/europe-west1-b": {"warning": {"code": "NO_RESULTS_ON_PAGE"}},
+                "regions/us-central1": {"instances": [{"name": "not-a-zone"}]}
+            },
+            "nextPageToken": "tok",
+            "unreachables": ["zones/asia-east1-a"]
+        }))
+        .unwrap();
+        assert_eq!(page.next_page_token.as_deref(), Some("tok"));
+        assert_eq!(page.unreachables, ["zones/asia-east1-a"]);
+        assert_eq!(
+            page.instances,
+            [ListedInstance {
+                zone: "us-central1-a".into(),
+                name: "b".into(),
+                status: "RUNNING".into(),
+                external_ip: Some("34.1.2.3".into()),
+                internal_ip: Some("10.0.0.2".into()),
+                labels: vec![
+                    ("env".into(), "ci".into()),
+                    ("role".into(), "builder".into())
+                ],
+            }]
+        );
+        let last = parse_aggregated(&json!({"items": {}, "nextPageToken": ""})).unwrap();
+        assert!(last.next_page_token.is_none() && last.instances.is_empty());
+        assert!(parse_aggregated(&json!({"items": {"zones/a": {"instances": [{}]}}})).is_err());
+    }
+
+    #[test]
     fn every_reference_status_is_mapped() {
         let table = [
             ("PROVISIONING", Status::Starting),

@@ -5,7 +5,16 @@
 //! one without `--force`); `remote add` inserts one builder into an existing
 //! file as text, so the file's comments and layout stay as they are, and
 //! keeps the result only if it still parses. Both take every value as a flag;
-//! on a terminal, `init` asks for what the flags leave out.
+//! on a terminal, `init` asks for what the flags leave out, and offers the
+//! cloud instances the credentials see (GCE `instances.aggregatedList`, EC2
+//! `DescribeInstances`) as a menu.
+//!
+//! After writing, both check the builder as `remote health` does. A host key
+//! `known_hosts` does not know is recorded only on the user's word
+//! (`--accept-new-host-key`, or `--trust-cloud-host-key` when the cloud
+//! reports the same key; a terminal asks), never when the cloud reports
+//! another. Failed checks do not fail the command: the file is written, and
+//! the report gives each failure its next step.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -35,6 +44,8 @@ Examples:
   absconda init --host build.example.com --user builder --identity-file ~/.ssh/absconda
   absconda init --provider gcp --project my-project --zone us-central1-a --instance absconda-builder --user builder
   absconda init --provider aws --region us-east-1 --instance-id i-0123456789abcdef0 --user ubuntu
+  absconda init --provider gcp --project my-project --label role=builder --list   # what the credentials see
+  absconda init --from-ssh-config buildbox --accept-new-host-key
   absconda remote add second --host 10.0.0.5 --user builder";
 
 #[derive(Debug, thiserror::Error)]
@@ -1207,6 +1218,23 @@ mod tests {
             insert_builder("defaults:\n  timeout: 1", "  b:\n    host: x\n"),
             "defaults:\n  timeout: 1\nbuilders:\n  b:\n    host: x\n"
         );
+    }
+
+    #[test]
+    fn label_and_tag_filters() {
+        let f = Filters::parse(&["role=builder".into()], &[]).unwrap();
+        assert_eq!(f.gce_filter().as_deref(), Some("labels.role = \"builder\""));
+        let f = Filters::parse(&["team=ml".into(), "gpu".into()], &["Name=x y".into()]).unwrap();
+        assert_eq!(
+            f.gce_filter().as_deref(),
+            Some("(labels.team = \"ml\") (labels.gpu:*)")
+        );
+        assert_eq!(f.tags, [("Name".to_string(), Some("x y".to_string()))]);
+        assert_eq!(Filters::parse(&[], &[]).unwrap().gce_filter(), None);
+        for bad in ["Role=x", "role=a b", "role=\"x\"", "=x", ""] {
+            assert!(Filters::parse(&[bad.into()], &[]).is_err(), "{bad}");
+        }
+        assert!(Filters::parse(&[], &["=v".into()]).is_err());
     }
 
     #[test]

@@ -529,6 +529,16 @@ fn apply(hc: &mut HostConfig, seen: &mut Vec<String>, opt: &Opt) -> Result<(), S
 mod tests {
     use super::*;
 
+    #[test]
+    fn aliases_are_the_literal_host_names() {
+        let cfg = SshConfig::parse(
+            Path::new("/t/config"),
+            "Host *\n  User me\nHost a b\n  Port 1\nHost *.x !c.x d\nMatch host e\n  Port 2\nHost A\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.aliases(), ["a", "b", "d"]);
+    }
+
     fn resolve(text: &str, alias: &str) -> Result<HostConfig, SshConfigError> {
         SshConfig::parse(Path::new("/t/config"), text)?.resolve(alias, None)
     }

@@ -22,6 +22,12 @@
 //!   `ssh-keys` entries (or, with `enable-oslogin=TRUE`, the OS Login keys
 //!   of `support::oslogin_fake`) written to `<dir>/<user>` for sshd's
 //!   `AuthorizedKeysFile <dir>/%u`;
+//! - `instances.aggregatedList` (`projects/{p}/aggregated/instances`):
+//!   `items` keyed by `zones/{zone}` (a zone with nothing on the page gets
+//!   the `NO_RESULTS_ON_PAGE` warning), `labels`, `maxResults` up to 500, an
+//!   opaque `nextPageToken` honoured only with the same `filter` and
+//!   `maxResults`, list filters (`FIELD = VALUE`, `!=`, `:`, `:*`, several
+//!   in parentheses) and a 400 for unknown query parameters or filters;
 //! - Google's JSON errors, and an HTML 404 page for unknown paths;
 //! - Bearer tokens checked on every API call: tokens it minted at its
 //!   `/token` endpoint (refresh-token grant for `authorized_user`, JWT-bearer
