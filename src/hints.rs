@@ -118,6 +118,9 @@ pub fn init(e: &crate::commands::init::InitError) -> Option<String> {
         InitError::FromSshConfigWith { flag } => Some(format!(
             "leave out `--{flag}`: `~/.ssh/config` says where the host is"
         )),
+        InitError::ListNeedsCloud => Some(
+            "pass `--provider gcp --project PROJECT` or `--provider aws --region REGION`".into(),
+        ),
         InitError::NotPicked => Some(
             "run it again and type a number from the list, or pass the instance as a flag".into(),
         ),

@@ -95,6 +95,8 @@ pub enum InitError {
     },
     #[error("no instance picked")]
     NotPicked,
+    #[error("`--list` lists the instances of a cloud, and this builder is an `ssh` host")]
+    ListNeedsCloud,
     #[error("could not write `{}`", path.display())]
     Write {
         path: PathBuf,
@@ -549,10 +551,7 @@ async fn list(flags: &BuilderFlags, filters: &Filters) -> anyhow::Result<Listing
                 ec2: found,
             })
         }
-        _ => Err(InitError::BadProvider {
-            provider: "ssh (`--list` lists cloud instances: pass `--provider gcp` or `aws`)".into(),
-        }
-        .into()),
+        _ => Err(InitError::ListNeedsCloud.into()),
     }
 }
 

@@ -416,6 +416,50 @@ fn init_offers_an_unknown_host_key_and_records_it_when_asked() {
         n.known_hosts()
     );
 
+    // On a terminal it asks; `n` records nothing, `y` records the key.
+    if crate::support::require("script") {
+        let line = args
+            .iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let on_tty = |answer: &[u8]| {
+            let mut child = Command::new("script")
+                .env_clear()
+                .env("PATH", "/usr/bin:/bin")
+                .env("HOME", n.home())
+                .env("USER", "tester")
+                .env("TERM", "dumb")
+                .current_dir(n.project())
+                .args(["-qefc", &format!("'{BIN}' {line} --force"), "/dev/null"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            {
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(answer).unwrap();
+            }
+            child.wait_with_output().unwrap()
+        };
+        let out = on_tty(b"n\n");
+        assert!(out.status.success(), "{}", text(&out));
+        let tty = stdout(&out);
+        assert!(
+            tty.contains("record it in known_hosts? compare it first with `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the builder [y/N]: "),
+            "{tty}"
+        );
+        assert!(tty.contains("FAIL  ssh"), "{tty}");
+        assert!(!n.known_hosts().contains("ssh-ed25519"));
+        let out = on_tty(b"y\n");
+        assert!(out.status.success(), "{}", text(&out));
+        let tty = stdout(&out);
+        assert!(tty.contains("on first use, as you answered"), "{tty}");
+        assert!(tty.contains("builder `local` is ready"), "{tty}");
+        assert!(n.known_hosts().contains("ssh-ed25519"));
+        std::fs::remove_file(n.home().join(".ssh/known_hosts")).unwrap();
+    }
+
     // With --accept-new-host-key: recorded, and every check passes.
     let out = n
         .cmd()
