@@ -43,7 +43,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_PAGES: usize = 20;
 /// Pages of a listing of every instance, and `MaxResults` of each.
 const MAX_LIST_PAGES: usize = 100;
-const LIST_PAGE_SIZE: &str = "200";
+const LIST_PAGE_SIZE: u32 = 200;
 
 /// Error codes that mean the credentials, not the request, are the problem.
 const AUTH_CODES: &[&str] = &[
@@ -355,9 +355,19 @@ impl Ec2 {
         &self,
         tags: &[(String, Option<String>)],
     ) -> Result<Vec<Instance>, CloudError> {
+        self.list_instances_paged(tags, LIST_PAGE_SIZE).await
+    }
+
+    /// [`Ec2::list_instances`] asking for at most `page_size` (5 to 1000)
+    /// reservations per page.
+    pub async fn list_instances_paged(
+        &self,
+        tags: &[(String, Option<String>)],
+        page_size: u32,
+    ) -> Result<Vec<Instance>, CloudError> {
         let mut fixed: Vec<(String, String)> = vec![
             ("Filter.1.Name".into(), "instance-state-name".into()),
-            ("MaxResults".into(), LIST_PAGE_SIZE.into()),
+            ("MaxResults".into(), page_size.clamp(5, 1000).to_string()),
         ];
         for (i, state) in ["pending", "running", "stopping", "stopped"]
             .iter()
