@@ -1010,7 +1010,19 @@ async fn check(
             continue;
         }
         let next = match c.name {
-            "ssh" => offer.clone(),
+            "ssh" if offer.is_some() => offer.clone(),
+            "ssh" if c.detail.contains("refused every key") => {
+                let tried: Vec<String> = builder
+                    .identity_files
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                Some(crate::hints::key_refused(
+                    &report.user,
+                    &ep.target.host,
+                    &tried,
+                ))
+            }
             "docker" => Some(crate::hints::docker(&report.user, &c.detail)),
             _ => None,
         };

@@ -505,6 +505,30 @@ fn init_offers_an_unknown_host_key_and_records_it_when_asked() {
     );
     // (`/proc` also has no disk space to speak of.)
     assert!(err.contains("workspace failed);"), "{err}");
+
+    // A key the builder does not accept: the next step names its `.pub`.
+    let other = n.dir.path().join("other_key");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut refused = vec!["init".to_string()];
+    refused.extend(ssh_flags(&sshd, &port));
+    *refused.last_mut().unwrap() = other.display().to_string();
+    refused.push("--force".into());
+    let out = n.cmd().args(&refused).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let err = stderr(&out);
+    assert!(err.contains("FAIL  ssh"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "next: authorise `{}.pub` for `root`",
+            other.display()
+        )),
+        "{err}"
+    );
 }
 
 #[test]
