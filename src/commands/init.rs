@@ -44,9 +44,14 @@ Examples:
   absconda init --host build.example.com --user builder --identity-file ~/.ssh/absconda
   absconda init --provider gcp --project my-project --zone us-central1-a --instance absconda-builder --user builder
   absconda init --provider aws --region us-east-1 --instance-id i-0123456789abcdef0 --user ubuntu
-  absconda init --provider gcp --project my-project --label role=builder --list   # what the credentials see
+  absconda init --provider gcp --project my-project --label role=builder --list
   absconda init --from-ssh-config buildbox --accept-new-host-key
-  absconda remote add second --host 10.0.0.5 --user builder";
+  absconda remote add second --host 10.0.0.5 --user builder
+
+Exit status: 0 once the file is written, whatever the checks found (the last
+line says whether the builder is ready; `absconda remote health NAME` exits
+non-zero while it is not); 2 for a missing or wrong flag, an existing file,
+no instance picked, or an alias not in ~/.ssh/config.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
