@@ -1,11 +1,13 @@
 //! `remote health`: can this builder take a build right now?
 //!
 //! `remote status` describes a builder; health judges it, so that a script or
-//! a monitoring job can act on the exit code. Four checks, each `ok`, `warn`,
+//! a monitoring job can act on the exit code. Each check is `ok`, `warn`,
 //! `fail` or `skip` with a detail a person can act on:
 //!
 //! - `ssh`: reachable, with a host key we trust (the same check a build makes)
 //! - `docker`: the daemon answers `docker version`
+//! - `workspace`: the SSH user can make folders in the workspace (or, before
+//!   the first build, where it will be created)
 //! - `disk`: free space where the workspace lives (warn above 80% used, fail
 //!   above 95%: a build that fills the disk fails half-way and leaves layers)
 //! - `registry`: the builder can open a TCP connection to the registry it
@@ -151,6 +153,12 @@ d=$ws
 while [ ! -d "$d" ] && [ "$d" != / ]; do d=$(dirname "$d"); done
 printf 'disk_dir=%s\n' "$d"
 df -Pk "$d" 2>/dev/null | awk 'NR==2 { print "disk_total_kb=" $2; print "disk_avail_kb=" $4 }'
+if [ -d "$ws" ]; then echo workspace_exists=1; t="$ws/.absconda-health.$$"; else t="$d/.absconda-health.$$"; fi
+if out=$(mkdir "$t" 2>&1); then
+  rmdir "$t"; echo workspace=writable
+else
+  printf 'workspace_error=%s\n' "$(printf '%s' "$out" | oneline)"
+fi
 n=0
 for r in "$ws"/runs/*; do [ -d "$r" ] && n=$((n + 1)); done
 printf 'runs=%s\n' "$n"
@@ -218,6 +226,11 @@ pub struct Findings {
     /// (then one of them is its own).
     pub runs: Option<u64>,
     pub lease_held: bool,
+    /// The SSH user could make a folder in the workspace (or, before it
+    /// exists, where it would be made); why not otherwise.
+    pub workspace_exists: bool,
+    pub workspace_writable: bool,
+    pub workspace_error: Option<String>,
 }
 
 impl Findings {
@@ -239,6 +252,9 @@ impl Findings {
                 "registry_error" => f.registry_error = Some(v),
                 "runs" => f.runs = v.parse().ok(),
                 "lease_held" => f.lease_held = v == "1",
+                "workspace_exists" => f.workspace_exists = v == "1",
+                "workspace" => f.workspace_writable = v == "writable",
+                "workspace_error" => f.workspace_error = Some(v),
                 _ => {}
             }
         }
@@ -284,6 +300,41 @@ pub fn disk_check(f: &Findings, workspace: &str) -> Check {
         name: "disk",
         status,
         detail,
+    }
+}
+
+/// Whether builds can make their folders in the workspace, with the
+/// command that fixes it when they cannot.
+pub fn workspace_check(f: &Findings, workspace: &str, user: &str) -> Check {
+    let dir = f.disk_dir.clone().unwrap_or_else(|| "/".into());
+    if f.workspace_writable {
+        return Check {
+            name: "workspace",
+            status: Level::Ok,
+            detail: if f.workspace_exists {
+                format!("`{user}` can write `{workspace}`")
+            } else {
+                format!("`{workspace}` does not exist yet; `{user}` can create it in `{dir}`")
+            },
+        };
+    }
+    let why = f
+        .workspace_error
+        .as_deref()
+        .filter(|e| !e.is_empty())
+        .unwrap_or("no reason given");
+    Check {
+        name: "workspace",
+        status: Level::Fail,
+        detail: format!(
+            "`{user}` cannot {} ({why}): run `sudo install -d -o {user} {}` on the builder, or set `workspace:` to a folder `{user}` can write",
+            if f.workspace_exists {
+                format!("write `{workspace}`")
+            } else {
+                format!("create `{workspace}` in `{dir}`")
+            },
+            crate::shell::quote(workspace)
+        ),
     }
 }
 
@@ -357,7 +408,7 @@ pub async fn check(builder: &Builder, ep: &Endpoint, registry: Option<&RegistryA
     match findings {
         Err(None) => {
             let why = "not checked: no SSH connection";
-            for name in ["docker", "disk", "registry"] {
+            for name in ["docker", "disk", "workspace", "registry"] {
                 checks.push(skipped(name, why));
             }
         }
@@ -368,6 +419,7 @@ pub async fn check(builder: &Builder, ep: &Endpoint, registry: Option<&RegistryA
                 detail: why.clone(),
             });
             checks.push(skipped("disk", &why));
+            checks.push(skipped("workspace", &why));
             checks.push(skipped("registry", &why));
         }
         Ok(f) => {
@@ -391,6 +443,7 @@ pub async fn check(builder: &Builder, ep: &Endpoint, registry: Option<&RegistryA
             });
             checks.push(disk_check(&f, &builder.workspace));
             checks.push(runs_check(&f, &builder.workspace));
+            checks.push(workspace_check(&f, &builder.workspace, &ep.target.user));
             checks.push(match registry {
                 None => skipped("registry", "not checked: no --registry given"),
                 Some(r) if f.registry_ok => Check {
@@ -546,6 +599,8 @@ mod tests {
         assert!(f.registry_ok, "{f:?}");
         assert!(f.docker_error.is_some());
         assert!(f.disk_total_kb.is_some());
+        assert!(f.workspace_writable && f.workspace_exists, "{f:?}");
+        assert_eq!(std::fs::read_dir(ws.path()).unwrap().count(), 0);
         let f = run(closed);
         assert!(!f.registry_ok, "{f:?}");
         assert!(f.registry_error.is_some(), "{f:?}");

@@ -100,6 +100,30 @@ pub fn init(e: &crate::commands::init::InitError) -> Option<String> {
             "pass `--{flag} VALUE` (or run `absconda init` on a terminal to be asked)"
         )),
         InitError::BadProvider { .. } => Some("pass `--provider ssh`, `gcp` or `aws`".into()),
+        InitError::NotChosen { provider, .. } => Some(if *provider == "gcp" {
+            "pass `--zone ZONE --instance NAME` of one of them (or run `absconda init` on a terminal to pick from a menu)".into()
+        } else {
+            "pass `--instance-id ID` of one of them (or run `absconda init` on a terminal to pick from a menu)".into()
+        }),
+        InitError::NoneListed { .. } => Some(
+            "check `--project`/`--region` and drop `--label`/`--tag`, or name the instance with `--instance` (gcp: with `--zone`) or `--instance-id`".into(),
+        ),
+        InitError::BadFilter { flag, .. } => Some(format!(
+            "write `--{flag} KEY=VALUE`, e.g. `--{flag} role=builder`"
+        )),
+        InitError::NoSuchAlias { alias, path, .. } => Some(format!(
+            "add a `Host {alias}` block with its `HostName` to `{}`, or pass `--host HOST` instead",
+            path.display()
+        )),
+        InitError::FromSshConfigWith { flag } => Some(format!(
+            "leave out `--{flag}`: `~/.ssh/config` says where the host is"
+        )),
+        InitError::ListNeedsCloud => Some(
+            "pass `--provider gcp --project PROJECT` or `--provider aws --region REGION`".into(),
+        ),
+        InitError::NotPicked => Some(
+            "run it again and type a number from the list, or pass the instance as a flag".into(),
+        ),
         _ => None,
     }
 }

@@ -41,6 +41,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// More pages than this for one id or Name tag means something is wrong.
 const MAX_PAGES: usize = 20;
+/// Pages of a listing of every instance, and `MaxResults` of each.
+const MAX_LIST_PAGES: usize = 100;
+const LIST_PAGE_SIZE: u32 = 200;
 
 /// Error codes that mean the credentials, not the request, are the problem.
 const AUTH_CODES: &[&str] = &[
@@ -341,6 +344,78 @@ impl Ec2 {
             }
         }
         Ok(found)
+    }
+
+    /// Every instance the credentials see in the region that is not
+    /// terminated (DescribeInstances, all pages through `NextToken`),
+    /// narrowed by tags: `(KEY, Some(VALUE))` is the filter `tag:KEY` =
+    /// VALUE, `(KEY, None)` the filter `tag-key` = KEY. Sorted by Name tag
+    /// and id. The provider's own instance plays no part.
+    pub async fn list_instances(
+        &self,
+        tags: &[(String, Option<String>)],
+    ) -> Result<Vec<Instance>, CloudError> {
+        self.list_instances_paged(tags, LIST_PAGE_SIZE).await
+    }
+
+    /// [`Ec2::list_instances`] asking for at most `page_size` (5 to 1000)
+    /// reservations per page.
+    pub async fn list_instances_paged(
+        &self,
+        tags: &[(String, Option<String>)],
+        page_size: u32,
+    ) -> Result<Vec<Instance>, CloudError> {
+        let mut fixed: Vec<(String, String)> = vec![
+            ("Filter.1.Name".into(), "instance-state-name".into()),
+            ("MaxResults".into(), page_size.clamp(5, 1000).to_string()),
+        ];
+        for (i, state) in ["pending", "running", "stopping", "stopped"]
+            .iter()
+            .enumerate()
+        {
+            fixed.push((format!("Filter.1.Value.{}", i + 1), state.to_string()));
+        }
+        for (n, (key, value)) in tags.iter().enumerate() {
+            let f = n + 2;
+            match value {
+                Some(v) => {
+                    fixed.push((format!("Filter.{f}.Name"), format!("tag:{key}")));
+                    fixed.push((format!("Filter.{f}.Value.1"), v.clone()));
+                }
+                None => {
+                    fixed.push((format!("Filter.{f}.Name"), "tag-key".into()));
+                    fixed.push((format!("Filter.{f}.Value.1"), key.clone()));
+                }
+            }
+        }
+        let mut found = Vec::new();
+        let mut token: Option<String> = None;
+        for _ in 0..MAX_LIST_PAGES {
+            let mut params: Vec<(&str, &str)> = fixed
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            if let Some(t) = token.as_deref() {
+                params.push(("NextToken", t));
+            }
+            let xml = self.query("DescribeInstances", &params).await?;
+            let page = parse_describe(&xml).map_err(|message| CloudError::Protocol {
+                url: redact_url(&self.endpoint),
+                message,
+            })?;
+            found.extend(page.instances);
+            token = page.next_token;
+            if token.is_none() {
+                found.sort_by(|a: &Instance, b: &Instance| {
+                    (&a.name, &a.instance_id).cmp(&(&b.name, &b.instance_id))
+                });
+                return Ok(found);
+            }
+        }
+        Err(CloudError::Protocol {
+            url: redact_url(&self.endpoint),
+            message: format!("more than {MAX_LIST_PAGES} pages of instances"),
+        })
     }
 
     /// The one instance this builder means.

@@ -515,6 +515,14 @@ impl Gce {
                     message: "no guest attributes are published under this path".into(),
                     retry_after,
                 },
+                Classified::NotFound if target == Target::Project => CloudError::Api {
+                    service: "compute",
+                    operation,
+                    status,
+                    code: "notFound".into(),
+                    message: "no such project, or the credentials may not see it".into(),
+                    retry_after,
+                },
                 Classified::NotFound => CloudError::Api {
                     service: "compute",
                     operation,
@@ -724,6 +732,170 @@ impl Gce {
             return Ok(true);
         }
     }
+}
+
+/// One VM as `instances.aggregatedList` shows it, for picking a builder.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ListedInstance {
+    pub zone: String,
+    pub name: String,
+    pub status: String,
+    pub external_ip: Option<String>,
+    pub internal_ip: Option<String>,
+    /// `labels`, sorted by key.
+    pub labels: Vec<(String, String)>,
+}
+
+/// More pages than this for one project means something is wrong.
+const MAX_LIST_PAGES: usize = 100;
+/// `maxResults` of each page (the API's maximum).
+const LIST_PAGE_SIZE: &str = "500";
+
+impl Gce {
+    /// A client for the project-wide calls of `project` only
+    /// ([`Gce::aggregated_list`]): it names no zone or instance, so
+    /// instance calls on it fail.
+    pub fn for_project(
+        project: &str,
+        api_endpoint: Option<String>,
+        backoff: Backoff,
+    ) -> Result<Gce, CloudError> {
+        Gce::new(GceSettings {
+            project: project.to_string(),
+            // `-` is the API's "every zone"; no instance has that name.
+            zone: "-".into(),
+            instance: "-".into(),
+            api_endpoint,
+            address: AddressKind::External,
+            backoff,
+        })
+    }
+
+    /// Every VM of the project in every zone (`instances.aggregatedList`,
+    /// all pages), narrowed by `filter` (the API's filter expression, e.g.
+    /// `labels.role = "builder"`), sorted by zone and name. Zones the API
+    /// could not reach are named in the log and left out.
+    pub async fn aggregated_list(
+        &self,
+        filter: Option<&str>,
+    ) -> Result<Vec<ListedInstance>, CloudError> {
+        let deadline = self.deadline();
+        let base = join_segments(
+            &api_base_of(&self.instance_url),
+            &[
+                "projects",
+                &self.settings.project,
+                "aggregated",
+                "instances",
+            ],
+        )?;
+        let what = format!(
+            "instances.aggregatedList `projects/{}`",
+            self.settings.project
+        );
+        let mut found = Vec::new();
+        let mut token: Option<String> = None;
+        for _ in 0..MAX_LIST_PAGES {
+            let mut url = base.clone();
+            {
+                let mut q = url.query_pairs_mut();
+                if let Some(f) = filter {
+                    q.append_pair("filter", f);
+                }
+                q.append_pair("maxResults", LIST_PAGE_SIZE);
+                q.append_pair("returnPartialSuccess", "true");
+                if let Some(t) = &token {
+                    q.append_pair("pageToken", t);
+                }
+            }
+            let body = self
+                .call(&what, Method::GET, &url, Target::Project, deadline)
+                .await?;
+            let page = parse_aggregated(&body).map_err(|message| CloudError::Protocol {
+                url: url.to_string(),
+                message,
+            })?;
+            for zone in &page.unreachables {
+                tracing::warn!("instances.aggregatedList could not reach `{zone}`");
+            }
+            found.extend(page.instances);
+            token = page.next_page_token;
+            if token.is_none() {
+                found.sort_by(|a, b| (&a.zone, &a.name).cmp(&(&b.zone, &b.name)));
+                return Ok(found);
+            }
+        }
+        Err(CloudError::Protocol {
+            url: base.to_string(),
+            message: format!("more than {MAX_LIST_PAGES} pages of instances"),
+        })
+    }
+}
+
+/// One page of `instances.aggregatedList`.
+#[derive(Debug, Default)]
+struct AggregatedPage {
+    instances: Vec<ListedInstance>,
+    next_page_token: Option<String>,
+    unreachables: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AggregatedList {
+    /// `zones/{zone}` → `{"instances": [...]}` or `{"warning": ...}`.
+    #[serde(default)]
+    items: serde_json::Map<String, Value>,
+    next_page_token: Option<String>,
+    #[serde(default)]
+    unreachables: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ListedResource {
+    name: String,
+    status: Option<String>,
+    #[serde(default, rename = "networkInterfaces")]
+    network_interfaces: Vec<NetworkInterface>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Reads an InstanceAggregatedList: instances keyed by their zone's scope.
+fn parse_aggregated(body: &Value) -> Result<AggregatedPage, String> {
+    let list = AggregatedList::deserialize(body)
+        .map_err(|e| format!("not an InstanceAggregatedList: {e}"))?;
+    let mut page = AggregatedPage {
+        next_page_token: list.next_page_token.filter(|t| !t.is_empty()),
+        unreachables: list.unreachables,
+        ..Default::default()
+    };
+    for (scope, scoped) in list.items {
+        let Some(zone) = scope.strip_prefix("zones/") else {
+            continue;
+        };
+        let Some(instances) = scoped.get("instances") else {
+            // A scope with nothing on this page carries only a `warning`.
+            continue;
+        };
+        let instances = Vec::<ListedResource>::deserialize(instances)
+            .map_err(|e| format!("`items.{scope}.instances`: {e}"))?;
+        for i in instances {
+            let nic = i.network_interfaces.first();
+            page.instances.push(ListedInstance {
+                zone: zone.to_string(),
+                name: i.name,
+                status: i.status.unwrap_or_default(),
+                external_ip: nic
+                    .and_then(|n| n.access_configs.first())
+                    .and_then(|a| a.nat_ip.clone())
+                    .filter(|a| !a.is_empty()),
+                internal_ip: nic.and_then(|n| n.network_ip.clone()),
+                labels: i.labels.into_iter().collect(),
+            });
+        }
+    }
+    Ok(page)
 }
 
 /// The metadata key the guest agent reads SSH keys from.
@@ -1156,6 +1328,45 @@ fn snippet(body: &[u8]) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn aggregated_list_pages_are_read_by_zone_scope() {
+        let page = parse_aggregated(&json!({
+            "kind": "compute#instanceAggregatedList",
+            "items": {
+                "zones/us-central1-a": {"instances": [{
+                    "name": "b", "status": "RUNNING",
+                    "labels": {"role": "builder", "env": "ci"},
+                    "networkInterfaces": [{"networkIP": "10.0.0.2",
+                        "accessConfigs": [{"natIP": "34.1.2.3"}]}]
+                }]},
+                "zones/europe-west1-b": {"warning": {"code": "NO_RESULTS_ON_PAGE"}},
+                "regions/us-central1": {"instances": [{"name": "not-a-zone"}]}
+            },
+            "nextPageToken": "tok",
+            "unreachables": ["zones/asia-east1-a"]
+        }))
+        .unwrap();
+        assert_eq!(page.next_page_token.as_deref(), Some("tok"));
+        assert_eq!(page.unreachables, ["zones/asia-east1-a"]);
+        assert_eq!(
+            page.instances,
+            [ListedInstance {
+                zone: "us-central1-a".into(),
+                name: "b".into(),
+                status: "RUNNING".into(),
+                external_ip: Some("34.1.2.3".into()),
+                internal_ip: Some("10.0.0.2".into()),
+                labels: vec![
+                    ("env".into(), "ci".into()),
+                    ("role".into(), "builder".into())
+                ],
+            }]
+        );
+        let last = parse_aggregated(&json!({"items": {}, "nextPageToken": ""})).unwrap();
+        assert!(last.next_page_token.is_none() && last.instances.is_empty());
+        assert!(parse_aggregated(&json!({"items": {"zones/a": {"instances": [{}]}}})).is_err());
+    }
 
     #[test]
     fn every_reference_status_is_mapped() {

@@ -5,16 +5,38 @@
 //! one without `--force`); `remote add` inserts one builder into an existing
 //! file as text, so the file's comments and layout stay as they are, and
 //! keeps the result only if it still parses. Both take every value as a flag;
-//! on a terminal, `init` asks for what the flags leave out.
+//! on a terminal, `init` asks for what the flags leave out, and offers the
+//! cloud instances the credentials see (GCE `instances.aggregatedList`, EC2
+//! `DescribeInstances`) as a menu.
+//!
+//! After writing, both check the builder as `remote health` does. A host key
+//! `known_hosts` does not know is recorded only on the user's word
+//! (`--accept-new-host-key`, or `--trust-cloud-host-key` when the cloud
+//! reports the same key; a terminal asks), never when the cloud reports
+//! another. Failed checks do not fail the command: the file is written, and
+//! the report gives each failure its next step.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use clap::Args;
 
+use crate::cloud::Status;
+use crate::cloud::ec2::{Ec2, Ec2Instance, Ec2Settings, Instance as Ec2Listed};
+use crate::cloud::gce::{Gce, ListedInstance};
+use crate::cloud::retry::Backoff;
 use crate::config::{self, ConfigFile, FILE_NAME};
 use crate::health::{self, Level};
+use crate::lifecycle::Cloud;
+use crate::provisioned::Endpoint;
+use crate::ssh::SshError;
+use crate::ssh::known_hosts::{HostKeyPolicy, KnownHosts, Pin, Verdict};
+use crate::ssh::ssh_config::SshConfig;
 use crate::state::State;
+
+/// How long `init` waits for a cloud API before it reports what it could
+/// not learn (the file is written by then).
+const CLOUD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub const INIT_EXAMPLES: &str = "\
 Examples:
@@ -22,7 +44,14 @@ Examples:
   absconda init --host build.example.com --user builder --identity-file ~/.ssh/absconda
   absconda init --provider gcp --project my-project --zone us-central1-a --instance absconda-builder --user builder
   absconda init --provider aws --region us-east-1 --instance-id i-0123456789abcdef0 --user ubuntu
-  absconda remote add second --host 10.0.0.5 --user builder";
+  absconda init --provider gcp --project my-project --label role=builder --list
+  absconda init --from-ssh-config buildbox --accept-new-host-key
+  absconda remote add second --host 10.0.0.5 --user builder
+
+Exit status: 0 once the file is written, whatever the checks found (the last
+line says whether the builder is ready; `absconda remote health NAME` exits
+non-zero while it is not); 2 for a missing or wrong flag, an existing file,
+no instance picked, or an alias not in ~/.ssh/config.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
@@ -37,6 +66,42 @@ pub enum InitError {
     },
     #[error("`{provider}` is not a provider: use `ssh`, `gcp` or `aws`")]
     BadProvider { provider: String },
+    #[error(
+        "`{flag}` is required for provider `{provider}`: pick one of the {count} instances listed above"
+    )]
+    NotChosen {
+        flag: &'static str,
+        provider: &'static str,
+        count: usize,
+    },
+    #[error("the credentials see no instances{}", if filter.is_empty() { String::new() } else { format!(" matching {filter}") })]
+    NoneListed { filter: String },
+    #[error("`--{flag} {value}`: {why}")]
+    BadFilter {
+        flag: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error("no `Host {alias}` in `{}`{suggestion}", path.display())]
+    NoSuchAlias {
+        alias: String,
+        path: PathBuf,
+        suggestion: String,
+    },
+    #[error(
+        "`--from-ssh-config` makes an `ssh` builder and names its host: it cannot go with `--{flag}`"
+    )]
+    FromSshConfigWith { flag: &'static str },
+    #[error("could not read `{}`", path.display())]
+    SshConfig {
+        path: PathBuf,
+        #[source]
+        source: crate::ssh::ssh_config::SshConfigError,
+    },
+    #[error("no instance picked")]
+    NotPicked,
+    #[error("`--list` lists the instances of a cloud, and this builder is an `ssh` host")]
+    ListNeedsCloud,
     #[error("could not write `{}`", path.display())]
     Write {
         path: PathBuf,
@@ -50,9 +115,6 @@ pub enum InitError {
         source: Box<config::ConfigError>,
     },
 }
-
-/// Where an answer goes.
-type Field = fn(&mut BuilderFlags) -> &mut Option<String>;
 
 /// One builder's settings, as flags.
 #[derive(Debug, Clone, Default, Args)]
@@ -93,6 +155,23 @@ pub struct BuilderFlags {
     /// Folder on the builder for leases and runs.
     #[arg(long, value_name = "DIR")]
     pub workspace: Option<String>,
+    /// The cloud API's base URL (a private endpoint or an emulator).
+    #[arg(long, value_name = "URL")]
+    pub api_endpoint: Option<String>,
+    /// Make an `ssh` builder from a `Host` alias of `~/.ssh/config`: writes
+    /// `host: ALIAS`, so HostName, User, Port, ProxyJump and IdentityFile
+    /// keep coming from that file.
+    #[arg(long, value_name = "HOST")]
+    pub from_ssh_config: Option<String>,
+    /// When `known_hosts` does not know the builder's host key, record it
+    /// if the cloud confirms it (GCE guest attributes, EC2 console output).
+    #[arg(long)]
+    pub trust_cloud_host_key: bool,
+    /// When `known_hosts` does not know the builder's host key, record the
+    /// key it presents now (trust on first use, once; compare the
+    /// fingerprint it prints with the builder's own).
+    #[arg(long)]
+    pub accept_new_host_key: bool,
     /// Do not check the builder after writing.
     #[arg(long)]
     pub no_check: bool,
@@ -110,6 +189,18 @@ pub struct InitArgs {
     /// Replace an existing file.
     #[arg(long)]
     pub force: bool,
+    /// Only list the instances the credentials see (gcp: in `--project`;
+    /// aws: in `--region`) and write nothing.
+    #[arg(long)]
+    pub list: bool,
+    /// gcp: list only VMs with this label (`KEY=VALUE`, or `KEY` for any
+    /// value); repeat to require several.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub label: Vec<String>,
+    /// aws: list only instances with this tag (`KEY=VALUE`, or `KEY` for
+    /// any value); repeat to require several.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub tag: Vec<String>,
     #[command(flatten)]
     pub builder: BuilderFlags,
 }
@@ -130,23 +221,37 @@ pub async fn init(args: InitArgs) -> anyhow::Result<()> {
     } else {
         PathBuf::from(FILE_NAME)
     };
-    if path.exists() && !args.force {
+    if path.exists() && !args.force && !args.list {
         return Err(InitError::Exists { path }.into());
     }
     let mut flags = args.builder.clone();
+    let filters = Filters::parse(&args.label, &args.tag)?;
+    let alias = flags.from_ssh_config.clone();
+    if let Some(alias) = &alias {
+        use_ssh_alias(&mut flags, alias)?;
+    }
     let interactive = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+    if args.list {
+        let listing = list(&flags, &filters).await?;
+        print!("{}", listing.table(false));
+        eprintln!("absconda: {}", listing.summary());
+        return Ok(());
+    }
     if interactive {
-        ask_missing(&mut flags)?;
+        ask_missing(&mut flags, &filters).await?;
+    } else {
+        explain_missing(&flags, &filters).await?;
     }
     let provider = provider(&flags)?;
-    let name = args.name.clone().unwrap_or_else(|| {
-        match provider {
-            "gcp" => "gcp-builder",
-            "aws" => "aws-builder",
-            _ => "local",
-        }
-        .to_string()
-    });
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| match (&alias, provider) {
+            (Some(a), _) => a.clone(),
+            (None, "gcp") => "gcp-builder".into(),
+            (None, "aws") => "aws-builder".into(),
+            (None, _) => "local".into(),
+        });
     let text = file_text(&name, &builder_text(&name, provider, &flags)?);
     ConfigFile::parse(&path, &text)
         .and_then(|f| f.builder(&name).map(|_| ()))
@@ -162,7 +267,383 @@ pub async fn init(args: InitArgs) -> anyhow::Result<()> {
     }
     write_atomic(&path, &text)?;
     eprintln!("absconda: wrote `{}` with builder `{name}`", path.display());
-    check(&path, &name, &flags).await
+    if let Some(alias) = &alias {
+        show_ssh_alias(&path, &name, alias)?;
+    }
+    let rerun = "run this command again with `--force --accept-new-host-key`";
+    check(&path, &name, &flags, interactive, rerun).await
+}
+
+/// `~/.ssh/config`, which `ssh` builders read.
+fn ssh_config_path() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"))
+        .join(".ssh/config")
+}
+
+/// `--from-ssh-config ALIAS`: an `ssh` builder whose host is the alias,
+/// which must be a `Host` of `~/.ssh/config`.
+fn use_ssh_alias(flags: &mut BuilderFlags, alias: &str) -> Result<(), InitError> {
+    if flags.host.is_some() {
+        return Err(InitError::FromSshConfigWith { flag: "host" });
+    }
+    if provider(flags)? != "ssh" {
+        return Err(InitError::FromSshConfigWith { flag: "provider" });
+    }
+    let path = ssh_config_path();
+    let cfg = SshConfig::load(&path).map_err(|source| InitError::SshConfig {
+        path: path.clone(),
+        source,
+    })?;
+    let aliases = cfg.aliases();
+    if !aliases.iter().any(|a| a.eq_ignore_ascii_case(alias)) {
+        let suggestion = match config::did_you_mean(alias, aliases.iter().map(String::as_str)) {
+            Some(s) => format!(" (did you mean `{s}`?)"),
+            None if aliases.is_empty() => " (it names no hosts)".into(),
+            None => format!(" (it names: {})", aliases.join(", ")),
+        };
+        return Err(InitError::NoSuchAlias {
+            alias: alias.to_string(),
+            path,
+            suggestion,
+        });
+    }
+    flags.provider = Some("ssh".into());
+    flags.host = Some(alias.to_string());
+    Ok(())
+}
+
+/// What `~/.ssh/config` makes of the alias, as the builder will use it.
+fn show_ssh_alias(path: &Path, name: &str, alias: &str) -> anyhow::Result<()> {
+    let b = config::load(Some(path))?.builder(name)?;
+    let cfg_path = ssh_config_path();
+    let jump = SshConfig::load(&cfg_path)
+        .and_then(|c| c.resolve(alias, None))
+        .ok()
+        .and_then(|h| h.proxy_jump)
+        .unwrap_or_else(|| "none".into());
+    eprintln!(
+        "absconda: `Host {alias}` in `{}`: HostName {}, User {}, Port {}, ProxyJump {jump}",
+        cfg_path.display(),
+        b.host.as_deref().unwrap_or(alias),
+        b.user,
+        b.port,
+    );
+    Ok(())
+}
+
+/// `--label` / `--tag`, checked.
+#[derive(Debug, Default)]
+struct Filters {
+    labels: Vec<(String, Option<String>)>,
+    tags: Vec<(String, Option<String>)>,
+}
+
+impl Filters {
+    fn parse(labels: &[String], tags: &[String]) -> Result<Filters, InitError> {
+        let split = |v: &String| match v.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (v.clone(), None),
+        };
+        let mut f = Filters::default();
+        for l in labels {
+            let (k, v) = split(l);
+            // GCE label keys and values: lowercase letters, digits, `_`, `-`
+            // (so they need no quoting in a filter expression).
+            let ok = |s: &str| {
+                s.len() <= 63
+                    && s.chars().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-'
+                    })
+            };
+            if k.is_empty() || !ok(&k) || !v.as_deref().is_none_or(ok) {
+                return Err(InitError::BadFilter {
+                    flag: "label",
+                    value: l.clone(),
+                    why: "GCE labels use lowercase letters, digits, `_` and `-`",
+                });
+            }
+            f.labels.push((k, v));
+        }
+        for t in tags {
+            let (k, v) = split(t);
+            if k.is_empty() || k.len() > 128 || v.as_ref().is_some_and(|v| v.len() > 256) {
+                return Err(InitError::BadFilter {
+                    flag: "tag",
+                    value: t.clone(),
+                    why: "a tag key is 1 to 128 characters, its value up to 256",
+                });
+            }
+            f.tags.push((k, v));
+        }
+        Ok(f)
+    }
+
+    /// The `filter` of `instances.aggregatedList`: `labels.KEY = "VALUE"`
+    /// (or `labels.KEY:*`), each in parentheses, all required.
+    fn gce_filter(&self) -> Option<String> {
+        let exprs: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| match v {
+                Some(v) => format!("labels.{k} = \"{v}\""),
+                None => format!("labels.{k}:*"),
+            })
+            .collect();
+        match exprs.len() {
+            0 => None,
+            1 => exprs.into_iter().next(),
+            _ => Some(
+                exprs
+                    .iter()
+                    .map(|e| format!("({e})"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+        }
+    }
+
+    fn describe(pairs: &[(String, Option<String>)]) -> String {
+        pairs
+            .iter()
+            .map(|(k, v)| match v {
+                Some(v) => format!("`{k}={v}`"),
+                None => format!("`{k}`"),
+            })
+            .collect::<Vec<_>>()
+            .join(" and ")
+    }
+}
+
+/// The instances a provider's credentials see, for picking one.
+struct Listing {
+    provider: &'static str,
+    /// Where: `project `p`` or `region `r``, and the filter.
+    scope: String,
+    filter: String,
+    gce: Vec<ListedInstance>,
+    ec2: Vec<Ec2Listed>,
+}
+
+impl Listing {
+    fn len(&self) -> usize {
+        self.gce.len() + self.ec2.len()
+    }
+
+    /// Aligned columns; numbered for a menu.
+    fn table(&self, numbered: bool) -> String {
+        let mut rows: Vec<Vec<String>> = Vec::new();
+        if self.provider == "gcp" {
+            rows.push(vec![
+                "ZONE".into(),
+                "NAME".into(),
+                "STATUS".into(),
+                "ADDRESS".into(),
+                "LABELS".into(),
+            ]);
+            for i in &self.gce {
+                rows.push(vec![
+                    i.zone.clone(),
+                    i.name.clone(),
+                    i.status.clone(),
+                    i.external_ip
+                        .clone()
+                        .or_else(|| i.internal_ip.clone())
+                        .unwrap_or_else(|| "-".into()),
+                    i.labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ]);
+            }
+        } else {
+            rows.push(vec![
+                "INSTANCE ID".into(),
+                "NAME".into(),
+                "STATE".into(),
+                "ADDRESS".into(),
+            ]);
+            for i in &self.ec2 {
+                rows.push(vec![
+                    i.instance_id.clone(),
+                    i.name.clone().unwrap_or_else(|| "-".into()),
+                    i.state.clone(),
+                    i.address().unwrap_or_else(|| "-".into()),
+                ]);
+            }
+        }
+        let cols = rows[0].len();
+        let widths: Vec<usize> = (0..cols)
+            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+            .collect();
+        let mut out = String::new();
+        for (n, r) in rows.iter().enumerate() {
+            let mut line = String::new();
+            if numbered {
+                line.push_str(&if n == 0 {
+                    "     ".to_string()
+                } else {
+                    format!("{n:>3}) ")
+                });
+            }
+            for (c, cell) in r.iter().enumerate() {
+                if c + 1 == cols {
+                    line.push_str(cell);
+                } else {
+                    line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{} instance(s) in {}{}",
+            self.len(),
+            self.scope,
+            if self.filter.is_empty() {
+                String::new()
+            } else {
+                format!(" with {}", self.filter)
+            }
+        )
+    }
+}
+
+/// Lists what the credentials see: the VMs of `--project` (gcp) or the
+/// instances of `--region` (aws).
+async fn list(flags: &BuilderFlags, filters: &Filters) -> anyhow::Result<Listing> {
+    let backoff = Backoff {
+        deadline: CLOUD_TIMEOUT,
+        ..Backoff::default()
+    };
+    match provider(flags)? {
+        "gcp" => {
+            let project = flags.project.clone().ok_or(InitError::Missing {
+                flag: "project",
+                provider: "gcp".into(),
+            })?;
+            let gce = Gce::for_project(&project, flags.api_endpoint.clone(), backoff)?;
+            let found = gce.aggregated_list(filters.gce_filter().as_deref()).await?;
+            Ok(Listing {
+                provider: "gcp",
+                scope: format!("project `{project}`"),
+                filter: Filters::describe(&filters.labels),
+                gce: found,
+                ec2: Vec::new(),
+            })
+        }
+        "aws" => {
+            let ec2 = Ec2::new(Ec2Settings {
+                region: flags.region.clone(),
+                // Listing names no instance.
+                instance: Ec2Instance::Name(String::new()),
+                endpoint: flags.api_endpoint.clone(),
+                profile: None,
+                backoff,
+            })?;
+            let found = ec2.list_instances(&filters.tags).await?;
+            Ok(Listing {
+                provider: "aws",
+                scope: format!("region `{}`", ec2.region()),
+                filter: Filters::describe(&filters.tags),
+                gce: Vec::new(),
+                ec2: found,
+            })
+        }
+        _ => Err(InitError::ListNeedsCloud.into()),
+    }
+}
+
+/// Without a terminal: when the instance is left out, show what there is
+/// to pick from and say which flag picks it.
+async fn explain_missing(flags: &BuilderFlags, filters: &Filters) -> anyhow::Result<()> {
+    let (flag, missing) = match provider(flags)? {
+        "gcp" => (
+            "--instance",
+            flags.project.is_some() && (flags.zone.is_none() || flags.instance.is_none()),
+        ),
+        "aws" => (
+            "--instance-id",
+            flags.instance_id.is_none() && flags.instance.is_none(),
+        ),
+        _ => return Ok(()),
+    };
+    if !missing {
+        return Ok(());
+    }
+    let provider = provider(flags)?;
+    match list(flags, filters).await {
+        Ok(listing) if listing.len() == 0 => Err(InitError::NoneListed {
+            filter: listing.filter,
+        }
+        .into()),
+        Ok(listing) => {
+            print!("{}", listing.table(false));
+            Err(InitError::NotChosen {
+                flag,
+                provider,
+                count: listing.len(),
+            }
+            .into())
+        }
+        Err(e) => {
+            eprintln!(
+                "absconda: could not list the instances to pick from: {}",
+                crate::util::chain(e.as_ref())
+            );
+            Err(InitError::Missing {
+                flag: flag.trim_start_matches("--"),
+                provider: provider.into(),
+            }
+            .into())
+        }
+    }
+}
+
+/// On a terminal: the instance picked from a numbered menu.
+async fn pick_instance(flags: &mut BuilderFlags, filters: &Filters) -> anyhow::Result<bool> {
+    let listing = match list(flags, filters).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "absconda: could not list the instances to pick from: {}",
+                crate::util::chain(e.as_ref())
+            );
+            return Ok(false);
+        }
+    };
+    if listing.len() == 0 {
+        eprintln!("absconda: {}; type the instance's name", listing.summary());
+        return Ok(false);
+    }
+    eprintln!("absconda: {}:", listing.summary());
+    eprint!("{}", listing.table(true));
+    let default = if listing.len() == 1 { "1" } else { "" };
+    for _ in 0..5 {
+        let answer = ask(&format!("builder VM [1-{}]", listing.len()), default)?;
+        if answer.is_empty() {
+            return Err(InitError::NotPicked.into());
+        }
+        match answer.parse::<usize>() {
+            Ok(n) if (1..=listing.len()).contains(&n) => {
+                if let Some(i) = listing.gce.get(n - 1) {
+                    flags.zone = Some(i.zone.clone());
+                    flags.instance = Some(i.name.clone());
+                } else if let Some(i) = listing.ec2.get(n - 1) {
+                    flags.instance_id = Some(i.instance_id.clone());
+                }
+                return Ok(true);
+            }
+            _ => eprintln!("absconda: type a number from 1 to {}", listing.len()),
+        }
+    }
+    Err(InitError::NotPicked.into())
 }
 
 pub async fn add(args: AddArgs) -> anyhow::Result<()> {
@@ -179,8 +660,12 @@ pub async fn add(args: AddArgs) -> anyhow::Result<()> {
         }
         .into());
     }
-    let provider = provider(&args.builder)?;
-    let entry = builder_text(&args.name, provider, &args.builder)?;
+    let mut flags = args.builder.clone();
+    if let Some(alias) = args.builder.from_ssh_config.as_deref() {
+        use_ssh_alias(&mut flags, alias)?;
+    }
+    let provider = provider(&flags)?;
+    let entry = builder_text(&args.name, provider, &flags)?;
     let new = insert_builder(&text, &entry);
     ConfigFile::parse(&path, &new)
         .and_then(|f| f.builder(&args.name).map(|_| ()))
@@ -194,7 +679,12 @@ pub async fn add(args: AddArgs) -> anyhow::Result<()> {
         args.name,
         path.display()
     );
-    check(&path, &args.name, &args.builder).await
+    if let Some(alias) = flags.from_ssh_config.as_deref() {
+        show_ssh_alias(&path, &args.name, alias)?;
+    }
+    let interactive = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+    let rerun = "set `host_key: \"FINGERPRINT\"` on the builder with the fingerprint above, or `host_key_policy: accept-new`";
+    check(&path, &args.name, &flags, interactive, rerun).await
 }
 
 fn global_path() -> PathBuf {
@@ -222,27 +712,51 @@ fn provider(flags: &BuilderFlags) -> Result<&'static str, InitError> {
     }
 }
 
-/// Asks on the terminal for what a builder of the chosen provider needs.
-fn ask_missing(flags: &mut BuilderFlags) -> anyhow::Result<()> {
+/// Asks on the terminal for what a builder of the chosen provider needs;
+/// a cloud instance is picked from the list the credentials see.
+async fn ask_missing(flags: &mut BuilderFlags, filters: &Filters) -> anyhow::Result<()> {
     if flags.provider.is_none() && flags.host.is_none() && provider(flags)? == "ssh" {
         flags.provider = Some(ask("provider: ssh (an always-on host), gcp or aws", "ssh")?);
     }
-    let need: &[(&str, Field)] = match provider(flags)? {
-        "gcp" => &[
-            ("GCE project", |f| &mut f.project),
-            ("zone", |f| &mut f.zone),
-            ("instance name", |f| &mut f.instance),
-        ],
-        "aws" => &[
-            ("EC2 region", |f| &mut f.region),
-            ("instance id", |f| &mut f.instance_id),
-        ],
-        _ => &[("host (name or address)", |f| &mut f.host)],
-    };
-    for (what, field) in need {
-        if field(flags).is_none() {
-            *field(flags) = Some(ask(what, "")?);
+    match provider(flags)? {
+        "gcp" => {
+            if flags.project.is_none() {
+                flags.project = Some(ask("GCE project", "")?);
+            }
+            if (flags.zone.is_none() || flags.instance.is_none())
+                && !pick_instance(flags, filters).await?
+            {
+                if flags.zone.is_none() {
+                    flags.zone = Some(ask("zone", "")?);
+                }
+                if flags.instance.is_none() {
+                    flags.instance = Some(ask("instance name", "")?);
+                }
+            }
         }
+        "aws" => {
+            if flags.region.is_none() {
+                let default = std::env::var("AWS_REGION")
+                    .or_else(|_| std::env::var("AWS_DEFAULT_REGION"))
+                    .unwrap_or_default();
+                flags.region = Some(ask("EC2 region", &default)?);
+            }
+            if flags.instance_id.is_none()
+                && flags.instance.is_none()
+                && !pick_instance(flags, filters).await?
+            {
+                flags.instance_id = Some(ask("instance id", "")?);
+            }
+        }
+        _ => {
+            if flags.host.is_none() {
+                flags.host = Some(ask("host (name or address)", "")?);
+            }
+        }
+    }
+    if flags.from_ssh_config.is_some() {
+        // User and key come from `~/.ssh/config`.
+        return Ok(());
     }
     if flags.user.is_none() {
         let default = std::env::var("USER").unwrap_or_default();
@@ -340,6 +854,7 @@ fn builder_text(name: &str, provider: &str, f: &BuilderFlags) -> Result<String, 
     key("identity_file", &f.identity_file, "");
     key("host_key_policy", &f.host_key_policy, "");
     key("workspace", &f.workspace, "");
+    key("api_endpoint", &f.api_endpoint, "");
     if provider != "ssh" && f.host.is_none() {
         out.push_str(&format!(
             "    host_key_alias: {}   # the IP changes at every start\n",
@@ -430,26 +945,95 @@ fn write_atomic(path: &Path, text: &str) -> Result<(), InitError> {
 }
 
 /// The checks of `remote health`, with what to do about each failure.
-async fn check(path: &Path, name: &str, flags: &BuilderFlags) -> anyhow::Result<()> {
+///
+/// Never an error once the file is written: what the builder lacks is
+/// reported, each with its next step, and `init` exits 0 (scripts that need
+/// a ready builder run `absconda remote health NAME`, which exits non-zero).
+async fn check(
+    path: &Path,
+    name: &str,
+    flags: &BuilderFlags,
+    interactive: bool,
+    rerun: &str,
+) -> anyhow::Result<()> {
     if flags.no_check {
         return Ok(());
     }
     let file = config::load(Some(path))?;
     let builder = file.builder(name)?;
-    let Some(_) = &builder.host else {
-        eprintln!(
-            "absconda: next: `absconda remote start {name}` starts the VM and checks SSH and docker"
-        );
-        return Ok(());
+    let cloud = match Cloud::for_builder(&builder) {
+        Ok(c) => c,
+        Err(e) => {
+            not_checked(name, &anyhow::Error::from(e));
+            return Ok(());
+        }
     };
-    let ep = crate::provisioned::endpoint(&builder, &State::default())?;
+    let ep = match (&builder.host, &cloud) {
+        (Some(_), _) | (None, None) => crate::provisioned::endpoint(&builder, &State::default())?,
+        (None, Some(cloud)) => match tokio::time::timeout(CLOUD_TIMEOUT, cloud.describe())
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::cloud::CloudError::Timeout {
+                    what: format!("describing the VM of builder `{name}`"),
+                    after: CLOUD_TIMEOUT,
+                    last: None,
+                })
+            }) {
+            Ok(info) => match (&info.status, &info.address) {
+                (Status::Running, Some(address)) => Endpoint {
+                    target: crate::provisioned::target_at(&builder, address, builder.port),
+                    pins: Vec::new(),
+                    provisioned: None,
+                },
+                _ => {
+                    eprintln!(
+                        "absconda: the VM of builder `{name}` is {}: `absconda remote start {name}` starts it and checks SSH and docker",
+                        info.raw_status
+                    );
+                    return Ok(());
+                }
+            },
+            Err(e) => {
+                not_checked(name, &anyhow::Error::from(e));
+                return Ok(());
+            }
+        },
+    };
+    let offer = host_key(&ep, cloud.as_ref(), flags, interactive, rerun).await;
     let report = health::check(&builder, &ep, None).await;
+    eprintln!(
+        "absconda: checks of builder `{name}` at {}@{}:",
+        report.user, report.address
+    );
     for c in &report.checks {
         let mark = match c.status {
             Level::Fail => "FAIL",
             other => other.as_str(),
         };
         eprintln!("  {mark:<5} {:<9} {}", c.name, c.detail);
+        if c.status != Level::Fail {
+            continue;
+        }
+        let next = match c.name {
+            "ssh" if offer.is_some() => offer.clone(),
+            "ssh" if c.detail.contains("refused every key") => {
+                let tried: Vec<String> = builder
+                    .identity_files
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                Some(crate::hints::key_refused(
+                    &report.user,
+                    &ep.target.host,
+                    &tried,
+                ))
+            }
+            "docker" => Some(crate::hints::docker(&report.user, &c.detail)),
+            _ => None,
+        };
+        if let Some(next) = next {
+            eprintln!("        next: {next}");
+        }
     }
     if report.healthy {
         eprintln!(
@@ -457,10 +1041,179 @@ async fn check(path: &Path, name: &str, flags: &BuilderFlags) -> anyhow::Result<
         );
     } else {
         eprintln!(
-            "absconda: builder `{name}` is not ready yet; fix the FAIL lines (the hint of `absconda remote health {name}` says how), then run it again"
+            "absconda: builder `{name}` is not ready yet ({} failed); the file is written: fix what the FAIL lines say, then `absconda remote health {name}` checks again",
+            report.failed().join(", ")
         );
     }
     Ok(())
+}
+
+fn not_checked(name: &str, e: &anyhow::Error) {
+    eprintln!(
+        "absconda: could not check builder `{name}`: {}",
+        crate::util::chain(e.as_ref())
+    );
+    if let Some(hint) = crate::exit::hint(e) {
+        eprintln!("absconda: next: {hint}");
+    }
+}
+
+/// When `known_hosts` does not know the builder's key: record it if the
+/// flags or the user say so (the cloud's confirmation first), else return
+/// what to do about it.
+async fn host_key(
+    ep: &Endpoint,
+    cloud: Option<&Cloud>,
+    flags: &BuilderFlags,
+    interactive: bool,
+    rerun: &str,
+) -> Option<String> {
+    if ep.target.pin.is_some() || !ep.pins.is_empty() {
+        return None;
+    }
+    let mut strict = ep.clone();
+    strict.target.policy = HostKeyPolicy::Strict;
+    let (known_name, algorithm, fingerprint, known_hosts) =
+        match crate::provisioned::connect(&strict).await {
+            Ok(s) => {
+                s.close().await;
+                return None;
+            }
+            Err(SshError::UnknownHostKey {
+                name,
+                algorithm,
+                fingerprint,
+                known_hosts,
+            }) => (name, algorithm, fingerprint, known_hosts),
+            Err(_) => return None,
+        };
+    if ep.target.policy == HostKeyPolicy::AcceptNew {
+        // The health check's connection records it, as the config asks.
+        return None;
+    }
+    let presented = fingerprint.trim_end_matches('=').to_string();
+    eprintln!(
+        "absconda: `{known_name}` presents {algorithm} key {fingerprint}, which `{}` does not record",
+        known_hosts.display()
+    );
+    let (source, reported) = match cloud {
+        Some(c) => (
+            c.host_key_source(),
+            match tokio::time::timeout(CLOUD_TIMEOUT, c.host_key_fingerprints()).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {}s", CLOUD_TIMEOUT.as_secs())),
+            },
+        ),
+        None => ("", Ok(Vec::new())),
+    };
+    let confirmed = matches!(&reported, Ok(r) if r.contains(&presented));
+    if let (Some(_), Ok(r)) = (cloud, &reported)
+        && !r.is_empty()
+        && !confirmed
+    {
+        eprintln!(
+            "absconda: the cloud reports other keys for this VM in its {source} ({}): someone else may be answering at its address, so absconda will not trust it",
+            r.join(", ")
+        );
+        return Some(format!(
+            "do not connect until you know why: compare the keys in the VM's {source} with {fingerprint}"
+        ));
+    }
+    if let (Some(_), Err(e)) = (cloud, &reported) {
+        eprintln!("absconda: could not read the host keys the cloud reports ({source}): {e}");
+    }
+    let how = if confirmed {
+        eprintln!("absconda: the cloud confirms this key ({source})");
+        let asked = flags.trust_cloud_host_key || flags.accept_new_host_key;
+        (asked
+            || (interactive && yes("record it in known_hosts (it is the key the cloud reports)?")))
+        .then_some("confirmed by the cloud")
+    } else if flags.accept_new_host_key {
+        Some("on first use, as `--accept-new-host-key` asked")
+    } else if interactive
+        && yes(&format!(
+            "record it in known_hosts? compare it first with `ssh-keygen -lf /etc/ssh/ssh_host_{}_key.pub` on the builder",
+            key_file_type(&algorithm)
+        ))
+    {
+        Some("on first use, as you answered")
+    } else {
+        None
+    };
+    let Some(how) = how else {
+        return Some(if confirmed {
+            format!(
+                "the cloud confirms the key: {}",
+                rerun.replace("--accept-new-host-key", "--trust-cloud-host-key")
+            )
+        } else {
+            format!(
+                "if {fingerprint} is what `ssh-keygen -lf /etc/ssh/ssh_host_{}_key.pub` prints on the builder, {rerun}",
+                key_file_type(&algorithm)
+            )
+        });
+    };
+    match record(ep, &known_name, &presented).await {
+        Ok(()) => {
+            eprintln!(
+                "absconda: recorded the host key of `{known_name}` ({algorithm} {fingerprint}) in `{}`, {how}",
+                known_hosts.display()
+            );
+            None
+        }
+        Err(e) => Some(format!(
+            "could not record the key: {}",
+            crate::util::chain(&e)
+        )),
+    }
+}
+
+/// `ed25519` for `ssh-ed25519`, as in `/etc/ssh/ssh_host_ed25519_key.pub`.
+fn key_file_type(algorithm: &str) -> &'static str {
+    let a = algorithm.to_ascii_lowercase();
+    if a.contains("ed25519") {
+        "ed25519"
+    } else if a.contains("ecdsa") {
+        "ecdsa"
+    } else {
+        "rsa"
+    }
+}
+
+/// Connects accepting exactly `fingerprint`, and records the key under `name`.
+async fn record(ep: &Endpoint, name: &str, fingerprint: &str) -> Result<(), RecordError> {
+    let mut pinned = ep.clone();
+    pinned.target.pin = Some(Pin::Fingerprint(fingerprint.to_string()));
+    let session = crate::provisioned::connect(&pinned).await?;
+    let key = session.host_key().clone();
+    session.close().await;
+    let path = ep.target.known_hosts.clone();
+    let entry = name.to_string();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut known = KnownHosts::load(&path)?;
+        if matches!(known.check(&entry, &key), Verdict::Known { .. }) {
+            return Ok(());
+        }
+        known.record(&entry, &key)
+    })
+    .await
+    .map_err(|e| RecordError::Io(std::io::Error::other(e)))?
+    .map_err(RecordError::Io)
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RecordError {
+    #[error("could not connect again")]
+    Ssh(#[from] SshError),
+    #[error("could not write known_hosts")]
+    Io(#[source] std::io::Error),
+}
+
+/// A yes/no question on the terminal; no unless the answer starts with `y`.
+fn yes(question: &str) -> bool {
+    ask(&format!("{question} [y/N]"), "")
+        .map(|a| a.trim().to_ascii_lowercase().starts_with('y'))
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -481,6 +1234,23 @@ mod tests {
             insert_builder("defaults:\n  timeout: 1", "  b:\n    host: x\n"),
             "defaults:\n  timeout: 1\nbuilders:\n  b:\n    host: x\n"
         );
+    }
+
+    #[test]
+    fn label_and_tag_filters() {
+        let f = Filters::parse(&["role=builder".into()], &[]).unwrap();
+        assert_eq!(f.gce_filter().as_deref(), Some("labels.role = \"builder\""));
+        let f = Filters::parse(&["team=ml".into(), "gpu".into()], &["Name=x y".into()]).unwrap();
+        assert_eq!(
+            f.gce_filter().as_deref(),
+            Some("(labels.team = \"ml\") (labels.gpu:*)")
+        );
+        assert_eq!(f.tags, [("Name".to_string(), Some("x y".to_string()))]);
+        assert_eq!(Filters::parse(&[], &[]).unwrap().gce_filter(), None);
+        for bad in ["Role=x", "role=a b", "role=\"x\"", "=x", ""] {
+            assert!(Filters::parse(&[bad.into()], &[]).is_err(), "{bad}");
+        }
+        assert!(Filters::parse(&[], &["=v".into()]).is_err());
     }
 
     #[test]

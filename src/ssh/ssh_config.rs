@@ -294,6 +294,23 @@ impl SshConfig {
         Ok(())
     }
 
+    /// The names `Host` lines give literally (no wildcard, no negation),
+    /// in file order: the aliases a user can name.
+    pub fn aliases(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for block in &self.blocks {
+            if let Cond::Host(patterns) = &block.cond {
+                for p in patterns {
+                    let literal = !p.contains(['*', '?', '!']);
+                    if literal && !out.iter().any(|o| o.eq_ignore_ascii_case(p)) {
+                        out.push(p.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The settings for `alias` (what the user wrote as `host:`).
     /// `user` is the user absconda would log in as if the file names none.
     pub fn resolve(&self, alias: &str, user: Option<&str>) -> Result<HostConfig, SshConfigError> {
@@ -511,6 +528,16 @@ fn apply(hc: &mut HostConfig, seen: &mut Vec<String>, opt: &Opt) -> Result<(), S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aliases_are_the_literal_host_names() {
+        let cfg = SshConfig::parse(
+            Path::new("/t/config"),
+            "Host *\n  User me\nHost a b\n  Port 1\nHost *.x !c.x d\nMatch host e\n  Port 2\nHost A\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.aliases(), ["a", "b", "d"]);
+    }
 
     fn resolve(text: &str, alias: &str) -> Result<HostConfig, SshConfigError> {
         SshConfig::parse(Path::new("/t/config"), text)?.resolve(alias, None)

@@ -624,3 +624,44 @@ async fn the_environment_alone_configures_the_provider() {
     let ec2 = Ec2::with_env(settings, env).unwrap();
     assert_eq!(ec2.describe().await.unwrap().id, id);
 }
+
+#[tokio::test]
+async fn listing_follows_next_token_and_filters_by_tag() {
+    let moto = moto!();
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        ids.push(moto.run_instance(Some(&format!("box-{i:02}"))).await);
+    }
+    let ec2 = moto.ec2(Ec2Instance::Id(ids[0].clone()));
+    for id in &ids[..7] {
+        ec2.query(
+            "CreateTags",
+            &[
+                ("ResourceId.1", id.as_str()),
+                ("Tag.1.Key", "pool"),
+                ("Tag.1.Value", "builders"),
+            ],
+        )
+        .await
+        .unwrap();
+    }
+    moto.terminate(&ids[11]).await;
+    // Five per page: three pages for the eleven that are not terminated.
+    let all = ec2.list_instances_paged(&[], 5).await.unwrap();
+    let names: Vec<_> = all.iter().filter_map(|i| i.name.clone()).collect();
+    let want: Vec<_> = (0..11).map(|i| format!("box-{i:02}")).collect();
+    assert_eq!(names, want);
+    let pool = ec2
+        .list_instances_paged(&[("pool".into(), Some("builders".into()))], 5)
+        .await
+        .unwrap();
+    let got: Vec<_> = pool.iter().map(|i| i.instance_id.clone()).collect();
+    let mut want = ids[..7].to_vec();
+    want.sort_by_key(|id| ids.iter().position(|x| x == id));
+    assert_eq!(got, want);
+    let none = ec2
+        .list_instances(&[("pool".into(), Some("nobody".into()))])
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}

@@ -787,12 +787,18 @@ fn init_for_clouds_by_flags_and_missing_flags_are_named() {
         let mut c = Command::new(BIN);
         c.env_clear()
             .env("HOME", t.path().join("home"))
+            // No credentials anywhere, and never the real clouds (the
+            // unconfigured GCE metadata server is probed briefly).
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_ENDPOINT_URL_EC2", "http://127.0.0.1:1")
             .current_dir(t.path());
         c
     };
     let out = cmd()
         .args([
             "init",
+            "--api-endpoint",
+            "http://127.0.0.1:1",
             "--global",
             "--provider",
             "gcp",
@@ -805,8 +811,14 @@ fn init_for_clouds_by_flags_and_missing_flags_are_named() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
+    // Written, then checked as far as the credentials allow.
     assert!(
-        stderr(&out).contains("absconda remote start gcp-builder"),
+        stderr(&out).contains("could not check builder `gcp-builder`: authentication failed"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stderr(&out).contains("next: run `gcloud auth application-default login`"),
         "{}",
         text(&out)
     );
@@ -814,6 +826,11 @@ fn init_for_clouds_by_flags_and_missing_flags_are_named() {
     let yaml = std::fs::read_to_string(&global).unwrap();
     assert!(yaml.contains("    provider: gcp\n    project: p\n    zone: europe-west1-b\n    instance: absconda-builder\n"), "{yaml}");
     assert!(yaml.contains("host_key_alias: gcp-builder"), "{yaml}");
+    assert!(
+        yaml.contains("api_endpoint: \"http://127.0.0.1:1\"")
+            || yaml.contains("api_endpoint: http"),
+        "{yaml}"
+    );
 
     let out = cmd()
         .args([
@@ -835,6 +852,11 @@ fn init_for_clouds_by_flags_and_missing_flags_are_named() {
     );
     assert!(
         stderr(&out).contains("hint: pass `--instance-id VALUE`"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stderr(&out).contains("could not list the instances to pick from"),
         "{}",
         text(&out)
     );

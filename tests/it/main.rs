@@ -20,6 +20,7 @@ mod gce;
 mod generate;
 mod hostkeys;
 mod hostkeys_cloud;
+mod init;
 mod lease;
 mod lifecycle;
 mod outputs;

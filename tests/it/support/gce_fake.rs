@@ -22,6 +22,12 @@
 //!   `ssh-keys` entries (or, with `enable-oslogin=TRUE`, the OS Login keys
 //!   of `support::oslogin_fake`) written to `<dir>/<user>` for sshd's
 //!   `AuthorizedKeysFile <dir>/%u`;
+//! - `instances.aggregatedList` (`projects/{p}/aggregated/instances`):
+//!   `items` keyed by `zones/{zone}` (a zone with nothing on the page gets
+//!   the `NO_RESULTS_ON_PAGE` warning), `labels`, `maxResults` up to 500, an
+//!   opaque `nextPageToken` honoured only with the same `filter` and
+//!   `maxResults`, list filters (`FIELD = VALUE`, `!=`, `:`, `:*`, several
+//!   in parentheses) and a 400 for unknown query parameters or filters;
 //! - Google's JSON errors, and an HTML 404 page for unknown paths;
 //! - Bearer tokens checked on every API call: tokens it minted at its
 //!   `/token` endpoint (refresh-token grant for `authorized_user`, JWT-bearer
@@ -162,6 +168,7 @@ pub enum Route {
     GuestAttributes,
     SetMetadata,
     GetProject,
+    AggregatedList,
     OsLogin,
     Token,
     Metadata,
@@ -271,6 +278,8 @@ struct InstanceState {
     last_start: Option<String>,
     last_stop: Option<String>,
     last_suspended: Option<String>,
+    /// `labels`, as `instances.setLabels` would leave them.
+    labels: Vec<(String, String)>,
     /// Guest attributes `hostkeys/<type>` = base64 key, visible from
     /// `host_keys_at` on (the guest agent writes them a little after boot).
     host_keys: Vec<(String, String)>,
@@ -344,6 +353,11 @@ struct State {
     /// stands in for.
     guest_keys: Option<(String, PathBuf)>,
     set_metadata_bodies: Vec<Value>,
+    /// Largest page `instances.aggregatedList` returns (Google may return
+    /// fewer than `maxResults`), and the page tokens it issued: token →
+    /// (offset, filter, maxResults) of the listing it continues.
+    list_page_size: usize,
+    page_tokens: HashMap<String, (usize, Option<String>, Option<String>)>,
 }
 
 impl State {
@@ -472,6 +486,8 @@ impl GceFake {
                 oslogin: Default::default(),
                 guest_keys: None,
                 set_metadata_bodies: Vec::new(),
+                list_page_size: 500,
+                page_tokens: HashMap::new(),
             }),
         });
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -559,6 +575,7 @@ impl GceFake {
             last_start: None,
             last_stop: None,
             last_suspended: None,
+            labels: Vec::new(),
             host_keys: Vec::new(),
             host_keys_at: None,
             metadata: Vec::new(),
@@ -569,6 +586,25 @@ impl GceFake {
         set_status(&mut inst, status, &mut next_ip);
         st.next_ip = next_ip;
         st.instances.push(inst);
+    }
+
+    /// Sets the VM's labels (as `instances.setLabels` would).
+    pub fn set_labels(&self, name: &str, labels: &[(&str, &str)]) {
+        let mut st = self.shared.lock();
+        let inst = st
+            .instances
+            .iter_mut()
+            .find(|i| i.name == name)
+            .expect("no such instance");
+        inst.labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// The most instances one page of `instances.aggregatedList` holds.
+    pub fn set_list_page_size(&self, n: usize) {
+        self.shared.lock().list_page_size = n.max(1);
     }
 
     /// The status `instances.get` would report now.
@@ -1172,6 +1208,10 @@ enum ApiPath {
     Project {
         project: String,
     },
+    /// `projects/{p}/aggregated/instances`: `instances.aggregatedList`.
+    Aggregated {
+        project: String,
+    },
     /// `oslogin.googleapis.com/v1/users/...`, served by `oslogin_fake`.
     OsLogin,
     Instance {
@@ -1215,6 +1255,9 @@ fn parse_api_path(path: &str) -> Option<ApiPath> {
     let seg: Vec<String> = rest.split('/').map(percent_decode).collect();
     let s: Vec<&str> = seg.iter().map(String::as_str).collect();
     match s.as_slice() {
+        ["projects", p, "aggregated", "instances"] => Some(ApiPath::Aggregated {
+            project: p.to_string(),
+        }),
         ["projects", p] => Some(ApiPath::Project {
             project: p.to_string(),
         }),
@@ -1262,6 +1305,7 @@ fn route_of(which: Listener, req: &Request) -> Route {
             }),
         ) if a == "getGuestAttributes" => Route::GuestAttributes,
         ("GET", Some(ApiPath::Project { .. })) => Route::GetProject,
+        ("GET", Some(ApiPath::Aggregated { .. })) => Route::AggregatedList,
         (_, Some(ApiPath::OsLogin)) => Route::OsLogin,
         (
             "POST",
@@ -1295,6 +1339,7 @@ fn scope_matches(scope: Scope, route: Route) -> bool {
                 | Route::GuestAttributes
                 | Route::SetMetadata
                 | Route::GetProject
+                | Route::AggregatedList
         ),
         Scope::Mutations => matches!(route, Route::Start | Route::Stop | Route::Resume),
         Scope::Operations => matches!(route, Route::GetOperation | Route::WaitOperation),
@@ -1440,11 +1485,14 @@ async fn dispatch(
                     Route::GuestAttributes => "compute.instances.getGuestAttributes",
                     Route::SetMetadata => "compute.instances.setMetadata",
                     Route::GetProject => "compute.projects.get",
+                    Route::AggregatedList => "compute.instances.list",
                     Route::OsLogin => "compute.oslogin.updateExternalUser",
                     _ => "compute.instances.get",
                 };
                 let resource = match &path {
-                    ApiPath::Project { project } => format!("projects/{project}"),
+                    ApiPath::Project { project } | ApiPath::Aggregated { project } => {
+                        format!("projects/{project}")
+                    }
                     ApiPath::OsLogin => req.path.clone(),
                     ApiPath::Instance {
                         project,
@@ -1469,6 +1517,7 @@ async fn dispatch(
             let user = principal.clone().unwrap_or_default();
             match path {
                 ApiPath::Project { project } => project_call(shared, &project),
+                ApiPath::Aggregated { project } => aggregated_list(shared, &project, req),
                 ApiPath::OsLogin => {
                     let mut st = shared.lock();
                     let (status, body) =
@@ -1584,6 +1633,16 @@ fn instance_json(inst: &InstanceState) -> Value {
         },
         "cpuPlatform": if running { "AMD Rome" } else { "Unknown CPU Platform" },
         "labelFingerprint": "42WmSpB8rSM=",
+        "labels": if inst.labels.is_empty() {
+            Value::Null
+        } else {
+            Value::Object(
+                inst.labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), json!(v)))
+                    .collect(),
+            )
+        },
         "startRestricted": false,
         "deletionProtection": false,
         "fingerprint": "Dh7VQ3zCzDc=",
@@ -2238,6 +2297,254 @@ fn metadata_json(items: &[(String, String)], fingerprint: &str) -> Value {
 }
 
 /// `projects.get`: a Project resource with its common instance metadata.
+/// Query parameters `instances.aggregatedList` takes (its own and the
+/// system parameters every Google API takes); Google refuses any other.
+const AGGREGATED_LIST_PARAMS: &[&str] = &[
+    "filter",
+    "maxResults",
+    "orderBy",
+    "pageToken",
+    "includeAllScopes",
+    "returnPartialSuccess",
+    "serviceProjectNumber",
+    "alt",
+    "fields",
+    "key",
+    "prettyPrint",
+    "quotaUser",
+    "userIp",
+    "$.xgafv",
+];
+
+/// One comparison of a list filter: `FIELD OP VALUE`.
+#[derive(Debug, Clone, PartialEq)]
+struct FilterExpr {
+    field: String,
+    op: String,
+    value: String,
+}
+
+/// Parses a list filter as the compute reference describes it: one
+/// expression `FIELD OP VALUE` (OP one of `=`, `!=`, `:`; `:*` tests that a
+/// field is set), or several, each in parentheses, all of which must hold
+/// (an explicit `AND` between them is allowed). Values may be double-quoted.
+/// `OR` and other operators are beyond this fake and refused.
+fn parse_filter(filter: &str) -> Result<Vec<FilterExpr>, String> {
+    let f = filter.trim();
+    let parts: Vec<String> = if f.starts_with('(') {
+        let mut parts = Vec::new();
+        let mut rest = f;
+        loop {
+            rest = rest.trim_start();
+            if rest.is_empty() {
+                break;
+            }
+            if let Some(r) = rest.strip_prefix("AND ") {
+                rest = r;
+                continue;
+            }
+            let r = rest.strip_prefix('(').ok_or("expected `(`")?;
+            let close = r.find(')').ok_or("unbalanced parentheses")?;
+            parts.push(r[..close].to_string());
+            rest = &r[close + 1..];
+        }
+        parts
+    } else {
+        vec![f.to_string()]
+    };
+    let mut out = Vec::new();
+    for p in parts {
+        let p = p.trim();
+        let (field, op, value) = if let Some(i) = p.find("!=") {
+            (&p[..i], "!=", &p[i + 2..])
+        } else if let Some(i) = p.find(['=', ':']) {
+            (&p[..i], &p[i..i + 1], &p[i + 1..])
+        } else {
+            return Err(format!("no operator in `{p}`"));
+        };
+        let field = field.trim();
+        let value = value.trim();
+        let value = match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+            Some(v) => v.to_string(),
+            None if value.contains(char::is_whitespace) || value.is_empty() => {
+                return Err(format!("bad value in `{p}`"));
+            }
+            None => value.to_string(),
+        };
+        let known = field == "name"
+            || field == "status"
+            || field
+                .strip_prefix("labels.")
+                .is_some_and(|k| !k.is_empty() && !k.contains(char::is_whitespace));
+        if !known {
+            return Err(format!("field `{field}` is not supported by this fake"));
+        }
+        if value.contains(" OR ") || field.contains(" OR ") {
+            return Err("OR is not supported by this fake".into());
+        }
+        out.push(FilterExpr {
+            field: field.to_string(),
+            op: op.to_string(),
+            value,
+        });
+    }
+    Ok(out)
+}
+
+fn filter_matches(inst: &InstanceState, exprs: &[FilterExpr]) -> bool {
+    exprs.iter().all(|e| {
+        let actual: Option<&str> = match e.field.as_str() {
+            "name" => Some(&inst.name),
+            "status" => Some(&inst.status),
+            f => f.strip_prefix("labels.").and_then(|k| {
+                inst.labels
+                    .iter()
+                    .find(|(lk, _)| lk == k)
+                    .map(|(_, v)| v.as_str())
+            }),
+        };
+        match (e.op.as_str(), actual) {
+            (":", a) if e.value == "*" => a.is_some(),
+            ("=", Some(a)) => a == e.value,
+            (":", Some(a)) => a.contains(&e.value),
+            ("!=", a) => a != Some(e.value.as_str()),
+            _ => false,
+        }
+    })
+}
+
+/// `instances.aggregatedList`: the project's VMs in every zone, keyed by
+/// `zones/{zone}` (a zone with none on the page carries the
+/// `NO_RESULTS_ON_PAGE` warning instead), `maxResults` at most 500, and a
+/// `nextPageToken` while more remain. A `pageToken` is honoured only with
+/// the `filter` and `maxResults` of the request that issued it.
+fn aggregated_list(shared: &Arc<Shared>, project: &str, req: &Request) -> Response {
+    let invalid = |field: &str, value: &str, why: &str| {
+        google_error(
+            400,
+            &format!("Invalid value for field '{field}': '{value}'. {why}"),
+            "invalid",
+            Some("INVALID_ARGUMENT"),
+        )
+    };
+    for (k, _) in url::form_urlencoded::parse(req.query.as_bytes()) {
+        if !AGGREGATED_LIST_PARAMS.contains(&k.as_ref()) {
+            return google_error(
+                400,
+                &format!(
+                    "Invalid JSON payload received. Unknown name \"{k}\": Cannot bind query parameter. Field '{k}' could not be found in request message."
+                ),
+                "invalid",
+                Some("INVALID_ARGUMENT"),
+            );
+        }
+    }
+    let filter = req.query_param("filter");
+    let max_results = req.query_param("maxResults");
+    let max = match max_results.as_deref().map(str::parse::<usize>) {
+        None => 500,
+        Some(Ok(n)) if n <= 500 => n,
+        Some(_) => {
+            return invalid(
+                "maxResults",
+                max_results.as_deref().unwrap_or_default(),
+                "Must be less than or equal to 500",
+            );
+        }
+    };
+    if let Some(v) = req.query_param("returnPartialSuccess")
+        && v != "true"
+        && v != "false"
+    {
+        return invalid("returnPartialSuccess", &v, "Must be a boolean");
+    }
+    let exprs = match filter.as_deref().map(parse_filter) {
+        None => Vec::new(),
+        Some(Ok(e)) => e,
+        Some(Err(why)) => {
+            return invalid(
+                "filter",
+                filter.as_deref().unwrap_or_default(),
+                &format!("Invalid list filter expression ({why})."),
+            );
+        }
+    };
+    let mut st = shared.lock();
+    if project != PROJECT {
+        return not_found(&format!("projects/{project}"));
+    }
+    st.advance();
+    let offset = match req.query_param("pageToken") {
+        None => 0,
+        Some(t) => match st.page_tokens.get(&t) {
+            Some((off, f, m)) if *f == filter && *m == max_results => *off,
+            Some(_) => {
+                return invalid(
+                    "pageToken",
+                    &t,
+                    "The page token was issued for a request with other parameters.",
+                );
+            }
+            None => return invalid("pageToken", &t, "Invalid page token."),
+        },
+    };
+    let mut matching: Vec<&InstanceState> = st
+        .instances
+        .iter()
+        .filter(|i| i.project == project && filter_matches(i, &exprs))
+        .collect();
+    matching.sort_by(|a, b| (&a.zone, a.id).cmp(&(&b.zone, b.id)));
+    let page_len = if max == 0 { 500 } else { max }.min(st.list_page_size);
+    let page: Vec<&InstanceState> = matching
+        .iter()
+        .skip(offset)
+        .take(page_len)
+        .copied()
+        .collect();
+    let mut zones: Vec<String> = st
+        .instances
+        .iter()
+        .filter(|i| i.project == project)
+        .map(|i| i.zone.clone())
+        .chain([ZONE.to_string(), "europe-west1-b".to_string()])
+        .collect();
+    zones.sort();
+    zones.dedup();
+    let mut items = serde_json::Map::new();
+    for zone in &zones {
+        let scope = format!("zones/{zone}");
+        let here: Vec<Value> = page
+            .iter()
+            .filter(|i| &i.zone == zone)
+            .map(|i| instance_json(i))
+            .collect();
+        let value = if here.is_empty() {
+            json!({"warning": {
+                "code": "NO_RESULTS_ON_PAGE",
+                "message": format!("There are no results for scope '{scope}' on this page."),
+                "data": [{"key": "scope", "value": scope}]
+            }})
+        } else {
+            json!({ "instances": here })
+        };
+        items.insert(scope, value);
+    }
+    let next = offset + page.len();
+    let mut body = json!({
+        "kind": "compute#instanceAggregatedList",
+        "id": format!("projects/{project}/aggregated/instances"),
+        "items": items,
+        "selfLink": format!("{LINK_BASE}/projects/{project}/aggregated/instances"),
+    });
+    if next < matching.len() {
+        let token = STANDARD.encode(rand::random::<[u8; 18]>());
+        body["nextPageToken"] = json!(token);
+        st.page_tokens
+            .insert(token, (next, filter.clone(), max_results.clone()));
+    }
+    json_response(200, body)
+}
+
 fn project_call(shared: &Arc<Shared>, project: &str) -> Response {
     let st = shared.lock();
     if project != PROJECT {
