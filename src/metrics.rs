@@ -261,6 +261,8 @@ mod tests {
                 .into_iter()
                 .collect(),
             vm_seconds: vm,
+            pool: None,
+            queue_seconds: None,
         }
     }
 

@@ -24,6 +24,7 @@ mod lease;
 mod lifecycle;
 mod outputs;
 mod parity;
+mod pools;
 mod retry;
 mod safety;
 mod secrets;

@@ -1,0 +1,385 @@
+//! Builder pools: several real sshd builders behind one name, concurrent
+//! clients, affinity measured on the wire, failover past dead builders and
+//! VMs the cloud cannot start.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Instant;
+
+use crate::support::absconda::{BIN, text};
+use crate::support::counting_proxy::CountingProxy;
+use crate::support::docker::{BASE_IMAGE, DOCKER_CLI, docker};
+use crate::support::gce_fake::{Flow, GceFake};
+use crate::support::sshd::{SSHD, Sshd};
+use crate::support::tempdir;
+
+fn services() -> bool {
+    crate::support::require(SSHD) && crate::support::require("dockerd")
+}
+
+/// A builder as seen through a counting proxy: its sshd, its own
+/// workspace, and the bytes that went to it.
+struct Member {
+    name: String,
+    sshd: Sshd,
+    proxy: CountingProxy,
+    workspace: PathBuf,
+}
+
+impl Member {
+    fn start(name: &str, dir: &Path) -> Member {
+        let sshd = Sshd::start(Some(&docker().host));
+        let upstream = format!("{}:{}", sshd.listen, sshd.port).parse().unwrap();
+        let proxy = CountingProxy::start("127.0.0.1:0", upstream);
+        let workspace = dir.join(format!("ws-{name}"));
+        Member {
+            name: name.into(),
+            sshd,
+            proxy,
+            workspace,
+        }
+    }
+
+    /// The builder's lines in the builders file (the host key pinned, since
+    /// it is reached through the proxy's port).
+    fn yaml(&self, extra: &str) -> String {
+        format!(
+            "  {name}:\n    host: 127.0.0.1\n    port: {port}\n    user: root\n    identity_file: {key}\n    host_key: {fp}\n    workspace: {ws}\n    docker: {DOCKER_CLI}\n{extra}",
+            name = self.name,
+            port = self.proxy.addr.port(),
+            key = self.sshd.user_key.display(),
+            fp = self.sshd.fingerprint(),
+            ws = self.workspace.display(),
+        )
+    }
+}
+
+/// One user's machine: its own HOME (state, sync cache) and context.
+struct Client {
+    home: PathBuf,
+    context: PathBuf,
+}
+
+impl Client {
+    fn new(dir: &Path, name: &str, dockerfile: &str) -> Client {
+        let home = dir.join(format!("home-{name}"));
+        let context = dir.join(format!("ctx-{name}"));
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::create_dir_all(&context).unwrap();
+        std::fs::write(context.join("Dockerfile"), dockerfile).unwrap();
+        std::fs::write(context.join("who.txt"), name).unwrap();
+        Client { home, context }
+    }
+
+    fn build(
+        &self,
+        config: &Path,
+        builder: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Output {
+        let mut c = Command::new(BIN);
+        c.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", &self.home)
+            .env("USER", "tester")
+            .env("ABSCONDA_REMOTE_CONFIG", config)
+            .args(["build", "--remote-builder", builder, "--context"])
+            .arg(&self.context)
+            .args(["--repository", "local/pool-test"])
+            .args(extra);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+}
+
+/// The builder a pool build ran on, from its `building on` line.
+fn built_on(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains(": building on `"))
+        .unwrap_or_else(|| panic!("no `building on` line:\n{}", text(out)));
+    line.rsplit('`').nth(1).unwrap().to_string()
+}
+
+/// `(start, end)` of the RUN step, in the kernel's uptime (one clock for
+/// every container on this machine), printed by the step itself.
+fn run_span(out: &Output, nonce: &str) -> (f64, f64) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let mut start = None;
+    let mut end = None;
+    for l in err.lines() {
+        let Some(rest) = l.split("span ").nth(1) else {
+            continue;
+        };
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        if words.len() >= 3 && words[2] == nonce {
+            let t: f64 = words[0].parse().unwrap();
+            match words[1] {
+                "start" => start = Some(t),
+                "end" => end = Some(t),
+                _ => {}
+            }
+        }
+    }
+    match (start, end) {
+        (Some(s), Some(e)) => (s, e),
+        _ => panic!("no span for {nonce}:\n{}", text(out)),
+    }
+}
+
+const SPAN_DOCKERFILE: &str = "FROM BASE\nARG NONCE\nRUN echo \"span $(cut -d' ' -f1 /proc/uptime) start $NONCE\" && sleep 4 && echo \"span $(cut -d' ' -f1 /proc/uptime) end $NONCE\"\n";
+
+#[test]
+fn concurrent_clients_share_a_pool_one_build_per_builder_at_a_time() {
+    if !services() {
+        return;
+    }
+    let dir = tempdir();
+    let members: Vec<Member> = ["b1", "b2", "b3"]
+        .iter()
+        .map(|n| Member::start(n, dir.path()))
+        .collect();
+    let config = dir.path().join("absconda-remote.yaml");
+    let mut yaml = String::from("builders:\n");
+    for m in &members {
+        yaml.push_str(&m.yaml(""));
+    }
+    yaml.push_str("pools:\n  farm:\n    builders: [b1, b2, b3]\n    prefer: idle\n");
+    std::fs::write(&config, yaml).unwrap();
+    let dockerfile = SPAN_DOCKERFILE.replace("BASE", BASE_IMAGE);
+
+    // Six clients, two builds each, all at once.
+    let clients: Vec<Client> = (0..6)
+        .map(|i| Client::new(dir.path(), &format!("c{i}"), &dockerfile))
+        .collect();
+    let started = Instant::now();
+    let results: Vec<(String, Output)> = std::thread::scope(|s| {
+        let handles: Vec<_> = clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let config = &config;
+                s.spawn(move || {
+                    (0..2)
+                        .map(|j| {
+                            let nonce = format!("c{i}b{j}");
+                            let out = c.build(
+                                config,
+                                "farm",
+                                &[
+                                    "--no-cache",
+                                    "--network",
+                                    "none",
+                                    "--progress",
+                                    "plain",
+                                    "--build-arg",
+                                    &format!("NONCE={nonce}"),
+                                ],
+                                &[],
+                            );
+                            (nonce, out)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let wall = started.elapsed().as_secs_f64();
+
+    let mut spans: BTreeMap<String, Vec<(f64, f64, String)>> = BTreeMap::new();
+    for (nonce, out) in &results {
+        assert!(out.status.success(), "{nonce}: {}", text(out));
+        let (s, e) = run_span(out, nonce);
+        spans
+            .entry(built_on(out))
+            .or_default()
+            .push((s, e, nonce.clone()));
+    }
+    // No builder ever ran two builds at once.
+    for (builder, list) in &mut spans {
+        list.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for w in list.windows(2) {
+            assert!(
+                w[0].1 <= w[1].0,
+                "`{builder}` ran {} and {} at once: {list:?}",
+                w[0].2,
+                w[1].2
+            );
+        }
+    }
+    assert_eq!(spans.len(), 3, "every builder took builds: {spans:?}");
+    // Builds ran side by side on different builders: at some moment, the
+    // steps of at least two builders were running. (How much faster than
+    // one builder that makes a pool is measured in benches/, on machines
+    // whose cores are not shared by all three builders as here.)
+    let all: Vec<(f64, f64, &String)> = spans
+        .iter()
+        .flat_map(|(b, l)| l.iter().map(move |(s, e, _)| (*s, *e, b)))
+        .collect();
+    let overlapping = all
+        .iter()
+        .any(|a| all.iter().any(|b| a.2 != b.2 && a.0 < b.1 && b.0 < a.1));
+    assert!(
+        overlapping,
+        "no two builders ever built at the same time (whole run {wall:.1}s): {spans:?}"
+    );
+    for (builder, list) in &spans {
+        assert!(list.len() >= 2, "`{builder}` took only {list:?}: {spans:?}");
+    }
+    // Nothing left in any builder's queue or runs.
+    for m in &members {
+        let runs = std::fs::read_dir(m.workspace.join("runs")).unwrap().count();
+        assert_eq!(runs, 0, "{}: run folders left", m.name);
+        let waiters = std::fs::read_dir(m.workspace.join(".waiters"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(waiters, 0, "{}: queue tickets left", m.name);
+    }
+}
+
+#[test]
+fn a_pool_sends_a_context_to_the_builder_that_holds_its_copy() {
+    if !services() {
+        return;
+    }
+    let dir = tempdir();
+    let members: Vec<Member> = ["b1", "b2", "b3"]
+        .iter()
+        .map(|n| Member::start(n, dir.path()))
+        .collect();
+    let config = dir.path().join("absconda-remote.yaml");
+    let mut yaml = String::from("builders:\n");
+    for m in &members {
+        yaml.push_str(&m.yaml(""));
+    }
+    yaml.push_str("pools:\n  farm:\n    builders: [b1, b2, b3]\n");
+    std::fs::write(&config, yaml).unwrap();
+    let client = Client::new(
+        dir.path(),
+        "alice",
+        &format!("FROM {BASE_IMAGE}\nCOPY . /app/\n"),
+    );
+    // 2 MiB that does not compress.
+    let mut blob = vec![0u8; 2 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in &mut blob {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(client.context.join("data.bin"), &blob).unwrap();
+
+    // The first build goes to b3 by name: b3 now holds the copy.
+    let out = client.build(&config, "b3", &[], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let first = members[2].proxy.up();
+    assert!(first > 2 << 20, "the first build sent the context: {first}");
+    assert_eq!(members[0].proxy.up() + members[1].proxy.up(), 0);
+
+    // Through the pool, whose first builder is b1, it goes to b3 again,
+    // and sends almost nothing; b1 and b2 are not even dialled.
+    let out = client.build(&config, "farm", &[], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(built_on(&out), "b3");
+    let second = members[2].proxy.up() - first;
+    assert!(
+        second < 256 << 10,
+        "the repeated build sent {second} bytes to the builder that had the copy"
+    );
+    assert_eq!(
+        members[0].proxy.up() + members[1].proxy.up(),
+        0,
+        "other builders were contacted"
+    );
+    // The copy exists once, on b3.
+    for m in &members[..2] {
+        let copies = std::fs::read_dir(m.workspace.join("contexts"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(copies, 0, "{} got a copy", m.name);
+    }
+}
+
+#[test]
+fn a_pool_skips_an_unreachable_builder_and_a_vm_the_zone_cannot_start() {
+    if !services() {
+        return;
+    }
+    let dir = tempdir();
+    let fake = GceFake::start();
+    fake.add_instance("full-vm", "TERMINATED");
+    fake.add_instance("good-vm", "TERMINATED");
+    fake.fail_next_operation(
+        "ZONE_RESOURCE_POOL_EXHAUSTED",
+        "The zone does not have enough resources available to fulfill the request.",
+    );
+    let sshd = Sshd::start(Some(&docker().host));
+    // A port nothing listens on.
+    let dead_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let gcp = |instance: &str| {
+        format!(
+            "    provider: gcp\n    project: {}\n    zone: {}\n    instance: {instance}\n    api_endpoint: {}\n    ready_timeout: 60\n    host: {}\n    port: {}\n    user: root\n    identity_file: {}\n    known_hosts: {}\n    workspace: {}\n    docker: {DOCKER_CLI}\n",
+            fake.project(),
+            fake.zone(),
+            fake.api_endpoint(),
+            sshd.listen,
+            sshd.port,
+            sshd.user_key.display(),
+            sshd.known_hosts.display(),
+            dir.path().join(format!("ws-{instance}")).display(),
+        )
+    };
+    let config = dir.path().join("absconda-remote.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "builders:\n  gone:\n    host: 127.0.0.1\n    port: {dead_port}\n    user: root\n    identity_file: {key}\n    known_hosts: {kh}\n    connect_timeout: 5\n  full:\n{full}  good:\n{good}pools:\n  farm:\n    builders: [gone, full, good]\n",
+            key = sshd.user_key.display(),
+            kh = sshd.known_hosts.display(),
+            full = gcp("full-vm"),
+            good = gcp("good-vm"),
+        ),
+    )
+    .unwrap();
+    let client = Client::new(
+        dir.path(),
+        "ci",
+        &format!("FROM {BASE_IMAGE}\nCOPY who.txt /\n"),
+    );
+    let mut env = Vec::new();
+    for (k, v) in fake.credential_env(Flow::ServiceAccountKey, dir.path()) {
+        if let Some(v) = v {
+            env.push((k.to_string(), v));
+        }
+    }
+    let out = client.build(&config, "farm", &["--remote-off"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(built_on(&out), "good");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("skipping builder `gone`"),
+        "the dead builder is named: {err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("skipping builder `full`")
+                && l.contains("ZONE_RESOURCE_POOL_EXHAUSTED")),
+        "the full zone is named with the cloud's reason: {err}"
+    );
+    // The VM that could not start stays off; the one used was stopped again.
+    assert_eq!(fake.status("full-vm").as_deref(), Some("TERMINATED"));
+    fake.wait_for_status("good-vm", "TERMINATED", std::time::Duration::from_secs(60));
+}
