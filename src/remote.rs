@@ -388,11 +388,16 @@ if [ -d "$ws" ]; then d=$ws; else d=$(dirname "$ws"); fi
 df -Pk "$d" 2>/dev/null | awk 'NR==2 { print "disk_total_kb=" $2; print "disk_avail_kb=" $4 }'
 if [ -e "$ws/.lease" ] && ! flock -n "$ws/.lease" true 2>/dev/null; then
   printf 'lease_holder=%s\n' "$(tr -cd '\040-\176' < "$ws/.lease-holder" 2>/dev/null | cut -c1-200)"
+  printf 'lease_since=%s\n' "$(stat -c %Y "$ws/.lease-holder" 2>/dev/null)"
 fi
+# The queue in ticket order (see LEASE): `waiter=<since> <holder>`.
 n=0
 for f in "$ws"/.waiters/*; do
-  [ -e "$f" ] || continue
-  if [ -d "/proc/${f##*/}" ]; then n=$((n + 1)); else rm -f "$f"; fi
+  [ -f "$f" ] || continue
+  if tr '\000' '\n' < "/proc/${f##*-}/cmdline" 2>/dev/null | grep -qx absconda-lease; then
+    n=$((n + 1))
+    printf 'waiter=%s\n' "$(head -n 1 "$f" | tr -cd '\040-\176' | cut -c1-220)"
+  fi
 done
 printf 'waiters=%s\n' "$n"
 printf 'user=%s\n' "$(id -un)"
@@ -511,8 +516,13 @@ pub struct ProbeReport {
     pub disk_total_kb: Option<u64>,
     pub disk_avail_kb: Option<u64>,
     pub lease_holder: Option<String>,
+    /// When the holder took the lease (seconds since the epoch).
+    pub lease_since: Option<i64>,
     /// Builds waiting for the lease.
     pub waiters: u32,
+    /// The queue, first come first: since when (seconds since the epoch)
+    /// and who.
+    pub queue: Vec<(Option<i64>, String)>,
     pub user: Option<String>,
 }
 
@@ -533,7 +543,12 @@ impl ProbeReport {
                 "disk_total_kb" => r.disk_total_kb = v.parse().ok(),
                 "disk_avail_kb" => r.disk_avail_kb = v.parse().ok(),
                 "lease_holder" => r.lease_holder = Some(v),
+                "lease_since" => r.lease_since = v.parse().ok(),
                 "waiters" => r.waiters = v.parse().unwrap_or(0),
+                "waiter" => {
+                    let (since, who) = v.split_once(' ').unwrap_or((v.as_str(), ""));
+                    r.queue.push((since.parse().ok(), who.to_string()));
+                }
                 "user" => r.user = Some(v),
                 _ => {}
             }

@@ -383,3 +383,128 @@ fn a_pool_skips_an_unreachable_builder_and_a_vm_the_zone_cannot_start() {
     assert_eq!(fake.status("full-vm").as_deref(), Some("TERMINATED"));
     fake.wait_for_status("good-vm", "TERMINATED", std::time::Duration::from_secs(60));
 }
+
+/// Live queue tickets in a workspace (see the lease script).
+fn tickets(ws: &Path) -> usize {
+    std::fs::read_dir(ws.join(".waiters"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn builds_waiting_for_a_busy_builder_go_first_come_first_served() {
+    if !services() {
+        return;
+    }
+    let dir = tempdir();
+    let m = Member::start("b1", dir.path());
+    let config = dir.path().join("absconda-remote.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "builders:\n{}pools:\n  farm:\n    builders: [b1]\n",
+            m.yaml("")
+        ),
+    )
+    .unwrap();
+    // Someone holds the builder: a flock on its lease, as a build takes it.
+    std::fs::create_dir_all(m.workspace.join("runs")).unwrap();
+    std::fs::write(
+        m.workspace.join(".lease-holder"),
+        "dana@ci (pid 1) since a while",
+    )
+    .unwrap();
+    let mut holder = Command::new("flock")
+        .arg(m.workspace.join(".lease"))
+        .args(["-c", "read x"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    crate::support::wait_until("the lease held", std::time::Duration::from_secs(10), || {
+        Command::new("flock")
+            .args(["-n"])
+            .arg(m.workspace.join(".lease"))
+            .arg("true")
+            .status()
+            .is_ok_and(|s| !s.success())
+    });
+
+    let dockerfile = SPAN_DOCKERFILE
+        .replace("BASE", BASE_IMAGE)
+        .replace("sleep 4", "sleep 1");
+    let names = ["alice", "bob", "carol"];
+    let clients: Vec<Client> = names
+        .iter()
+        .map(|n| Client::new(dir.path(), n, &dockerfile))
+        .collect();
+    let outputs = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for (i, c) in clients.iter().enumerate() {
+            let config = &config;
+            let user = names[i];
+            handles.push(s.spawn(move || {
+                c.build(
+                    config,
+                    "farm",
+                    &[
+                        "--no-cache",
+                        "--network",
+                        "none",
+                        "--progress",
+                        "plain",
+                        "--build-arg",
+                        &format!("NONCE={user}"),
+                    ],
+                    &[("USER".to_string(), user.to_string())],
+                )
+            }));
+            // The next one comes only once this one is in the queue.
+            crate::support::wait_until(
+                &format!("{user} in the queue"),
+                std::time::Duration::from_secs(60),
+                || tickets(&m.workspace) == i + 1,
+            );
+        }
+        // `remote status` shows the holder and the queue in order.
+        let status = Command::new(BIN)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", dir.path())
+            .env("ABSCONDA_REMOTE_CONFIG", &config)
+            .args(["remote", "status", "farm", "--json"])
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{}", text(&status));
+        let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        let b = &v["builders"][0];
+        assert_eq!(b["lease_holder"], "dana@ci (pid 1) since a while", "{v:#}");
+        let queue: Vec<String> = b["queue"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["holder"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(queue.len(), 3, "{v:#}");
+        for (w, n) in queue.iter().zip(names) {
+            assert!(w.starts_with(&format!("{n}@")), "queue order {queue:?}");
+        }
+        assert!(b["queue"][0]["since"].is_string(), "{v:#}");
+
+        // Released: they build in the order they came.
+        drop(holder.stdin.take());
+        holder.wait().unwrap();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    let mut starts: Vec<(f64, &str)> = Vec::new();
+    for (out, n) in outputs.iter().zip(names) {
+        assert!(out.status.success(), "{n}: {}", text(out));
+        starts.push((run_span(out, n).0, n));
+    }
+    starts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let order: Vec<&str> = starts.iter().map(|s| s.1).collect();
+    assert_eq!(order, names, "served out of order: {starts:?}");
+    assert_eq!(tickets(&m.workspace), 0, "tickets left");
+}
