@@ -1353,6 +1353,70 @@ mod tests {
         ConfigFile::parse(Path::new("/etc/absconda-remote.yaml"), text)
     }
 
+    #[test]
+    fn pools_name_builders_with_a_policy() {
+        let f = parse(
+            "builders:\n  a: {host: a}\n  b: {host: b}\npools:\n  farm:\n    builders: [b, a]\n    max_running: 1\n    prefer: cheapest\ndefault_builder: farm\n",
+        )
+        .unwrap();
+        let pool = f.pool("farm").unwrap();
+        assert_eq!(pool.members, ["b", "a"]);
+        assert_eq!(pool.max_running, Some(1));
+        assert_eq!(pool.prefer, Prefer::Cheapest);
+        assert_eq!(f.default_builder().unwrap().0, "farm");
+        assert_eq!(
+            parse("builders:\n  a: {host: a}\npools:\n  p:\n    builders: [a]\n")
+                .unwrap()
+                .pool("p")
+                .unwrap()
+                .prefer,
+            Prefer::Affinity
+        );
+    }
+
+    #[test]
+    fn pool_mistakes_are_named() {
+        let cases = [
+            (
+                "pools:\n  p:\n    builders: [a, c]\n",
+                "no builder named `c`",
+            ),
+            (
+                "pools:\n  p:\n    builders: [a, a]\n",
+                "`a` is listed twice",
+            ),
+            ("pools:\n  p:\n    builders: []\n", "at least one builder"),
+            (
+                "pools:\n  a:\n    builders: [a]\n",
+                "names both a builder and a pool",
+            ),
+            (
+                "pools:\n  p:\n    builders: [a]\n    max_running: 0\n",
+                "at least 1",
+            ),
+            (
+                "pools:\n  p:\n    builders: [a]\n    prefer: fastest\n",
+                "`affinity`, `idle` or `cheapest`",
+            ),
+            (
+                "pools:\n  p:\n    builders: [a]\n    max_runing: 2\n",
+                "did you mean `max_running`",
+            ),
+            ("pools: [a]\n", "must map pool names"),
+        ];
+        for (pools, want) in cases {
+            let text = format!("builders:\n  a: {{host: a}}\n{pools}");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{pools:?}: {e}");
+        }
+        let e = parse("builders:\n  a: {host: a}\npools:\n  farm:\n    builders: [a]\n")
+            .unwrap()
+            .builder("frm")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean `farm`"), "{e}");
+    }
+
     const GOOD: &str = "\
 builders:
   local:

@@ -235,6 +235,28 @@ fn concurrent_clients_share_a_pool_one_build_per_builder_at_a_time() {
     for (builder, list) in &spans {
         assert!(list.len() >= 2, "`{builder}` took only {list:?}: {spans:?}");
     }
+    // `remote metrics POOL` on one client: its builds, where they ran and
+    // how long they queued.
+    let metrics = Command::new(BIN)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", &clients[0].home)
+        .env("ABSCONDA_REMOTE_CONFIG", &config)
+        .args(["remote", "metrics", "farm", "--json"])
+        .output()
+        .unwrap();
+    assert!(metrics.status.success(), "{}", text(&metrics));
+    let m: serde_json::Value = serde_json::from_slice(&metrics.stdout).unwrap();
+    assert_eq!(m["builds"], 2, "{m:#}");
+    assert_eq!(m["succeeded"], 2, "{m:#}");
+    assert_eq!(m["queue_wait"]["count"], 2, "{m:#}");
+    for (nonce, out) in results.iter().filter(|(n, _)| n.starts_with("c0")) {
+        let b = built_on(out);
+        assert!(
+            m["per_builder"][&b].as_u64().unwrap_or(0) >= 1,
+            "{nonce} ran on {b}: {m:#}"
+        );
+    }
     // Nothing left in any builder's queue or runs.
     for m in &members {
         let runs = std::fs::read_dir(m.workspace.join("runs")).unwrap().count();
