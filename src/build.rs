@@ -86,6 +86,12 @@ pub struct BuildReport {
     pub image_id: Option<String>,
     /// The pushed manifest digest of every image reference.
     pub digests: std::collections::BTreeMap<String, String>,
+    /// The pool `builder` was chosen from, when the build named a pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// For a pool: seconds spent waiting for a free builder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_seconds: Option<f64>,
 }
 
 impl BuildReport {
@@ -584,6 +590,15 @@ pub async fn acquire_lease(
                 if h.is_empty() { "another build" } else { &h },
                 wait.as_secs()
             ));
+        } else if let Some(n) = line.strip_prefix("queue ") {
+            match n.trim().parse::<u32>() {
+                Ok(0) => reporter.info(&format!("builder `{}`: next in the queue", builder.name)),
+                Ok(n) => reporter.info(&format!(
+                    "builder `{}`: {n} build(s) ahead in the queue",
+                    builder.name
+                )),
+                Err(_) => {}
+            }
         } else if let Some(h) = line.strip_prefix("waiting ") {
             let h = text(h);
             if !h.is_empty() && h != holder {
@@ -1090,11 +1105,16 @@ pub struct Job<'a> {
 
 /// The whole build on a connected session. The caller owns connecting (and
 /// starting cloud VMs); this owns the lease and everything under it.
+///
+/// `held` is a lease the caller already took on this session (a pool takes
+/// one before it commits to a builder); without it, this takes the lease,
+/// waiting up to `--remote-wait`.
 pub async fn build_on(
     session: &Session,
     job: &Job<'_>,
     prepared: PreparedContext,
     report: &mut BuildReport,
+    held: Option<Lease>,
 ) -> Result<(), BuildError> {
     let Job {
         builder,
@@ -1133,10 +1153,13 @@ pub async fn build_on(
     reporter.phase(Phase::Lease);
     let t = Instant::now();
     let lease_and_probe = async {
-        tokio::join!(
-            acquire_lease(session, builder, req.remote_wait, self_stop, reporter),
-            probe(session, builder)
-        )
+        match held {
+            Some(lease) => (Ok(lease), probe(session, builder).await),
+            None => tokio::join!(
+                acquire_lease(session, builder, req.remote_wait, self_stop, reporter),
+                probe(session, builder)
+            ),
+        }
     };
     let (lease, probe) = tokio::select! {
         r = lease_and_probe => r,

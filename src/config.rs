@@ -367,6 +367,31 @@ pub struct ConfigFile {
     order: Vec<String>,
     defaults: BTreeMap<String, Value>,
     default_builder: Option<String>,
+    pools: BTreeMap<String, Pool>,
+}
+
+/// How a pool picks among its free builders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prefer {
+    /// The builder that holds this context's copy, then any idle one.
+    Affinity,
+    /// Any idle builder, in the pool's order.
+    Idle,
+    /// The cheapest by `hourly_cost` (builders without one come last).
+    Cheapest,
+}
+
+/// Several builders behind one name (`pools:`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    pub name: String,
+    /// Builder names, in the order the file gives them.
+    pub members: Vec<String>,
+    /// How many of the pool's cloud VMs may run at once; absconda starts a
+    /// stopped one only below this. `None`: as many as there are.
+    pub max_running: Option<usize>,
+    pub prefer: Prefer,
 }
 
 /// Finds the config file: `--remote-config`, `$ABSCONDA_REMOTE_CONFIG`, the
@@ -436,6 +461,7 @@ impl ConfigFile {
             order: Vec::new(),
             defaults: BTreeMap::new(),
             default_builder: None,
+            pools: BTreeMap::new(),
         };
         let root = match root {
             Value::Mapping(m) => m,
@@ -449,6 +475,7 @@ impl ConfigFile {
                 });
             }
         };
+        let mut pools = None;
         for (k, v) in root {
             let key = key_str(&k).ok_or_else(|| ConfigError::Invalid {
                 at: at(None, None, None),
@@ -480,6 +507,7 @@ impl ConfigFile {
                 "defaults" => {
                     file.defaults = file.check_keys(None, v, true)?;
                 }
+                "pools" => pools = Some(v),
                 "default_builder" => match v {
                     Value::String(name) => file.default_builder = Some(name),
                     Value::Null => {}
@@ -499,13 +527,160 @@ impl ConfigFile {
                         at: at(None, Some(other), file.line_of(&[other])),
                         suggestion: did_you_mean(
                             other,
-                            ["builders", "defaults", "default_builder"].into_iter(),
+                            ["builders", "defaults", "default_builder", "pools"].into_iter(),
                         ),
                     });
                 }
             }
         }
+        if let Some(v) = pools {
+            file.pools = file.parse_pools(v)?;
+        }
         Ok(file)
+    }
+
+    fn pool_location(&self, pool: Option<&str>, key: Option<&str>) -> Location {
+        let mut path = vec!["pools"];
+        path.extend(pool);
+        path.extend(key);
+        Location {
+            file: self.path.clone(),
+            builder: None,
+            key: Some(match (pool, key) {
+                (Some(p), Some(k)) => format!("pools.{p}.{k}"),
+                (Some(p), None) => format!("pools.{p}"),
+                _ => "pools".into(),
+            }),
+            line: self.line_of(&path),
+        }
+    }
+
+    /// `pools: {NAME: {builders: [...], max_running: N, prefer: ...}}`.
+    fn parse_pools(&self, v: Value) -> Result<BTreeMap<String, Pool>, ConfigError> {
+        let invalid =
+            |pool: Option<&str>, key: Option<&str>, message: String| ConfigError::Invalid {
+                at: self.pool_location(pool, key),
+                message,
+            };
+        let map = match v {
+            Value::Mapping(m) => m,
+            Value::Null => return Ok(BTreeMap::new()),
+            _ => {
+                return Err(invalid(
+                    None,
+                    None,
+                    "`pools` must map pool names to their settings".into(),
+                ));
+            }
+        };
+        let mut pools = BTreeMap::new();
+        for (name, settings) in map {
+            let name = key_str(&name)
+                .ok_or_else(|| invalid(None, None, "pool names must be strings".into()))?;
+            if self.builders.contains_key(&name) {
+                return Err(invalid(
+                    Some(&name),
+                    None,
+                    format!("`{name}` names both a builder and a pool: rename one"),
+                ));
+            }
+            let Value::Mapping(settings) = settings else {
+                return Err(invalid(
+                    Some(&name),
+                    None,
+                    "expected `builders:` and optionally `max_running:` and `prefer:`".into(),
+                ));
+            };
+            let mut pool = Pool {
+                name: name.clone(),
+                members: Vec::new(),
+                max_running: None,
+                prefer: Prefer::Affinity,
+            };
+            for (k, v) in settings {
+                let key = key_str(&k).unwrap_or_default();
+                match key.as_str() {
+                    "builders" => {
+                        let Value::Sequence(items) = v else {
+                            return Err(invalid(
+                                Some(&name),
+                                Some("builders"),
+                                "expected a list of builder names".into(),
+                            ));
+                        };
+                        for item in items {
+                            let Some(member) = key_str(&item) else {
+                                return Err(invalid(
+                                    Some(&name),
+                                    Some("builders"),
+                                    "expected a list of builder names".into(),
+                                ));
+                            };
+                            if !self.builders.contains_key(&member) {
+                                return Err(invalid(
+                                    Some(&name),
+                                    Some("builders"),
+                                    format!(
+                                        "no builder named `{member}`{}",
+                                        suggestion(&member, &self.order)
+                                    ),
+                                ));
+                            }
+                            if pool.members.contains(&member) {
+                                return Err(invalid(
+                                    Some(&name),
+                                    Some("builders"),
+                                    format!("`{member}` is listed twice"),
+                                ));
+                            }
+                            pool.members.push(member);
+                        }
+                    }
+                    "max_running" => match v.as_u64() {
+                        Some(n) if n >= 1 => pool.max_running = Some(n as usize),
+                        _ => {
+                            return Err(invalid(
+                                Some(&name),
+                                Some("max_running"),
+                                "expected a whole number of at least 1".into(),
+                            ));
+                        }
+                    },
+                    "prefer" => {
+                        pool.prefer = match v.as_str() {
+                            Some("affinity") => Prefer::Affinity,
+                            Some("idle") => Prefer::Idle,
+                            Some("cheapest") => Prefer::Cheapest,
+                            _ => {
+                                return Err(invalid(
+                                    Some(&name),
+                                    Some("prefer"),
+                                    "expected `affinity`, `idle` or `cheapest`".into(),
+                                ));
+                            }
+                        }
+                    }
+                    other => {
+                        return Err(ConfigError::UnknownKey {
+                            at: self.pool_location(Some(&name), Some(other)),
+                            suggestion: did_you_mean(
+                                other,
+                                ["builders", "max_running", "prefer"].into_iter(),
+                            ),
+                        });
+                    }
+                }
+            }
+            if pool.members.is_empty() {
+                return Err(invalid(
+                    Some(&name),
+                    Some("builders"),
+                    "a pool needs at least one builder".into(),
+                ));
+            }
+            pools.insert(name, pool);
+        }
+        Ok(pools)
     }
 
     fn location(&self, builder: Option<&str>, key: Option<&str>) -> Location {
@@ -590,15 +765,32 @@ impl ConfigFile {
         &self.order
     }
 
+    /// The pool of that name, if `pools:` defines one.
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.get(name)
+    }
+
+    /// Pool names, sorted.
+    pub fn pool_names(&self) -> Vec<String> {
+        self.pools.keys().cloned().collect()
+    }
+
+    /// Builder and pool names: what `--remote-builder` accepts.
+    fn choices(&self) -> Vec<String> {
+        let mut all = self.order.clone();
+        all.extend(self.pools.keys().cloned());
+        all
+    }
+
     /// The builder to use when none is named: `default_builder:`, else the
     /// only one. Returns the name and why it was chosen.
     pub fn default_builder(&self) -> Result<(String, &'static str), ConfigError> {
         if let Some(name) = &self.default_builder {
-            if !self.builders.contains_key(name) {
+            if !self.builders.contains_key(name) && !self.pools.contains_key(name) {
                 return Err(ConfigError::UnknownBuilder {
                     file: self.path.clone(),
                     name: name.clone(),
-                    available: self.order.clone(),
+                    available: self.choices(),
                 });
             }
             return Ok((name.clone(), "`default_builder:`"));
@@ -620,7 +812,7 @@ impl ConfigFile {
             .ok_or_else(|| ConfigError::UnknownBuilder {
                 file: self.path.clone(),
                 name: name.to_string(),
-                available: self.order.clone(),
+                available: self.choices(),
             })?;
         let r = Resolver {
             file: self,
@@ -1159,6 +1351,70 @@ mod tests {
 
     fn parse(text: &str) -> Result<ConfigFile, ConfigError> {
         ConfigFile::parse(Path::new("/etc/absconda-remote.yaml"), text)
+    }
+
+    #[test]
+    fn pools_name_builders_with_a_policy() {
+        let f = parse(
+            "builders:\n  a: {host: a}\n  b: {host: b}\npools:\n  farm:\n    builders: [b, a]\n    max_running: 1\n    prefer: cheapest\ndefault_builder: farm\n",
+        )
+        .unwrap();
+        let pool = f.pool("farm").unwrap();
+        assert_eq!(pool.members, ["b", "a"]);
+        assert_eq!(pool.max_running, Some(1));
+        assert_eq!(pool.prefer, Prefer::Cheapest);
+        assert_eq!(f.default_builder().unwrap().0, "farm");
+        assert_eq!(
+            parse("builders:\n  a: {host: a}\npools:\n  p:\n    builders: [a]\n")
+                .unwrap()
+                .pool("p")
+                .unwrap()
+                .prefer,
+            Prefer::Affinity
+        );
+    }
+
+    #[test]
+    fn pool_mistakes_are_named() {
+        let cases = [
+            (
+                "pools:\n  p:\n    builders: [a, c]\n",
+                "no builder named `c`",
+            ),
+            (
+                "pools:\n  p:\n    builders: [a, a]\n",
+                "`a` is listed twice",
+            ),
+            ("pools:\n  p:\n    builders: []\n", "at least one builder"),
+            (
+                "pools:\n  a:\n    builders: [a]\n",
+                "names both a builder and a pool",
+            ),
+            (
+                "pools:\n  p:\n    builders: [a]\n    max_running: 0\n",
+                "at least 1",
+            ),
+            (
+                "pools:\n  p:\n    builders: [a]\n    prefer: fastest\n",
+                "`affinity`, `idle` or `cheapest`",
+            ),
+            (
+                "pools:\n  p:\n    builders: [a]\n    max_runing: 2\n",
+                "did you mean `max_running`",
+            ),
+            ("pools: [a]\n", "must map pool names"),
+        ];
+        for (pools, want) in cases {
+            let text = format!("builders:\n  a: {{host: a}}\n{pools}");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{pools:?}: {e}");
+        }
+        let e = parse("builders:\n  a: {host: a}\npools:\n  farm:\n    builders: [a]\n")
+            .unwrap()
+            .builder("frm")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean `farm`"), "{e}");
     }
 
     const GOOD: &str = "\

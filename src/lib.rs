@@ -20,6 +20,7 @@
 //!   the builder, manifests, the local hash cache, and the sh that applies deltas
 //! - `build`: the build pipeline, orchestration only; `cache`: `--cache-from/-to`
 //! - `outputs`: files a build writes here (`--iidfile`, `--metadata-file`)
+//! - `pool`: several builders behind one name: choice, queue, failover
 //! - `registry`: registry credentials from the user's side
 //! - `cloud/`: the VMs builders run on (GCE, EC2, Azure), OS Login and EC2
 //!   Instance Connect
@@ -54,6 +55,7 @@ pub mod hints;
 pub mod lifecycle;
 pub mod metrics;
 pub mod outputs;
+pub mod pool;
 pub mod provisioned;
 pub mod registry;
 pub mod remote;

@@ -70,11 +70,12 @@ pub fn price(machine_type: &str) -> Option<f64> {
 pub struct Durations {
     pub count: usize,
     pub mean_seconds: f64,
+    pub p50_seconds: f64,
     pub p95_seconds: f64,
     pub max_seconds: f64,
 }
 
-/// Mean, nearest-rank 95th percentile and maximum.
+/// Mean, nearest-rank median and 95th percentile, and maximum.
 pub fn durations(values: &[f64]) -> Option<Durations> {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
@@ -82,11 +83,12 @@ pub fn durations(values: &[f64]) -> Option<Durations> {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    let rank = ((0.95 * n as f64).ceil() as usize).clamp(1, n);
+    let rank = |q: f64| ((q * n as f64).ceil() as usize).clamp(1, n);
     Some(Durations {
         count: n,
         mean_seconds: v.iter().sum::<f64>() / n as f64,
-        p95_seconds: v[rank - 1],
+        p50_seconds: v[rank(0.5) - 1],
+        p95_seconds: v[rank(0.95) - 1],
         max_seconds: v[n - 1],
     })
 }
@@ -224,6 +226,67 @@ pub fn compute(name: &str, state: &BuilderState, config: Option<&Builder>) -> Bu
     }
 }
 
+/// The numbers of one pool: its builds (those sent to the pool, on any
+/// member), how long they waited for a free builder, and its members' VM
+/// time and cost.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PoolMetrics {
+    pub pool: String,
+    /// Builds in the members' histories that were sent to this pool.
+    pub builds: usize,
+    pub succeeded: usize,
+    /// Builds of the pool per member.
+    pub per_builder: BTreeMap<String, usize>,
+    /// Time spent waiting for a free builder.
+    pub queue_wait: Option<Durations>,
+    pub vm_seconds: f64,
+    /// The members' costs added up, when every member with VM time has one.
+    pub cost_usd: Option<f64>,
+    pub members: Vec<BuilderMetrics>,
+}
+
+/// The metrics of `pool` from its members' states; `config` resolves a
+/// member's settings (for costs).
+pub fn compute_pool(
+    pool: &crate::config::Pool,
+    states: &BTreeMap<String, BuilderState>,
+    config: impl Fn(&str) -> Option<Builder>,
+) -> PoolMetrics {
+    let empty = BuilderState::default();
+    let mut per_builder = BTreeMap::new();
+    let mut waits = Vec::new();
+    let mut succeeded = 0;
+    let mut members = Vec::new();
+    for name in &pool.members {
+        let st = states.get(name).unwrap_or(&empty);
+        let mine: Vec<_> = st
+            .history
+            .iter()
+            .filter(|r| r.pool.as_deref() == Some(&pool.name))
+            .collect();
+        per_builder.insert(name.clone(), mine.len());
+        succeeded += mine.iter().filter(|r| r.outcome == "success").count();
+        waits.extend(mine.iter().filter_map(|r| r.queue_seconds));
+        members.push(compute(name, st, config(name).as_ref()));
+    }
+    let vm_seconds = members.iter().map(|m| m.vm_seconds).sum();
+    let cost_usd = members
+        .iter()
+        .filter(|m| m.vm_seconds > 0.0)
+        .map(|m| m.cost.as_ref().map(|c| c.usd))
+        .sum::<Option<f64>>();
+    PoolMetrics {
+        pool: pool.name.clone(),
+        builds: per_builder.values().sum(),
+        succeeded,
+        per_builder,
+        queue_wait: durations(&waits),
+        vm_seconds,
+        cost_usd,
+        members,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +324,8 @@ mod tests {
                 .into_iter()
                 .collect(),
             vm_seconds: vm,
+            pool: None,
+            queue_seconds: None,
         }
     }
 

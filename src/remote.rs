@@ -47,20 +47,58 @@ if ! mkdir -p "$ws/runs" 2>/dev/null || ! [ -w "$ws" ]; then
   exit 70
 fi
 exec 9>>"$ws/.lease" || exit 70
-if ! flock -n 9; then
-  # Let `--remote-off` see that a build is waiting for this builder.
-  mkdir -p "$ws/.waiters" && : > "$ws/.waiters/$$"
-  trap 'rm -f "$ws/.waiters/$$"' EXIT
+# Builds waiting for the lease queue first come, first served: each takes a
+# ticket, the next number of this workspace's queue, and only the first live
+# ticket tries the lock (flock alone wakes waiters in no particular order).
+# A ticket is live while its lease script runs; those of waiters that were
+# killed or lived before a reboot are dropped. `--remote-off` and
+# `remote status` read the tickets too.
+live() { tr '\000' '\n' < "/proc/$1/cmdline" 2>/dev/null | grep -qx absconda-lease; }
+queued() { # prints how many live tickets sort before $1 (all of them for "")
+  k=0
+  for t in "$ws"/.waiters/*; do
+    [ -f "$t" ] || continue
+    [ "${t##*/}" = "$1" ] && break
+    if live "${t##*-}"; then k=$((k + 1)); else rm -f "$t"; fi
+  done
+  echo "$k"
+}
+if [ "$(queued "")" -gt 0 ] || ! flock -n 9; then
+  if ! [ "$wait" -gt 0 ] 2>/dev/null; then
+    say timeout "$(holder_now)"
+    exit 75
+  fi
+  mkdir -p "$ws/.waiters" || exit 70
+  exec 7>>"$ws/.queue-lock" && flock 7 || exit 70
+  n=$(cat "$ws/.queue-seq" 2>/dev/null)
+  case $n in ''|*[!0-9]*) n=0 ;; esac
+  n=$((n + 1))
+  echo "$n" > "$ws/.queue-seq"
+  exec 7>&-
+  ticket=$(printf '%012d-%s' "$n" "$$")
+  printf '%s %s\n' "$(date +%s)" "$holder" | tr -cd '\040-\176\n' | cut -c1-220 > "$ws/.waiters/$ticket"
+  trap 'rm -f "$ws/.waiters/$ticket"' EXIT
   say busy "$(holder_now)"
-  start=$(date +%s)
-  until flock -w 2 9; do
+  start=$(date +%s) pos=
+  while :; do
+    ahead=$(queued "$ticket")
+    if [ "$ahead" != "$pos" ]; then
+      pos=$ahead
+      say queue "$pos" || exit 1
+    fi
+    if [ "$ahead" -eq 0 ]; then
+      flock -w 2 9 && break
+    else
+      sleep 1
+    fi
     if [ $(( $(date +%s) - start )) -ge "$wait" ]; then
       say timeout "$(holder_now)"
       exit 75
     fi
     say waiting "$(holder_now)" || exit 1
   done
-  rm -f "$ws/.waiters/$$"
+  rm -f "$ws/.waiters/$ticket"
+  trap - EXIT
 fi
 # A build arriving cancels a pending self-stop by removing its token (the
 # self-stop checks it under the lease): no process is ever signalled, so a
@@ -267,8 +305,11 @@ if ! flock -w 5 9; then
 fi
 n=0
 for f in "$ws"/.waiters/*; do
-  [ -e "$f" ] || continue
-  if [ -d "/proc/${f##*/}" ]; then n=$((n + 1)); fi
+  [ -f "$f" ] || continue
+  # Tickets are NUMBER-PID (see LEASE); the waiter's lease script is alive.
+  if tr '\000' '\n' < "/proc/${f##*-}/cmdline" 2>/dev/null | grep -qx absconda-lease; then
+    n=$((n + 1))
+  fi
 done
 if [ "$n" -gt 0 ]; then echo "waiting $n"; exit 0; fi
 echo idle
@@ -347,11 +388,16 @@ if [ -d "$ws" ]; then d=$ws; else d=$(dirname "$ws"); fi
 df -Pk "$d" 2>/dev/null | awk 'NR==2 { print "disk_total_kb=" $2; print "disk_avail_kb=" $4 }'
 if [ -e "$ws/.lease" ] && ! flock -n "$ws/.lease" true 2>/dev/null; then
   printf 'lease_holder=%s\n' "$(tr -cd '\040-\176' < "$ws/.lease-holder" 2>/dev/null | cut -c1-200)"
+  printf 'lease_since=%s\n' "$(stat -c %Y "$ws/.lease-holder" 2>/dev/null)"
 fi
+# The queue in ticket order (see LEASE): `waiter=<since> <holder>`.
 n=0
 for f in "$ws"/.waiters/*; do
-  [ -e "$f" ] || continue
-  if [ -d "/proc/${f##*/}" ]; then n=$((n + 1)); else rm -f "$f"; fi
+  [ -f "$f" ] || continue
+  if tr '\000' '\n' < "/proc/${f##*-}/cmdline" 2>/dev/null | grep -qx absconda-lease; then
+    n=$((n + 1))
+    printf 'waiter=%s\n' "$(head -n 1 "$f" | tr -cd '\040-\176' | cut -c1-220)"
+  fi
 done
 printf 'waiters=%s\n' "$n"
 printf 'user=%s\n' "$(id -un)"
@@ -470,8 +516,13 @@ pub struct ProbeReport {
     pub disk_total_kb: Option<u64>,
     pub disk_avail_kb: Option<u64>,
     pub lease_holder: Option<String>,
+    /// When the holder took the lease (seconds since the epoch).
+    pub lease_since: Option<i64>,
     /// Builds waiting for the lease.
     pub waiters: u32,
+    /// The queue, first come first: since when (seconds since the epoch)
+    /// and who.
+    pub queue: Vec<(Option<i64>, String)>,
     pub user: Option<String>,
 }
 
@@ -492,7 +543,12 @@ impl ProbeReport {
                 "disk_total_kb" => r.disk_total_kb = v.parse().ok(),
                 "disk_avail_kb" => r.disk_avail_kb = v.parse().ok(),
                 "lease_holder" => r.lease_holder = Some(v),
+                "lease_since" => r.lease_since = v.parse().ok(),
                 "waiters" => r.waiters = v.parse().unwrap_or(0),
+                "waiter" => {
+                    let (since, who) = v.split_once(' ').unwrap_or((v.as_str(), ""));
+                    r.queue.push((since.parse().ok(), who.to_string()));
+                }
                 "user" => r.user = Some(v),
                 _ => {}
             }

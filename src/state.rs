@@ -57,6 +57,12 @@ pub struct BuildRecord {
     /// Seconds the VM ran because of this build (start to stop), when absconda stopped it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_seconds: Option<f64>,
+    /// The pool the build was sent to, when it named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// For a pool: how long the build waited for a free builder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_seconds: Option<f64>,
 }
 
 /// What absconda last knew about one builder.
@@ -298,6 +304,8 @@ mod tests {
                         bytes_sent: 1,
                         phases: BTreeMap::new(),
                         vm_seconds: None,
+                        pool: None,
+                        queue_seconds: None,
                     })
             })
             .unwrap();

@@ -13,6 +13,7 @@ use crate::commands::printer::Printer;
 use crate::config::{self, Builder};
 use crate::dockerfile::{self, Source};
 use crate::lifecycle::{self, Cloud, LifecycleError};
+use crate::pool;
 use crate::report::{Phase, Reporter};
 use crate::state::{BuildRecord, StateFile};
 
@@ -25,15 +26,34 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
             (name, Some(why))
         }
     };
-    let builder =
-        lifecycle::with_provisioned(&file.builder(&name)?, &StateFile::default_location());
+    let state = StateFile::default_location();
+    let target = match file.pool(&name) {
+        Some(pool) => {
+            let mut members = Vec::new();
+            for m in &pool.members {
+                let builder = lifecycle::with_provisioned(&file.builder(m)?, &state);
+                let cloud = Cloud::for_builder(&builder)?;
+                members.push(pool::Member { builder, cloud });
+            }
+            Target::Pool {
+                pool: pool.clone(),
+                members,
+            }
+        }
+        None => {
+            let builder = lifecycle::with_provisioned(&file.builder(&name)?, &state);
+            let cloud = Cloud::for_builder(&builder)?;
+            Target::One { builder, cloud }
+        }
+    };
     let printer = Printer::new(args.json);
+    let what = match &target {
+        Target::One { .. } => "builder",
+        Target::Pool { .. } => "pool",
+    };
     printer.info(&match why {
-        Some(why) => format!(
-            "using builder `{name}` ({why} in `{}`)",
-            file.path.display()
-        ),
-        None => format!("using builder `{name}`"),
+        Some(why) => format!("using {what} `{name}` ({why} in `{}`)", file.path.display()),
+        None => format!("using {what} `{name}`"),
     });
 
     // `-f -` or `--dockerfile -`: the Dockerfile comes from stdin.
@@ -141,28 +161,28 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
             .collect::<Result<_, _>>()?,
     };
 
-    let state = StateFile::default_location();
-    let cloud = Cloud::for_builder(&builder)?;
     let started = Instant::now();
     let started_at = chrono::Utc::now();
     let mut attempt = 0;
+    // Pool members a failed attempt ran on: a retry goes to another one.
+    let mut failed_on: Vec<String> = Vec::new();
     let (result, report) = loop {
         let recorder = Recorder::new(&printer);
         let mut report = BuildReport {
-            builder: builder.name.clone(),
+            builder: name.clone(),
             images: req.images.clone(),
             ..Default::default()
         };
         let result = attempt_build(
-            &builder,
+            &target,
             &req,
-            cloud.as_ref(),
             &args,
             &state,
             &recorder,
             &cancel,
             &mut report,
             attempt > 0,
+            &failed_on,
         )
         .await;
         let mut phases = recorder.take();
@@ -172,7 +192,14 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         match &result {
             Err(e) if attempt < args.retries && is_transient(e) => {
                 attempt += 1;
-                let why = match cloud.as_ref() {
+                let cloud = match &target {
+                    Target::One { cloud, .. } => cloud.as_ref(),
+                    Target::Pool { .. } => {
+                        failed_on.push(report.builder.clone());
+                        None
+                    }
+                };
+                let why = match cloud {
                     Some(c) => match c.describe().await {
                         Ok(info) if info.status != Status::Running => format!(
                             "; the builder is {} (stopped or preempted under the build), so it is started again",
@@ -214,10 +241,12 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
                 .map(|(p, s)| (p.name().to_string(), *s))
                 .collect(),
             vm_seconds: None,
+            pool: report.pool.clone(),
+            queue_seconds: report.queue_seconds,
         };
         if let Err(e) = state.update(|s| {
             s.builders
-                .entry(builder.name.clone())
+                .entry(report.builder.clone())
                 .or_default()
                 .record_build(record)
         }) {
@@ -227,7 +256,7 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
     if result.is_err() {
         printer.show_kept_output();
     }
-    result.with_context(|| format!("build on builder `{}` failed", builder.name))?;
+    result.with_context(|| format!("build on builder `{}` failed", report.builder))?;
     if let (Some(path), Some(id)) = (&args.iidfile, &report.image_id) {
         crate::outputs::write_atomic(path, id.as_bytes())?;
     }
@@ -278,22 +307,71 @@ fn is_transient(e: &anyhow::Error) -> bool {
     false
 }
 
-/// One attempt: bring the builder up, build, and stop it if asked.
+/// What `--remote-builder` named: one builder, or a pool of them.
+// Made once per build: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Target {
+    One {
+        builder: Builder,
+        cloud: Option<Cloud>,
+    },
+    Pool {
+        pool: config::Pool,
+        members: Vec<pool::Member>,
+    },
+}
+
+/// One attempt: bring the builder up (for a pool: choose one), build, and
+/// stop it if asked.
 #[allow(clippy::too_many_arguments)]
 async fn attempt_build(
-    builder: &Builder,
+    target: &Target,
     req: &BuildRequest,
-    cloud: Option<&Cloud>,
     args: &BuildArgs,
     state: &StateFile,
     reporter: &dyn Reporter,
     cancel: &CancellationToken,
     report: &mut BuildReport,
     retrying: bool,
+    failed_on: &[String],
 ) -> anyhow::Result<()> {
     let prepared = build::prepare_context(req).await?;
-    // A retry after preemption starts the builder again even without auto_start.
-    let ready = lifecycle::bring_up(builder, cloud, retrying, state, reporter, cancel).await?;
+    let (builder, cloud, ready, held) = match target {
+        Target::One { builder, cloud } => {
+            // A retry after preemption starts the builder again even without auto_start.
+            let ready =
+                lifecycle::bring_up(builder, cloud.as_ref(), retrying, state, reporter, cancel)
+                    .await?;
+            (builder, cloud.as_ref(), ready, None)
+        }
+        Target::Pool { pool, members } => {
+            let chosen = pool::choose(
+                pool,
+                members,
+                req,
+                failed_on,
+                state,
+                args.remote_off,
+                reporter,
+                cancel,
+            )
+            .await?;
+            let m = &members[chosen.index];
+            reporter.info(&format!(
+                "pool `{}`: building on `{}`",
+                pool.name, m.builder.name
+            ));
+            report.pool = Some(pool.name.clone());
+            report.queue_seconds = Some(chosen.queued.as_secs_f64());
+            (
+                &m.builder,
+                m.cloud.as_ref(),
+                chosen.ready,
+                Some(chosen.lease),
+            )
+        }
+    };
+    report.builder = builder.name.clone();
     let self_stop = if args.remote_off {
         None
     } else {
@@ -306,7 +384,7 @@ async fn attempt_build(
         reporter,
         cancel,
     };
-    let result = build::build_on(&ready.session, &job, prepared, report).await;
+    let result = build::build_on(&ready.session, &job, prepared, report, held).await;
 
     if let (Some(cloud), true) = (cloud, args.remote_off) {
         // Stop right away only when the builder proves, under its lease,

@@ -80,6 +80,42 @@ fn print(m: &BuilderMetrics) {
     }
 }
 
+fn print_pool(p: &metrics::PoolMetrics) {
+    println!(
+        "pool `{}`: {} build{} sent to it, {} succeeded; per builder: {}",
+        p.pool,
+        p.builds,
+        if p.builds == 1 { "" } else { "s" },
+        p.succeeded,
+        p.per_builder
+            .iter()
+            .map(|(b, n)| format!("`{b}` {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(q) = &p.queue_wait {
+        println!(
+            "  queue wait: p50 {}, p95 {}, max {} ({} builds)",
+            secs(q.p50_seconds),
+            secs(q.p95_seconds),
+            secs(q.max_seconds),
+            q.count
+        );
+    }
+    println!(
+        "  VM time: {} ({:.0} VM-seconds){}",
+        secs(p.vm_seconds),
+        p.vm_seconds,
+        p.cost_usd
+            .map(|c| format!(", cost ~USD {c:.2} (see each builder for how it is priced)"))
+            .unwrap_or_default()
+    );
+    for m in &p.members {
+        println!();
+        print(m);
+    }
+}
+
 pub fn run(args: MetricsArgs) -> anyhow::Result<()> {
     // The builders file only adds prices; metrics work without one.
     let file: Option<ConfigFile> = match config::load(args.config.remote_config.as_deref()) {
@@ -96,6 +132,17 @@ pub fn run(args: MetricsArgs) -> anyhow::Result<()> {
     let state = StateFile::default_location().load()?;
     let config_of = |name: &str| file.as_ref().and_then(|f| f.builder(name).ok());
     let empty = BuilderState::default();
+    if let (Some(name), Some(f)) = (&args.name, &file)
+        && let Some(pool) = f.pool(name)
+    {
+        let m = metrics::compute_pool(pool, &state.builders, config_of);
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        } else {
+            print_pool(&m);
+        }
+        return Ok(());
+    }
     match &args.name {
         Some(name) => {
             let st = match state.builders.get(name) {

@@ -34,10 +34,26 @@ pub struct Status {
     pub disk_avail_bytes: Option<u64>,
     pub disk_used_percent: Option<f64>,
     pub lease_holder: Option<String>,
+    /// When the holder took the lease (RFC 3339).
+    pub lease_since: Option<String>,
+    /// Builds waiting for the lease, first come first.
+    pub queue: Vec<Waiter>,
     pub last_used: Option<String>,
     pub builds_count: u64,
     /// How the key is trusted: `key`, `oslogin`, `metadata`, `instance-connect`.
     pub access: Option<String>,
+}
+
+/// A build waiting in a builder's queue.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Waiter {
+    pub holder: String,
+    /// Since when it waits (RFC 3339).
+    pub since: Option<String>,
+}
+
+fn rfc3339(epoch: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp(epoch, 0).map(|t| t.to_rfc3339())
 }
 
 fn base_status(b: &Builder, state: &StateFile) -> Status {
@@ -164,6 +180,15 @@ async fn probe_into(
     st.disk_avail_bytes = p.disk_avail_kb.map(|k| k * 1024);
     st.disk_used_percent = p.disk_used_pct();
     st.lease_holder = p.lease_holder.clone();
+    st.lease_since = p.lease_since.and_then(rfc3339);
+    st.queue = p
+        .queue
+        .iter()
+        .map(|(since, holder)| Waiter {
+            holder: build::printable(holder, 200),
+            since: since.and_then(rfc3339),
+        })
+        .collect();
     st.error = p.docker_error.clone();
     st.docker_server = p.docker_server;
     Ok(())
@@ -231,6 +256,9 @@ pub async fn list(args: ListArgs) -> anyhow::Result<()> {
 pub async fn status(args: NameArgs) -> anyhow::Result<()> {
     let file = config::load(args.config.remote_config.as_deref())?;
     let state = StateFile::default_location();
+    if let Some(pool) = file.pool(&args.name) {
+        return pool_status(&file, pool, &state, args.json).await;
+    }
     let builder = lifecycle::with_provisioned(&file.builder(&args.name)?, &state);
     let (st, result) = status_of(&builder, &state, true).await;
     if args.json {
@@ -274,6 +302,21 @@ pub async fn status(args: NameArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "free".into())
         );
         let now = chrono::Utc::now();
+        for (i, w) in st.queue.iter().enumerate() {
+            println!(
+                "queue {}:    {} (waiting since {})",
+                i + 1,
+                if w.holder.is_empty() {
+                    "a build"
+                } else {
+                    &w.holder
+                },
+                w.since
+                    .as_deref()
+                    .map(|t| human::ago_rfc3339(t, now))
+                    .unwrap_or_else(|| "-".into())
+            );
+        }
         println!(
             "builds:     {} (last used {})",
             st.builds_count,
@@ -296,6 +339,92 @@ pub async fn status(args: NameArgs) -> anyhow::Result<()> {
         }
     }
     result
+}
+
+/// `remote status POOL`: every member's state, lease holder and queue.
+async fn pool_status(
+    file: &config::ConfigFile,
+    pool: &config::Pool,
+    state: &StateFile,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut builders = Vec::new();
+    for name in &pool.members {
+        builders.push(lifecycle::with_provisioned(&file.builder(name)?, state));
+    }
+    let rows: Vec<Status> =
+        futures_util::future::join_all(builders.iter().map(|b| status_of(b, state, true)))
+            .await
+            .into_iter()
+            .map(|(st, _)| st)
+            .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "pool": pool.name,
+                "prefer": pool.prefer,
+                "max_running": pool.max_running,
+                "builders": rows,
+            }))?
+        );
+        return Ok(());
+    }
+    let now = chrono::Utc::now();
+    let ago = |t: &Option<String>| {
+        t.as_deref()
+            .map(|t| human::ago_rfc3339(t, now))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "pool `{}`: {} builder(s), prefer {}{}",
+        pool.name,
+        rows.len(),
+        serde_json::to_value(pool.prefer)?
+            .as_str()
+            .unwrap_or_default(),
+        pool.max_running
+            .map(|m| format!(", at most {m} VM(s) running"))
+            .unwrap_or_default()
+    );
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                r.status.clone(),
+                match (&r.lease_holder, r.reachable) {
+                    (Some(h), _) => format!("{h} (since {})", ago(&r.lease_since)),
+                    (None, true) => "free".into(),
+                    (None, false) => "-".into(),
+                },
+                r.queue.len().to_string(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        human::table(&["BUILDER", "STATUS", "HELD BY", "WAITING"], &table, &[3])
+    );
+    for r in &rows {
+        if let Some(e) = &r.error {
+            println!("`{}`: {e}", r.name);
+        }
+        for (i, w) in r.queue.iter().enumerate() {
+            println!(
+                "`{}` queue {}: {} (waiting since {})",
+                r.name,
+                i + 1,
+                if w.holder.is_empty() {
+                    "a build"
+                } else {
+                    &w.holder
+                },
+                ago(&w.since)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn print_short(json: bool, b: &Builder, status: &str, address: Option<&str>) -> anyhow::Result<()> {

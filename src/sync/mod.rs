@@ -187,6 +187,19 @@ pub fn copy_key(machine: &str, identity: &str, builder: &str) -> String {
     hex::encode(&h.finalize()[..16])
 }
 
+/// When this machine last synced the context `identity` to `builder`, if
+/// it ever did (the time its local record of the copy was written). A pool
+/// sends a context to the builder that holds a copy of it.
+pub fn last_synced(identity: &str, builder: &str) -> Option<std::time::SystemTime> {
+    let root = cache::cache_root()?;
+    let machine = format!("{}\0{}", machine_id(), cache::installation_id(Some(&root)));
+    let key = copy_key(&machine, identity, builder);
+    std::fs::metadata(root.join("contexts").join(format!("{key}.json")))
+        .ok()?
+        .modified()
+        .ok()
+}
+
 /// Brings the builder's copy of the context up to date and links it into
 /// the run folder. Must run while the builder's lease is held.
 pub async fn sync_context(

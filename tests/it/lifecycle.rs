@@ -715,6 +715,8 @@ fn record_one_build_child() {
                     bytes_sent: n,
                     phases: Default::default(),
                     vm_seconds: None,
+                    pool: None,
+                    queue_seconds: None,
                 },
             )
         })

@@ -25,6 +25,7 @@ mod lease;
 mod lifecycle;
 mod outputs;
 mod parity;
+mod pools;
 mod retry;
 mod safety;
 mod secrets;

@@ -1,0 +1,532 @@
+//! Builder pools: several real sshd builders behind one name, concurrent
+//! clients, affinity measured on the wire, failover past dead builders and
+//! VMs the cloud cannot start.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Instant;
+
+use crate::support::absconda::{BIN, text};
+use crate::support::counting_proxy::CountingProxy;
+use crate::support::docker::{BASE_IMAGE, DOCKER_CLI, docker};
+use crate::support::gce_fake::{Flow, GceFake};
+use crate::support::sshd::{SSHD, Sshd};
+use crate::support::tempdir;
+
+fn services() -> bool {
+    crate::support::require(SSHD) && crate::support::require("dockerd")
+}
+
+/// A builder as seen through a counting proxy: its sshd, its own
+/// workspace, and the bytes that went to it.
+struct Member {
+    name: String,
+    sshd: Sshd,
+    proxy: CountingProxy,
+    workspace: PathBuf,
+}
+
+impl Member {
+    fn start(name: &str, dir: &Path) -> Member {
+        let sshd = Sshd::start(Some(&docker().host));
+        let upstream = format!("{}:{}", sshd.listen, sshd.port).parse().unwrap();
+        let proxy = CountingProxy::start("127.0.0.1:0", upstream);
+        let workspace = dir.join(format!("ws-{name}"));
+        Member {
+            name: name.into(),
+            sshd,
+            proxy,
+            workspace,
+        }
+    }
+
+    /// The builder's lines in the builders file (the host key pinned, since
+    /// it is reached through the proxy's port).
+    fn yaml(&self, extra: &str) -> String {
+        format!(
+            "  {name}:\n    host: 127.0.0.1\n    port: {port}\n    user: root\n    identity_file: {key}\n    host_key: {fp}\n    workspace: {ws}\n    docker: {DOCKER_CLI}\n{extra}",
+            name = self.name,
+            port = self.proxy.addr.port(),
+            key = self.sshd.user_key.display(),
+            fp = self.sshd.fingerprint(),
+            ws = self.workspace.display(),
+        )
+    }
+}
+
+/// One user's machine: its own HOME (state, sync cache) and context.
+struct Client {
+    home: PathBuf,
+    context: PathBuf,
+}
+
+impl Client {
+    fn new(dir: &Path, name: &str, dockerfile: &str) -> Client {
+        let home = dir.join(format!("home-{name}"));
+        let context = dir.join(format!("ctx-{name}"));
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::create_dir_all(&context).unwrap();
+        std::fs::write(context.join("Dockerfile"), dockerfile).unwrap();
+        std::fs::write(context.join("who.txt"), name).unwrap();
+        Client { home, context }
+    }
+
+    fn build(
+        &self,
+        config: &Path,
+        builder: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Output {
+        let mut c = Command::new(BIN);
+        c.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", &self.home)
+            .env("USER", "tester")
+            .env("ABSCONDA_REMOTE_CONFIG", config)
+            .args(["build", "--remote-builder", builder, "--context"])
+            .arg(&self.context)
+            .args(["--repository", "local/pool-test"])
+            .args(extra);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+}
+
+/// The builder a pool build ran on, from its `building on` line.
+fn built_on(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains(": building on `"))
+        .unwrap_or_else(|| panic!("no `building on` line:\n{}", text(out)));
+    line.rsplit('`').nth(1).unwrap().to_string()
+}
+
+/// `(start, end)` of the RUN step, in the kernel's uptime (one clock for
+/// every container on this machine), printed by the step itself.
+fn run_span(out: &Output, nonce: &str) -> (f64, f64) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let mut start = None;
+    let mut end = None;
+    for l in err.lines() {
+        let Some(rest) = l.split("span ").nth(1) else {
+            continue;
+        };
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        if words.len() >= 3 && words[2] == nonce {
+            let t: f64 = words[0].parse().unwrap();
+            match words[1] {
+                "start" => start = Some(t),
+                "end" => end = Some(t),
+                _ => {}
+            }
+        }
+    }
+    match (start, end) {
+        (Some(s), Some(e)) => (s, e),
+        _ => panic!("no span for {nonce}:\n{}", text(out)),
+    }
+}
+
+const SPAN_DOCKERFILE: &str = "FROM BASE\nARG NONCE\nRUN echo \"span $(cut -d' ' -f1 /proc/uptime) start $NONCE\" && sleep 4 && echo \"span $(cut -d' ' -f1 /proc/uptime) end $NONCE\"\n";
+
+#[test]
+fn concurrent_clients_share_a_pool_one_build_per_builder_at_a_time() {
+    if !services() {
+        return;
+    }
+    let dir = tempdir();
+    let members: Vec<Member> = ["b1", "b2", "b3"]
+        .iter()
+        .map(|n| Member::start(n, dir.path()))
+        .collect();
+    let config = dir.path().join("absconda-remote.yaml");
+    let mut yaml = String::from("builders:\n");
+    for m in &members {
+        yaml.push_str(&m.yaml(""));
+    }
+    yaml.push_str("pools:\n  farm:\n    builders: [b1, b2, b3]\n    prefer: idle\n");
+    std::fs::write(&config, yaml).unwrap();
+    let dockerfile = SPAN_DOCKERFILE.replace("BASE", BASE_IMAGE);
+
+    // Six clients, two builds each, all at once.
+    let clients: Vec<Client> = (0..6)
+        .map(|i| Client::new(dir.path(), &format!("c{i}"), &dockerfile))
+        .collect();
+    let started = Instant::now();
+    let results: Vec<(String, Output)> = std::thread::scope(|s| {
+        let handles: Vec<_> = clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let config = &config;
+                s.spawn(move || {
+                    (0..2)
+                        .map(|j| {
+                            let nonce = format!("c{i}b{j}");
+                            let out = c.build(
+                                config,
+                                "farm",
+                                &[
+                                    "--no-cache",
+                                    "--network",
+                                    "none",
+                                    "--progress",
+                                    "plain",
+                                    "--build-arg",
+                                    &format!("NONCE={nonce}"),
+                                ],
+                                &[],
+                            );
+                            (nonce, out)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let wall = started.elapsed().as_secs_f64();
+
+    let mut spans: BTreeMap<String, Vec<(f64, f64, String)>> = BTreeMap::new();
+    for (nonce, out) in &results {
+        assert!(out.status.success(), "{nonce}: {}", text(out));
+        let (s, e) = run_span(out, nonce);
+        spans
+            .entry(built_on(out))
+            .or_default()
+            .push((s, e, nonce.clone()));
+    }
+    // No builder ever ran two builds at once.
+    for (builder, list) in &mut spans {
+        list.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for w in list.windows(2) {
+            assert!(
+                w[0].1 <= w[1].0,
+                "`{builder}` ran {} and {} at once: {list:?}",
+                w[0].2,
+                w[1].2
+            );
+        }
+    }
+    assert_eq!(spans.len(), 3, "every builder took builds: {spans:?}");
+    // Builds ran side by side on different builders: at some moment, the
+    // steps of at least two builders were running. (How much faster than
+    // one builder that makes a pool is measured in benches/, on machines
+    // whose cores are not shared by all three builders as here.)
+    let all: Vec<(f64, f64, &String)> = spans
+        .iter()
+        .flat_map(|(b, l)| l.iter().map(move |(s, e, _)| (*s, *e, b)))
+        .collect();
+    let overlapping = all
+        .iter()
+        .any(|a| all.iter().any(|b| a.2 != b.2 && a.0 < b.1 && b.0 < a.1));
+    assert!(
+        overlapping,
+        "no two builders ever built at the same time (whole run {wall:.1}s): {spans:?}"
+    );
+    for (builder, list) in &spans {
+        assert!(list.len() >= 2, "`{builder}` took only {list:?}: {spans:?}");
+    }
+    // `remote metrics POOL` on one client: its builds, where they ran and
+    // how long they queued.
+    let metrics = Command::new(BIN)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", &clients[0].home)
+        .env("ABSCONDA_REMOTE_CONFIG", &config)
+        .args(["remote", "metrics", "farm", "--json"])
+        .output()
+        .unwrap();
+    assert!(metrics.status.success(), "{}", text(&metrics));
+    let m: serde_json::Value = serde_json::from_slice(&metrics.stdout).unwrap();
+    assert_eq!(m["builds"], 2, "{m:#}");
+    assert_eq!(m["succeeded"], 2, "{m:#}");
+    assert_eq!(m["queue_wait"]["count"], 2, "{m:#}");
+    for (nonce, out) in results.iter().filter(|(n, _)| n.starts_with("c0")) {
+        let b = built_on(out);
+        assert!(
+            m["per_builder"][&b].as_u64().unwrap_or(0) >= 1,
+            "{nonce} ran on {b}: {m:#}"
+        );
+    }
+    // Nothing left in any builder's queue or runs.
+    for m in &members {
+        let runs = std::fs::read_dir(m.workspace.join("runs")).unwrap().count();
+        assert_eq!(runs, 0, "{}: run folders left", m.name);
+        let waiters = std::fs::read_dir(m.workspace.join(".waiters"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(waiters, 0, "{}: queue tickets left", m.name);
+    }
+}
+
+#[test]
+fn a_pool_sends_a_context_to_the_builder_that_holds_its_copy() {
+    if !services() {
+        return;
+    }
+    let dir = tempdir();
+    let members: Vec<Member> = ["b1", "b2", "b3"]
+        .iter()
+        .map(|n| Member::start(n, dir.path()))
+        .collect();
+    let config = dir.path().join("absconda-remote.yaml");
+    let mut yaml = String::from("builders:\n");
+    for m in &members {
+        yaml.push_str(&m.yaml(""));
+    }
+    yaml.push_str("pools:\n  farm:\n    builders: [b1, b2, b3]\n");
+    std::fs::write(&config, yaml).unwrap();
+    let client = Client::new(
+        dir.path(),
+        "alice",
+        &format!("FROM {BASE_IMAGE}\nCOPY . /app/\n"),
+    );
+    // 2 MiB that does not compress.
+    let mut blob = vec![0u8; 2 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in &mut blob {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(client.context.join("data.bin"), &blob).unwrap();
+
+    // The first build goes to b3 by name: b3 now holds the copy.
+    let out = client.build(&config, "b3", &[], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let first = members[2].proxy.up();
+    assert!(first > 2 << 20, "the first build sent the context: {first}");
+    assert_eq!(members[0].proxy.up() + members[1].proxy.up(), 0);
+
+    // Through the pool, whose first builder is b1, it goes to b3 again,
+    // and sends almost nothing; b1 and b2 are not even dialled.
+    let out = client.build(&config, "farm", &[], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(built_on(&out), "b3");
+    let second = members[2].proxy.up() - first;
+    assert!(
+        second < 256 << 10,
+        "the repeated build sent {second} bytes to the builder that had the copy"
+    );
+    assert_eq!(
+        members[0].proxy.up() + members[1].proxy.up(),
+        0,
+        "other builders were contacted"
+    );
+    // The copy exists once, on b3.
+    for m in &members[..2] {
+        let copies = std::fs::read_dir(m.workspace.join("contexts"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(copies, 0, "{} got a copy", m.name);
+    }
+}
+
+#[test]
+fn a_pool_skips_an_unreachable_builder_and_a_vm_the_zone_cannot_start() {
+    if !services() {
+        return;
+    }
+    let dir = tempdir();
+    let fake = GceFake::start();
+    fake.add_instance("full-vm", "TERMINATED");
+    fake.add_instance("good-vm", "TERMINATED");
+    fake.fail_next_operation(
+        "ZONE_RESOURCE_POOL_EXHAUSTED",
+        "The zone does not have enough resources available to fulfill the request.",
+    );
+    let sshd = Sshd::start(Some(&docker().host));
+    // A port nothing listens on.
+    let dead_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let gcp = |instance: &str| {
+        format!(
+            "    provider: gcp\n    project: {}\n    zone: {}\n    instance: {instance}\n    api_endpoint: {}\n    ready_timeout: 60\n    host: {}\n    port: {}\n    user: root\n    identity_file: {}\n    known_hosts: {}\n    workspace: {}\n    docker: {DOCKER_CLI}\n",
+            fake.project(),
+            fake.zone(),
+            fake.api_endpoint(),
+            sshd.listen,
+            sshd.port,
+            sshd.user_key.display(),
+            sshd.known_hosts.display(),
+            dir.path().join(format!("ws-{instance}")).display(),
+        )
+    };
+    let config = dir.path().join("absconda-remote.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "builders:\n  gone:\n    host: 127.0.0.1\n    port: {dead_port}\n    user: root\n    identity_file: {key}\n    known_hosts: {kh}\n    connect_timeout: 5\n  full:\n{full}  good:\n{good}pools:\n  farm:\n    builders: [gone, full, good]\n",
+            key = sshd.user_key.display(),
+            kh = sshd.known_hosts.display(),
+            full = gcp("full-vm"),
+            good = gcp("good-vm"),
+        ),
+    )
+    .unwrap();
+    let client = Client::new(
+        dir.path(),
+        "ci",
+        &format!("FROM {BASE_IMAGE}\nCOPY who.txt /\n"),
+    );
+    let mut env = Vec::new();
+    for (k, v) in fake.credential_env(Flow::ServiceAccountKey, dir.path()) {
+        if let Some(v) = v {
+            env.push((k.to_string(), v));
+        }
+    }
+    let out = client.build(&config, "farm", &["--remote-off"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(built_on(&out), "good");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("skipping builder `gone`"),
+        "the dead builder is named: {err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("skipping builder `full`")
+                && l.contains("ZONE_RESOURCE_POOL_EXHAUSTED")),
+        "the full zone is named with the cloud's reason: {err}"
+    );
+    // The VM that could not start stays off; the one used was stopped again.
+    assert_eq!(fake.status("full-vm").as_deref(), Some("TERMINATED"));
+    fake.wait_for_status("good-vm", "TERMINATED", std::time::Duration::from_secs(60));
+}
+
+/// Live queue tickets in a workspace (see the lease script).
+fn tickets(ws: &Path) -> usize {
+    std::fs::read_dir(ws.join(".waiters"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn builds_waiting_for_a_busy_builder_go_first_come_first_served() {
+    if !services() {
+        return;
+    }
+    let dir = tempdir();
+    let m = Member::start("b1", dir.path());
+    let config = dir.path().join("absconda-remote.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "builders:\n{}pools:\n  farm:\n    builders: [b1]\n",
+            m.yaml("")
+        ),
+    )
+    .unwrap();
+    // Someone holds the builder: a flock on its lease, as a build takes it.
+    std::fs::create_dir_all(m.workspace.join("runs")).unwrap();
+    std::fs::write(
+        m.workspace.join(".lease-holder"),
+        "dana@ci (pid 1) since a while",
+    )
+    .unwrap();
+    let mut holder = Command::new("flock")
+        .arg(m.workspace.join(".lease"))
+        .args(["-c", "read x"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    crate::support::wait_until("the lease held", std::time::Duration::from_secs(10), || {
+        Command::new("flock")
+            .args(["-n"])
+            .arg(m.workspace.join(".lease"))
+            .arg("true")
+            .status()
+            .is_ok_and(|s| !s.success())
+    });
+
+    let dockerfile = SPAN_DOCKERFILE
+        .replace("BASE", BASE_IMAGE)
+        .replace("sleep 4", "sleep 1");
+    let names = ["alice", "bob", "carol"];
+    let clients: Vec<Client> = names
+        .iter()
+        .map(|n| Client::new(dir.path(), n, &dockerfile))
+        .collect();
+    let outputs = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for (i, c) in clients.iter().enumerate() {
+            let config = &config;
+            let user = names[i];
+            handles.push(s.spawn(move || {
+                c.build(
+                    config,
+                    "farm",
+                    &[
+                        "--no-cache",
+                        "--network",
+                        "none",
+                        "--progress",
+                        "plain",
+                        "--build-arg",
+                        &format!("NONCE={user}"),
+                    ],
+                    &[("USER".to_string(), user.to_string())],
+                )
+            }));
+            // The next one comes only once this one is in the queue.
+            crate::support::wait_until(
+                &format!("{user} in the queue"),
+                std::time::Duration::from_secs(60),
+                || tickets(&m.workspace) == i + 1,
+            );
+        }
+        // `remote status` shows the holder and the queue in order.
+        let status = Command::new(BIN)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", dir.path())
+            .env("ABSCONDA_REMOTE_CONFIG", &config)
+            .args(["remote", "status", "farm", "--json"])
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{}", text(&status));
+        let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        let b = &v["builders"][0];
+        assert_eq!(b["lease_holder"], "dana@ci (pid 1) since a while", "{v:#}");
+        let queue: Vec<String> = b["queue"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["holder"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(queue.len(), 3, "{v:#}");
+        for (w, n) in queue.iter().zip(names) {
+            assert!(w.starts_with(&format!("{n}@")), "queue order {queue:?}");
+        }
+        assert!(b["queue"][0]["since"].is_string(), "{v:#}");
+
+        // Released: they build in the order they came.
+        drop(holder.stdin.take());
+        holder.wait().unwrap();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    let mut starts: Vec<(f64, &str)> = Vec::new();
+    for (out, n) in outputs.iter().zip(names) {
+        assert!(out.status.success(), "{n}: {}", text(out));
+        starts.push((run_span(out, n).0, n));
+    }
+    starts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let order: Vec<&str> = starts.iter().map(|s| s.1).collect();
+    assert_eq!(order, names, "served out of order: {starts:?}");
+    assert_eq!(tickets(&m.workspace), 0, "tickets left");
+}
