@@ -55,7 +55,7 @@ pub struct BuildRequest {
     pub quiet: bool,
     /// `--output`: the result streamed back to this machine.
     pub output: Option<crate::outputs::OutputSpec>,
-    /// `--ssh`: the local agent forwarded to the `docker build` channel.
+    /// `--ssh`: the agent forwarded to the `docker build` channel.
     pub ssh: Option<crate::secrets::SshForward>,
     pub cache_from: Vec<String>,
     pub cache_to: Vec<String>,
@@ -1278,7 +1278,7 @@ pub async fn build_on(
                     .exec_with_agent(
                         "docker build",
                         &remote::run_in(&lease.run_dir, &argv),
-                        &fw.socket,
+                        &fw.agent,
                     )
                     .await?;
                 p.writer.eof().await?;

@@ -185,9 +185,11 @@ pub struct BuildArgs {
     /// image) or, where the builder has buildx, `type=registry,ref=IMAGE,mode=max`.
     #[arg(long, value_name = "type=inline|type=registry,ref=IMAGE")]
     pub cache_to: Vec<String>,
-    /// Forward your SSH agent to `RUN --mount=type=ssh` steps (repeatable):
-    /// `default` (the agent at SSH_AUTH_SOCK), `ID`, or `ID=SOCKET`.
-    #[arg(long = "ssh", value_name = "default|ID[=SOCKET]")]
+    /// Forward an SSH agent to `RUN --mount=type=ssh` steps (repeatable):
+    /// `default` (the agent at SSH_AUTH_SOCK), `ID`, `ID=SOCKET`, or
+    /// `ID=KEYFILE[,KEYFILE…]` (keys loaded and served by absconda; none
+    /// is ever written on the builder).
+    #[arg(long = "ssh", value_name = "default|ID[=SOCKET|KEYFILE[,KEYFILE…]]")]
     pub ssh: Vec<String>,
     /// Write the image id (`sha256:…`) to FILE.
     #[arg(long, value_name = "FILE")]
