@@ -862,13 +862,19 @@ async fn receive_output(
         .await?;
     p.writer.eof().await?;
     let mut failed = None;
+    let started = Instant::now();
+    let mut received: u64 = 0;
     while let Some(ev) = p.reader.next().await {
         match ev {
             Event::Stdout(d) => {
-                if failed.is_none()
-                    && let Err(e) = rx.write(&d).await
-                {
-                    failed = Some(e);
+                if failed.is_none() {
+                    match rx.write(&d).await {
+                        Ok(()) => {
+                            received += d.len() as u64;
+                            reporter.download_progress(received, None);
+                        }
+                        Err(e) => failed = Some(e),
+                    }
                 }
             }
             Event::Stderr(d) => reporter.output(true, &d),
@@ -876,6 +882,7 @@ async fn receive_output(
         }
     }
     let status = p.reader.drain(|_, _| {}).await;
+    reporter.download_done(received, started.elapsed());
     if let Some(e) = failed {
         rx.abort().await;
         return Err(e.into());

@@ -387,6 +387,12 @@ impl Reporter for Recorder<'_> {
     fn upload_content(&self, done: u64, total: u64) {
         self.inner.upload_content(done, total)
     }
+    fn download_progress(&self, received: u64, total: Option<u64>) {
+        self.inner.download_progress(received, total)
+    }
+    fn download_done(&self, received: u64, took: Duration) {
+        self.inner.download_done(received, took)
+    }
     fn output(&self, stderr: bool, data: &[u8]) {
         self.inner.output(stderr, data)
     }
