@@ -61,6 +61,8 @@ pub struct BuildRequest {
     pub cache_to: Vec<String>,
     /// `--secret`s, with their values read on this machine.
     pub secrets: Vec<crate::secrets::BuildSecret>,
+    /// `--build-context`s: folders synced like the context, or images and URLs.
+    pub build_contexts: Vec<crate::named_contexts::NamedContext>,
 }
 
 /// What happened, for the summary line and `--json`.
@@ -212,6 +214,15 @@ pub enum BuildError {
     Cache { builder: String, message: String },
     #[error("could not store the build secrets on `{builder}`: {message}")]
     Secrets { builder: String, message: String },
+    #[error(
+        "`--build-context` needs `docker build` with the buildx plugin, but `docker build` on `{builder}` ({docker}) does not take `--build-context`: {missing}"
+    )]
+    BuildContextUnsupported {
+        builder: String,
+        /// The builder's docker (path and server version).
+        docker: String,
+        missing: String,
+    },
 }
 
 impl From<SshError> for BuildError {
@@ -312,6 +323,8 @@ pub struct PreparedContext {
     pub dockerfile_arg: String,
     pub files: u64,
     pub bytes: u64,
+    /// The `--build-context` folders, walked.
+    pub named: Vec<crate::named_contexts::Prepared>,
 }
 
 /// Walks the context with its `.dockerignore` (on a blocking thread).
@@ -419,6 +432,7 @@ fn prepare_context_blocking(req: &BuildRequest) -> Result<PreparedContext, Build
             bytes += size;
         }
     }
+    let named = crate::named_contexts::prepare(&req.build_contexts)?;
     Ok(PreparedContext {
         entries,
         extra: Vec::new(),
@@ -426,6 +440,7 @@ fn prepare_context_blocking(req: &BuildRequest) -> Result<PreparedContext, Build
         dockerfile_arg,
         files,
         bytes,
+        named,
     })
 }
 
@@ -1180,6 +1195,25 @@ pub async fn build_on(
                 builder: builder.name.clone(),
             });
         }
+        // Before anything is sent: a builder that cannot use the named
+        // contexts must not receive them.
+        if !req.build_contexts.is_empty() && (!buildkit || !probe.build_context) {
+            return Err(BuildError::BuildContextUnsupported {
+                builder: builder.name.clone(),
+                docker: format!(
+                    "`{}`, docker {}",
+                    builder.docker,
+                    probe.docker_server.as_deref().unwrap_or("unknown")
+                ),
+                missing: if !buildkit {
+                    "the builder is set to the legacy builder (`buildkit: off`)".into()
+                } else if probe.buildx {
+                    "buildx is installed but `docker build` does not use it".into()
+                } else {
+                    "the docker-buildx plugin is not installed".into()
+                },
+            });
+        }
         let compression = match builder.compression {
             CompressionSetting::Gzip => Compression::Gzip,
             CompressionSetting::None => Compression::None,
@@ -1203,6 +1237,8 @@ pub async fn build_on(
         reporter.phase(Phase::Upload);
         let t = Instant::now();
         let dockerfile_arg = prepared.dockerfile_arg.clone();
+        let mut prepared = prepared;
+        let named = std::mem::take(&mut prepared.named);
         report.files_sent = prepared.files;
         report.context_bytes = prepared.bytes;
         report.bytes_sent = if req.incremental {
@@ -1218,7 +1254,22 @@ pub async fn build_on(
             )
             .await?
         };
-        let extra = put_secrets(session, builder, &lease.run_dir, &req.secrets).await?;
+        let synced = crate::named_contexts::sync(
+            session,
+            builder,
+            named,
+            compression,
+            req.verify,
+            None,
+            reporter,
+        )
+        .await?;
+        report.bytes_sent += synced.iter().map(|s| s.summary.bytes_sent).sum::<u64>();
+        let mut extra = put_secrets(session, builder, &lease.run_dir, &req.secrets).await?;
+        extra.extend(crate::named_contexts::docker_args(
+            &req.build_contexts,
+            &synced,
+        ));
         report.record(Phase::Upload, t.elapsed());
         reporter.phase_done(Phase::Upload, t.elapsed());
 
@@ -1241,7 +1292,6 @@ pub async fn build_on(
                     "context".into()
                 }
             });
-        let mut extra = extra;
         if !req.cache_from.is_empty() || !req.cache_to.is_empty() {
             if !buildkit {
                 return Err(BuildError::Cache {

@@ -112,7 +112,9 @@ pub fn code(err: &anyhow::Error) -> u8 {
                     crate::outputs::OutputError::Spec { .. }
                     | crate::outputs::OutputError::NotEmpty { .. },
                 ) => return USAGE,
-                BuildError::Docker { .. } => return NOT_READY,
+                BuildError::Docker { .. } | BuildError::BuildContextUnsupported { .. } => {
+                    return NOT_READY;
+                }
                 BuildError::Ssh(e) => {
                     return if e.is_host_key() {
                         HOST_KEY
@@ -152,6 +154,9 @@ pub fn code(err: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<ConfigError>().is_some()
             || cause
                 .downcast_ref::<crate::secrets::SecretError>()
+                .is_some()
+            || cause
+                .downcast_ref::<crate::named_contexts::SpecError>()
                 .is_some()
             || matches!(
                 cause.downcast_ref::<crate::outputs::OutputError>(),
@@ -322,6 +327,9 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 )),
                 BuildError::SecretsNeedBuildKit { .. } => Some(
                     "set `buildkit: on` (or `auto` with a docker that has BuildKit) for this builder".into(),
+                ),
+                BuildError::BuildContextUnsupported { .. } => Some(
+                    "install the docker-buildx plugin on the builder (with Docker's apt repository: `sudo apt-get install docker-buildx-plugin`; or put the `docker-buildx` binary from https://github.com/docker/buildx/releases in `/usr/local/lib/docker/cli-plugins/`) and check that `docker build --help` lists `--build-context`; `buildkit: off` must not be set".into(),
                 ),
                 BuildError::Secrets { .. } => Some(
                     "secrets are only written to a tmpfs; set `secret_dir:` to a folder the build may use, even on disk".into(),

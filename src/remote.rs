@@ -342,7 +342,9 @@ else
 fi
 if "$docker" buildx version >/dev/null 2>&1; then echo buildx=1; else echo buildx=0; fi
 if DOCKER_BUILDKIT=1 "$docker" build --help >/dev/null 2>&1; then echo buildkit_env=1; else echo buildkit_env=0; fi
-if "$docker" build --help 2>/dev/null | grep -q -- --cache-to; then echo build_cache_to=1; fi
+bh=$("$docker" build --help 2>/dev/null)
+case $bh in *--cache-to*) echo build_cache_to=1 ;; esac
+case $bh in *--build-context*) echo build_context=1 ;; esac
 if [ -d "$ws" ]; then d=$ws; else d=$(dirname "$ws"); fi
 df -Pk "$d" 2>/dev/null | awk 'NR==2 { print "disk_total_kb=" $2; print "disk_avail_kb=" $4 }'
 if [ -e "$ws/.lease" ] && ! flock -n "$ws/.lease" true 2>/dev/null; then
@@ -467,6 +469,8 @@ pub struct ProbeReport {
     pub buildkit_env: bool,
     /// `docker build` is buildx: it takes `--cache-to`.
     pub build_cache_to: bool,
+    /// `docker build` is buildx: it takes `--build-context`.
+    pub build_context: bool,
     pub disk_total_kb: Option<u64>,
     pub disk_avail_kb: Option<u64>,
     pub lease_holder: Option<String>,
@@ -489,6 +493,7 @@ impl ProbeReport {
                 "buildx" => r.buildx = v == "1",
                 "buildkit_env" => r.buildkit_env = v == "1",
                 "build_cache_to" => r.build_cache_to = v == "1",
+                "build_context" => r.build_context = v == "1",
                 "disk_total_kb" => r.disk_total_kb = v.parse().ok(),
                 "disk_avail_kb" => r.disk_avail_kb = v.parse().ok(),
                 "lease_holder" => r.lease_holder = Some(v),

@@ -132,6 +132,7 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
             None => None,
         },
         ssh: crate::secrets::ssh_forward(&args.ssh)?,
+        build_contexts: crate::named_contexts::parse_all(&args.build_contexts)?,
         cache_from: args.cache_from.clone(),
         cache_to: args.cache_to.clone(),
         secrets: args
