@@ -65,14 +65,15 @@ pub fn parse(spec: &str) -> Result<NamedContext, SpecError> {
     if value.is_empty() {
         return Err(bad("the value is empty".into()));
     }
-    if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(bad(
-            "the value contains whitespace or a control character".into()
-        ));
+    if value.chars().any(char::is_control) {
+        return Err(bad("the value contains a control character".into()));
     }
     let source = if value.starts_with("docker-image://") || value.starts_with("https://") {
         if value.ends_with("://") {
             return Err(bad("nothing after the scheme".into()));
+        }
+        if value.chars().any(char::is_whitespace) {
+            return Err(bad("an image or URL with whitespace".into()));
         }
         Source::Passthrough(value.to_string())
     } else if let Some((scheme, _)) = value.split_once("://") {

@@ -22,6 +22,7 @@ mod hostkeys;
 mod hostkeys_cloud;
 mod lease;
 mod lifecycle;
+mod named_contexts;
 mod outputs;
 mod parity;
 mod retry;
