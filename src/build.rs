@@ -1444,6 +1444,52 @@ mod tests {
     }
 
     #[test]
+    fn named_contexts_reach_docker_as_quoted_words_before_the_context() {
+        let file = crate::config::ConfigFile::parse(
+            Path::new("absconda-remote.yaml"),
+            "builders:\n  b:\n    provider: ssh\n    host: h\n    user: u\n",
+        )
+        .unwrap();
+        let builder = file.builder("b").unwrap();
+        let named = crate::named_contexts::parse_all(&[
+            "base=docker-image://alpine:3.20".to_string(),
+            "lib=https://example.com/x.git#main".to_string(),
+        ])
+        .unwrap();
+        let synced = [crate::named_contexts::Synced {
+            name: "other".into(),
+            tree: "/ws/contexts/k/tree".into(),
+            summary: Default::default(),
+        }];
+        let mut extra = crate::named_contexts::docker_args(&named, &synced);
+        extra.extend([
+            "--build-context".to_string(),
+            "lib2=/w s/contexts/k'$(x)/tree".to_string(),
+        ]);
+        let req = BuildRequest::default();
+        let argv = docker_build_argv(&builder, &req, "Dockerfile", true, "/ws/ctx", &extra);
+        let n = argv.len();
+        assert_eq!(
+            argv[n - 7..],
+            [
+                "--build-context",
+                "base=docker-image://alpine:3.20",
+                "--build-context",
+                "lib=https://example.com/x.git#main",
+                "--build-context",
+                "lib2=/w s/contexts/k'$(x)/tree",
+                "/ws/ctx",
+            ]
+        );
+        // The shell on the builder sees every argument as one word.
+        let cmd = remote::run_in("/tmp", &argv);
+        assert!(
+            cmd.contains("'lib2=/w s/contexts/k'\\''$(x)/tree'"),
+            "{cmd}"
+        );
+    }
+
+    #[test]
     fn bytes_are_human() {
         assert_eq!(human_bytes(12), "12 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
