@@ -609,6 +609,50 @@ mod tests {
         }
     }
 
+    /// The probe reads `docker build --help` for the flags only buildx has,
+    /// in dash and busybox sh. (A stand-in prints the help texts of docker
+    /// 20.10 and of buildx; nothing here builds.)
+    #[test]
+    fn probe_finds_buildx_flags_in_the_help() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        for (help, cache_to, context) in [
+            (
+                "      --cache-from strings   Images to consider\n",
+                false,
+                false,
+            ),
+            (
+                "      --build-context stringArray   Additional build contexts\n      --cache-to stringArray   Cache export\n",
+                true,
+                true,
+            ),
+        ] {
+            let docker = dir.path().join("docker");
+            std::fs::write(
+                &docker,
+                format!(
+                    "#!/bin/sh\ncase \"$1 $2\" in 'build --help') printf '%s' '{help}' ;; 'version '*) echo 20.10 ;; *) exit 1 ;; esac\n"
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&docker, std::fs::Permissions::from_mode(0o755)).unwrap();
+            for sh in crate::test_support::posix_shells() {
+                let out = std::process::Command::new(sh[0])
+                    .args(&sh[1..])
+                    .args(["-c", PROBE, "absconda-probe"])
+                    .arg(&docker)
+                    .arg(dir.path().join("ws"))
+                    .output()
+                    .unwrap();
+                let r = ProbeReport::parse(&String::from_utf8_lossy(&out.stdout));
+                assert_eq!(r.build_cache_to, cache_to, "{sh:?} {help}");
+                assert_eq!(r.build_context, context, "{sh:?} {help}");
+                assert_eq!(r.docker_server.as_deref(), Some("20.10"));
+            }
+        }
+    }
+
     /// The scripts must parse in dash and busybox sh, the shells of stock builders.
     #[test]
     fn scripts_parse_in_posix_shells() {
