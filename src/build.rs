@@ -88,6 +88,9 @@ pub struct BuildReport {
     pub image_id: Option<String>,
     /// The pushed manifest digest of every image reference.
     pub digests: std::collections::BTreeMap<String, String>,
+    /// What the sync of each `--build-context` folder did.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub build_contexts: std::collections::BTreeMap<String, crate::sync::SyncSummary>,
 }
 
 impl BuildReport {
@@ -1264,7 +1267,12 @@ pub async fn build_on(
             reporter,
         )
         .await?;
-        report.bytes_sent += synced.iter().map(|s| s.summary.bytes_sent).sum::<u64>();
+        for s in &synced {
+            report.bytes_sent += s.summary.bytes_sent;
+            report
+                .build_contexts
+                .insert(s.name.clone(), s.summary.clone());
+        }
         let mut extra = put_secrets(session, builder, &lease.run_dir, &req.secrets).await?;
         extra.extend(crate::named_contexts::docker_args(
             &req.build_contexts,
