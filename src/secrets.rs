@@ -329,6 +329,7 @@ fn parse_ssh(spec: &str) -> Result<(String, SshSource), SecretError> {
     {
         return Err(bad(format!("`{id}` is not a valid id")));
     }
+    let from_env = paths.is_none();
     let paths: Vec<PathBuf> = match paths {
         Some(p) => p.split(',').map(PathBuf::from).collect(),
         None => vec![std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from).ok_or_else(|| {
@@ -352,6 +353,12 @@ fn parse_ssh(spec: &str) -> Result<(String, SshSource), SecretError> {
                 }
                 return Ok((id.to_string(), SshSource::Socket(expanded)));
             }
+            Ok(_) if from_env => {
+                return Err(bad(format!(
+                    "`SSH_AUTH_SOCK` (`{}`) is not an agent socket",
+                    path.display()
+                )));
+            }
             Ok(md) if md.is_file() => files.push(expanded),
             Ok(_) => {
                 return Err(bad(format!(
@@ -372,4 +379,58 @@ fn expand_home(path: &Path) -> PathBuf {
         return PathBuf::from(home).join(rest);
     }
     path.to_path_buf()
+}
+
+#[cfg(test)]
+mod ssh_tests {
+    use super::*;
+
+    #[test]
+    fn ssh_specs() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let key = dir.path().join("k");
+        std::fs::write(&key, "not parsed here").unwrap();
+        let (s, k) = (sock.display(), key.display());
+
+        let (id, src) = parse_ssh(&format!("default={s}")).unwrap();
+        assert_eq!(
+            (id.as_str(), src),
+            ("default", SshSource::Socket(sock.clone()))
+        );
+        let (id, src) = parse_ssh(&format!("git.hub-1={k},{k}")).unwrap();
+        assert_eq!(id, "git.hub-1");
+        assert_eq!(src, SshSource::KeyFiles(vec![key.clone(), key.clone()]));
+
+        for (bad, says) in [
+            (format!("={k}"), "not a valid id"),
+            (format!("a b={k}"), "not a valid id"),
+            (format!("x={s},{k}"), "give it alone"),
+            (format!("x={k},"), "an empty path"),
+            (
+                format!("x={}", dir.path().display()),
+                "neither an agent socket nor a key file",
+            ),
+            ("x=/does/not/exist".to_string(), "/does/not/exist"),
+        ] {
+            let e = parse_ssh(&bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        // One forwarded agent: every id shares its source.
+        let e = ssh_forward(&[format!("a={s}"), format!("b={k}")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("same agent socket or key files"), "{e}");
+        let e = ssh_forward(&[format!("a={s}"), format!("a={s}")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("given twice"), "{e}");
+        let fw = ssh_forward(&[format!("a={s}"), format!("b={s}")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(fw.ids, ["a", "b"]);
+        assert!(matches!(fw.agent, AgentForward::Socket(p) if p == sock));
+        assert!(ssh_forward(&[]).unwrap().is_none());
+    }
 }
