@@ -224,8 +224,31 @@ pub enum BuildError {
         builder: String,
         /// The builder's docker (path and server version).
         docker: String,
-        missing: String,
+        missing: BuildxGap,
     },
+}
+
+/// Why a builder's `docker build` does not take `--build-context`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildxGap {
+    /// `buildkit: off` in the builder's settings.
+    LegacyBuilder,
+    /// `docker buildx` exists, but `docker build` is the classic command.
+    NotDefault,
+    /// No `docker buildx` at all.
+    NoPlugin,
+}
+
+impl std::fmt::Display for BuildxGap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BuildxGap::LegacyBuilder => {
+                "the builder is set to the legacy builder (`buildkit: off`)"
+            }
+            BuildxGap::NotDefault => "buildx is installed but `docker build` does not use it",
+            BuildxGap::NoPlugin => "the docker-buildx plugin is not installed",
+        })
+    }
 }
 
 impl From<SshError> for BuildError {
@@ -1209,11 +1232,11 @@ pub async fn build_on(
                     probe.docker_server.as_deref().unwrap_or("unknown")
                 ),
                 missing: if !buildkit {
-                    "the builder is set to the legacy builder (`buildkit: off`)".into()
+                    BuildxGap::LegacyBuilder
                 } else if probe.buildx {
-                    "buildx is installed but `docker build` does not use it".into()
+                    BuildxGap::NotDefault
                 } else {
-                    "the docker-buildx plugin is not installed".into()
+                    BuildxGap::NoPlugin
                 },
             });
         }

@@ -328,9 +328,17 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 BuildError::SecretsNeedBuildKit { .. } => Some(
                     "set `buildkit: on` (or `auto` with a docker that has BuildKit) for this builder".into(),
                 ),
-                BuildError::BuildContextUnsupported { .. } => Some(
-                    "install the docker-buildx plugin on the builder (with Docker's apt repository: `sudo apt-get install docker-buildx-plugin`; or put the `docker-buildx` binary from https://github.com/docker/buildx/releases in `/usr/local/lib/docker/cli-plugins/`) and check that `docker build --help` lists `--build-context`; `buildkit: off` must not be set".into(),
-                ),
+                BuildError::BuildContextUnsupported { missing, .. } => Some(match missing {
+                    crate::build::BuildxGap::LegacyBuilder => {
+                        "remove `buildkit: off` from this builder's settings (named contexts need BuildKit through buildx)".into()
+                    }
+                    crate::build::BuildxGap::NotDefault => {
+                        "run `docker buildx install` on the builder so that `docker build` is buildx (or upgrade docker to 23+), and check that `docker build --help` lists `--build-context`".into()
+                    }
+                    crate::build::BuildxGap::NoPlugin => {
+                        "install the docker-buildx plugin on the builder (with Docker's apt repository: `sudo apt-get install docker-buildx-plugin`; or put the `docker-buildx` binary from https://github.com/docker/buildx/releases in `/usr/local/lib/docker/cli-plugins/`) and check that `docker build --help` lists `--build-context`".into()
+                    }
+                }),
                 BuildError::Secrets { .. } => Some(
                     "secrets are only written to a tmpfs; set `secret_dir:` to a folder the build may use, even on disk".into(),
                 ),

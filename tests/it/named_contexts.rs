@@ -176,6 +176,23 @@ fn a_builder_without_buildx_is_refused_before_anything_is_sent() {
         assert_eq!(copies, 0);
         assert!(p.run_folders().is_empty());
     }
+    // Set to the legacy builder: a different reason, a different fix.
+    let p = Project::with_builder(&sshd, "    buildkit: off\n");
+    p.file("Dockerfile", "FROM base\n");
+    let out = p.build(
+        "named/legacy",
+        &[
+            "--build-context",
+            &format!("base=docker-image://{BASE_IMAGE}"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(9), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the legacy builder (`buildkit: off`)")
+            && err.contains("hint: remove `buildkit: off`"),
+        "{err}"
+    );
 }
 
 #[test]
