@@ -55,12 +55,14 @@ pub struct BuildRequest {
     pub quiet: bool,
     /// `--output`: the result streamed back to this machine.
     pub output: Option<crate::outputs::OutputSpec>,
-    /// `--ssh`: the local agent forwarded to the `docker build` channel.
+    /// `--ssh`: the agent forwarded to the `docker build` channel.
     pub ssh: Option<crate::secrets::SshForward>,
     pub cache_from: Vec<String>,
     pub cache_to: Vec<String>,
     /// `--secret`s, with their values read on this machine.
     pub secrets: Vec<crate::secrets::BuildSecret>,
+    /// `--build-context`s: folders synced like the context, or images and URLs.
+    pub build_contexts: Vec<crate::named_contexts::NamedContext>,
 }
 
 /// What happened, for the summary line and `--json`.
@@ -92,6 +94,9 @@ pub struct BuildReport {
     /// For a pool: seconds spent waiting for a free builder.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_seconds: Option<f64>,
+    /// What the sync of each `--build-context` folder did.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub build_contexts: std::collections::BTreeMap<String, crate::sync::SyncSummary>,
 }
 
 impl BuildReport {
@@ -218,6 +223,38 @@ pub enum BuildError {
     Cache { builder: String, message: String },
     #[error("could not store the build secrets on `{builder}`: {message}")]
     Secrets { builder: String, message: String },
+    #[error(
+        "`--build-context` needs `docker build` with the buildx plugin, but `docker build` on `{builder}` ({docker}) does not take `--build-context`: {missing}"
+    )]
+    BuildContextUnsupported {
+        builder: String,
+        /// The builder's docker (path and server version).
+        docker: String,
+        missing: BuildxGap,
+    },
+}
+
+/// Why a builder's `docker build` does not take `--build-context`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildxGap {
+    /// `buildkit: off` in the builder's settings.
+    LegacyBuilder,
+    /// `docker buildx` exists, but `docker build` is the classic command.
+    NotDefault,
+    /// No `docker buildx` at all.
+    NoPlugin,
+}
+
+impl std::fmt::Display for BuildxGap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BuildxGap::LegacyBuilder => {
+                "the builder is set to the legacy builder (`buildkit: off`)"
+            }
+            BuildxGap::NotDefault => "buildx is installed but `docker build` does not use it",
+            BuildxGap::NoPlugin => "the docker-buildx plugin is not installed",
+        })
+    }
 }
 
 impl From<SshError> for BuildError {
@@ -318,6 +355,8 @@ pub struct PreparedContext {
     pub dockerfile_arg: String,
     pub files: u64,
     pub bytes: u64,
+    /// The `--build-context` folders, walked.
+    pub named: Vec<crate::named_contexts::Prepared>,
 }
 
 /// Walks the context with its `.dockerignore` (on a blocking thread).
@@ -425,6 +464,7 @@ fn prepare_context_blocking(req: &BuildRequest) -> Result<PreparedContext, Build
             bytes += size;
         }
     }
+    let named = crate::named_contexts::prepare(&req.build_contexts)?;
     Ok(PreparedContext {
         entries,
         extra: Vec::new(),
@@ -432,6 +472,7 @@ fn prepare_context_blocking(req: &BuildRequest) -> Result<PreparedContext, Build
         dockerfile_arg,
         files,
         bytes,
+        named,
     })
 }
 
@@ -877,13 +918,19 @@ async fn receive_output(
         .await?;
     p.writer.eof().await?;
     let mut failed = None;
+    let started = Instant::now();
+    let mut received: u64 = 0;
     while let Some(ev) = p.reader.next().await {
         match ev {
             Event::Stdout(d) => {
-                if failed.is_none()
-                    && let Err(e) = rx.write(&d).await
-                {
-                    failed = Some(e);
+                if failed.is_none() {
+                    match rx.write(&d).await {
+                        Ok(()) => {
+                            received += d.len() as u64;
+                            reporter.download_progress(received, None);
+                        }
+                        Err(e) => failed = Some(e),
+                    }
                 }
             }
             Event::Stderr(d) => reporter.output(true, &d),
@@ -891,6 +938,7 @@ async fn receive_output(
         }
     }
     let status = p.reader.drain(|_, _| {}).await;
+    reporter.download_done(received, started.elapsed());
     if let Some(e) = failed {
         rx.abort().await;
         return Err(e.into());
@@ -1196,6 +1244,25 @@ pub async fn build_on(
                 builder: builder.name.clone(),
             });
         }
+        // Before anything is sent: a builder that cannot use the named
+        // contexts must not receive them.
+        if !req.build_contexts.is_empty() && (!buildkit || !probe.build_context) {
+            return Err(BuildError::BuildContextUnsupported {
+                builder: builder.name.clone(),
+                docker: format!(
+                    "`{}`, docker {}",
+                    builder.docker,
+                    probe.docker_server.as_deref().unwrap_or("unknown")
+                ),
+                missing: if !buildkit {
+                    BuildxGap::LegacyBuilder
+                } else if probe.buildx {
+                    BuildxGap::NotDefault
+                } else {
+                    BuildxGap::NoPlugin
+                },
+            });
+        }
         let compression = match builder.compression {
             CompressionSetting::Gzip => Compression::Gzip,
             CompressionSetting::None => Compression::None,
@@ -1219,6 +1286,8 @@ pub async fn build_on(
         reporter.phase(Phase::Upload);
         let t = Instant::now();
         let dockerfile_arg = prepared.dockerfile_arg.clone();
+        let mut prepared = prepared;
+        let named = std::mem::take(&mut prepared.named);
         report.files_sent = prepared.files;
         report.context_bytes = prepared.bytes;
         report.bytes_sent = if req.incremental {
@@ -1234,7 +1303,27 @@ pub async fn build_on(
             )
             .await?
         };
-        let extra = put_secrets(session, builder, &lease.run_dir, &req.secrets).await?;
+        let synced = crate::named_contexts::sync(
+            session,
+            builder,
+            named,
+            compression,
+            req.verify,
+            None,
+            reporter,
+        )
+        .await?;
+        for s in &synced {
+            report.bytes_sent += s.summary.bytes_sent;
+            report
+                .build_contexts
+                .insert(s.name.clone(), s.summary.clone());
+        }
+        let mut extra = put_secrets(session, builder, &lease.run_dir, &req.secrets).await?;
+        extra.extend(crate::named_contexts::docker_args(
+            &req.build_contexts,
+            &synced,
+        ));
         report.record(Phase::Upload, t.elapsed());
         reporter.phase_done(Phase::Upload, t.elapsed());
 
@@ -1257,7 +1346,6 @@ pub async fn build_on(
                     "context".into()
                 }
             });
-        let mut extra = extra;
         if !req.cache_from.is_empty() || !req.cache_to.is_empty() {
             if !buildkit {
                 return Err(BuildError::Cache {
@@ -1301,7 +1389,7 @@ pub async fn build_on(
                     .exec_with_agent(
                         "docker build",
                         &remote::run_in(&lease.run_dir, &argv),
-                        &fw.socket,
+                        &fw.agent,
                     )
                     .await?;
                 p.writer.eof().await?;
@@ -1407,6 +1495,52 @@ mod tests {
         assert_eq!(pushed_digest(out.as_bytes()).as_deref(), Some(d));
         assert_eq!(pushed_digest(b"v1: digest: sha256:short size: 1\n"), None);
         assert_eq!(pushed_digest(b""), None);
+    }
+
+    #[test]
+    fn named_contexts_reach_docker_as_quoted_words_before_the_context() {
+        let file = crate::config::ConfigFile::parse(
+            Path::new("absconda-remote.yaml"),
+            "builders:\n  b:\n    provider: ssh\n    host: h\n    user: u\n",
+        )
+        .unwrap();
+        let builder = file.builder("b").unwrap();
+        let named = crate::named_contexts::parse_all(&[
+            "base=docker-image://alpine:3.20".to_string(),
+            "lib=https://example.com/x.git#main".to_string(),
+        ])
+        .unwrap();
+        let synced = [crate::named_contexts::Synced {
+            name: "other".into(),
+            tree: "/ws/contexts/k/tree".into(),
+            summary: Default::default(),
+        }];
+        let mut extra = crate::named_contexts::docker_args(&named, &synced);
+        extra.extend([
+            "--build-context".to_string(),
+            "lib2=/w s/contexts/k'$(x)/tree".to_string(),
+        ]);
+        let req = BuildRequest::default();
+        let argv = docker_build_argv(&builder, &req, "Dockerfile", true, "/ws/ctx", &extra);
+        let n = argv.len();
+        assert_eq!(
+            argv[n - 7..],
+            [
+                "--build-context",
+                "base=docker-image://alpine:3.20",
+                "--build-context",
+                "lib=https://example.com/x.git#main",
+                "--build-context",
+                "lib2=/w s/contexts/k'$(x)/tree",
+                "/ws/ctx",
+            ]
+        );
+        // The shell on the builder sees every argument as one word.
+        let cmd = remote::run_in("/tmp", &argv);
+        assert!(
+            cmd.contains("'lib2=/w s/contexts/k'\\''$(x)/tree'"),
+            "{cmd}"
+        );
     }
 
     #[test]

@@ -185,9 +185,20 @@ pub struct BuildArgs {
     /// image) or, where the builder has buildx, `type=registry,ref=IMAGE,mode=max`.
     #[arg(long, value_name = "type=inline|type=registry,ref=IMAGE")]
     pub cache_to: Vec<String>,
-    /// Forward your SSH agent to `RUN --mount=type=ssh` steps (repeatable):
-    /// `default` (the agent at SSH_AUTH_SOCK), `ID`, or `ID=SOCKET`.
-    #[arg(long = "ssh", value_name = "default|ID[=SOCKET]")]
+    /// A named context for `FROM NAME` / `COPY --from=NAME` (repeatable):
+    /// `NAME=DIR` (synced like the context, with its own `.dockerignore`),
+    /// `NAME=docker-image://IMAGE` or `NAME=https://URL`. Needs buildx on
+    /// the builder.
+    #[arg(
+        long = "build-context",
+        value_name = "NAME=DIR|docker-image://…|https://…"
+    )]
+    pub build_contexts: Vec<String>,
+    /// Forward an SSH agent to `RUN --mount=type=ssh` steps (repeatable):
+    /// `default` (the agent at SSH_AUTH_SOCK), `ID`, `ID=SOCKET`, or
+    /// `ID=KEYFILE[,KEYFILE…]` (keys loaded and served by absconda; none
+    /// is ever written on the builder).
+    #[arg(long = "ssh", value_name = "default|ID[=SOCKET|KEYFILE[,KEYFILE…]]")]
     pub ssh: Vec<String>,
     /// Write the image id (`sha256:…`) to FILE.
     #[arg(long, value_name = "FILE")]

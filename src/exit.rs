@@ -112,7 +112,9 @@ pub fn code(err: &anyhow::Error) -> u8 {
                     crate::outputs::OutputError::Spec { .. }
                     | crate::outputs::OutputError::NotEmpty { .. },
                 ) => return USAGE,
-                BuildError::Docker { .. } => return NOT_READY,
+                BuildError::Docker { .. } | BuildError::BuildContextUnsupported { .. } => {
+                    return NOT_READY;
+                }
                 BuildError::Ssh(e) => {
                     return if e.is_host_key() {
                         HOST_KEY
@@ -152,6 +154,9 @@ pub fn code(err: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<ConfigError>().is_some()
             || cause
                 .downcast_ref::<crate::secrets::SecretError>()
+                .is_some()
+            || cause
+                .downcast_ref::<crate::named_contexts::SpecError>()
                 .is_some()
             || matches!(
                 cause.downcast_ref::<crate::outputs::OutputError>(),
@@ -323,6 +328,17 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 BuildError::SecretsNeedBuildKit { .. } => Some(
                     "set `buildkit: on` (or `auto` with a docker that has BuildKit) for this builder".into(),
                 ),
+                BuildError::BuildContextUnsupported { missing, .. } => Some(match missing {
+                    crate::build::BuildxGap::LegacyBuilder => {
+                        "remove `buildkit: off` from this builder's settings (named contexts need BuildKit through buildx)".into()
+                    }
+                    crate::build::BuildxGap::NotDefault => {
+                        "run `docker buildx install` on the builder so that `docker build` is buildx (or upgrade docker to 23+), and check that `docker build --help` lists `--build-context`".into()
+                    }
+                    crate::build::BuildxGap::NoPlugin => {
+                        "install the docker-buildx plugin on the builder (with Docker's apt repository: `sudo apt-get install docker-buildx-plugin`; or put the `docker-buildx` binary from https://github.com/docker/buildx/releases in `/usr/local/lib/docker/cli-plugins/`) and check that `docker build --help` lists `--build-context`".into()
+                    }
+                }),
                 BuildError::Secrets { .. } => Some(
                     "secrets are only written to a tmpfs; set `secret_dir:` to a folder the build may use, even on disk".into(),
                 ),

@@ -19,6 +19,7 @@
 //! - `sync/`: the incremental context sync: a persistent copy per context on
 //!   the builder, manifests, the local hash cache, and the sh that applies deltas
 //! - `build`: the build pipeline, orchestration only; `cache`: `--cache-from/-to`
+//! - `named_contexts`: `--build-context`, each folder synced like the main context
 //! - `outputs`: files a build writes here (`--iidfile`, `--metadata-file`)
 //! - `pool`: several builders behind one name: choice, queue, failover
 //! - `registry`: registry credentials from the user's side
@@ -54,6 +55,7 @@ pub mod health;
 pub mod hints;
 pub mod lifecycle;
 pub mod metrics;
+pub mod named_contexts;
 pub mod outputs;
 pub mod pool;
 pub mod provisioned;

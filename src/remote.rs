@@ -383,7 +383,9 @@ else
 fi
 if "$docker" buildx version >/dev/null 2>&1; then echo buildx=1; else echo buildx=0; fi
 if DOCKER_BUILDKIT=1 "$docker" build --help >/dev/null 2>&1; then echo buildkit_env=1; else echo buildkit_env=0; fi
-if "$docker" build --help 2>/dev/null | grep -q -- --cache-to; then echo build_cache_to=1; fi
+bh=$("$docker" build --help 2>/dev/null)
+case $bh in *--cache-to*) echo build_cache_to=1 ;; esac
+case $bh in *--build-context*) echo build_context=1 ;; esac
 if [ -d "$ws" ]; then d=$ws; else d=$(dirname "$ws"); fi
 df -Pk "$d" 2>/dev/null | awk 'NR==2 { print "disk_total_kb=" $2; print "disk_avail_kb=" $4 }'
 if [ -e "$ws/.lease" ] && ! flock -n "$ws/.lease" true 2>/dev/null; then
@@ -513,6 +515,8 @@ pub struct ProbeReport {
     pub buildkit_env: bool,
     /// `docker build` is buildx: it takes `--cache-to`.
     pub build_cache_to: bool,
+    /// `docker build` is buildx: it takes `--build-context`.
+    pub build_context: bool,
     pub disk_total_kb: Option<u64>,
     pub disk_avail_kb: Option<u64>,
     pub lease_holder: Option<String>,
@@ -540,6 +544,7 @@ impl ProbeReport {
                 "buildx" => r.buildx = v == "1",
                 "buildkit_env" => r.buildkit_env = v == "1",
                 "build_cache_to" => r.build_cache_to = v == "1",
+                "build_context" => r.build_context = v == "1",
                 "disk_total_kb" => r.disk_total_kb = v.parse().ok(),
                 "disk_avail_kb" => r.disk_avail_kb = v.parse().ok(),
                 "lease_holder" => r.lease_holder = Some(v),
@@ -657,6 +662,50 @@ mod tests {
             );
             std::fs::remove_dir_all(&configured).unwrap();
             std::fs::remove_dir_all(ws.join(".secrets")).unwrap();
+        }
+    }
+
+    /// The probe reads `docker build --help` for the flags only buildx has,
+    /// in dash and busybox sh. (A stand-in prints the help texts of docker
+    /// 20.10 and of buildx; nothing here builds.)
+    #[test]
+    fn probe_finds_buildx_flags_in_the_help() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        for (help, cache_to, context) in [
+            (
+                "      --cache-from strings   Images to consider\n",
+                false,
+                false,
+            ),
+            (
+                "      --build-context stringArray   Additional build contexts\n      --cache-to stringArray   Cache export\n",
+                true,
+                true,
+            ),
+        ] {
+            let docker = dir.path().join("docker");
+            std::fs::write(
+                &docker,
+                format!(
+                    "#!/bin/sh\ncase \"$1 $2\" in 'build --help') printf '%s' '{help}' ;; 'version '*) echo 20.10 ;; *) exit 1 ;; esac\n"
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&docker, std::fs::Permissions::from_mode(0o755)).unwrap();
+            for sh in crate::test_support::posix_shells() {
+                let out = std::process::Command::new(sh[0])
+                    .args(&sh[1..])
+                    .args(["-c", PROBE, "absconda-probe"])
+                    .arg(&docker)
+                    .arg(dir.path().join("ws"))
+                    .output()
+                    .unwrap();
+                let r = ProbeReport::parse(&String::from_utf8_lossy(&out.stdout));
+                assert_eq!(r.build_cache_to, cache_to, "{sh:?} {help}");
+                assert_eq!(r.build_context, context, "{sh:?} {help}");
+                assert_eq!(r.docker_server.as_deref(), Some("20.10"));
+            }
         }
     }
 

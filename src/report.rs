@@ -52,6 +52,11 @@ pub trait Reporter: Send + Sync {
     /// Upload progress in file content: `done` of the `total` bytes the
     /// upload plans to send, before compression.
     fn upload_content(&self, _done: u64, _total: u64) {}
+    /// Download progress of `--output`: `received` bytes so far, of
+    /// `total` when it is known.
+    fn download_progress(&self, _received: u64, _total: Option<u64>) {}
+    /// The `--output` download ended (in any way) after `took`.
+    fn download_done(&self, _received: u64, _took: Duration) {}
     /// Live output of a remote command; `stderr` tells which stream.
     fn output(&self, _stderr: bool, _data: &[u8]) {}
 }

@@ -8,7 +8,9 @@
 //! any way, and the next lease removes what a killed supervisor left.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use crate::ssh::agent::{AgentForward, KeyAgent};
 
 /// One `--secret` as the user wrote it, with its value read.
 #[derive(Clone)]
@@ -38,6 +40,15 @@ pub enum SecretError {
     },
     #[error("`--secret id={id}`: the environment variable `{var}` is not set")]
     NoEnv { id: String, var: String },
+    #[error("`--ssh {spec}`: {message}")]
+    SshSpec { spec: String, message: String },
+    #[error("`--ssh {spec}`: cannot use the key file `{}`", path.display())]
+    SshKey {
+        spec: String,
+        path: PathBuf,
+        #[source]
+        source: Box<crate::ssh::auth::AuthError>,
+    },
 }
 
 /// Where a secret's value comes from.
@@ -233,69 +244,193 @@ mod tests {
 pub struct SshForward {
     /// The ids `RUN --mount=type=ssh,id=…` uses (`default` when none is given).
     pub ids: Vec<String>,
-    /// The local agent socket.
-    pub socket: PathBuf,
+    /// What answers: the local agent's socket, or key files absconda serves.
+    pub agent: AgentForward,
 }
 
-/// Parses `--ssh default`, `--ssh ID`, `--ssh ID=SOCKET`: every id is
-/// served by one local agent (`SSH_AUTH_SOCK` unless a socket is given).
+/// Where one `--ssh` id's keys come from, as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SshSource {
+    Socket(PathBuf),
+    KeyFiles(Vec<PathBuf>),
+}
+
+/// Parses docker's syntax: `--ssh default`, `--ssh ID` (the agent of
+/// `SSH_AUTH_SOCK`), `--ssh ID=SOCKET` and `--ssh ID=KEYFILE[,KEYFILE…]`.
+/// Key files are loaded here (an encrypted one is unlocked with
+/// `ABSCONDA_SSH_PASSPHRASE` or a prompt) and served by absconda itself.
+/// One agent channel reaches the build, so every id shares one source.
 pub fn ssh_forward(specs: &[String]) -> Result<Option<SshForward>, SecretError> {
-    if specs.is_empty() {
-        return Ok(None);
+    let mut ids = Vec::new();
+    let mut source: Option<(SshSource, &str)> = None;
+    for spec in specs {
+        let (id, this) = parse_ssh(spec)?;
+        if let Some((first, first_spec)) = &source
+            && *first != this
+        {
+            return Err(SecretError::SshSpec {
+                spec: spec.clone(),
+                message: format!(
+                    "every `--ssh` id must use the same agent socket or key files as `--ssh {first_spec}`: the builder gets one forwarded agent"
+                ),
+            });
+        }
+        if ids.contains(&id) {
+            return Err(SecretError::SshSpec {
+                spec: spec.clone(),
+                message: format!("the id `{id}` is given twice"),
+            });
+        }
+        ids.push(id);
+        if source.is_none() {
+            source = Some((this, spec));
+        }
     }
-    let bad = |spec: &str, message: String| SecretError::Spec {
-        spec: format!("--ssh {spec}"),
+    let Some((source, spec)) = source else {
+        return Ok(None);
+    };
+    let agent = match source {
+        SshSource::Socket(p) => AgentForward::Socket(p),
+        SshSource::KeyFiles(files) => {
+            let mut keys = Vec::new();
+            for path in files {
+                let key =
+                    crate::ssh::auth::load_key(&path).map_err(|source| SecretError::SshKey {
+                        spec: spec.to_string(),
+                        path: path.clone(),
+                        source: Box::new(source),
+                    })?;
+                keys.push((key, path.display().to_string()));
+            }
+            let agent = KeyAgent::new(keys).map_err(|e| SecretError::SshSpec {
+                spec: spec.to_string(),
+                message: format!("cannot encode a public key: {e}"),
+            })?;
+            AgentForward::Keys(std::sync::Arc::new(agent))
+        }
+    };
+    Ok(Some(SshForward { ids, agent }))
+}
+
+/// One `--ssh` spec: its id and where its keys come from.
+fn parse_ssh(spec: &str) -> Result<(String, SshSource), SecretError> {
+    let bad = |message: String| SecretError::SshSpec {
+        spec: spec.to_string(),
         message,
     };
-    let mut ids = Vec::new();
-    let mut socket: Option<PathBuf> = None;
-    for spec in specs {
-        let (id, path) = match spec.split_once('=') {
-            Some((id, p)) => (id, Some(PathBuf::from(p))),
-            None => (spec.as_str(), None),
-        };
-        if id.is_empty()
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        {
-            return Err(bad(spec, format!("`{id}` is not a valid id")));
-        }
-        let path = match path {
-            Some(p) => p,
-            None => std::env::var_os("SSH_AUTH_SOCK")
-                .map(PathBuf::from)
-                .ok_or_else(|| {
-                    bad(
-                        spec,
-                        "`SSH_AUTH_SOCK` is not set: start an agent and add your key (`ssh-add`), or give `ID=SOCKET`".into(),
-                    )
-                })?,
-        };
-        use std::os::unix::fs::FileTypeExt;
-        match std::fs::metadata(&path) {
-            Ok(md) if md.file_type().is_socket() => {}
-            Ok(_) => {
-                return Err(bad(
-                    spec,
-                    format!(
-                        "`{}` is not an agent socket; key files are not forwarded: load the key into an agent with `ssh-add` and use `--ssh {id}`",
-                        path.display()
-                    ),
-                ));
-            }
-            Err(e) => return Err(bad(spec, format!("`{}`: {e}", path.display()))),
-        }
-        if let Some(s) = &socket
-            && *s != path
-        {
-            return Err(bad(
-                spec,
-                "all `--ssh` ids must use the same agent socket".into(),
-            ));
-        }
-        socket = Some(path);
-        ids.push(id.to_string());
+    let (id, paths) = match spec.split_once('=') {
+        Some((id, p)) => (id, Some(p)),
+        None => (spec, None),
+    };
+    if id.is_empty()
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(bad(format!("`{id}` is not a valid id")));
     }
-    Ok(socket.map(|socket| SshForward { ids, socket }))
+    let from_env = paths.is_none();
+    let paths: Vec<PathBuf> = match paths {
+        Some(p) => p.split(',').map(PathBuf::from).collect(),
+        None => vec![std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from).ok_or_else(|| {
+            bad("`SSH_AUTH_SOCK` is not set: start an agent and add your key (`ssh-add`), or give `ID=SOCKET` or `ID=KEYFILE`".into())
+        })?],
+    };
+    use std::os::unix::fs::FileTypeExt;
+    let mut files = Vec::new();
+    for path in &paths {
+        if path.as_os_str().is_empty() {
+            return Err(bad("an empty path".into()));
+        }
+        let expanded = expand_home(path);
+        match std::fs::metadata(&expanded) {
+            Ok(md) if md.file_type().is_socket() => {
+                if paths.len() > 1 {
+                    return Err(bad(format!(
+                        "`{}` is an agent socket: give it alone, or only key files",
+                        path.display()
+                    )));
+                }
+                return Ok((id.to_string(), SshSource::Socket(expanded)));
+            }
+            Ok(_) if from_env => {
+                return Err(bad(format!(
+                    "`SSH_AUTH_SOCK` (`{}`) is not an agent socket",
+                    path.display()
+                )));
+            }
+            Ok(md) if md.is_file() => files.push(expanded),
+            Ok(_) => {
+                return Err(bad(format!(
+                    "`{}` is neither an agent socket nor a key file",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(bad(format!("`{}`: {e}", path.display()))),
+        }
+    }
+    Ok((id.to_string(), SshSource::KeyFiles(files)))
+}
+
+fn expand_home(path: &Path) -> PathBuf {
+    if let Ok(rest) = path.strip_prefix("~")
+        && let Some(home) = std::env::var_os("HOME")
+    {
+        return PathBuf::from(home).join(rest);
+    }
+    path.to_path_buf()
+}
+
+#[cfg(test)]
+mod ssh_tests {
+    use super::*;
+
+    #[test]
+    fn ssh_specs() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let key = dir.path().join("k");
+        std::fs::write(&key, "not parsed here").unwrap();
+        let (s, k) = (sock.display(), key.display());
+
+        let (id, src) = parse_ssh(&format!("default={s}")).unwrap();
+        assert_eq!(
+            (id.as_str(), src),
+            ("default", SshSource::Socket(sock.clone()))
+        );
+        let (id, src) = parse_ssh(&format!("git.hub-1={k},{k}")).unwrap();
+        assert_eq!(id, "git.hub-1");
+        assert_eq!(src, SshSource::KeyFiles(vec![key.clone(), key.clone()]));
+
+        for (bad, says) in [
+            (format!("={k}"), "not a valid id"),
+            (format!("a b={k}"), "not a valid id"),
+            (format!("x={s},{k}"), "give it alone"),
+            (format!("x={k},"), "an empty path"),
+            (
+                format!("x={}", dir.path().display()),
+                "neither an agent socket nor a key file",
+            ),
+            ("x=/does/not/exist".to_string(), "/does/not/exist"),
+        ] {
+            let e = parse_ssh(&bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        // One forwarded agent: every id shares its source.
+        let e = ssh_forward(&[format!("a={s}"), format!("b={k}")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("same agent socket or key files"), "{e}");
+        let e = ssh_forward(&[format!("a={s}"), format!("a={s}")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("given twice"), "{e}");
+        let fw = ssh_forward(&[format!("a={s}"), format!("b={s}")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(fw.ids, ["a", "b"]);
+        assert!(matches!(fw.agent, AgentForward::Socket(p) if p == sock));
+        assert!(ssh_forward(&[]).unwrap().is_none());
+    }
 }

@@ -152,6 +152,7 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
             None => None,
         },
         ssh: crate::secrets::ssh_forward(&args.ssh)?,
+        build_contexts: crate::named_contexts::parse_all(&args.build_contexts)?,
         cache_from: args.cache_from.clone(),
         cache_to: args.cache_to.clone(),
         secrets: args
@@ -464,6 +465,12 @@ impl Reporter for Recorder<'_> {
     }
     fn upload_content(&self, done: u64, total: u64) {
         self.inner.upload_content(done, total)
+    }
+    fn download_progress(&self, received: u64, total: Option<u64>) {
+        self.inner.download_progress(received, total)
+    }
+    fn download_done(&self, received: u64, took: Duration) {
+        self.inner.download_done(received, took)
     }
     fn output(&self, stderr: bool, data: &[u8]) {
         self.inner.output(stderr, data)

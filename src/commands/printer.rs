@@ -44,6 +44,16 @@ struct Upload {
     is_bar: bool,
 }
 
+/// The `--output` download: a bar on a terminal, plain lines otherwise.
+#[derive(Default)]
+struct Download {
+    started: Option<Instant>,
+    received: u64,
+    total: Option<u64>,
+    last_line: Option<Instant>,
+    bar: Option<ProgressBar>,
+}
+
 pub struct Printer {
     json: bool,
     quiet: bool,
@@ -51,6 +61,7 @@ pub struct Printer {
     tty: bool,
     colour: bool,
     upload: Mutex<Upload>,
+    download: Mutex<Download>,
     /// With `--quiet`: the end of the build output, for a failure.
     tail: Mutex<Vec<u8>>,
 }
@@ -65,6 +76,7 @@ impl Printer {
             tty,
             colour: tty && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
             upload: Mutex::new(Upload::default()),
+            download: Mutex::new(Download::default()),
             tail: Mutex::new(Vec::new()),
         }
     }
@@ -116,6 +128,30 @@ impl Printer {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> ")
     }
+
+    fn download_bar(&self, total: Option<u64>) -> ProgressBar {
+        let (bar, template) = match total {
+            Some(t) => (
+                ProgressBar::new(t),
+                if self.colour {
+                    "receiving the build output [{bar:30.cyan/blue}] {bytes}/{total_bytes} {percent}% · {binary_bytes_per_sec} · {eta} left"
+                } else {
+                    "receiving the build output [{bar:30}] {bytes}/{total_bytes} {percent}% · {binary_bytes_per_sec} · {eta} left"
+                },
+            ),
+            None => (
+                ProgressBar::no_length(),
+                "{spinner} receiving the build output: {bytes} · {binary_bytes_per_sec} · {elapsed}",
+            ),
+        };
+        bar.set_style(
+            ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    }
 }
 
 fn label(phase: Phase) -> &'static str {
@@ -162,6 +198,29 @@ fn plain_progress(u: &Upload) -> String {
         human_bytes(u.total),
         human_bytes(rate as u64)
     )
+}
+
+/// "12.0 MiB received, 5.2 MiB/s" or, with a known total,
+/// "12.0 MiB of 40.3 MiB (30%), 5.2 MiB/s"
+fn plain_download(d: &Download) -> String {
+    let secs = d
+        .started
+        .map(|s| s.elapsed().as_secs_f64())
+        .unwrap_or_default();
+    let rate = if secs > 0.0 {
+        human_bytes((d.received as f64 / secs) as u64)
+    } else {
+        human_bytes(0)
+    };
+    match d.total {
+        Some(total) => format!(
+            "{} of {} ({}%), {rate}/s",
+            human_bytes(d.received),
+            human_bytes(total),
+            (d.received * 100).checked_div(total).unwrap_or(100)
+        ),
+        None => format!("{} received, {rate}/s", human_bytes(d.received)),
+    }
 }
 
 impl Reporter for Printer {
@@ -272,6 +331,60 @@ impl Reporter for Printer {
         }
     }
 
+    fn download_progress(&self, received: u64, total: Option<u64>) {
+        if self.quiet {
+            return;
+        }
+        let mut d = self.download.lock().unwrap_or_else(|p| p.into_inner());
+        let first = d.started.is_none();
+        if first {
+            *d = Download {
+                started: Some(Instant::now()),
+                ..Download::default()
+            };
+        }
+        d.received = received;
+        d.total = total;
+        if self.tty {
+            if d.bar.is_none() {
+                d.bar = Some(self.download_bar(total));
+            }
+            if let Some(bar) = &d.bar {
+                if let Some(t) = total {
+                    bar.set_length(t);
+                }
+                bar.set_position(received);
+            }
+        } else if first || d.last_line.is_some_and(|t| t.elapsed() >= PLAIN_EVERY) {
+            d.last_line = Some(Instant::now());
+            eprintln!(
+                "absconda: receiving the build output: {}",
+                plain_download(&d)
+            );
+        }
+    }
+
+    fn download_done(&self, received: u64, took: Duration) {
+        let d = std::mem::take(&mut *self.download.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(bar) = d.bar {
+            bar.finish_and_clear();
+        }
+        if self.quiet || d.started.is_none() {
+            return;
+        }
+        let secs = took.as_secs_f64();
+        let rate = if secs > 0.0 {
+            human_bytes((received as f64 / secs) as u64)
+        } else {
+            human_bytes(0)
+        };
+        eprintln!(
+            "absconda: received {} of build output in {} ({rate}/s)",
+            human_bytes(received),
+            human::duration(took)
+        );
+    }
+
     fn output(&self, stderr: bool, data: &[u8]) {
         if self.quiet {
             let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
@@ -283,9 +396,16 @@ impl Reporter for Printer {
             return;
         }
         if stderr || self.json {
-            let mut e = std::io::stderr().lock();
-            let _ = e.write_all(data);
-            let _ = e.flush();
+            let write = || {
+                let mut e = std::io::stderr().lock();
+                let _ = e.write_all(data);
+                let _ = e.flush();
+            };
+            // Around a download bar, so that it is redrawn below the text.
+            match &self.download.lock().unwrap_or_else(|p| p.into_inner()).bar {
+                Some(bar) => bar.suspend(write),
+                None => write(),
+            }
         } else {
             let mut o = std::io::stdout().lock();
             let _ = o.write_all(data);
@@ -297,6 +417,22 @@ impl Reporter for Printer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_download_has_bytes_rate_and_total_when_known() {
+        let mut d = Download {
+            started: Instant::now().checked_sub(Duration::from_secs(2)),
+            received: 10 * 1024 * 1024,
+            ..Download::default()
+        };
+        let line = plain_download(&d);
+        assert!(line.starts_with("10.0 MiB received, "), "{line}");
+        assert!(line.ends_with("/s"), "{line}");
+        d.total = Some(40 * 1024 * 1024);
+        let line = plain_download(&d);
+        assert!(line.starts_with("10.0 MiB of 40.0 MiB (25%), "), "{line}");
+        assert!(line.chars().all(|c| !c.is_control()), "{line:?}");
+    }
 
     #[test]
     fn plain_progress_has_total_percent_rate_and_time_left() {

@@ -152,7 +152,16 @@ impl DockerIgnore {
     pub fn for_context(context_dir: &Path, dockerfile: &Path) -> io::Result<DockerIgnore> {
         let mut specific = dockerfile.as_os_str().to_owned();
         specific.push(".dockerignore");
-        let candidates = [PathBuf::from(specific), context_dir.join(".dockerignore")];
+        DockerIgnore::first_of([PathBuf::from(specific), context_dir.join(".dockerignore")])
+    }
+
+    /// Reads `<dir>/.dockerignore` alone: a named build context's
+    /// (`--build-context`), which no Dockerfile sits next to.
+    pub fn for_dir(dir: &Path) -> io::Result<DockerIgnore> {
+        DockerIgnore::first_of([dir.join(".dockerignore")])
+    }
+
+    fn first_of<const N: usize>(candidates: [PathBuf; N]) -> io::Result<DockerIgnore> {
         for candidate in candidates {
             let bytes = match std::fs::read(&candidate) {
                 Ok(bytes) => bytes,

@@ -9,12 +9,14 @@
 //! - [`proxy`]: HTTP CONNECT and SOCKS5 proxies.
 //! - [`known_hosts`]: host key verification, the security boundary.
 //! - [`auth`]: key files (with passphrases) and ssh-agent.
+//! - [`agent`]: what answers forwarded agent channels (`--ssh`).
 //! - [`exec`]: running commands with live output and exit statuses.
 //!
 //! Jump hosts: each hop is a full session of its own (its host key checked
 //! under its own name, its own authentication); the next hop's session runs
 //! over a `direct-tcpip` channel of the previous one.
 
+pub mod agent;
 pub mod auth;
 pub mod exec;
 pub mod jump;
@@ -255,8 +257,8 @@ impl SshError {
 /// channel that asked for agent forwarding, see [`Session::exec_with_agent`]).
 struct Client {
     check: Arc<Mutex<HostCheck>>,
-    /// The local agent socket forwarded channels are connected to.
-    agent: Arc<Mutex<Option<PathBuf>>>,
+    /// What answers the agent channels the server opens.
+    agent: Arc<Mutex<Option<agent::AgentForward>>>,
 }
 
 struct HostCheck {
@@ -363,21 +365,33 @@ impl client::Handler for Client {
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        let socket = self.agent.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let Some(socket) = socket else {
+        let forward = self.agent.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(forward) = forward else {
             // Never asked for: refuse.
             drop(reply);
             return Ok(());
         };
         reply.accept().await;
         tokio::spawn(async move {
-            match tokio::net::UnixStream::connect(&socket).await {
-                Ok(mut agent) => {
-                    let mut stream = channel.into_stream();
-                    let _ = tokio::io::copy_bidirectional(&mut agent, &mut stream).await;
+            match forward {
+                agent::AgentForward::Socket(socket) => {
+                    match tokio::net::UnixStream::connect(&socket).await {
+                        Ok(mut agent) => {
+                            let mut stream = channel.into_stream();
+                            let _ = tokio::io::copy_bidirectional(&mut agent, &mut stream).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                "cannot reach the SSH agent at `{}`: {e}",
+                                socket.display()
+                            );
+                        }
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!("cannot reach the SSH agent at `{}`: {e}", socket.display());
+                agent::AgentForward::Keys(keys) => {
+                    if let Err(e) = keys.serve(channel.into_stream()).await {
+                        tracing::debug!(error = %e, "a forwarded agent channel ended");
+                    }
                 }
             }
         });
@@ -394,7 +408,7 @@ pub struct Session {
     user: String,
     /// The jump hosts' sessions, which carry this one; kept open as long as it.
     hops: Vec<Handle<Client>>,
-    agent: Arc<Mutex<Option<PathBuf>>>,
+    agent: Arc<Mutex<Option<agent::AgentForward>>>,
 }
 
 impl Session {
@@ -605,14 +619,15 @@ impl Session {
         Ok(exec::RemoteProcess::new(channel, what, &self.addr))
     }
 
-    /// Like [`Session::exec`], with the local agent at `socket` forwarded
-    /// to the command (`SSH_AUTH_SOCK` is set there by the server). Fails
-    /// with [`SshError::AgentRefused`] when the server does not allow it.
+    /// Like [`Session::exec`], with `forward` (the local agent, or keys
+    /// absconda serves itself) forwarded to the command (`SSH_AUTH_SOCK` is
+    /// set there by the server). Fails with [`SshError::AgentRefused`] when
+    /// the server does not allow it.
     pub async fn exec_with_agent(
         &self,
         what: &str,
         command: &str,
-        socket: &std::path::Path,
+        forward: &agent::AgentForward,
     ) -> Result<exec::RemoteProcess, SshError> {
         let err = |source| SshError::Channel {
             what: what.to_string(),
@@ -624,7 +639,7 @@ impl Session {
                 addr: self.addr.clone(),
             });
         }
-        *self.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(socket.to_path_buf());
+        *self.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(forward.clone());
         let mut channel = self.handle.channel_open_session().await.map_err(err)?;
         channel.agent_forward(true).await.map_err(err)?;
         let answer = tokio::time::timeout(Duration::from_secs(30), async {

@@ -23,6 +23,7 @@ mod hostkeys_cloud;
 mod init;
 mod lease;
 mod lifecycle;
+mod named_contexts;
 mod outputs;
 mod parity;
 mod pools;

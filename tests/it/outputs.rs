@@ -157,3 +157,64 @@ fn a_failed_build_leaves_no_output_file() {
         .collect();
     assert!(names.is_empty(), "{names:?}");
 }
+
+#[test]
+fn the_download_reports_progress_in_plain_lines_and_quiet_silences_it() {
+    crate::require!(SSHD, "dockerd");
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::with_builder(&sshd, "    buildkit: on\n");
+    p.file("Dockerfile", "FROM scratch\nCOPY data/ /data/\n");
+    p.file("data/big.bin", &"0123456789abcdef".repeat(128 * 1024));
+
+    // stderr is not a terminal here: plain lines, no bar, no cursor moves.
+    let dest = p.dir.path().join("out.tar");
+    let out = p.build(
+        "outputs/progress",
+        &["--output", &format!("type=tar,dest={}", dest.display())],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let size = std::fs::metadata(&dest).unwrap().len();
+    assert!(size > 2 * 1024 * 1024);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let progress: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("absconda: receiving the build output: "))
+        .collect();
+    assert!(!progress.is_empty(), "no progress line: {err}");
+    for l in &progress {
+        let rest = l.trim_start_matches("absconda: receiving the build output: ");
+        let (bytes, rate) = rest
+            .split_once(" received, ")
+            .unwrap_or_else(|| panic!("{l}"));
+        assert!(bytes.ends_with('B'), "{l}");
+        assert!(rate.ends_with("B/s"), "{l}");
+    }
+    let done = err
+        .lines()
+        .find(|l| l.starts_with("absconda: received ") && l.contains(" of build output in "))
+        .unwrap_or_else(|| panic!("no summary line: {err}"));
+    assert!(
+        done.contains(&crate_human(size)) && done.ends_with("/s)"),
+        "{done}"
+    );
+    assert!(!err.contains('\r') && !err.contains('\u{1b}'), "{err:?}");
+
+    // --quiet: none of it.
+    let quiet_dest = p.dir.path().join("quiet.tar");
+    let mut c = p.cmd();
+    c.args(["--quiet", "build", "--remote-builder", "local", "--context"])
+        .arg(&p.context)
+        .args(["--repository", "outputs/progress", "--output"])
+        .arg(format!("type=tar,dest={}", quiet_dest.display()));
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::metadata(&quiet_dest).unwrap().len(), size);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("build output"), "{err}");
+}
+
+/// Bytes as absconda writes them (`2.0 MiB`).
+fn crate_human(n: u64) -> String {
+    absconda::util::human_bytes(n)
+}

@@ -382,12 +382,51 @@ fn absconda_executes_no_other_program_through_jump_hosts() {
     build_under_strace(&mut p, "jumps");
 }
 
+/// With `--ssh ID=KEYFILE` (absconda answers the agent protocol itself)
+/// and `-o` (the download): still no other program.
+#[test]
+fn absconda_executes_no_other_program_serving_keys_and_outputs() {
+    if !(ok() && crate::support::require("strace") && crate::support::require("ssh-keygen")) {
+        return;
+    }
+    let sshd = Sshd::start(Some(&docker().host));
+    let mut p = Project::with_builder(&sshd, "    buildkit: on\n");
+    let key = p.dir.path().join("deploy_key");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = p.dir.path().join("out.tar");
+    build_under_strace_with(
+        &mut p,
+        "keys",
+        &format!(
+            "FROM {BASE_IMAGE}\nCOPY f /f\nRUN --mount=type=ssh,id=deploy test -S \"$SSH_AUTH_SOCK\"\n"
+        ),
+        &[
+            "--network".into(),
+            "none".into(),
+            "--ssh".into(),
+            format!("deploy={}", key.display()),
+            "-o".into(),
+            format!("type=tar,dest={}", out.display()),
+        ],
+    );
+    assert!(std::fs::metadata(&out).unwrap().len() > 0);
+}
+
 /// Builds and pushes `strace/NAME:v1` under strace and checks that the only
 /// program executed was absconda itself.
 fn build_under_strace(p: &mut Project, name: &str) {
+    build_under_strace_with(p, name, &format!("FROM {BASE_IMAGE}\nCOPY f /f\n"), &[]);
+}
+
+fn build_under_strace_with(p: &mut Project, name: &str, dockerfile: &str, extra: &[String]) {
     let reg = registry();
     p.with_registry_credentials(reg);
-    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY f /f\n"));
+    p.file("Dockerfile", dockerfile);
     p.file("f", "static\n");
     let bin = std::env::var("ABSCONDA_BIN").unwrap_or_else(|_| BIN.to_string());
     let trace = p.dir.path().join("strace.log");
@@ -404,6 +443,7 @@ fn build_under_strace(p: &mut Project, name: &str) {
             "v1".into(),
             "--push".into(),
         ])
+        .chain(extra.iter().cloned())
         .collect();
     let out = Command::new("/usr/bin/strace")
         .args(["-f", "-qq", "-e", "trace=execve,execveat", "-o"])
