@@ -286,6 +286,39 @@ fn an_unknown_ca_is_refused_as_an_unknown_issuer() {
     assert!(err.contains("/nonexistent/private-ca.pem"), "{err}");
 }
 
+/// gcloud user credentials whose `token_uri` is behind the TLS front: the
+/// token fetch takes the same roots as the API calls.
+#[test]
+fn the_token_fetch_of_user_credentials_takes_the_same_roots() {
+    crate::require!("openssl");
+    let s = setup();
+    let adc = s.dir.path().join("adc.json");
+    s.fake.write_authorized_user(&adc);
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&adc).unwrap()).unwrap();
+    let token_uri = format!("https://127.0.0.1:{}/token", s.front.port);
+    json["token_uri"] = token_uri.clone().into();
+    std::fs::write(&adc, json.to_string()).unwrap();
+    let adc = adc.display().to_string();
+    let env = [("GOOGLE_APPLICATION_CREDENTIALS", adc.as_str())];
+
+    let extra = format!("    ca_file: {}\n", s.ca.ca.display());
+    let out = s.status(&s.https(), &extra, &env);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(s.fake.count(Route::Token), 1);
+
+    let out = s.status(&s.https(), "", &env);
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    assert!(err.contains(&format!("`{token_uri}`")), "{err}");
+    assert!(
+        err.contains("hint: ") && err.contains("`ca_file:`"),
+        "{err}"
+    );
+    assert_eq!(s.fake.count(Route::Token), 1);
+}
+
 #[test]
 fn an_http_endpoint_works_with_no_trust_roots_on_the_system() {
     let s = setup();
