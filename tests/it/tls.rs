@@ -319,6 +319,48 @@ fn the_token_fetch_of_user_credentials_takes_the_same_roots() {
     assert_eq!(s.fake.count(Route::Token), 1);
 }
 
+/// Impersonated credentials get their tokens through google-cloud-auth,
+/// whose client needs the system's store: without one, a clear error
+/// instead of its panic.
+#[test]
+fn credentials_left_to_google_cloud_auth_say_they_need_the_system_store() {
+    let s = setup();
+    let file = s.dir.path().join("impersonated.json");
+    std::fs::write(
+        &file,
+        serde_json::json!({
+            "type": "impersonated_service_account",
+            "service_account_impersonation_url": format!(
+                "{}/v1/projects/-/serviceAccounts/sa@p.iam.gserviceaccount.com:generateAccessToken",
+                s.fake.api_endpoint()
+            ),
+            "delegates": [],
+            "source_credentials": {
+                "type": "authorized_user",
+                "client_id": "c",
+                "client_secret": "s",
+                "refresh_token": "r",
+                "token_uri": s.fake.token_uri(),
+            }
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let file = file.display().to_string();
+    let out = s.status(
+        &s.fake.api_endpoint(),
+        "",
+        &[("GOOGLE_APPLICATION_CREDENTIALS", &file)],
+    );
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("`impersonated_service_account` credentials") && err.contains("SSL_CERT_FILE"),
+        "{err}"
+    );
+}
+
 #[test]
 fn an_http_endpoint_works_with_no_trust_roots_on_the_system() {
     let s = setup();
