@@ -529,19 +529,18 @@ impl GcpAuth {
 
 impl GcpAuth {
     /// Whether google-cloud-auth can make its HTTP client here. It makes it
-    /// with `reqwest::Client::new()`, which panics when the system has no
-    /// CA certificates (and would take neither `ca_file:` nor the built-in
-    /// roots if it did not): building the same client first turns that into
-    /// an error that says what to do.
+    /// with `reqwest::Client::new()`, whose verifier loads the system's CA
+    /// store and panics when that is empty (and takes neither `ca_file:`
+    /// nor the built-in roots otherwise): checking the store first turns
+    /// the panic into an error that says what to do.
     fn crate_client_usable(&self, kind: &str) -> Result<(), CloudError> {
-        if let Err(e) = reqwest::Client::builder().build() {
+        if super::http::system_store_is_empty() {
             return Err(self.auth_error(format!(
                 "`{kind}` credentials fetch their tokens through google-cloud-auth, whose HTTP \
-                 client trusts only the system's CA certificates, and it cannot start here ({}); \
+                 client trusts only the system's CA certificates, and the system has none; \
                  point SSL_CERT_FILE at a CA bundle (with any private CA in it), or use a \
                  service account key file or `gcloud auth application-default login` \
-                 credentials, which use absconda's trust roots and `ca_file:`",
-                error_chain(&e)
+                 credentials, which use absconda's trust roots and `ca_file:`"
             )));
         }
         if super::http::extra_ca_file().is_some() {
