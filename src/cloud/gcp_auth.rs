@@ -493,6 +493,9 @@ impl GcpAuth {
         Ok(built)
     }
 
+    /// google-cloud-auth's credentials for the source. The metadata server
+    /// and `authorized_user` files are served by `own` and do not get here
+    /// in practice; their arms keep `build` total.
     fn build(&self) -> Result<Credentials, CloudError> {
         let built = match (&self.source, &self.config) {
             (CredentialSource::MetadataServer { host, .. }, _) => mds::Builder::default()
