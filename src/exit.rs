@@ -354,6 +354,11 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
         if let Some(CloudError::Auth { source_name, .. }) = cause.downcast_ref::<CloudError>() {
             return Some(crate::hints::cloud_auth(source_name));
         }
+        if let Some(CloudError::Transport { url, source }) = cause.downcast_ref::<CloudError>()
+            && crate::cloud::http::is_certificate_error(source.as_ref())
+        {
+            return Some(crate::hints::untrusted_certificate(url));
+        }
     }
     None
 }

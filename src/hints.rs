@@ -86,6 +86,16 @@ pub fn cloud_auth(source_name: &str) -> String {
     }
 }
 
+/// A cloud endpoint's certificate is not signed by a trusted root.
+pub fn untrusted_certificate(url: &str) -> String {
+    format!(
+        "if `{url}` is signed by a private CA or reached through a TLS-intercepting proxy, \
+         give that CA's PEM certificate with `ca_file:` in the builder's config (or \
+         ABSCONDA_CA_FILE); absconda trusts the system's CA store, else Mozilla's roots \
+         built into it (`-v` says which)"
+    )
+}
+
 /// `absconda init` / `remote add` could not do it.
 pub fn init(e: &crate::commands::init::InitError) -> Option<String> {
     use crate::commands::init::InitError;

@@ -7,19 +7,28 @@
 //! `~/.config/gcloud`), then the metadata server of the VM we run on
 //! (`GCE_METADATA_HOST` overrides its address). We do the search ourselves
 //! rather than through `google_cloud_auth::credentials::Builder` so that every
-//! authentication error can say which source was used and what to check; the
-//! tokens themselves come from google-cloud-auth: it signs a self-signed JWT
-//! locally for a service-account key (no token endpoint involved), posts the
-//! refresh token of an `authorized_user` file to that file's `token_uri`, and
-//! asks the metadata server with `Metadata-Flavor: Google`.
+//! authentication error can say which source was used and what to check.
 //!
-//! Two things are added around the crate. Its token cache keeps a transient
-//! failure (a 503 from the token endpoint) for ten seconds before it tries
-//! again, so after a transient error we drop the credentials and build fresh
-//! ones on the next attempt. And when nothing is configured and the metadata
-//! server is only a guess, a short probe decides whether it exists, so a
-//! laptop without credentials gets a clear error at once instead of retries
-//! against `metadata.google.internal` until the deadline.
+//! Where the tokens come from depends on the HTTP client they need, because
+//! every HTTPS client absconda makes must trust the same roots (the system
+//! store or the built-in ones, plus `ca_file:`), and google-cloud-auth's own
+//! clients cannot be given any (see [`super::gcp_token`]):
+//! - a service-account key: google-cloud-auth signs a self-signed JWT
+//!   locally; no request is made;
+//! - an `authorized_user` file and the metadata server: absconda's own
+//!   request ([`super::gcp_token`]): the refresh token posted to the file's
+//!   `token_uri`, or `GET …/token` with `Metadata-Flavor: Google`;
+//! - impersonated and workload-identity-federation files: google-cloud-auth,
+//!   whose client trusts the system's store only (`SSL_CERT_FILE`); when that
+//!   store is empty they fail with an error saying so instead of a panic.
+//!
+//! Two more things are added around the crate. Its token cache keeps a
+//! transient failure (a 503 from the token endpoint) for ten seconds before
+//! it tries again, so after a transient error we drop the credentials and
+//! build fresh ones on the next attempt. And when nothing is configured and
+//! the metadata server is only a guess, a short probe decides whether it
+//! exists, so a laptop without credentials gets a clear error at once
+//! instead of retries against `metadata.google.internal` until the deadline.
 //!
 //! Tokens, refresh tokens, client secrets and private keys never leave this
 //! module except inside the `Authorization` header, which is marked sensitive.
@@ -33,11 +42,12 @@ use google_cloud_auth::credentials::{
     CacheableResource, Credentials, external_account, impersonated, mds, service_account,
     user_account,
 };
-use reqwest::header::HeaderMap;
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use serde_json::Value;
 use tokio::sync::OnceCell;
 
 use super::CloudError;
+use super::gcp_token::{Grant, TokenError, TokenSource};
 
 /// The metadata server's host when nothing overrides it.
 pub const DEFAULT_METADATA_HOST: &str = "metadata.google.internal";
@@ -208,6 +218,10 @@ pub struct GcpAuth {
     credentials: Mutex<Option<Credentials>>,
     /// The outcome of probing an unconfigured metadata server.
     probe: OnceCell<bool>,
+    /// absconda's own token fetch, for the sources it serves (an
+    /// `authorized_user` file, the metadata server); `Err` says what the
+    /// file lacks. `None`: google-cloud-auth's credentials are used.
+    own: Option<Result<TokenSource, String>>,
 }
 
 impl fmt::Debug for GcpAuth {
@@ -273,11 +287,13 @@ impl GcpAuth {
     }
 
     fn new(source: CredentialSource, config: Option<Value>) -> GcpAuth {
+        let own = own_grant(&source, config.as_ref()).map(|g| g.map(TokenSource::new));
         GcpAuth {
             source,
             config,
             credentials: Mutex::new(None),
             probe: OnceCell::new(),
+            own,
         }
     }
 
@@ -313,6 +329,9 @@ impl GcpAuth {
             if !present {
                 return Err(self.auth_error("no credentials found"));
             }
+        }
+        if let Some(own) = &self.own {
+            return self.own_headers(own).await;
         }
         let credentials = self.credentials()?;
         let result = credentials.headers(Default::default()).await;
@@ -420,6 +439,40 @@ impl GcpAuth {
         Ok(email)
     }
 
+    /// The headers from absconda's own token fetch.
+    async fn own_headers(
+        &self,
+        own: &Result<TokenSource, String>,
+    ) -> Result<HeaderMap, CloudError> {
+        let tokens = own.as_ref().map_err(|why| self.auth_error(why))?;
+        let value = match tokens.authorization().await {
+            Ok(v) => v,
+            Err(TokenError::Refused(what)) => {
+                return Err(self.auth_error(format!("no access token: {what}")));
+            }
+            Err(TokenError::Cloud(e)) => return Err(e),
+        };
+        let mut value = HeaderValue::from_str(&value)
+            .map_err(|_| self.auth_error("the access token is not a valid header value"))?;
+        value.set_sensitive(true);
+        let mut headers = HeaderMap::new();
+        headers.insert(AUTHORIZATION, value);
+        // What google-cloud-auth sends for user credentials with a quota
+        // project: the project billed for the API calls.
+        if let Some(project) = self
+            .config
+            .as_ref()
+            .filter(|_| matches!(tokens_grant_kind(&self.source), Some("authorized_user")))
+            .and_then(|c| c.get("quota_project_id"))
+            .and_then(Value::as_str)
+            .filter(|p| !p.is_empty())
+            && let Ok(v) = HeaderValue::from_str(project)
+        {
+            headers.insert("x-goog-user-project", v);
+        }
+        Ok(headers)
+    }
+
     /// Drops the cached credentials so the next request builds new ones.
     pub fn forget(&self) {
         if let Ok(mut guard) = self.credentials.lock() {
@@ -440,6 +493,9 @@ impl GcpAuth {
         Ok(built)
     }
 
+    /// google-cloud-auth's credentials for the source. The metadata server
+    /// and `authorized_user` files are served by `own` and do not get here
+    /// in practice; their arms keep `build` total.
     fn build(&self) -> Result<Credentials, CloudError> {
         let built = match (&self.source, &self.config) {
             (CredentialSource::MetadataServer { host, .. }, _) => mds::Builder::default()
@@ -452,9 +508,13 @@ impl GcpAuth {
                 "service_account" => service_account::Builder::new(config.clone()).build(),
                 "authorized_user" => user_account::Builder::new(config.clone()).build(),
                 "impersonated_service_account" => {
+                    self.crate_client_usable(kind)?;
                     impersonated::Builder::new(config.clone()).build()
                 }
-                "external_account" => external_account::Builder::new(config.clone()).build(),
+                "external_account" => {
+                    self.crate_client_usable(kind)?;
+                    external_account::Builder::new(config.clone()).build()
+                }
                 other => {
                     return Err(self.auth_error(format!(
                         "credentials of type `{other}` are not supported; use a service account \
@@ -467,6 +527,73 @@ impl GcpAuth {
         built.map_err(|e| {
             self.auth_error(format!("cannot load the credentials: {}", error_chain(&e)))
         })
+    }
+}
+
+impl GcpAuth {
+    /// Whether google-cloud-auth can make its HTTP client here. It makes it
+    /// with `reqwest::Client::new()`, whose verifier loads the system's CA
+    /// store and panics when that is empty (and takes neither `ca_file:`
+    /// nor the built-in roots otherwise): checking the store first turns
+    /// the panic into an error that says what to do.
+    fn crate_client_usable(&self, kind: &str) -> Result<(), CloudError> {
+        if super::http::system_store_is_empty() {
+            return Err(self.auth_error(format!(
+                "`{kind}` credentials fetch their tokens through google-cloud-auth, whose HTTP \
+                 client trusts only the system's CA certificates, and the system has none; \
+                 point SSL_CERT_FILE at a CA bundle (with any private CA in it), or use a \
+                 service account key file or `gcloud auth application-default login` \
+                 credentials, which use absconda's trust roots and `ca_file:`"
+            )));
+        }
+        if super::http::extra_ca_file().is_some() {
+            tracing::warn!(
+                "`{kind}` credentials fetch their tokens through google-cloud-auth, which does \
+                 not use `ca_file:`/ABSCONDA_CA_FILE, only the system's CA store (SSL_CERT_FILE)"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The `type` of a credentials file, if the source is one.
+fn tokens_grant_kind(source: &CredentialSource) -> Option<&str> {
+    match source {
+        CredentialSource::EnvFile { kind, .. } | CredentialSource::GcloudFile { kind, .. } => {
+            Some(kind)
+        }
+        CredentialSource::MetadataServer { .. } => None,
+    }
+}
+
+/// The grant absconda fetches tokens with itself: the metadata server, or
+/// the refresh token of an `authorized_user` file (whose fields must be
+/// there). `None` for the types google-cloud-auth handles.
+fn own_grant(source: &CredentialSource, config: Option<&Value>) -> Option<Result<Grant, String>> {
+    match source {
+        CredentialSource::MetadataServer { host, .. } => {
+            Some(Ok(Grant::Metadata { host: host.clone() }))
+        }
+        _ if tokens_grant_kind(source) == Some("authorized_user") => {
+            let config = config?;
+            let field = |name: &str| {
+                config
+                    .get(name)
+                    .and_then(Value::as_str)
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("the file has no `{name}`"))
+            };
+            Some((|| {
+                Ok(Grant::RefreshToken {
+                    endpoint: source.endpoint(Some(config)),
+                    client_id: field("client_id")?,
+                    client_secret: field("client_secret")?,
+                    refresh_token: field("refresh_token")?,
+                })
+            })())
+        }
+        _ => None,
     }
 }
 

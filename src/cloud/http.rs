@@ -26,7 +26,7 @@ pub fn set_ca_file(path: Option<PathBuf>) {
 }
 
 /// The extra CA file in effect: the builder's `ca_file:`, else `ABSCONDA_CA_FILE`.
-fn ca_file() -> Option<PathBuf> {
+pub fn extra_ca_file() -> Option<PathBuf> {
     let configured = CA_FILE.lock().ok().and_then(|g| g.clone());
     configured.or_else(|| {
         std::env::var_os(CA_FILE_ENV)
@@ -40,6 +40,13 @@ fn ca_file() -> Option<PathBuf> {
 pub enum RootSource {
     System,
     BuiltIn,
+}
+
+/// Whether the system's CA store has no usable certificate, so absconda's
+/// clients use the built-in roots (and a client that only takes the
+/// system's, like google-cloud-auth's, cannot be built).
+pub fn system_store_is_empty() -> bool {
+    base_roots().0 == RootSource::BuiltIn
 }
 
 /// Certificates that can serve as trust anchors; those that cannot are dropped.
@@ -73,14 +80,41 @@ fn pick_roots(system: Vec<Vec<u8>>) -> (RootSource, Vec<Vec<u8>>) {
             .iter()
             .map(|c| c.to_vec())
             .collect();
-        tracing::info!(
-            count = built_in.len(),
-            "no CA certificates in the system store (SSL_CERT_FILE, SSL_CERT_DIR, the usual bundle paths); using Mozilla's roots built into absconda"
-        );
         (RootSource::BuiltIn, built_in)
     } else {
-        tracing::debug!(count = system.len(), "using the system's CA certificates");
         (RootSource::System, system)
+    }
+}
+
+/// What the trust roots are, in words: for `-v`.
+fn describe(source: RootSource, count: usize, extra: Option<(&Path, usize)>) -> String {
+    let mut text = match source {
+        RootSource::System => format!(
+            "the system's CA store ({count} certificates; SSL_CERT_FILE and SSL_CERT_DIR are honoured)"
+        ),
+        RootSource::BuiltIn => format!(
+            "Mozilla's roots built into absconda ({count} certificates), because the system's CA \
+             store is empty or missing (SSL_CERT_FILE, SSL_CERT_DIR, the usual bundle paths)"
+        ),
+    };
+    if let Some((path, n)) = extra {
+        text.push_str(&format!(
+            " plus {n} from the CA file `{}` (`ca_file:` or {CA_FILE_ENV})",
+            path.display()
+        ));
+    }
+    text
+}
+
+/// Says at `-v` which trust roots the HTTPS clients use, once per
+/// combination (every client is built through [`builder`]).
+fn announce(text: String) {
+    static SAID: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    if let Ok(mut said) = SAID.lock()
+        && !said.contains(&text)
+    {
+        tracing::info!("trust roots for HTTPS: {text}");
+        said.push(text);
     }
 }
 
@@ -124,8 +158,13 @@ pub fn read_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, CloudError
 }
 
 /// A client builder with absconda's trust roots; every HTTP client starts here.
+///
+/// `tls_certs_only` makes reqwest verify against exactly these roots with
+/// rustls's WebPKI verifier. Without it reqwest uses its platform verifier,
+/// which loads the system store itself and refuses to build a client at all
+/// when that is empty, even for `http://` URLs.
 pub fn builder() -> Result<reqwest::ClientBuilder, CloudError> {
-    let (_, base) = base_roots();
+    let (source, base) = base_roots();
     let mut roots = Vec::with_capacity(base.len() + 1);
     for der in base {
         // Already checked to be usable, so this does not fail.
@@ -133,11 +172,18 @@ pub fn builder() -> Result<reqwest::ClientBuilder, CloudError> {
             roots.push(c);
         }
     }
-    if let Some(path) = ca_file() {
-        let extra = read_ca_file(&path)?;
-        tracing::debug!(count = extra.len(), file = %path.display(), "extra CA certificates");
+    let path = extra_ca_file();
+    let mut extra_count = 0;
+    if let Some(path) = &path {
+        let extra = read_ca_file(path)?;
+        extra_count = extra.len();
         roots.extend(extra);
     }
+    announce(describe(
+        *source,
+        base.len(),
+        path.as_deref().map(|p| (p, extra_count)),
+    ));
     Ok(reqwest::Client::builder().tls_certs_only(roots))
 }
 
@@ -151,6 +197,25 @@ mod tests {
         assert_eq!(source, RootSource::BuiltIn);
         assert!(roots.len() > 100, "{}", roots.len());
         assert_eq!(usable(roots.clone()).len(), roots.len());
+    }
+
+    #[test]
+    fn the_roots_are_described_for_verbose_output() {
+        let text = describe(RootSource::BuiltIn, 146, None);
+        assert!(
+            text.contains("Mozilla's roots built into absconda (146"),
+            "{text}"
+        );
+        let text = describe(
+            RootSource::System,
+            140,
+            Some((Path::new("/etc/corp-ca.pem"), 2)),
+        );
+        assert!(
+            text.contains("system's CA store (140")
+                && text.contains("plus 2 from the CA file `/etc/corp-ca.pem`"),
+            "{text}"
+        );
     }
 
     #[test]

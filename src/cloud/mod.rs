@@ -15,6 +15,7 @@ pub mod azure_auth;
 pub mod ec2;
 pub mod gce;
 pub mod gcp_auth;
+pub mod gcp_token;
 pub mod http;
 pub mod instance_connect;
 pub mod oslogin;

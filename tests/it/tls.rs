@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::support::absconda::{BIN, text};
-use crate::support::gce_fake::{Flow, GceFake};
+use crate::support::gce_fake::{Flow, GceFake, Route};
 
 /// A test CA and a certificate for 127.0.0.1 signed by it.
 struct TestCa {
@@ -286,6 +286,81 @@ fn an_unknown_ca_is_refused_as_an_unknown_issuer() {
     assert!(err.contains("/nonexistent/private-ca.pem"), "{err}");
 }
 
+/// gcloud user credentials whose `token_uri` is behind the TLS front: the
+/// token fetch takes the same roots as the API calls.
+#[test]
+fn the_token_fetch_of_user_credentials_takes_the_same_roots() {
+    crate::require!("openssl");
+    let s = setup();
+    let adc = s.dir.path().join("adc.json");
+    s.fake.write_authorized_user(&adc);
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&adc).unwrap()).unwrap();
+    let token_uri = format!("https://127.0.0.1:{}/token", s.front.port);
+    json["token_uri"] = token_uri.clone().into();
+    std::fs::write(&adc, json.to_string()).unwrap();
+    let adc = adc.display().to_string();
+    let env = [("GOOGLE_APPLICATION_CREDENTIALS", adc.as_str())];
+
+    let extra = format!("    ca_file: {}\n", s.ca.ca.display());
+    let out = s.status(&s.https(), &extra, &env);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(s.fake.count(Route::Token), 1);
+
+    let out = s.status(&s.https(), "", &env);
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    assert!(err.contains(&format!("`{token_uri}`")), "{err}");
+    assert!(
+        err.contains("hint: ") && err.contains("`ca_file:`"),
+        "{err}"
+    );
+    assert_eq!(s.fake.count(Route::Token), 1);
+}
+
+/// Impersonated credentials get their tokens through google-cloud-auth,
+/// whose client needs the system's store: without one, a clear error
+/// instead of its panic.
+#[test]
+fn credentials_left_to_google_cloud_auth_say_they_need_the_system_store() {
+    let s = setup();
+    let file = s.dir.path().join("impersonated.json");
+    std::fs::write(
+        &file,
+        serde_json::json!({
+            "type": "impersonated_service_account",
+            "service_account_impersonation_url": format!(
+                "{}/v1/projects/-/serviceAccounts/sa@p.iam.gserviceaccount.com:generateAccessToken",
+                s.fake.api_endpoint()
+            ),
+            "delegates": [],
+            "source_credentials": {
+                "type": "authorized_user",
+                "client_id": "c",
+                "client_secret": "s",
+                "refresh_token": "r",
+                "token_uri": s.fake.token_uri(),
+            }
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let file = file.display().to_string();
+    let out = s.status(
+        &s.fake.api_endpoint(),
+        "",
+        &[("GOOGLE_APPLICATION_CREDENTIALS", &file)],
+    );
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("`impersonated_service_account` credentials") && err.contains("SSL_CERT_FILE"),
+        "{err}"
+    );
+}
+
 #[test]
 fn an_http_endpoint_works_with_no_trust_roots_on_the_system() {
     let s = setup();
@@ -297,4 +372,294 @@ fn an_http_endpoint_works_with_no_trust_roots_on_the_system() {
         text(&out)
     );
     assert_eq!(s.fake.status("builder").as_deref(), Some("TERMINATED"));
+}
+
+// ---- the static binary in an empty container ---------------------------------
+
+/// Where the static (musl) binary is: `ABSCONDA_BIN` (which `.ci/run` sets
+/// after building it), else the release build for musl in `target/`. `None`
+/// when neither exists: the caller skips outside CI and fails in CI.
+fn static_binary() -> Option<PathBuf> {
+    let path = match std::env::var_os("ABSCONDA_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target/x86_64-unknown-linux-musl/release/absconda"),
+    };
+    if !path.exists() {
+        crate::support::skip_or_fail(&format!(
+            "the static binary `{}` does not exist: build it with `CC_x86_64_unknown_linux_musl=musl-gcc \
+             cargo build --release --target x86_64-unknown-linux-musl` (or set ABSCONDA_BIN)",
+            path.display()
+        ));
+        return None;
+    }
+    let elf = std::fs::read(&path).unwrap();
+    assert!(
+        !needs_a_loader(&elf),
+        "`{}` is linked dynamically; an empty image cannot run it: build the musl target",
+        path.display()
+    );
+    Some(path)
+}
+
+/// Whether an ELF64 file names a program interpreter (`PT_INTERP`), which a
+/// static binary does not.
+fn needs_a_loader(elf: &[u8]) -> bool {
+    assert_eq!(&elf[..4], b"\x7fELF", "not an ELF file");
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
+    let (size, count) = (u16_at(0x36), u16_at(0x38));
+    (0..count).any(|i| {
+        let at = phoff + i * size;
+        u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) == 3
+    })
+}
+
+/// An image holding only `binary` as `/absconda` (what `FROM scratch` plus
+/// one `COPY` makes), imported into the test dockerd once per run.
+fn empty_image(binary: &Path) -> &'static str {
+    use std::sync::OnceLock;
+    const IMAGE: &str = "local/absconda-static:test";
+    static MADE: OnceLock<()> = OnceLock::new();
+    MADE.get_or_init(|| {
+        let d = crate::support::docker::docker();
+        let dir = crate::support::tempdir();
+        std::fs::copy(binary, dir.path().join("absconda")).unwrap();
+        let tar = Command::new("tar")
+            .arg("-C")
+            .arg(dir.path())
+            .args(["--owner=0", "--group=0", "-c", "absconda"])
+            .output()
+            .unwrap();
+        assert!(tar.status.success(), "{}", text(&tar));
+        let mut import = d.cmd();
+        import
+            .args(["import", "-", IMAGE])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null());
+        let mut child = import.spawn().unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(&tar.stdout).unwrap();
+        assert!(child.wait().unwrap().success(), "docker import failed");
+        // Nothing but the binary: no CA bundle, no /etc/passwd, no shell.
+        let ls = d.run(&["create", IMAGE, "/absconda"]);
+        assert!(ls.status.success(), "{}", text(&ls));
+        let id = String::from_utf8_lossy(&ls.stdout).trim().to_string();
+        let export = d.cmd().args(["export", &id]).output().unwrap();
+        let _ = d.run(&["rm", &id]);
+        let mut names = Command::new("tar")
+            .arg("-t")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        names
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(&export.stdout)
+            .unwrap();
+        let names = names.wait_with_output().unwrap();
+        let listing = String::from_utf8_lossy(&names.stdout);
+        assert!(
+            !listing.contains("etc/ssl") && !listing.contains("ca-certificates"),
+            "the image has a CA bundle:\n{listing}"
+        );
+    });
+    IMAGE
+}
+
+/// The files a containerised absconda sees under `/w`: owned by the
+/// container's uid, which has no passwd entry and no writable HOME.
+const UID: u32 = 54321;
+
+struct Job {
+    /// Mounted as `/w`.
+    dir: PathBuf,
+}
+
+impl Job {
+    fn new(s: &Setup) -> Job {
+        let dir = s.dir.path().join("w");
+        std::fs::create_dir_all(dir.join("no-gcloud")).unwrap();
+        std::fs::copy(&s.ca.ca, dir.join("ca.pem")).unwrap();
+        Job { dir }
+    }
+
+    /// Writes the builders file (`api_endpoint`, plus `extra` lines) and a
+    /// gcloud user credentials file whose `token_uri` is `token_uri`.
+    fn configure(&self, s: &Setup, api_endpoint: &str, token_uri: &str, extra: &str) {
+        std::fs::write(
+            self.dir.join("absconda-remote.yaml"),
+            format!(
+                "builders:\n  cloud:\n    provider: gcp\n    project: {}\n    zone: {}\n    instance: builder\n    api_endpoint: {api_endpoint}\n    host: 127.0.0.1\n    known_hosts: /w/known_hosts\n{extra}",
+                s.fake.project(),
+                s.fake.zone(),
+            ),
+        )
+        .unwrap();
+        let adc = self.dir.join("adc.json");
+        s.fake.write_authorized_user(&adc);
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&adc).unwrap()).unwrap();
+        json["token_uri"] = token_uri.into();
+        std::fs::write(&adc, json.to_string()).unwrap();
+    }
+
+    /// `absconda -v remote status cloud --json` in the empty image, as
+    /// uid 54321, on the host's network; `env` adds variables.
+    fn status(&self, image: &str, env: &[(&str, &str)]) -> Output {
+        for e in walk(&self.dir) {
+            std::os::unix::fs::chown(&e, Some(UID), Some(UID)).unwrap();
+        }
+        let d = crate::support::docker::docker();
+        let mut c = d.cmd();
+        c.args(["run", "--rm", "--network", "host", "--user"])
+            .arg(format!("{UID}:{UID}"))
+            .arg("-v")
+            .arg(format!("{}:/w", self.dir.display()))
+            .args(["-w", "/w"]);
+        for (k, v) in [
+            ("ABSCONDA_REMOTE_CONFIG", "/w/absconda-remote.yaml"),
+            ("GOOGLE_APPLICATION_CREDENTIALS", "/w/adc.json"),
+            ("CLOUDSDK_CONFIG", "/w/no-gcloud"),
+            ("XDG_DATA_HOME", "/w/data"),
+            ("XDG_CACHE_HOME", "/w/cache"),
+        ]
+        .iter()
+        .chain(env)
+        {
+            c.arg("-e").arg(format!("{k}={v}"));
+        }
+        c.args([
+            image,
+            "/absconda",
+            "-v",
+            "remote",
+            "status",
+            "cloud",
+            "--json",
+        ]);
+        c.output().unwrap()
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut all = vec![dir.to_path_buf()];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            all.extend(walk(&e.path()));
+        } else {
+            all.push(e.path());
+        }
+    }
+    all
+}
+
+/// The issue's check: the static binary in an image with nothing else,
+/// run as an unknown uid, against endpoints signed by a private CA. The
+/// compute API and the token endpoint (gcloud user credentials, so the
+/// token is fetched, not signed locally) are both behind the TLS front.
+#[test]
+fn the_static_binary_in_an_empty_image_trusts_ca_file_and_names_an_unknown_issuer() {
+    crate::require!("openssl", "dockerd");
+    let Some(binary) = static_binary() else {
+        return;
+    };
+    let s = setup();
+    let image = empty_image(&binary);
+    let job = Job::new(&s);
+    let https_token = format!("https://127.0.0.1:{}/token", s.front.port);
+
+    // (a) With `ca_file:` the token fetch and the API call succeed.
+    job.configure(&s, &s.https(), &https_token, "    ca_file: /w/ca.pem\n");
+    let tokens = s.fake.count(Route::Token);
+    let out = job.status(image, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("TERMINATED"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(s.fake.count(Route::Token), tokens + 1, "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("trust roots for HTTPS: Mozilla's roots built into absconda")
+            && err.contains("plus 1 from the CA file `/w/ca.pem`"),
+        "{err}"
+    );
+
+    // The same with ABSCONDA_CA_FILE instead of `ca_file:`.
+    job.configure(&s, &s.https(), &https_token, "");
+    let out = job.status(image, &[("ABSCONDA_CA_FILE", "/w/ca.pem")]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // (b) Without it: an unknown issuer, naming the endpoint, with a hint;
+    // not a client that cannot be built, not a panic, not retried.
+    let tokens = s.fake.count(Route::Token);
+    let out = job.status(image, &[]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(8),
+        "a cloud call failed: {}",
+        text(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lower = err.to_lowercase();
+    assert!(
+        lower.contains("unknownissuer") || lower.contains("unknown issuer"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("`{https_token}`")), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("hint: ") && l.contains("`ca_file:`")),
+        "{err}"
+    );
+    for bad in [
+        "panicked",
+        "no ca certificates were loaded",
+        "builder error",
+        "did not finish within",
+    ] {
+        assert!(!lower.contains(bad), "{bad}: {err}");
+    }
+    assert_eq!(s.fake.count(Route::Token), tokens, "no token was sent");
+}
+
+#[test]
+fn the_static_binary_in_an_empty_image_reaches_http_endpoints() {
+    crate::require!("openssl", "dockerd");
+    let Some(binary) = static_binary() else {
+        return;
+    };
+    let s = setup();
+    let image = empty_image(&binary);
+    let job = Job::new(&s);
+
+    // (c) `http://` API and token endpoints need no trust roots.
+    job.configure(&s, &s.fake.api_endpoint(), &s.fake.token_uri(), "");
+    let tokens = s.fake.count(Route::Token);
+    let out = job.status(image, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("TERMINATED"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(s.fake.count(Route::Token), tokens + 1);
+
+    // The metadata server (plain HTTP) as the credential source.
+    let metadata = s.fake.count(Route::Metadata);
+    let host = s.fake.metadata_host();
+    let out = job.status(
+        image,
+        &[
+            ("GOOGLE_APPLICATION_CREDENTIALS", ""),
+            ("GCE_METADATA_HOST", &host),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(s.fake.count(Route::Metadata) > metadata);
 }

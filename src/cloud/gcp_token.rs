@@ -1,0 +1,287 @@
+//! Google access tokens that need a request: the refresh token of an
+//! `authorized_user` file (gcloud's application-default login), exchanged at
+//! the file's `token_uri` (RFC 6749 §6), and the default service account's
+//! token from the metadata server of the VM absconda runs on.
+//!
+//! google-cloud-auth can fetch both, but for every fetch it makes a client
+//! with `reqwest::Client::new()`: reqwest's platform verifier, which trusts
+//! the system's CA store only, cannot be given other roots or a client, and
+//! panics when that store is empty (a `FROM scratch` CI image), even for the
+//! metadata server's `http://` URL. These two requests are small and fully
+//! documented, so absconda makes them itself with the client every other
+//! request uses ([`super::http::builder`]: the system store or the built-in
+//! roots, plus `ca_file:`). A service account key needs no request at all
+//! (google-cloud-auth signs a self-signed JWT locally), so it stays with the
+//! crate.
+//!
+//! A token is cached until shortly before it expires; a failed fetch is not
+//! cached, so the caller's retry makes a fresh one.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+use super::CloudError;
+
+/// How long one token request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A token is renewed this long before it expires (at most half its lifetime).
+const RENEW_BEFORE: Duration = Duration::from_secs(5 * 60);
+
+/// When the answer gives no `expires_in`: Google's tokens last an hour.
+const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// Where tokens come from. Holds secrets: its `Debug` shows none.
+pub enum Grant {
+    /// `grant_type=refresh_token` at `endpoint`.
+    RefreshToken {
+        endpoint: String,
+        client_id: String,
+        client_secret: String,
+        refresh_token: String,
+    },
+    /// `GET /computeMetadata/v1/instance/service-accounts/default/token`.
+    Metadata { host: String },
+}
+
+impl fmt::Debug for Grant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Grant::RefreshToken { .. } => "Grant::RefreshToken",
+            Grant::Metadata { .. } => "Grant::Metadata",
+        })
+    }
+}
+
+impl Grant {
+    /// The URL tokens are fetched from (holds no secret).
+    pub fn url(&self) -> String {
+        match self {
+            Grant::RefreshToken { endpoint, .. } => endpoint.clone(),
+            Grant::Metadata { host } => {
+                format!("http://{host}/computeMetadata/v1/instance/service-accounts/default/token")
+            }
+        }
+    }
+}
+
+/// Why no token came.
+#[derive(Debug)]
+pub enum TokenError {
+    /// The endpoint refused the credentials (an OAuth error or another
+    /// 4xx); retrying will not help. The text names the endpoint, the
+    /// status and the OAuth error, never a secret.
+    Refused(String),
+    /// Anything else: no answer (DNS, connect, TLS), 429 or 5xx, an answer
+    /// that is not a token, a `ca_file:` that cannot be read.
+    Cloud(CloudError),
+}
+
+struct Cached {
+    /// `Bearer …`; never logged.
+    value: String,
+    renew_at: Instant,
+}
+
+/// One grant and its cached token.
+pub struct TokenSource {
+    grant: Grant,
+    cached: Mutex<Option<Cached>>,
+}
+
+impl fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenSource")
+            .field("grant", &self.grant)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    #[serde(default)]
+    expires_in: Option<u64>,
+    #[serde(default)]
+    token_type: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct OAuthError {
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    error_description: String,
+}
+
+impl TokenSource {
+    pub fn new(grant: Grant) -> TokenSource {
+        TokenSource {
+            grant,
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// The `Authorization` header value (`Bearer …`): the cached token, or
+    /// a new one. Concurrent callers wait for one fetch.
+    pub async fn authorization(&self) -> Result<String, TokenError> {
+        let mut cached = self.cached.lock().await;
+        if let Some(c) = cached.as_ref()
+            && Instant::now() < c.renew_at
+        {
+            return Ok(c.value.clone());
+        }
+        *cached = None;
+        let fetched = self.fetch().await?;
+        let value = fetched.value.clone();
+        *cached = Some(fetched);
+        Ok(value)
+    }
+
+    async fn fetch(&self) -> Result<Cached, TokenError> {
+        let url = self.grant.url();
+        let cloud = TokenError::Cloud;
+        let parsed = url::Url::parse(&url).map_err(|e| {
+            cloud(CloudError::Config {
+                message: format!("the token endpoint `{url}` is not a URL ({e})"),
+            })
+        })?;
+        let mut builder = super::http::builder()
+            .map_err(cloud)?
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("absconda/", env!("CARGO_PKG_VERSION")));
+        if matches!(self.grant, Grant::Metadata { .. }) || super::gce::is_loopback(&parsed) {
+            // The metadata server is link-local and a local endpoint is
+            // local: a proxy from the environment must not capture them.
+            builder = builder.no_proxy();
+        }
+        let client = builder.build().map_err(|e| {
+            cloud(CloudError::Transport {
+                url: url.clone(),
+                source: Box::new(e),
+            })
+        })?;
+        let request = match &self.grant {
+            Grant::RefreshToken {
+                client_id,
+                client_secret,
+                refresh_token,
+                ..
+            } => client.post(parsed).form(&[
+                ("grant_type", "refresh_token"),
+                ("client_id", client_id.as_str()),
+                ("client_secret", client_secret.as_str()),
+                ("refresh_token", refresh_token.as_str()),
+            ]),
+            Grant::Metadata { .. } => client.get(parsed).header("Metadata-Flavor", "Google"),
+        };
+        let transport = |e: reqwest::Error| {
+            cloud(CloudError::Transport {
+                url: url.clone(),
+                source: Box::new(e.without_url()),
+            })
+        };
+        let requested = Instant::now();
+        let response = request.send().await.map_err(transport)?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = super::read_body(response, super::BODY_LIMIT)
+            .await
+            .map_err(|e| match e {
+                super::BodyError::Http(e) => transport(e),
+                e => cloud(CloudError::Protocol {
+                    url: url.clone(),
+                    message: e.to_string(),
+                }),
+            })?;
+        tracing::debug!(url = %url, status, "token endpoint answered");
+        if !(200..300).contains(&status) {
+            let oauth: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
+            let mut what = format!("`{url}` answered HTTP {status}");
+            if !oauth.error.is_empty() {
+                what.push_str(&format!(": {}", oauth.error));
+            }
+            if !oauth.error_description.is_empty() {
+                what.push_str(&format!(" ({})", oauth.error_description));
+            }
+            if status == 408 || status == 429 || status >= 500 {
+                return Err(cloud(CloudError::Api {
+                    service: "token",
+                    operation: format!("fetch an access token from `{url}`"),
+                    status,
+                    code: oauth.error,
+                    message: oauth.error_description,
+                    retry_after,
+                }));
+            }
+            return Err(TokenError::Refused(what));
+        }
+        // The serde error says where the JSON breaks without quoting it: a
+        // good answer holds a token.
+        let token: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
+            cloud(CloudError::Protocol {
+                url: url.clone(),
+                message: format!("expected a JSON token, got something else ({e})"),
+            })
+        })?;
+        if token.access_token.is_empty() {
+            return Err(cloud(CloudError::Protocol {
+                url: url.clone(),
+                message: "the answer holds an empty `access_token`".into(),
+            }));
+        }
+        if let Some(kind) = &token.token_type
+            && !kind.eq_ignore_ascii_case("bearer")
+        {
+            return Err(cloud(CloudError::Protocol {
+                url,
+                message: format!("the token's type is `{kind}`, not `Bearer`"),
+            }));
+        }
+        let lifetime = token
+            .expires_in
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_LIFETIME);
+        Ok(Cached {
+            value: format!("Bearer {}", token.access_token),
+            renew_at: requested + lifetime - RENEW_BEFORE.min(lifetime / 2),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let grant = Grant::RefreshToken {
+            endpoint: "https://oauth2.googleapis.com/token".into(),
+            client_id: "id".into(),
+            client_secret: "GOCSPX-secret".into(),
+            refresh_token: "1//refresh".into(),
+        };
+        let text = format!("{:?}", TokenSource::new(grant));
+        assert!(!text.contains("GOCSPX-secret"), "{text}");
+        assert!(!text.contains("1//refresh"), "{text}");
+    }
+
+    #[test]
+    fn the_metadata_url_is_the_default_service_accounts_token() {
+        let grant = Grant::Metadata {
+            host: "169.254.169.254".into(),
+        };
+        assert_eq!(
+            grant.url(),
+            "http://169.254.169.254/computeMetadata/v1/instance/service-accounts/default/token"
+        );
+    }
+}
