@@ -617,3 +617,71 @@ fn a_pool_moves_on_when_ec2_has_no_capacity_for_a_vm() {
     assert_eq!(rt.block_on(moto.state(&full)), "stopped");
     assert_eq!(rt.block_on(moto.state(&good)), "stopped");
 }
+
+#[test]
+fn a_build_lost_on_one_member_is_retried_on_another() {
+    if !services() {
+        return;
+    }
+    let dir = tempdir();
+    let members: Vec<Member> = ["b1", "b2"]
+        .iter()
+        .map(|n| Member::start(n, dir.path()))
+        .collect();
+    let config = dir.path().join("absconda-remote.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "builders:\n{}{}pools:\n  farm:\n    builders: [b1, b2]\n",
+            members[0].yaml(""),
+            members[1].yaml("")
+        ),
+    )
+    .unwrap();
+    let client = Client::new(
+        dir.path(),
+        "ci",
+        &format!("FROM {BASE_IMAGE}\nRUN sleep 3.27 && echo slept > /slept\n"),
+    );
+    let mut c = Command::new(BIN);
+    c.env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", &client.home)
+        .env("USER", "tester")
+        .env("ABSCONDA_REMOTE_CONFIG", &config)
+        .args(["build", "--remote-builder", "farm", "--context"])
+        .arg(&client.context)
+        .args([
+            "--repository",
+            "local/pool-retry",
+            "--no-cache",
+            "--network",
+            "none",
+            "--retries",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = c.spawn().unwrap();
+    // The first attempt runs on b1 (the pool's first, both idle); cut it
+    // there once its RUN step runs, as a preempted VM would.
+    crate::support::wait_until(
+        "the RUN step started",
+        std::time::Duration::from_secs(60),
+        || {
+            let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+            String::from_utf8_lossy(&ps.stdout).contains("sleep 3.27")
+        },
+    );
+    members[0].sshd.drop_connections();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let on: Vec<&str> = err
+        .lines()
+        .filter_map(|l| l.split(": building on `").nth(1))
+        .map(|rest| rest.trim_end_matches('`'))
+        .collect();
+    assert_eq!(on, ["b1", "b2"], "{err}");
+    assert!(err.contains("attempt 1 failed"), "{err}");
+}
