@@ -18,9 +18,13 @@
 //! - an `authorized_user` file and the metadata server: absconda's own
 //!   request ([`super::gcp_token`]): the refresh token posted to the file's
 //!   `token_uri`, or `GET …/token` with `Metadata-Flavor: Google`;
-//! - impersonated and workload-identity-federation files: google-cloud-auth,
-//!   whose client trusts the system's store only (`SSL_CERT_FILE`); when that
-//!   store is empty they fail with an error saying so instead of a panic.
+//! - an `impersonated_service_account` file whose source is a user login:
+//!   absconda's own requests too, the user's refresh token, then IAM
+//!   Credentials' `generateAccessToken` for the service account;
+//! - workload-identity-federation files, and impersonation from a service
+//!   account key: google-cloud-auth, whose client trusts the system's store
+//!   only (`SSL_CERT_FILE`); when that store is empty they fail with an
+//!   error saying so instead of a panic.
 //!
 //! Two more things are added around the crate. Its token cache keeps a
 //! transient failure (a 503 from the token endpoint) for ten seconds before
@@ -573,6 +577,55 @@ fn own_grant(source: &CredentialSource, config: Option<&Value>) -> Option<Result
     match source {
         CredentialSource::MetadataServer { host, .. } => {
             Some(Ok(Grant::Metadata { host: host.clone() }))
+        }
+        _ if tokens_grant_kind(source) == Some("impersonated_service_account") => {
+            let config = config?;
+            let inner = config.get("source_credentials")?;
+            // A service account key as the source signs its own token (no
+            // request): google-cloud-auth keeps those files.
+            if inner.get("type").and_then(Value::as_str) != Some("authorized_user") {
+                return None;
+            }
+            Some((|| {
+                let url = config
+                    .get("service_account_impersonation_url")
+                    .and_then(Value::as_str)
+                    .filter(|v| !v.is_empty())
+                    .ok_or("the file has no `service_account_impersonation_url`")?
+                    .to_string();
+                let delegates = config
+                    .get("delegates")
+                    .and_then(Value::as_array)
+                    .map(|d| {
+                        d.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_string)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let field = |name: &str| {
+                    inner
+                        .get(name)
+                        .and_then(Value::as_str)
+                        .filter(|v| !v.is_empty())
+                        .map(str::to_string)
+                        .ok_or_else(|| format!("the file's `source_credentials` have no `{name}`"))
+                };
+                Ok(Grant::Impersonate {
+                    url,
+                    delegates,
+                    source: Box::new(TokenSource::new(Grant::RefreshToken {
+                        endpoint: inner
+                            .get("token_uri")
+                            .and_then(Value::as_str)
+                            .unwrap_or("https://oauth2.googleapis.com/token")
+                            .to_string(),
+                        client_id: field("client_id")?,
+                        client_secret: field("client_secret")?,
+                        refresh_token: field("refresh_token")?,
+                    })),
+                })
+            })())
         }
         _ if tokens_grant_kind(source) == Some("authorized_user") => {
             let config = config?;

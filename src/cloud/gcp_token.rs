@@ -1,7 +1,10 @@
 //! Google access tokens that need a request: the refresh token of an
 //! `authorized_user` file (gcloud's application-default login), exchanged at
-//! the file's `token_uri` (RFC 6749 §6), and the default service account's
-//! token from the metadata server of the VM absconda runs on.
+//! the file's `token_uri` (RFC 6749 §6), the default service account's
+//! token from the metadata server of the VM absconda runs on, and a service
+//! account's token from IAM Credentials' `generateAccessToken` for an
+//! `impersonated_service_account` file whose source is a user login
+//! (`gcloud auth application-default login --impersonate-service-account`).
 //!
 //! google-cloud-auth can fetch both, but for every fetch it makes a client
 //! with `reqwest::Client::new()`: reqwest's platform verifier, which trusts
@@ -45,6 +48,13 @@ pub enum Grant {
     },
     /// `GET /computeMetadata/v1/instance/service-accounts/default/token`.
     Metadata { host: String },
+    /// `POST …/serviceAccounts/EMAIL:generateAccessToken` (IAM Credentials),
+    /// authorised by the token of `source`.
+    Impersonate {
+        url: String,
+        delegates: Vec<String>,
+        source: Box<TokenSource>,
+    },
 }
 
 impl fmt::Debug for Grant {
@@ -52,6 +62,7 @@ impl fmt::Debug for Grant {
         f.write_str(match self {
             Grant::RefreshToken { .. } => "Grant::RefreshToken",
             Grant::Metadata { .. } => "Grant::Metadata",
+            Grant::Impersonate { .. } => "Grant::Impersonate",
         })
     }
 }
@@ -61,6 +72,7 @@ impl Grant {
     pub fn url(&self) -> String {
         match self {
             Grant::RefreshToken { endpoint, .. } => endpoint.clone(),
+            Grant::Impersonate { url, .. } => url.clone(),
             Grant::Metadata { host } => {
                 format!("http://{host}/computeMetadata/v1/instance/service-accounts/default/token")
             }
@@ -108,6 +120,33 @@ struct TokenResponse {
     #[serde(default)]
     token_type: Option<String>,
 }
+
+/// IAM Credentials' answer to `generateAccessToken`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GeneratedToken {
+    access_token: String,
+    #[serde(default)]
+    expire_time: Option<String>,
+}
+
+/// Google's JSON error (`{"error": {"code", "message", "status"}}`).
+#[derive(Deserialize, Default)]
+struct GoogleError {
+    #[serde(default)]
+    error: GoogleErrorBody,
+}
+
+#[derive(Deserialize, Default)]
+struct GoogleErrorBody {
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    status: String,
+}
+
+/// The scope absconda's tokens need (compute, OS Login).
+const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
 
 #[derive(Deserialize, Default)]
 struct OAuthError {
@@ -177,6 +216,26 @@ impl TokenSource {
                 ("refresh_token", refresh_token.as_str()),
             ]),
             Grant::Metadata { .. } => client.get(parsed).header("Metadata-Flavor", "Google"),
+            Grant::Impersonate {
+                delegates, source, ..
+            } => {
+                // The source's token (a user's), fetched with the same roots.
+                let bearer = Box::pin(source.authorization()).await?;
+                let mut bearer = reqwest::header::HeaderValue::from_str(&bearer).map_err(|_| {
+                    TokenError::Refused(
+                        "the source credentials' token is not a header value".into(),
+                    )
+                })?;
+                bearer.set_sensitive(true);
+                client
+                    .post(parsed)
+                    .header(reqwest::header::AUTHORIZATION, bearer)
+                    .json(&serde_json::json!({
+                        "scope": [CLOUD_PLATFORM],
+                        "delegates": delegates,
+                        "lifetime": "3600s",
+                    }))
+            }
         };
         let transport = |e: reqwest::Error| {
             cloud(CloudError::Transport {
@@ -204,7 +263,12 @@ impl TokenSource {
             })?;
         tracing::debug!(url = %url, status, "token endpoint answered");
         if !(200..300).contains(&status) {
-            let oauth: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
+            let mut oauth: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
+            if oauth.error.is_empty() {
+                let google: GoogleError = serde_json::from_slice(&body).unwrap_or_default();
+                oauth.error = google.error.status;
+                oauth.error_description = google.error.message;
+            }
             let mut what = format!("`{url}` answered HTTP {status}");
             if !oauth.error.is_empty() {
                 what.push_str(&format!(": {}", oauth.error));
@@ -223,6 +287,34 @@ impl TokenSource {
                 }));
             }
             return Err(TokenError::Refused(what));
+        }
+        if matches!(self.grant, Grant::Impersonate { .. }) {
+            let token: GeneratedToken = serde_json::from_slice(&body).map_err(|e| {
+                cloud(CloudError::Protocol {
+                    url: url.clone(),
+                    message: format!("expected a generated access token, got something else ({e})"),
+                })
+            })?;
+            if token.access_token.is_empty() {
+                return Err(cloud(CloudError::Protocol {
+                    url,
+                    message: "the answer holds an empty `accessToken`".into(),
+                }));
+            }
+            let lifetime = token
+                .expire_time
+                .as_deref()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .and_then(|t| {
+                    (t.with_timezone(&chrono::Utc) - chrono::Utc::now())
+                        .to_std()
+                        .ok()
+                })
+                .unwrap_or(DEFAULT_LIFETIME);
+            return Ok(Cached {
+                value: format!("Bearer {}", token.access_token),
+                renew_at: requested + lifetime - RENEW_BEFORE.min(lifetime / 2),
+            });
         }
         // The serde error says where the JSON breaks without quoting it: a
         // good answer holds a token.

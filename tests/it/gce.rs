@@ -139,6 +139,69 @@ async fn gcloud_user_credentials_refresh_at_the_files_token_uri() {
 }
 
 #[tokio::test]
+async fn an_impersonated_service_account_acts_for_the_user_who_logged_in() {
+    let fake = GceFake::start();
+    fake.add_instance("imp-vm", "TERMINATED");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("impersonated.json");
+    fake.write_impersonated(&file);
+    let g = gce(
+        &fake,
+        "imp-vm",
+        auth_from(&[("GOOGLE_APPLICATION_CREDENTIALS", file.to_str().unwrap())]),
+    );
+    life_cycle(&fake, &g, "imp-vm").await;
+
+    // The user's refresh token once, one generateAccessToken made with the
+    // user's token, then every call as the service account.
+    let email = fake.service_account().client_email;
+    assert_eq!(fake.count(Route::Token), 1);
+    let log = fake.requests();
+    let generated: Vec<_> = log
+        .iter()
+        .filter(|l| l.route == Route::GenerateAccessToken)
+        .collect();
+    assert_eq!(generated.len(), 1, "{log:#?}");
+    assert_eq!(generated[0].status, 200);
+    assert_eq!(
+        generated[0].principal.as_deref(),
+        Some("user:dev@example.com")
+    );
+    assert!(generated[0].path.contains(&email));
+    let api: Vec<_> = log
+        .iter()
+        .filter(|l| !matches!(l.route, Route::Token | Route::GenerateAccessToken))
+        .collect();
+    assert!(!api.is_empty());
+    assert!(
+        api.iter().all(|l| l.credential == Some("minted")
+            && l.principal.as_deref() == Some(&format!("serviceAccount:{email}"))),
+        "{api:#?}"
+    );
+
+    // Refused impersonation: a clear authentication error, not retried.
+    fake.add_instance("imp-vm2", "TERMINATED");
+    let file2 = dir.path().join("impersonated2.json");
+    fake.write_impersonated(&file2);
+    let text = std::fs::read_to_string(&file2)
+        .unwrap()
+        .replace(&email, "nobody@example.iam.gserviceaccount.com");
+    std::fs::write(&file2, text).unwrap();
+    let g = gce(
+        &fake,
+        "imp-vm2",
+        auth_from(&[("GOOGLE_APPLICATION_CREDENTIALS", file2.to_str().unwrap())]),
+    );
+    let err = g.describe().await.unwrap_err();
+    assert!(matches!(err, CloudError::Auth { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("generateAccessToken") && msg.contains("404"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
 async fn metadata_server_token_with_the_flavor_header() {
     let fake = GceFake::start();
     fake.add_instance("mds-vm", "TERMINATED");

@@ -319,29 +319,75 @@ fn the_token_fetch_of_user_credentials_takes_the_same_roots() {
     assert_eq!(s.fake.count(Route::Token), 1);
 }
 
-/// Impersonated credentials get their tokens through google-cloud-auth,
-/// whose client needs the system's store: without one, a clear error
-/// instead of its panic.
+/// An impersonated service account (a user's login as the source): both
+/// token requests — the user's refresh and IAM Credentials'
+/// `generateAccessToken` — are behind the TLS front and take `ca_file:`.
+#[test]
+fn impersonation_takes_the_same_roots() {
+    crate::require!("openssl");
+    let s = setup();
+    let file = s.dir.path().join("impersonated.json");
+    s.fake.write_impersonated(&file);
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let front = format!("https://127.0.0.1:{}", s.front.port);
+    json["source_credentials"]["token_uri"] = format!("{front}/token").into();
+    let url = json["service_account_impersonation_url"]
+        .as_str()
+        .unwrap()
+        .replace(&s.fake.api_endpoint(), &front);
+    json["service_account_impersonation_url"] = url.clone().into();
+    std::fs::write(&file, json.to_string()).unwrap();
+    let file = file.display().to_string();
+    let env = [("GOOGLE_APPLICATION_CREDENTIALS", file.as_str())];
+
+    let extra = format!(
+        "    ca_file: {}
+",
+        s.ca.ca.display()
+    );
+    let out = s.status(&s.https(), &extra, &env);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(s.fake.count(Route::Token), 1);
+    assert_eq!(s.fake.count(Route::GenerateAccessToken), 1);
+    let sa = s.fake.service_account().client_email;
+    assert!(
+        s.fake
+            .requests()
+            .iter()
+            .filter(|l| l.route == Route::GetInstance)
+            .all(|l| l.principal.as_deref() == Some(&format!("serviceAccount:{sa}"))),
+        "{:#?}",
+        s.fake.requests()
+    );
+
+    // Without the CA: the first request (the user's token) is refused as
+    // an unknown issuer; nothing is sent.
+    let out = s.status(&s.https(), "", &env);
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    assert_eq!(s.fake.count(Route::Token), 1);
+    assert_eq!(s.fake.count(Route::GenerateAccessToken), 1);
+}
+
+/// Workload identity federation files get their tokens through
+/// google-cloud-auth, whose client needs the system's store: without one,
+/// a clear error instead of its panic.
 #[test]
 fn credentials_left_to_google_cloud_auth_say_they_need_the_system_store() {
     let s = setup();
-    let file = s.dir.path().join("impersonated.json");
+    let subject = s.dir.path().join("subject-token");
+    std::fs::write(&subject, "a-subject-token").unwrap();
+    let file = s.dir.path().join("federation.json");
     std::fs::write(
         &file,
         serde_json::json!({
-            "type": "impersonated_service_account",
-            "service_account_impersonation_url": format!(
-                "{}/v1/projects/-/serviceAccounts/sa@p.iam.gserviceaccount.com:generateAccessToken",
-                s.fake.api_endpoint()
-            ),
-            "delegates": [],
-            "source_credentials": {
-                "type": "authorized_user",
-                "client_id": "c",
-                "client_secret": "s",
-                "refresh_token": "r",
-                "token_uri": s.fake.token_uri(),
-            }
+            "type": "external_account",
+            "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/gh",
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "token_url": format!("{}/v1/token", s.fake.api_endpoint()),
+            "credential_source": { "file": subject.display().to_string() }
         })
         .to_string(),
     )
@@ -356,7 +402,7 @@ fn credentials_left_to_google_cloud_auth_say_they_need_the_system_store() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert!(
-        err.contains("`impersonated_service_account` credentials") && err.contains("SSL_CERT_FILE"),
+        err.contains("`external_account` credentials") && err.contains("SSL_CERT_FILE"),
         "{err}"
     );
 }

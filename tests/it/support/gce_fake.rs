@@ -171,6 +171,8 @@ pub enum Route {
     AggregatedList,
     OsLogin,
     Token,
+    /// IAM Credentials `serviceAccounts.generateAccessToken`.
+    GenerateAccessToken,
     Metadata,
     Unknown,
 }
@@ -797,6 +799,29 @@ impl GceFake {
         user
     }
 
+    /// An `impersonated_service_account` file at `path`, as `gcloud auth
+    /// application-default login --impersonate-service-account` writes it:
+    /// a user's login as the source, the test service account as the target.
+    pub fn write_impersonated(&self, path: &Path) -> AuthorizedUser {
+        let user = self.write_authorized_user(path);
+        let sa = self.service_account().client_email;
+        let source: Value =
+            serde_json::from_slice(&std::fs::read(path).expect("the source file")).unwrap();
+        write_json(
+            path,
+            &json!({
+                "delegates": [],
+                "service_account_impersonation_url": format!(
+                    "{}/v1/projects/-/serviceAccounts/{sa}:generateAccessToken",
+                    self.api_endpoint()
+                ),
+                "source_credentials": source,
+                "type": "impersonated_service_account"
+            }),
+        );
+        user
+    }
+
     /// The environment that makes a child `absconda` use this fake's
     /// credentials through `flow`: `Some` to set, `None` to remove. Files go
     /// in `dir`. gcloud's file is placed with `CLOUDSDK_CONFIG`, so `HOME`
@@ -1296,6 +1321,11 @@ fn route_of(which: Listener, req: &Request) -> Route {
     if req.path == "/token" || req.path == "/tokeninfo" {
         return Route::Token;
     }
+    if req.path.starts_with("/v1/projects/-/serviceAccounts/")
+        && req.path.ends_with(":generateAccessToken")
+    {
+        return Route::GenerateAccessToken;
+    }
     match (req.method.as_str(), parse_api_path(&req.path)) {
         ("GET", Some(ApiPath::Instance { action: None, .. })) => Route::GetInstance,
         (
@@ -1457,6 +1487,9 @@ async fn dispatch(
         Listener::Metadata => metadata(shared, req),
         Listener::Api if req.path == "/tokeninfo" => tokeninfo(shared, req),
         Listener::Api if route == Route::Token => token_endpoint(shared, req),
+        Listener::Api if route == Route::GenerateAccessToken => {
+            generate_access_token(shared, req, principal)
+        }
         Listener::Api => {
             let Some(path) = parse_api_path(&req.path) else {
                 return html_page(404, &req.path);
@@ -2180,6 +2213,94 @@ fn token_endpoint(shared: &Arc<Shared>, req: &Request) -> Response {
             "expires_in": lifetime.as_secs(),
             "scope": CLOUD_PLATFORM,
             "token_type": "Bearer"
+        }),
+    )
+}
+
+/// `POST /v1/projects/-/serviceAccounts/EMAIL:generateAccessToken`, as IAM
+/// Credentials documents it: the caller's Bearer token, a JSON body with a
+/// non-empty `scope` list, optional `delegates` and `lifetime` (`"Ns"`, at
+/// most 3600s); the answer holds `accessToken` and `expireTime` (RFC 3339).
+fn generate_access_token(
+    shared: &Arc<Shared>,
+    req: &Request,
+    principal: &mut Option<String>,
+) -> Response {
+    if req.method != "POST" {
+        return html_page(405, &req.path);
+    }
+    let who = match authenticate(shared, req) {
+        Ok((who, _)) => who,
+        Err(r) => return r,
+    };
+    *principal = Some(who.clone());
+    let email = req
+        .path
+        .trim_start_matches("/v1/projects/-/serviceAccounts/")
+        .trim_end_matches(":generateAccessToken")
+        .to_string();
+    let invalid = |m: &str| google_error(400, m, "badRequest", Some("INVALID_ARGUMENT"));
+    let Ok(body) = serde_json::from_slice::<Value>(&req.body) else {
+        return invalid("Invalid JSON payload received.");
+    };
+    let scopes: Vec<&str> = body["scope"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if scopes.is_empty() {
+        return invalid("Scope required.");
+    }
+    if !scopes.contains(&CLOUD_PLATFORM) {
+        return invalid("the test wants the cloud-platform scope");
+    }
+    if let Some(l) = body.get("lifetime") {
+        let secs = l
+            .as_str()
+            .and_then(|l| l.strip_suffix('s'))
+            .and_then(|n| n.parse::<u64>().ok());
+        if !secs.is_some_and(|n| (1..=3600).contains(&n)) {
+            return invalid("The lifetime must be between 1s and 3600s.");
+        }
+    }
+    if let Some(d) = body.get("delegates")
+        && !d.as_array().is_some_and(|a| {
+            a.iter().all(|x| {
+                x.as_str()
+                    .is_some_and(|x| x.starts_with("projects/-/serviceAccounts/"))
+            })
+        })
+    {
+        return invalid("delegates must be projects/-/serviceAccounts/EMAIL names.");
+    }
+    let mut st = shared.lock();
+    if !who.starts_with("user:") || st.deny_iam {
+        return google_error(
+            403,
+            "Permission 'iam.serviceAccounts.getAccessToken' denied on resource (or it may not exist).",
+            "forbidden",
+            Some("PERMISSION_DENIED"),
+        );
+    }
+    if !st
+        .service_accounts
+        .iter()
+        .any(|sa| sa.client_email == email)
+    {
+        return google_error(
+            404,
+            &format!("Not found; Gaia id not found for email {email}"),
+            "notFound",
+            Some("NOT_FOUND"),
+        );
+    }
+    let lifetime = st.token_lifetime;
+    let token = mint(&mut st, format!("serviceAccount:{email}"), lifetime);
+    let expires = chrono::Utc::now() + chrono::Duration::from_std(lifetime).unwrap();
+    json_response(
+        200,
+        json!({
+            "accessToken": token,
+            "expireTime": expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         }),
     )
 }
