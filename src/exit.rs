@@ -123,7 +123,10 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 _ => {}
             }
         }
-        if cause.is::<crate::access::AccessError>() {
+        if cause.is::<crate::access::AccessError>()
+            || cause.is::<crate::cloud::iap::IapError>()
+            || cause.is::<crate::cloud::eice::EiceError>()
+        {
             return UNREACHABLE;
         }
         if let Some(e) = cause.downcast_ref::<LifecycleError>() {
@@ -182,6 +185,17 @@ pub fn code(err: &anyhow::Error) -> u8 {
 /// A hint for errors where we know the fix.
 pub fn hint(err: &anyhow::Error) -> Option<String> {
     for cause in err.chain() {
+        if let Some(h) = cause
+            .downcast_ref::<crate::cloud::iap::IapError>()
+            .and_then(|e| e.hint())
+            .or_else(|| {
+                cause
+                    .downcast_ref::<crate::cloud::eice::EiceError>()
+                    .and_then(|e| e.hint())
+            })
+        {
+            return Some(h);
+        }
         if let Some(e) = cause.downcast_ref::<crate::lifecycle::CloudHostKeyMismatch>() {
             return Some(format!(
                 "do not connect until you know why: compare the keys in the VM's serial console with {}; if the VM was re-created and the cloud's record is stale, pin the right key with `host_key:`",
