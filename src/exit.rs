@@ -185,16 +185,23 @@ pub fn code(err: &anyhow::Error) -> u8 {
 /// A hint for errors where we know the fix.
 pub fn hint(err: &anyhow::Error) -> Option<String> {
     for cause in err.chain() {
-        if let Some(h) = cause
-            .downcast_ref::<crate::cloud::iap::IapError>()
-            .and_then(|e| e.hint())
-            .or_else(|| {
-                cause
-                    .downcast_ref::<crate::cloud::eice::EiceError>()
-                    .and_then(|e| e.hint())
-            })
-        {
-            return Some(h);
+        // Tunnel errors the wait for readiness retried arrive wrapped in
+        // the SSH connect error's `io::Error`.
+        let wrapped = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|e| e as &(dyn std::error::Error + 'static));
+        for c in [Some(cause), wrapped].into_iter().flatten() {
+            if let Some(h) = c
+                .downcast_ref::<crate::cloud::iap::IapError>()
+                .and_then(|e| e.hint())
+                .or_else(|| {
+                    c.downcast_ref::<crate::cloud::eice::EiceError>()
+                        .and_then(|e| e.hint())
+                })
+            {
+                return Some(h);
+            }
         }
         if let Some(e) = cause.downcast_ref::<crate::lifecycle::CloudHostKeyMismatch>() {
             return Some(format!(

@@ -714,10 +714,10 @@ async fn connect_session(
     target: &crate::ssh::Target,
 ) -> anyhow::Result<Result<Session, SshError>> {
     let addr = format!("{}:{}", target.host, target.port);
-    let transient = |e: anyhow::Error| {
+    let transient = |e: Box<dyn std::error::Error + Send + Sync>| {
         Ok(Err(SshError::Connect {
             addr: addr.clone(),
-            source: std::io::Error::other(format!("{e:#}")),
+            source: std::io::Error::other(e),
         }))
     };
     let (stream, route) = match (b.tunnel, cloud) {
@@ -737,7 +737,7 @@ async fn connect_session(
                     stream,
                     format!("IAP tunnel to instance `{}` ({}/{})", s.instance, s.project, s.zone),
                 ),
-                Err(e) if e.is_transient() => return transient(e.into()),
+                Err(e) if e.is_transient() => return transient(Box::new(e)),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -751,11 +751,13 @@ async fn connect_session(
             .await
             {
                 Ok(stream) => (stream, "EC2 Instance Connect Endpoint tunnel".to_string()),
-                Err(e) if e.is::<crate::cloud::eice::EiceError>() => match e.downcast_ref() {
-                    Some(crate::cloud::eice::EiceError::Open { .. }) => return transient(e),
-                    _ => return Err(e),
+                Err(e) => match e.downcast::<crate::cloud::eice::EiceError>() {
+                    Ok(e @ crate::cloud::eice::EiceError::Open { .. }) => {
+                        return transient(Box::new(e));
+                    }
+                    Ok(e) => return Err(e.into()),
+                    Err(e) => return Err(e),
                 },
-                Err(e) => return Err(e),
             }
         }
         _ => return Ok(Session::connect(target).await),

@@ -21,6 +21,9 @@ pub mod netns;
 pub mod oslogin_fake;
 pub mod sshd;
 pub mod tunnel_proxy;
+pub mod ws_server;
+pub mod iap_fake;
+pub mod eice_fake;
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
