@@ -884,7 +884,9 @@ impl ConfigFile {
                 Some(other) => {
                     return Err(r.invalid(
                         "tunnel",
-                        format!("`{other}`: use `iap` (gcp builders), `eice` (aws builders) or `none`"),
+                        format!(
+                            "`{other}`: use `iap` (gcp builders), `eice` (aws builders) or `none`"
+                        ),
                     ));
                 }
             },

@@ -184,6 +184,7 @@ pub fn code(err: &anyhow::Error) -> u8 {
 
 /// A hint for errors where we know the fix.
 pub fn hint(err: &anyhow::Error) -> Option<String> {
+    // A tunnel's refusal says more than the connect error around it.
     for cause in err.chain() {
         // Tunnel errors the wait for readiness retried arrive wrapped in
         // the SSH connect error's `io::Error`.
@@ -203,6 +204,8 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
                 return Some(h);
             }
         }
+    }
+    for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<crate::lifecycle::CloudHostKeyMismatch>() {
             return Some(format!(
                 "do not connect until you know why: compare the keys in the VM's serial console with {}; if the VM was re-created and the cloud's record is stale, pin the right key with `host_key:`",

@@ -732,10 +732,14 @@ async fn connect_session(
                 interface: "nic0".into(),
                 port: target.port,
             };
-            match crate::cloud::iap::open(iap_target, endpoint, auth, target.connect_timeout).await {
+            match crate::cloud::iap::open(iap_target, endpoint, auth, target.connect_timeout).await
+            {
                 Ok(stream) => (
                     stream,
-                    format!("IAP tunnel to instance `{}` ({}/{})", s.instance, s.project, s.zone),
+                    format!(
+                        "IAP tunnel to instance `{}` ({}/{})",
+                        s.instance, s.project, s.zone
+                    ),
                 ),
                 Err(e) if e.is_transient() => return transient(Box::new(e)),
                 Err(e) => return Err(e.into()),
@@ -762,10 +766,11 @@ async fn connect_session(
         }
         _ => return Ok(Session::connect(target).await),
     };
-    let mut session = match Session::connect_over(target, crate::ssh::transport::boxed(stream)).await {
-        Ok(s) => s,
-        Err(e) => return Ok(Err(e)),
-    };
+    let mut session =
+        match Session::connect_over(target, crate::ssh::transport::boxed(stream)).await {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
     session.set_route(route);
     Ok(Ok(session))
 }

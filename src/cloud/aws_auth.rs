@@ -1076,7 +1076,8 @@ pub fn presign(
     let key = hmac(&key, service.as_bytes());
     let key = hmac(&key, b"aws4_request");
     let signature = hex::encode(hmac(&key, string_to_sign.as_bytes()));
-    u.query_pairs_mut().append_pair("X-Amz-Signature", &signature);
+    u.query_pairs_mut()
+        .append_pair("X-Amz-Signature", &signature);
     u
 }
 

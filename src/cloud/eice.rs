@@ -25,7 +25,9 @@ pub const MAX_TUNNEL_DURATION: u32 = 3600;
 /// Why an EICE tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum EiceError {
-    #[error("no EC2 Instance Connect Endpoint is ready (`create-complete`) in VPC `{vpc}` of region `{region}`")]
+    #[error(
+        "no EC2 Instance Connect Endpoint is ready (`create-complete`) in VPC `{vpc}` of region `{region}`"
+    )]
     NoEndpoint { vpc: String, region: String },
     #[error("instance `{instance}` has no private IP address for EC2 Instance Connect Endpoint")]
     NoPrivateIp { instance: String },
@@ -113,7 +115,10 @@ pub async fn open(
     let xml = ec2
         .query(
             "DescribeInstanceConnectEndpoints",
-            &[("Filter.1.Name", "state"), ("Filter.1.Value.1", "create-complete")],
+            &[
+                ("Filter.1.Name", "state"),
+                ("Filter.1.Value.1", "create-complete"),
+            ],
         )
         .await
         .map_err(EiceError::Describe)?;
@@ -128,7 +133,11 @@ pub async fn open(
         .filter(|e| e.state == "create-complete" || e.state.is_empty())
         .find(|e| vpc.is_empty() || e.vpc_id.is_empty() || e.vpc_id == vpc)
         .ok_or_else(|| EiceError::NoEndpoint {
-            vpc: if vpc.is_empty() { "?".into() } else { vpc.clone() },
+            vpc: if vpc.is_empty() {
+                "?".into()
+            } else {
+                vpc.clone()
+            },
             region: ec2.region().to_string(),
         })?;
     let base = configured
@@ -168,7 +177,10 @@ pub async fn open(
     );
     let ws = WebSocket::connect(
         &signed,
-        &[("User-Agent", concat!("absconda/", env!("CARGO_PKG_VERSION")))],
+        &[(
+            "User-Agent",
+            concat!("absconda/", env!("CARGO_PKG_VERSION")),
+        )],
         None,
         timeout,
     )
@@ -259,6 +271,10 @@ mod tests {
         assert_eq!(e[0].instance_connect_endpoint_id, "eice-0123456789abcdef0");
         assert_eq!(e[0].vpc_id, "vpc-1");
         assert!(e[0].dns_name.starts_with("eice-0123456789abcdef0."));
-        assert!(parse_endpoints("<DescribeInstanceConnectEndpointsResponse/>").unwrap().is_empty());
+        assert!(
+            parse_endpoints("<DescribeInstanceConnectEndpointsResponse/>")
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -108,13 +108,13 @@ pub enum IapError {
     Open {
         instance: String,
         #[source]
-        source: WsError,
+        source: Box<WsError>,
     },
     #[error("no credentials for the IAP tunnel to instance `{instance}`")]
     Auth {
         instance: String,
         #[source]
-        source: super::CloudError,
+        source: Box<super::CloudError>,
     },
     #[error("the IAP tunnel to instance `{instance}` broke the relay protocol: {message}")]
     Protocol { instance: String, message: String },
@@ -154,7 +154,13 @@ fn reason_suffix(reason: &str) -> String {
         .filter(|c| !c.is_control())
         .take(200)
         .collect();
-    if r.trim().is_empty() {
+    let known = [
+        "not authorized",
+        "failed to connect to backend",
+        "failed to lookup instance",
+        "lookup failed",
+    ];
+    if r.trim().is_empty() || known.iter().any(|k| r.trim().eq_ignore_ascii_case(k)) {
         String::new()
     } else {
         format!(": {}", r.trim())
@@ -213,16 +219,28 @@ pub enum Frame {
 /// Decodes one relay frame.
 pub fn decode(msg: &[u8]) -> Result<Frame, String> {
     let short = || "a frame ends early".to_string();
-    let tag = u16::from_be_bytes(msg.get(..2).ok_or_else(short)?.try_into().map_err(|_| short())?);
+    let tag = u16::from_be_bytes(
+        msg.get(..2)
+            .ok_or_else(short)?
+            .try_into()
+            .map_err(|_| short())?,
+    );
     let rest = &msg[2..];
     let u64_at = |b: &[u8]| -> Result<u64, String> {
         Ok(u64::from_be_bytes(
-            b.get(..8).ok_or_else(short)?.try_into().map_err(|_| short())?,
+            b.get(..8)
+                .ok_or_else(short)?
+                .try_into()
+                .map_err(|_| short())?,
         ))
     };
     let bytes = |b: &[u8]| -> Result<Vec<u8>, String> {
-        let len = u32::from_be_bytes(b.get(..4).ok_or_else(short)?.try_into().map_err(|_| short())?)
-            as usize;
+        let len = u32::from_be_bytes(
+            b.get(..4)
+                .ok_or_else(short)?
+                .try_into()
+                .map_err(|_| short())?,
+        ) as usize;
         Ok(b.get(4..4 + len).ok_or_else(short)?.to_vec())
     };
     Ok(match tag {
@@ -380,14 +398,10 @@ impl Tunnel {
         if fresh {
             self.auth.forget();
         }
-        let headers = self
-            .auth
-            .headers()
-            .await
-            .map_err(|source| IapError::Auth {
-                instance: self.target.instance.clone(),
-                source,
-            })?;
+        let headers = self.auth.headers().await.map_err(|source| IapError::Auth {
+            instance: self.target.instance.clone(),
+            source: Box::new(source),
+        })?;
         let bearer = headers
             .get(reqwest::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -407,7 +421,7 @@ impl Tunnel {
         .await
         .map_err(|source| IapError::Open {
             instance: self.target.instance.clone(),
-            source,
+            source: Box::new(source),
         })?;
         Ok(Ws {
             inner: ws,
@@ -492,7 +506,11 @@ impl Tunnel {
                         }
                         Err(self.closed_error(None, "the new websocket dropped at once"))
                     }
-                    Ok(_) => return Err(self.protocol("the first frame after a reconnect is not RECONNECT_SUCCESS_ACK")),
+                    Ok(_) => {
+                        return Err(self.protocol(
+                            "the first frame after a reconnect is not RECONNECT_SUCCESS_ACK",
+                        ));
+                    }
                     Err(Some(CLOSE_REAUTH)) => {
                         fresh = true;
                         continue;
@@ -565,10 +583,12 @@ impl Tunnel {
                                         ws.close(1000).await;
                                         break Ok(());
                                     }
-                                    if self.received - self.acked > 2 * MAX_DATA as u64 {
-                                        if ws.send(&ack_frame(self.received)).await.is_ok() {
-                                            self.acked = self.received;
-                                        }
+                                    // As gcloud does: acknowledge once more than two
+                                    // frames' worth is outstanding.
+                                    if self.received - self.acked > 2 * MAX_DATA as u64
+                                        && ws.send(&ack_frame(self.received)).await.is_ok()
+                                    {
+                                        self.acked = self.received;
                                     }
                                     continue;
                                 }
@@ -620,11 +640,17 @@ mod tests {
     fn frames_decode_as_the_relay_sends_them() {
         let mut sid = vec![0, 1, 0, 0, 0, 3];
         sid.extend_from_slice(b"abc");
-        assert_eq!(decode(&sid).unwrap(), Frame::ConnectSuccess(b"abc".to_vec()));
+        assert_eq!(
+            decode(&sid).unwrap(),
+            Frame::ConnectSuccess(b"abc".to_vec())
+        );
         let mut re = vec![0, 2];
         re.extend_from_slice(&42u64.to_be_bytes());
         assert_eq!(decode(&re).unwrap(), Frame::ReconnectSuccess(42));
-        assert_eq!(decode(&data_frame(b"hi")).unwrap(), Frame::Data(b"hi".to_vec()));
+        assert_eq!(
+            decode(&data_frame(b"hi")).unwrap(),
+            Frame::Data(b"hi".to_vec())
+        );
         assert_eq!(decode(&ack_frame(7)).unwrap(), Frame::Ack(7));
         assert!(decode(&[0, 4, 0, 0, 0, 9, 1]).is_err());
         assert!(decode(&[0]).is_err());

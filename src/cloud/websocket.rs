@@ -68,7 +68,10 @@ pub enum Incoming {
     Binary(Vec<u8>),
     /// A close frame (its code, if any, and reason), or the connection
     /// ending without one (`None`, empty reason).
-    Closed { code: Option<u16>, reason: String },
+    Closed {
+        code: Option<u16>,
+        reason: String,
+    },
 }
 
 /// An open client websocket.
@@ -132,9 +135,7 @@ impl WebSocket {
         headers: &[(&str, &str)],
         protocol: Option<&str>,
     ) -> Result<WebSocket, WsError> {
-        let bad = || WsError::BadUrl {
-            url: redact(url),
-        };
+        let bad = || WsError::BadUrl { url: redact(url) };
         let tls = match url.scheme() {
             "wss" => true,
             "ws" => false,
@@ -152,17 +153,16 @@ impl WebSocket {
             })?;
         let _ = tcp.set_nodelay(true);
         let io: Box<dyn Io> = if tls {
-            let name = rustls::pki_types::ServerName::try_from(bare.to_string())
-                .map_err(|_| bad())?;
+            let name =
+                rustls::pki_types::ServerName::try_from(bare.to_string()).map_err(|_| bad())?;
             let connector = tokio_rustls::TlsConnector::from(tls_config()?);
-            let stream =
-                connector
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|source| WsError::Tls {
-                        host: host.clone(),
-                        source,
-                    })?;
+            let stream = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|source| WsError::Tls {
+                    host: host.clone(),
+                    source,
+                })?;
             Box::new(stream)
         } else {
             Box::new(tcp)
@@ -337,7 +337,7 @@ impl WebSocket {
                 Some((fin, opcode, payload, used)) => {
                     self.buf.drain(..used);
                     match opcode {
-                        0x0 | 0x1 | 0x2 => {
+                        0x0..=0x2 => {
                             if self.partial.len() + payload.len() > MESSAGE_LIMIT {
                                 return Err(self.protocol("a message is larger than 1 MiB"));
                             }

@@ -31,5 +31,5 @@ mod ssh_forward;
 mod sshnet;
 mod supervisor;
 mod sync;
-mod tunnels;
 mod tls;
+mod tunnels;

@@ -35,13 +35,7 @@ pub(crate) struct IapSetup {
 pub(crate) fn iap_setup(extra: &str) -> IapSetup {
     let sshd = Sshd::start(Some(&docker().host));
     let gce = Arc::new(GceFake::start());
-    gce.add_instance_in(
-        gce.project(),
-        gce.zone(),
-        "builder",
-        "RUNNING",
-        false,
-    );
+    gce.add_instance_in(gce.project(), gce.zone(), "builder", "RUNNING", false);
     // The guest agent publishes the host key; absconda records it under
     // the instance's name, since the VM has no address of its own.
     gce.set_guest_host_keys("builder", &[&sshd.host_key_pub]);
@@ -111,7 +105,10 @@ fn iap_builds_a_builder_without_external_ip_and_survives_a_dropped_websocket() {
         .collect();
     p.file("big", &big);
 
-    let out = p.build(&format!("{}/tunnel/iap", reg.addr), &["--tag", "v1", "--push", "-v"]);
+    let out = p.build(
+        &format!("{}/tunnel/iap", reg.addr),
+        &["--tag", "v1", "--push", "-v"],
+    );
     assert!(
         out.status.success(),
         "{}\n{:?}\n{}",
@@ -147,7 +144,11 @@ fn iap_builds_a_builder_without_external_ip_and_survives_a_dropped_websocket() {
             r.header("sec-websocket-protocol"),
             Some("relay.tunnel.cloudproxy.app")
         );
-        assert!(s.gce.principal_of(r.header("authorization").unwrap()).is_some());
+        assert!(
+            s.gce
+                .principal_of(r.header("authorization").unwrap())
+                .is_some()
+        );
     }
     let reconnect = reqs
         .iter()
@@ -199,8 +200,11 @@ fn iap_close_codes_name_the_missing_role_or_firewall_rule() {
         )
         .unwrap();
         s.iap.close_with(*code, reason);
-        s.project.file("Dockerfile", &format!("FROM {BASE_IMAGE}\n"));
-        let out = s.project.build("example.invalid/tunnel/never", &["--tag", "v1"]);
+        s.project
+            .file("Dockerfile", &format!("FROM {BASE_IMAGE}\n"));
+        let out = s
+            .project
+            .build("example.invalid/tunnel/never", &["--tag", "v1"]);
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         assert_eq!(out.status.code(), Some(*exit), "{code}: {err}");
         for w in *wanted {
@@ -266,7 +270,10 @@ fn eice_builds_through_the_presigned_tunnel() {
         &format!("FROM {BASE_IMAGE}\nCOPY hello /hello\n"),
     );
     p.file("hello", "through EICE\n");
-    let out = p.build(&format!("{}/tunnel/eice", reg.addr), &["--tag", "v1", "--push"]);
+    let out = p.build(
+        &format!("{}/tunnel/eice", reg.addr),
+        &["--tag", "v1", "--push"],
+    );
     assert!(
         out.status.success(),
         "{}\n{:?}\n{}",

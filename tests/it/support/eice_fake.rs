@@ -37,7 +37,12 @@ pub struct EiceFake {
 }
 
 impl EiceFake {
-    pub fn start(upstream: SocketAddr, access_key: &str, secret_key: &str, region: &str) -> EiceFake {
+    pub fn start(
+        upstream: SocketAddr,
+        access_key: &str,
+        secret_key: &str,
+        region: &str,
+    ) -> EiceFake {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the EICE fake");
         let addr = listener.local_addr().expect("address");
         let shared = Arc::new(Shared {
@@ -89,7 +94,10 @@ fn serve(conn: TcpStream, sh: &Shared) {
     let Some(up) = ws_server::read_upgrade(&mut reader) else {
         return;
     };
-    if up.header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
+    if up
+        .header("upgrade")
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+    {
         return tunnel(reader, w, up, sh);
     }
     // An EC2 API call.
@@ -114,16 +122,27 @@ fn serve(conn: TcpStream, sh: &Shared) {
             && auth.contains(&format!("/{}/ec2/aws4_request", sh.region));
         *sh.described.lock().unwrap() += 1;
         if !scope_ok {
-            sh.refusals.lock().unwrap().push(format!("describe signed as {auth}"));
+            sh.refusals
+                .lock()
+                .unwrap()
+                .push(format!("describe signed as {auth}"));
             let body = "<Response><Errors><Error><Code>AuthFailure</Code><Message>bad signature</Message></Error></Errors></Response>";
-            let _ = write!(w, "HTTP/1.1 401 Unauthorized\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let _ = write!(
+                w,
+                "HTTP/1.1 401 Unauthorized\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
             return;
         }
         let body = format!(
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<DescribeInstanceConnectEndpointsResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>fake</requestId><instanceConnectEndpointSet><item><ownerId>123456789012</ownerId><instanceConnectEndpointId>{ENDPOINT_ID}</instanceConnectEndpointId><dnsName>{ENDPOINT_ID}.0e1a2b3c.ec2-instance-connect-endpoint.{}.amazonaws.com</dnsName><state>create-complete</state></item></instanceConnectEndpointSet></DescribeInstanceConnectEndpointsResponse>",
             sh.region
         );
-        let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        let _ = write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
         return;
     }
     // Everything else: to moto as sent.
@@ -204,12 +223,18 @@ fn verify(up: &Upgrade, sh: &Shared) -> Result<(), String> {
         up.path(),
         hex::encode(Sha256::digest(b""))
     );
-    let scope = format!("{}/{}/ec2-instance-connect/aws4_request", parts[1], sh.region);
+    let scope = format!(
+        "{}/{}/ec2-instance-connect/aws4_request",
+        parts[1], sh.region
+    );
     let to_sign = format!(
         "AWS4-HMAC-SHA256\n{date}\n{scope}\n{}",
         hex::encode(Sha256::digest(canonical.as_bytes()))
     );
-    let mut key = hmac(format!("AWS4{}", sh.secret_key).as_bytes(), parts[1].as_bytes());
+    let mut key = hmac(
+        format!("AWS4{}", sh.secret_key).as_bytes(),
+        parts[1].as_bytes(),
+    );
     key = hmac(&key, sh.region.as_bytes());
     key = hmac(&key, b"ec2-instance-connect");
     key = hmac(&key, b"aws4_request");
@@ -264,11 +289,7 @@ fn tunnel(reader: BufReader<TcpStream>, mut w: TcpStream, up: Upgrade, sh: &Shar
     let mut backend = backend;
     while let Some((opcode, payload)) = ws_server::read_frame(&mut reader) {
         match opcode {
-            0x2 => {
-                if backend.write_all(&payload).is_err() {
-                    break;
-                }
-            }
+            0x2 if backend.write_all(&payload).is_err() => break,
             0x8 => break,
             _ => {}
         }

@@ -57,7 +57,10 @@ pub const ZONE: &str = "us-central1-a";
 impl IapFake {
     /// Serves tunnels to instance `instance`; `check_token` says whether an
     /// `Authorization` header is valid.
-    pub fn start(instance: &str, check_token: impl Fn(&str) -> bool + Send + Sync + 'static) -> IapFake {
+    pub fn start(
+        instance: &str,
+        check_token: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> IapFake {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the IAP fake");
         let addr = listener.local_addr().expect("address");
         let state = Arc::new(Mutex::new(State::default()));
@@ -137,14 +140,19 @@ fn serve(conn: TcpStream, state: &Arc<Mutex<State>>, check: &TokenCheck, instanc
         ws_server::refuse(w, status, &why);
     };
     // What every tunnel request must carry.
-    if up.method != "GET" || up.header("upgrade").map(|v| v.to_ascii_lowercase()) != Some("websocket".into()) {
+    if up.method != "GET"
+        || up.header("upgrade").map(|v| v.to_ascii_lowercase()) != Some("websocket".into())
+    {
         return refuse(&mut w, 400, "not a websocket upgrade".into());
     }
     if up.header("origin") != Some("bot:iap-tunneler") {
         return refuse(&mut w, 403, format!("origin {:?}", up.header("origin")));
     }
     let protocols = up.header("sec-websocket-protocol").unwrap_or_default();
-    if !protocols.split(',').any(|p| p.trim() == "relay.tunnel.cloudproxy.app") {
+    if !protocols
+        .split(',')
+        .any(|p| p.trim() == "relay.tunnel.cloudproxy.app")
+    {
         return refuse(&mut w, 400, format!("subprotocol {protocols:?}"));
     }
     let auth = up.header("authorization").unwrap_or_default().to_string();
@@ -214,7 +222,10 @@ fn serve(conn: TcpStream, state: &Arc<Mutex<State>>, check: &TokenCheck, instanc
         }
         "/v4/reconnect" => {
             let sid = up.param("sid").unwrap_or_default();
-            let ack: u64 = up.param("ack").and_then(|a| a.parse().ok()).unwrap_or(u64::MAX);
+            let ack: u64 = up
+                .param("ack")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(u64::MAX);
             if up.param("zone").as_deref() != Some(ZONE) {
                 return ws_server::close(&mut w, 4000, "bad zone");
             }
@@ -252,10 +263,7 @@ fn client_to_backend(
     session: &Arc<Mutex<Session>>,
     state: &Arc<Mutex<State>>,
 ) {
-    loop {
-        let Some((opcode, payload)) = ws_server::read_frame(&mut reader) else {
-            break;
-        };
+    while let Some((opcode, payload)) = ws_server::read_frame(&mut reader) {
         match opcode {
             0x2 => {}
             0x8 => {
@@ -290,7 +298,11 @@ fn client_to_backend(
             }
             7 => {
                 let n = u64::from_be_bytes(payload[2..10].try_into().unwrap());
-                assert!(n >= s.acked && n <= s.acked + s.unacked.len() as u64, "the client ACKed {n} bytes, the relay sent {}", s.acked + s.unacked.len() as u64);
+                assert!(
+                    n >= s.acked && n <= s.acked + s.unacked.len() as u64,
+                    "the client ACKed {n} bytes, the relay sent {}",
+                    s.acked + s.unacked.len() as u64
+                );
                 let confirmed = (n - s.acked) as usize;
                 s.unacked.drain(..confirmed);
                 s.acked = n;
@@ -299,7 +311,10 @@ fn client_to_backend(
         }
     }
     let mut s = session.lock().unwrap();
-    if s.ws.as_ref().is_some_and(|w| w.peer_addr().ok() == ws.peer_addr().ok()) {
+    if s.ws
+        .as_ref()
+        .is_some_and(|w| w.peer_addr().ok() == ws.peer_addr().ok())
+    {
         s.ws = None;
     }
 }
