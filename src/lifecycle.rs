@@ -756,7 +756,7 @@ async fn connect_session(
             {
                 Ok(stream) => (stream, "EC2 Instance Connect Endpoint tunnel".to_string()),
                 Err(e) => match e.downcast::<crate::cloud::eice::EiceError>() {
-                    Ok(e @ crate::cloud::eice::EiceError::Open { .. }) => {
+                    Ok(e @ crate::cloud::eice::EiceError::Open { .. }) if !e.is_final() => {
                         return transient(Box::new(e));
                     }
                     Ok(e) => return Err(e.into()),

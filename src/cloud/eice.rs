@@ -46,6 +46,20 @@ pub enum EiceError {
 }
 
 impl EiceError {
+    /// A refused signature or permission: waiting does not change it.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            EiceError::Open {
+                source: WsError::Refused {
+                    status: 401 | 403,
+                    ..
+                },
+                ..
+            }
+        )
+    }
+
     pub fn hint(&self) -> Option<String> {
         match self {
             EiceError::NoEndpoint { vpc, .. } => Some(format!(

@@ -125,10 +125,19 @@ pub enum IapError {
 impl IapError {
     /// Whether trying again (the VM still booting) may help.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            IapError::Backend { .. } | IapError::Open { .. } | IapError::Closed { .. }
-        )
+        match self {
+            // IAP answers the upgrade with 401/403 for a bad token or a
+            // missing permission: waiting does not change that.
+            IapError::Open { source, .. } => !matches!(
+                **source,
+                WsError::Refused {
+                    status: 401 | 403,
+                    ..
+                }
+            ),
+            IapError::Backend { .. } | IapError::Closed { .. } => true,
+            _ => false,
+        }
     }
 
     /// The concrete next step.
@@ -140,6 +149,13 @@ impl IapError {
             IapError::Backend { port, .. } => Some(format!(
                 "allow IAP to reach the VM: a firewall rule on its network allowing TCP port {port} from {IAP_RANGE} (`gcloud compute firewall-rules create allow-iap-ssh --network=NETWORK --allow=tcp:{port} --source-ranges={IAP_RANGE}`), and check that sshd runs on the VM"
             )),
+            IapError::Open { source, .. }
+                if matches!(**source, WsError::Refused { status: 401 | 403, .. }) =>
+            {
+                Some(format!(
+                    "check that the account absconda runs as has the IAM role `{TUNNEL_ROLE}` on the builder's project or instance"
+                ))
+            }
             IapError::LookupFailed { .. } => Some(
                 "check the builder's `project:`, `zone:` and `instance:`, and that the VM exists (`absconda remote status`)".into(),
             ),

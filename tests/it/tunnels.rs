@@ -215,6 +215,26 @@ fn iap_close_codes_name_the_missing_role_or_firewall_rule() {
     }
 }
 
+#[test]
+fn iap_refusing_the_token_fails_at_once_naming_the_role() {
+    if !ok() {
+        return;
+    }
+    let s = iap_setup("");
+    s.iap.refuse_all_tokens();
+    s.project
+        .file("Dockerfile", &format!("FROM {BASE_IMAGE}\n"));
+    let out = s
+        .project
+        .build("example.invalid/tunnel/never", &["--tag", "v1"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("HTTP 401"), "{err}");
+    assert!(err.contains("roles/iap.tunnelResourceAccessor"), "{err}");
+    // Tried once, not again until `ready_timeout`.
+    assert_eq!(s.iap.refusals().len(), 1, "{:?}", s.iap.refusals());
+}
+
 /// An aws builder `local` reached only through the EICE fake, in front of
 /// moto; `None` when moto cannot run here.
 pub(crate) struct EiceSetup {

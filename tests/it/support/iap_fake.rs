@@ -34,6 +34,7 @@ struct State {
     drop_after: Option<u64>,
     drops: usize,
     reconnects: usize,
+    refuse_all_tokens: bool,
 }
 
 struct Session {
@@ -93,6 +94,11 @@ impl IapFake {
     /// Ends every new tunnel with `code` right after the upgrade.
     pub fn close_with(&self, code: u16, reason: &str) {
         self.state.lock().unwrap().close_with = Some((code, reason.to_string()));
+    }
+
+    /// Answers every upgrade 401, as IAP does for a token it rejects.
+    pub fn refuse_all_tokens(&self) {
+        self.state.lock().unwrap().refuse_all_tokens = true;
     }
 
     /// The next connect gets close code 4004 (re-authentication required).
@@ -156,7 +162,7 @@ fn serve(conn: TcpStream, state: &Arc<Mutex<State>>, check: &TokenCheck, instanc
         return refuse(&mut w, 400, format!("subprotocol {protocols:?}"));
     }
     let auth = up.header("authorization").unwrap_or_default().to_string();
-    if !check(&auth) {
+    if !check(&auth) || state.lock().unwrap().refuse_all_tokens {
         return refuse(&mut w, 401, "invalid bearer token".into());
     }
     if up.param("newWebsocket").as_deref() != Some("True") {
