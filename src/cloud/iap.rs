@@ -128,13 +128,13 @@ impl IapError {
         match self {
             // IAP answers the upgrade with 401/403 for a bad token or a
             // missing permission: waiting does not change that.
-            IapError::Open { source, .. } => !matches!(
-                **source,
+            IapError::Open { source, .. } => match &**source {
                 WsError::Refused {
-                    status: 401 | 403,
-                    ..
-                }
-            ),
+                    status: 401 | 403, ..
+                } => false,
+                WsError::Tls { source, .. } => !super::http::is_certificate_error(source),
+                _ => true,
+            },
             IapError::Backend { .. } | IapError::Closed { .. } => true,
             _ => false,
         }
