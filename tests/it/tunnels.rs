@@ -150,12 +150,22 @@ fn iap_builds_a_builder_without_external_ip_and_survives_a_dropped_websocket() {
                 .is_some()
         );
     }
-    let reconnect = reqs
+    // The first reconnect was told to re-authenticate; the next one, with
+    // a fresh token, resumed the session.
+    let reconnects: Vec<_> = reqs
         .iter()
-        .find(|r| r.path() == "/v4/reconnect")
-        .expect("a reconnect");
-    assert!(reconnect.param("sid").unwrap().starts_with("sid-"));
-    assert!(reconnect.param("ack").unwrap().parse::<u64>().is_ok());
+        .filter(|r| r.path() == "/v4/reconnect")
+        .collect();
+    assert!(reconnects.len() >= 2, "{reqs:#?}");
+    for r in &reconnects {
+        assert!(r.param("sid").unwrap().starts_with("sid-"));
+        assert!(r.param("ack").unwrap().parse::<u64>().is_ok());
+        assert!(
+            s.gce
+                .principal_of(r.header("authorization").unwrap())
+                .is_some()
+        );
+    }
 
     // `remote status` says how it got there.
     let (out, st) = status(p);

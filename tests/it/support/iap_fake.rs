@@ -107,7 +107,8 @@ impl IapFake {
     }
 
     /// Drops the websocket (no close frame) once, when the client has sent
-    /// more than `bytes` through one session.
+    /// more than `bytes` through one session; the next upgrade then gets
+    /// close code 4004 (re-authentication required).
     pub fn drop_after(&self, bytes: u64) {
         self.state.lock().unwrap().drop_after = Some(bytes);
     }
@@ -297,6 +298,9 @@ fn client_to_backend(
                 if st.drop_after.is_some_and(|n| received > n) {
                     st.drop_after = None;
                     st.drops += 1;
+                    // The first reconnect is then told to re-authenticate,
+                    // as when the token expired meanwhile.
+                    st.reauth_once = true;
                     s.ws = None;
                     let _ = ws.shutdown(Shutdown::Both);
                     return;
