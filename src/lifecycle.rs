@@ -328,6 +328,13 @@ pub async fn bring_up(
             s = crate::provisioned::connect(&endpoint) => s?,
             _ = cancel.cancelled() => return Err(build::BuildError::Interrupted.into()),
         };
+        tracing::info!(
+            builder = %b.name,
+            path = %session.route(),
+            user = %session.user(),
+            access = "key",
+            "connected"
+        );
         reporter.phase_done(Phase::Connect, t.elapsed());
         return Ok(Ready {
             session,
