@@ -352,3 +352,79 @@ fn eice_builds_through_the_presigned_tunnel() {
         "{st}"
     );
 }
+
+/// The EICE fake's signature check is what the build test relies on: an
+/// `openTunnel` URL presigned with another secret, for another service, or
+/// altered after signing is refused with 403 before any byte reaches sshd.
+#[tokio::test]
+async fn the_eice_fake_refuses_urls_not_signed_with_the_test_key() {
+    use absconda::cloud::aws_auth::{CredentialSource, Credentials, presign};
+    use absconda::cloud::websocket::{WebSocket, WsError};
+    if !crate::support::require(SSHD) {
+        return;
+    }
+    let sshd = Sshd::start(None);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let eice = EiceFake::start(
+        dead.local_addr().unwrap(),
+        "AKIDTEST",
+        "right-secret",
+        "us-east-1",
+    );
+    let base = format!(
+        "{}/openTunnel?instanceConnectEndpointId={}&remotePort={}&privateIpAddress=10.0.0.7&maxTunnelDuration=3600",
+        eice.tunnel_endpoint(),
+        eice_fake::ENDPOINT_ID,
+        sshd.port
+    );
+    let url = url::Url::parse(&base).unwrap();
+    let creds =
+        |secret: &str| Credentials::new("AKIDTEST", secret, None, CredentialSource::Explicit);
+    let now = chrono::Utc::now();
+    let good = presign(
+        &url,
+        &creds("right-secret"),
+        "us-east-1",
+        "ec2-instance-connect",
+        now,
+        60,
+    );
+    let other_secret = presign(
+        &url,
+        &creds("wrong-secret"),
+        "us-east-1",
+        "ec2-instance-connect",
+        now,
+        60,
+    );
+    let other_service = presign(&url, &creds("right-secret"), "us-east-1", "ec2", now, 60);
+    let mut altered = good.clone();
+    let q: Vec<(String, String)> = altered
+        .query_pairs()
+        .map(|(k, v)| {
+            let v = if k == "remotePort" {
+                "2222".to_string()
+            } else {
+                v.into_owned()
+            };
+            (k.into_owned(), v)
+        })
+        .collect();
+    altered.query_pairs_mut().clear().extend_pairs(q);
+    let t = std::time::Duration::from_secs(10);
+    for bad in [&other_secret, &other_service, &altered] {
+        match WebSocket::connect(bad, &[], None, t).await {
+            Err(WsError::Refused { status: 403, .. }) => {}
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+    assert_eq!(eice.refusals().len(), 3, "{:?}", eice.refusals());
+    // The correctly signed one opens and reaches sshd's banner.
+    let mut ws = WebSocket::connect(&good, &[], None, t).await.unwrap();
+    match ws.recv().await.unwrap() {
+        absconda::cloud::websocket::Incoming::Binary(b) => {
+            assert!(b.starts_with(b"SSH-2.0-"), "{b:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
