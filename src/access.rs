@@ -436,6 +436,29 @@ mod tests {
     }
 
     #[test]
+    fn tunnel_in_the_builders_file() {
+        let yaml = "builders:\n  g:\n    provider: gcp\n    project: p\n    zone: z\n    instance: i\n    tunnel: iap\n  a:\n    provider: aws\n    region: r\n    instance_id: i-1\n    tunnel: eice\n  wrong:\n    provider: aws\n    region: r\n    instance_id: i-1\n    tunnel: iap\n  odd:\n    provider: gcp\n    project: p\n    zone: z\n    instance: i\n    tunnel: vpn\n";
+        let f =
+            crate::config::ConfigFile::parse(std::path::Path::new("/x/absconda-remote.yaml"), yaml)
+                .unwrap();
+        assert_eq!(
+            f.builder("g").unwrap().tunnel,
+            Some(crate::config::Tunnel::Iap)
+        );
+        assert_eq!(
+            f.builder("a").unwrap().tunnel,
+            Some(crate::config::Tunnel::Eice)
+        );
+        let e = f.builder("wrong").unwrap_err().to_string();
+        assert!(
+            e.contains("key `tunnel`") && e.contains("only for gcp builders"),
+            "{e}"
+        );
+        let e = f.builder("odd").unwrap_err().to_string();
+        assert!(e.contains("`vpn`: use `iap`"), "{e}");
+    }
+
+    #[test]
     fn access_values() {
         assert_eq!(
             AccessSetting::parse("oslogin", ProviderKind::Gcp),

@@ -205,6 +205,11 @@ pub struct Builder {
     pub access: crate::access::AccessSetting,
     pub oslogin_endpoint: Option<String>,
     pub instance_connect_endpoint: Option<String>,
+    /// How SSH reaches a cloud builder without a reachable address
+    /// (`tunnel: iap` for gcp, `eice` for aws), and where those services are.
+    pub tunnel: Option<Tunnel>,
+    pub iap_endpoint: Option<String>,
+    pub eice_endpoint: Option<String>,
     /// Extra CA certificates (PEM) trusted by the cloud API clients.
     pub ca_file: Option<PathBuf>,
     // Provisioning (Terraform) and cost.
@@ -229,6 +234,16 @@ mod secs {
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_secs())
     }
+}
+
+/// `tunnel:` — the cloud service that carries SSH to the builder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tunnel {
+    /// Google's Identity-Aware Proxy TCP forwarding.
+    Iap,
+    /// EC2 Instance Connect Endpoint.
+    Eice,
 }
 
 /// The value types keys can take.
@@ -280,6 +295,9 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("access", Kind::Str),
     ("oslogin_endpoint", Kind::Str),
     ("instance_connect_endpoint", Kind::Str),
+    ("tunnel", Kind::Str),
+    ("iap_endpoint", Kind::Str),
+    ("eice_endpoint", Kind::Str),
     ("ca_file", Kind::Str),
     ("terraform_dir", Kind::Str),
     ("machine_type", Kind::Str),
@@ -1042,6 +1060,30 @@ impl ConfigFile {
             },
             oslogin_endpoint: r.string("oslogin_endpoint")?,
             instance_connect_endpoint: r.string("instance_connect_endpoint")?,
+            tunnel: match r.string("tunnel")?.as_deref() {
+                None | Some("none") => None,
+                Some("iap") if provider == ProviderKind::Gcp => Some(Tunnel::Iap),
+                Some("eice") if provider == ProviderKind::Aws => Some(Tunnel::Eice),
+                Some(v @ ("iap" | "eice")) => {
+                    return Err(r.invalid(
+                        "tunnel",
+                        format!(
+                            "`{v}` is only for {} builders",
+                            if v == "iap" { "gcp" } else { "aws" }
+                        ),
+                    ));
+                }
+                Some(other) => {
+                    return Err(r.invalid(
+                        "tunnel",
+                        format!(
+                            "`{other}`: use `iap` (gcp builders), `eice` (aws builders) or `none`"
+                        ),
+                    ));
+                }
+            },
+            iap_endpoint: r.string("iap_endpoint")?,
+            eice_endpoint: r.string("eice_endpoint")?,
             ca_file: r.string("ca_file")?.map(&local_path),
             terraform_dir: r.string("terraform_dir")?.map(&local_path),
             machine_type: r.string("machine_type")?,

@@ -125,7 +125,10 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 _ => {}
             }
         }
-        if cause.is::<crate::access::AccessError>() {
+        if cause.is::<crate::access::AccessError>()
+            || cause.is::<crate::cloud::iap::IapError>()
+            || cause.is::<crate::cloud::eice::EiceError>()
+        {
             return UNREACHABLE;
         }
         if let Some(e) = cause.downcast_ref::<LifecycleError>() {
@@ -186,6 +189,27 @@ pub fn code(err: &anyhow::Error) -> u8 {
 
 /// A hint for errors where we know the fix.
 pub fn hint(err: &anyhow::Error) -> Option<String> {
+    // A tunnel's refusal says more than the connect error around it.
+    for cause in err.chain() {
+        // Tunnel errors the wait for readiness retried arrive wrapped in
+        // the SSH connect error's `io::Error`.
+        let wrapped = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|e| e as &(dyn std::error::Error + 'static));
+        for c in [Some(cause), wrapped].into_iter().flatten() {
+            if let Some(h) = c
+                .downcast_ref::<crate::cloud::iap::IapError>()
+                .and_then(|e| e.hint())
+                .or_else(|| {
+                    c.downcast_ref::<crate::cloud::eice::EiceError>()
+                        .and_then(|e| e.hint())
+                })
+            {
+                return Some(h);
+            }
+        }
+    }
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<crate::lifecycle::CloudHostKeyMismatch>() {
             return Some(format!(

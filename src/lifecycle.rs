@@ -328,6 +328,13 @@ pub async fn bring_up(
             s = crate::provisioned::connect(&endpoint) => s?,
             _ = cancel.cancelled() => return Err(build::BuildError::Interrupted.into()),
         };
+        tracing::info!(
+            builder = %b.name,
+            path = %session.route(),
+            user = %session.user(),
+            access = "key",
+            "connected"
+        );
         reporter.phase_done(Phase::Connect, t.elapsed());
         return Ok(Ready {
             session,
@@ -426,7 +433,7 @@ async fn wait_ready(
                 record_status(state, b, &info, started_here);
                 recorded = true;
             }
-            let Some(address) = b.host.clone().or_else(|| info.address.clone()) else {
+            let Some(address) = builder_address(b, &info) else {
                 return Err(LifecycleError::NoAddress {
                     builder: b.name.clone(),
                 }
@@ -551,6 +558,15 @@ async fn connect_with_access(
         as_user.connect_timeout = connect_timeout;
         connect_trusting_cloud(&as_user, cloud, address, may_wait, reporter).await?
     };
+    if let Connected::Session(s) = &connected {
+        tracing::info!(
+            builder = %b.name,
+            path = %s.route(),
+            user = %s.user(),
+            access = access.mode,
+            "connected"
+        );
+    }
     Ok((connected, access))
 }
 
@@ -586,7 +602,7 @@ async fn connect_trusting_cloud(
     };
     let mut strict = target.clone();
     strict.policy = HostKeyPolicy::Strict;
-    let refused = match Session::connect(&strict).await {
+    let refused = match connect_session(b, cloud, &strict).await? {
         Ok(s) => return Ok(Connected::Session(Box::new(s))),
         Err(e @ SshError::UnknownHostKey { .. }) if target.pin.is_none() => e,
         Err(e) if e.is_host_key() => return Err(e.into()),
@@ -623,7 +639,7 @@ async fn connect_trusting_cloud(
     let presented = fingerprint.trim_end_matches('=');
     if reported.is_empty() {
         if accept_new {
-            return match Session::connect(&target).await {
+            return match connect_session(b, cloud, &target).await? {
                 Ok(s) => {
                     reporter.info(&format!(
                         "the cloud reports no host keys for builder `{}` yet; recorded `{name}` ({algorithm} {fingerprint}) on first use (host_key_policy: accept-new)",
@@ -662,7 +678,7 @@ async fn connect_trusting_cloud(
     // shows another key now is refused (PinMismatch).
     let mut pinned = target.clone();
     pinned.pin = Some(Pin::Fingerprint(presented.to_string()));
-    let session = match Session::connect(&pinned).await {
+    let session = match connect_session(b, cloud, &pinned).await? {
         Ok(s) => s,
         Err(e) if e.is_host_key() => return Err(e.into()),
         Err(e) => return Ok(ssh_wait(e)),
@@ -693,6 +709,99 @@ async fn connect_trusting_cloud(
         Err(e) => tracing::warn!("recording the host key did not finish: {e}"),
     }
     Ok(Connected::Session(Box::new(session)))
+}
+
+/// Connects to `target` directly, or through the cloud tunnel the builder
+/// asks for (`tunnel: iap|eice`). The outer error is a tunnel failure that
+/// waiting will not cure (no IAM permission, no such instance); others
+/// come back as an [`SshError::Connect`] that the wait for readiness retries.
+async fn connect_session(
+    b: &Builder,
+    cloud: &Cloud,
+    target: &crate::ssh::Target,
+) -> anyhow::Result<Result<Session, SshError>> {
+    let addr = format!("{}:{}", target.host, target.port);
+    let transient = |e: Box<dyn std::error::Error + Send + Sync>| {
+        Ok(Err(SshError::Connect {
+            addr: addr.clone(),
+            source: std::io::Error::other(e),
+        }))
+    };
+    let (stream, route) = match (b.tunnel, cloud) {
+        (Some(crate::config::Tunnel::Iap), Cloud::Gce(gce)) => {
+            let s = gce.settings();
+            let endpoint = crate::cloud::iap::endpoint(b.iap_endpoint.as_deref())?;
+            let auth = iap_auth()?;
+            let iap_target = crate::cloud::iap::IapTarget {
+                project: s.project.clone(),
+                zone: s.zone.clone(),
+                instance: s.instance.clone(),
+                interface: "nic0".into(),
+                port: target.port,
+            };
+            match crate::cloud::iap::open(iap_target, endpoint, auth, target.connect_timeout).await
+            {
+                Ok(stream) => (
+                    stream,
+                    format!(
+                        "IAP tunnel to instance `{}` ({}/{})",
+                        s.instance, s.project, s.zone
+                    ),
+                ),
+                Err(e) if e.is_transient() => return transient(Box::new(e)),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        (Some(crate::config::Tunnel::Eice), Cloud::Ec2(ec2)) => {
+            match crate::cloud::eice::open(
+                ec2,
+                b.eice_endpoint.as_deref(),
+                target.port,
+                target.connect_timeout,
+            )
+            .await
+            {
+                Ok(stream) => (stream, "EC2 Instance Connect Endpoint tunnel".to_string()),
+                Err(e) => match e.downcast::<crate::cloud::eice::EiceError>() {
+                    Ok(e @ crate::cloud::eice::EiceError::Open { .. }) if !e.is_final() => {
+                        return transient(Box::new(e));
+                    }
+                    Ok(e) => return Err(e.into()),
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+        _ => return Ok(Session::connect(target).await),
+    };
+    let mut session =
+        match Session::connect_over(target, crate::ssh::transport::boxed(stream)).await {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+    session.set_route(route);
+    Ok(Ok(session))
+}
+
+/// The credentials IAP tunnels authenticate with: the ADC of the process,
+/// shared by every tunnel so that tokens are fetched once.
+fn iap_auth() -> anyhow::Result<std::sync::Arc<crate::cloud::gcp_auth::GcpAuth>> {
+    static AUTH: std::sync::OnceLock<std::sync::Arc<crate::cloud::gcp_auth::GcpAuth>> =
+        std::sync::OnceLock::new();
+    if let Some(a) = AUTH.get() {
+        return Ok(a.clone());
+    }
+    let auth = std::sync::Arc::new(crate::cloud::gcp_auth::GcpAuth::from_env()?);
+    Ok(AUTH.get_or_init(|| auth).clone())
+}
+
+/// The address a cloud builder is known by: `host:`, else the cloud's
+/// address, else (reached through a tunnel, with no address of its own)
+/// the instance's name, under which its host key is recorded.
+pub fn builder_address(b: &Builder, info: &InstanceInfo) -> Option<String> {
+    b.host.clone().or_else(|| info.address.clone()).or_else(|| {
+        b.tunnel?;
+        b.instance.clone().or_else(|| b.instance_id.clone())
+    })
 }
 
 /// Stops a cloud builder through the API and waits until it is stopped.

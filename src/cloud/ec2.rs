@@ -419,7 +419,7 @@ impl Ec2 {
     }
 
     /// The one instance this builder means.
-    async fn find(&self) -> Result<Instance, CloudError> {
+    pub async fn find(&self) -> Result<Instance, CloudError> {
         let found = self.matching_instances().await?;
         let (mut alive, terminated): (Vec<Instance>, Vec<Instance>) =
             found.into_iter().partition(|i| i.state != "terminated");
@@ -707,6 +707,8 @@ pub struct Instance {
     pub state: String,
     pub public_ip: Option<String>,
     pub private_ip: Option<String>,
+    /// The VPC it runs in (for its EC2 Instance Connect Endpoint).
+    pub vpc_id: Option<String>,
     /// The `Name` tag.
     pub name: Option<String>,
 }
@@ -765,6 +767,8 @@ struct InstanceXml {
     #[serde(default)]
     ip_address: Option<String>,
     #[serde(default)]
+    vpc_id: Option<String>,
+    #[serde(default)]
     tag_set: ItemSet<TagXml>,
 }
 
@@ -820,6 +824,7 @@ pub fn parse_describe(xml: &str) -> Result<DescribePage, String> {
             state: i.instance_state.name.trim().to_string(),
             public_ip: non_empty(i.ip_address),
             private_ip: non_empty(i.private_ip_address),
+            vpc_id: non_empty(i.vpc_id),
         })
         .collect();
     Ok(DescribePage {
@@ -1241,6 +1246,7 @@ mod tests {
                     state: "running".into(),
                     public_ip: Some("54.194.252.215".into()),
                     private_ip: Some("192.168.1.88".into()),
+                    vpc_id: None,
                     name: Some("builder & co".into()),
                 },
                 Instance {
@@ -1248,6 +1254,7 @@ mod tests {
                     state: "stopped".into(),
                     public_ip: None,
                     private_ip: Some("10.0.0.7".into()),
+                    vpc_id: None,
                     name: None,
                 },
                 Instance {
@@ -1255,6 +1262,7 @@ mod tests {
                     state: "terminated".into(),
                     public_ip: None,
                     private_ip: None,
+                    vpc_id: None,
                     name: None,
                 },
             ]

@@ -157,6 +157,45 @@ pub fn read_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, CloudError
     Ok(certs)
 }
 
+/// The trust roots every client uses, DER-encoded: the base roots plus
+/// the CA file in effect. The websocket tunnels build their TLS from these.
+pub fn root_ders() -> Result<Vec<Vec<u8>>, CloudError> {
+    let (_, base) = base_roots();
+    let mut roots = base.clone();
+    if let Some(path) = extra_ca_file() {
+        let pem = std::fs::read(&path).map_err(|e| CloudError::Config {
+            message: format!("CA file `{}` cannot be read: {e}", path.display()),
+        })?;
+        // Checked by `read_ca_file` for the messages; the DER is what rustls takes.
+        read_ca_file(&path)?;
+        roots.extend(pem_certificates(&pem));
+    }
+    Ok(roots)
+}
+
+/// The DER bodies of the `CERTIFICATE` blocks of a PEM bundle.
+fn pem_certificates(pem: &[u8]) -> Vec<Vec<u8>> {
+    use base64::Engine as _;
+    let text = String::from_utf8_lossy(pem);
+    let mut out = Vec::new();
+    let mut inside: Option<String> = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if line == "-----BEGIN CERTIFICATE-----" {
+            inside = Some(String::new());
+        } else if line == "-----END CERTIFICATE-----" {
+            if let Some(b64) = inside.take()
+                && let Ok(der) = base64::engine::general_purpose::STANDARD.decode(b64)
+            {
+                out.push(der);
+            }
+        } else if let Some(b) = inside.as_mut() {
+            b.push_str(line);
+        }
+    }
+    out
+}
+
 /// A client builder with absconda's trust roots; every HTTP client starts here.
 ///
 /// `tls_certs_only` makes reqwest verify against exactly these roots with

@@ -13,13 +13,16 @@ pub mod aws_auth;
 pub mod azure;
 pub mod azure_auth;
 pub mod ec2;
+pub mod eice;
 pub mod gce;
 pub mod gcp_auth;
 pub mod gcp_token;
 pub mod http;
+pub mod iap;
 pub mod instance_connect;
 pub mod oslogin;
 pub mod retry;
+pub mod websocket;
 
 use std::fmt;
 use std::time::Duration;

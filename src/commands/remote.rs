@@ -93,7 +93,7 @@ async fn status_of(
                 st.status = info.status.to_string();
                 st.cloud_status = Some(info.raw_status.clone());
                 lifecycle::record_status(state, b, &info, false);
-                let host = b.host.clone().or(info.address.clone());
+                let host = lifecycle::builder_address(b, &info);
                 st.address = host.as_ref().map(|h| format!("{h}:{}", b.port));
                 if info.status != crate::cloud::Status::Running {
                     return (st, Ok(()));

@@ -35,3 +35,4 @@ mod sshnet;
 mod supervisor;
 mod sync;
 mod tls;
+mod tunnels;

@@ -568,3 +568,21 @@ fn absconda_executes_no_other_program_through_cloud_access() {
     build_under_strace(&mut p, "eic");
     assert!(!tap.pushed().is_empty());
 }
+
+/// The cloud tunnels (IAP TCP forwarding, EC2 Instance Connect Endpoint)
+/// are native websockets: a whole build with push through each executes
+/// nothing but absconda.
+#[test]
+fn absconda_executes_no_other_program_through_cloud_tunnels() {
+    if !(ok() && crate::support::require("strace")) {
+        return;
+    }
+    let mut iap = crate::tunnels::iap_setup("");
+    build_under_strace(&mut iap.project, "iap");
+    assert!(!iap.iap.requests().is_empty());
+    let Some(mut eice) = crate::tunnels::eice_setup() else {
+        return;
+    };
+    build_under_strace(&mut eice.project, "eice");
+    assert!(!eice.eice.opened().is_empty());
+}

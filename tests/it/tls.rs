@@ -709,3 +709,52 @@ fn the_static_binary_in_an_empty_image_reaches_http_endpoints() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(s.fake.count(Route::Metadata) > metadata);
 }
+
+/// The IAP tunnel's websocket trusts the same roots as the API clients:
+/// `wss://` through a front signed by the private CA works with `ca_file:`
+/// and is refused as an unknown issuer without it.
+#[test]
+fn the_iap_websocket_trusts_ca_file_like_the_api_clients() {
+    crate::require!("openssl");
+    if !crate::support::require(crate::support::sshd::SSHD) || !crate::support::require("dockerd") {
+        return;
+    }
+    let dir = crate::support::tempdir();
+    let ca = make_ca(dir.path());
+    let s = crate::tunnels::iap_setup("");
+    let relay = url::Url::parse(&s.iap.endpoint()).unwrap();
+    let front = tls_front(
+        &ca,
+        &format!("{}:{}", relay.host_str().unwrap(), relay.port().unwrap()),
+    );
+    let yaml = std::fs::read_to_string(&s.project.config).unwrap();
+    let wss = format!("wss://127.0.0.1:{}/v4", front.port);
+    let with_wss = yaml.replace(&s.iap.endpoint(), &wss);
+    assert_ne!(with_wss, yaml);
+    let status = |yaml: &str| {
+        std::fs::write(&s.project.config, yaml).unwrap();
+        s.project
+            .cmd()
+            .args(["remote", "status", "local", "--json"])
+            .output()
+            .unwrap()
+    };
+    let out = status(&with_wss);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(
+        err.contains("unknownissuer") || err.contains("unknown issuer"),
+        "{err}"
+    );
+    assert!(s.iap.requests().is_empty());
+
+    let out = status(&with_wss.replace(
+        "    tunnel: iap\n",
+        &format!("    tunnel: iap\n    ca_file: {}\n", ca.ca.display()),
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["reachable"], true, "{st}");
+    assert!(front.handshakes.load(Ordering::SeqCst) > 0);
+    assert!(!s.iap.requests().is_empty());
+}

@@ -868,6 +868,19 @@ impl GceFake {
         st.tokens.clear();
     }
 
+    /// The principal of a `Bearer` token this fake minted (unexpired) or a
+    /// self-signed JWT of one of its service accounts, as the API checks it.
+    pub fn principal_of(&self, authorization: &str) -> Option<String> {
+        let token = authorization.strip_prefix("Bearer ")?.trim();
+        let st = self.shared.lock();
+        if let Some(minted) = st.tokens.get(token) {
+            return (minted.expires > Instant::now()).then(|| minted.principal.clone());
+        }
+        verify_jwt(&st.service_accounts, token, JwtUse::SelfSigned)
+            .ok()
+            .map(|e| format!("serviceAccount:{e}"))
+    }
+
     /// Makes every API call fail with 403 PERMISSION_DENIED (a missing IAM role).
     pub fn deny_iam(&self, deny: bool) {
         self.shared.lock().deny_iam = deny;

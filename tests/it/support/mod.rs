@@ -12,8 +12,10 @@ pub mod absconda;
 pub mod azure_fake;
 pub mod counting_proxy;
 pub mod docker;
+pub mod eice_fake;
 pub mod faulty_proxy;
 pub mod gce_fake;
+pub mod iap_fake;
 pub mod imds_fake;
 pub mod instance_connect_tap;
 pub mod moto;
@@ -21,6 +23,7 @@ pub mod netns;
 pub mod oslogin_fake;
 pub mod sshd;
 pub mod tunnel_proxy;
+pub mod ws_server;
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
