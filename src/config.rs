@@ -216,6 +216,9 @@ pub struct Builder {
     pub allowed_ssh_cidr: Vec<String>,
     pub idle_shutdown_minutes: Option<u64>,
     pub hourly_cost: Option<f64>,
+    /// The platform its docker builds natively (`platform:`); `None`: asked
+    /// from the builder's docker when a build needs to know.
+    pub platform: Option<crate::platform::Platform>,
     // Azure identity: the VM `vm_name` in `resource_group` of `subscription_id`,
     // with tokens from `authority_host` (Microsoft Entra ID).
     pub subscription_id: Option<String>,
@@ -289,6 +292,7 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("allowed_ssh_cidr", Kind::StrList),
     ("idle_shutdown_minutes", Kind::Int),
     ("hourly_cost", Kind::Float),
+    ("platform", Kind::Str),
     ("subscription_id", Kind::Str),
     ("resource_group", Kind::Str),
     ("vm_name", Kind::Str),
@@ -1051,6 +1055,12 @@ impl ConfigFile {
             allowed_ssh_cidr: r.list("allowed_ssh_cidr")?,
             idle_shutdown_minutes: r.int("idle_shutdown_minutes")?,
             hourly_cost: r.float("hourly_cost")?,
+            platform: match r.string("platform")? {
+                Some(p) => Some(
+                    crate::platform::Platform::parse(&p).map_err(|m| r.invalid("platform", m))?,
+                ),
+                None => None,
+            },
             subscription_id: r.string("subscription_id")?,
             resource_group: r.string("resource_group")?,
             vm_name: r.string("vm_name")?,

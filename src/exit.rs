@@ -49,6 +49,17 @@ pub const INTERRUPTED: u8 = 130;
 /// The exit code for an error, from the most specific cause in its chain.
 pub fn code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<crate::commands::multiplatform::PlatformError>()
+            && e.is_usage()
+        {
+            return USAGE;
+        }
+        if cause
+            .downcast_ref::<crate::registry_api::RegistryApiError>()
+            .is_some()
+        {
+            return PUSH_FAILED;
+        }
         if let Some(e) = cause.downcast_ref::<ProvisionError>() {
             return match e {
                 ProvisionError::AlreadyProvisioned { .. }
@@ -187,6 +198,12 @@ pub fn code(err: &anyhow::Error) -> u8 {
 /// A hint for errors where we know the fix.
 pub fn hint(err: &anyhow::Error) -> Option<String> {
     for cause in err.chain() {
+        if let Some(h) = cause
+            .downcast_ref::<crate::commands::multiplatform::PlatformError>()
+            .and_then(|e| e.hint())
+        {
+            return Some(h);
+        }
         if let Some(e) = cause.downcast_ref::<crate::lifecycle::CloudHostKeyMismatch>() {
             return Some(format!(
                 "do not connect until you know why: compare the keys in the VM's serial console with {}; if the VM was re-created and the cloud's record is stale, pin the right key with `host_key:`",
