@@ -285,6 +285,7 @@ impl Client {
     pub fn new(repo: Repository, creds: Option<Credentials>) -> Result<Client, RegistryApiError> {
         let http = crate::cloud::http::builder()
             .map_err(RegistryApiError::Client)?
+            .user_agent(concat!("absconda/", env!("CARGO_PKG_VERSION")))
             .timeout(Duration::from_secs(60))
             .connect_timeout(Duration::from_secs(15))
             .build()

@@ -714,3 +714,79 @@ fn a_platform_no_builder_offers_is_refused_before_anything_starts() {
     );
     assert!(!amd.workspace.exists());
 }
+
+/// The same against a registry that takes only Bearer tokens from its token
+/// service: the builders' docker and absconda each get their own.
+#[test]
+fn the_index_goes_to_a_registry_that_wants_bearer_tokens() {
+    if !services() || !crate::support::require("openssl") {
+        return;
+    }
+    let dir = tempdir();
+    let reg = crate::support::token_registry::TokenRegistry::start(dir.path());
+    let (_amd, _arm, config) = two_platform_pool(dir.path());
+    let client = Client::new(dir.path(), "bearer", "FROM scratch\nCOPY who.txt /\n");
+    let env = vec![
+        ("ABSCONDA_REGISTRY_USER".to_string(), reg.user.to_string()),
+        (
+            "ABSCONDA_REGISTRY_PASSWORD".to_string(),
+            reg.password.to_string(),
+        ),
+    ];
+    let repo = format!("{}/bearer/app", reg.addr);
+    let out = client.build_to(
+        &config,
+        "farm",
+        &repo,
+        &[
+            "--platform",
+            "linux/arm64,linux/amd64",
+            "--push",
+            "-t",
+            "2.0",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let (code, body) = reg.api("bearer/app", "/v2/bearer/app/manifests/2.0", INDEX_TYPES);
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let entries = v["manifests"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{v}");
+    for e in entries {
+        let arch = e["platform"]["architecture"].as_str().unwrap();
+        let (code, manifest) = reg.api(
+            "bearer/app",
+            &format!("/v2/bearer/app/manifests/2.0-linux-{arch}"),
+            MANIFEST_TYPES,
+        );
+        assert_eq!(code, 200);
+        assert_eq!(e["digest"].as_str().unwrap(), sha256(&manifest));
+    }
+    // absconda (not docker) asked the token service with the credentials,
+    // the challenge's service and a scope for this repository.
+    let ours: Vec<_> = reg
+        .requests()
+        .into_iter()
+        .filter(|r| r.user_agent.starts_with("absconda/"))
+        .collect();
+    assert!(!ours.is_empty(), "absconda asked for no token");
+    for r in &ours {
+        assert_eq!(
+            r.basic,
+            Some((reg.user.to_string(), reg.password.to_string()))
+        );
+        assert!(
+            r.query
+                .iter()
+                .any(|(k, v)| k == "service" && v == crate::support::token_registry::SERVICE),
+            "{r:?}"
+        );
+        assert!(
+            r.query
+                .iter()
+                .any(|(k, v)| k == "scope" && v == "repository:bearer/app:pull,push"),
+            "{r:?}"
+        );
+    }
+}

@@ -20,6 +20,7 @@ pub mod moto;
 pub mod netns;
 pub mod oslogin_fake;
 pub mod sshd;
+pub mod token_registry;
 pub mod tunnel_proxy;
 
 use std::net::TcpListener;
