@@ -281,7 +281,7 @@ pub(super) async fn with_retries(
     platform: Option<&Platform>,
     args: &BuildArgs,
     state: &StateFile,
-    printer: &Printer,
+    printer: &dyn Reporter,
     cancel: &CancellationToken,
 ) -> (anyhow::Result<()>, BuildReport) {
     let started = Instant::now();

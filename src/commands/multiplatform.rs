@@ -222,8 +222,12 @@ pub(super) async fn run(
         one.images = vec![platform_image(first, p)];
         one.platform = Some(p.to_string());
         async move {
+            let tagged = Tagged {
+                inner: printer,
+                tag: p.to_string(),
+            };
             let (result, report) =
-                super::build::with_retries(target, &one, Some(p), args, state, printer, cancel)
+                super::build::with_retries(target, &one, Some(p), args, state, &tagged, cancel)
                     .await;
             (p, one, result, report)
         }
@@ -294,6 +298,41 @@ pub(super) async fn run(
         digests,
         total_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// One platform's progress, its lines marked with the platform: the
+/// builds run at once and share stderr. Upload counters are left out (the
+/// printer keeps one upload at a time); docker's output goes through as is.
+struct Tagged<'a> {
+    inner: &'a Printer,
+    tag: String,
+}
+
+impl Reporter for Tagged<'_> {
+    fn phase(&self, phase: crate::report::Phase) {
+        self.inner.info(&format!("{}: {}", self.tag, phase.name()));
+    }
+    fn phase_done(&self, phase: crate::report::Phase, took: std::time::Duration) {
+        use crate::report::Phase;
+        if matches!(phase, Phase::Upload | Phase::Start | Phase::Ready) {
+            self.inner.info(&format!(
+                "{}: {} done in {:.1}s",
+                self.tag,
+                phase.name(),
+                took.as_secs_f64()
+            ));
+        }
+    }
+    fn info(&self, message: &str) {
+        if message.contains(&self.tag) {
+            self.inner.info(message);
+        } else {
+            self.inner.info(&format!("{}: {message}", self.tag));
+        }
+    }
+    fn output(&self, stderr: bool, data: &[u8]) {
+        self.inner.output(stderr, data)
+    }
 }
 
 impl MultiReport {

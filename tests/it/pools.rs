@@ -699,6 +699,40 @@ fn a_platform_no_builder_offers_is_refused_before_anything_starts() {
         assert!(!m.workspace.exists(), "`{}` was touched", m.name);
     }
 
+    // A member without `platform:` is asked its docker's (this one's is amd64).
+    let probed = Member::start("probed", dir.path());
+    let config2 = dir.path().join("probed.yaml");
+    std::fs::write(
+        &config2,
+        format!(
+            "builders:\n{}{}pools:\n  mixed:\n    builders: [probed, arm]\n",
+            probed.yaml(""),
+            arm.yaml("    platform: linux/arm64\n"),
+        ),
+    )
+    .unwrap();
+    let out = client.build(
+        &config2,
+        "mixed",
+        &["--platform", "linux/s390x,linux/arm64", "--push"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "offers `linux/s390x`; the pool offers `linux/amd64` (`probed`), `linux/arm64` (`arm`)"
+        ),
+        "{err}"
+    );
+    assert!(!arm.workspace.exists());
+
+    // One platform on a pool: built on the member of that platform.
+    let out = client.build(&config, "farm", &["--platform", "linux/arm64"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(built_on(&out), "arm");
+    assert!(arm.workspace.is_dir() && !amd.workspace.exists());
+
     // Several platforms on one builder: use a pool.
     let out = client.build(
         &config,
@@ -712,7 +746,6 @@ fn a_platform_no_builder_offers_is_refused_before_anything_starts() {
         err.contains("`amd` is one builder") && err.contains("name a pool"),
         "{err}"
     );
-    assert!(!amd.workspace.exists());
 }
 
 /// The same against a registry that takes only Bearer tokens from its token
