@@ -1364,6 +1364,21 @@ mod tests {
     }
 
     #[test]
+    fn a_builder_declares_its_platform() {
+        let f = parse(
+            "builders:\n  a: {host: a, platform: linux/aarch64}\n  b: {host: b, platform: linux/arm/v7}\n  c: {host: c}\n",
+        )
+        .unwrap();
+        let p = |n: &str| f.builder(n).unwrap().platform.map(|p| p.to_string());
+        assert_eq!(p("a").as_deref(), Some("linux/arm64"));
+        assert_eq!(p("b").as_deref(), Some("linux/arm/v7"));
+        assert_eq!(p("c"), None);
+        let bad = parse("builders:\n  a: {host: a, platform: arm64}\n").unwrap();
+        let e = bad.builder("a").unwrap_err().to_string();
+        assert!(e.contains("platform") && e.contains("os/arch"), "{e}");
+    }
+
+    #[test]
     fn pools_name_builders_with_a_policy() {
         let f = parse(
             "builders:\n  a: {host: a}\n  b: {host: b}\npools:\n  farm:\n    builders: [b, a]\n    max_running: 1\n    prefer: cheapest\ndefault_builder: farm\n",
