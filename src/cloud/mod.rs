@@ -159,6 +159,9 @@ impl CloudError {
         match self {
             // A certificate that is not trusted now will not be on retry.
             CloudError::Transport { source, .. } => !http::is_certificate_error(source.as_ref()),
+            // No capacity or quota: that lasts minutes, not seconds; a pool
+            // moves on to its next builder, a lone builder says so at once.
+            CloudError::Api { .. } if self.is_capacity() => false,
             CloudError::Api { status, code, .. } => {
                 *status == 429
                     || *status >= 500
@@ -169,6 +172,33 @@ impl CloudError {
             }
             _ => false,
         }
+    }
+
+    /// Whether the cloud has no room for the VM: no capacity in the zone
+    /// for its type, or a quota reached.
+    pub fn is_capacity(&self) -> bool {
+        let CloudError::Api { code, .. } = self else {
+            return false;
+        };
+        const CODES: &[&str] = &[
+            // EC2
+            "InsufficientInstanceCapacity",
+            "InsufficientHostCapacity",
+            "InsufficientCapacity",
+            "InstanceLimitExceeded",
+            "VcpuLimitExceeded",
+            "MaxSpotInstanceCountExceeded",
+            // Compute Engine
+            "ZONE_RESOURCE_POOL_EXHAUSTED",
+            "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS",
+            "QUOTA_EXCEEDED",
+            // Azure
+            "AllocationFailed",
+            "ZonalAllocationFailed",
+            "OverconstrainedAllocationRequest",
+            "SkuNotAvailable",
+        ];
+        CODES.contains(&code.as_str())
     }
 
     /// The server's requested delay before the next attempt.

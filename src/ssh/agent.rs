@@ -191,12 +191,24 @@ mod tests {
     use super::*;
     use russh::keys::PublicKey;
 
-    /// Keys made for these tests only (`ssh-keygen -N ""`).
-    const ED25519: &str = include_str!("testdata/agent_test_ed25519");
-    const RSA: &str = include_str!("testdata/agent_test_rsa");
+    const ED25519: &str = "ed25519";
+    const RSA: &str = "rsa";
 
-    fn agent(pem: &str) -> (KeyAgent, PublicKey) {
-        let key = PrivateKey::from_openssh(pem).unwrap();
+    /// A fresh key of that type, made by OpenSSH's `ssh-keygen` for this test.
+    fn keygen(kind: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        let status = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", kind, "-N", "", "-f"])
+            .arg(&path)
+            .status()
+            .expect("ssh-keygen (openssh-client) is needed by this test");
+        assert!(status.success());
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    fn agent(kind: &str) -> (KeyAgent, PublicKey) {
+        let key = PrivateKey::from_openssh(keygen(kind)).unwrap();
         let public = key.public_key().clone();
         (KeyAgent::new(vec![(key, "k".into())]).unwrap(), public)
     }

@@ -542,6 +542,161 @@ fn builds_waiting_for_a_busy_builder_go_first_come_first_served() {
     assert_eq!(tickets(&m.workspace), 0, "tickets left");
 }
 
+#[test]
+fn a_pool_moves_on_when_ec2_has_no_capacity_for_a_vm() {
+    if !services() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(moto) = rt.block_on(crate::support::moto::Moto::start()) else {
+        return;
+    };
+    let full = rt.block_on(moto.run_instance(Some("full-vm")));
+    let good = rt.block_on(moto.run_instance(Some("good-vm")));
+    rt.block_on(async {
+        use absconda::cloud::Provider;
+        for id in [&full, &good] {
+            moto.ec2(absconda::cloud::ec2::Ec2Instance::Id(id.clone()))
+                .stop()
+                .await
+                .unwrap();
+        }
+    });
+    // The zone of `full` has no room: EC2 answers StartInstances with
+    // InsufficientInstanceCapacity (HTTP 500, as AWS does).
+    let proxy = rt.block_on(crate::support::faulty_proxy::FaultyProxy::start(
+        moto.addr(),
+    ));
+    proxy.fail_action(
+        "StartInstances",
+        crate::support::faulty_proxy::Fault::Ec2Error {
+            status: 500,
+            code: "InsufficientInstanceCapacity",
+        },
+    );
+    let dir = tempdir();
+    let sshd = Sshd::start(Some(&docker().host));
+    let aws = |id: &str, endpoint: &str| {
+        format!(
+            "    provider: aws\n    region: us-east-1\n    instance_id: {id}\n    api_endpoint: {endpoint}\n    ready_timeout: 60\n    host: {}\n    port: {}\n    user: root\n    identity_file: {}\n    known_hosts: {}\n    workspace: {}\n    docker: {DOCKER_CLI}\n",
+            sshd.listen,
+            sshd.port,
+            sshd.user_key.display(),
+            sshd.known_hosts.display(),
+            dir.path().join(format!("ws-{id}")).display(),
+        )
+    };
+    let config = dir.path().join("absconda-remote.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "builders:\n  full:\n{}  good:\n{}pools:\n  farm:\n    builders: [full, good]\n",
+            aws(&full, &proxy.url()),
+            aws(&good, moto.endpoint()),
+        ),
+    )
+    .unwrap();
+    let client = Client::new(
+        dir.path(),
+        "ci",
+        &format!("FROM {BASE_IMAGE}\nCOPY who.txt /\n"),
+    );
+    let (key, secret) = moto.access_key();
+    let env = vec![
+        ("AWS_ACCESS_KEY_ID".to_string(), key.to_string()),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), secret.to_string()),
+        ("AWS_EC2_METADATA_DISABLED".to_string(), "true".to_string()),
+    ];
+    let out = client.build(&config, "farm", &["--remote-off"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(built_on(&out), "good");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines()
+            .any(|l| l.contains("skipping builder `full`")
+                && l.contains("InsufficientInstanceCapacity")),
+        "the full zone is named with EC2's reason: {err}"
+    );
+    // Asked once, not retried for minutes; the VM stays off, and the one
+    // used was stopped again.
+    let starts = proxy
+        .actions()
+        .iter()
+        .filter(|a| *a == "StartInstances")
+        .count();
+    assert_eq!(starts, 1, "{:?}", proxy.actions());
+    assert_eq!(rt.block_on(moto.state(&full)), "stopped");
+    assert_eq!(rt.block_on(moto.state(&good)), "stopped");
+}
+
+#[test]
+fn a_build_lost_on_one_member_is_retried_on_another() {
+    if !services() {
+        return;
+    }
+    let dir = tempdir();
+    let members: Vec<Member> = ["b1", "b2"]
+        .iter()
+        .map(|n| Member::start(n, dir.path()))
+        .collect();
+    let config = dir.path().join("absconda-remote.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "builders:\n{}{}pools:\n  farm:\n    builders: [b1, b2]\n",
+            members[0].yaml(""),
+            members[1].yaml("")
+        ),
+    )
+    .unwrap();
+    let client = Client::new(
+        dir.path(),
+        "ci",
+        &format!("FROM {BASE_IMAGE}\nRUN sleep 3.27 && echo slept > /slept\n"),
+    );
+    let mut c = Command::new(BIN);
+    c.env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", &client.home)
+        .env("USER", "tester")
+        .env("ABSCONDA_REMOTE_CONFIG", &config)
+        .args(["build", "--remote-builder", "farm", "--context"])
+        .arg(&client.context)
+        .args([
+            "--repository",
+            "local/pool-retry",
+            "--no-cache",
+            "--network",
+            "none",
+            "--retries",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = c.spawn().unwrap();
+    // The first attempt runs on b1 (the pool's first, both idle); cut it
+    // there once its RUN step runs, as a preempted VM would.
+    crate::support::wait_until(
+        "the RUN step started",
+        std::time::Duration::from_secs(60),
+        || {
+            let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+            String::from_utf8_lossy(&ps.stdout).contains("sleep 3.27")
+        },
+    );
+    members[0].sshd.drop_connections();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let on: Vec<&str> = err
+        .lines()
+        .filter_map(|l| l.split(": building on `").nth(1))
+        .map(|rest| rest.trim_end_matches('`'))
+        .collect();
+    assert_eq!(on, ["b1", "b2"], "{err}");
+    assert!(err.contains("attempt 1 failed"), "{err}");
+}
+
 const INDEX_TYPES: &str = "application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.index.v1+json";
 const MANIFEST_TYPES: &str = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json";
 

@@ -42,6 +42,8 @@ struct State {
     script: VecDeque<Fault>,
     then: Option<Fault>,
     actions: Vec<String>,
+    /// Faults for one `Action`, whatever the script says.
+    by_action: Vec<(String, Fault)>,
 }
 
 /// A running proxy; stops when dropped.
@@ -86,6 +88,14 @@ impl FaultyProxy {
         state.actions.clear();
     }
 
+    /// Every request for `action` (an EC2 `Action`) gets `fault`, before
+    /// and beside the script.
+    pub fn fail_action(&self, action: &str, fault: Fault) {
+        let mut state = self.state.lock().expect("proxy state");
+        state.by_action.retain(|(a, _)| a != action);
+        state.by_action.push((action.to_string(), fault));
+    }
+
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
@@ -118,10 +128,14 @@ async fn handle(mut client: TcpStream, upstream: SocketAddr, state: Arc<Mutex<St
         .unwrap_or_default();
     let fault = {
         let mut state = state.lock().expect("proxy state");
-        state.actions.push(action);
-        match state.script.pop_front() {
-            Some(f) => f,
-            None => state.then.clone().unwrap_or(Fault::Pass),
+        state.actions.push(action.clone());
+        if let Some((_, f)) = state.by_action.iter().find(|(a, _)| *a == action) {
+            f.clone()
+        } else {
+            match state.script.pop_front() {
+                Some(f) => f,
+                None => state.then.clone().unwrap_or(Fault::Pass),
+            }
         }
     };
     let response = match fault {
