@@ -751,10 +751,12 @@ fn a_pool_builds_each_platform_natively_and_pushes_an_index() {
             "v1",
             "--tag",
             "latest",
+            "--json",
         ],
         &env,
     );
     assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     // Each platform on the builder of that platform, each in its workspace.
     for (platform, builder) in [("linux/amd64", "amd"), ("linux/arm64", "arm")] {
@@ -823,8 +825,34 @@ fn a_pool_builds_each_platform_natively_and_pushes_an_index() {
         assert_eq!(cfg["architecture"], arch, "{cfg}");
         assert_eq!(cfg["os"], "linux");
     }
-    // The summary names the index digest.
+    // The summary and `--json` name the index digest per tag.
     assert!(err.contains(&format!("index {}", sha256(&body))), "{err}");
+    for tag in ["v1", "latest"] {
+        assert_eq!(
+            report["digests"][format!("{repo}:{tag}")].as_str(),
+            Some(sha256(&body).as_str()),
+            "{report}"
+        );
+    }
+    let mut built: Vec<(String, String)> = report["platforms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["platform"].as_str().unwrap().to_string(),
+                p["builder"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    built.sort();
+    assert_eq!(
+        built,
+        [
+            ("linux/amd64".to_string(), "amd".to_string()),
+            ("linux/arm64".to_string(), "arm".to_string())
+        ]
+    );
 }
 
 #[test]
