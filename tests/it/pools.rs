@@ -909,6 +909,25 @@ fn a_platform_no_builder_offers_is_refused_before_anything_starts() {
         "{err}"
     );
     assert!(!arm.workspace.exists());
+    // `remote status` shows each member's platform, declared or asked.
+    let status = Command::new(BIN)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", dir.path())
+        .env("ABSCONDA_REMOTE_CONFIG", &config2)
+        .args(["remote", "status", "mixed"])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", text(&status));
+    let shown = String::from_utf8_lossy(&status.stdout);
+    for (name, platform) in [("probed", "linux/amd64"), ("arm", "linux/arm64")] {
+        assert!(
+            shown
+                .lines()
+                .any(|l| l.starts_with(name) && l.contains(platform)),
+            "{shown}"
+        );
+    }
 
     // One platform on a pool: built on the member of that platform.
     let out = client.build(&config, "farm", &["--platform", "linux/arm64"], &[]);
