@@ -204,6 +204,14 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
         {
             return Some(h);
         }
+        if let Some(crate::registry_api::RegistryApiError::Status {
+            status: 401 | 403, ..
+        }) = cause.downcast_ref::<crate::registry_api::RegistryApiError>()
+        {
+            return Some(
+                "the image index is written from this machine, with this machine's credentials for the registry: set ABSCONDA_REGISTRY_USER and ABSCONDA_REGISTRY_PASSWORD (or `docker login` here, without a credential helper)".into(),
+            );
+        }
         if let Some(e) = cause.downcast_ref::<crate::lifecycle::CloudHostKeyMismatch>() {
             return Some(format!(
                 "do not connect until you know why: compare the keys in the VM's serial console with {}; if the VM was re-created and the cloud's record is stale, pin the right key with `host_key:`",

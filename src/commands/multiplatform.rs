@@ -210,8 +210,9 @@ pub(super) async fn run(
     printer: &Printer,
     cancel: &CancellationToken,
 ) -> anyhow::Result<MultiReport> {
-    let super::build::Target::Pool { pool, .. } = target else {
-        unreachable!("checked by the caller");
+    let pool_name = match target {
+        super::build::Target::Pool { pool, .. } => pool.name.clone(),
+        super::build::Target::One { builder, .. } => builder.name.clone(),
     };
     let started = std::time::Instant::now();
     let Some(first) = req.images.first() else {
@@ -292,7 +293,7 @@ pub(super) async fn run(
         digests.insert(image.clone(), digest);
     }
     Ok(MultiReport {
-        pool: pool.name.clone(),
+        pool: pool_name,
         platforms,
         index_media_type: media_type,
         digests,
