@@ -211,6 +211,16 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
     if let Some(list) = wanted.as_ref().filter(|l| l.len() > 1) {
         let report =
             multiplatform::run(&target, list, &req, &args, &state, &printer, &cancel).await?;
+        if let Some(path) = &args.metadata_file {
+            // `containerimage.digest` is the index's, as buildx writes it.
+            let index = BuildReport {
+                images: req.images.clone(),
+                digests: report.digests.clone(),
+                ..Default::default()
+            };
+            let json = serde_json::to_vec_pretty(&crate::outputs::metadata(&index))?;
+            crate::outputs::write_atomic(path, &json)?;
+        }
         if crate::commands::printer::quiet() {
             if !args.json {
                 for image in report.digests.keys() {
@@ -235,6 +245,10 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         return Ok(());
     }
     let one_platform = wanted.as_ref().and_then(|l| l.first());
+    let mut req = req;
+    if let Some(p) = one_platform {
+        req.platform = Some(p.to_string());
+    }
     let (result, report) = with_retries(
         &target,
         &req,

@@ -739,6 +739,7 @@ fn a_pool_builds_each_platform_natively_and_pushes_an_index() {
         ),
     ];
     let repo = format!("{}/multi/app", reg.addr);
+    let meta = dir.path().join("metadata.json");
     let out = client.build_to(
         &config,
         "farm",
@@ -752,6 +753,8 @@ fn a_pool_builds_each_platform_natively_and_pushes_an_index() {
             "--tag",
             "latest",
             "--json",
+            "--metadata-file",
+            meta.to_str().unwrap(),
         ],
         &env,
     );
@@ -834,6 +837,12 @@ fn a_pool_builds_each_platform_natively_and_pushes_an_index() {
             "{report}"
         );
     }
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    assert_eq!(
+        meta["containerimage.digest"].as_str(),
+        Some(sha256(&body).as_str()),
+        "{meta}"
+    );
     let mut built: Vec<(String, String)> = report["platforms"]
         .as_array()
         .unwrap()
