@@ -165,6 +165,20 @@ fn is_loopback(registry: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// Credentials go to a token service only over HTTPS, or on loopback.
+fn realm_may_get_credentials(realm: &str) -> bool {
+    match url::Url::parse(realm) {
+        Ok(u) if u.scheme() == "https" => true,
+        Ok(u) if u.scheme() == "http" => u.host_str().is_some_and(|h| {
+            let h = h.trim_start_matches('[').trim_end_matches(']');
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }),
+        _ => false,
+    }
+}
+
 /// A manifest as the registry stores it.
 #[derive(Debug, Clone)]
 pub struct Manifest {
@@ -374,14 +388,19 @@ impl Client {
                     query.push(("service", s.clone()));
                 }
                 query.push(("scope", format!("repository:{}:pull,push", self.repo.name)));
-                let mut r = self.http.get(realm).query(&query);
-                if let Some(b) = &basic {
-                    r = r.header(reqwest::header::AUTHORIZATION, b);
-                }
                 let token_err = |why: String| RegistryApiError::Token {
                     realm: realm.clone(),
                     why,
                 };
+                if !realm_may_get_credentials(realm) {
+                    return Err(token_err(
+                        "it is not an https:// URL (nor on loopback), so the credentials are not sent to it".into(),
+                    ));
+                }
+                let mut r = self.http.get(realm).query(&query);
+                if let Some(b) = &basic {
+                    r = r.header(reqwest::header::AUTHORIZATION, b);
+                }
                 let resp = r
                     .send()
                     .await
@@ -521,6 +540,21 @@ mod tests {
         assert_eq!(c.params["service"], "ghcr.io");
         assert_eq!(c.params["error"], "insufficient_scope");
         assert!(parse_challenge("").is_none());
+    }
+
+    #[test]
+    fn credentials_go_only_to_https_or_loopback_token_services() {
+        for (realm, ok) in [
+            ("https://auth.docker.io/token", true),
+            ("http://127.0.0.1:4000/token", true),
+            ("http://localhost/token", true),
+            ("http://[::1]:80/token", true),
+            ("http://auth.example.com/token", false),
+            ("ftp://auth.example.com/token", false),
+            ("not a url", false),
+        ] {
+            assert_eq!(realm_may_get_credentials(realm), ok, "{realm}");
+        }
     }
 
     #[test]
