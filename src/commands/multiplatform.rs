@@ -80,7 +80,8 @@ pub fn parse(given: &str) -> Result<Vec<Platform>, PlatformError> {
 }
 
 /// Fills in the platform of members that do not declare one, from their
-/// docker; members that cannot be reached now stay unknown.
+/// docker; members that cannot be reached now, and VMs that are not
+/// running, stay unknown (nothing is started to ask).
 pub async fn probe_members(
     members: &mut [Member],
     state: &StateFile,
@@ -90,6 +91,28 @@ pub async fn probe_members(
     let found = futures_util::future::join_all(members.iter().map(|m| async move {
         if m.platform.is_some() {
             return None;
+        }
+        // Only a running VM is asked: starting one to learn its platform
+        // would start something before the build is known to be possible.
+        if let Some(cloud) = &m.cloud {
+            match cloud.describe().await {
+                Ok(info) if info.status == crate::cloud::Status::Running => {}
+                Ok(info) => {
+                    reporter.info(&format!(
+                        "builder `{}` is {}, so its platform is unknown (declare it with `platform:`)",
+                        m.builder.name, info.raw_status
+                    ));
+                    return None;
+                }
+                Err(e) => {
+                    reporter.info(&format!(
+                        "cannot ask builder `{}` for its platform: {} (declare it with `platform:`)",
+                        m.builder.name,
+                        crate::exit::one_line(&anyhow::Error::new(e))
+                    ));
+                    return None;
+                }
+            }
         }
         let ready = match crate::lifecycle::bring_up(
             &m.builder,
