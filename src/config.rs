@@ -221,6 +221,9 @@ pub struct Builder {
     pub allowed_ssh_cidr: Vec<String>,
     pub idle_shutdown_minutes: Option<u64>,
     pub hourly_cost: Option<f64>,
+    /// The platform its docker builds natively (`platform:`); `None`: asked
+    /// from the builder's docker when a build needs to know.
+    pub platform: Option<crate::platform::Platform>,
     // Azure identity: the VM `vm_name` in `resource_group` of `subscription_id`,
     // with tokens from `authority_host` (Microsoft Entra ID).
     pub subscription_id: Option<String>,
@@ -307,6 +310,7 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("allowed_ssh_cidr", Kind::StrList),
     ("idle_shutdown_minutes", Kind::Int),
     ("hourly_cost", Kind::Float),
+    ("platform", Kind::Str),
     ("subscription_id", Kind::Str),
     ("resource_group", Kind::Str),
     ("vm_name", Kind::Str),
@@ -1093,6 +1097,12 @@ impl ConfigFile {
             allowed_ssh_cidr: r.list("allowed_ssh_cidr")?,
             idle_shutdown_minutes: r.int("idle_shutdown_minutes")?,
             hourly_cost: r.float("hourly_cost")?,
+            platform: match r.string("platform")? {
+                Some(p) => Some(
+                    crate::platform::Platform::parse(&p).map_err(|m| r.invalid("platform", m))?,
+                ),
+                None => None,
+            },
             subscription_id: r.string("subscription_id")?,
             resource_group: r.string("resource_group")?,
             vm_name: r.string("vm_name")?,
@@ -1393,6 +1403,21 @@ mod tests {
 
     fn parse(text: &str) -> Result<ConfigFile, ConfigError> {
         ConfigFile::parse(Path::new("/etc/absconda-remote.yaml"), text)
+    }
+
+    #[test]
+    fn a_builder_declares_its_platform() {
+        let f = parse(
+            "builders:\n  a: {host: a, platform: linux/aarch64}\n  b: {host: b, platform: linux/arm/v7}\n  c: {host: c}\n",
+        )
+        .unwrap();
+        let p = |n: &str| f.builder(n).unwrap().platform.map(|p| p.to_string());
+        assert_eq!(p("a").as_deref(), Some("linux/arm64"));
+        assert_eq!(p("b").as_deref(), Some("linux/arm/v7"));
+        assert_eq!(p("c"), None);
+        let bad = parse("builders:\n  a: {host: a, platform: arm64}\n").unwrap();
+        let e = bad.builder("a").unwrap_err().to_string();
+        assert!(e.contains("platform") && e.contains("os/arch"), "{e}");
     }
 
     #[test]

@@ -49,6 +49,17 @@ pub const INTERRUPTED: u8 = 130;
 /// The exit code for an error, from the most specific cause in its chain.
 pub fn code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<crate::commands::multiplatform::PlatformError>()
+            && e.is_usage()
+        {
+            return USAGE;
+        }
+        if cause
+            .downcast_ref::<crate::registry_api::RegistryApiError>()
+            .is_some()
+        {
+            return PUSH_FAILED;
+        }
         if let Some(e) = cause.downcast_ref::<ProvisionError>() {
             return match e {
                 ProvisionError::AlreadyProvisioned { .. }
@@ -211,6 +222,20 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
         }
     }
     for cause in err.chain() {
+        if let Some(h) = cause
+            .downcast_ref::<crate::commands::multiplatform::PlatformError>()
+            .and_then(|e| e.hint())
+        {
+            return Some(h);
+        }
+        if let Some(crate::registry_api::RegistryApiError::Status {
+            status: 401 | 403, ..
+        }) = cause.downcast_ref::<crate::registry_api::RegistryApiError>()
+        {
+            return Some(
+                "the image index is written from this machine, with this machine's credentials for the registry: set ABSCONDA_REGISTRY_USER and ABSCONDA_REGISTRY_PASSWORD (or `docker login` here, without a credential helper)".into(),
+            );
+        }
         if let Some(e) = cause.downcast_ref::<crate::lifecycle::CloudHostKeyMismatch>() {
             return Some(format!(
                 "do not connect until you know why: compare the keys in the VM's serial console with {}; if the VM was re-created and the cloud's record is stale, pin the right key with `host_key:`",

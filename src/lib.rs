@@ -21,8 +21,12 @@
 //! - `build`: the build pipeline, orchestration only; `cache`: `--cache-from/-to`
 //! - `named_contexts`: `--build-context`, each folder synced like the main context
 //! - `outputs`: files a build writes here (`--iidfile`, `--metadata-file`)
-//! - `pool`: several builders behind one name: choice, queue, failover
-//! - `registry`: registry credentials from the user's side
+//! - `pool`: several builders behind one name: choice, queue, failover;
+//!   `platform`: `os/arch[/variant]`, what a builder builds natively
+//! - `registry`: registry credentials from the user's side; `registry_api`:
+//!   the registry HTTP API v2 from the client (manifests, the multi-platform
+//!   index, Basic and Bearer auth); `commands/multiplatform`: one build per
+//!   platform on a pool, then the index
 //! - `cloud/`: the VMs builders run on (GCE, EC2, Azure), OS Login and EC2
 //!   Instance Connect
 //! - `access`: how the user's key comes to be trusted by a cloud builder
@@ -57,9 +61,11 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod named_contexts;
 pub mod outputs;
+pub mod platform;
 pub mod pool;
 pub mod provisioned;
 pub mod registry;
+pub mod registry_api;
 pub mod remote;
 pub mod report;
 pub mod secrets;

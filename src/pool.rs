@@ -32,6 +32,7 @@ use crate::build::{self, BuildError, BuildRequest, Lease};
 use crate::cloud::Status;
 use crate::config::{Builder, Pool, Prefer};
 use crate::lifecycle::{self, Cloud, Ready};
+use crate::platform::Platform;
 use crate::report::{Reporter, Silent};
 use crate::state::StateFile;
 
@@ -39,6 +40,9 @@ use crate::state::StateFile;
 pub struct Member {
     pub builder: Builder,
     pub cloud: Option<Cloud>,
+    /// Its platform: declared (`platform:`) or asked from its docker;
+    /// `None` when neither is known.
+    pub platform: Option<Platform>,
 }
 
 /// The member a build got, connected and with its lease held.
@@ -69,12 +73,14 @@ enum Power {
 }
 
 /// Picks a member, connects and takes its lease (see the module docs).
-/// `skip` names members not to use (they failed this build before).
+/// `skip` names members not to use (they failed this build before);
+/// with `platform`, only members of that platform are used.
 #[allow(clippy::too_many_arguments)]
 pub async fn choose(
     pool: &Pool,
     members: &[Member],
     req: &BuildRequest,
+    platform: Option<&Platform>,
     skip: &[String],
     state: &StateFile,
     remote_off: bool,
@@ -88,7 +94,7 @@ pub async fn choose(
 
     // 1. Every member's power state, at once.
     let powers = futures_util::future::join_all(members.iter().map(|m| async move {
-        if skip.contains(&m.builder.name) {
+        if skip.contains(&m.builder.name) || !serves(m, platform) {
             return (Power::Unusable, None);
         }
         let Some(cloud) = &m.cloud else {
@@ -322,6 +328,14 @@ pub async fn choose(
         lease,
         queued,
     })
+}
+
+/// Whether a member builds `platform` natively (any member, without one).
+pub fn serves(m: &Member, platform: Option<&Platform>) -> bool {
+    match platform {
+        None => true,
+        Some(want) => m.platform.as_ref().is_some_and(|p| p.serves(want)),
+    }
 }
 
 /// The members in the order the pool prefers them.

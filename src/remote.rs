@@ -381,6 +381,9 @@ if v=$("$docker" version --format '{{.Server.Version}}' 2>&1); then
 else
   printf 'server_error=%s\n' "$(printf '%s' "$v" | tr '\n' ' ')"
 fi
+if p=$("$docker" version --format '{{.Server.Os}}/{{.Server.Arch}}' 2>/dev/null); then
+  printf 'platform=%s\n' "$(printf '%s' "$p" | tr -cd 'a-z0-9_/' | cut -c1-64)"
+fi
 if "$docker" buildx version >/dev/null 2>&1; then echo buildx=1; else echo buildx=0; fi
 if DOCKER_BUILDKIT=1 "$docker" build --help >/dev/null 2>&1; then echo buildkit_env=1; else echo buildkit_env=0; fi
 bh=$("$docker" build --help 2>/dev/null)
@@ -528,6 +531,8 @@ pub struct ProbeReport {
     /// and who.
     pub queue: Vec<(Option<i64>, String)>,
     pub user: Option<String>,
+    /// The docker server's `os/arch`.
+    pub platform: Option<String>,
 }
 
 impl ProbeReport {
@@ -555,6 +560,7 @@ impl ProbeReport {
                     r.queue.push((since.parse().ok(), who.to_string()));
                 }
                 "user" => r.user = Some(v),
+                "platform" if !v.is_empty() => r.platform = Some(v),
                 _ => {}
             }
         }
@@ -582,9 +588,10 @@ mod tests {
     #[test]
     fn probe_parsing() {
         let r = ProbeReport::parse(
-            "server=20.10.24\nbuildx=0\nbuildkit_env=1\ndisk_total_kb=1000\ndisk_avail_kb=250\nlease_holder=ana@lap (pid 7) since 2026\nuser=root\n",
+            "server=20.10.24\nplatform=linux/arm64\nbuildx=0\nbuildkit_env=1\ndisk_total_kb=1000\ndisk_avail_kb=250\nlease_holder=ana@lap (pid 7) since 2026\nuser=root\n",
         );
         assert_eq!(r.docker_server.as_deref(), Some("20.10.24"));
+        assert_eq!(r.platform.as_deref(), Some("linux/arm64"));
         assert!(r.buildkit_available());
         assert_eq!(r.disk_used_pct(), Some(75.0));
         assert_eq!(

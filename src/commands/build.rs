@@ -9,10 +9,12 @@ use crate::build::{self, BuildReport, BuildRequest};
 use crate::cli::BuildArgs;
 use crate::cloud::Status;
 use crate::commands::generate;
+use crate::commands::multiplatform;
 use crate::commands::printer::Printer;
 use crate::config::{self, Builder};
 use crate::dockerfile::{self, Source};
 use crate::lifecycle::{self, Cloud, LifecycleError};
+use crate::platform::Platform;
 use crate::pool;
 use crate::report::{Phase, Reporter};
 use crate::state::{BuildRecord, StateFile};
@@ -33,7 +35,12 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
             for m in &pool.members {
                 let builder = lifecycle::with_provisioned(&file.builder(m)?, &state);
                 let cloud = Cloud::for_builder(&builder)?;
-                members.push(pool::Member { builder, cloud });
+                let platform = builder.platform.clone();
+                members.push(pool::Member {
+                    builder,
+                    cloud,
+                    platform,
+                });
             }
             Target::Pool {
                 pool: pool.clone(),
@@ -162,25 +169,155 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
             .collect::<Result<_, _>>()?,
     };
 
+    // `--platform`: on a pool, the members of that platform; several
+    // platforms are built each on its own member, then joined in an index.
+    let mut target = target;
+    let mut wanted: Option<Vec<Platform>> = None;
+    if let Some(given) = &args.platform {
+        match &mut target {
+            Target::One { builder, .. } => {
+                if given.contains(',') {
+                    let list = multiplatform::parse(given)?;
+                    if list.len() > 1 {
+                        return Err(multiplatform::PlatformError::OneBuilder {
+                            builder: builder.name.clone(),
+                            count: list.len(),
+                        }
+                        .into());
+                    }
+                }
+            }
+            Target::Pool { pool, members } => {
+                let list = multiplatform::parse(given)?;
+                if list.len() > 1 {
+                    if !args.push {
+                        return Err(multiplatform::PlatformError::NeedsPush.into());
+                    }
+                    for (set, flag) in [
+                        (args.output.is_some(), "--output"),
+                        (args.iidfile.is_some(), "--iidfile"),
+                    ] {
+                        if set {
+                            return Err(multiplatform::PlatformError::OneImageFlag { flag }.into());
+                        }
+                    }
+                }
+                multiplatform::probe_members(members, &state, &printer, &cancel).await;
+                multiplatform::check_offered(pool, members, &list)?;
+                wanted = Some(list);
+            }
+        }
+    }
+    if let Some(list) = wanted.as_ref().filter(|l| l.len() > 1) {
+        let report =
+            multiplatform::run(&target, list, &req, &args, &state, &printer, &cancel).await?;
+        if let Some(path) = &args.metadata_file {
+            // `containerimage.digest` is the index's, as buildx writes it.
+            let index = BuildReport {
+                images: req.images.clone(),
+                digests: report.digests.clone(),
+                ..Default::default()
+            };
+            let json = serde_json::to_vec_pretty(&crate::outputs::metadata(&index))?;
+            crate::outputs::write_atomic(path, &json)?;
+        }
+        if crate::commands::printer::quiet() {
+            if !args.json {
+                for image in report.digests.keys() {
+                    println!("{image}");
+                }
+            }
+        } else {
+            eprintln!(
+                "absconda: built and pushed the index {}",
+                report
+                    .digests
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            eprintln!("absconda: {}", report.summary());
+        }
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        return Ok(());
+    }
+    let one_platform = wanted.as_ref().and_then(|l| l.first());
+    let mut req = req;
+    if let Some(p) = one_platform {
+        req.platform = Some(p.to_string());
+    }
+    let (result, report) = with_retries(
+        &target,
+        &req,
+        one_platform,
+        &args,
+        &state,
+        &printer,
+        &cancel,
+    )
+    .await;
+    if result.is_err() {
+        printer.show_kept_output();
+    }
+    result.with_context(|| format!("build on builder `{}` failed", report.builder))?;
+    if let (Some(path), Some(id)) = (&args.iidfile, &report.image_id) {
+        crate::outputs::write_atomic(path, id.as_bytes())?;
+    }
+    if let Some(path) = &args.metadata_file {
+        let json = serde_json::to_vec_pretty(&crate::outputs::metadata(&report))?;
+        crate::outputs::write_atomic(path, &json)?;
+    }
+
+    if crate::commands::printer::quiet() {
+        if !args.json {
+            for image in &report.images {
+                println!("{image}");
+            }
+        }
+    } else {
+        eprintln!("absconda: built {}", report.images.join(", "));
+        eprintln!("absconda: {}", report.summary());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+/// Builds with `--retries`, a retry going to another pool member, and
+/// records the build in the state file.
+pub(super) async fn with_retries(
+    target: &Target,
+    req: &BuildRequest,
+    platform: Option<&Platform>,
+    args: &BuildArgs,
+    state: &StateFile,
+    printer: &dyn Reporter,
+    cancel: &CancellationToken,
+) -> (anyhow::Result<()>, BuildReport) {
     let started = Instant::now();
     let started_at = chrono::Utc::now();
     let mut attempt = 0;
     // Pool members a failed attempt ran on: a retry goes to another one.
     let mut failed_on: Vec<String> = Vec::new();
     let (result, report) = loop {
-        let recorder = Recorder::new(&printer);
+        let recorder = Recorder::new(printer);
         let mut report = BuildReport {
-            builder: name.clone(),
+            builder: target.name().to_string(),
             images: req.images.clone(),
             ..Default::default()
         };
         let result = attempt_build(
-            &target,
-            &req,
-            &args,
-            &state,
+            target,
+            req,
+            platform,
+            args,
+            state,
             &recorder,
-            &cancel,
+            cancel,
             &mut report,
             attempt > 0,
             &failed_on,
@@ -193,7 +330,7 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
         match &result {
             Err(e) if attempt < args.retries && is_transient(e) => {
                 attempt += 1;
-                let cloud = match &target {
+                let cloud = match target {
                     Target::One { cloud, .. } => cloud.as_ref(),
                     Target::Pool { .. } => {
                         failed_on.push(report.builder.clone());
@@ -254,32 +391,7 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
             tracing::warn!("could not record the build in the state file: {e}");
         }
     }
-    if result.is_err() {
-        printer.show_kept_output();
-    }
-    result.with_context(|| format!("build on builder `{}` failed", report.builder))?;
-    if let (Some(path), Some(id)) = (&args.iidfile, &report.image_id) {
-        crate::outputs::write_atomic(path, id.as_bytes())?;
-    }
-    if let Some(path) = &args.metadata_file {
-        let json = serde_json::to_vec_pretty(&crate::outputs::metadata(&report))?;
-        crate::outputs::write_atomic(path, &json)?;
-    }
-
-    if crate::commands::printer::quiet() {
-        if !args.json {
-            for image in &report.images {
-                println!("{image}");
-            }
-        }
-    } else {
-        eprintln!("absconda: built {}", report.images.join(", "));
-        eprintln!("absconda: {}", report.summary());
-    }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    }
-    Ok(())
+    (result, report)
 }
 
 fn is_transient(e: &anyhow::Error) -> bool {
@@ -311,7 +423,7 @@ fn is_transient(e: &anyhow::Error) -> bool {
 /// What `--remote-builder` named: one builder, or a pool of them.
 // Made once per build: the size of the variants does not matter.
 #[allow(clippy::large_enum_variant)]
-enum Target {
+pub(super) enum Target {
     One {
         builder: Builder,
         cloud: Option<Cloud>,
@@ -322,12 +434,22 @@ enum Target {
     },
 }
 
+impl Target {
+    fn name(&self) -> &str {
+        match self {
+            Target::One { builder, .. } => &builder.name,
+            Target::Pool { pool, .. } => &pool.name,
+        }
+    }
+}
+
 /// One attempt: bring the builder up (for a pool: choose one), build, and
 /// stop it if asked.
 #[allow(clippy::too_many_arguments)]
 async fn attempt_build(
     target: &Target,
     req: &BuildRequest,
+    platform: Option<&Platform>,
     args: &BuildArgs,
     state: &StateFile,
     reporter: &dyn Reporter,
@@ -350,6 +472,7 @@ async fn attempt_build(
                 pool,
                 members,
                 req,
+                platform,
                 failed_on,
                 state,
                 args.remote_off,
@@ -358,10 +481,13 @@ async fn attempt_build(
             )
             .await?;
             let m = &members[chosen.index];
-            reporter.info(&format!(
-                "pool `{}`: building on `{}`",
-                pool.name, m.builder.name
-            ));
+            reporter.info(&match platform {
+                Some(p) => format!(
+                    "pool `{}`: {p}: building on `{}`",
+                    pool.name, m.builder.name
+                ),
+                None => format!("pool `{}`: building on `{}`", pool.name, m.builder.name),
+            });
             report.pool = Some(pool.name.clone());
             report.queue_seconds = Some(chosen.queued.as_secs_f64());
             (

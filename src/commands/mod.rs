@@ -7,6 +7,7 @@ pub mod health;
 pub mod human;
 pub mod init;
 pub mod metrics;
+pub mod multiplatform;
 pub mod printer;
 pub mod provision;
 pub mod remote;

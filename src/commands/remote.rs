@@ -30,6 +30,8 @@ pub struct Status {
     pub error: Option<String>,
     pub host_key: Option<String>,
     pub docker_server: Option<String>,
+    /// What it builds natively: `platform:`, else its docker's `os/arch`.
+    pub platform: Option<String>,
     pub buildkit: Option<bool>,
     pub disk_avail_bytes: Option<u64>,
     pub disk_used_percent: Option<f64>,
@@ -69,6 +71,7 @@ fn base_status(b: &Builder, state: &StateFile) -> Status {
         address: b.host.clone().map(|h| format!("{h}:{}", b.port)),
         last_used: saved.last_used.map(|t| t.to_rfc3339()),
         builds_count: saved.builds_count,
+        platform: b.platform.as_ref().map(|p| p.to_string()),
         ..Default::default()
     }
 }
@@ -191,6 +194,9 @@ async fn probe_into(
         .collect();
     st.error = p.docker_error.clone();
     st.docker_server = p.docker_server;
+    if st.platform.is_none() {
+        st.platform = p.platform;
+    }
     Ok(())
 }
 
@@ -285,6 +291,7 @@ pub async fn status(args: NameArgs) -> anyhow::Result<()> {
             println!("access:     {access}");
         }
         println!("docker:     {}", st.docker_server.as_deref().unwrap_or("-"));
+        println!("platform:   {}", st.platform.as_deref().unwrap_or("-"));
         println!(
             "buildkit:   {}",
             st.buildkit
@@ -393,6 +400,7 @@ async fn pool_status(
             vec![
                 r.name.clone(),
                 r.status.clone(),
+                r.platform.clone().unwrap_or_else(|| "-".into()),
                 match (&r.lease_holder, r.reachable) {
                     (Some(h), _) => format!("{h} (since {})", ago(&r.lease_since)),
                     (None, true) => "free".into(),
@@ -404,7 +412,11 @@ async fn pool_status(
         .collect();
     print!(
         "{}",
-        human::table(&["BUILDER", "STATUS", "HELD BY", "WAITING"], &table, &[3])
+        human::table(
+            &["BUILDER", "STATUS", "PLATFORM", "HELD BY", "WAITING"],
+            &table,
+            &[4]
+        )
     );
     for r in &rows {
         if let Some(e) = &r.error {

@@ -79,6 +79,17 @@ impl Client {
         extra: &[&str],
         env: &[(String, String)],
     ) -> Output {
+        self.build_to(config, builder, "local/pool-test", extra, env)
+    }
+
+    fn build_to(
+        &self,
+        config: &Path,
+        builder: &str,
+        repository: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Output {
         let mut c = Command::new(BIN);
         c.env_clear()
             .env("PATH", "/usr/bin:/bin")
@@ -87,7 +98,7 @@ impl Client {
             .env("ABSCONDA_REMOTE_CONFIG", config)
             .args(["build", "--remote-builder", builder, "--context"])
             .arg(&self.context)
-            .args(["--repository", "local/pool-test"])
+            .args(["--repository", repository])
             .args(extra);
         for (k, v) in env {
             c.env(k, v);
@@ -684,4 +695,342 @@ fn a_build_lost_on_one_member_is_retried_on_another() {
         .collect();
     assert_eq!(on, ["b1", "b2"], "{err}");
     assert!(err.contains("attempt 1 failed"), "{err}");
+}
+
+const INDEX_TYPES: &str = "application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.index.v1+json";
+const MANIFEST_TYPES: &str = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json";
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{:x}", sha2::Sha256::digest(bytes))
+}
+
+/// An amd64 and an arm64 builder (declared) in one pool.
+fn two_platform_pool(dir: &Path) -> (Member, Member, PathBuf) {
+    let amd = Member::start("amd", dir);
+    let arm = Member::start("arm", dir);
+    let config = dir.join("absconda-remote.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "builders:\n{}{}pools:\n  farm:\n    builders: [amd, arm]\n",
+            amd.yaml("    platform: linux/amd64\n"),
+            arm.yaml("    platform: linux/arm64\n"),
+        ),
+    )
+    .unwrap();
+    (amd, arm, config)
+}
+
+#[test]
+fn a_pool_builds_each_platform_natively_and_pushes_an_index() {
+    if !services() {
+        return;
+    }
+    let reg = crate::support::docker::registry();
+    let dir = tempdir();
+    let (amd, arm, config) = two_platform_pool(dir.path());
+    let client = Client::new(dir.path(), "multi", "FROM scratch\nCOPY who.txt /\n");
+    let env = vec![
+        ("ABSCONDA_REGISTRY_USER".to_string(), reg.user.to_string()),
+        (
+            "ABSCONDA_REGISTRY_PASSWORD".to_string(),
+            reg.password.to_string(),
+        ),
+    ];
+    let repo = format!("{}/multi/app", reg.addr);
+    let meta = dir.path().join("metadata.json");
+    let out = client.build_to(
+        &config,
+        "farm",
+        &repo,
+        &[
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "--push",
+            "--tag",
+            "v1",
+            "--tag",
+            "latest",
+            "--json",
+            "--metadata-file",
+            meta.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Each platform on the builder of that platform, each in its workspace.
+    for (platform, builder) in [("linux/amd64", "amd"), ("linux/arm64", "arm")] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&format!("{platform}: building on `{builder}`"))),
+            "{platform} on `{builder}`:\n{err}"
+        );
+    }
+    for m in [&amd, &arm] {
+        assert!(m.workspace.is_dir(), "`{}` was used", m.name);
+    }
+
+    // Through the registry's API: both tags are one index over both platforms.
+    let index = |tag: &str| {
+        let (code, body) = reg.api(&format!("/v2/multi/app/manifests/{tag}"), INDEX_TYPES);
+        assert_eq!(code, 200, "{tag}: {}", String::from_utf8_lossy(&body));
+        body
+    };
+    let body = index("v1");
+    assert_eq!(
+        sha256(&index("latest")),
+        sha256(&body),
+        "every tag names the index"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v["mediaType"], "application/vnd.docker.distribution.manifest.list.v2+json",
+        "docker pushed Docker manifests, so the index is a manifest list: {v}"
+    );
+    let entries = v["manifests"].as_array().unwrap();
+    let mut archs: Vec<&str> = entries
+        .iter()
+        .map(|e| e["platform"]["architecture"].as_str().unwrap())
+        .collect();
+    archs.sort();
+    assert_eq!(archs, ["amd64", "arm64"], "{v}");
+    for e in entries {
+        let arch = e["platform"]["architecture"].as_str().unwrap();
+        assert_eq!(e["platform"]["os"], "linux");
+        // The entry is the per-platform manifest, byte for byte.
+        let (code, manifest) = reg.api(
+            &format!("/v2/multi/app/manifests/v1-linux-{arch}"),
+            MANIFEST_TYPES,
+        );
+        assert_eq!(code, 200);
+        assert_eq!(e["digest"].as_str().unwrap(), sha256(&manifest), "{arch}");
+        assert_eq!(e["size"].as_u64().unwrap(), manifest.len() as u64);
+        let (code, by_digest) = reg.api(
+            &format!("/v2/multi/app/manifests/{}", e["digest"].as_str().unwrap()),
+            MANIFEST_TYPES,
+        );
+        assert_eq!((code, &by_digest), (200, &manifest));
+        let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        assert_eq!(m["mediaType"], e["mediaType"]);
+        // The image's config says the architecture it was built for.
+        let (code, cfg) = reg.api(
+            &format!(
+                "/v2/multi/app/blobs/{}",
+                m["config"]["digest"].as_str().unwrap()
+            ),
+            "*/*",
+        );
+        assert_eq!(code, 200);
+        let cfg: serde_json::Value = serde_json::from_slice(&cfg).unwrap();
+        assert_eq!(cfg["architecture"], arch, "{cfg}");
+        assert_eq!(cfg["os"], "linux");
+    }
+    // The summary and `--json` name the index digest per tag.
+    assert!(err.contains(&format!("index {}", sha256(&body))), "{err}");
+    for tag in ["v1", "latest"] {
+        assert_eq!(
+            report["digests"][format!("{repo}:{tag}")].as_str(),
+            Some(sha256(&body).as_str()),
+            "{report}"
+        );
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    assert_eq!(
+        meta["containerimage.digest"].as_str(),
+        Some(sha256(&body).as_str()),
+        "{meta}"
+    );
+    let mut built: Vec<(String, String)> = report["platforms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["platform"].as_str().unwrap().to_string(),
+                p["builder"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    built.sort();
+    assert_eq!(
+        built,
+        [
+            ("linux/amd64".to_string(), "amd".to_string()),
+            ("linux/arm64".to_string(), "arm".to_string())
+        ]
+    );
+}
+
+#[test]
+fn a_platform_no_builder_offers_is_refused_before_anything_starts() {
+    if !services() {
+        return;
+    }
+    let dir = tempdir();
+    let (amd, arm, config) = two_platform_pool(dir.path());
+    let client = Client::new(dir.path(), "nope", "FROM scratch\nCOPY who.txt /\n");
+    let out = client.build(
+        &config,
+        "farm",
+        &["--platform", "linux/amd64,linux/s390x", "--push"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no builder of pool `farm` offers `linux/s390x`")
+            && err.contains("`linux/amd64` (`amd`), `linux/arm64` (`arm`)"),
+        "{err}"
+    );
+    assert!(err.contains("hint:"), "{err}");
+    // Nothing started on either builder.
+    for m in [&amd, &arm] {
+        assert!(!m.workspace.exists(), "`{}` was touched", m.name);
+    }
+
+    // A member without `platform:` is asked its docker's (this one's is amd64).
+    let probed = Member::start("probed", dir.path());
+    let config2 = dir.path().join("probed.yaml");
+    std::fs::write(
+        &config2,
+        format!(
+            "builders:\n{}{}pools:\n  mixed:\n    builders: [probed, arm]\n",
+            probed.yaml(""),
+            arm.yaml("    platform: linux/arm64\n"),
+        ),
+    )
+    .unwrap();
+    let out = client.build(
+        &config2,
+        "mixed",
+        &["--platform", "linux/s390x,linux/arm64", "--push"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "offers `linux/s390x`; the pool offers `linux/amd64` (`probed`), `linux/arm64` (`arm`)"
+        ),
+        "{err}"
+    );
+    assert!(!arm.workspace.exists());
+    // `remote status` shows each member's platform, declared or asked.
+    let status = Command::new(BIN)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", dir.path())
+        .env("ABSCONDA_REMOTE_CONFIG", &config2)
+        .args(["remote", "status", "mixed"])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", text(&status));
+    let shown = String::from_utf8_lossy(&status.stdout);
+    for (name, platform) in [("probed", "linux/amd64"), ("arm", "linux/arm64")] {
+        assert!(
+            shown
+                .lines()
+                .any(|l| l.starts_with(name) && l.contains(platform)),
+            "{shown}"
+        );
+    }
+
+    // One platform on a pool: built on the member of that platform.
+    let out = client.build(&config, "farm", &["--platform", "linux/arm64"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(built_on(&out), "arm");
+    assert!(arm.workspace.is_dir() && !amd.workspace.exists());
+
+    // Several platforms on one builder: use a pool.
+    let out = client.build(
+        &config,
+        "amd",
+        &["--platform", "linux/amd64,linux/arm64", "--push"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`amd` is one builder") && err.contains("name a pool"),
+        "{err}"
+    );
+}
+
+/// The same against a registry that takes only Bearer tokens from its token
+/// service: the builders' docker and absconda each get their own.
+#[test]
+fn the_index_goes_to_a_registry_that_wants_bearer_tokens() {
+    if !services() || !crate::support::require("openssl") {
+        return;
+    }
+    let dir = tempdir();
+    let reg = crate::support::token_registry::TokenRegistry::start(dir.path());
+    let (_amd, _arm, config) = two_platform_pool(dir.path());
+    let client = Client::new(dir.path(), "bearer", "FROM scratch\nCOPY who.txt /\n");
+    let env = vec![
+        ("ABSCONDA_REGISTRY_USER".to_string(), reg.user.to_string()),
+        (
+            "ABSCONDA_REGISTRY_PASSWORD".to_string(),
+            reg.password.to_string(),
+        ),
+    ];
+    let repo = format!("{}/bearer/app", reg.addr);
+    let out = client.build_to(
+        &config,
+        "farm",
+        &repo,
+        &[
+            "--platform",
+            "linux/arm64,linux/amd64",
+            "--push",
+            "-t",
+            "2.0",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let (code, body) = reg.api("bearer/app", "/v2/bearer/app/manifests/2.0", INDEX_TYPES);
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let entries = v["manifests"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{v}");
+    for e in entries {
+        let arch = e["platform"]["architecture"].as_str().unwrap();
+        let (code, manifest) = reg.api(
+            "bearer/app",
+            &format!("/v2/bearer/app/manifests/2.0-linux-{arch}"),
+            MANIFEST_TYPES,
+        );
+        assert_eq!(code, 200);
+        assert_eq!(e["digest"].as_str().unwrap(), sha256(&manifest));
+    }
+    // absconda (not docker) asked the token service with the credentials,
+    // the challenge's service and a scope for this repository.
+    let ours: Vec<_> = reg
+        .requests()
+        .into_iter()
+        .filter(|r| r.user_agent.starts_with("absconda/"))
+        .collect();
+    assert!(!ours.is_empty(), "absconda asked for no token");
+    for r in &ours {
+        assert_eq!(
+            r.basic,
+            Some((reg.user.to_string(), reg.password.to_string()))
+        );
+        assert!(
+            r.query
+                .iter()
+                .any(|(k, v)| k == "service" && v == crate::support::token_registry::SERVICE),
+            "{r:?}"
+        );
+        assert!(
+            r.query
+                .iter()
+                .any(|(k, v)| k == "scope" && v == "repository:bearer/app:pull,push"),
+            "{r:?}"
+        );
+    }
 }

@@ -294,6 +294,11 @@ impl Registry {
         (code, body)
     }
 
+    /// `GET` a path of the registry's HTTP API: status and body.
+    pub fn api(&self, path: &str, accept: &str) -> (u16, Vec<u8>) {
+        self.get(path, accept)
+    }
+
     /// Tags of `name` as the registry's HTTP API lists them.
     pub fn tags(&self, name: &str) -> Vec<String> {
         let (code, body) = self.get(&format!("/v2/{name}/tags/list"), "application/json");

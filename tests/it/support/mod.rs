@@ -22,6 +22,7 @@ pub mod moto;
 pub mod netns;
 pub mod oslogin_fake;
 pub mod sshd;
+pub mod token_registry;
 pub mod tunnel_proxy;
 pub mod ws_server;
 
