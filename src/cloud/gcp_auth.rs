@@ -21,10 +21,14 @@
 //! - an `impersonated_service_account` file whose source is a user login:
 //!   absconda's own requests too, the user's refresh token, then IAM
 //!   Credentials' `generateAccessToken` for the service account;
-//! - workload-identity-federation files, and impersonation from a service
-//!   account key: google-cloud-auth, whose client trusts the system's store
-//!   only (`SSL_CERT_FILE`); when that store is empty they fail with an
-//!   error saying so instead of a panic.
+//! - an `external_account` file (workload identity federation) whose
+//!   subject token is in a file or behind a URL: absconda's own STS token
+//!   exchange, then `generateAccessToken` when it names a service account to
+//!   impersonate; an `executable` source is refused (it would run a program);
+//! - AWS-sourced federation files, and impersonation from a service account
+//!   key: google-cloud-auth, whose client trusts the system's store only
+//!   (`SSL_CERT_FILE`); when that store is empty they fail with an error
+//!   saying so instead of a panic.
 //!
 //! Two more things are added around the crate. Its token cache keeps a
 //! transient failure (a 503 from the token endpoint) for ten seconds before
@@ -51,7 +55,7 @@ use serde_json::Value;
 use tokio::sync::OnceCell;
 
 use super::CloudError;
-use super::gcp_token::{Grant, TokenError, TokenSource};
+use super::gcp_token::{Grant, Subject, TokenError, TokenSource};
 
 /// The metadata server's host when nothing overrides it.
 pub const DEFAULT_METADATA_HOST: &str = "metadata.google.internal";
@@ -627,6 +631,25 @@ fn own_grant(source: &CredentialSource, config: Option<&Value>) -> Option<Result
                 })
             })())
         }
+        _ if tokens_grant_kind(source) == Some("external_account") => {
+            let config = config?;
+            sts_grant(config).map(|g| {
+                g.map(|sts| {
+                    match config
+                        .get("service_account_impersonation_url")
+                        .and_then(Value::as_str)
+                        .filter(|u| !u.is_empty())
+                    {
+                        Some(url) => Grant::Impersonate {
+                            url: url.to_string(),
+                            delegates: Vec::new(),
+                            source: Box::new(TokenSource::new(sts)),
+                        },
+                        None => sts,
+                    }
+                })
+            })
+        }
         _ if tokens_grant_kind(source) == Some("authorized_user") => {
             let config = config?;
             let field = |name: &str| {
@@ -648,6 +671,72 @@ fn own_grant(source: &CredentialSource, config: Option<&Value>) -> Option<Result
         }
         _ => None,
     }
+}
+
+/// The token exchange of an `external_account` file whose subject token
+/// comes from a file or a URL. `None` for the AWS source (left to
+/// google-cloud-auth); an error for an executable source, which would run a
+/// program.
+fn sts_grant(config: &Value) -> Option<Result<Grant, String>> {
+    let source = config.get("credential_source")?;
+    if source.get("environment_id").is_some() {
+        return None;
+    }
+    Some((|| {
+        let text = |v: &Value, name: &str| {
+            v.get(name)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
+        let json_field = match source.get("format") {
+            Some(f) if text(f, "type").as_deref() == Some("json") => {
+                Some(text(f, "subject_token_field_name").ok_or(
+                    "the `format` of `credential_source` has no `subject_token_field_name`",
+                )?)
+            }
+            _ => None,
+        };
+        let subject = if let Some(path) = text(source, "file") {
+            Subject::File {
+                path: path.into(),
+                json_field,
+            }
+        } else if let Some(url) = text(source, "url") {
+            let headers = source
+                .get("headers")
+                .and_then(Value::as_object)
+                .map(|h| {
+                    h.iter()
+                        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            Subject::Url {
+                url,
+                headers,
+                json_field,
+            }
+        } else if source.get("executable").is_some() {
+            return Err(
+                "its `credential_source` is an executable, and absconda runs no other \
+                        program: have the CI system write the token to a file (`file:`) or \
+                        serve it (`url:`)"
+                    .to_string(),
+            );
+        } else {
+            return Err("its `credential_source` has no `file` or `url`".to_string());
+        };
+        Ok(Grant::Sts {
+            token_url: text(config, "token_url")
+                .unwrap_or_else(|| "https://sts.googleapis.com/v1/token".to_string()),
+            audience: text(config, "audience").ok_or("the file has no `audience`")?,
+            subject_token_type: text(config, "subject_token_type")
+                .ok_or("the file has no `subject_token_type`")?,
+            user_project: text(config, "workforce_pool_user_project"),
+            subject,
+        })
+    })())
 }
 
 /// Reads a credentials file and returns its JSON, `type` and `client_email`.

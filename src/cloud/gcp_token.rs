@@ -4,7 +4,10 @@
 //! token from the metadata server of the VM absconda runs on, and a service
 //! account's token from IAM Credentials' `generateAccessToken` for an
 //! `impersonated_service_account` file whose source is a user login
-//! (`gcloud auth application-default login --impersonate-service-account`).
+//! (`gcloud auth application-default login --impersonate-service-account`),
+//! and the RFC 8693 token exchange at Google's STS of an `external_account`
+//! file (workload identity federation: a CI system's OIDC token read from a
+//! file or fetched from a URL), optionally followed by impersonation.
 //!
 //! google-cloud-auth can fetch both, but for every fetch it makes a client
 //! with `reqwest::Client::new()`: reqwest's platform verifier, which trusts
@@ -48,6 +51,16 @@ pub enum Grant {
     },
     /// `GET /computeMetadata/v1/instance/service-accounts/default/token`.
     Metadata { host: String },
+    /// RFC 8693 token exchange at `token_url` (Google's STS) of the subject
+    /// token `subject` yields.
+    Sts {
+        token_url: String,
+        audience: String,
+        subject_token_type: String,
+        /// `workforce_pool_user_project`, sent as STS `options`.
+        user_project: Option<String>,
+        subject: Subject,
+    },
     /// `POST …/serviceAccounts/EMAIL:generateAccessToken` (IAM Credentials),
     /// authorised by the token of `source`.
     Impersonate {
@@ -57,12 +70,31 @@ pub enum Grant {
     },
 }
 
+/// Where the subject token of a token exchange comes from (an
+/// `external_account` file's `credential_source`).
+#[derive(Debug)]
+pub enum Subject {
+    /// A file the CI system writes (read on every exchange).
+    File {
+        path: std::path::PathBuf,
+        /// With `format.type: json`: the field holding the token.
+        json_field: Option<String>,
+    },
+    /// A URL answering with the token (GitHub's and Azure's OIDC endpoints).
+    Url {
+        url: String,
+        headers: Vec<(String, String)>,
+        json_field: Option<String>,
+    },
+}
+
 impl fmt::Debug for Grant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Grant::RefreshToken { .. } => "Grant::RefreshToken",
             Grant::Metadata { .. } => "Grant::Metadata",
             Grant::Impersonate { .. } => "Grant::Impersonate",
+            Grant::Sts { .. } => "Grant::Sts",
         })
     }
 }
@@ -73,6 +105,7 @@ impl Grant {
         match self {
             Grant::RefreshToken { endpoint, .. } => endpoint.clone(),
             Grant::Impersonate { url, .. } => url.clone(),
+            Grant::Sts { token_url, .. } => token_url.clone(),
             Grant::Metadata { host } => {
                 format!("http://{host}/computeMetadata/v1/instance/service-accounts/default/token")
             }
@@ -216,6 +249,36 @@ impl TokenSource {
                 ("refresh_token", refresh_token.as_str()),
             ]),
             Grant::Metadata { .. } => client.get(parsed).header("Metadata-Flavor", "Google"),
+            Grant::Sts {
+                audience,
+                subject_token_type,
+                user_project,
+                subject,
+                ..
+            } => {
+                let subject_token = subject_token(&client, subject).await?;
+                let mut form = vec![
+                    (
+                        "grant_type",
+                        "urn:ietf:params:oauth:grant-type:token-exchange".to_string(),
+                    ),
+                    ("audience", audience.clone()),
+                    ("scope", CLOUD_PLATFORM.to_string()),
+                    (
+                        "requested_token_type",
+                        "urn:ietf:params:oauth:token-type:access_token".to_string(),
+                    ),
+                    ("subject_token", subject_token),
+                    ("subject_token_type", subject_token_type.clone()),
+                ];
+                if let Some(p) = user_project {
+                    form.push((
+                        "options",
+                        serde_json::json!({ "userProject": p }).to_string(),
+                    ));
+                }
+                client.post(parsed).form(&form)
+            }
             Grant::Impersonate {
                 delegates, source, ..
             } => {
@@ -347,6 +410,64 @@ impl TokenSource {
             renew_at: requested + lifetime - RENEW_BEFORE.min(lifetime / 2),
         })
     }
+}
+
+/// Reads or fetches the subject token of a token exchange. The token is a
+/// secret: errors name the file or URL, never its content.
+async fn subject_token(client: &reqwest::Client, subject: &Subject) -> Result<String, TokenError> {
+    let (text, json_field, from) = match subject {
+        Subject::File { path, json_field } => {
+            let text = tokio::fs::read_to_string(path).await.map_err(|e| {
+                TokenError::Refused(format!(
+                    "cannot read the subject token file `{}`: {e}",
+                    path.display()
+                ))
+            })?;
+            (text, json_field, format!("`{}`", path.display()))
+        }
+        Subject::Url {
+            url,
+            headers,
+            json_field,
+        } => {
+            let mut request = client.get(url);
+            for (k, v) in headers {
+                request = request.header(k, v);
+            }
+            let failed =
+                |why: String| TokenError::Refused(format!("the subject token URL `{url}` {why}"));
+            let response = request
+                .send()
+                .await
+                .map_err(|e| failed(format!("did not answer: {}", e.without_url())))?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(failed(format!("answered {status}")));
+            }
+            let text = response
+                .text()
+                .await
+                .map_err(|e| failed(format!("sent no text: {}", e.without_url())))?;
+            (text, json_field, format!("`{url}`"))
+        }
+    };
+    let token = match json_field {
+        Some(field) => serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get(field).and_then(|t| t.as_str()).map(str::to_string))
+            .ok_or_else(|| {
+                TokenError::Refused(format!(
+                    "the subject token from {from} is not JSON with a string `{field}`"
+                ))
+            })?,
+        None => text.trim().to_string(),
+    };
+    if token.is_empty() {
+        return Err(TokenError::Refused(format!(
+            "the subject token from {from} is empty"
+        )));
+    }
+    Ok(token)
 }
 
 #[cfg(test)]

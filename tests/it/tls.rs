@@ -371,23 +371,90 @@ fn impersonation_takes_the_same_roots() {
     assert_eq!(s.fake.count(Route::GenerateAccessToken), 1);
 }
 
-/// Workload identity federation files get their tokens through
-/// google-cloud-auth, whose client needs the system's store: without one,
-/// a clear error instead of its panic.
+/// Workload identity federation (a CI system's OIDC token in a file,
+/// exchanged at STS, then a service account impersonated): both requests
+/// are behind the TLS front and take `ca_file:`.
 #[test]
-fn credentials_left_to_google_cloud_auth_say_they_need_the_system_store() {
+fn workload_identity_federation_takes_the_same_roots() {
+    crate::require!("openssl");
     let s = setup();
-    let subject = s.dir.path().join("subject-token");
-    std::fs::write(&subject, "a-subject-token").unwrap();
+    let front = format!("https://127.0.0.1:{}", s.front.port);
+    let subject = s.dir.path().join("oidc-token.json");
+    std::fs::write(&subject, r#"{"value": "eyJ.ci-oidc.token"}"#).unwrap();
+    s.fake.federate("eyJ.ci-oidc.token");
+    let sa = s.fake.service_account().client_email;
     let file = s.dir.path().join("federation.json");
     std::fs::write(
         &file,
         serde_json::json!({
             "type": "external_account",
-            "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/gh",
+            "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/ci/providers/gh",
             "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-            "token_url": format!("{}/v1/token", s.fake.api_endpoint()),
-            "credential_source": { "file": subject.display().to_string() }
+            "token_url": format!("{front}/v1/token"),
+            "service_account_impersonation_url": format!(
+                "{front}/v1/projects/-/serviceAccounts/{sa}:generateAccessToken"
+            ),
+            "credential_source": {
+                "file": subject.display().to_string(),
+                "format": {"type": "json", "subject_token_field_name": "value"}
+            }
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let file = file.display().to_string();
+    let env = [("GOOGLE_APPLICATION_CREDENTIALS", file.as_str())];
+    let extra = format!("    ca_file: {}\n", s.ca.ca.display());
+    let out = s.status(&s.https(), &extra, &env);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(s.fake.count(Route::Sts), 1);
+    assert_eq!(s.fake.count(Route::GenerateAccessToken), 1);
+    let log = s.fake.requests();
+    let generated = log
+        .iter()
+        .find(|l| l.route == Route::GenerateAccessToken)
+        .unwrap();
+    assert!(
+        generated
+            .principal
+            .as_deref()
+            .is_some_and(|p| p.starts_with("principal://iam.googleapis.com/")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .filter(|l| l.route == Route::GetInstance)
+            .all(|l| l.principal.as_deref() == Some(&format!("serviceAccount:{sa}"))),
+        "{log:#?}"
+    );
+
+    // Without the CA: an unknown issuer at the STS, nothing exchanged.
+    let out = s.status(&s.https(), "", &env);
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("UnknownIssuer"));
+    assert_eq!(s.fake.count(Route::Sts), 1);
+}
+
+/// An impersonation file whose source is a service account key gets its
+/// token through google-cloud-auth, whose client needs the system's store:
+/// without one, a clear error instead of its panic.
+#[test]
+fn credentials_left_to_google_cloud_auth_say_they_need_the_system_store() {
+    let s = setup();
+    let key = s.fake.write_service_account_key(s.dir.path());
+    let source: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&key).unwrap()).unwrap();
+    let file = s.dir.path().join("impersonated.json");
+    std::fs::write(
+        &file,
+        serde_json::json!({
+            "type": "impersonated_service_account",
+            "service_account_impersonation_url": format!(
+                "{}/v1/projects/-/serviceAccounts/sa@p.iam.gserviceaccount.com:generateAccessToken",
+                s.fake.api_endpoint()
+            ),
+            "delegates": [],
+            "source_credentials": source
         })
         .to_string(),
     )
@@ -402,7 +469,7 @@ fn credentials_left_to_google_cloud_auth_say_they_need_the_system_store() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert!(
-        err.contains("`external_account` credentials") && err.contains("SSL_CERT_FILE"),
+        err.contains("`impersonated_service_account` credentials") && err.contains("SSL_CERT_FILE"),
         "{err}"
     );
 }

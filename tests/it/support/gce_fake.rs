@@ -173,6 +173,8 @@ pub enum Route {
     Token,
     /// IAM Credentials `serviceAccounts.generateAccessToken`.
     GenerateAccessToken,
+    /// Security Token Service `v1/token` (workload identity federation).
+    Sts,
     Metadata,
     Unknown,
 }
@@ -337,6 +339,8 @@ struct State {
     service_accounts: Vec<ServiceAccount>,
     users: Vec<AuthorizedUser>,
     tokens: HashMap<String, MintedToken>,
+    /// Subject tokens the STS accepts (an identity provider's OIDC tokens).
+    federated: Vec<String>,
     token_lifetime: Duration,
     deny_iam: bool,
     fail_next: Option<(String, String, u16)>,
@@ -471,6 +475,7 @@ impl GceFake {
                 service_accounts: vec![sa],
                 users: Vec::new(),
                 tokens: HashMap::new(),
+                federated: Vec::new(),
                 token_lifetime: Duration::from_secs(3599),
                 deny_iam: false,
                 fail_next: None,
@@ -797,6 +802,12 @@ impl GceFake {
             }),
         );
         user
+    }
+
+    /// Makes the STS accept `subject_token` (as an identity provider would
+    /// have issued it).
+    pub fn federate(&self, subject_token: &str) {
+        self.shared.lock().federated.push(subject_token.to_string());
     }
 
     /// An `impersonated_service_account` file at `path`, as `gcloud auth
@@ -1334,6 +1345,9 @@ fn route_of(which: Listener, req: &Request) -> Route {
     if req.path == "/token" || req.path == "/tokeninfo" {
         return Route::Token;
     }
+    if req.path == "/v1/token" {
+        return Route::Sts;
+    }
     if req.path.starts_with("/v1/projects/-/serviceAccounts/")
         && req.path.ends_with(":generateAccessToken")
     {
@@ -1500,6 +1514,7 @@ async fn dispatch(
         Listener::Metadata => metadata(shared, req),
         Listener::Api if req.path == "/tokeninfo" => tokeninfo(shared, req),
         Listener::Api if route == Route::Token => token_endpoint(shared, req),
+        Listener::Api if route == Route::Sts => sts_exchange(shared, req),
         Listener::Api if route == Route::GenerateAccessToken => {
             generate_access_token(shared, req, principal)
         }
@@ -2286,7 +2301,7 @@ fn generate_access_token(
         return invalid("delegates must be projects/-/serviceAccounts/EMAIL names.");
     }
     let mut st = shared.lock();
-    if !who.starts_with("user:") || st.deny_iam {
+    if !(who.starts_with("user:") || who.starts_with("principal:")) || st.deny_iam {
         return google_error(
             403,
             "Permission 'iam.serviceAccounts.getAccessToken' denied on resource (or it may not exist).",
@@ -2314,6 +2329,63 @@ fn generate_access_token(
         json!({
             "accessToken": token,
             "expireTime": expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }),
+    )
+}
+
+/// `POST /v1/token` of Google's Security Token Service: the RFC 8693 token
+/// exchange, form-encoded, as sts.googleapis.com documents it.
+fn sts_exchange(shared: &Arc<Shared>, req: &Request) -> Response {
+    if req.method != "POST" {
+        return html_page(405, &req.path);
+    }
+    let params: HashMap<String, String> = url::form_urlencoded::parse(&req.body)
+        .into_owned()
+        .collect();
+    let get = |k: &str| params.get(k).map(String::as_str).unwrap_or_default();
+    if get("grant_type") != "urn:ietf:params:oauth:grant-type:token-exchange" {
+        return oauth_error(400, "invalid_grant", "Invalid grant_type.");
+    }
+    if get("requested_token_type") != "urn:ietf:params:oauth:token-type:access_token" {
+        return oauth_error(400, "invalid_request", "Invalid requested_token_type.");
+    }
+    if !get("audience").starts_with("//iam.googleapis.com/") {
+        return oauth_error(
+            400,
+            "invalid_target",
+            "The target service indicated by the \"audience\" parameters is invalid.",
+        );
+    }
+    if !get("scope").split(' ').any(|s| s == CLOUD_PLATFORM) {
+        return oauth_error(
+            400,
+            "invalid_scope",
+            "the test wants the cloud-platform scope",
+        );
+    }
+    if !matches!(
+        get("subject_token_type"),
+        "urn:ietf:params:oauth:token-type:jwt" | "urn:ietf:params:oauth:token-type:id_token"
+    ) {
+        return oauth_error(400, "invalid_request", "Invalid subject_token_type.");
+    }
+    let mut st = shared.lock();
+    if !st.federated.iter().any(|t| t == get("subject_token")) {
+        return oauth_error(
+            400,
+            "invalid_grant",
+            "The given subject token is not valid.",
+        );
+    }
+    let lifetime = st.token_lifetime;
+    let token = mint(&mut st, format!("principal:{}", get("audience")), lifetime);
+    json_response(
+        200,
+        json!({
+            "access_token": token,
+            "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+            "token_type": "Bearer",
+            "expires_in": lifetime.as_secs(),
         }),
     )
 }
