@@ -406,6 +406,7 @@ fn remote_commands_report_and_retry_through_500s() {
 /// does nothing.
 #[test]
 fn self_stop_deallocates_through_arm_with_the_managed_identity() {
+    let _quiet = crate::support::no_long_leases();
     if !(crate::support::require(SSHD)
         && crate::support::require("dockerd")
         && crate::support::require("curl"))

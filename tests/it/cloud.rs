@@ -144,6 +144,7 @@ fn a_stopped_builder_without_auto_start_is_not_started() {
 
 #[test]
 fn self_stop_fires_after_stop_delay_and_a_new_build_cancels_it() {
+    let _quiet = crate::support::no_long_leases();
     if !ok() {
         return;
     }
@@ -185,6 +186,7 @@ fn self_stop_fires_after_stop_delay_and_a_new_build_cancels_it() {
 
 #[test]
 fn self_stop_does_nothing_on_another_instance_or_an_ssh_builder() {
+    let _quiet = crate::support::no_long_leases();
     if !ok() {
         return;
     }
@@ -356,6 +358,7 @@ fn processes_with(needle: &str) -> usize {
 /// instance it fires; where IMDS names another instance it does nothing.
 #[test]
 fn ec2_self_stop_checks_the_instance_id_over_imdsv2() {
+    let _quiet = crate::support::no_long_leases();
     if !(ok() && crate::support::require("curl")) {
         return;
     }
@@ -511,6 +514,7 @@ pub(crate) fn wait_for_self_stop(workspace: &std::path::Path) {
 
 #[test]
 fn self_stop_waits_while_another_workspace_on_the_machine_holds_its_lease() {
+    let _quiet = crate::support::no_long_leases();
     if !ok() {
         return;
     }

@@ -147,6 +147,7 @@ const SPAN_DOCKERFILE: &str = "FROM BASE\nARG NONCE\nRUN echo \"span $(cut -d' '
 
 #[test]
 fn concurrent_clients_share_a_pool_one_build_per_builder_at_a_time() {
+    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -281,6 +282,7 @@ fn concurrent_clients_share_a_pool_one_build_per_builder_at_a_time() {
 
 #[test]
 fn a_pool_sends_a_context_to_the_builder_that_holds_its_copy() {
+    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -345,6 +347,7 @@ fn a_pool_sends_a_context_to_the_builder_that_holds_its_copy() {
 
 #[test]
 fn a_pool_skips_an_unreachable_builder_and_a_vm_the_zone_cannot_start() {
+    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -426,6 +429,7 @@ fn tickets(ws: &Path) -> usize {
 
 #[test]
 fn builds_waiting_for_a_busy_builder_go_first_come_first_served() {
+    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -544,6 +548,7 @@ fn builds_waiting_for_a_busy_builder_go_first_come_first_served() {
 
 #[test]
 fn a_pool_moves_on_when_ec2_has_no_capacity_for_a_vm() {
+    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -631,6 +636,7 @@ fn a_pool_moves_on_when_ec2_has_no_capacity_for_a_vm() {
 
 #[test]
 fn a_build_lost_on_one_member_is_retried_on_another() {
+    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -724,6 +730,7 @@ fn two_platform_pool(dir: &Path) -> (Member, Member, PathBuf) {
 
 #[test]
 fn a_pool_builds_each_platform_natively_and_pushes_an_index() {
+    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -866,6 +873,7 @@ fn a_pool_builds_each_platform_natively_and_pushes_an_index() {
 
 #[test]
 fn a_platform_no_builder_offers_is_refused_before_anything_starts() {
+    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -963,6 +971,7 @@ fn a_platform_no_builder_offers_is_refused_before_anything_starts() {
 /// service: the builders' docker and absconda each get their own.
 #[test]
 fn the_index_goes_to_a_registry_that_wants_bearer_tokens() {
+    let _leases = crate::support::long_leases();
     if !services() || !crate::support::require("openssl") {
         return;
     }
