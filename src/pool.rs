@@ -118,8 +118,7 @@ pub async fn choose(
     .await;
     for (m, (_, why)) in members.iter().zip(&powers) {
         if let Some(why) = why {
-            skipped(reporter, pool, &m.builder.name, why);
-            reasons.push((m.builder.name.clone(), why.clone()));
+            skipped(reporter, pool, &mut reasons, &m.builder.name, why.clone());
         }
     }
     let order = preference(pool, members, req);
@@ -143,8 +142,7 @@ pub async fn choose(
             Err(e) if is_interrupted(&e) => return Err(e),
             Err(e) => {
                 let why = crate::exit::one_line(&e);
-                skipped(reporter, pool, &m.builder.name, &why);
-                reasons.push((m.builder.name.clone(), why));
+                skipped(reporter, pool, &mut reasons, &m.builder.name, why);
                 continue;
             }
         };
@@ -169,8 +167,7 @@ pub async fn choose(
             Err(BuildError::LeaseTimeout { .. }) => busy.push((i, ready)),
             Err(e) => {
                 let why = crate::exit::one_line(&anyhow::Error::new(e));
-                skipped(reporter, pool, &m.builder.name, &why);
-                reasons.push((m.builder.name.clone(), why));
+                skipped(reporter, pool, &mut reasons, &m.builder.name, why);
                 ready.session.close().await;
             }
         }
@@ -197,8 +194,7 @@ pub async fn choose(
                 }
                 Err(e) => {
                     let why = crate::exit::one_line(&e);
-                    skipped(reporter, pool, &m.builder.name, &why);
-                    reasons.push((m.builder.name.clone(), why));
+                    skipped(reporter, pool, &mut reasons, &m.builder.name, why);
                     continue;
                 }
             };
@@ -223,8 +219,7 @@ pub async fn choose(
                 }
                 Err(e) => {
                     let why = crate::exit::one_line(&anyhow::Error::new(e));
-                    skipped(reporter, pool, &m.builder.name, &why);
-                    reasons.push((m.builder.name.clone(), why));
+                    skipped(reporter, pool, &mut reasons, &m.builder.name, why);
                     ready.session.close().await;
                 }
             }
@@ -378,11 +373,20 @@ fn self_stop(m: &Member, ready: &Ready, remote_off: bool) -> Option<crate::remot
     }
 }
 
-fn skipped(reporter: &dyn Reporter, pool: &Pool, builder: &str, why: &str) {
+/// Says that `builder` is skipped and why, and keeps the reason for the
+/// error when no member can be used.
+fn skipped(
+    reporter: &dyn Reporter,
+    pool: &Pool,
+    reasons: &mut Vec<(String, String)>,
+    builder: &str,
+    why: String,
+) {
     reporter.info(&format!(
         "pool `{}`: skipping builder `{builder}`: {why}",
         pool.name
     ));
+    reasons.push((builder.to_string(), why));
 }
 
 fn is_interrupted(e: &anyhow::Error) -> bool {

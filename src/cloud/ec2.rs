@@ -322,13 +322,28 @@ impl Ec2 {
             Ec2Instance::Id(id) => ("InstanceId.1", id.as_str(), None),
             Ec2Instance::Name(name) => ("Filter.1.Name", "tag:Name", Some(name.as_str())),
         };
+        let mut params = vec![(key.to_string(), value.to_string())];
+        if let Some(name) = filter_value {
+            params.push(("Filter.1.Value.1".into(), name.to_string()));
+        }
+        let (found, _complete) = self.describe_pages(&params, MAX_PAGES).await?;
+        Ok(found)
+    }
+
+    /// DescribeInstances with `fixed` parameters, following `NextToken` for
+    /// at most `max_pages` pages; `false` when more pages were left.
+    async fn describe_pages(
+        &self,
+        fixed: &[(String, String)],
+        max_pages: usize,
+    ) -> Result<(Vec<Instance>, bool), CloudError> {
         let mut found = Vec::new();
         let mut token: Option<String> = None;
-        for _ in 0..MAX_PAGES {
-            let mut params = vec![(key, value)];
-            if let Some(name) = filter_value {
-                params.push(("Filter.1.Value.1", name));
-            }
+        for _ in 0..max_pages {
+            let mut params: Vec<(&str, &str)> = fixed
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
             if let Some(t) = token.as_deref() {
                 params.push(("NextToken", t));
             }
@@ -340,10 +355,10 @@ impl Ec2 {
             found.extend(page.instances);
             token = page.next_token;
             if token.is_none() {
-                break;
+                return Ok((found, true));
             }
         }
-        Ok(found)
+        Ok((found, false))
     }
 
     /// Every instance the credentials see in the region that is not
@@ -388,34 +403,17 @@ impl Ec2 {
                 }
             }
         }
-        let mut found = Vec::new();
-        let mut token: Option<String> = None;
-        for _ in 0..MAX_LIST_PAGES {
-            let mut params: Vec<(&str, &str)> = fixed
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            if let Some(t) = token.as_deref() {
-                params.push(("NextToken", t));
-            }
-            let xml = self.query("DescribeInstances", &params).await?;
-            let page = parse_describe(&xml).map_err(|message| CloudError::Protocol {
+        let (mut found, complete) = self.describe_pages(&fixed, MAX_LIST_PAGES).await?;
+        if !complete {
+            return Err(CloudError::Protocol {
                 url: redact_url(&self.endpoint),
-                message,
-            })?;
-            found.extend(page.instances);
-            token = page.next_token;
-            if token.is_none() {
-                found.sort_by(|a: &Instance, b: &Instance| {
-                    (&a.name, &a.instance_id).cmp(&(&b.name, &b.instance_id))
-                });
-                return Ok(found);
-            }
+                message: format!("more than {MAX_LIST_PAGES} pages of instances"),
+            });
         }
-        Err(CloudError::Protocol {
-            url: redact_url(&self.endpoint),
-            message: format!("more than {MAX_LIST_PAGES} pages of instances"),
-        })
+        found.sort_by(|a: &Instance, b: &Instance| {
+            (&a.name, &a.instance_id).cmp(&(&b.name, &b.instance_id))
+        });
+        Ok(found)
     }
 
     /// The one instance this builder means.

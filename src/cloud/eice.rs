@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncReadExt, DuplexStream};
 use url::Url;
 
 use super::CloudError;
@@ -211,18 +211,8 @@ pub async fn open(
 
 /// Moves bytes between the local pipe and the websocket until either ends.
 async fn pump(mut ws: WebSocket, remote: DuplexStream) {
-    let (mut rd, mut wr) = tokio::io::split(remote);
-    // As for IAP: the local side is written from its own task, so that
-    // the SSH session and the websocket never wait on each other.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-    let writer = tokio::spawn(async move {
-        while let Some(d) = rx.recv().await {
-            if wr.write_all(&d).await.is_err() {
-                break;
-            }
-        }
-        let _ = wr.shutdown().await;
-    });
+    let (mut rd, wr) = tokio::io::split(remote);
+    let (tx, writer) = super::websocket::local_writer(wr);
     let mut buf = vec![0u8; 32 << 10];
     loop {
         tokio::select! {

@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncReadExt, DuplexStream};
 use url::Url;
 
 use super::gcp_auth::GcpAuth;
@@ -555,19 +555,8 @@ impl Tunnel {
     /// Moves bytes between the local pipe and the websocket until the
     /// local side closes, reconnecting the websocket when it drops.
     async fn pump(mut self, mut ws: WebSocket, remote: DuplexStream) -> Result<(), IapError> {
-        let (mut rd, mut wr) = tokio::io::split(remote);
-        // Writes to the local side never hold up the websocket: the SSH
-        // session reads and writes in one task, so a pump that waited on
-        // it while it waits on the pump would stop both.
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-        let writer = tokio::spawn(async move {
-            while let Some(d) = rx.recv().await {
-                if wr.write_all(&d).await.is_err() {
-                    break;
-                }
-            }
-            let _ = wr.shutdown().await;
-        });
+        let (mut rd, wr) = tokio::io::split(remote);
+        let (tx, writer) = super::websocket::local_writer(wr);
         let mut buf = vec![0u8; MAX_DATA];
         let result = loop {
             tokio::select! {

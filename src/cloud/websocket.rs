@@ -451,6 +451,31 @@ pub fn redact(url: &Url) -> String {
     u.to_string()
 }
 
+/// Writes what a tunnel received to its local side from a task of its own,
+/// so that the websocket pump never waits on the SSH session (which reads
+/// and writes in one task: a pump waiting on it while it waits on the pump
+/// would stop both). Returns the sender to queue data on and the task.
+pub fn local_writer<W>(
+    mut wr: W,
+) -> (
+    tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let task = tokio::spawn(async move {
+        while let Some(d) = rx.recv().await {
+            if wr.write_all(&d).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    (tx, task)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
