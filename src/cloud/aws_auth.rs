@@ -998,6 +998,35 @@ pub(crate) fn signature(
         hex::encode(Sha256::digest(request.body)),
     );
     let scope = format!("{date}/{region}/{service}/aws4_request");
+    let (string_to_sign, signature) = signature_of(
+        &canonical_request,
+        credentials,
+        &date,
+        region,
+        service,
+        &amz_date,
+        &scope,
+    );
+    Signature {
+        canonical_request,
+        string_to_sign,
+        signed_headers,
+        signature,
+    }
+}
+
+/// The string to sign for `canonical_request` and its signature with the
+/// key derived from the secret for `date`, `region` and `service`; shared
+/// by header signing and presigned URLs.
+fn signature_of(
+    canonical_request: &str,
+    credentials: &Credentials,
+    date: &str,
+    region: &str,
+    service: &str,
+    amz_date: &str,
+    scope: &str,
+) -> (String, String) {
     let string_to_sign = format!(
         "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
         hex::encode(Sha256::digest(canonical_request.as_bytes()))
@@ -1010,12 +1039,7 @@ pub(crate) fn signature(
     let key = hmac(&key, service.as_bytes());
     let key = hmac(&key, b"aws4_request");
     let signature = hex::encode(hmac(&key, string_to_sign.as_bytes()));
-    Signature {
-        canonical_request,
-        string_to_sign,
-        signed_headers,
-        signature,
-    }
+    (string_to_sign, signature)
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
@@ -1064,18 +1088,15 @@ pub fn presign(
         host_header(&u),
         hex::encode(Sha256::digest(b"")),
     );
-    let string_to_sign = format!(
-        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
-        hex::encode(Sha256::digest(canonical_request.as_bytes()))
+    let (_, signature) = signature_of(
+        &canonical_request,
+        credentials,
+        &date,
+        region,
+        service,
+        &amz_date,
+        &scope,
     );
-    let key = hmac(
-        format!("AWS4{}", credentials.secret_access_key).as_bytes(),
-        date.as_bytes(),
-    );
-    let key = hmac(&key, region.as_bytes());
-    let key = hmac(&key, service.as_bytes());
-    let key = hmac(&key, b"aws4_request");
-    let signature = hex::encode(hmac(&key, string_to_sign.as_bytes()));
     u.query_pairs_mut()
         .append_pair("X-Amz-Signature", &signature);
     u
