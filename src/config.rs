@@ -404,6 +404,18 @@ pub enum Prefer {
     Cheapest,
 }
 
+/// Where a multi-platform build writes its image index from (`index_from:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexFrom {
+    /// This machine, else, when it cannot reach the registry, a builder.
+    Auto,
+    /// This machine only.
+    Client,
+    /// A builder that built a platform, through its SSH connection.
+    Builder,
+}
+
 /// Several builders behind one name (`pools:`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pool {
@@ -414,6 +426,10 @@ pub struct Pool {
     /// stopped one only below this. `None`: as many as there are.
     pub max_running: Option<usize>,
     pub prefer: Prefer,
+    /// Whether a platform no member has is built on another member with
+    /// its docker's emulation (`--platform`, QEMU for `RUN` steps).
+    pub emulate: bool,
+    pub index_from: IndexFrom,
 }
 
 /// Finds the config file: `--remote-config`, `$ABSCONDA_REMOTE_CONFIG`, the
@@ -577,7 +593,7 @@ impl ConfigFile {
         }
     }
 
-    /// `pools: {NAME: {builders: [...], max_running: N, prefer: ...}}`.
+    /// `pools: {NAME: {builders: [...], max_running: N, prefer: ..., emulate: B, index_from: ...}}`.
     fn parse_pools(&self, v: Value) -> Result<BTreeMap<String, Pool>, ConfigError> {
         let invalid =
             |pool: Option<&str>, key: Option<&str>, message: String| ConfigError::Invalid {
@@ -610,7 +626,7 @@ impl ConfigFile {
                 return Err(invalid(
                     Some(&name),
                     None,
-                    "expected `builders:` and optionally `max_running:` and `prefer:`".into(),
+                    "expected `builders:` and optionally `max_running:`, `prefer:`, `emulate:` and `index_from:`".into(),
                 ));
             };
             let mut pool = Pool {
@@ -618,6 +634,8 @@ impl ConfigFile {
                 members: Vec::new(),
                 max_running: None,
                 prefer: Prefer::Affinity,
+                emulate: false,
+                index_from: IndexFrom::Auto,
             };
             for (k, v) in settings {
                 let key = key_str(&k).unwrap_or_default();
@@ -682,12 +700,36 @@ impl ConfigFile {
                             }
                         }
                     }
+                    "emulate" => {
+                        pool.emulate = v.as_bool().ok_or_else(|| {
+                            invalid(
+                                Some(&name),
+                                Some("emulate"),
+                                "expected `true` or `false`".into(),
+                            )
+                        })?;
+                    }
+                    "index_from" => {
+                        pool.index_from = match v.as_str() {
+                            Some("auto") => IndexFrom::Auto,
+                            Some("client") => IndexFrom::Client,
+                            Some("builder") => IndexFrom::Builder,
+                            _ => {
+                                return Err(invalid(
+                                    Some(&name),
+                                    Some("index_from"),
+                                    "expected `auto`, `client` or `builder`".into(),
+                                ));
+                            }
+                        }
+                    }
                     other => {
                         return Err(ConfigError::UnknownKey {
                             at: self.pool_location(Some(&name), Some(other)),
                             suggestion: did_you_mean(
                                 other,
-                                ["builders", "max_running", "prefer"].into_iter(),
+                                ["builders", "max_running", "prefer", "emulate", "index_from"]
+                                    .into_iter(),
                             ),
                         });
                     }
@@ -1430,6 +1472,8 @@ mod tests {
         assert_eq!(pool.members, ["b", "a"]);
         assert_eq!(pool.max_running, Some(1));
         assert_eq!(pool.prefer, Prefer::Cheapest);
+        assert!(!pool.emulate);
+        assert_eq!(pool.index_from, IndexFrom::Auto);
         assert_eq!(f.default_builder().unwrap().0, "farm");
         assert_eq!(
             parse("builders:\n  a: {host: a}\npools:\n  p:\n    builders: [a]\n")
@@ -1439,6 +1483,13 @@ mod tests {
                 .prefer,
             Prefer::Affinity
         );
+        let f = parse(
+            "builders:\n  a: {host: a}\npools:\n  p:\n    builders: [a]\n    emulate: true\n    index_from: builder\n",
+        )
+        .unwrap();
+        let pool = f.pool("p").unwrap();
+        assert!(pool.emulate);
+        assert_eq!(pool.index_from, IndexFrom::Builder);
     }
 
     #[test]
@@ -1468,6 +1519,14 @@ mod tests {
             (
                 "pools:\n  p:\n    builders: [a]\n    max_runing: 2\n",
                 "did you mean `max_running`",
+            ),
+            (
+                "pools:\n  p:\n    builders: [a]\n    emulate: yes please\n",
+                "`true` or `false`",
+            ),
+            (
+                "pools:\n  p:\n    builders: [a]\n    index_from: registry\n",
+                "`auto`, `client` or `builder`",
             ),
             ("pools: [a]\n", "must map pool names"),
         ];

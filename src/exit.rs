@@ -228,6 +228,13 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
         {
             return Some(h);
         }
+        if let Some(crate::registry_api::RegistryApiError::Unreachable { .. }) =
+            cause.downcast_ref::<crate::registry_api::RegistryApiError>()
+        {
+            return Some(
+                "the image index is written from this machine or, when it cannot reach the registry, through a builder (`index_from:` in the pool: `auto`, `client` or `builder`); check that the registry's address is reachable from one of them".into(),
+            );
+        }
         if let Some(crate::registry_api::RegistryApiError::Status {
             status: 401 | 403, ..
         }) = cause.downcast_ref::<crate::registry_api::RegistryApiError>()

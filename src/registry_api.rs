@@ -1,5 +1,11 @@
-//! The registry HTTP API v2, from the client: reading the manifests the
-//! builders pushed and writing the multi-platform index over them.
+//! The registry HTTP API v2: reading the manifests the builders pushed and
+//! writing the multi-platform index over them.
+//!
+//! The requests go from this machine, or, when it cannot reach the
+//! registry, through a builder ([`Route`]): each one over a `direct-tcpip`
+//! channel that the builder's sshd dials, with absconda speaking HTTP/1.1
+//! (and TLS) over it, so nothing has to be installed or run on the builder.
+//! The API logic (challenges, tokens, manifests) is the same on both.
 //!
 //! Only manifests cross this connection (a few kilobytes); the layers were
 //! pushed by the builders. Authentication follows the registry's
@@ -11,6 +17,7 @@
 //! default; every other one over HTTPS with absconda's trust roots.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -19,6 +26,7 @@ use sha2::Digest as _;
 
 use crate::platform::Platform;
 use crate::registry::Credentials;
+use crate::ssh::Session;
 
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
@@ -32,11 +40,20 @@ const MAX_MANIFEST: usize = 4 << 20;
 pub enum RegistryApiError {
     #[error("cannot make an HTTP client for the registry")]
     Client(#[source] crate::cloud::CloudError),
-    #[error("cannot reach the registry at `{url}`")]
+    /// The registry could not be dialled (refused, no route, timed out):
+    /// another route may reach it.
+    #[error("cannot reach the registry at `{url}` {route}")]
+    Unreachable {
+        url: String,
+        route: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the exchange with the registry at `{url}` failed")]
     Transport {
         url: String,
         #[source]
-        source: reqwest::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("the registry refused `{method} {url}` (HTTP {status}): {body}")]
     Status {
@@ -49,6 +66,14 @@ pub enum RegistryApiError {
     Token { realm: String, why: String },
     #[error("the manifest at `{url}` is not usable: {why}")]
     BadManifest { url: String, why: String },
+}
+
+impl RegistryApiError {
+    /// Whether the registry could not be dialled on this route (not a
+    /// refusal, a bad answer or a certificate): another route may do.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, RegistryApiError::Unreachable { .. })
+    }
 }
 
 /// A `WWW-Authenticate` challenge: the scheme and its parameters.
@@ -286,9 +311,50 @@ pub fn descriptor_for(
     Err(bad(format!("it is an index without a `{platform}` entry")))
 }
 
+/// How the requests reach the registry.
+pub enum Route {
+    /// From this machine, with reqwest (proxies from the environment).
+    Direct(reqwest::Client),
+    /// From a builder: each request goes over a `direct-tcpip` channel that
+    /// the builder's sshd opens to the registry, spoken as HTTP/1.1 (TLS
+    /// for `https://`, with absconda's trust roots) by absconda itself.
+    /// Nothing runs on the builder.
+    Builder { name: String, session: Arc<Session> },
+}
+
+impl Route {
+    /// `from this machine`, `through builder `amd``: for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Route::Direct(_) => "from this machine".into(),
+            Route::Builder { name, .. } => format!("through builder `{name}`"),
+        }
+    }
+}
+
+/// One HTTP request, whatever carries it.
+struct Request<'a> {
+    method: &'static str,
+    url: &'a str,
+    headers: Vec<(&'static str, String)>,
+    body: Option<Vec<u8>>,
+}
+
+/// What came back: the parts the API needs.
+struct Reply {
+    status: u16,
+    content_type: Option<String>,
+    challenge: Option<String>,
+    body: Vec<u8>,
+}
+
+const USER_AGENT: &str = concat!("absconda/", env!("CARGO_PKG_VERSION"));
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A client for one repository of one registry.
 pub struct Client {
-    http: reqwest::Client,
+    route: Route,
     repo: Repository,
     creds: Option<Credentials>,
     /// The `Authorization` value that worked last.
@@ -296,24 +362,48 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client that speaks to the registry from this machine.
     pub fn new(repo: Repository, creds: Option<Credentials>) -> Result<Client, RegistryApiError> {
         let http = crate::cloud::http::builder()
             .map_err(RegistryApiError::Client)?
-            .user_agent(concat!("absconda/", env!("CARGO_PKG_VERSION")))
-            .timeout(Duration::from_secs(60))
-            .connect_timeout(Duration::from_secs(15))
+            .user_agent(USER_AGENT)
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(|e| {
                 RegistryApiError::Client(crate::cloud::CloudError::Config {
                     message: format!("cannot build the HTTP client: {e}"),
                 })
             })?;
-        Ok(Client {
-            http,
+        Ok(Client::with_route(repo, creds, Route::Direct(http)))
+    }
+
+    /// A client whose requests go through `route`.
+    pub fn with_route(repo: Repository, creds: Option<Credentials>, route: Route) -> Client {
+        Client {
+            route,
             repo,
             creds,
             auth: tokio::sync::Mutex::new(None),
-        })
+        }
+    }
+
+    /// The route the requests take.
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// Gives the builder's session back, once the client is done with it.
+    pub fn into_session(self) -> Option<Arc<Session>> {
+        match self.route {
+            Route::Direct(_) => None,
+            Route::Builder { session, .. } => Some(session),
+        }
+    }
+
+    /// The repository's API base, as the registry is named (`http://127.0.0.1:5000`).
+    pub fn base(&self) -> &str {
+        &self.repo.base
     }
 
     pub fn manifest_url(&self, reference: &str) -> String {
@@ -323,49 +413,58 @@ impl Client {
         )
     }
 
+    /// One exchange over the route.
+    async fn exchange(&self, req: &Request<'_>) -> Result<Reply, RegistryApiError> {
+        match &self.route {
+            Route::Direct(http) => exchange_direct(http, req).await,
+            Route::Builder { name, session } => {
+                match tokio::time::timeout(REQUEST_TIMEOUT, exchange_over(session, name, req)).await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(RegistryApiError::Unreachable {
+                        url: req.url.to_string(),
+                        route: self.route.describe(),
+                        source: format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()).into(),
+                    }),
+                }
+            }
+        }
+    }
+
     /// Sends a request, answering one authentication challenge.
     async fn send(
         &self,
-        method: reqwest::Method,
+        method: &'static str,
         url: &str,
-        headers: &[(&str, &str)],
+        headers: &[(&'static str, &str)],
         body: Option<Vec<u8>>,
-    ) -> Result<reqwest::Response, RegistryApiError> {
-        let transport = |source| RegistryApiError::Transport {
-            url: url.to_string(),
-            source,
-        };
+    ) -> Result<Reply, RegistryApiError> {
         let make = |auth: Option<&str>| {
-            let mut r = self.http.request(method.clone(), url);
-            for (k, v) in headers {
-                r = r.header(*k, *v);
-            }
+            let mut headers: Vec<(&'static str, String)> =
+                headers.iter().map(|(k, v)| (*k, v.to_string())).collect();
             if let Some(a) = auth {
-                r = r.header(reqwest::header::AUTHORIZATION, a);
+                headers.push(("Authorization", a.to_string()));
             }
-            if let Some(b) = &body {
-                r = r.body(b.clone());
+            Request {
+                method,
+                url,
+                headers,
+                body: body.clone(),
             }
-            r
         };
         let cached = self.auth.lock().await.clone();
-        let resp = make(cached.as_deref()).send().await.map_err(transport)?;
-        if resp.status() != reqwest::StatusCode::UNAUTHORIZED {
-            return Ok(resp);
+        let reply = self.exchange(&make(cached.as_deref())).await?;
+        if reply.status != 401 {
+            return Ok(reply);
         }
-        let Some(challenge) = resp
-            .headers()
-            .get(reqwest::header::WWW_AUTHENTICATE)
-            .and_then(|h| h.to_str().ok())
-            .and_then(parse_challenge)
-        else {
-            return Ok(resp);
+        let Some(challenge) = reply.challenge.as_deref().and_then(parse_challenge) else {
+            return Ok(reply);
         };
         let Some(auth) = self.answer(&challenge).await? else {
-            return Ok(resp);
+            return Ok(reply);
         };
         *self.auth.lock().await = Some(auth.clone());
-        make(Some(&auth)).send().await.map_err(transport)
+        self.exchange(&make(Some(&auth))).await
     }
 
     /// The `Authorization` value for a challenge; `None` when there is
@@ -383,11 +482,6 @@ impl Client {
                 let Some(realm) = c.params.get("realm") else {
                     return Ok(None);
                 };
-                let mut query: Vec<(&str, String)> = Vec::new();
-                if let Some(s) = c.params.get("service") {
-                    query.push(("service", s.clone()));
-                }
-                query.push(("scope", format!("repository:{}:pull,push", self.repo.name)));
                 let token_err = |why: String| RegistryApiError::Token {
                     realm: realm.clone(),
                     why,
@@ -397,24 +491,31 @@ impl Client {
                         "it is not an https:// URL (nor on loopback), so the credentials are not sent to it".into(),
                     ));
                 }
-                let mut r = self.http.get(realm).query(&query);
-                if let Some(b) = &basic {
-                    r = r.header(reqwest::header::AUTHORIZATION, b);
+                let mut url = url::Url::parse(realm)
+                    .map_err(|e| token_err(format!("it is not a URL: {e}")))?;
+                {
+                    let mut q = url.query_pairs_mut();
+                    if let Some(s) = c.params.get("service") {
+                        q.append_pair("service", s);
+                    }
+                    q.append_pair("scope", &format!("repository:{}:pull,push", self.repo.name));
                 }
-                let resp = r
-                    .send()
-                    .await
-                    .map_err(|source| RegistryApiError::Transport {
-                        url: realm.clone(),
-                        source,
-                    })?;
-                let status = resp.status();
-                if !status.is_success() {
-                    return Err(token_err(format!("HTTP {}", status.as_u16())));
+                let mut headers = Vec::new();
+                if let Some(b) = basic {
+                    headers.push(("Authorization", b));
                 }
-                let v: serde_json::Value = resp
-                    .json()
-                    .await
+                let reply = self
+                    .exchange(&Request {
+                        method: "GET",
+                        url: url.as_str(),
+                        headers,
+                        body: None,
+                    })
+                    .await?;
+                if !(200..300).contains(&reply.status) {
+                    return Err(token_err(format!("HTTP {}", reply.status)));
+                }
+                let v: serde_json::Value = serde_json::from_slice(&reply.body)
                     .map_err(|e| token_err(format!("the answer is not JSON: {e}")))?;
                 let token = v["token"]
                     .as_str()
@@ -431,36 +532,17 @@ impl Client {
     pub async fn manifest(&self, reference: &str) -> Result<Manifest, RegistryApiError> {
         let url = self.manifest_url(reference);
         let accept = [DOCKER_MANIFEST, OCI_MANIFEST, DOCKER_LIST, OCI_INDEX].join(", ");
-        let resp = self
-            .send(
-                reqwest::Method::GET,
-                &url,
-                &[("Accept", accept.as_str())],
-                None,
-            )
+        let reply = self
+            .send("GET", &url, &[("Accept", accept.as_str())], None)
             .await?;
-        let resp = check(resp, "GET", &url).await?;
-        let header_type = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|h| h.to_str().ok())
-            .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|source| RegistryApiError::Transport {
-                url: url.clone(),
-                source,
-            })?;
-        if bytes.len() > MAX_MANIFEST {
-            return Err(RegistryApiError::BadManifest {
-                url,
-                why: format!("it is larger than {MAX_MANIFEST} bytes"),
-            });
-        }
-        let body_type = serde_json::from_slice::<serde_json::Value>(&bytes)
+        let reply = check(reply, "GET", &url)?;
+        let body_type = serde_json::from_slice::<serde_json::Value>(&reply.body)
             .ok()
             .and_then(|v| v["mediaType"].as_str().map(String::from));
+        let header_type = reply
+            .content_type
+            .as_deref()
+            .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
         let media_type =
             body_type
                 .or(header_type)
@@ -470,8 +552,8 @@ impl Client {
                 })?;
         Ok(Manifest {
             media_type,
-            digest: digest_of(&bytes),
-            bytes: bytes.to_vec(),
+            digest: digest_of(&reply.body),
+            bytes: reply.body,
         })
     }
 
@@ -483,34 +565,210 @@ impl Client {
         body: &[u8],
     ) -> Result<String, RegistryApiError> {
         let url = self.manifest_url(tag);
-        let resp = self
+        let reply = self
             .send(
-                reqwest::Method::PUT,
+                "PUT",
                 &url,
                 &[("Content-Type", media_type)],
                 Some(body.to_vec()),
             )
             .await?;
-        check(resp, "PUT", &url).await?;
+        check(reply, "PUT", &url)?;
         Ok(digest_of(body))
     }
 }
 
-async fn check(
-    resp: reqwest::Response,
-    method: &str,
-    url: &str,
-) -> Result<reqwest::Response, RegistryApiError> {
-    let status = resp.status();
-    if status.is_success() {
-        return Ok(resp);
+/// The limit on what a reply may carry, as an error.
+fn too_large(url: &str) -> RegistryApiError {
+    RegistryApiError::BadManifest {
+        url: url.to_string(),
+        why: format!("the answer is larger than {MAX_MANIFEST} bytes"),
     }
-    let body = resp.text().await.unwrap_or_default();
+}
+
+/// An exchange from this machine.
+async fn exchange_direct(
+    http: &reqwest::Client,
+    req: &Request<'_>,
+) -> Result<Reply, RegistryApiError> {
+    let failed = |source: reqwest::Error| {
+        if source.is_connect() || source.is_timeout() {
+            RegistryApiError::Unreachable {
+                url: req.url.to_string(),
+                route: "from this machine".into(),
+                source: Box::new(source),
+            }
+        } else {
+            RegistryApiError::Transport {
+                url: req.url.to_string(),
+                source: Box::new(source),
+            }
+        }
+    };
+    let method = reqwest::Method::from_bytes(req.method.as_bytes()).unwrap_or(reqwest::Method::GET);
+    let mut r = http.request(method, req.url);
+    for (k, v) in &req.headers {
+        r = r.header(*k, v);
+    }
+    if let Some(b) = &req.body {
+        r = r.body(b.clone());
+    }
+    let mut resp = r.send().await.map_err(failed)?;
+    let header = |name: reqwest::header::HeaderName| {
+        resp.headers()
+            .get(name)
+            .and_then(|h| h.to_str().ok())
+            .map(String::from)
+    };
+    let status = resp.status().as_u16();
+    let content_type = header(reqwest::header::CONTENT_TYPE);
+    let challenge = header(reqwest::header::WWW_AUTHENTICATE);
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(failed)? {
+        if body.len() + chunk.len() > MAX_MANIFEST {
+            return Err(too_large(req.url));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Reply {
+        status,
+        content_type,
+        challenge,
+        body,
+    })
+}
+
+/// An exchange through a builder: a `direct-tcpip` channel to the URL's
+/// host and port, TLS over it for `https://`, and one HTTP/1.1 request.
+async fn exchange_over(
+    session: &Session,
+    builder: &str,
+    req: &Request<'_>,
+) -> Result<Reply, RegistryApiError> {
+    let route = format!("through builder `{builder}`");
+    let url = url::Url::parse(req.url).map_err(|e| RegistryApiError::Transport {
+        url: req.url.to_string(),
+        source: Box::new(e),
+    })?;
+    let transport =
+        |source: Box<dyn std::error::Error + Send + Sync>| RegistryApiError::Transport {
+            url: req.url.to_string(),
+            source,
+        };
+    let unreachable =
+        |source: Box<dyn std::error::Error + Send + Sync>| RegistryApiError::Unreachable {
+            url: req.url.to_string(),
+            route: route.clone(),
+            source,
+        };
+    let tls = match url.scheme() {
+        "https" => true,
+        "http" => false,
+        other => return Err(transport(format!("`{other}://` is not HTTP").into())),
+    };
+    let host = url
+        .host_str()
+        .ok_or_else(|| transport("the URL has no host".into()))?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let port = url.port().unwrap_or(if tls { 443 } else { 80 });
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, session.open_tcp(bare, port))
+        .await
+        .map_err(|_| {
+            unreachable(format!("no connection within {}s", CONNECT_TIMEOUT.as_secs()).into())
+        })?
+        .map_err(|e| unreachable(Box::new(e)))?;
+    let io: crate::ssh::transport::BoxedStream = if tls {
+        let name = rustls::pki_types::ServerName::try_from(bare.to_string())
+            .map_err(|e| transport(Box::new(e)))?;
+        let config = crate::cloud::http::tls_config().map_err(RegistryApiError::Client)?;
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(name, stream)
+            .await
+            .map_err(|e| transport(Box::new(e)))?;
+        crate::ssh::transport::boxed(stream)
+    } else {
+        stream
+    };
+
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .map_err(|e| transport(Box::new(e)))?;
+    let mut target = url.path().to_string();
+    if let Some(q) = url.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    let host_header = match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_string(),
+    };
+    let mut builder = hyper::Request::builder()
+        .method(req.method)
+        .uri(target)
+        .header("Host", host_header)
+        .header("User-Agent", USER_AGENT);
+    for (k, v) in &req.headers {
+        builder = builder.header(*k, v);
+    }
+    let body = http_body_util::Full::new(bytes::Bytes::from(req.body.clone().unwrap_or_default()));
+    let request = builder.body(body).map_err(|e| transport(Box::new(e)))?;
+    let exchange = async {
+        let resp = sender
+            .send_request(request)
+            .await
+            .map_err(|e| transport(Box::new(e)))?;
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|h| h.to_str().ok())
+                .map(String::from)
+        };
+        let status = resp.status().as_u16();
+        let content_type = header("content-type");
+        let challenge = header("www-authenticate");
+        use http_body_util::BodyExt as _;
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_MANIFEST)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    too_large(req.url)
+                } else {
+                    transport(e)
+                }
+            })?
+            .to_bytes()
+            .to_vec();
+        Ok(Reply {
+            status,
+            content_type,
+            challenge,
+            body,
+        })
+    };
+    // The connection is driven beside the exchange; when it ends first
+    // (the registry closed it after answering), the answer is complete.
+    tokio::pin!(exchange);
+    tokio::select! {
+        r = &mut exchange => r,
+        c = conn => match c {
+            Ok(()) => exchange.await,
+            Err(e) => Err(transport(Box::new(e))),
+        },
+    }
+}
+
+fn check(reply: Reply, method: &str, url: &str) -> Result<Reply, RegistryApiError> {
+    if (200..300).contains(&reply.status) {
+        return Ok(reply);
+    }
+    let body = String::from_utf8_lossy(&reply.body);
     let body: String = body.chars().filter(|c| !c.is_control()).take(300).collect();
     Err(RegistryApiError::Status {
         method: method.into(),
         url: url.into(),
-        status: status.as_u16(),
+        status: reply.status,
         body,
     })
 }

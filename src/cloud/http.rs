@@ -173,6 +173,25 @@ pub fn root_ders() -> Result<Vec<Vec<u8>>, CloudError> {
     Ok(roots)
 }
 
+/// A rustls client config with absconda's trust roots, for the clients
+/// that run TLS over a stream of their own (websockets, the registry API
+/// through a builder).
+pub fn tls_config() -> Result<std::sync::Arc<rustls::ClientConfig>, CloudError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in root_ders()? {
+        let _ = roots.add(rustls::pki_types::CertificateDer::from(der));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| CloudError::Config {
+            message: format!("TLS setup failed: {e}"),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
+
 /// The DER bodies of the `CERTIFICATE` blocks of a PEM bundle.
 fn pem_certificates(pem: &[u8]) -> Vec<Vec<u8>> {
     use base64::Engine as _;

@@ -9,7 +9,6 @@
 //! `ws://` is accepted for endpoint overrides on loopback, as `http://`
 //! is for `api_endpoint:`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -94,23 +93,6 @@ impl std::fmt::Debug for WebSocket {
     }
 }
 
-/// A rustls client config with absconda's trust roots.
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, super::CloudError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for der in super::http::root_ders()? {
-        let _ = roots.add(rustls::pki_types::CertificateDer::from(der));
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| super::CloudError::Config {
-            message: format!("TLS setup failed: {e}"),
-        })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
-}
-
 impl WebSocket {
     /// Opens `url` (ws:// or wss://) with `headers` added to the upgrade
     /// request, asking for `protocol` when given; all within `timeout`.
@@ -155,7 +137,7 @@ impl WebSocket {
         let io: Box<dyn Io> = if tls {
             let name =
                 rustls::pki_types::ServerName::try_from(bare.to_string()).map_err(|_| bad())?;
-            let connector = tokio_rustls::TlsConnector::from(tls_config()?);
+            let connector = tokio_rustls::TlsConnector::from(super::http::tls_config()?);
             let stream = connector
                 .connect(name, tcp)
                 .await

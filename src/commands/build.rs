@@ -249,16 +249,21 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
     if let Some(p) = one_platform {
         req.platform = Some(p.to_string());
     }
-    let (result, report) = with_retries(
-        &target,
-        &req,
-        one_platform,
-        &args,
-        &state,
-        &printer,
-        &cancel,
-    )
-    .await;
+    // With `emulate: true`, a platform no member has goes to any member.
+    let on = match (&target, one_platform) {
+        (Target::Pool { pool, members }, Some(p)) => {
+            let on = multiplatform::placement(pool, members, p);
+            if on.is_none() {
+                printer.info(&format!(
+                    "no builder of pool `{}` is {p}: building it with emulation on another (`emulate: true`)",
+                    pool.name
+                ));
+            }
+            on
+        }
+        _ => one_platform,
+    };
+    let (result, report) = with_retries(&target, &req, on, &args, &state, &printer, &cancel).await;
     if result.is_err() {
         printer.show_kept_output();
     }

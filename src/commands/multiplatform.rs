@@ -7,7 +7,14 @@
 //! `TAG-<os>-<arch>[-<variant>]` of the first `-t`. absconda then reads each
 //! pushed manifest through the registry's HTTP API and PUTs an index (a
 //! Docker manifest list over Docker manifests, else an OCI image index)
-//! under every requested tag, from this machine: no docker runs here.
+//! under every requested tag. No docker runs here: the requests go from
+//! this machine, or, when it cannot reach the registry (or the pool says
+//! `index_from: builder`), through the SSH connection of a builder that
+//! built a platform (see [`registry_api::Route`]).
+//!
+//! With `emulate: true`, a platform no member has is built on another
+//! member with `--platform`: its docker's emulation (BuildKit or the
+//! classic builder; `RUN` steps need QEMU registered on the builder).
 
 use std::collections::BTreeMap;
 
@@ -46,6 +53,8 @@ pub enum PlatformError {
     #[error("the build for {platform} failed")]
     Failed {
         platform: String,
+        /// It ran with emulation on a builder of another platform.
+        emulated: bool,
         #[source]
         source: anyhow::Error,
     },
@@ -63,7 +72,10 @@ impl PlatformError {
                 "name a pool whose builders have these platforms (`pools:` in the config, each builder with `platform: os/arch`), or pass one platform".into(),
             ),
             PlatformError::NotOffered { .. } => Some(
-                "add a builder of that platform to the pool (declare it with `platform: os/arch`), or leave the platform out of `--platform`".into(),
+                "add a builder of that platform to the pool (declare it with `platform: os/arch`), build it with emulation (`emulate: true` in the pool), or leave the platform out of `--platform`".into(),
+            ),
+            PlatformError::Failed { emulated: true, .. } => Some(
+                "it was built with emulation on a builder of another platform: a `RUN` step there needs QEMU registered with binfmt_misc on the builder (`docker run --privileged --rm tonistiigi/binfmt --install all` on it), or add a builder of that platform to the pool".into(),
             ),
             PlatformError::NeedsPush => Some("add `--push`".into()),
             _ => None,
@@ -151,12 +163,35 @@ pub async fn probe_members(
     }
 }
 
-/// Refuses platforms no member offers, before anything starts.
+/// Whether some member builds `p` natively.
+pub fn native(members: &[Member], p: &Platform) -> bool {
+    members.iter().any(|m| pool::serves(m, Some(p)))
+}
+
+/// The members a build for `p` may use: those of that platform, or, for
+/// a platform none has on a pool with `emulate: true`, all (`None`).
+pub fn placement<'a>(
+    pool: &config::Pool,
+    members: &[Member],
+    p: &'a Platform,
+) -> Option<&'a Platform> {
+    if pool.emulate && !native(members, p) {
+        None
+    } else {
+        Some(p)
+    }
+}
+
+/// Refuses platforms no member offers, before anything starts (with
+/// `emulate: true`, any member builds them).
 pub fn check_offered(
     pool: &config::Pool,
     members: &[Member],
     wanted: &[Platform],
 ) -> Result<(), PlatformError> {
+    if pool.emulate && !members.is_empty() {
+        return Ok(());
+    }
     let missing: Vec<String> = wanted
         .iter()
         .filter(|w| !members.iter().any(|m| pool::serves(m, Some(w))))
@@ -213,6 +248,8 @@ pub struct MultiReport {
     pub pool: String,
     pub platforms: Vec<PlatformBuild>,
     pub index_media_type: String,
+    /// Where the index was written from: `this machine`, `builder `amd``.
+    pub index_from: String,
     /// The index digest under every requested image reference.
     pub digests: BTreeMap<String, String>,
     pub total_seconds: f64,
@@ -233,9 +270,11 @@ pub(super) async fn run(
     printer: &Printer,
     cancel: &CancellationToken,
 ) -> anyhow::Result<MultiReport> {
-    let pool_name = match target {
-        super::build::Target::Pool { pool, .. } => pool.name.clone(),
-        super::build::Target::One { builder, .. } => builder.name.clone(),
+    let (pool_name, index_from) = match target {
+        super::build::Target::Pool { pool, .. } => (pool.name.clone(), pool.index_from),
+        super::build::Target::One { builder, .. } => {
+            (builder.name.clone(), config::IndexFrom::Auto)
+        }
     };
     let started = std::time::Instant::now();
     let Some(first) = req.images.first() else {
@@ -245,21 +284,30 @@ pub(super) async fn run(
         let mut one = req.clone();
         one.images = vec![platform_image(first, p)];
         one.platform = Some(p.to_string());
+        let on = match target {
+            super::build::Target::Pool { pool, members } => placement(pool, members, p),
+            super::build::Target::One { .. } => Some(p),
+        };
+        let pool_name = &pool_name;
         async move {
             let tagged = Tagged {
                 inner: printer,
                 tag: p.to_string(),
             };
+            if on.is_none() {
+                tagged.info(&format!(
+                    "no builder of pool `{pool_name}` is {p}: building it with emulation on another (`emulate: true`)"
+                ));
+            }
             let (result, report) =
-                super::build::with_retries(target, &one, Some(p), args, state, &tagged, cancel)
-                    .await;
-            (p, one, result, report)
+                super::build::with_retries(target, &one, on, args, state, &tagged, cancel).await;
+            (p, on.is_none(), one, result, report)
         }
     }))
     .await;
     let mut done = Vec::new();
     let mut first_err = None;
-    for (p, one, result, report) in builds {
+    for (p, emulated, one, result, report) in builds {
         match result {
             Ok(()) => done.push((p.clone(), one.images[0].clone(), report)),
             Err(e) => {
@@ -271,6 +319,7 @@ pub(super) async fn run(
                 if first_err.is_none() {
                     first_err = Some(PlatformError::Failed {
                         platform: p.to_string(),
+                        emulated,
                         source: e,
                     });
                 }
@@ -281,31 +330,108 @@ pub(super) async fn run(
         return Err(e.into());
     }
 
-    // The index, through the registry's API.
+    // The index, through the registry's API: from here, else through a
+    // builder that built a platform (it reached the registry to push).
     let repo = registry_api::Repository::parse(&args.repository);
     let creds = crate::registry::lookup(&crate::registry::registry_of(&args.repository))?;
-    let client = registry_api::Client::new(repo, creds)?;
-    let mut entries: Vec<(Descriptor, Platform)> = Vec::new();
+    let built: Vec<(Platform, String)> = done
+        .iter()
+        .map(|(p, image, _)| (p.clone(), image.clone()))
+        .collect();
+    let mut used: Vec<String> = Vec::new();
+    for (_, _, r) in &done {
+        if !used.contains(&r.builder) {
+            used.push(r.builder.clone());
+        }
+    }
+    let written = match index_from {
+        config::IndexFrom::Builder => {
+            through_builder(
+                target,
+                &used,
+                &repo,
+                &creds,
+                &built,
+                &req.images,
+                state,
+                cancel,
+            )
+            .await?
+        }
+        config::IndexFrom::Client | config::IndexFrom::Auto => {
+            let client = registry_api::Client::new(repo.clone(), creds.clone())?;
+            match write_index(&client, &built, &req.images).await {
+                Ok(w) => w,
+                Err(e) if index_from == config::IndexFrom::Auto && is_unreachable(&e) => {
+                    printer.info(&format!(
+                        "this machine cannot reach the registry `{}` ({}); writing the index through a builder",
+                        repo.base,
+                        root_cause(&e)
+                    ));
+                    through_builder(
+                        target,
+                        &used,
+                        &repo,
+                        &creds,
+                        &built,
+                        &req.images,
+                        state,
+                        cancel,
+                    )
+                    .await?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
     let mut platforms = Vec::new();
-    for (p, image, report) in done {
+    for ((p, image, report), d) in done.into_iter().zip(&written.entries) {
+        platforms.push(PlatformBuild {
+            platform: p,
+            builder: report.builder.clone(),
+            image,
+            manifest_digest: d.0.digest.clone(),
+            build: report,
+        });
+    }
+    Ok(MultiReport {
+        pool: pool_name,
+        platforms,
+        index_media_type: written.media_type,
+        index_from: written.from,
+        digests: written.digests,
+        total_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The index as written: its entries (in the order of the platforms),
+/// media type, digest per image, and the route it took.
+struct Written {
+    entries: Vec<(Descriptor, Platform)>,
+    media_type: String,
+    digests: BTreeMap<String, String>,
+    from: String,
+}
+
+/// Reads each platform's manifest and puts the index under every image.
+async fn write_index(
+    client: &registry_api::Client,
+    built: &[(Platform, String)],
+    images: &[String],
+) -> anyhow::Result<Written> {
+    let mut entries: Vec<(Descriptor, Platform)> = Vec::new();
+    for (p, image) in built {
         let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("latest");
         let url = client.manifest_url(tag);
         let manifest = client.manifest(tag).await.map_err(|e| {
             anyhow::Error::new(e).context(format!("cannot read the manifest of `{image}`"))
         })?;
-        let d = registry_api::descriptor_for(&manifest, &p, &url)?;
-        platforms.push(PlatformBuild {
-            platform: p.clone(),
-            builder: report.builder.clone(),
-            image,
-            manifest_digest: d.digest.clone(),
-            build: report,
-        });
-        entries.push((d, p));
+        let d = registry_api::descriptor_for(&manifest, p, &url)?;
+        entries.push((d, p.clone()));
     }
     let (media_type, body) = registry_api::index_json(&entries);
     let mut digests = BTreeMap::new();
-    for image in &req.images {
+    for image in images {
         let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("latest");
         let digest = client
             .put_manifest(tag, &media_type, &body)
@@ -315,13 +441,89 @@ pub(super) async fn run(
             })?;
         digests.insert(image.clone(), digest);
     }
-    Ok(MultiReport {
-        pool: pool_name,
-        platforms,
-        index_media_type: media_type,
+    let from = match client.route() {
+        registry_api::Route::Direct(_) => "this machine".to_string(),
+        registry_api::Route::Builder { name, .. } => format!("builder `{name}`"),
+    };
+    Ok(Written {
+        entries,
+        media_type,
         digests,
-        total_seconds: started.elapsed().as_secs_f64(),
+        from,
     })
+}
+
+/// Writes the index through the first of `used` (the builders that built
+/// a platform) that can be connected to.
+#[allow(clippy::too_many_arguments)]
+async fn through_builder(
+    target: &super::build::Target,
+    used: &[String],
+    repo: &registry_api::Repository,
+    creds: &Option<crate::registry::Credentials>,
+    built: &[(Platform, String)],
+    images: &[String],
+    state: &StateFile,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Written> {
+    let mut last: Option<anyhow::Error> = None;
+    for name in used {
+        let (builder, cloud) = match target {
+            super::build::Target::Pool { members, .. } => {
+                match members.iter().find(|m| &m.builder.name == name) {
+                    Some(m) => (&m.builder, m.cloud.as_ref()),
+                    None => continue,
+                }
+            }
+            super::build::Target::One { builder, cloud } => (builder, cloud.as_ref()),
+        };
+        let ready = match crate::lifecycle::bring_up(
+            builder,
+            cloud,
+            false,
+            state,
+            &crate::report::Silent,
+            cancel,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                last = Some(e.context(format!("cannot connect to builder `{name}`")));
+                continue;
+            }
+        };
+        let client = registry_api::Client::with_route(
+            repo.clone(),
+            creds.clone(),
+            registry_api::Route::Builder {
+                name: name.clone(),
+                session: std::sync::Arc::new(ready.session),
+            },
+        );
+        let result = write_index(&client, built, images).await;
+        if let Some(session) = client
+            .into_session()
+            .and_then(|s| std::sync::Arc::try_unwrap(s).ok())
+        {
+            session.close().await;
+        }
+        return result;
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no builder to write the image index through")))
+}
+
+/// Whether the registry could not be dialled (not refused, not a bad answer).
+fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<registry_api::RegistryApiError>()
+            .is_some_and(|r| r.is_unreachable())
+    })
+}
+
+/// The innermost cause, for a one-line message.
+fn root_cause(e: &anyhow::Error) -> String {
+    e.chain().last().map(|c| c.to_string()).unwrap_or_default()
 }
 
 /// One platform's progress, its lines marked with the platform: the
@@ -370,13 +572,14 @@ impl MultiReport {
         let mut index: Vec<&String> = self.digests.values().collect();
         index.dedup();
         format!(
-            "{} · index {} · total {:.1}s",
+            "{} · index {} (written from {}) · total {:.1}s",
             built.join(", "),
             index
                 .iter()
                 .map(|s| s.as_str())
                 .collect::<Vec<_>>()
                 .join(", "),
+            self.index_from,
             self.total_seconds
         )
     }

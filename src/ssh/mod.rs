@@ -154,6 +154,13 @@ pub enum SshError {
         #[source]
         source: russh::Error,
     },
+    #[error("the SSH server at `{addr}` could not open a connection to `{to}`")]
+    Forward {
+        addr: String,
+        to: String,
+        #[source]
+        source: russh::Error,
+    },
     #[error("connecting to `{addr}` timed out after {}s", after.as_secs())]
     ConnectTimeout { addr: String, after: Duration },
     #[error("SSH handshake with `{addr}` failed")]
@@ -471,6 +478,27 @@ impl Session {
             .map_err(|source| SshError::JumpForward {
                 hop: self.addr.clone(),
                 next: format!("{host}:{port}"),
+                source,
+            })?;
+        Ok(transport::boxed(channel.into_stream()))
+    }
+
+    /// Opens a TCP connection from the server's side to `host:port` (a
+    /// `direct-tcpip` channel, dialled by its sshd), for a service that only
+    /// the server can reach. Nothing runs on the server for it.
+    pub async fn open_tcp(&self, host: &str, port: u16) -> Result<BoxedStream, SshError> {
+        if self.handle.is_closed() {
+            return Err(SshError::Lost {
+                addr: self.addr.clone(),
+            });
+        }
+        let channel = self
+            .handle
+            .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
+            .await
+            .map_err(|source| SshError::Forward {
+                addr: self.addr.clone(),
+                to: format!("{host}:{port}"),
                 source,
             })?;
         Ok(transport::boxed(channel.into_stream()))
