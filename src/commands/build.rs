@@ -486,7 +486,9 @@ async fn attempt_build(
             )
             .await?;
             let m = &members[chosen.index];
-            reporter.info(&match platform {
+            // An emulated platform chose among all members, but is named too.
+            let named = platform.map(|p| p.to_string()).or(req.platform.clone());
+            reporter.info(&match named {
                 Some(p) => format!(
                     "pool `{}`: {p}: building on `{}`",
                     pool.name, m.builder.name

@@ -90,7 +90,28 @@ impl Client {
         extra: &[&str],
         env: &[(String, String)],
     ) -> Output {
-        let mut c = Command::new(BIN);
+        self.build_via(&[], config, builder, repository, extra, env)
+    }
+
+    /// [`Client::build_to`] with absconda started by `wrapper` (`ip netns
+    /// exec NS`), when given.
+    fn build_via(
+        &self,
+        wrapper: &[&str],
+        config: &Path,
+        builder: &str,
+        repository: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Output {
+        let mut c = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         c.env_clear()
             .env("PATH", "/usr/bin:/bin")
             .env("HOME", &self.home)
@@ -1042,4 +1063,308 @@ fn the_index_goes_to_a_registry_that_wants_bearer_tokens() {
             "{r:?}"
         );
     }
+
+    // `index_from: builder`: the same exchanges, token included, over a
+    // builder's SSH connection.
+    let mut yaml = std::fs::read_to_string(&config).unwrap();
+    yaml.push_str("    index_from: builder\n");
+    std::fs::write(&config, yaml).unwrap();
+    let out = client.build_to(
+        &config,
+        "farm",
+        &repo,
+        &[
+            "--platform",
+            "linux/arm64,linux/amd64",
+            "--push",
+            "-t",
+            "3.0",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("(written from builder `"), "{err}");
+    assert!(!err.contains("cannot reach"), "{err}");
+    let (code, body) = reg.api("bearer/app", "/v2/bearer/app/manifests/3.0", INDEX_TYPES);
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["manifests"].as_array().unwrap().len(), 2, "{v}");
+    let more: Vec<_> = reg
+        .requests()
+        .into_iter()
+        .filter(|r| r.user_agent.starts_with("absconda/"))
+        .collect();
+    assert!(
+        more.len() > ours.len(),
+        "no token asked through the builder"
+    );
+    assert_eq!(
+        more.last().unwrap().basic,
+        Some((reg.user.to_string(), reg.password.to_string()))
+    );
+}
+
+/// The index under `name:tag`, checked through the registry's API: every
+/// entry is the per-platform manifest `tag-os-arch`, byte for byte, whose
+/// image config says the entry's platform. Returns the architectures.
+fn checked_index(reg: &crate::support::docker::Registry, name: &str, tag: &str) -> Vec<String> {
+    let (code, body) = reg.api(&format!("/v2/{name}/manifests/{tag}"), INDEX_TYPES);
+    assert_eq!(code, 200, "{tag}: {}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let mut archs = Vec::new();
+    for e in v["manifests"].as_array().unwrap() {
+        let arch = e["platform"]["architecture"].as_str().unwrap();
+        assert_eq!(e["platform"]["os"], "linux");
+        let (code, manifest) = reg.api(
+            &format!("/v2/{name}/manifests/{tag}-linux-{arch}"),
+            MANIFEST_TYPES,
+        );
+        assert_eq!(code, 200, "{arch}");
+        assert_eq!(e["digest"].as_str().unwrap(), sha256(&manifest), "{arch}");
+        assert_eq!(e["size"].as_u64().unwrap(), manifest.len() as u64);
+        let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        let (code, cfg) = reg.api(
+            &format!(
+                "/v2/{name}/blobs/{}",
+                m["config"]["digest"].as_str().unwrap()
+            ),
+            "*/*",
+        );
+        assert_eq!(code, 200);
+        let cfg: serde_json::Value = serde_json::from_slice(&cfg).unwrap();
+        assert_eq!(cfg["architecture"], arch, "{cfg}");
+        assert_eq!(cfg["os"], "linux");
+        archs.push(arch.to_string());
+    }
+    archs.sort();
+    archs
+}
+
+fn ip_program() -> &'static str {
+    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("`ip` is required")
+}
+
+/// A builder's lines for an sshd reached directly (its host key pinned).
+fn direct_yaml(name: &str, sshd: &Sshd, dir: &Path, extra: &str) -> String {
+    format!(
+        "  {name}:\n    host: {host}\n    port: {port}\n    user: root\n    identity_file: {key}\n    host_key: {fp}\n    workspace: {ws}\n    docker: {DOCKER_CLI}\n{extra}",
+        host = sshd.listen,
+        port = sshd.port,
+        key = sshd.user_key.display(),
+        fp = sshd.fingerprint(),
+        ws = dir.join(format!("ws-{name}")).display(),
+    )
+}
+
+/// absconda runs in a network namespace whose only way out is a veth to
+/// the builders' sshd: the registry, on this machine's loopback, is out of
+/// its reach but not of the builders'. The index goes through a builder's
+/// SSH connection (a `direct-tcpip` channel its sshd dials), and with
+/// `index_from: client` the build says it cannot be written.
+#[test]
+fn the_index_goes_through_a_builder_when_this_machine_cannot_reach_the_registry() {
+    let _leases = crate::support::long_leases();
+    if !services() || !crate::support::require("ip") {
+        return;
+    }
+    let Some(ns) = crate::support::netns::NetNs::new() else {
+        return;
+    };
+    let reg = crate::support::docker::registry();
+    let dir = tempdir();
+    let d = docker();
+    // DEBUG1 logs each `direct-tcpip` request with its destination.
+    let amd = Sshd::start_with(Some(&d.host), &ns.host_ip, None, "LogLevel DEBUG1\n");
+    let arm = Sshd::start_with(Some(&d.host), &ns.host_ip, None, "LogLevel DEBUG1\n");
+    let config = |index_from: &str| {
+        let path = dir.path().join(format!("farm-{index_from}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "builders:\n{}{}pools:\n  farm:\n    builders: [amd, arm]\n    index_from: {index_from}\n",
+                direct_yaml("amd", &amd, dir.path(), "    platform: linux/amd64\n"),
+                direct_yaml("arm", &arm, dir.path(), "    platform: linux/arm64\n"),
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let client = Client::new(dir.path(), "tunnel", "FROM scratch\nCOPY who.txt /\n");
+    let env = vec![
+        ("ABSCONDA_REGISTRY_USER".to_string(), reg.user.to_string()),
+        (
+            "ABSCONDA_REGISTRY_PASSWORD".to_string(),
+            reg.password.to_string(),
+        ),
+    ];
+    let repo = format!("{}/tunnel/app", reg.addr);
+    let inside = [ip_program(), "netns", "exec", ns.name.as_str()];
+    let out = client.build_via(
+        &inside,
+        &config("auto"),
+        "farm",
+        &repo,
+        &[
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "--push",
+            "-t",
+            "v1",
+            "--json",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let said: Vec<&str> = err
+        .lines()
+        .filter(|l| {
+            l.contains(&format!(
+                "this machine cannot reach the registry `http://{}`",
+                reg.addr
+            ))
+        })
+        .collect();
+    assert_eq!(said.len(), 1, "one line says why:\n{err}");
+    assert!(
+        said[0].ends_with("writing the index through a builder"),
+        "{err}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let via = report["index_from"].as_str().unwrap().to_string();
+    let sshd = match via.as_str() {
+        "builder `amd`" => &amd,
+        "builder `arm`" => &arm,
+        other => panic!("index written from {other}: {report}"),
+    };
+    // That builder's sshd dialled the registry for absconda.
+    let port = reg.addr.rsplit(':').next().unwrap();
+    let log = sshd.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("server_request_direct_tcpip")
+                && l.contains(&format!("target 127.0.0.1 port {port}"))),
+        "{log}"
+    );
+
+    // Through the registry's API: one index over both platforms' manifests.
+    assert_eq!(checked_index(reg, "tunnel/app", "v1"), ["amd64", "arm64"]);
+    let (_, body) = reg.api("/v2/tunnel/app/manifests/v1", INDEX_TYPES);
+    assert_eq!(
+        report["digests"][format!("{repo}:v1")].as_str(),
+        Some(sha256(&body).as_str()),
+        "{report}"
+    );
+
+    // `index_from: client`: no detour, a clear error.
+    let out = client.build_via(
+        &inside,
+        &config("client"),
+        "farm",
+        &repo,
+        &[
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "--push",
+            "-t",
+            "v2",
+        ],
+        &env,
+    );
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "cannot reach the registry at `http://{}",
+            reg.addr
+        )) && err.contains("from this machine")
+            && err.contains("hint:")
+            && err.contains("index_from:"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("writing the index through a builder"),
+        "{err}"
+    );
+    let (code, _) = reg.api("/v2/tunnel/app/manifests/v2", INDEX_TYPES);
+    assert_eq!(code, 404);
+}
+
+/// With `emulate: true`, a platform no member has is built on another
+/// member with its docker's emulation (a `FROM scratch` + `COPY` image
+/// needs no QEMU): the index has both platforms, the arm64 image's config
+/// says arm64. Without it the same build is refused before anything starts.
+#[test]
+fn a_pool_with_emulate_builds_a_platform_no_builder_has() {
+    let _leases = crate::support::long_leases();
+    if !services() {
+        return;
+    }
+    let reg = crate::support::docker::registry();
+    let dir = tempdir();
+    let amd = Member::start("amd", dir.path());
+    let config = |emulate: bool| {
+        let path = dir.path().join(format!("solo-{emulate}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "builders:\n{}pools:\n  solo:\n    builders: [amd]\n    emulate: {emulate}\n",
+                amd.yaml("    platform: linux/amd64\n"),
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let client = Client::new(dir.path(), "emu", "FROM scratch\nCOPY who.txt /\n");
+    let env = vec![
+        ("ABSCONDA_REGISTRY_USER".to_string(), reg.user.to_string()),
+        (
+            "ABSCONDA_REGISTRY_PASSWORD".to_string(),
+            reg.password.to_string(),
+        ),
+    ];
+    let repo = format!("{}/emu/app", reg.addr);
+    let args = [
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "--push",
+        "-t",
+        "v1",
+    ];
+
+    let out = client.build_to(&config(false), "solo", &repo, &args, &env);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no builder of pool `solo` offers `linux/arm64`")
+            && err.contains("emulate: true"),
+        "{err}"
+    );
+    assert!(!amd.workspace.exists(), "nothing starts");
+
+    let out = client.build_to(&config(true), "solo", &repo, &args, &env);
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines()
+            .any(|l| l
+                .contains("no builder of pool `solo` is linux/arm64: building it with emulation")),
+        "{err}"
+    );
+    for platform in ["linux/amd64", "linux/arm64"] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&format!("{platform}: building on `amd`"))),
+            "{platform} on `amd`:\n{err}"
+        );
+    }
+    assert!(
+        !err.contains("linux/amd64: no builder"),
+        "amd64 is native:\n{err}"
+    );
+    assert_eq!(checked_index(reg, "emu/app", "v1"), ["amd64", "arm64"]);
 }
