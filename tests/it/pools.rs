@@ -1368,3 +1368,193 @@ fn a_pool_with_emulate_builds_a_platform_no_builder_has() {
     );
     assert_eq!(checked_index(reg, "emu/app", "v1"), ["amd64", "arm64"]);
 }
+
+/// A child process killed when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The registry API through a builder over HTTPS: TLS runs end to end over
+/// the `direct-tcpip` channel, against a real registry serving a
+/// certificate of a private CA. Without that CA among the trust roots the
+/// certificate is refused (and that is no "unreachable": nothing would be
+/// gained by another route); with it (`ca_file:` / `ABSCONDA_CA_FILE`) an
+/// index is PUT and read back, byte for byte.
+#[test]
+fn the_registry_api_speaks_tls_through_a_builders_ssh_channel() {
+    use absconda::registry_api::{Client as Api, OCI_INDEX, Repository, Route};
+    if !crate::support::require(SSHD)
+        || !crate::support::require("docker-registry")
+        || !crate::support::require("openssl")
+    {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=absconda-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+        ],
+    );
+    std::fs::write(d.join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+            "-out",
+            "srv.pem",
+        ],
+    );
+    let port = crate::support::free_port();
+    std::fs::write(
+        d.join("registry.yml"),
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {data}\nhttp:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {cert}\n    key: {key}\n",
+            data = d.join("data").display(),
+            cert = d.join("srv.pem").display(),
+            key = d.join("srv.key").display(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("docker-registry");
+    cmd.arg("serve")
+        .arg(d.join("registry.yml"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(d.join("registry.log")).unwrap());
+    let _registry = Killed(crate::support::spawn_daemon(cmd).expect("start docker-registry"));
+    crate::support::wait_until(
+        "TLS registry listening",
+        std::time::Duration::from_secs(20),
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
+    let sshd = Sshd::start_with(None, "127.0.0.1", None, "LogLevel DEBUG1\n");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut target = absconda::ssh::Target::new(
+            "127.0.0.1",
+            sshd.port,
+            "root",
+            sshd.known_hosts.clone(),
+        );
+        target.identity_files = vec![sshd.user_key.clone()];
+        target.identities_only = true;
+        target.identity_agent = Some("none".into());
+        let session = std::sync::Arc::new(absconda::ssh::Session::connect(&target).await.unwrap());
+        let api = |session: &std::sync::Arc<absconda::ssh::Session>| {
+            Api::with_route(
+                Repository {
+                    base: format!("https://127.0.0.1:{port}"),
+                    name: "tls/app".into(),
+                },
+                None,
+                Route::Builder {
+                    name: "b".into(),
+                    session: session.clone(),
+                },
+            )
+        };
+        let index = br#"{"manifests":[],"mediaType":"application/vnd.oci.image.index.v1+json","schemaVersion":2}"#;
+
+        // The private CA is not trusted: the certificate is refused.
+        absconda::cloud::http::set_ca_file(None);
+        let e = api(&session)
+            .put_manifest("v1", OCI_INDEX, index)
+            .await
+            .unwrap_err();
+        assert!(!e.is_unreachable(), "{e:?}");
+        assert!(
+            absconda::cloud::http::is_certificate_error(&e),
+            "{:?}",
+            anyhow::Error::new(e)
+        );
+
+        // Trusted: PUT and GET over TLS through the channel.
+        absconda::cloud::http::set_ca_file(Some(d.join("ca.pem")));
+        let client = api(&session);
+        let put = client.put_manifest("v1", OCI_INDEX, index).await;
+        let got = client.manifest("v1").await;
+        let by_digest = match &put {
+            Ok(digest) => Some(client.manifest(digest).await),
+            Err(_) => None,
+        };
+        absconda::cloud::http::set_ca_file(None);
+        let digest = put.unwrap_or_else(|e| panic!("{:?}", anyhow::Error::new(e)));
+        let got = got.unwrap();
+        assert_eq!(got.bytes, index);
+        assert_eq!(got.media_type, OCI_INDEX);
+        assert_eq!(got.digest, digest);
+        assert_eq!(by_digest.unwrap().unwrap().bytes, index);
+        drop(client);
+        if let Ok(s) = std::sync::Arc::try_unwrap(session) {
+            s.close().await;
+        }
+    });
+    // The builder's sshd made the connections to the registry.
+    let log = sshd.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("server_request_direct_tcpip")
+                && l.contains(&format!("target 127.0.0.1 port {port}"))),
+        "{log}"
+    );
+}
