@@ -345,12 +345,15 @@ struct Reply {
     status: u16,
     content_type: Option<String>,
     challenge: Option<String>,
+    /// `Location` of a redirect.
+    location: Option<String>,
     body: Vec<u8>,
 }
 
 const USER_AGENT: &str = concat!("absconda/", env!("CARGO_PKG_VERSION"));
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_REDIRECTS: usize = 5;
 
 /// A client for one repository of one registry.
 pub struct Client {
@@ -418,15 +421,55 @@ impl Client {
         match &self.route {
             Route::Direct(http) => exchange_direct(http, req).await,
             Route::Builder { name, session } => {
-                match tokio::time::timeout(REQUEST_TIMEOUT, exchange_over(session, name, req)).await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err(RegistryApiError::Unreachable {
-                        url: req.url.to_string(),
-                        route: self.route.describe(),
-                        source: format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()).into(),
-                    }),
+                // Blobs are often redirected to storage (S3, GCS): followed
+                // as reqwest does, without the credentials on another host.
+                let mut url = req.url.to_string();
+                let mut headers = req.headers.clone();
+                for _ in 0..=MAX_REDIRECTS {
+                    let this = Request {
+                        method: req.method,
+                        url: &url,
+                        headers: headers.clone(),
+                        body: req.body.clone(),
+                    };
+                    let reply = match tokio::time::timeout(
+                        REQUEST_TIMEOUT,
+                        exchange_over(session, name, &this),
+                    )
+                    .await
+                    {
+                        Ok(r) => r?,
+                        Err(_) => {
+                            return Err(RegistryApiError::Unreachable {
+                                url,
+                                route: self.route.describe(),
+                                source: format!("no answer within {}s", REQUEST_TIMEOUT.as_secs())
+                                    .into(),
+                            });
+                        }
+                    };
+                    let next = match (&reply.location, reply.status) {
+                        (Some(l), 301 | 302 | 303 | 307 | 308)
+                            if matches!(req.method, "GET" | "HEAD") =>
+                        {
+                            url::Url::parse(&url).ok().and_then(|u| u.join(l).ok())
+                        }
+                        _ => None,
+                    };
+                    let Some(next) = next else {
+                        return Ok(reply);
+                    };
+                    let same_origin =
+                        url::Url::parse(&url).is_ok_and(|u| u.origin() == next.origin());
+                    if !same_origin {
+                        headers.retain(|(k, _)| !k.eq_ignore_ascii_case("authorization"));
+                    }
+                    url = next.to_string();
                 }
+                Err(RegistryApiError::Transport {
+                    url: req.url.to_string(),
+                    source: format!("more than {MAX_REDIRECTS} redirects").into(),
+                })
             }
         }
     }
@@ -557,6 +600,47 @@ impl Client {
         })
     }
 
+    /// GET a blob (an image config) by digest, checked against it.
+    pub async fn blob(&self, digest: &str) -> Result<Vec<u8>, RegistryApiError> {
+        let url = format!("{}/v2/{}/blobs/{digest}", self.repo.base, self.repo.name);
+        let reply = self.send("GET", &url, &[("Accept", "*/*")], None).await?;
+        let reply = check(reply, "GET", &url)?;
+        if digest.starts_with("sha256:") && digest_of(&reply.body) != digest {
+            return Err(RegistryApiError::BadManifest {
+                url,
+                why: "the blob does not match its digest".into(),
+            });
+        }
+        Ok(reply.body)
+    }
+
+    /// The platform an image says it is for (its config's `os`,
+    /// `architecture` and `variant`), from the descriptor of its manifest.
+    pub async fn image_platform(&self, d: &Descriptor) -> Result<Platform, RegistryApiError> {
+        let manifest = self.manifest(&d.digest).await?;
+        let url = self.manifest_url(&d.digest);
+        let bad = |why: String| RegistryApiError::BadManifest {
+            url: url.clone(),
+            why,
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&manifest.bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let config = v["config"]["digest"]
+            .as_str()
+            .ok_or_else(|| bad("it names no config".into()))?;
+        let blob = self.blob(config).await?;
+        let c: serde_json::Value = serde_json::from_slice(&blob)
+            .map_err(|e| bad(format!("its config is not JSON: {e}")))?;
+        match (c["os"].as_str(), c["architecture"].as_str()) {
+            (Some(os), Some(arch)) => Ok(Platform {
+                os: os.into(),
+                arch: arch.into(),
+                variant: c["variant"].as_str().map(String::from),
+            }),
+            _ => Err(bad("its config names no os and architecture".into())),
+        }
+    }
+
     /// PUT a manifest under `tag`; returns its digest.
     pub async fn put_manifest(
         &self,
@@ -634,6 +718,7 @@ async fn exchange_direct(
         status,
         content_type,
         challenge,
+        location: None,
         body,
     })
 }
@@ -727,6 +812,7 @@ async fn exchange_over(
         let status = resp.status().as_u16();
         let content_type = header("content-type");
         let challenge = header("www-authenticate");
+        let location = header("location");
         use http_body_util::BodyExt as _;
         let body = http_body_util::Limited::new(resp.into_body(), MAX_MANIFEST)
             .collect()
@@ -744,6 +830,7 @@ async fn exchange_over(
             status,
             content_type,
             challenge,
+            location,
             body,
         })
     };

@@ -48,6 +48,15 @@ pub enum PlatformError {
         "a build for several platforms needs `--push`: each platform is built on its own builder and they meet only in the registry"
     )]
     NeedsPush,
+    #[error(
+        "builder `{builder}` built `{image}` for {got}, not {want}: its docker did not build for the platform it was asked"
+    )]
+    WrongPlatform {
+        image: String,
+        builder: String,
+        want: String,
+        got: String,
+    },
     #[error("`{flag}` takes one image, but a build for several platforms makes one per platform")]
     OneImageFlag { flag: &'static str },
     #[error("the build for {platform} failed")]
@@ -63,7 +72,10 @@ pub enum PlatformError {
 impl PlatformError {
     /// Whether the command line asked for something impossible.
     pub fn is_usage(&self) -> bool {
-        !matches!(self, PlatformError::Failed { .. })
+        !matches!(
+            self,
+            PlatformError::Failed { .. } | PlatformError::WrongPlatform { .. }
+        )
     }
 
     pub fn hint(&self) -> Option<String> {
@@ -78,6 +90,9 @@ impl PlatformError {
                 "it was built with emulation on a builder of another platform: a `RUN` step there needs QEMU registered with binfmt_misc on the builder (`docker run --privileged --rm tonistiigi/binfmt --install all` on it), or add a builder of that platform to the pool".into(),
             ),
             PlatformError::NeedsPush => Some("add `--push`".into()),
+            PlatformError::WrongPlatform { builder, .. } => Some(format!(
+                "the classic builder ignores `--platform` for some images: let `{builder}` use BuildKit (`buildkit: auto` with a docker that has it), or declare its real platform with `platform:`"
+            )),
             _ => None,
         }
     }
@@ -334,9 +349,9 @@ pub(super) async fn run(
     // builder that built a platform (it reached the registry to push).
     let repo = registry_api::Repository::parse(&args.repository);
     let creds = crate::registry::lookup(&crate::registry::registry_of(&args.repository))?;
-    let built: Vec<(Platform, String)> = done
+    let built: Vec<(Platform, String, String)> = done
         .iter()
-        .map(|(p, image, _)| (p.clone(), image.clone()))
+        .map(|(p, image, r)| (p.clone(), image.clone(), r.builder.clone()))
         .collect();
     let mut used: Vec<String> = Vec::new();
     for (_, _, r) in &done {
@@ -416,17 +431,32 @@ struct Written {
 /// Reads each platform's manifest and puts the index under every image.
 async fn write_index(
     client: &registry_api::Client,
-    built: &[(Platform, String)],
+    built: &[(Platform, String, String)],
     images: &[String],
 ) -> anyhow::Result<Written> {
     let mut entries: Vec<(Descriptor, Platform)> = Vec::new();
-    for (p, image) in built {
+    for (p, image, builder) in built {
         let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("latest");
         let url = client.manifest_url(tag);
         let manifest = client.manifest(tag).await.map_err(|e| {
             anyhow::Error::new(e).context(format!("cannot read the manifest of `{image}`"))
         })?;
         let d = registry_api::descriptor_for(&manifest, p, &url)?;
+        // The index must not call an image what it is not: a builder of
+        // another platform (emulation, a wrong `platform:`) may have built
+        // for its own.
+        let got = client.image_platform(&d).await.map_err(|e| {
+            anyhow::Error::new(e).context(format!("cannot read the image config of `{image}`"))
+        })?;
+        if !got.serves(p) {
+            return Err(PlatformError::WrongPlatform {
+                image: image.clone(),
+                builder: builder.clone(),
+                want: p.to_string(),
+                got: got.to_string(),
+            }
+            .into());
+        }
         entries.push((d, p.clone()));
     }
     let (media_type, body) = registry_api::index_json(&entries);
@@ -461,7 +491,7 @@ async fn through_builder(
     used: &[String],
     repo: &registry_api::Repository,
     creds: &Option<crate::registry::Credentials>,
-    built: &[(Platform, String)],
+    built: &[(Platform, String, String)],
     images: &[String],
     state: &StateFile,
     cancel: &CancellationToken,

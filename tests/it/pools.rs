@@ -1367,6 +1367,38 @@ fn a_pool_with_emulate_builds_a_platform_no_builder_has() {
         "amd64 is native:\n{err}"
     );
     assert_eq!(checked_index(reg, "emu/app", "v1"), ["amd64", "arm64"]);
+
+    // docker 20.10's classic builder takes `--platform` but builds a `FROM
+    // scratch` image for its own platform: the image's config is read
+    // before the index is written, and the mismatch stops it.
+    let classic = dir.path().join("solo-classic.yaml");
+    std::fs::write(
+        &classic,
+        format!(
+            "builders:\n{}pools:\n  solo:\n    builders: [amd]\n    emulate: true\n",
+            amd.yaml("    platform: linux/amd64\n    buildkit: off\n"),
+        ),
+    )
+    .unwrap();
+    let args = [
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "--push",
+        "-t",
+        "v2",
+    ];
+    let out = client.build_to(&classic, "solo", &repo, &args, &env);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "builder `amd` built `{repo}:v2-linux-arm64` for linux/amd64, not linux/arm64"
+        )) && err.contains("hint:")
+            && err.contains("BuildKit"),
+        "{err}"
+    );
+    let (code, _) = reg.api("/v2/emu/app/manifests/v2", INDEX_TYPES);
+    assert_eq!(code, 404, "no index that lies");
 }
 
 /// A child process killed when the test ends, however it ends.
