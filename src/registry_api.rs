@@ -448,23 +448,15 @@ impl Client {
                             });
                         }
                     };
-                    let next = match (&reply.location, reply.status) {
-                        (Some(l), 301 | 302 | 303 | 307 | 308)
-                            if matches!(req.method, "GET" | "HEAD") =>
-                        {
-                            url::Url::parse(&url).ok().and_then(|u| u.join(l).ok())
-                        }
-                        _ => None,
-                    };
-                    let Some(next) = next else {
+                    let Some((next, same_origin)) =
+                        redirect(&url, req.method, reply.status, reply.location.as_deref())
+                    else {
                         return Ok(reply);
                     };
-                    let same_origin =
-                        url::Url::parse(&url).is_ok_and(|u| u.origin() == next.origin());
                     if !same_origin {
                         headers.retain(|(k, _)| !k.eq_ignore_ascii_case("authorization"));
                     }
-                    url = next.to_string();
+                    url = next;
                 }
                 Err(RegistryApiError::Transport {
                     url: req.url.to_string(),
@@ -660,6 +652,27 @@ impl Client {
         check(reply, "PUT", &url)?;
         Ok(digest_of(body))
     }
+}
+
+/// Where a redirect of a `GET` or `HEAD` leads (`Location` resolved
+/// against the request's URL), and whether that is the same origin, so
+/// the credentials may go along.
+fn redirect(
+    url: &str,
+    method: &str,
+    status: u16,
+    location: Option<&str>,
+) -> Option<(String, bool)> {
+    if !matches!(status, 301 | 302 | 303 | 307 | 308) || !matches!(method, "GET" | "HEAD") {
+        return None;
+    }
+    let from = url::Url::parse(url).ok()?;
+    let next = from.join(location?).ok()?;
+    if !matches!(next.scheme(), "http" | "https") {
+        return None;
+    }
+    let same = from.origin() == next.origin();
+    Some((next.to_string(), same))
 }
 
 /// The limit on what a reply may carry, as an error.
@@ -885,6 +898,42 @@ mod tests {
         assert_eq!(c.params["service"], "ghcr.io");
         assert_eq!(c.params["error"], "insufficient_scope");
         assert!(parse_challenge("").is_none());
+    }
+
+    #[test]
+    fn redirects_keep_credentials_only_on_the_same_origin() {
+        let from = "https://reg.example.com/v2/a/blobs/sha256:aa";
+        // method, status, Location; where it leads and whether credentials go.
+        type Case<'a> = (&'a str, u16, Option<&'a str>, Option<(&'a str, bool)>);
+        let cases: &[Case] = &[
+            (
+                "GET",
+                307,
+                Some("https://s3.example.com/x?sig=1"),
+                Some(("https://s3.example.com/x?sig=1", false)),
+            ),
+            (
+                "GET",
+                302,
+                Some("/v2/a/blobs/other"),
+                Some(("https://reg.example.com/v2/a/blobs/other", true)),
+            ),
+            (
+                "GET",
+                301,
+                Some("http://reg.example.com/v2/x"),
+                Some(("http://reg.example.com/v2/x", false)),
+            ),
+            ("GET", 200, Some("https://elsewhere/"), None),
+            ("PUT", 307, Some("https://elsewhere/"), None),
+            ("GET", 302, None, None),
+            ("GET", 302, Some("file:///etc/passwd"), None),
+        ];
+        for (method, status, location, want) in cases {
+            let got = redirect(from, method, *status, *location);
+            let got = got.as_ref().map(|(u, same)| (u.as_str(), *same));
+            assert_eq!(got, *want, "{method} {status} {location:?}");
+        }
     }
 
     #[test]

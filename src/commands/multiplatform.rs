@@ -13,8 +13,11 @@
 //! built a platform (see [`registry_api::Route`]).
 //!
 //! With `emulate: true`, a platform no member has is built on another
-//! member with `--platform`: its docker's emulation (BuildKit or the
-//! classic builder; `RUN` steps need QEMU registered on the builder).
+//! member with `--platform`: its docker's emulation (BuildKit; `RUN` steps
+//! need QEMU registered on the builder). Each image's config is read before
+//! the index is written, so an image built for another platform than asked
+//! (the classic builder ignores `--platform` for `FROM scratch`) is never
+//! listed under the wrong one.
 
 use std::collections::BTreeMap;
 
