@@ -16,7 +16,7 @@
 //! member with `--platform`: its docker's emulation (BuildKit; `RUN` steps
 //! need QEMU registered on the builder). Each image's config is read before
 //! the index is written, so an image built for another platform than asked
-//! (the classic builder ignores `--platform` for `FROM scratch`) is never
+//! (the classic builder's cache does not tell platforms apart) is never
 //! listed under the wrong one.
 
 use std::collections::BTreeMap;
@@ -94,7 +94,7 @@ impl PlatformError {
             ),
             PlatformError::NeedsPush => Some("add `--push`".into()),
             PlatformError::WrongPlatform { builder, .. } => Some(format!(
-                "the classic builder ignores `--platform` for some images: let `{builder}` use BuildKit (`buildkit: auto` with a docker that has it), or declare its real platform with `platform:`"
+                "docker's classic builder does not keep platforms apart (its cache hands back an image of one platform for another): let `{builder}` use BuildKit (`buildkit: auto` with a docker that has it), or declare its real platform with `platform:`"
             )),
             _ => None,
         }

@@ -372,6 +372,8 @@ async fn pool_status(
                 "pool": pool.name,
                 "prefer": pool.prefer,
                 "max_running": pool.max_running,
+                "emulate": pool.emulate,
+                "index_from": pool.index_from,
                 "builders": rows,
             }))?
         );
@@ -384,7 +386,7 @@ async fn pool_status(
             .unwrap_or_else(|| "-".into())
     };
     println!(
-        "pool `{}`: {} builder(s), prefer {}{}",
+        "pool `{}`: {} builder(s), prefer {}{}{}",
         pool.name,
         rows.len(),
         serde_json::to_value(pool.prefer)?
@@ -392,7 +394,12 @@ async fn pool_status(
             .unwrap_or_default(),
         pool.max_running
             .map(|m| format!(", at most {m} VM(s) running"))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if pool.emulate {
+            ", other platforms with emulation"
+        } else {
+            ""
+        }
     );
     let table: Vec<Vec<String>> = rows
         .iter()
