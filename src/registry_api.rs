@@ -404,11 +404,6 @@ impl Client {
         }
     }
 
-    /// The repository's API base, as the registry is named (`http://127.0.0.1:5000`).
-    pub fn base(&self) -> &str {
-        &self.repo.base
-    }
-
     pub fn manifest_url(&self, reference: &str) -> String {
         format!(
             "{}/v2/{}/manifests/{reference}",

@@ -1381,6 +1381,16 @@ fn a_pool_with_emulate_builds_a_platform_no_builder_has() {
         (&st["emulate"], &st["index_from"]),
         (&true.into(), &"auto".into())
     );
+    // One platform that no member has: emulated too (no index, no push).
+    let out = client.build(&config(true), "solo", &["--platform", "linux/arm64"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(built_on(&out), "amd");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("no builder of pool `solo` is linux/arm64: building it with emulation"),
+        "{}",
+        text(&out)
+    );
 
     // docker 20.10's classic builder takes `--platform`, but its cache does
     // not tell platforms apart: the second platform's build comes back as
