@@ -102,6 +102,19 @@ pub enum ProviderKind {
     Gcp,
     Aws,
     Azure,
+    /// AWS CodeBuild: a build service, no VM of ours.
+    #[serde(rename = "codebuild")]
+    CodeBuild,
+    /// Google Cloud Build: a build service, no VM of ours.
+    #[serde(rename = "cloudbuild")]
+    CloudBuild,
+}
+
+impl ProviderKind {
+    /// Whether builds run on a build service rather than on a VM over SSH.
+    pub fn is_service(self) -> bool {
+        matches!(self, ProviderKind::CodeBuild | ProviderKind::CloudBuild)
+    }
 }
 
 impl fmt::Display for ProviderKind {
@@ -111,6 +124,8 @@ impl fmt::Display for ProviderKind {
             ProviderKind::Gcp => "gcp",
             ProviderKind::Aws => "aws",
             ProviderKind::Azure => "azure",
+            ProviderKind::CodeBuild => "codebuild",
+            ProviderKind::CloudBuild => "cloudbuild",
         })
     }
 }
@@ -230,6 +245,20 @@ pub struct Builder {
     pub resource_group: Option<String>,
     pub vm_name: Option<String>,
     pub authority_host: Option<String>,
+    // Build services (`provider: codebuild` or `cloudbuild`).
+    /// The S3 or GCS bucket the context is uploaded to.
+    pub bucket: Option<String>,
+    /// The CodeBuild project whose environment and role run the builds.
+    pub codebuild_project: Option<String>,
+    /// CodeBuild: the Secrets Manager secret (name or ARN) with `username`
+    /// and `password` keys for a registry that is not ECR.
+    pub registry_secret: Option<String>,
+    /// CodeBuild: the CloudWatch Logs group of the builds.
+    pub log_group: Option<String>,
+    /// Cloud Build: the Cloud Storage JSON API endpoint.
+    pub storage_endpoint: Option<String>,
+    /// US dollars per billed build minute, for `remote metrics`.
+    pub build_minute_cost: Option<f64>,
 }
 
 mod secs {
@@ -315,6 +344,12 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("resource_group", Kind::Str),
     ("vm_name", Kind::Str),
     ("authority_host", Kind::Str),
+    ("bucket", Kind::Str),
+    ("codebuild_project", Kind::Str),
+    ("registry_secret", Kind::Str),
+    ("log_group", Kind::Str),
+    ("storage_endpoint", Kind::Str),
+    ("build_minute_cost", Kind::Float),
 ];
 
 /// Keys `defaults:` accepts: everything that is not a builder's identity.
@@ -414,6 +449,9 @@ pub struct Pool {
     /// stopped one only below this. `None`: as many as there are.
     pub max_running: Option<usize>,
     pub prefer: Prefer,
+    /// A build service (`provider: codebuild` or `cloudbuild`) that takes
+    /// the build when every member is busy, instead of waiting.
+    pub overflow: Option<String>,
 }
 
 /// Finds the config file: `--remote-config`, `$ABSCONDA_REMOTE_CONFIG`, the
@@ -618,6 +656,7 @@ impl ConfigFile {
                 members: Vec::new(),
                 max_running: None,
                 prefer: Prefer::Affinity,
+                overflow: None,
             };
             for (k, v) in settings {
                 let key = key_str(&k).unwrap_or_default();
@@ -645,6 +684,21 @@ impl ConfigFile {
                                     format!(
                                         "no builder named `{member}`{}",
                                         suggestion(&member, &self.order)
+                                    ),
+                                ));
+                            }
+                            if self
+                                .builders
+                                .get(&member)
+                                .and_then(|raw| raw.get("provider"))
+                                .and_then(Value::as_str)
+                                .is_some_and(|p| p == "codebuild" || p == "cloudbuild")
+                            {
+                                return Err(invalid(
+                                    Some(&name),
+                                    Some("builders"),
+                                    format!(
+                                        "`{member}` is a build service: name it as the pool's `overflow:` instead"
                                     ),
                                 ));
                             }
@@ -682,12 +736,29 @@ impl ConfigFile {
                             }
                         }
                     }
+                    "overflow" => {
+                        let service = key_str(&v).filter(|b| {
+                            self.builders
+                                .get(b)
+                                .and_then(|raw| raw.get("provider"))
+                                .and_then(Value::as_str)
+                                .is_some_and(|p| p == "codebuild" || p == "cloudbuild")
+                        });
+                        let Some(service) = service else {
+                            return Err(invalid(
+                                Some(&name),
+                                Some("overflow"),
+                                "expected the name of a builder with `provider: codebuild` or `provider: cloudbuild`".into(),
+                            ));
+                        };
+                        pool.overflow = Some(service);
+                    }
                     other => {
                         return Err(ConfigError::UnknownKey {
                             at: self.pool_location(Some(&name), Some(other)),
                             suggestion: did_you_mean(
                                 other,
-                                ["builders", "max_running", "prefer"].into_iter(),
+                                ["builders", "max_running", "prefer", "overflow"].into_iter(),
                             ),
                         });
                     }
@@ -846,10 +917,12 @@ impl ConfigFile {
             Some("gcp") | Some("gce") => ProviderKind::Gcp,
             Some("aws") | Some("ec2") => ProviderKind::Aws,
             Some("azure") | Some("az") => ProviderKind::Azure,
+            Some("codebuild") => ProviderKind::CodeBuild,
+            Some("cloudbuild") => ProviderKind::CloudBuild,
             Some(other) => {
                 return Err(r.invalid(
                     "provider",
-                    format!("unknown provider `{other}`: use `ssh`, `gcp`, `aws` or `azure`"),
+                    format!("unknown provider `{other}`: use `ssh`, `gcp`, `aws`, `azure`, `codebuild` or `cloudbuild`"),
                 ));
             }
         };
@@ -904,6 +977,24 @@ impl ConfigFile {
                                 ..self.location(Some(name), None)
                             },
                             provider: "azure".into(),
+                        });
+                    }
+                }
+            }
+            ProviderKind::CodeBuild | ProviderKind::CloudBuild => {
+                let keys: &[&str] = if provider == ProviderKind::CodeBuild {
+                    &["bucket", "codebuild_project"]
+                } else {
+                    &["bucket", "project"]
+                };
+                for key in keys {
+                    if r.string(key)?.is_none() {
+                        return Err(ConfigError::Missing {
+                            at: Location {
+                                key: Some((*key).into()),
+                                ..self.location(Some(name), None)
+                            },
+                            provider: provider.to_string(),
                         });
                     }
                 }
@@ -1107,6 +1198,12 @@ impl ConfigFile {
             resource_group: r.string("resource_group")?,
             vm_name: r.string("vm_name")?,
             authority_host: r.string("authority_host")?,
+            bucket: r.string("bucket")?,
+            codebuild_project: r.string("codebuild_project")?,
+            registry_secret: r.string("registry_secret")?,
+            log_group: r.string("log_group")?,
+            storage_endpoint: r.string("storage_endpoint")?,
+            build_minute_cost: r.float("build_minute_cost")?,
         };
         let mut b = b;
         if provider == ProviderKind::Ssh {

@@ -69,6 +69,7 @@ pub mod registry_api;
 pub mod remote;
 pub mod report;
 pub mod secrets;
+pub mod service;
 pub mod shell;
 pub mod ssh;
 pub mod state;

@@ -1,0 +1,350 @@
+//! Build services as builders: CodeBuild against moto (S3, CodeBuild,
+//! CloudWatch Logs), with the build status set through
+//! [`CodeBuildGate`] because moto's CodeBuild runs nothing.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use absconda::cloud::aws_auth::Env;
+use absconda::config::ConfigFile;
+use absconda::service::codebuild::Aws;
+use serde_json::json;
+use url::Url;
+
+use crate::support::absconda::BIN;
+use crate::support::codebuild_gate::CodeBuildGate;
+use crate::support::moto::{Moto, REGION};
+use crate::support::{tempdir, wait_until};
+
+const BUCKET: &str = "absconda-contexts";
+const PROJECT: &str = "absconda-builds";
+const GROUP: &str = "/absconda/test";
+
+/// moto, the gate in front of it, a project folder with a config naming
+/// builder `cb`, and a client for setting things up.
+struct Setup {
+    _moto: Moto,
+    gate: CodeBuildGate,
+    dir: tempfile::TempDir,
+    aws: Aws,
+    env: Vec<(String, String)>,
+}
+
+impl Setup {
+    async fn start() -> Option<Setup> {
+        let moto = Moto::start().await?;
+        let gate = CodeBuildGate::start(moto.addr());
+        let dir = tempdir();
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        let ctx = dir.path().join("ctx");
+        std::fs::create_dir_all(&ctx).unwrap();
+        std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY kept.txt /\n").unwrap();
+        std::fs::write(ctx.join("kept.txt"), "kept").unwrap();
+        std::fs::write(ctx.join("secret.env"), "TOKEN=1").unwrap();
+        std::fs::write(ctx.join(".dockerignore"), "secret.env\n").unwrap();
+        let config = format!(
+            "builders:\n  cb:\n    provider: codebuild\n    region: {REGION}\n    api_endpoint: {}\n    bucket: {BUCKET}\n    codebuild_project: {PROJECT}\n    log_group: {GROUP}\n    timeout: 600\n",
+            gate.endpoint()
+        );
+        let config_path = dir.path().join("absconda-remote.yaml");
+        std::fs::write(&config_path, &config).unwrap();
+        let builder = ConfigFile::parse(&config_path, &config)
+            .unwrap()
+            .builder("cb")
+            .unwrap();
+        let (key, secret) = moto.access_key();
+        let env = vec![
+            ("HOME".to_string(), home.display().to_string()),
+            ("AWS_ACCESS_KEY_ID".into(), key.to_string()),
+            ("AWS_SECRET_ACCESS_KEY".into(), secret.to_string()),
+            ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+            (
+                "XDG_STATE_HOME".into(),
+                home.join("state").display().to_string(),
+            ),
+        ];
+        let aws = Aws::for_builder(&builder, Env::from_pairs(env.clone())).unwrap();
+        aws.call(
+            "s3",
+            "CreateBucket",
+            "PUT",
+            &Url::parse(&format!("{}/{BUCKET}", gate.endpoint())).unwrap(),
+            &[],
+            b"",
+        )
+        .await
+        .expect("create the bucket");
+        aws.json(
+            "codebuild",
+            "CreateProject",
+            &json!({
+                "name": PROJECT,
+                "source": {"type": "S3", "location": format!("{BUCKET}/none")},
+                "artifacts": {"type": "NO_ARTIFACTS"},
+                "environment": {
+                    "type": "LINUX_CONTAINER",
+                    "image": "aws/codebuild/standard:7.0",
+                    "computeType": "BUILD_GENERAL1_SMALL"
+                },
+                "serviceRole": "arn:aws:iam::123456789012:role/absconda-codebuild"
+            }),
+        )
+        .await
+        .expect("create the project");
+        aws.json("logs", "CreateLogGroup", &json!({"logGroupName": GROUP}))
+            .await
+            .expect("create the log group");
+        Some(Setup {
+            _moto: moto,
+            gate,
+            dir,
+            aws,
+            env,
+        })
+    }
+
+    /// `absconda build` on `cb`, stderr collected as it comes.
+    fn spawn(&self, extra: &[&str]) -> (Child, Arc<Mutex<String>>) {
+        let mut c = Command::new(BIN);
+        c.current_dir(self.dir.path())
+            .args(["build", "--remote-builder", "cb", "--repository"])
+            .arg("registry.example/app")
+            .args(["-t", "1", "--context", "ctx"])
+            .args(extra)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("run absconda");
+        let out = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let o = out.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut o = o.lock().unwrap();
+                o.push_str(&line);
+                o.push('\n');
+            }
+        });
+        (child, out)
+    }
+
+    async fn objects(&self) -> Vec<String> {
+        let url = Url::parse(&format!("{}/{BUCKET}?list-type=2", self.gate.endpoint())).unwrap();
+        let (_, body) = self
+            .aws
+            .call("s3", "ListObjectsV2", "GET", &url, &[], b"")
+            .await
+            .expect("list the bucket");
+        let text = String::from_utf8_lossy(&body).into_owned();
+        text.split("<Key>")
+            .skip(1)
+            .filter_map(|s| s.split_once("</Key>").map(|(k, _)| k.to_string()))
+            .collect()
+    }
+
+    async fn object(&self, key: &str) -> Vec<u8> {
+        let url = Url::parse(&format!("{}/{BUCKET}/{key}", self.gate.endpoint())).unwrap();
+        self.aws
+            .call("s3", "GetObject", "GET", &url, &[], b"")
+            .await
+            .expect("get the object")
+            .1
+    }
+
+    /// Waits for the build to start; its id.
+    fn started(&self) -> String {
+        wait_until("StartBuild", Duration::from_secs(120), || {
+            !self.gate.build_ids().is_empty()
+        });
+        self.gate.build_ids()[0].clone()
+    }
+
+    async fn log(&self, id: &str, lines: &[&str]) {
+        let stream = id.rsplit_once(':').unwrap().1;
+        let _ = self
+            .aws
+            .json(
+                "logs",
+                "CreateLogStream",
+                &json!({"logGroupName": GROUP, "logStreamName": stream}),
+            )
+            .await;
+        let now = chrono::Utc::now().timestamp_millis();
+        let events: Vec<_> = lines
+            .iter()
+            .map(|m| json!({"timestamp": now, "message": m}))
+            .collect();
+        self.aws
+            .json(
+                "logs",
+                "PutLogEvents",
+                &json!({"logGroupName": GROUP, "logStreamName": stream, "logEvents": events}),
+            )
+            .await
+            .expect("put log events");
+    }
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> i32 {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code().unwrap_or(-1);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("absconda did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The names in a gzip tar.
+fn tar_names(gz: &[u8]) -> Vec<String> {
+    let mut tar = Vec::new();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut tar)
+        .expect("a gzip archive");
+    let mut names = Vec::new();
+    let mut at = 0;
+    while at + 512 <= tar.len() && tar[at] != 0 {
+        let name = String::from_utf8_lossy(&tar[at..at + 100])
+            .trim_end_matches('\0')
+            .to_string();
+        let size = u64::from_str_radix(
+            String::from_utf8_lossy(&tar[at + 124..at + 136])
+                .trim_matches(|c: char| c == '\0' || c == ' '),
+            8,
+        )
+        .unwrap_or(0) as usize;
+        names.push(name);
+        at += 512 + size.div_ceil(512) * 512;
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codebuild_builds_from_s3_follows_the_log_and_deletes_the_context() {
+    let Some(s) = Setup::start().await else {
+        return;
+    };
+    let (mut child, err) = s.spawn(&[
+        "--build-arg",
+        "V=1 2",
+        "--label",
+        "team=x",
+        "--target",
+        "final",
+        "--platform",
+        "linux/amd64",
+    ]);
+    let id = s.started();
+
+    // What absconda asked CodeBuild for.
+    let start = &s.gate.started()[0];
+    assert_eq!(start["projectName"], PROJECT);
+    assert_eq!(start["sourceTypeOverride"], "S3");
+    assert_eq!(start["privilegedModeOverride"], true);
+    let location = start["sourceLocationOverride"].as_str().unwrap();
+    let key = location
+        .strip_prefix(&format!("{BUCKET}/"))
+        .expect("the context in the configured bucket");
+    let spec = start["buildspecOverride"].as_str().unwrap();
+    for part in [
+        "version: 0.2",
+        "docker build -f Dockerfile -t registry.example/app:1",
+        "--build-arg 'V=1 2'",
+        "--label team=x",
+        "--target final",
+        "--platform linux/amd64",
+        " .",
+    ] {
+        assert!(spec.contains(part), "`{part}` missing from:\n{spec}");
+    }
+    assert!(!spec.contains("docker push"), "no --push: {spec}");
+
+    // The context is in S3 while the build runs, without ignored files.
+    assert_eq!(s.objects().await, vec![key.to_string()]);
+    let names = tar_names(&s.object(key).await);
+    assert!(names.iter().any(|n| n == "Dockerfile"), "{names:?}");
+    assert!(names.iter().any(|n| n == "kept.txt"), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains("secret.env")), "{names:?}");
+
+    // Log events appear while the build is still running.
+    s.log(&id, &["Step 1/2 : FROM scratch", "marker-line-one"])
+        .await;
+    wait_until("the log line on stderr", Duration::from_secs(30), || {
+        err.lock().unwrap().contains("marker-line-one")
+    });
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    s.log(&id, &["marker-line-two"]).await;
+    wait_until("the second log line", Duration::from_secs(30), || {
+        err.lock().unwrap().contains("marker-line-two")
+    });
+
+    s.gate.finish("SUCCEEDED", None);
+    let code = wait_exit(&mut child, Duration::from_secs(60));
+    let stderr = err.lock().unwrap().clone();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("no persistent layer cache"),
+        "the summary says there is no cache: {stderr}"
+    );
+    assert!(s.objects().await.is_empty(), "the context was deleted");
+    assert!(s.gate.stopped().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codebuild_status_becomes_the_exit_code_and_ctrl_c_stops_the_build() {
+    let Some(s) = Setup::start().await else {
+        return;
+    };
+    // A failed build phase: exit 5. With --push, a failed push phase: exit 6.
+    for (phase, push, want) in [("BUILD", false, 5), ("POST_BUILD", true, 6)] {
+        s.gate.finish("FAILED", Some(phase));
+        let args: &[&str] = if push { &["--push"] } else { &[] };
+        let (mut child, err) = s.spawn(args);
+        let code = wait_exit(&mut child, Duration::from_secs(120));
+        let stderr = err.lock().unwrap().clone();
+        assert_eq!(code, want, "{phase}: {stderr}");
+        if push {
+            let spec = s.gate.started().last().unwrap()["buildspecOverride"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert!(
+                spec.contains("docker push registry.example/app:1"),
+                "{spec}"
+            );
+        }
+    }
+    assert!(s.objects().await.is_empty(), "the contexts were deleted");
+
+    // Ctrl-C while the build runs: StopBuild, exit 130, nothing left.
+    let gate_before = s.gate.build_ids().len();
+    s.gate.reopen();
+    let (mut child, err) = s.spawn(&[]);
+    wait_until("the next StartBuild", Duration::from_secs(120), || {
+        s.gate.build_ids().len() > gate_before
+    });
+    let polls = s.gate.polls();
+    wait_until("a status poll", Duration::from_secs(30), || {
+        s.gate.polls() > polls
+    });
+    let id = s.gate.build_ids().last().unwrap().clone();
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let code = wait_exit(&mut child, Duration::from_secs(60));
+    let stderr = err.lock().unwrap().clone();
+    assert_eq!(code, 130, "{stderr}");
+    assert_eq!(s.gate.stopped(), vec![id]);
+    assert!(s.objects().await.is_empty(), "the context was deleted");
+}
