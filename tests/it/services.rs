@@ -24,16 +24,19 @@ const GROUP: &str = "/absconda/test";
 
 /// moto, the gate in front of it, a project folder with a config naming
 /// builder `cb`, and a client for setting things up.
-struct Setup {
+pub(crate) struct Setup {
     _moto: Moto,
-    gate: CodeBuildGate,
+    pub gate: CodeBuildGate,
     dir: tempfile::TempDir,
     aws: Aws,
-    env: Vec<(String, String)>,
+    /// The environment absconda runs with (HOME, the moto key).
+    pub env: Vec<(String, String)>,
+    /// Builder `cb`'s lines in a builders file.
+    pub cb_yaml: String,
 }
 
 impl Setup {
-    async fn start() -> Option<Setup> {
+    pub async fn start() -> Option<Setup> {
         let moto = Moto::start().await?;
         let gate = CodeBuildGate::start(moto.addr());
         let dir = tempdir();
@@ -45,10 +48,11 @@ impl Setup {
         std::fs::write(ctx.join("kept.txt"), "kept").unwrap();
         std::fs::write(ctx.join("secret.env"), "TOKEN=1").unwrap();
         std::fs::write(ctx.join(".dockerignore"), "secret.env\n").unwrap();
-        let config = format!(
-            "builders:\n  cb:\n    provider: codebuild\n    region: {REGION}\n    api_endpoint: {}\n    bucket: {BUCKET}\n    codebuild_project: {PROJECT}\n    log_group: {GROUP}\n    timeout: 600\n",
+        let cb_yaml = format!(
+            "  cb:\n    provider: codebuild\n    region: {REGION}\n    api_endpoint: {}\n    bucket: {BUCKET}\n    codebuild_project: {PROJECT}\n    log_group: {GROUP}\n    timeout: 600\n",
             gate.endpoint()
         );
+        let config = format!("builders:\n{cb_yaml}");
         let config_path = dir.path().join("absconda-remote.yaml");
         std::fs::write(&config_path, &config).unwrap();
         let builder = ConfigFile::parse(&config_path, &config)
@@ -103,6 +107,7 @@ impl Setup {
             dir,
             aws,
             env,
+            cb_yaml,
         })
     }
 
@@ -135,7 +140,7 @@ impl Setup {
         (child, out)
     }
 
-    async fn objects(&self) -> Vec<String> {
+    pub async fn objects(&self) -> Vec<String> {
         let url = Url::parse(&format!("{}/{BUCKET}?list-type=2", self.gate.endpoint())).unwrap();
         let (_, body) = self
             .aws
