@@ -14,7 +14,9 @@ use serde_json::json;
 use url::Url;
 
 use crate::support::absconda::BIN;
+use crate::support::cloudbuild_fake::CloudBuildFake;
 use crate::support::codebuild_gate::CodeBuildGate;
+use crate::support::gce_fake::{Flow, GceFake};
 use crate::support::moto::{Moto, REGION};
 use crate::support::{tempdir, wait_until};
 
@@ -352,4 +354,247 @@ async fn codebuild_status_becomes_the_exit_code_and_ctrl_c_stops_the_build() {
     assert_eq!(code, 130, "{stderr}");
     assert_eq!(s.gate.stopped(), vec![id]);
     assert!(s.objects().await.is_empty(), "the context was deleted");
+}
+
+// ---------------------------------------------------------------------------
+// Cloud Build, against the fake (no emulator runs builds).
+
+const GCS_BUCKET: &str = "absconda-test-contexts";
+
+/// The Cloud Build fake with the GCE fake's tokens, and a project folder
+/// with builder `gb`.
+struct GcpSetup {
+    _gce: Arc<GceFake>,
+    fake: CloudBuildFake,
+    dir: tempfile::TempDir,
+    env: Vec<(String, Option<String>)>,
+}
+
+impl GcpSetup {
+    fn start() -> GcpSetup {
+        let gce = Arc::new(GceFake::start());
+        let g = gce.clone();
+        let fake = CloudBuildFake::start(move |auth| g.principal_of(auth).is_some());
+        let dir = tempdir();
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        let ctx = dir.path().join("ctx");
+        std::fs::create_dir_all(&ctx).unwrap();
+        std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY kept.txt /\n").unwrap();
+        std::fs::write(ctx.join("kept.txt"), "kept").unwrap();
+        std::fs::write(ctx.join("secret.env"), "TOKEN=1").unwrap();
+        std::fs::write(ctx.join(".dockerignore"), "secret.env\n").unwrap();
+        std::fs::write(
+            dir.path().join("absconda-remote.yaml"),
+            format!(
+                "builders:\n  gb:\n    provider: cloudbuild\n    project: absconda-test\n    region: europe-west1\n    bucket: {GCS_BUCKET}\n    api_endpoint: {e}\n    storage_endpoint: {e}\n    machine_type: E2_HIGHCPU_8\n    timeout: 600\n",
+                e = fake.endpoint()
+            ),
+        )
+        .unwrap();
+        let mut env: Vec<(String, Option<String>)> = gce
+            .credential_env(Flow::ServiceAccountKey, dir.path())
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        env.push(("HOME".into(), Some(home.display().to_string())));
+        GcpSetup {
+            _gce: gce,
+            fake,
+            dir,
+            env,
+        }
+    }
+
+    fn spawn(&self, extra: &[&str]) -> (Child, Arc<Mutex<String>>) {
+        let mut c = Command::new(BIN);
+        c.current_dir(self.dir.path())
+            .args(["build", "--remote-builder", "gb", "--repository"])
+            .arg("europe-docker.pkg.dev/absconda-test/apps/app")
+            .args(["-t", "1", "--context", "ctx"])
+            .args(extra)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            if let Some(v) = v {
+                c.env(k, v);
+            }
+        }
+        let mut child = c.spawn().expect("run absconda");
+        let out = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let o = out.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stderr);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                o.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        (child, out)
+    }
+}
+
+#[test]
+fn cloudbuild_builds_from_cloud_storage_follows_the_log_and_deletes_the_source() {
+    let s = GcpSetup::start();
+    let (mut child, err) = s.spawn(&[
+        "--push",
+        "--build-arg",
+        "V=1 2",
+        "--label",
+        "team=x",
+        "--target",
+        "final",
+        "--platform",
+        "linux/amd64",
+    ]);
+    wait_until("builds.create", Duration::from_secs(120), || {
+        !s.fake.build_ids().is_empty()
+    });
+    let id = s.fake.build_ids()[0].clone();
+    let build = &s.fake.created()[0];
+    let object = build["source"]["storageSource"]["object"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(build["source"]["storageSource"]["bucket"], GCS_BUCKET);
+    let image = "europe-docker.pkg.dev/absconda-test/apps/app:1";
+    assert_eq!(build["images"], json!([image]), "pushed through `images`");
+    assert_eq!(build["options"]["machineType"], "E2_HIGHCPU_8");
+    assert_eq!(build["timeout"], "600s");
+    let step = &build["steps"][0];
+    assert_eq!(step["name"], "gcr.io/cloud-builders/docker");
+    let args: Vec<&str> = step["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(&args[..3], ["build", "-f", "Dockerfile"]);
+    for pair in [
+        ["-t", image],
+        ["--build-arg", "V=1 2"],
+        ["--label", "team=x"],
+        ["--target", "final"],
+        ["--platform", "linux/amd64"],
+    ] {
+        assert!(args.windows(2).any(|w| w == pair), "{pair:?} in {args:?}");
+    }
+    assert_eq!(args.last(), Some(&"."));
+    // A small context: one media upload, as gzip, without ignored files.
+    let uploads: Vec<_> = s
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|(m, p, _)| m == "POST" && p.starts_with("/upload/"))
+        .collect();
+    assert_eq!(uploads.len(), 1, "{uploads:?}");
+    assert!(uploads[0].1.contains("uploadType=media"), "{uploads:?}");
+    assert_eq!(uploads[0].2, "application/gzip");
+    let names = tar_names(&s.fake.object(GCS_BUCKET, &object).unwrap());
+    assert!(names.iter().any(|n| n == "kept.txt"), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains("secret.env")), "{names:?}");
+
+    // The log, while the build runs.
+    s.fake
+        .append_log(&id, "Step 1/2 : FROM scratch\nmarker-gcs-one\n");
+    wait_until("the log line on stderr", Duration::from_secs(30), || {
+        err.lock().unwrap().contains("marker-gcs-one")
+    });
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    s.fake.append_log(&id, "marker-gcs-two\n");
+    wait_until("the second log line", Duration::from_secs(30), || {
+        err.lock().unwrap().contains("marker-gcs-two")
+    });
+    s.fake.finish("SUCCESS", None);
+    let code = wait_exit(&mut child, Duration::from_secs(60));
+    let stderr = err.lock().unwrap().clone();
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        stderr.matches("marker-gcs-one").count(),
+        1,
+        "each log line once: {stderr}"
+    );
+    assert!(stderr.contains("no persistent layer cache"), "{stderr}");
+    assert!(
+        s.fake.objects(GCS_BUCKET).is_empty(),
+        "the source was deleted"
+    );
+    assert_eq!(s.fake.unauthorized(), 0, "every request had a valid token");
+}
+
+#[test]
+fn cloudbuild_resumes_a_large_upload_maps_statuses_and_cancels_on_ctrl_c() {
+    let s = GcpSetup::start();
+    // Incompressible: the archive is over the resumable threshold.
+    let mut big = vec![0u8; 10 << 20];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for b in big.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(s.dir.path().join("ctx/big.bin"), &big).unwrap();
+    s.fake.fail_chunks(1);
+    s.fake.finish("FAILURE", Some("USER_BUILD_STEP"));
+    let (mut child, err) = s.spawn(&[]);
+    let code = wait_exit(&mut child, Duration::from_secs(120));
+    assert_eq!(code, 5, "{}", err.lock().unwrap());
+    let chunks: Vec<_> = s
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|(m, p, _)| m == "PUT" && p.contains("upload_id="))
+        .collect();
+    assert!(
+        chunks.len() >= 4,
+        "3 chunks, one failed and sent again: {chunks:?}"
+    );
+    let object = s.fake.created()[0]["source"]["storageSource"]["object"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(s.fake.objects(GCS_BUCKET).is_empty(), "{object} deleted");
+
+    // A failed push: exit 6.
+    s.fake.reopen();
+    s.fake.finish("FAILURE", Some("PUSH_FAILED"));
+    let (mut child, err) = s.spawn(&["--push"]);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(120)),
+        6,
+        "{}",
+        err.lock().unwrap()
+    );
+
+    // Ctrl-C while it runs: builds.cancel, exit 130.
+    s.fake.reopen();
+    let before = s.fake.build_ids().len();
+    let (mut child, err) = s.spawn(&[]);
+    wait_until("the build running", Duration::from_secs(120), || {
+        s.fake.build_ids().len() > before
+            && s.fake
+                .requests()
+                .iter()
+                .filter(|(m, p, _)| m == "GET" && p.contains("/builds/"))
+                .count()
+                >= 3
+    });
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let code = wait_exit(&mut child, Duration::from_secs(60));
+    assert_eq!(code, 130, "{}", err.lock().unwrap());
+    assert_eq!(s.fake.cancelled().len(), 1);
+    assert!(s.fake.objects(GCS_BUCKET).is_empty());
 }
