@@ -380,6 +380,28 @@ mod tests {
     }
 
     #[test]
+    fn a_build_service_costs_its_billed_minutes() {
+        let mut s = BuilderState::default();
+        // 61 s and 30 s of build: billed 2 and 1 minutes.
+        s.record_build(record("success", 70.0, 61.0, Some(120.0)));
+        s.record_build(record("success", 40.0, 30.0, Some(60.0)));
+        let cfg = crate::config::ConfigFile::parse(
+            std::path::Path::new("/x/absconda-remote.yaml"),
+            "builders:\n  cb:\n    provider: codebuild\n    bucket: b\n    codebuild_project: p\n  gb:\n    provider: cloudbuild\n    bucket: b\n    project: p\n    build_minute_cost: 0.016\n",
+        )
+        .unwrap();
+        let cb = cfg.builder("cb").unwrap();
+        let cost = compute("cb", &s, Some(&cb)).cost.unwrap();
+        assert!(cost.estimate);
+        assert!((cost.usd - 3.0 * 0.005).abs() < 1e-9, "{cost:?}");
+        let gb = cfg.builder("gb").unwrap();
+        let cost = compute("gb", &s, Some(&gb)).cost.unwrap();
+        assert_eq!(cost.source, "build_minute_cost");
+        assert!(!cost.estimate);
+        assert!((cost.usd - 3.0 * 0.016).abs() < 1e-9, "{cost:?}");
+    }
+
+    #[test]
     fn every_listed_price_is_plausible() {
         for (m, p) in PRICES {
             assert!(*p > 0.01 && *p < 5.0, "{m}: {p}");

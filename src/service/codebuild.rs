@@ -789,6 +789,51 @@ mod tests {
     }
 
     #[test]
+    fn the_buildspec_logs_in_builds_and_pushes() {
+        let cfg = crate::config::ConfigFile::parse(
+            std::path::Path::new("/x/absconda-remote.yaml"),
+            "builders:\n  cb:\n    provider: codebuild\n    bucket: b\n    codebuild_project: p\n    registry_secret: ci/registry\n",
+        )
+        .unwrap();
+        let b = cfg.builder("cb").unwrap();
+        let req = BuildRequest {
+            images: vec![
+                "123456789012.dkr.ecr.eu-west-1.amazonaws.com/app:1".into(),
+                "ghcr.io/me/app:1".into(),
+            ],
+            push: true,
+            build_args: vec!["A=$(rm -rf /)".into()],
+            ..Default::default()
+        };
+        let spec = buildspec(&b, &req, "sub dir/Dockerfile");
+        for want in [
+            r#""aws ecr get-login-password --region eu-west-1 | docker login --username AWS --password-stdin 123456789012.dkr.ecr.eu-west-1.amazonaws.com""#,
+            r#"ABSCONDA_REGISTRY_PASSWORD: "ci/registry:password""#,
+            r#"--password-stdin ghcr.io""#,
+            r#"docker build -f 'sub dir/Dockerfile'"#,
+            r#"--build-arg 'A=$(rm -rf /)'"#,
+            "  post_build:\n    commands:\n      - \"docker push 123456789012.dkr.ecr.eu-west-1.amazonaws.com/app:1\"",
+            "  build:\n    on-failure: ABORT",
+        ] {
+            assert!(spec.contains(want), "`{want}` missing from:\n{spec}");
+        }
+        // Valid YAML whose commands are the shell lines, unchanged.
+        let v: serde_norway::Value = serde_norway::from_str(&spec).unwrap();
+        let build = v["phases"]["build"]["commands"][0].as_str().unwrap();
+        assert!(
+            build.starts_with("docker build -f 'sub dir/Dockerfile' -t 123456789012"),
+            "{build}"
+        );
+        assert!(build.ends_with(" --build-arg 'A=$(rm -rf /)' ."), "{build}");
+        // Without --push nothing logs in or pushes.
+        let spec = buildspec(&b, &BuildRequest { push: false, ..req }, "Dockerfile");
+        assert!(
+            !spec.contains("login") && !spec.contains("push") && !spec.contains("secrets-manager"),
+            "{spec}"
+        );
+    }
+
+    #[test]
     fn json_errors() {
         assert_eq!(
             parse_json_error(
