@@ -356,6 +356,68 @@ async fn codebuild_status_becomes_the_exit_code_and_ctrl_c_stops_the_build() {
     assert!(s.objects().await.is_empty(), "the context was deleted");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codebuild_uploads_a_large_context_to_s3_in_parts() {
+    let Some(s) = Setup::start().await else {
+        return;
+    };
+    // Incompressible and over the multipart threshold: three parts.
+    let mut big = vec![0u8; 20 << 20];
+    let mut x: u64 = 0x2545f4914f6cdd1d;
+    for b in big.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(s.dir.path().join("ctx/big.bin"), &big).unwrap();
+    let (mut child, err) = s.spawn(&[]);
+    s.started();
+    let key = s.gate.started()[0]["sourceLocationOverride"]
+        .as_str()
+        .unwrap()
+        .strip_prefix(&format!("{BUCKET}/"))
+        .unwrap()
+        .to_string();
+    // The whole archive is there (too big for the client's answer limit
+    // to fetch here: its size, from the listing).
+    let url = Url::parse(&format!("{}/{BUCKET}?list-type=2", s.gate.endpoint())).unwrap();
+    let (_, listing) = s
+        .aws
+        .call("s3", "ListObjectsV2", "GET", &url, &[], b"")
+        .await
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing).into_owned();
+    assert!(listing.contains(&format!("<Key>{key}</Key>")), "{listing}");
+    let size: u64 = listing
+        .split("<Size>")
+        .nth(1)
+        .and_then(|r| r.split("</Size>").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(size > 20 << 20, "{size} bytes");
+    let requests = s.gate.requests();
+    let parts = requests
+        .iter()
+        .filter(|r| r.starts_with("PUT ") && r.contains("partNumber="))
+        .count();
+    assert_eq!(parts, 3, "{requests:#?}");
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.starts_with("POST ") && r.ends_with("?uploads")),
+        "{requests:#?}"
+    );
+    s.gate.finish("SUCCEEDED", None);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(60)),
+        0,
+        "{}",
+        err.lock().unwrap()
+    );
+    assert!(s.objects().await.is_empty(), "the context was deleted");
+}
+
 // ---------------------------------------------------------------------------
 // Cloud Build, against the fake (no emulator runs builds).
 

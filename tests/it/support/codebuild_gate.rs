@@ -23,6 +23,8 @@ struct Shared {
     /// `(buildStatus, failed phase)` once the test ends the build.
     outcome: Option<(String, Option<String>)>,
     polls: usize,
+    /// `METHOD path?query` of every request.
+    requests: Vec<String>,
 }
 
 pub struct CodeBuildGate {
@@ -64,6 +66,11 @@ impl CodeBuildGate {
         self.shared.lock().unwrap().stopped.clone()
     }
 
+    /// `METHOD path?query` of every request, in order.
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.lock().unwrap().requests.clone()
+    }
+
     pub fn polls(&self) -> usize {
         self.shared.lock().unwrap().polls
     }
@@ -94,6 +101,10 @@ fn serve(conn: TcpStream, upstream: SocketAddr, sh: &Mutex<Shared>) {
     if reader.read_exact(&mut body).is_err() {
         return;
     }
+    sh.lock()
+        .unwrap()
+        .requests
+        .push(format!("{} {}", up.method, up.target));
     let target = up.header("x-amz-target").unwrap_or_default().to_string();
     let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     if target.ends_with(".StartBuild") {
