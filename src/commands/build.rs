@@ -488,8 +488,23 @@ async fn attempt_build(
             members,
             overflow,
         } => {
+            // The overflow service takes a build of one platform only when
+            // it declares that platform (`platform:`): it may not emulate others.
+            let overflow = overflow
+                .as_ref()
+                .filter(|s| platform.is_none_or(|p| s.platform.as_ref() == Some(p)));
+            let without_overflow;
+            let choice_pool = if overflow.is_none() && pool.overflow.is_some() {
+                without_overflow = config::Pool {
+                    overflow: None,
+                    ..pool.clone()
+                };
+                &without_overflow
+            } else {
+                pool
+            };
             let chosen = match pool::choose(
-                pool,
+                choice_pool,
                 members,
                 req,
                 platform,
