@@ -1716,6 +1716,50 @@ defaults:
     }
 
     #[test]
+    fn build_services_and_overflow() {
+        let ok = parse(
+            "builders:\n  vm:\n    host: h\n  cb:\n    provider: codebuild\n    bucket: b\n    codebuild_project: p\npools:\n  farm:\n    builders: [vm]\n    overflow: cb\n",
+        )
+        .unwrap();
+        assert_eq!(ok.pool("farm").unwrap().overflow.as_deref(), Some("cb"));
+        let cb = ok.builder("cb").unwrap();
+        assert!(cb.provider.is_service());
+        assert_eq!(cb.bucket.as_deref(), Some("b"));
+        for (text, want) in [
+            (
+                "builders:\n  cb:\n    provider: codebuild\n    bucket: b\n",
+                "key `codebuild_project`: required for provider `codebuild`",
+            ),
+            (
+                "builders:\n  gb:\n    provider: cloudbuild\n    project: p\n",
+                "key `bucket`: required for provider `cloudbuild`",
+            ),
+        ] {
+            let e = parse(text)
+                .unwrap()
+                .builder(if text.contains("cb:") { "cb" } else { "gb" });
+            let e = e.unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        for (pool, want) in [
+            (
+                "    builders: [vm]\n    overflow: vm\n",
+                "expected the name of a builder with `provider: codebuild`",
+            ),
+            (
+                "    builders: [vm, cb]\n",
+                "`cb` is a build service: name it as the pool's `overflow:` instead",
+            ),
+        ] {
+            let text = format!(
+                "builders:\n  vm:\n    host: h\n  cb:\n    provider: codebuild\n    bucket: b\n    codebuild_project: p\npools:\n  farm:\n{pool}"
+            );
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
     fn deep_nesting_is_refused_quickly() {
         let text = format!("builders: {}", "{a: ".repeat(100_000));
         let start = std::time::Instant::now();

@@ -543,6 +543,15 @@ pub async fn run(
     report: &mut BuildReport,
 ) -> anyhow::Result<()> {
     let aws = Aws::for_builder(builder, Env::from_process())?;
+    if req.push && builder.registry_secret.is_none() {
+        for host in req.images.iter().map(|i| registry_host(i)) {
+            if ecr_region(&host).is_none() {
+                reporter.info(&format!(
+                    "codebuild: no `registry_secret` for `{host}`: the push relies on the build image's own login"
+                ));
+            }
+        }
+    }
     let bucket = builder.bucket.clone().unwrap_or_default();
     let project = builder.codebuild_project.clone().unwrap_or_default();
     let key = package.object_name();
@@ -596,6 +605,8 @@ async fn start_and_follow(
         "buildspecOverride": buildspec(builder, req, &package.dockerfile),
         "privilegedModeOverride": true,
         "timeoutInMinutesOverride": minutes,
+        // A retried StartBuild (an answer lost on the way) starts no second build.
+        "idempotencyToken": format!("absconda-{:032x}", rand::random::<u128>()),
     });
     if let Some(group) = &builder.log_group {
         body["logsConfigOverride"] =
