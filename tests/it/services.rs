@@ -306,6 +306,28 @@ async fn codebuild_builds_from_s3_follows_the_log_and_deletes_the_context() {
     );
     assert!(s.objects().await.is_empty(), "the context was deleted");
     assert!(s.gate.stopped().is_empty());
+
+    // `remote metrics`: the 61.5 s build, billed as two whole minutes at the
+    // list price.
+    let out = Command::new(BIN)
+        .current_dir(s.dir.path())
+        .args(["remote", "metrics", "cb", "--json"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(s.env.iter().cloned())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = if v.is_array() { &v[0] } else { &v };
+    assert_eq!(m["builds"], 1, "{v:#}");
+    assert_eq!(m["vm_seconds"], 120.0, "{v:#}");
+    let usd = m["cost"]["usd"].as_f64().unwrap();
+    assert!((usd - 0.01).abs() < 1e-9, "{v:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,8 @@
 //! request to moto unchanged (moto checks the signatures), except that it
 //! keeps the `StartBuild` requests it saw (the body absconda sent), and
 //! rewrites `BatchGetBuilds` answers: `IN_PROGRESS` until the test sets a
-//! final status, then that status (with a failed phase for `FAILED`).
+//! final status, then that status (with a failed phase for `FAILED`, and a
+//! run of 61.5 s).
 //! `StopBuild` is forwarded and counted.
 
 use std::io::{BufReader, Read, Write};
@@ -138,6 +139,10 @@ fn serve(conn: TcpStream, upstream: SocketAddr, sh: &Mutex<Shared>) {
                     Some((status, phase)) => {
                         b["buildStatus"] = status.as_str().into();
                         b["buildComplete"] = true.into();
+                        // moto's end time is random; this build ran 61.5 s
+                        // (epoch seconds, as the JSON protocol sends them).
+                        b["startTime"] = 1_700_000_000.0.into();
+                        b["endTime"] = 1_700_000_061.5.into();
                         if let (Some(phase), Some(phases)) = (phase, b["phases"].as_array_mut()) {
                             for p in phases {
                                 if p["phaseType"] == phase.as_str() {
