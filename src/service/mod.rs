@@ -362,3 +362,63 @@ pub fn encode_path(s: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_a_service_cannot_honour_are_refused_as_usage_errors() {
+        let cfg = crate::config::ConfigFile::parse(
+            std::path::Path::new("/x/absconda-remote.yaml"),
+            "builders:\n  gb:\n    provider: cloudbuild\n    bucket: b\n    project: p\n",
+        )
+        .unwrap();
+        let b = cfg.builder("gb").unwrap();
+        assert!(check_request(&b, &BuildRequest::default()).is_ok());
+        let cases = [
+            (
+                BuildRequest {
+                    cache_to: vec!["type=registry,ref=r/c".into()],
+                    ..Default::default()
+                },
+                "--cache-to",
+            ),
+            (
+                BuildRequest {
+                    output: Some(crate::outputs::OutputSpec::parse("type=local,dest=out").unwrap()),
+                    ..Default::default()
+                },
+                "--output",
+            ),
+        ];
+        for (req, flag) in cases {
+            let e = check_request(&b, &req).unwrap_err();
+            assert!(e.to_string().contains(&format!("`{flag}`")), "{e}");
+            assert_eq!(e.exit_code(), crate::exit::USAGE);
+        }
+    }
+
+    #[test]
+    fn docker_arguments_and_billing() {
+        let req = BuildRequest {
+            images: vec!["r/a:1".into(), "r/a:latest".into()],
+            target: Some("t".into()),
+            no_cache: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            docker_build_args(&req, "d/Dockerfile").join(" "),
+            "build -f d/Dockerfile -t r/a:1 -t r/a:latest --target t --no-cache ."
+        );
+        assert_eq!(billed_minutes(0.2), 1.0);
+        assert_eq!(billed_minutes(60.0), 1.0);
+        assert_eq!(billed_minutes(61.5), 2.0);
+        assert!(cache_note(&req).is_some());
+        let cached = BuildRequest {
+            cache_from: vec!["type=registry,ref=r/c".into()],
+            ..req
+        };
+        assert!(cache_note(&cached).is_none());
+    }
+}
