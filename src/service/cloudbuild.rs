@@ -200,6 +200,38 @@ impl Gcp {
         })
     }
 
+    /// `builds.create`, which has no request id: an answer lost on the way
+    /// may mean the build runs, so only a refusal before any work (429) is
+    /// tried again.
+    async fn create(&self, url: &Url, build: &Value) -> Result<Value, CloudError> {
+        let bytes = serde_json::to_vec(build).unwrap_or_default();
+        let headers = [("content-type", "application/json".to_string())];
+        let mut attempt = 0;
+        let answer = loop {
+            match self
+                .send(
+                    "builds.create",
+                    Method::POST,
+                    url,
+                    &headers,
+                    Some(bytes.clone()),
+                    &[],
+                )
+                .await
+            {
+                Err(CloudError::Api { status: 429, .. }) if attempt < 4 => {
+                    tokio::time::sleep(self.backoff.delay(attempt)).await;
+                    attempt += 1;
+                }
+                other => break other?,
+            }
+        };
+        serde_json::from_slice(&answer.body).map_err(|e| CloudError::Protocol {
+            url: url.origin().ascii_serialization(),
+            message: format!("builds.create: {e}"),
+        })
+    }
+
     fn upload_url(&self, bucket: &str, object: &str, kind: &str) -> Url {
         let mut url = self.url(
             &self.storage,
@@ -475,9 +507,7 @@ async fn follow(
     let body = build_body(builder, req, bucket, object, &package.dockerfile);
     let since = Instant::now();
     reporter.phase(Phase::Build);
-    let op = gcp
-        .call_json("builds.create", Method::POST, &builds, Some(&body))
-        .await?;
+    let op = gcp.create(&builds, &body).await?;
     let id = op["metadata"]["build"]["id"]
         .as_str()
         .ok_or_else(|| CloudError::Protocol {
