@@ -97,6 +97,12 @@ pub struct BuildReport {
     /// What the sync of each `--build-context` folder did.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub build_contexts: std::collections::BTreeMap<String, crate::sync::SyncSummary>,
+    /// On a build service: the minutes it bills, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub billed_seconds: Option<f64>,
+    /// A remark for the end of the summary line (a build service's caching).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl BuildReport {
@@ -141,6 +147,9 @@ impl BuildReport {
                     .collect::<Vec<_>>()
                     .join(", "),
             ),
+        }
+        if let Some(note) = &self.note {
+            parts.push(note.clone());
         }
         parts.join(" · ")
     }

@@ -102,6 +102,19 @@ pub enum ProviderKind {
     Gcp,
     Aws,
     Azure,
+    /// AWS CodeBuild: a build service, no VM of ours.
+    #[serde(rename = "codebuild")]
+    CodeBuild,
+    /// Google Cloud Build: a build service, no VM of ours.
+    #[serde(rename = "cloudbuild")]
+    CloudBuild,
+}
+
+impl ProviderKind {
+    /// Whether builds run on a build service rather than on a VM over SSH.
+    pub fn is_service(self) -> bool {
+        matches!(self, ProviderKind::CodeBuild | ProviderKind::CloudBuild)
+    }
 }
 
 impl fmt::Display for ProviderKind {
@@ -111,6 +124,8 @@ impl fmt::Display for ProviderKind {
             ProviderKind::Gcp => "gcp",
             ProviderKind::Aws => "aws",
             ProviderKind::Azure => "azure",
+            ProviderKind::CodeBuild => "codebuild",
+            ProviderKind::CloudBuild => "cloudbuild",
         })
     }
 }
@@ -230,6 +245,20 @@ pub struct Builder {
     pub resource_group: Option<String>,
     pub vm_name: Option<String>,
     pub authority_host: Option<String>,
+    // Build services (`provider: codebuild` or `cloudbuild`).
+    /// The S3 or GCS bucket the context is uploaded to.
+    pub bucket: Option<String>,
+    /// The CodeBuild project whose environment and role run the builds.
+    pub codebuild_project: Option<String>,
+    /// CodeBuild: the Secrets Manager secret (name or ARN) with `username`
+    /// and `password` keys for a registry that is not ECR.
+    pub registry_secret: Option<String>,
+    /// CodeBuild: the CloudWatch Logs group of the builds.
+    pub log_group: Option<String>,
+    /// Cloud Build: the Cloud Storage JSON API endpoint.
+    pub storage_endpoint: Option<String>,
+    /// US dollars per billed build minute, for `remote metrics`.
+    pub build_minute_cost: Option<f64>,
 }
 
 mod secs {
@@ -315,6 +344,12 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("resource_group", Kind::Str),
     ("vm_name", Kind::Str),
     ("authority_host", Kind::Str),
+    ("bucket", Kind::Str),
+    ("codebuild_project", Kind::Str),
+    ("registry_secret", Kind::Str),
+    ("log_group", Kind::Str),
+    ("storage_endpoint", Kind::Str),
+    ("build_minute_cost", Kind::Float),
 ];
 
 /// Keys `defaults:` accepts: everything that is not a builder's identity.
@@ -430,6 +465,9 @@ pub struct Pool {
     /// its docker's emulation (`--platform`, QEMU for `RUN` steps).
     pub emulate: bool,
     pub index_from: IndexFrom,
+    /// A build service (`provider: codebuild` or `cloudbuild`) that takes
+    /// the build when every member is busy, instead of waiting.
+    pub overflow: Option<String>,
 }
 
 /// Finds the config file: `--remote-config`, `$ABSCONDA_REMOTE_CONFIG`, the
@@ -636,6 +674,7 @@ impl ConfigFile {
                 prefer: Prefer::Affinity,
                 emulate: false,
                 index_from: IndexFrom::Auto,
+                overflow: None,
             };
             for (k, v) in settings {
                 let key = key_str(&k).unwrap_or_default();
@@ -663,6 +702,21 @@ impl ConfigFile {
                                     format!(
                                         "no builder named `{member}`{}",
                                         suggestion(&member, &self.order)
+                                    ),
+                                ));
+                            }
+                            if self
+                                .builders
+                                .get(&member)
+                                .and_then(|raw| raw.get("provider"))
+                                .and_then(Value::as_str)
+                                .is_some_and(|p| p == "codebuild" || p == "cloudbuild")
+                            {
+                                return Err(invalid(
+                                    Some(&name),
+                                    Some("builders"),
+                                    format!(
+                                        "`{member}` is a build service: name it as the pool's `overflow:` instead"
                                     ),
                                 ));
                             }
@@ -723,13 +777,37 @@ impl ConfigFile {
                             }
                         }
                     }
+                    "overflow" => {
+                        let service = key_str(&v).filter(|b| {
+                            self.builders
+                                .get(b)
+                                .and_then(|raw| raw.get("provider"))
+                                .and_then(Value::as_str)
+                                .is_some_and(|p| p == "codebuild" || p == "cloudbuild")
+                        });
+                        let Some(service) = service else {
+                            return Err(invalid(
+                                Some(&name),
+                                Some("overflow"),
+                                "expected the name of a builder with `provider: codebuild` or `provider: cloudbuild`".into(),
+                            ));
+                        };
+                        pool.overflow = Some(service);
+                    }
                     other => {
                         return Err(ConfigError::UnknownKey {
                             at: self.pool_location(Some(&name), Some(other)),
                             suggestion: did_you_mean(
                                 other,
-                                ["builders", "max_running", "prefer", "emulate", "index_from"]
-                                    .into_iter(),
+                                [
+                                    "builders",
+                                    "max_running",
+                                    "prefer",
+                                    "emulate",
+                                    "index_from",
+                                    "overflow",
+                                ]
+                                .into_iter(),
                             ),
                         });
                     }
@@ -888,10 +966,12 @@ impl ConfigFile {
             Some("gcp") | Some("gce") => ProviderKind::Gcp,
             Some("aws") | Some("ec2") => ProviderKind::Aws,
             Some("azure") | Some("az") => ProviderKind::Azure,
+            Some("codebuild") => ProviderKind::CodeBuild,
+            Some("cloudbuild") => ProviderKind::CloudBuild,
             Some(other) => {
                 return Err(r.invalid(
                     "provider",
-                    format!("unknown provider `{other}`: use `ssh`, `gcp`, `aws` or `azure`"),
+                    format!("unknown provider `{other}`: use `ssh`, `gcp`, `aws`, `azure`, `codebuild` or `cloudbuild`"),
                 ));
             }
         };
@@ -946,6 +1026,24 @@ impl ConfigFile {
                                 ..self.location(Some(name), None)
                             },
                             provider: "azure".into(),
+                        });
+                    }
+                }
+            }
+            ProviderKind::CodeBuild | ProviderKind::CloudBuild => {
+                let keys: &[&str] = if provider == ProviderKind::CodeBuild {
+                    &["bucket", "codebuild_project"]
+                } else {
+                    &["bucket", "project"]
+                };
+                for key in keys {
+                    if r.string(key)?.is_none() {
+                        return Err(ConfigError::Missing {
+                            at: Location {
+                                key: Some((*key).into()),
+                                ..self.location(Some(name), None)
+                            },
+                            provider: provider.to_string(),
                         });
                     }
                 }
@@ -1149,6 +1247,12 @@ impl ConfigFile {
             resource_group: r.string("resource_group")?,
             vm_name: r.string("vm_name")?,
             authority_host: r.string("authority_host")?,
+            bucket: r.string("bucket")?,
+            codebuild_project: r.string("codebuild_project")?,
+            registry_secret: r.string("registry_secret")?,
+            log_group: r.string("log_group")?,
+            storage_endpoint: r.string("storage_endpoint")?,
+            build_minute_cost: r.float("build_minute_cost")?,
         };
         let mut b = b;
         if provider == ProviderKind::Ssh {
@@ -1675,6 +1779,50 @@ defaults:
             expand_vars("${ABSCONDA_TEST_NEVER_SET?}").unwrap_err(),
             "ABSCONDA_TEST_NEVER_SET"
         );
+    }
+
+    #[test]
+    fn build_services_and_overflow() {
+        let ok = parse(
+            "builders:\n  vm:\n    host: h\n  cb:\n    provider: codebuild\n    bucket: b\n    codebuild_project: p\npools:\n  farm:\n    builders: [vm]\n    overflow: cb\n",
+        )
+        .unwrap();
+        assert_eq!(ok.pool("farm").unwrap().overflow.as_deref(), Some("cb"));
+        let cb = ok.builder("cb").unwrap();
+        assert!(cb.provider.is_service());
+        assert_eq!(cb.bucket.as_deref(), Some("b"));
+        for (text, want) in [
+            (
+                "builders:\n  cb:\n    provider: codebuild\n    bucket: b\n",
+                "key `codebuild_project`: required for provider `codebuild`",
+            ),
+            (
+                "builders:\n  gb:\n    provider: cloudbuild\n    project: p\n",
+                "key `bucket`: required for provider `cloudbuild`",
+            ),
+        ] {
+            let e = parse(text)
+                .unwrap()
+                .builder(if text.contains("cb:") { "cb" } else { "gb" });
+            let e = e.unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        for (pool, want) in [
+            (
+                "    builders: [vm]\n    overflow: vm\n",
+                "expected the name of a builder with `provider: codebuild`",
+            ),
+            (
+                "    builders: [vm, cb]\n",
+                "`cb` is a build service: name it as the pool's `overflow:` instead",
+            ),
+        ] {
+            let text = format!(
+                "builders:\n  vm:\n    host: h\n  cb:\n    provider: codebuild\n    bucket: b\n    codebuild_project: p\npools:\n  farm:\n{pool}"
+            );
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]

@@ -93,6 +93,9 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 HealthError::BadRegistry { .. } => USAGE,
             };
         }
+        if let Some(e) = cause.downcast_ref::<crate::service::ServiceError>() {
+            return e.exit_code();
+        }
         if let Some(e) = cause.downcast_ref::<BuildError>() {
             match e {
                 BuildError::LeaseTimeout { .. } => return LEASE_TIMEOUT,

@@ -27,6 +27,8 @@
 //!   the registry HTTP API v2 from the client (manifests, the multi-platform
 //!   index, Basic and Bearer auth); `commands/multiplatform`: one build per
 //!   platform on a pool, then the index
+//! - `service/`: build services as builders (CodeBuild with S3 and CloudWatch
+//!   Logs, Cloud Build with Cloud Storage): upload, build, log, cancel
 //! - `cloud/`: the VMs builders run on (GCE, EC2, Azure), OS Login and EC2
 //!   Instance Connect
 //! - `access`: how the user's key comes to be trusted by a cloud builder
@@ -69,6 +71,7 @@ pub mod registry_api;
 pub mod remote;
 pub mod report;
 pub mod secrets;
+pub mod service;
 pub mod shell;
 pub mod ssh;
 pub mod state;

@@ -96,6 +96,12 @@ impl Cloud {
         crate::cloud::http::set_ca_file(b.ca_file.clone());
         match b.provider {
             ProviderKind::Ssh => Ok(None),
+            ProviderKind::CodeBuild | ProviderKind::CloudBuild => Err(CloudError::Config {
+                message: format!(
+                    "builder `{}` is a build service (`provider: {}`): it runs builds only, with `absconda build`",
+                    b.name, b.provider
+                ),
+            }),
             ProviderKind::Gcp => Ok(Some(Cloud::Gce(Gce::new(GceSettings {
                 project: b.project.clone().ok_or_else(|| missing("project"))?,
                 zone: b.zone.clone().ok_or_else(|| missing("zone"))?,

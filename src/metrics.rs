@@ -58,6 +58,18 @@ pub const PRICES: &[(&str, f64)] = &[
     ("m6g.2xlarge", 0.308),
 ];
 
+/// The built-in estimate of a build service's price per build minute
+/// (USD, list prices of the smallest default machine: CodeBuild
+/// `BUILD_GENERAL1_SMALL` on Linux in us-east-1, Cloud Build's default
+/// `e2-standard-2`); `build_minute_cost:` overrides it.
+pub fn service_minute_price(b: &Builder) -> Option<f64> {
+    match b.provider {
+        crate::config::ProviderKind::CodeBuild => Some(0.005),
+        crate::config::ProviderKind::CloudBuild => Some(0.003),
+        _ => None,
+    }
+}
+
 /// The built-in estimate for a machine type.
 pub fn price(machine_type: &str) -> Option<f64> {
     PRICES
@@ -176,9 +188,15 @@ pub fn compute(name: &str, state: &BuilderState, config: Option<&Builder>) -> Bu
             .fold(0.0, |a, b| a + b)
     };
     let machine_type = config.and_then(|b| b.machine_type.clone().or(b.instance_type.clone()));
-    let (rate, source) = match config.and_then(|b| b.hourly_cost) {
-        Some(r) => (Some(r), "hourly_cost"),
-        None => (machine_type.as_deref().and_then(price), "estimate"),
+    let service = config.filter(|b| b.provider.is_service());
+    let (rate, source) = match (service, config.and_then(|b| b.hourly_cost)) {
+        // A build service bills build minutes (recorded rounded up).
+        (Some(b), _) => match b.build_minute_cost {
+            Some(per_minute) => (Some(per_minute * 60.0), "build_minute_cost"),
+            None => (service_minute_price(b).map(|p| p * 60.0), "estimate"),
+        },
+        (None, Some(r)) => (Some(r), "hourly_cost"),
+        (None, None) => (machine_type.as_deref().and_then(price), "estimate"),
     };
     let (cost, cost_note) = match rate {
         Some(hourly_usd) => (
@@ -186,7 +204,7 @@ pub fn compute(name: &str, state: &BuilderState, config: Option<&Builder>) -> Bu
                 usd: hourly_usd * vm_seconds / 3600.0,
                 hourly_usd,
                 source,
-                estimate: source != "hourly_cost",
+                estimate: source == "estimate",
                 machine_type: machine_type.clone(),
             }),
             (vm_seconds == 0.0).then(|| {
@@ -359,6 +377,28 @@ mod tests {
         assert!(!cost.estimate);
         assert_eq!(cost.source, "hourly_cost");
         assert!((cost.usd - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_build_service_costs_its_billed_minutes() {
+        let mut s = BuilderState::default();
+        // 61 s and 30 s of build: billed 2 and 1 minutes.
+        s.record_build(record("success", 70.0, 61.0, Some(120.0)));
+        s.record_build(record("success", 40.0, 30.0, Some(60.0)));
+        let cfg = crate::config::ConfigFile::parse(
+            std::path::Path::new("/x/absconda-remote.yaml"),
+            "builders:\n  cb:\n    provider: codebuild\n    bucket: b\n    codebuild_project: p\n  gb:\n    provider: cloudbuild\n    bucket: b\n    project: p\n    build_minute_cost: 0.016\n",
+        )
+        .unwrap();
+        let cb = cfg.builder("cb").unwrap();
+        let cost = compute("cb", &s, Some(&cb)).cost.unwrap();
+        assert!(cost.estimate);
+        assert!((cost.usd - 3.0 * 0.005).abs() < 1e-9, "{cost:?}");
+        let gb = cfg.builder("gb").unwrap();
+        let cost = compute("gb", &s, Some(&gb)).cost.unwrap();
+        assert_eq!(cost.source, "build_minute_cost");
+        assert!(!cost.estimate);
+        assert!((cost.usd - 3.0 * 0.016).abs() < 1e-9, "{cost:?}");
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub enum PoolError {
         pool: String,
         reasons: Vec<(String, String)>,
     },
+    /// Every usable member is busy and the pool has an `overflow:` service
+    /// to send the build to instead of waiting.
+    #[error("every builder of pool `{pool}` is busy")]
+    AllBusy { pool: String },
 }
 
 /// What a member is doing, as far as the cloud knows.
@@ -237,6 +241,13 @@ pub async fn choose(
         return Err(PoolError::NoneUsable {
             pool: pool.name.clone(),
             reasons,
+        }
+        .into());
+    }
+    if pool.overflow.is_some() {
+        close_all(busy).await;
+        return Err(PoolError::AllBusy {
+            pool: pool.name.clone(),
         }
         .into());
     }

@@ -481,7 +481,7 @@ pub fn module_source(builder: &Builder) -> Result<PathBuf, TerraformError> {
         return Ok(dir.clone());
     }
     let sub = match builder.provider {
-        ProviderKind::Ssh => {
+        ProviderKind::Ssh | ProviderKind::CodeBuild | ProviderKind::CloudBuild => {
             return Err(TerraformError::NothingToProvision {
                 builder: builder.name.clone(),
             });

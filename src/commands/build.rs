@@ -42,14 +42,23 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
                     platform,
                 });
             }
+            let overflow = match &pool.overflow {
+                Some(name) => Some(file.builder(name)?),
+                None => None,
+            };
             Target::Pool {
                 pool: pool.clone(),
                 members,
+                overflow,
             }
         }
         None => {
             let builder = lifecycle::with_provisioned(&file.builder(&name)?, &state);
-            let cloud = Cloud::for_builder(&builder)?;
+            let cloud = if builder.provider.is_service() {
+                None
+            } else {
+                Cloud::for_builder(&builder)?
+            };
             Target::One { builder, cloud }
         }
     };
@@ -187,7 +196,7 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
                     }
                 }
             }
-            Target::Pool { pool, members } => {
+            Target::Pool { pool, members, .. } => {
                 let list = multiplatform::parse(given)?;
                 if list.len() > 1 {
                     if !args.push {
@@ -251,7 +260,7 @@ pub async fn run(args: BuildArgs, cancel: CancellationToken) -> anyhow::Result<(
     }
     // With `emulate: true`, a platform no member has goes to any member.
     let on = match (&target, one_platform) {
-        (Target::Pool { pool, members }, Some(p)) => {
+        (Target::Pool { pool, members, .. }, Some(p)) => {
             let on = multiplatform::placement(pool, members, p);
             if on.is_none() {
                 printer.info(&format!(
@@ -383,7 +392,7 @@ pub(super) async fn with_retries(
                 .iter()
                 .map(|(p, s)| (p.name().to_string(), *s))
                 .collect(),
-            vm_seconds: None,
+            vm_seconds: report.billed_seconds,
             pool: report.pool.clone(),
             queue_seconds: report.queue_seconds,
         };
@@ -436,6 +445,8 @@ pub(super) enum Target {
     Pool {
         pool: config::Pool,
         members: Vec<pool::Member>,
+        /// The build service that takes builds when every member is busy.
+        overflow: Option<Builder>,
     },
 }
 
@@ -464,6 +475,11 @@ async fn attempt_build(
     failed_on: &[String],
 ) -> anyhow::Result<()> {
     let prepared = build::prepare_context(req).await?;
+    if let Target::One { builder, .. } = target
+        && builder.provider.is_service()
+    {
+        return crate::service::build(builder, req, prepared, reporter, cancel, report).await;
+    }
     let (builder, cloud, ready, held) = match target {
         Target::One { builder, cloud } => {
             // A retry after preemption starts the builder again even without auto_start.
@@ -472,9 +488,28 @@ async fn attempt_build(
                     .await?;
             (builder, cloud.as_ref(), ready, None)
         }
-        Target::Pool { pool, members } => {
-            let chosen = pool::choose(
-                pool,
+        Target::Pool {
+            pool,
+            members,
+            overflow,
+        } => {
+            // The overflow service takes a build of one platform only when
+            // it declares that platform (`platform:`): it may not emulate others.
+            let overflow = overflow
+                .as_ref()
+                .filter(|s| platform.is_none_or(|p| s.platform.as_ref() == Some(p)));
+            let without_overflow;
+            let choice_pool = if overflow.is_none() && pool.overflow.is_some() {
+                without_overflow = config::Pool {
+                    overflow: None,
+                    ..pool.clone()
+                };
+                &without_overflow
+            } else {
+                pool
+            };
+            let chosen = match pool::choose(
+                choice_pool,
                 members,
                 req,
                 platform,
@@ -484,7 +519,25 @@ async fn attempt_build(
                 reporter,
                 cancel,
             )
-            .await?;
+            .await
+            {
+                Ok(chosen) => chosen,
+                Err(e) => match (e.downcast_ref::<pool::PoolError>(), overflow) {
+                    (Some(pool::PoolError::AllBusy { .. }), Some(service)) => {
+                        reporter.info(&format!(
+                            "pool `{}`: every builder is busy; building on the overflow service `{}`",
+                            pool.name, service.name
+                        ));
+                        report.pool = Some(pool.name.clone());
+                        report.queue_seconds = Some(0.0);
+                        return crate::service::build(
+                            service, req, prepared, reporter, cancel, report,
+                        )
+                        .await;
+                    }
+                    _ => return Err(e),
+                },
+            };
             let m = &members[chosen.index];
             // An emulated platform chose among all members, but is named too.
             let named = platform.map(|p| p.to_string()).or(req.platform.clone());

@@ -303,7 +303,7 @@ pub(super) async fn run(
         one.images = vec![platform_image(first, p)];
         one.platform = Some(p.to_string());
         let on = match target {
-            super::build::Target::Pool { pool, members } => placement(pool, members, p),
+            super::build::Target::Pool { pool, members, .. } => placement(pool, members, p),
             super::build::Target::One { .. } => Some(p),
         };
         let pool_name = &pool_name;

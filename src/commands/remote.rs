@@ -83,6 +83,11 @@ async fn status_of(
     probe_ssh: bool,
 ) -> (Status, anyhow::Result<()>) {
     let mut st = base_status(b, state);
+    if b.provider.is_service() {
+        // Nothing runs between builds on a build service.
+        st.status = "service".into();
+        return (st, Ok(()));
+    }
     let cloud = match Cloud::for_builder(b) {
         Ok(c) => c,
         Err(e) => {

@@ -30,6 +30,7 @@ mod pools;
 mod retry;
 mod safety;
 mod secrets;
+mod services;
 mod ssh_forward;
 mod sshnet;
 mod supervisor;

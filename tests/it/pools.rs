@@ -1620,3 +1620,65 @@ fn the_registry_api_speaks_tls_through_a_builders_ssh_channel() {
         "{log}"
     );
 }
+
+#[test]
+fn a_pool_whose_builders_are_busy_overflows_to_its_build_service() {
+    let _leases = crate::support::long_leases();
+    if !services() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(svc) = rt.block_on(crate::services::Setup::start()) else {
+        return;
+    };
+    let dir = tempdir();
+    let m = Member::start("b1", dir.path());
+    let config = dir.path().join("absconda-remote.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "builders:\n{}{}pools:\n  farm:\n    builders: [b1]\n    overflow: cb\n",
+            m.yaml(""),
+            svc.cb_yaml
+        ),
+    )
+    .unwrap();
+    // Someone holds the only builder.
+    std::fs::create_dir_all(m.workspace.join("runs")).unwrap();
+    let mut holder = Command::new("flock")
+        .arg(m.workspace.join(".lease"))
+        .args(["-c", "read x"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    crate::support::wait_until("the lease held", std::time::Duration::from_secs(10), || {
+        Command::new("flock")
+            .args(["-n"])
+            .arg(m.workspace.join(".lease"))
+            .arg("true")
+            .status()
+            .is_ok_and(|s| !s.success())
+    });
+    svc.gate.finish("SUCCEEDED", None);
+    let client = Client::new(dir.path(), "alice", "FROM scratch\nCOPY who.txt /\n");
+    let started = Instant::now();
+    // A wait of an hour: the build must not queue for the busy builder.
+    let out = client.build(&config, "farm", &["--remote-wait", "3600"], &svc.env);
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pool `farm`: every builder is busy; building on the overflow service `cb`"),
+        "{err}"
+    );
+    assert_eq!(svc.gate.started().len(), 1, "one CodeBuild build");
+    assert!(started.elapsed() < std::time::Duration::from_secs(120));
+    assert!(
+        rt.block_on(svc.objects()).is_empty(),
+        "the context was deleted"
+    );
+    // Still held by the other build, and no ticket of ours left in its queue.
+    assert!(holder.try_wait().unwrap().is_none());
+    assert_eq!(tickets(&m.workspace), 0, "tickets left");
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+}

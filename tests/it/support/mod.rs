@@ -10,6 +10,8 @@
 
 pub mod absconda;
 pub mod azure_fake;
+pub mod cloudbuild_fake;
+pub mod codebuild_gate;
 pub mod counting_proxy;
 pub mod docker;
 pub mod eice_fake;
