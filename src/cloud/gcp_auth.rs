@@ -306,7 +306,7 @@ impl GcpAuth {
     }
 
     /// The headers that authenticate one API request: `Authorization`
-    /// (marked sensitive) and, for user credentials with a quota project,
+    /// (marked sensitive) and, for a credentials file with a quota project,
     /// `x-goog-user-project`.
     pub async fn headers(&self) -> Result<HeaderMap, CloudError> {
         if let CredentialSource::MetadataServer {
@@ -421,12 +421,11 @@ impl GcpAuth {
         value.set_sensitive(true);
         let mut headers = HeaderMap::new();
         headers.insert(AUTHORIZATION, value);
-        // What Google's client libraries send for user credentials with a quota
-        // project: the project billed for the API calls.
+        // What Google's client libraries send for a credentials file with a
+        // quota project (any type): the project billed for the API calls.
         if let Some(project) = self
             .config
             .as_ref()
-            .filter(|c| c.get("type").and_then(Value::as_str) == Some("authorized_user"))
             .and_then(|c| c.get("quota_project_id"))
             .and_then(Value::as_str)
             .filter(|p| !p.is_empty())
@@ -880,5 +879,50 @@ mod tests {
         assert!(!err.contains("not a key"), "{err}");
         let other = shown(&serde_json::json!({"type": "external_account_authorized_user"}));
         assert!(other.contains("not supported"), "{other}");
+    }
+
+    /// A service account key needs no request: its headers are a
+    /// self-signed token for the key's account and the quota project.
+    #[tokio::test]
+    async fn a_key_file_authenticates_without_a_request() {
+        use base64::Engine as _;
+        let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+        let der =
+            aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&pair).unwrap();
+        let config = serde_json::json!({
+            "type": "service_account", "client_email": "sa@p.iam.gserviceaccount.com",
+            "private_key_id": "k", "quota_project_id": "billing-project",
+            // Nothing listens here: a request would fail.
+            "token_uri": "http://127.0.0.1:9/token",
+            "private_key": format!(
+                "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+                base64::engine::general_purpose::STANDARD.encode(der.as_ref())
+            ),
+        });
+        let auth = GcpAuth::new(
+            CredentialSource::EnvFile {
+                path: "/k.json".into(),
+                kind: "service_account".into(),
+                principal: Some("sa@p.iam.gserviceaccount.com".into()),
+            },
+            Some(config),
+        );
+        let headers = auth.headers().await.unwrap();
+        assert_eq!(headers["x-goog-user-project"], "billing-project");
+        let bearer = headers[AUTHORIZATION].to_str().unwrap();
+        let claims = bearer
+            .strip_prefix("Bearer ")
+            .unwrap()
+            .split('.')
+            .nth(1)
+            .unwrap();
+        let claims: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(claims)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(claims["iss"], "sa@p.iam.gserviceaccount.com");
+        assert!(headers[AUTHORIZATION].is_sensitive());
     }
 }
