@@ -656,77 +656,21 @@ async fn aws_subject_token(aws: &AwsSubject, audience: &str) -> Result<String, T
         )),
         _ => None,
     };
-    let metadata = if env_region.is_none() || env_keys.is_none() {
-        Some(AwsMetadata::connect(aws).await?)
-    } else {
-        None
-    };
-    let region = match (env_region, &metadata) {
-        (Some(r), _) => r,
-        (None, Some(m)) => {
-            let url = aws.region_url.as_deref().ok_or_else(|| {
-                TokenError::Refused(
-                    "no AWS region: set AWS_REGION, or give the file's `credential_source` a \
-                     `region_url`"
-                        .into(),
-                )
-            })?;
-            // The availability zone (`us-east-1b`): the region is all but
-            // its last letter.
-            let zone = m.get(url).await?;
-            let mut region = zone.trim().to_string();
-            region.pop();
-            if region.is_empty() {
-                return Err(TokenError::Refused(format!(
-                    "the AWS region URL `{url}` answered no availability zone"
-                )));
-            }
-            region
+    // The metadata URLs only for what the environment does not give.
+    let (region, keys) = match (env_region, env_keys) {
+        (Some(region), Some(keys)) => (region, keys),
+        (region, keys) => {
+            let metadata = AwsMetadata::connect(aws).await?;
+            let region = match region {
+                Some(r) => r,
+                None => metadata.region(aws).await?,
+            };
+            let keys = match keys {
+                Some(k) => k,
+                None => metadata.keys(aws).await?,
+            };
+            (region, keys)
         }
-        (None, None) => unreachable_metadata()?,
-    };
-    let keys = match (env_keys, &metadata) {
-        (Some(k), _) => k,
-        (None, Some(m)) => {
-            let url = aws.credentials_url.as_deref().ok_or_else(|| {
-                TokenError::Refused(
-                    "no AWS keys: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give the \
-                     file's `credential_source` a `url`"
-                        .into(),
-                )
-            })?;
-            let roles = m.get(url).await?;
-            let role = roles
-                .lines()
-                .map(str::trim)
-                .find(|l| !l.is_empty())
-                .ok_or_else(|| {
-                    TokenError::Refused(format!(
-                        "the AWS credentials URL `{url}` named no IAM role (is an instance \
-                         profile attached?)"
-                    ))
-                })?
-                .to_string();
-            let role_url = format!("{}/{role}", url.trim_end_matches('/'));
-            let doc = m.get(&role_url).await?;
-            let keys: AwsRoleKeys = serde_json::from_str(&doc).map_err(|e| {
-                TokenError::Refused(format!(
-                    "the AWS credentials of role `{role}` at `{url}` are not the expected JSON \
-                     (line {} column {})",
-                    e.line(),
-                    e.column()
-                ))
-            })?;
-            Credentials::new(
-                keys.access_key_id,
-                keys.secret_access_key,
-                keys.token,
-                CredentialSource::Imds {
-                    endpoint: url.to_string(),
-                },
-            )
-        }
-        (None, None) => unreachable_metadata()?,
     };
 
     let url_text = aws.verification_url.replace("{region}", &region);
@@ -768,14 +712,6 @@ async fn aws_subject_token(aws: &AwsSubject, audience: &str) -> Result<String, T
         "headers": pairs,
     });
     Ok(url::form_urlencoded::byte_serialize(request.to_string().as_bytes()).collect())
-}
-
-/// Metadata is only skipped when the environment gave both region and keys.
-fn unreachable_metadata<T>() -> Result<T, TokenError> {
-    Err(TokenError::Refused(
-        "the AWS region and keys were looked for in neither the environment nor the metadata URLs"
-            .into(),
-    ))
 }
 
 /// The AWS instance metadata URLs of a credential source, with an IMDSv2
@@ -821,6 +757,69 @@ impl AwsMetadata {
             }
         };
         Ok(AwsMetadata { client, session })
+    }
+
+    /// The region: the availability zone at `region_url` (`us-east-1b`)
+    /// without its last letter.
+    async fn region(&self, aws: &AwsSubject) -> Result<String, TokenError> {
+        let url = aws.region_url.as_deref().ok_or_else(|| {
+            TokenError::Refused(
+                "no AWS region: set AWS_REGION, or give the file's `credential_source` a \
+                 `region_url`"
+                    .into(),
+            )
+        })?;
+        let mut region = self.get(url).await?.trim().to_string();
+        region.pop();
+        if region.is_empty() {
+            return Err(TokenError::Refused(format!(
+                "the AWS region URL `{url}` answered no availability zone"
+            )));
+        }
+        Ok(region)
+    }
+
+    /// The keys of the instance's role: its name at `url`, then its keys
+    /// at `url/NAME`.
+    async fn keys(&self, aws: &AwsSubject) -> Result<super::aws_auth::Credentials, TokenError> {
+        let url = aws.credentials_url.as_deref().ok_or_else(|| {
+            TokenError::Refused(
+                "no AWS keys: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give the \
+                 file's `credential_source` a `url`"
+                    .into(),
+            )
+        })?;
+        let roles = self.get(url).await?;
+        let role = roles
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .ok_or_else(|| {
+                TokenError::Refused(format!(
+                    "the AWS credentials URL `{url}` named no IAM role (is an instance \
+                     profile attached?)"
+                ))
+            })?
+            .to_string();
+        let doc = self
+            .get(&format!("{}/{role}", url.trim_end_matches('/')))
+            .await?;
+        let keys: AwsRoleKeys = serde_json::from_str(&doc).map_err(|e| {
+            TokenError::Refused(format!(
+                "the AWS credentials of role `{role}` at `{url}` are not the expected JSON \
+                 (line {} column {})",
+                e.line(),
+                e.column()
+            ))
+        })?;
+        Ok(super::aws_auth::Credentials::new(
+            keys.access_key_id,
+            keys.secret_access_key,
+            keys.token,
+            super::aws_auth::CredentialSource::Imds {
+                endpoint: url.to_string(),
+            },
+        ))
     }
 
     /// The text at `url`; the error names the URL, never the answer.
