@@ -163,6 +163,20 @@ impl CredentialSource {
                      {IAM_ROLE} on the project",
                     path.display()
                 ),
+                "impersonated_service_account" => format!(
+                    "check the `source_credentials` in `{}` (a key that has not been deleted or \
+                     disabled, or a current login), that they may impersonate the service \
+                     account (roles/iam.serviceAccountTokenCreator), and that the service \
+                     account has the role {IAM_ROLE} on the project",
+                    path.display()
+                ),
+                "external_account" => format!(
+                    "check that the workload identity pool provider named by `audience` in `{}` \
+                     accepts this workload's identity (its OIDC token, or its AWS account and \
+                     keys), and that the principal or the impersonated service account has \
+                     the role {IAM_ROLE} on the project",
+                    path.display()
+                ),
                 _ => format!(
                     "check the credentials file `{}` and that its identity has the role \
                      {IAM_ROLE} on the project",
