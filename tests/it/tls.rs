@@ -507,6 +507,7 @@ fn impersonation_from_a_service_account_key_takes_the_same_roots() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&shown), "{err}");
     assert!(err.contains("invalid_grant"), "{err}");
+    assert!(err.contains("`source_credentials`"), "{err}");
     assert!(!err.contains("PRIVATE KEY"), "{err}");
     assert_eq!(s.fake.count(Route::GenerateAccessToken), 1);
     assert!(
@@ -624,7 +625,9 @@ fn aws_workload_identity_federation_takes_the_same_roots() {
     assert_eq!(out.status.code(), Some(8), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&file) && err.contains("invalid_grant"),
+        err.contains(&file)
+            && err.contains("invalid_grant")
+            && err.contains("workload identity pool provider"),
         "{err}"
     );
     assert!(!err.contains("not/the+secret"), "{err}");
