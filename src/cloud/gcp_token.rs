@@ -161,8 +161,8 @@ impl ServiceAccountKey {
     }
 
     /// An RS256 JWT for the `cloud-platform` scope, valid for an hour:
-    /// `aud` is the token URI for a JWT-bearer assertion, absent for a
-    /// self-signed token (AIP-4111: scope instead of audience).
+    /// `aud` is the token URI for a JWT-bearer assertion (RFC 7523), absent
+    /// for a self-signed token (AIP-4111: scope instead of audience).
     fn sign(&self, aud: Option<&str>) -> Result<String, String> {
         let now = chrono::Utc::now().timestamp();
         let header = serde_json::json!({
@@ -172,13 +172,16 @@ impl ServiceAccountKey {
         });
         let mut claims = serde_json::json!({
             "iss": self.client_email,
-            "sub": self.client_email,
             "scope": CLOUD_PLATFORM,
             "iat": now,
             "exp": now + DEFAULT_LIFETIME.as_secs() as i64,
         });
-        if let Some(aud) = aud {
-            claims["aud"] = aud.into();
+        match aud {
+            Some(aud) => claims["aud"] = aud.into(),
+            // A self-signed token names its account as `sub` too; an
+            // assertion's `sub` would ask for domain-wide delegation to
+            // that user, so it has none.
+            None => claims["sub"] = self.client_email.clone().into(),
         }
         super::jwt::sign_rs256(&self.key, &header, &claims).map_err(|e| {
             format!(
@@ -919,7 +922,10 @@ mod tests {
         for aud in [None, Some("https://oauth2.example/token")] {
             let claims = verified_claims(&key.sign(aud).unwrap(), &public);
             assert_eq!(claims["iss"], "ci@p.iam.gserviceaccount.com");
-            assert_eq!(claims["sub"], "ci@p.iam.gserviceaccount.com");
+            // `sub` only in a self-signed token: in an assertion it would
+            // ask for domain-wide delegation.
+            let sub = aud.is_none().then_some("ci@p.iam.gserviceaccount.com");
+            assert_eq!(claims.get("sub").and_then(|s| s.as_str()), sub);
             assert_eq!(claims["scope"], CLOUD_PLATFORM);
             let lifetime = claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap();
             assert_eq!(lifetime, 3600);
