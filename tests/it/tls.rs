@@ -520,6 +520,59 @@ fn impersonation_from_a_service_account_key_takes_the_same_roots() {
     );
 }
 
+/// An impersonation file whose source is a federation file (no
+/// impersonation of its own): the STS exchange, then `generateAccessToken`
+/// with the federated principal's token, both behind the TLS front.
+#[test]
+fn impersonation_from_a_federated_identity_takes_the_same_roots() {
+    crate::require!("openssl");
+    let s = setup();
+    let front = format!("https://127.0.0.1:{}", s.front.port);
+    let subject = s.dir.path().join("oidc-token");
+    std::fs::write(&subject, "eyJ.ci-oidc.plain\n").unwrap();
+    s.fake.federate("eyJ.ci-oidc.plain");
+    let sa = s.fake.service_account().client_email;
+    let file = s.dir.path().join("impersonated-federation.json");
+    std::fs::write(
+        &file,
+        serde_json::json!({
+            "type": "impersonated_service_account",
+            "service_account_impersonation_url": format!(
+                "{front}/v1/projects/-/serviceAccounts/{sa}:generateAccessToken"
+            ),
+            "delegates": [],
+            "source_credentials": {
+                "type": "external_account",
+                "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/ci/providers/gl",
+                "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                "token_url": format!("{front}/v1/token"),
+                "credential_source": {"file": subject.display().to_string()}
+            }
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let file = file.display().to_string();
+    let env = [("GOOGLE_APPLICATION_CREDENTIALS", file.as_str())];
+    let extra = format!("    ca_file: {}\n", s.ca.ca.display());
+    let out = s.status(&s.https(), &extra, &env);
+    assert!(
+        out.status.success(),
+        "{}\n{:?}",
+        text(&out),
+        s.fake.refusals()
+    );
+    assert_eq!(s.fake.count(Route::Sts), 1);
+    assert_eq!(s.fake.count(Route::GenerateAccessToken), 1);
+    let log = s.fake.requests();
+    assert!(
+        log.iter()
+            .filter(|l| l.route == Route::GetInstance)
+            .all(|l| l.principal.as_deref() == Some(&format!("serviceAccount:{sa}"))),
+        "{log:#?}"
+    );
+}
+
 /// A workload identity federation file for AWS (`environment_id: aws1`)
 /// as `gcloud iam workload-identity-pools create-cred-config --aws` writes
 /// it, pointed at `imds` for the metadata URLs and at `front` for STS and
