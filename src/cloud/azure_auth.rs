@@ -29,9 +29,8 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::rsa::KeyPair as RsaKeyPair;
-use aws_lc_rs::signature::RSA_PKCS1_SHA256;
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
 use sha1::Digest as _;
@@ -529,24 +528,6 @@ fn bearer(token: &str, source: &AzureCredentialSource) -> Result<HeaderValue, Cl
     Ok(v)
 }
 
-/// The PEM blocks of `label` in `text`, decoded.
-fn pem_blocks(text: &str, label: &str) -> Vec<Vec<u8>> {
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(i) = rest.find(&begin) {
-        let after = &rest[i + begin.len()..];
-        let Some(j) = after.find(&end) else { break };
-        let b64: String = after[..j].chars().filter(|c| !c.is_whitespace()).collect();
-        if let Ok(der) = STANDARD.decode(b64) {
-            out.push(der);
-        }
-        rest = &after[j + end.len()..];
-    }
-    out
-}
-
 /// The certificate's thumbprints for the assertion's header: `x5t` (base64url
 /// SHA-1 of its DER), which Entra matches, and `x5t#S256` (SHA-256).
 struct Thumbprints {
@@ -558,7 +539,7 @@ struct Thumbprints {
 fn load_certificate(path: &Path) -> Result<(RsaKeyPair, Thumbprints), String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read the certificate file `{}`: {e}", path.display()))?;
-    let cert = pem_blocks(&text, "CERTIFICATE")
+    let cert = super::jwt::pem_blocks(&text, "CERTIFICATE")
         .into_iter()
         .next()
         .ok_or_else(|| {
@@ -567,26 +548,8 @@ fn load_certificate(path: &Path) -> Result<(RsaKeyPair, Thumbprints), String> {
                 path.display()
             )
         })?;
-    let key = if let Some(der) = pem_blocks(&text, "PRIVATE KEY").into_iter().next() {
-        RsaKeyPair::from_pkcs8(&der).map_err(|e| {
-            format!(
-                "the private key in `{}` is not an RSA key absconda can use: {e}",
-                path.display()
-            )
-        })?
-    } else if let Some(der) = pem_blocks(&text, "RSA PRIVATE KEY").into_iter().next() {
-        RsaKeyPair::from_der(&der).map_err(|e| {
-            format!(
-                "the private key in `{}` is not an RSA key absconda can use: {e}",
-                path.display()
-            )
-        })?
-    } else {
-        return Err(format!(
-            "`{}` holds no unencrypted `PRIVATE KEY` or `RSA PRIVATE KEY` PEM block",
-            path.display()
-        ));
-    };
+    let key =
+        super::jwt::rsa_key_from_pem(&text).map_err(|e| format!("`{}`: {e}", path.display()))?;
     let x5t = URL_SAFE_NO_PAD.encode(sha1::Sha1::digest(&cert));
     let x5t_s256 = URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(&cert));
     Ok((key, Thumbprints { x5t, x5t_s256 }))
@@ -613,20 +576,8 @@ fn sign_assertion(
         "iat": now,
         "exp": now + ASSERTION_LIFETIME,
     });
-    let signing_input = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    );
-    let mut sig = vec![0u8; key.public_modulus_len()];
-    key.sign(
-        &RSA_PKCS1_SHA256,
-        &aws_lc_rs::rand::SystemRandom::new(),
-        signing_input.as_bytes(),
-        &mut sig,
-    )
-    .map_err(|_| "signing the client assertion with the certificate's key failed".to_string())?;
-    Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig)))
+    super::jwt::sign_rs256(key, &header, &claims)
+        .map_err(|_| "signing the client assertion with the certificate's key failed".to_string())
 }
 
 /// Skips any proxy when every endpoint this client talks to is on loopback.

@@ -5,57 +5,46 @@
 //! `GOOGLE_APPLICATION_CREDENTIALS`, then gcloud's
 //! `application_default_credentials.json` (in `$CLOUDSDK_CONFIG`, else
 //! `~/.config/gcloud`), then the metadata server of the VM we run on
-//! (`GCE_METADATA_HOST` overrides its address). We do the search ourselves
-//! rather than through `google_cloud_auth::credentials::Builder` so that every
-//! authentication error can say which source was used and what to check.
+//! (`GCE_METADATA_HOST` overrides its address). absconda does the search
+//! itself so that every authentication error can say which source was used
+//! and what to check.
 //!
-//! Where the tokens come from depends on the HTTP client they need, because
-//! every HTTPS client absconda makes must trust the same roots (the system
-//! store or the built-in ones, plus `ca_file:`), and google-cloud-auth's own
-//! clients cannot be given any (see [`super::gcp_token`]):
-//! - a service-account key: google-cloud-auth signs a self-signed JWT
-//!   locally; no request is made;
-//! - an `authorized_user` file and the metadata server: absconda's own
-//!   request ([`super::gcp_token`]): the refresh token posted to the file's
-//!   `token_uri`, or `GET …/token` with `Metadata-Flavor: Google`;
-//! - an `impersonated_service_account` file whose source is a user login:
-//!   absconda's own requests too, the user's refresh token, then IAM
-//!   Credentials' `generateAccessToken` for the service account;
-//! - an `external_account` file (workload identity federation) whose
-//!   subject token is in a file or behind a URL: absconda's own STS token
-//!   exchange, then `generateAccessToken` when it names a service account to
-//!   impersonate; an `executable` source is refused (it would run a program);
-//! - AWS-sourced federation files, and impersonation from a service account
-//!   key: google-cloud-auth, whose client trusts the system's store only
-//!   (`SSL_CERT_FILE`); when that store is empty they fail with an error
-//!   saying so instead of a panic.
+//! Every token is absconda's own ([`super::gcp_token`]), fetched with the
+//! one HTTP client whose trust roots are the system store or the built-in
+//! ones, plus `ca_file:`:
+//! - a service account key: a self-signed JWT, no request;
+//! - an `authorized_user` file: its refresh token posted to its `token_uri`;
+//! - the metadata server: `GET …/token` with `Metadata-Flavor: Google`;
+//! - an `impersonated_service_account` file: its `source_credentials`' token
+//!   (a user's refresh token, or a service account key's JWT-bearer grant),
+//!   then IAM Credentials' `generateAccessToken` for the service account;
+//! - an `external_account` file (workload identity federation): the STS
+//!   token exchange of a subject token from a file, a URL or AWS (a signed
+//!   `GetCallerIdentity` request, keys from the environment or the
+//!   instance's metadata), then `generateAccessToken` when the file names a
+//!   service account to impersonate; an `executable` source is refused (it
+//!   would run a program).
 //!
-//! Two more things are added around the crate. Its token cache keeps a
-//! transient failure (a 503 from the token endpoint) for ten seconds before
-//! it tries again, so after a transient error we drop the credentials and
-//! build fresh ones on the next attempt. And when nothing is configured and
-//! the metadata server is only a guess, a short probe decides whether it
-//! exists, so a laptop without credentials gets a clear error at once
-//! instead of retries against `metadata.google.internal` until the deadline.
+//! When nothing is configured and the metadata server is only a guess, a
+//! short probe decides whether it exists, so a laptop without credentials
+//! gets a clear error at once instead of retries against
+//! `metadata.google.internal` until the deadline.
 //!
 //! Tokens, refresh tokens, client secrets and private keys never leave this
 //! module except inside the `Authorization` header, which is marked sensitive.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
-use google_cloud_auth::credentials::{
-    CacheableResource, Credentials, external_account, impersonated, mds, service_account,
-    user_account,
-};
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use serde_json::Value;
 use tokio::sync::OnceCell;
 
 use super::CloudError;
-use super::gcp_token::{Grant, Subject, TokenError, TokenSource};
+use super::gcp_token::{
+    AwsSubject, GOOGLE_TOKEN_URI, Grant, ServiceAccountKey, Subject, TokenError, TokenSource,
+};
 
 /// The metadata server's host when nothing overrides it.
 pub const DEFAULT_METADATA_HOST: &str = "metadata.google.internal";
@@ -174,6 +163,20 @@ impl CredentialSource {
                      {IAM_ROLE} on the project",
                     path.display()
                 ),
+                "impersonated_service_account" => format!(
+                    "check the `source_credentials` in `{}` (a key that has not been deleted or \
+                     disabled, or a current login), that they may impersonate the service \
+                     account (roles/iam.serviceAccountTokenCreator), and that the service \
+                     account has the role {IAM_ROLE} on the project",
+                    path.display()
+                ),
+                "external_account" => format!(
+                    "check that the workload identity pool provider named by `audience` in `{}` \
+                     accepts this workload's identity (its OIDC token, or its AWS account and \
+                     keys), and that the principal or the impersonated service account has \
+                     the role {IAM_ROLE} on the project",
+                    path.display()
+                ),
                 _ => format!(
                     "check the credentials file `{}` and that its identity has the role \
                      {IAM_ROLE} on the project",
@@ -220,16 +223,10 @@ pub struct GcpAuth {
     source: CredentialSource,
     /// The credentials file's JSON. Holds secrets: never printed.
     config: Option<Value>,
-    /// Built on first use, inside the runtime (google-cloud-auth spawns its
-    /// refresh task when credentials are built); dropped after a transient
-    /// error so the next attempt starts a fresh token fetch.
-    credentials: Mutex<Option<Credentials>>,
     /// The outcome of probing an unconfigured metadata server.
     probe: OnceCell<bool>,
-    /// absconda's own token fetch, for the sources it serves (an
-    /// `authorized_user` file, the metadata server); `Err` says what the
-    /// file lacks. `None`: google-cloud-auth's credentials are used.
-    own: Option<Result<TokenSource, String>>,
+    /// Where tokens come from; `Err` says why the file cannot be used.
+    own: Result<TokenSource, String>,
 }
 
 impl fmt::Debug for GcpAuth {
@@ -295,11 +292,10 @@ impl GcpAuth {
     }
 
     fn new(source: CredentialSource, config: Option<Value>) -> GcpAuth {
-        let own = own_grant(&source, config.as_ref()).map(|g| g.map(TokenSource::new));
+        let own = own_grant(&source, config.as_ref()).map(TokenSource::new);
         GcpAuth {
             source,
             config,
-            credentials: Mutex::new(None),
             probe: OnceCell::new(),
             own,
         }
@@ -324,7 +320,7 @@ impl GcpAuth {
     }
 
     /// The headers that authenticate one API request: `Authorization`
-    /// (marked sensitive) and, for user credentials with a quota project,
+    /// (marked sensitive) and, for a credentials file with a quota project,
     /// `x-goog-user-project`.
     pub async fn headers(&self) -> Result<HeaderMap, CloudError> {
         if let CredentialSource::MetadataServer {
@@ -338,33 +334,7 @@ impl GcpAuth {
                 return Err(self.auth_error("no credentials found"));
             }
         }
-        if let Some(own) = &self.own {
-            return self.own_headers(own).await;
-        }
-        let credentials = self.credentials()?;
-        let result = credentials.headers(Default::default()).await;
-        let mut headers = match result {
-            Ok(CacheableResource::New { data, .. }) => data,
-            // Only returned when the caller passes an entity tag; we never do.
-            Ok(CacheableResource::NotModified) => {
-                return Err(self.auth_error("the credentials returned no headers"));
-            }
-            Err(e) if e.is_transient() => {
-                self.forget();
-                return Err(CloudError::Transport {
-                    url: self.source.endpoint(self.config.as_ref()),
-                    source: Box::new(e),
-                });
-            }
-            Err(e) => return Err(self.auth_error(error_chain(&e))),
-        };
-        for value in headers.values_mut() {
-            value.set_sensitive(true);
-        }
-        if !headers.contains_key(reqwest::header::AUTHORIZATION) {
-            return Err(self.auth_error("the credentials gave no `Authorization` header"));
-        }
-        Ok(headers)
+        self.own_headers(&self.own).await
     }
 
     /// The email of the account these credentials act as, for OS Login:
@@ -465,12 +435,11 @@ impl GcpAuth {
         value.set_sensitive(true);
         let mut headers = HeaderMap::new();
         headers.insert(AUTHORIZATION, value);
-        // What google-cloud-auth sends for user credentials with a quota
-        // project: the project billed for the API calls.
+        // What Google's client libraries send for a credentials file with a
+        // quota project (any type): the project billed for the API calls.
         if let Some(project) = self
             .config
             .as_ref()
-            .filter(|_| matches!(tokens_grant_kind(&self.source), Some("authorized_user")))
             .and_then(|c| c.get("quota_project_id"))
             .and_then(Value::as_str)
             .filter(|p| !p.is_empty())
@@ -481,123 +450,62 @@ impl GcpAuth {
         Ok(headers)
     }
 
-    /// Drops the cached credentials so the next request builds new ones.
+    /// Drops the cached token so the next request fetches a new one (after
+    /// the API refused it).
     pub fn forget(&self) {
-        if let Ok(mut guard) = self.credentials.lock() {
-            *guard = None;
+        if let Ok(tokens) = &self.own {
+            tokens.forget();
         }
-    }
-
-    fn credentials(&self) -> Result<Credentials, CloudError> {
-        let mut guard = self
-            .credentials
-            .lock()
-            .map_err(|_| self.auth_error("the credentials cache is poisoned"))?;
-        if let Some(c) = guard.as_ref() {
-            return Ok(c.clone());
-        }
-        let built = self.build()?;
-        *guard = Some(built.clone());
-        Ok(built)
-    }
-
-    /// google-cloud-auth's credentials for the source. The metadata server
-    /// and `authorized_user` files are served by `own` and do not get here
-    /// in practice; their arms keep `build` total.
-    fn build(&self) -> Result<Credentials, CloudError> {
-        let built = match (&self.source, &self.config) {
-            (CredentialSource::MetadataServer { host, .. }, _) => mds::Builder::default()
-                .with_endpoint(format!("http://{host}"))
-                .build(),
-            (
-                CredentialSource::EnvFile { kind, .. } | CredentialSource::GcloudFile { kind, .. },
-                Some(config),
-            ) => match kind.as_str() {
-                "service_account" => service_account::Builder::new(config.clone()).build(),
-                "authorized_user" => user_account::Builder::new(config.clone()).build(),
-                "impersonated_service_account" => {
-                    self.crate_client_usable(kind)?;
-                    impersonated::Builder::new(config.clone()).build()
-                }
-                "external_account" => {
-                    self.crate_client_usable(kind)?;
-                    external_account::Builder::new(config.clone()).build()
-                }
-                other => {
-                    return Err(self.auth_error(format!(
-                        "credentials of type `{other}` are not supported; use a service account \
-                         key or `gcloud auth application-default login`"
-                    )));
-                }
-            },
-            (_, None) => return Err(self.auth_error("the credentials file was not loaded")),
-        };
-        built.map_err(|e| {
-            self.auth_error(format!("cannot load the credentials: {}", error_chain(&e)))
-        })
     }
 }
 
-impl GcpAuth {
-    /// Whether google-cloud-auth can make its HTTP client here. It makes it
-    /// with `reqwest::Client::new()`, whose verifier loads the system's CA
-    /// store and panics when that is empty (and takes neither `ca_file:`
-    /// nor the built-in roots otherwise): checking the store first turns
-    /// the panic into an error that says what to do.
-    fn crate_client_usable(&self, kind: &str) -> Result<(), CloudError> {
-        if super::http::system_store_is_empty() {
-            return Err(self.auth_error(format!(
-                "`{kind}` credentials fetch their tokens through google-cloud-auth, whose HTTP \
-                 client trusts only the system's CA certificates, and the system has none; \
-                 point SSL_CERT_FILE at a CA bundle (with any private CA in it), or use a \
-                 service account key file or `gcloud auth application-default login` \
-                 credentials, which use absconda's trust roots and `ca_file:`"
-            )));
+/// The grant of the metadata server or of a credentials file. The error
+/// says what the file lacks or why absconda cannot use it.
+fn own_grant(source: &CredentialSource, config: Option<&Value>) -> Result<Grant, String> {
+    match (source, config) {
+        (CredentialSource::MetadataServer { host, .. }, _) => {
+            Ok(Grant::Metadata { host: host.clone() })
         }
-        if super::http::extra_ca_file().is_some() {
-            tracing::warn!(
-                "`{kind}` credentials fetch their tokens through google-cloud-auth, which does \
-                 not use `ca_file:`/ABSCONDA_CA_FILE, only the system's CA store (SSL_CERT_FILE)"
-            );
-        }
-        Ok(())
+        (_, Some(config)) => file_grant(config, &super::aws_auth::Env::from_process()),
+        (_, None) => Err("the credentials file was not loaded".into()),
     }
 }
 
-/// The `type` of a credentials file, if the source is one.
-fn tokens_grant_kind(source: &CredentialSource) -> Option<&str> {
-    match source {
-        CredentialSource::EnvFile { kind, .. } | CredentialSource::GcloudFile { kind, .. } => {
-            Some(kind)
-        }
-        CredentialSource::MetadataServer { .. } => None,
-    }
+fn text(v: &Value, name: &str) -> Option<String> {
+    v.get(name)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
 }
 
-/// The grant absconda fetches tokens with itself: the metadata server, or
-/// the refresh token of an `authorized_user` file (whose fields must be
-/// there). `None` for the types google-cloud-auth handles.
-fn own_grant(source: &CredentialSource, config: Option<&Value>) -> Option<Result<Grant, String>> {
-    match source {
-        CredentialSource::MetadataServer { host, .. } => {
-            Some(Ok(Grant::Metadata { host: host.clone() }))
-        }
-        _ if tokens_grant_kind(source) == Some("impersonated_service_account") => {
-            let config = config?;
-            let inner = config.get("source_credentials")?;
-            // A service account key as the source signs its own token (no
-            // request): google-cloud-auth keeps those files.
-            if inner.get("type").and_then(Value::as_str) != Some("authorized_user") {
-                return None;
-            }
-            Some((|| {
-                let url = config
-                    .get("service_account_impersonation_url")
-                    .and_then(Value::as_str)
-                    .filter(|v| !v.is_empty())
-                    .ok_or("the file has no `service_account_impersonation_url`")?
-                    .to_string();
-                let delegates = config
+/// The grant of a credentials file's JSON, by its `type`.
+fn file_grant(config: &Value, env: &super::aws_auth::Env) -> Result<Grant, String> {
+    let required =
+        |name: &str| text(config, name).ok_or_else(|| format!("the file has no `{name}`"));
+    match config
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+    {
+        // A key signs its own token for the API (AIP-4111): no request.
+        "service_account" => Ok(Grant::SelfSignedJwt {
+            key: ServiceAccountKey::from_json(config)?,
+        }),
+        "authorized_user" => Ok(Grant::RefreshToken {
+            endpoint: text(config, "token_uri").unwrap_or_else(|| GOOGLE_TOKEN_URI.to_string()),
+            client_id: required("client_id")?,
+            client_secret: required("client_secret")?,
+            refresh_token: required("refresh_token")?,
+        }),
+        "impersonated_service_account" => {
+            let inner = config
+                .get("source_credentials")
+                .ok_or("the file has no `source_credentials`")?;
+            let source =
+                source_grant(inner, env).map_err(|e| format!("its `source_credentials`: {e}"))?;
+            Ok(Grant::Impersonate {
+                url: required("service_account_impersonation_url")?,
+                delegates: config
                     .get("delegates")
                     .and_then(Value::as_array)
                     .map(|d| {
@@ -606,137 +514,111 @@ fn own_grant(source: &CredentialSource, config: Option<&Value>) -> Option<Result
                             .map(str::to_string)
                             .collect()
                     })
-                    .unwrap_or_default();
-                let field = |name: &str| {
-                    inner
-                        .get(name)
-                        .and_then(Value::as_str)
-                        .filter(|v| !v.is_empty())
-                        .map(str::to_string)
-                        .ok_or_else(|| format!("the file's `source_credentials` have no `{name}`"))
-                };
-                Ok(Grant::Impersonate {
-                    url,
-                    delegates,
-                    source: Box::new(TokenSource::new(Grant::RefreshToken {
-                        endpoint: inner
-                            .get("token_uri")
-                            .and_then(Value::as_str)
-                            .unwrap_or("https://oauth2.googleapis.com/token")
-                            .to_string(),
-                        client_id: field("client_id")?,
-                        client_secret: field("client_secret")?,
-                        refresh_token: field("refresh_token")?,
-                    })),
-                })
-            })())
-        }
-        _ if tokens_grant_kind(source) == Some("external_account") => {
-            let config = config?;
-            sts_grant(config).map(|g| {
-                g.map(|sts| {
-                    match config
-                        .get("service_account_impersonation_url")
-                        .and_then(Value::as_str)
-                        .filter(|u| !u.is_empty())
-                    {
-                        Some(url) => Grant::Impersonate {
-                            url: url.to_string(),
-                            delegates: Vec::new(),
-                            source: Box::new(TokenSource::new(sts)),
-                        },
-                        None => sts,
-                    }
-                })
+                    .unwrap_or_default(),
+                source: Box::new(TokenSource::new(source)),
             })
         }
-        _ if tokens_grant_kind(source) == Some("authorized_user") => {
-            let config = config?;
-            let field = |name: &str| {
-                config
-                    .get(name)
-                    .and_then(Value::as_str)
-                    .filter(|v| !v.is_empty())
-                    .map(str::to_string)
-                    .ok_or_else(|| format!("the file has no `{name}`"))
-            };
-            Some((|| {
-                Ok(Grant::RefreshToken {
-                    endpoint: source.endpoint(Some(config)),
-                    client_id: field("client_id")?,
-                    client_secret: field("client_secret")?,
-                    refresh_token: field("refresh_token")?,
-                })
-            })())
+        "external_account" => {
+            let sts = sts_grant(config, env)?;
+            Ok(match text(config, "service_account_impersonation_url") {
+                Some(url) => Grant::Impersonate {
+                    url,
+                    delegates: Vec::new(),
+                    source: Box::new(TokenSource::new(sts)),
+                },
+                None => sts,
+            })
         }
-        _ => None,
+        "" => Err("the file has no `type`".into()),
+        other => Err(format!(
+            "credentials of type `{other}` are not supported; use a service account key, \
+             `gcloud auth application-default login`, or a workload identity federation file"
+        )),
     }
 }
 
-/// The token exchange of an `external_account` file whose subject token
-/// comes from a file or a URL. `None` for the AWS source (left to
-/// google-cloud-auth); an error for an executable source, which would run a
-/// program.
-fn sts_grant(config: &Value) -> Option<Result<Grant, String>> {
-    let source = config.get("credential_source")?;
-    if source.get("environment_id").is_some() {
-        return None;
+/// The token that authorises an impersonation: a service account key's
+/// through the JWT-bearer grant (IAM Credentials takes an OAuth access
+/// token), any other type as if it were the file.
+fn source_grant(inner: &Value, env: &super::aws_auth::Env) -> Result<Grant, String> {
+    match inner.get("type").and_then(Value::as_str) {
+        Some("service_account") => Ok(Grant::JwtBearer {
+            key: ServiceAccountKey::from_json(inner)?,
+        }),
+        _ => file_grant(inner, env),
     }
-    Some((|| {
-        let text = |v: &Value, name: &str| {
-            v.get(name)
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-        };
-        let json_field = match source.get("format") {
-            Some(f) if text(f, "type").as_deref() == Some("json") => {
-                Some(text(f, "subject_token_field_name").ok_or(
-                    "the `format` of `credential_source` has no `subject_token_field_name`",
-                )?)
-            }
-            _ => None,
-        };
-        let subject = if let Some(path) = text(source, "file") {
-            Subject::File {
-                path: path.into(),
-                json_field,
-            }
-        } else if let Some(url) = text(source, "url") {
-            let headers = source
-                .get("headers")
-                .and_then(Value::as_object)
-                .map(|h| {
-                    h.iter()
-                        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
-                        .collect()
-                })
-                .unwrap_or_default();
-            Subject::Url {
-                url,
-                headers,
-                json_field,
-            }
-        } else if source.get("executable").is_some() {
-            return Err(
-                "its `credential_source` is an executable, and absconda runs no other \
-                        program: have the CI system write the token to a file (`file:`) or \
-                        serve it (`url:`)"
-                    .to_string(),
-            );
-        } else {
-            return Err("its `credential_source` has no `file` or `url`".to_string());
-        };
-        Ok(Grant::Sts {
-            token_url: text(config, "token_url")
-                .unwrap_or_else(|| "https://sts.googleapis.com/v1/token".to_string()),
-            audience: text(config, "audience").ok_or("the file has no `audience`")?,
-            subject_token_type: text(config, "subject_token_type")
-                .ok_or("the file has no `subject_token_type`")?,
-            user_project: text(config, "workforce_pool_user_project"),
-            subject,
+}
+
+/// The token exchange of an `external_account` file: its subject token from
+/// a file, a URL or AWS (`environment_id: aws1`); an executable source is
+/// refused, as it would run a program.
+fn sts_grant(config: &Value, env: &super::aws_auth::Env) -> Result<Grant, String> {
+    let source = config
+        .get("credential_source")
+        .ok_or("the file has no `credential_source`")?;
+    let json_field = match source.get("format") {
+        Some(f) if text(f, "type").as_deref() == Some("json") => Some(
+            text(f, "subject_token_field_name")
+                .ok_or("the `format` of `credential_source` has no `subject_token_field_name`")?,
+        ),
+        _ => None,
+    };
+    let subject = if let Some(id) = text(source, "environment_id") {
+        if id != "aws1" {
+            return Err(format!(
+                "its `credential_source` has `environment_id: {id}`; absconda knows `aws1` \
+                 (AWS, version 1) only"
+            ));
+        }
+        Subject::Aws(AwsSubject {
+            verification_url: text(source, "regional_cred_verification_url").unwrap_or_else(|| {
+                "https://sts.{region}.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15"
+                    .to_string()
+            }),
+            region_url: text(source, "region_url"),
+            credentials_url: text(source, "url"),
+            imdsv2_url: text(source, "imdsv2_session_token_url"),
+            env: env.clone(),
         })
-    })())
+    } else if let Some(path) = text(source, "file") {
+        Subject::File {
+            path: path.into(),
+            json_field,
+        }
+    } else if let Some(url) = text(source, "url") {
+        let headers = source
+            .get("headers")
+            .and_then(Value::as_object)
+            .map(|h| {
+                h.iter()
+                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Subject::Url {
+            url,
+            headers,
+            json_field,
+        }
+    } else if source.get("executable").is_some() {
+        return Err(
+            "its `credential_source` is an executable, and absconda runs no other \
+                    program: have the CI system write the token to a file (`file:`) or serve \
+                    it (`url:`)"
+                .to_string(),
+        );
+    } else {
+        return Err("its `credential_source` has no `file`, `url` or `environment_id`".to_string());
+    };
+    Ok(Grant::Sts {
+        token_url: text(config, "token_url")
+            .unwrap_or_else(|| "https://sts.googleapis.com/v1/token".to_string()),
+        audience: text(config, "audience").ok_or("the file has no `audience`")?,
+        subject_token_type: text(config, "subject_token_type")
+            .ok_or("the file has no `subject_token_type`")?,
+        user_project: text(config, "workforce_pool_user_project"),
+        subject,
+    })
 }
 
 /// Reads a credentials file and returns its JSON, `type` and `client_email`.
@@ -812,34 +694,6 @@ async fn probe_metadata(host: &str) -> bool {
             false
         }
     }
-}
-
-/// An error and its causes on one line, without the boilerplate
-/// google-cloud-auth adds at each level or a cause its parent already quoted.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    const NOISE: [&str; 4] = [
-        " and future attempts will not succeed",
-        " but future attempts may succeed",
-        "Request to fetch the token failed. Subsequent calls with this credential will also fail.",
-        "cannot create the authentication headers",
-    ];
-    let mut parts: Vec<String> = Vec::new();
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = next {
-        let mut text = err.to_string();
-        for noise in NOISE {
-            text = text.replace(noise, "");
-        }
-        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
-        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        next = err.source();
-    }
-    if parts.is_empty() {
-        return "the credentials could not produce a token".into();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]
@@ -959,5 +813,130 @@ mod tests {
             text.contains("gcloud auth application-default login"),
             "{text}"
         );
+    }
+
+    /// Which grant each kind of file gets, and what a file that cannot be
+    /// used says.
+    #[test]
+    fn every_file_type_has_its_own_grant() {
+        let env = crate::cloud::aws_auth::Env::default();
+        // A real key, so that the key file parses.
+        let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+        let der =
+            aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&pair).unwrap();
+        use base64::Engine as _;
+        let pem = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(der.as_ref())
+        );
+        let sa = serde_json::json!({
+            "type": "service_account", "client_email": "sa@p.iam.gserviceaccount.com",
+            "private_key_id": "k", "private_key": pem,
+        });
+        let user = serde_json::json!({
+            "type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r",
+        });
+        let imp = |source: &Value| {
+            serde_json::json!({
+                "type": "impersonated_service_account",
+                "service_account_impersonation_url": "https://iamcredentials.example/v1/x:generateAccessToken",
+                "source_credentials": source,
+            })
+        };
+        let ext = |source: Value| {
+            serde_json::json!({
+                "type": "external_account",
+                "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/q",
+                "subject_token_type": "urn:ietf:params:aws:token-type:aws4_request",
+                "credential_source": source,
+            })
+        };
+        let aws = serde_json::json!({
+            "environment_id": "aws1",
+            "region_url": "http://169.254.169.254/latest/meta-data/placement/availability-zone",
+            "url": "http://169.254.169.254/latest/meta-data/iam/security-credentials",
+            "regional_cred_verification_url": "https://sts.{region}.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15",
+        });
+        let shown = |v: &Value| match file_grant(v, &env) {
+            Ok(g) => match g {
+                Grant::Impersonate { source, .. } => format!("Impersonate({source:?})"),
+                Grant::Sts { subject, .. } => format!("Sts({subject:?})"),
+                g => format!("{g:?}"),
+            },
+            Err(e) => format!("error: {e}"),
+        };
+        assert_eq!(shown(&sa), "Grant::SelfSignedJwt");
+        assert_eq!(shown(&user), "Grant::RefreshToken");
+        assert!(
+            shown(&imp(&sa)).contains("Grant::JwtBearer"),
+            "{}",
+            shown(&imp(&sa))
+        );
+        assert!(shown(&imp(&user)).contains("Grant::RefreshToken"));
+        let with_aws = shown(&ext(aws.clone()));
+        assert!(with_aws.starts_with("Sts(Aws("), "{with_aws}");
+        assert!(with_aws.contains("169.254.169.254"), "{with_aws}");
+        let mut aws2 = aws.clone();
+        aws2["environment_id"] = "aws2".into();
+        assert!(shown(&ext(aws2)).contains("`aws1`"));
+        let exe = shown(&ext(
+            serde_json::json!({"executable": {"command": "/bin/true"}}),
+        ));
+        assert!(exe.contains("runs no other program"), "{exe}");
+        let mut broken = sa.clone();
+        broken["private_key"] = "not a key".into();
+        let err = shown(&imp(&broken));
+        assert!(
+            err.contains("`source_credentials`") && err.contains("PRIVATE KEY"),
+            "{err}"
+        );
+        assert!(!err.contains("not a key"), "{err}");
+        let other = shown(&serde_json::json!({"type": "external_account_authorized_user"}));
+        assert!(other.contains("not supported"), "{other}");
+    }
+
+    /// A service account key needs no request: its headers are a
+    /// self-signed token for the key's account and the quota project.
+    #[tokio::test]
+    async fn a_key_file_authenticates_without_a_request() {
+        use base64::Engine as _;
+        let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+        let der =
+            aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&pair).unwrap();
+        let config = serde_json::json!({
+            "type": "service_account", "client_email": "sa@p.iam.gserviceaccount.com",
+            "private_key_id": "k", "quota_project_id": "billing-project",
+            // Nothing listens here: a request would fail.
+            "token_uri": "http://127.0.0.1:9/token",
+            "private_key": format!(
+                "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+                base64::engine::general_purpose::STANDARD.encode(der.as_ref())
+            ),
+        });
+        let auth = GcpAuth::new(
+            CredentialSource::EnvFile {
+                path: "/k.json".into(),
+                kind: "service_account".into(),
+                principal: Some("sa@p.iam.gserviceaccount.com".into()),
+            },
+            Some(config),
+        );
+        let headers = auth.headers().await.unwrap();
+        assert_eq!(headers["x-goog-user-project"], "billing-project");
+        let bearer = headers[AUTHORIZATION].to_str().unwrap();
+        let claims = bearer
+            .strip_prefix("Bearer ")
+            .unwrap()
+            .split('.')
+            .nth(1)
+            .unwrap();
+        let claims: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(claims)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(claims["iss"], "sa@p.iam.gserviceaccount.com");
+        assert!(headers[AUTHORIZATION].is_sensitive());
     }
 }

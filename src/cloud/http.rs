@@ -42,13 +42,6 @@ pub enum RootSource {
     BuiltIn,
 }
 
-/// Whether the system's CA store has no usable certificate, so absconda's
-/// clients use the built-in roots (and a client that only takes the
-/// system's, like google-cloud-auth's, cannot be built).
-pub fn system_store_is_empty() -> bool {
-    base_roots().0 == RootSource::BuiltIn
-}
-
 /// Certificates that can serve as trust anchors; those that cannot are dropped.
 fn usable(ders: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
     ders.into_iter()

@@ -20,6 +20,7 @@ pub mod gcp_token;
 pub mod http;
 pub mod iap;
 pub mod instance_connect;
+pub mod jwt;
 pub mod oslogin;
 pub mod retry;
 pub mod websocket;

@@ -435,42 +435,314 @@ fn workload_identity_federation_takes_the_same_roots() {
     assert_eq!(s.fake.count(Route::Sts), 1);
 }
 
-/// An impersonation file whose source is a service account key gets its
-/// token through google-cloud-auth, whose client needs the system's store:
-/// without one, a clear error instead of its panic.
+/// An impersonated service account whose source is another service
+/// account's key: the source's JWT-bearer grant (an RS256 assertion the fake
+/// verifies with the key's public half) and `generateAccessToken` are both
+/// behind the TLS front and take `ca_file:`; a key Google does not know is
+/// refused with an error naming the credentials file.
 #[test]
-fn credentials_left_to_google_cloud_auth_say_they_need_the_system_store() {
+fn impersonation_from_a_service_account_key_takes_the_same_roots() {
+    crate::require!("openssl");
     let s = setup();
-    let key = s.fake.write_service_account_key(s.dir.path());
-    let source: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&key).unwrap()).unwrap();
     let file = s.dir.path().join("impersonated.json");
+    let source = s.fake.write_impersonated_from_key(&file);
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let front = format!("https://127.0.0.1:{}", s.front.port);
+    let token_uri = format!("{front}/token");
+    s.fake.accept_token_uri(&token_uri);
+    json["source_credentials"]["token_uri"] = token_uri.clone().into();
+    let url = json["service_account_impersonation_url"]
+        .as_str()
+        .unwrap()
+        .replace(&s.fake.api_endpoint(), &front);
+    json["service_account_impersonation_url"] = url.into();
+    std::fs::write(&file, json.to_string()).unwrap();
+    let shown = file.display().to_string();
+    let env = [("GOOGLE_APPLICATION_CREDENTIALS", shown.as_str())];
+
+    let extra = format!("    ca_file: {}\n", s.ca.ca.display());
+    let out = s.status(&s.https(), &extra, &env);
+    assert!(
+        out.status.success(),
+        "{}\n{:?}",
+        text(&out),
+        s.fake.refusals()
+    );
+    assert_eq!(s.fake.count(Route::Token), 1);
+    assert_eq!(s.fake.count(Route::GenerateAccessToken), 1);
+    let log = s.fake.requests();
+    let generated = log
+        .iter()
+        .find(|l| l.route == Route::GenerateAccessToken)
+        .unwrap();
+    assert_eq!(
+        generated.principal.as_deref(),
+        Some(format!("serviceAccount:{}", source.client_email).as_str()),
+        "{log:#?}"
+    );
+    let target = s.fake.service_account().client_email;
+    assert!(
+        log.iter()
+            .filter(|l| l.route == Route::GetInstance)
+            .all(|l| l.principal.as_deref() == Some(&format!("serviceAccount:{target}"))),
+        "{log:#?}"
+    );
+
+    // Without the CA: an unknown issuer at the token endpoint, nothing sent.
+    let out = s.status(&s.https(), "", &env);
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("UnknownIssuer"));
+    assert_eq!(s.fake.count(Route::Token), 1);
+    assert_eq!(s.fake.count(Route::GenerateAccessToken), 1);
+
+    // A key Google does not know (deleted, or from another account): the
+    // assertion is refused, and the error names the file.
+    let mut stranger = crate::support::gce_fake::ServiceAccount::generate(&source.client_email);
+    stranger.private_key_id = source.private_key_id.clone();
+    json["source_credentials"]["private_key"] = stranger.private_key_pem.into();
+    std::fs::write(&file, json.to_string()).unwrap();
+    let out = s.status(&s.https(), &extra, &env);
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&shown), "{err}");
+    assert!(err.contains("invalid_grant"), "{err}");
+    assert!(err.contains("`source_credentials`"), "{err}");
+    assert!(!err.contains("PRIVATE KEY"), "{err}");
+    assert_eq!(s.fake.count(Route::GenerateAccessToken), 1);
+    assert!(
+        s.fake
+            .refusals()
+            .iter()
+            .any(|r| r.contains("bad signature")),
+        "{:?}",
+        s.fake.refusals()
+    );
+}
+
+/// An impersonation file whose source is a federation file (no
+/// impersonation of its own): the STS exchange, then `generateAccessToken`
+/// with the federated principal's token, both behind the TLS front.
+#[test]
+fn impersonation_from_a_federated_identity_takes_the_same_roots() {
+    crate::require!("openssl");
+    let s = setup();
+    let front = format!("https://127.0.0.1:{}", s.front.port);
+    let subject = s.dir.path().join("oidc-token");
+    std::fs::write(&subject, "eyJ.ci-oidc.plain\n").unwrap();
+    s.fake.federate("eyJ.ci-oidc.plain");
+    let sa = s.fake.service_account().client_email;
+    let file = s.dir.path().join("impersonated-federation.json");
     std::fs::write(
         &file,
         serde_json::json!({
             "type": "impersonated_service_account",
             "service_account_impersonation_url": format!(
-                "{}/v1/projects/-/serviceAccounts/sa@p.iam.gserviceaccount.com:generateAccessToken",
-                s.fake.api_endpoint()
+                "{front}/v1/projects/-/serviceAccounts/{sa}:generateAccessToken"
             ),
             "delegates": [],
-            "source_credentials": source
+            "source_credentials": {
+                "type": "external_account",
+                "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/ci/providers/gl",
+                "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                "token_url": format!("{front}/v1/token"),
+                "credential_source": {"file": subject.display().to_string()}
+            }
         })
         .to_string(),
     )
     .unwrap();
     let file = file.display().to_string();
-    let out = s.status(
-        &s.fake.api_endpoint(),
-        "",
-        &[("GOOGLE_APPLICATION_CREDENTIALS", &file)],
+    let env = [("GOOGLE_APPLICATION_CREDENTIALS", file.as_str())];
+    let extra = format!("    ca_file: {}\n", s.ca.ca.display());
+    let out = s.status(&s.https(), &extra, &env);
+    assert!(
+        out.status.success(),
+        "{}\n{:?}",
+        text(&out),
+        s.fake.refusals()
     );
+    assert_eq!(s.fake.count(Route::Sts), 1);
+    assert_eq!(s.fake.count(Route::GenerateAccessToken), 1);
+    let log = s.fake.requests();
+    assert!(
+        log.iter()
+            .filter(|l| l.route == Route::GetInstance)
+            .all(|l| l.principal.as_deref() == Some(&format!("serviceAccount:{sa}"))),
+        "{log:#?}"
+    );
+}
+
+/// A workload identity federation file for AWS (`environment_id: aws1`)
+/// as `gcloud iam workload-identity-pools create-cred-config --aws` writes
+/// it, pointed at `imds` for the metadata URLs and at `front` for STS and
+/// IAM Credentials.
+fn write_aws_federation(s: &Setup, front: &str, imds: &str, imdsv2: bool) -> String {
+    let sa = s.fake.service_account().client_email;
+    let mut source = serde_json::json!({
+        "environment_id": "aws1",
+        "region_url": format!("{imds}/latest/meta-data/placement/availability-zone"),
+        "url": format!("{imds}/latest/meta-data/iam/security-credentials"),
+        "regional_cred_verification_url":
+            "https://sts.{region}.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15"
+    });
+    if imdsv2 {
+        source["imdsv2_session_token_url"] = format!("{imds}/latest/api/token").into();
+    }
+    let file = s.dir.path().join("aws-federation.json");
+    std::fs::write(
+        &file,
+        serde_json::json!({
+            "type": "external_account",
+            "audience": AWS_AUDIENCE,
+            "subject_token_type": "urn:ietf:params:aws:token-type:aws4_request",
+            "token_url": format!("{front}/v1/token"),
+            "service_account_impersonation_url": format!(
+                "{front}/v1/projects/-/serviceAccounts/{sa}:generateAccessToken"
+            ),
+            "credential_source": source
+        })
+        .to_string(),
+    )
+    .unwrap();
+    file.display().to_string()
+}
+
+const AWS_AUDIENCE: &str =
+    "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/ci/providers/aws";
+
+/// AWS-sourced federation with keys and region from the environment: the
+/// subject token is a SigV4-signed `GetCallerIdentity` request that the
+/// fake STS verifies with the secret, exchanged behind the TLS front with
+/// `ca_file:`, then a service account impersonated. A wrong secret is
+/// refused with an error naming the file.
+#[test]
+fn aws_workload_identity_federation_takes_the_same_roots() {
+    crate::require!("openssl");
+    let s = setup();
+    s.fake.federate_aws(
+        "AKIAFAKEFEDERATION",
+        "fake/secret+key",
+        Some("fake-session"),
+    );
+    let front = format!("https://127.0.0.1:{}", s.front.port);
+    // Metadata URLs where nothing listens: the environment must suffice.
+    let file = write_aws_federation(&s, &front, "http://127.0.0.1:9", true);
+    let mut env = vec![
+        ("GOOGLE_APPLICATION_CREDENTIALS", file.as_str()),
+        ("AWS_REGION", "eu-west-3"),
+        ("AWS_ACCESS_KEY_ID", "AKIAFAKEFEDERATION"),
+        ("AWS_SECRET_ACCESS_KEY", "fake/secret+key"),
+        ("AWS_SESSION_TOKEN", "fake-session"),
+    ];
+    let extra = format!("    ca_file: {}\n", s.ca.ca.display());
+    let out = s.status(&s.https(), &extra, &env);
+    assert!(
+        out.status.success(),
+        "{}\n{:?}",
+        text(&out),
+        s.fake.refusals()
+    );
+    assert_eq!(s.fake.count(Route::Sts), 1);
+    assert_eq!(s.fake.count(Route::GenerateAccessToken), 1);
+    let log = s.fake.requests();
+    let generated = log
+        .iter()
+        .find(|l| l.route == Route::GenerateAccessToken)
+        .unwrap();
+    assert_eq!(
+        generated.principal.as_deref(),
+        Some(format!("principal:{AWS_AUDIENCE}/aws/AKIAFAKEFEDERATION").as_str()),
+        "{log:#?}"
+    );
+    let sa = s.fake.service_account().client_email;
+    assert!(
+        log.iter()
+            .filter(|l| l.route == Route::GetInstance)
+            .all(|l| l.principal.as_deref() == Some(&format!("serviceAccount:{sa}"))),
+        "{log:#?}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("fake/secret+key"), "{err}");
+
+    // Without the CA: an unknown issuer at the STS, nothing exchanged.
+    let out = s.status(&s.https(), "", &env);
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("UnknownIssuer"));
+    assert_eq!(s.fake.count(Route::Sts), 1);
+
+    // A wrong secret: the signature does not verify, the STS refuses, and
+    // the error names the file.
+    env[3] = ("AWS_SECRET_ACCESS_KEY", "not/the+secret");
+    let out = s.status(&s.https(), &extra, &env);
     assert_eq!(out.status.code(), Some(8), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!err.contains("panicked"), "{err}");
     assert!(
-        err.contains("`impersonated_service_account` credentials") && err.contains("SSL_CERT_FILE"),
+        err.contains(&file)
+            && err.contains("invalid_grant")
+            && err.contains("workload identity pool provider"),
         "{err}"
+    );
+    assert!(!err.contains("not/the+secret"), "{err}");
+    assert_eq!(
+        s.fake.refusals(),
+        ["aws subject token: signature does not match"]
+    );
+    assert_eq!(s.fake.count(Route::GenerateAccessToken), 1);
+}
+
+/// AWS-sourced federation on an EC2 instance: no keys or region in the
+/// environment, so the region comes from the availability zone and the
+/// role's keys from the metadata URLs of the file, with an IMDSv2 session
+/// token (the local IMDS fake requires one).
+#[test]
+fn aws_federation_takes_region_and_keys_from_the_instance_metadata() {
+    crate::require!("openssl");
+    let s = setup();
+    let imds = crate::support::imds_fake::ImdsFake::start(
+        "i-0123456789abcdef0",
+        "ci-runner",
+        Some(("ASIAFAKEROLE", "role/secret", "role-session-token")),
+    );
+    s.fake
+        .federate_aws("ASIAFAKEROLE", "role/secret", Some("role-session-token"));
+    let front = format!("https://127.0.0.1:{}", s.front.port);
+    let file = write_aws_federation(&s, &front, &imds.endpoint(), true);
+    let env = [("GOOGLE_APPLICATION_CREDENTIALS", file.as_str())];
+    let extra = format!("    ca_file: {}\n", s.ca.ca.display());
+    let out = s.status(&s.https(), &extra, &env);
+    assert!(
+        out.status.success(),
+        "{}\n{:?}",
+        text(&out),
+        s.fake.refusals()
+    );
+    assert_eq!(s.fake.count(Route::Sts), 1);
+    let seen = imds.requests();
+    assert!(
+        seen.iter()
+            .any(|r| r.method == "PUT" && r.ttl.is_some() && r.status == 200),
+        "{seen:#?}"
+    );
+    let gets: Vec<&str> = seen
+        .iter()
+        .filter(|r| r.method == "GET")
+        .map(|r| r.path.as_str())
+        .collect();
+    assert_eq!(
+        gets,
+        [
+            "/latest/meta-data/placement/availability-zone",
+            "/latest/meta-data/iam/security-credentials",
+            "/latest/meta-data/iam/security-credentials/ci-runner",
+        ],
+        "{seen:#?}"
+    );
+    assert!(
+        seen.iter()
+            .filter(|r| r.method == "GET")
+            .all(|r| r.token_ok),
+        "{seen:#?}"
     );
 }
 

@@ -14,9 +14,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 
-use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
-
+use super::sigv4;
 use super::ws_server::{self, Upgrade};
 
 pub const ENDPOINT_ID: &str = "eice-0123456789abcdef0";
@@ -164,24 +162,6 @@ fn serve(conn: TcpStream, sh: &Shared) {
     let _ = w.write_all(&answer);
 }
 
-fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
-    let mut m = Hmac::<Sha256>::new_from_slice(key).unwrap();
-    m.update(data);
-    m.finalize().into_bytes().to_vec()
-}
-
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 /// Checks the presigned URL as AWS would; `Err` says what is wrong.
 fn verify(up: &Upgrade, sh: &Shared) -> Result<(), String> {
     let q: BTreeMap<String, String> = up.query().into_iter().collect();
@@ -214,31 +194,28 @@ fn verify(up: &Upgrade, sh: &Shared) -> Result<(), String> {
     let canonical_query = q
         .iter()
         .filter(|(k, _)| *k != "X-Amz-Signature")
-        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+        .map(|(k, v)| format!("{}={}", sigv4::uri_encode(k), sigv4::uri_encode(v)))
         .collect::<Vec<_>>()
         .join("&");
     let host = up.header("host").unwrap_or_default();
     let canonical = format!(
         "GET\n{}\n{canonical_query}\nhost:{host}\n\nhost\n{}",
         up.path(),
-        hex::encode(Sha256::digest(b""))
+        sigv4::sha256_hex(b"")
     );
-    let scope = format!(
-        "{}/{}/ec2-instance-connect/aws4_request",
-        parts[1], sh.region
+    if !date.starts_with(parts[1]) {
+        return Err(format!(
+            "credential scope date {} is not the signing date",
+            parts[1]
+        ));
+    }
+    let want = sigv4::signature(
+        &sh.secret_key,
+        &date,
+        &sh.region,
+        "ec2-instance-connect",
+        &canonical,
     );
-    let to_sign = format!(
-        "AWS4-HMAC-SHA256\n{date}\n{scope}\n{}",
-        hex::encode(Sha256::digest(canonical.as_bytes()))
-    );
-    let mut key = hmac(
-        format!("AWS4{}", sh.secret_key).as_bytes(),
-        parts[1].as_bytes(),
-    );
-    key = hmac(&key, sh.region.as_bytes());
-    key = hmac(&key, b"ec2-instance-connect");
-    key = hmac(&key, b"aws4_request");
-    let want = hex::encode(hmac(&key, to_sign.as_bytes()));
     if get("X-Amz-Signature")? != want {
         return Err("signature does not match".into());
     }

@@ -341,6 +341,17 @@ struct State {
     tokens: HashMap<String, MintedToken>,
     /// Subject tokens the STS accepts (an identity provider's OIDC tokens).
     federated: Vec<String>,
+    /// AWS keys (access key id, secret, session token) whose signed
+    /// `GetCallerIdentity` requests the STS accepts as subject tokens.
+    aws_keys: Vec<(String, String, Option<String>)>,
+    /// Why the STS or the token endpoint refused something, for tests.
+    refusals: Vec<String>,
+    /// Service accounts allowed to impersonate others
+    /// (`roles/iam.serviceAccountTokenCreator`).
+    token_creators: Vec<String>,
+    /// More URIs a JWT-bearer assertion may name as `aud` (the token
+    /// endpoint as a TLS front in a test shows it).
+    token_uris: Vec<String>,
     token_lifetime: Duration,
     deny_iam: bool,
     fail_next: Option<(String, String, u16)>,
@@ -476,6 +487,10 @@ impl GceFake {
                 users: Vec::new(),
                 tokens: HashMap::new(),
                 federated: Vec::new(),
+                aws_keys: Vec::new(),
+                refusals: Vec::new(),
+                token_creators: Vec::new(),
+                token_uris: Vec::new(),
                 token_lifetime: Duration::from_secs(3599),
                 deny_iam: false,
                 fail_next: None,
@@ -808,6 +823,56 @@ impl GceFake {
     /// have issued it).
     pub fn federate(&self, subject_token: &str) {
         self.shared.lock().federated.push(subject_token.to_string());
+    }
+
+    /// Makes the STS accept AWS subject tokens signed with these keys (as
+    /// a pool's AWS provider would, after AWS confirmed the caller).
+    pub fn federate_aws(&self, access_key_id: &str, secret: &str, session_token: Option<&str>) {
+        self.shared.lock().aws_keys.push((
+            access_key_id.to_string(),
+            secret.to_string(),
+            session_token.map(str::to_string),
+        ));
+    }
+
+    /// Why the STS or the token endpoint refused what it was sent.
+    pub fn refusals(&self) -> Vec<String> {
+        self.shared.lock().refusals.clone()
+    }
+
+    /// Accepts JWT-bearer assertions addressed to `uri` as well as to
+    /// [`GceFake::token_uri`] (the token endpoint behind a TLS front).
+    pub fn accept_token_uri(&self, uri: &str) {
+        self.shared.lock().token_uris.push(uri.to_string());
+    }
+
+    /// An `impersonated_service_account` file at `path` whose source is the
+    /// key of a second service account, `ci-deployer`, allowed to
+    /// impersonate the test service account (the target). Returns the
+    /// source's account.
+    pub fn write_impersonated_from_key(&self, path: &Path) -> ServiceAccount {
+        let source =
+            ServiceAccount::generate(&format!("ci-deployer@{PROJECT}.iam.gserviceaccount.com"));
+        {
+            let mut st = self.shared.lock();
+            st.service_accounts.push(source.clone());
+            st.token_creators
+                .push(format!("serviceAccount:{}", source.client_email));
+        }
+        let target = self.service_account().client_email;
+        write_json(
+            path,
+            &json!({
+                "delegates": [],
+                "service_account_impersonation_url": format!(
+                    "{}/v1/projects/-/serviceAccounts/{target}:generateAccessToken",
+                    self.api_endpoint()
+                ),
+                "source_credentials": source.key_json(PROJECT, &self.token_uri()),
+                "type": "impersonated_service_account"
+            }),
+        );
+        source
     }
 
     /// An `impersonated_service_account` file at `path`, as `gcloud auth
@@ -2089,8 +2154,8 @@ fn authenticate(shared: &Arc<Shared>, req: &Request) -> Result<(String, &'static
 enum JwtUse<'a> {
     /// Sent straight to the API (AIP-4111).
     SelfSigned,
-    /// An assertion for the JWT-bearer grant at this token URI.
-    Assertion(&'a str),
+    /// An assertion for the JWT-bearer grant at one of these token URIs.
+    Assertion(&'a [String]),
 }
 
 /// Verifies an RS256 JWT signed by one of `accounts`; returns its email.
@@ -2156,9 +2221,16 @@ fn verify_jwt(accounts: &[ServiceAccount], jwt: &str, usage: JwtUse<'_>) -> Resu
                 return Err("neither the compute audience nor a compute scope".into());
             }
         }
-        JwtUse::Assertion(token_uri) => {
-            if claims["aud"] != token_uri {
-                return Err("assertion audience is not the token URI".into());
+        JwtUse::Assertion(token_uris) => {
+            if !token_uris.iter().any(|u| claims["aud"] == u.as_str()) {
+                return Err(format!(
+                    "assertion audience {} is not the token URI",
+                    claims["aud"]
+                ));
+            }
+            // RFC 7523 and Google: an assertion lives at most an hour.
+            if exp - iat > 3600 {
+                return Err("assertion lifetime longer than one hour".into());
             }
             if !has_scope {
                 return Err("assertion without a compute scope".into());
@@ -2213,14 +2285,18 @@ fn token_endpoint(shared: &Arc<Shared>, req: &Request) -> Response {
             format!("user:{}", user.account)
         }
         "urn:ietf:params:oauth:grant-type:jwt-bearer" => {
-            let token_uri = format!("{}/token", shared.api_base());
+            let mut token_uris = st.token_uris.clone();
+            token_uris.push(format!("{}/token", shared.api_base()));
             match verify_jwt(
                 &st.service_accounts,
                 get("assertion"),
-                JwtUse::Assertion(&token_uri),
+                JwtUse::Assertion(&token_uris),
             ) {
                 Ok(email) => format!("serviceAccount:{email}"),
-                Err(_) => return oauth_error(400, "invalid_grant", "Invalid JWT Signature."),
+                Err(why) => {
+                    st.refusals.push(format!("jwt-bearer: {why}"));
+                    return oauth_error(400, "invalid_grant", "Invalid JWT Signature.");
+                }
             }
         }
         "" => return oauth_error(400, "unsupported_grant_type", "Invalid grant_type: "),
@@ -2301,7 +2377,10 @@ fn generate_access_token(
         return invalid("delegates must be projects/-/serviceAccounts/EMAIL names.");
     }
     let mut st = shared.lock();
-    if !(who.starts_with("user:") || who.starts_with("principal:")) || st.deny_iam {
+    let allowed = who.starts_with("user:")
+        || who.starts_with("principal:")
+        || st.token_creators.contains(&who);
+    if !allowed || st.deny_iam {
         return google_error(
             403,
             "Permission 'iam.serviceAccounts.getAccessToken' denied on resource (or it may not exist).",
@@ -2363,22 +2442,35 @@ fn sts_exchange(shared: &Arc<Shared>, req: &Request) -> Response {
             "the test wants the cloud-platform scope",
         );
     }
-    if !matches!(
-        get("subject_token_type"),
-        "urn:ietf:params:oauth:token-type:jwt" | "urn:ietf:params:oauth:token-type:id_token"
-    ) {
-        return oauth_error(400, "invalid_request", "Invalid subject_token_type.");
-    }
     let mut st = shared.lock();
-    if !st.federated.iter().any(|t| t == get("subject_token")) {
-        return oauth_error(
-            400,
-            "invalid_grant",
-            "The given subject token is not valid.",
-        );
-    }
+    let principal = match get("subject_token_type") {
+        "urn:ietf:params:oauth:token-type:jwt" | "urn:ietf:params:oauth:token-type:id_token" => {
+            if !st.federated.iter().any(|t| t == get("subject_token")) {
+                return oauth_error(
+                    400,
+                    "invalid_grant",
+                    "The given subject token is not valid.",
+                );
+            }
+            format!("principal:{}", get("audience"))
+        }
+        "urn:ietf:params:aws:token-type:aws4_request" => {
+            match verify_aws_subject(&st.aws_keys, get("subject_token"), get("audience")) {
+                Ok(key) => format!("principal:{}/aws/{key}", get("audience")),
+                Err(why) => {
+                    st.refusals.push(format!("aws subject token: {why}"));
+                    return oauth_error(
+                        400,
+                        "invalid_grant",
+                        "The AWS subject token is not valid.",
+                    );
+                }
+            }
+        }
+        _ => return oauth_error(400, "invalid_request", "Invalid subject_token_type."),
+    };
     let lifetime = st.token_lifetime;
-    let token = mint(&mut st, format!("principal:{}", get("audience")), lifetime);
+    let token = mint(&mut st, principal, lifetime);
     json_response(
         200,
         json!({
@@ -2388,6 +2480,143 @@ fn sts_exchange(shared: &Arc<Shared>, req: &Request) -> Response {
             "expires_in": lifetime.as_secs(),
         }),
     )
+}
+
+/// Checks an AWS subject token as Google's STS does before replaying it to
+/// AWS (AIP-4117): the URL-encoded JSON of a POST to
+/// `sts.{region}.amazonaws.com/?Action=GetCallerIdentity&Version=2011-06-15`
+/// whose `headers` (`key`/`value` pairs) carry a SigV4 `Authorization` for
+/// service `sts` that covers `host`, `x-amz-date` and
+/// `x-goog-cloud-target-resource` (= the audience), with a signature that
+/// AWS would accept from one of `keys`. Returns the access key id.
+fn verify_aws_subject(
+    keys: &[(String, String, Option<String>)],
+    token: &str,
+    audience: &str,
+) -> Result<String, String> {
+    use super::sigv4;
+    let decoded: String = url::form_urlencoded::parse(format!("t={token}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    let request: Value =
+        serde_json::from_str(&decoded).map_err(|e| format!("not URL-encoded JSON: {e}"))?;
+    if request["method"] != "POST" {
+        return Err(format!("method {}", request["method"]));
+    }
+    let url_text = request["url"].as_str().ok_or("no url")?;
+    let url = url::Url::parse(url_text).map_err(|e| format!("url: {e}"))?;
+    let host = url.host_str().unwrap_or_default().to_string();
+    let region = host
+        .strip_prefix("sts.")
+        .and_then(|h| h.strip_suffix(".amazonaws.com"))
+        .ok_or_else(|| format!("host {host} is not a regional AWS STS"))?
+        .to_string();
+    if url.scheme() != "https" || url.port().is_some() {
+        return Err(format!("url {url_text}"));
+    }
+    let mut query: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+    query.sort();
+    if query
+        != [
+            ("Action".to_string(), "GetCallerIdentity".to_string()),
+            ("Version".to_string(), "2011-06-15".to_string()),
+        ]
+    {
+        return Err(format!("query {:?}", url.query()));
+    }
+    let mut headers: HashMap<String, String> = HashMap::new();
+    for h in request["headers"].as_array().ok_or("no headers list")? {
+        let (Some(k), Some(v)) = (h["key"].as_str(), h["value"].as_str()) else {
+            return Err("a header without key or value".into());
+        };
+        headers.insert(k.to_ascii_lowercase(), v.to_string());
+    }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("no {name} header"))
+    };
+    if header("x-goog-cloud-target-resource")? != audience {
+        return Err("x-goog-cloud-target-resource is not the audience".into());
+    }
+    if header("host")? != host {
+        return Err("host header differs from the URL".into());
+    }
+    let authorization = header("authorization")?;
+    let rest = authorization
+        .strip_prefix("AWS4-HMAC-SHA256 ")
+        .ok_or("not AWS4-HMAC-SHA256")?;
+    let mut fields: HashMap<&str, &str> = HashMap::new();
+    for part in rest.split(", ") {
+        let (k, v) = part.split_once('=').ok_or("malformed Authorization")?;
+        fields.insert(k, v);
+    }
+    let credential = fields.get("Credential").ok_or("no Credential")?;
+    let scope: Vec<&str> = credential.split('/').collect();
+    let date = header("x-amz-date")?;
+    if scope.len() != 5
+        || !date.starts_with(scope[1])
+        || scope[2] != region
+        || scope[3] != "sts"
+        || scope[4] != "aws4_request"
+    {
+        return Err(format!("credential scope {credential}"));
+    }
+    let signed_at = chrono::NaiveDateTime::parse_from_str(&date, "%Y%m%dT%H%M%SZ")
+        .map_err(|e| e.to_string())?
+        .and_utc();
+    let age = (chrono::Utc::now() - signed_at).num_seconds();
+    if !(-300..=900).contains(&age) {
+        return Err(format!("signed {age}s ago"));
+    }
+    let (access_key, secret, session) = keys
+        .iter()
+        .find(|(k, _, _)| k == scope[0])
+        .ok_or_else(|| format!("unknown access key {}", scope[0]))?;
+    let signed: Vec<&str> = fields
+        .get("SignedHeaders")
+        .ok_or("no SignedHeaders")?
+        .split(';')
+        .collect();
+    let mut must = vec!["host", "x-amz-date", "x-goog-cloud-target-resource"];
+    if let Some(session) = session {
+        if header("x-amz-security-token")? != *session {
+            return Err("x-amz-security-token is not the session's".into());
+        }
+        must.push("x-amz-security-token");
+    }
+    for name in must {
+        if !signed.contains(&name) {
+            return Err(format!("{name} is not signed"));
+        }
+    }
+    let mut sorted = signed.clone();
+    sorted.sort_unstable();
+    if sorted != signed {
+        return Err("SignedHeaders are not sorted".into());
+    }
+    let mut canonical_headers = String::new();
+    for name in &signed {
+        canonical_headers.push_str(&format!("{name}:{}\n", header(name)?.trim()));
+    }
+    let canonical_query = query
+        .iter()
+        .map(|(k, v)| format!("{}={}", sigv4::uri_encode(k), sigv4::uri_encode(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    let canonical = format!(
+        "POST\n{}\n{canonical_query}\n{canonical_headers}\n{}\n{}",
+        url.path(),
+        signed.join(";"),
+        sigv4::sha256_hex(b"")
+    );
+    let want = sigv4::signature(secret, &date, &region, "sts", &canonical);
+    if fields.get("Signature") != Some(&want.as_str()) {
+        return Err("signature does not match".into());
+    }
+    Ok(access_key.clone())
 }
 
 fn mint(st: &mut State, principal: String, lifetime: Duration) -> String {

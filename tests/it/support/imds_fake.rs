@@ -8,6 +8,7 @@
 //!   `X-Forwarded-For` (one that went through a proxy) is refused with 403;
 //! - every `GET` needs `X-aws-ec2-metadata-token` with a live token, else
 //!   401; then `/latest/meta-data/instance-id`,
+//!   `/latest/meta-data/placement/availability-zone`,
 //!   `/latest/meta-data/iam/security-credentials/` (the role's name) and
 //!   `/latest/meta-data/iam/security-credentials/<role>` (the credentials
 //!   document) answer, anything else 404.
@@ -18,6 +19,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The instance's zone (`placement/availability-zone`).
+pub const AVAILABILITY_ZONE: &str = "eu-west-3b";
 
 /// One request as the fake saw it.
 #[derive(Debug, Clone)]
@@ -144,7 +148,14 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
             let creds_dir = "/latest/meta-data/iam/security-credentials/";
             match path.as_str() {
                 "/latest/meta-data/instance-id" => (200, st.instance_id.clone()),
-                p if p == creds_dir && st.credentials.is_some() => (200, st.role.clone()),
+                "/latest/meta-data/placement/availability-zone" => {
+                    (200, AVAILABILITY_ZONE.to_string())
+                }
+                p if (p == creds_dir || p == creds_dir.trim_end_matches('/'))
+                    && st.credentials.is_some() =>
+                {
+                    (200, st.role.clone())
+                }
                 p if p.strip_prefix(creds_dir) == Some(st.role.as_str()) => match &st.credentials {
                     Some((key, secret, token)) => {
                         let expires = chrono::Utc::now() + chrono::Duration::hours(6);

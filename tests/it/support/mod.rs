@@ -23,6 +23,7 @@ pub mod instance_connect_tap;
 pub mod moto;
 pub mod netns;
 pub mod oslogin_fake;
+pub mod sigv4;
 pub mod sshd;
 pub mod token_registry;
 pub mod tunnel_proxy;
