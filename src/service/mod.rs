@@ -183,7 +183,8 @@ pub fn check_request(builder: &Builder, req: &BuildRequest) -> Result<(), Servic
     Ok(())
 }
 
-/// Packs the walked context into a gzip tar in the temporary folder.
+/// Packs the walked context into a gzip tar in the temporary folder
+/// (`$TMPDIR`), readable only by this user and removed with the package.
 pub async fn pack(prepared: PreparedContext) -> Result<Package, ServiceError> {
     let path = std::env::temp_dir().join(format!(
         "absconda-context-{}-{:016x}.tar.gz",
@@ -209,7 +210,17 @@ pub async fn pack(prepared: PreparedContext) -> Result<Package, ServiceError> {
             path: p.clone(),
             source,
         };
-        let file = std::fs::File::create(&p).map_err(io)?;
+        // Only this user may read the packed context, and never through a
+        // file someone else put at the name first.
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&p)
+                .map_err(io)?
+        };
         let mut out = std::io::BufWriter::new(file);
         context::write_tar(&entries, &extra, "", Compression::Gzip, &mut out)?;
         out.flush().map_err(io)?;
