@@ -42,6 +42,7 @@ pub mod cache;
 pub mod manifest;
 pub mod plan;
 pub mod script;
+pub mod store;
 pub mod stream;
 
 use std::path::{Path, PathBuf};
@@ -114,6 +115,13 @@ pub struct SyncSummary {
     pub entries: u64,
     /// Files in the tar stream.
     pub files_sent: u64,
+    /// Files linked from the builder's content store (their content was
+    /// already there, or is sent once for all of them).
+    pub files_linked: u64,
+    /// File contents sent to the store.
+    pub blobs_sent: u64,
+    /// Bytes of the store query (the plan's file names in the store).
+    pub query_bytes: u64,
     /// Files, folders and symlinks in the tar stream.
     pub entries_sent: u64,
     /// Paths removed from the copy (topmost only).
@@ -249,6 +257,9 @@ pub async fn sync_context(
 
     let t = Instant::now();
     let mut force_full: Option<String> = None;
+    // After content that failed its hash, the next attempt sends every
+    // file's content again instead of linking what the store holds.
+    let mut bypass_store = false;
     loop {
         summary.attempts += 1;
         let mut p = session
@@ -288,7 +299,7 @@ pub async fn sync_context(
         debug!(?state, "the builder's copy");
 
         let (base, reason, rebooted) = choose_base(&state, &cache, force_full.take());
-        let plan = match base {
+        let mut plan = match base {
             Some(b) => Plan::delta(b, new),
             None => Plan::full(new),
         };
@@ -313,6 +324,28 @@ pub async fn sync_context(
             }
             save(&mut cache).await;
         }
+
+        store::no_file_chmods(&mut plan, new);
+        let wanted = store::wanted(&scanned, &plan);
+        let needed = if wanted.is_empty() {
+            None
+        } else if bypass_store {
+            Some(wanted.iter().map(|w| w.variant.clone()).collect())
+        } else {
+            let (needed, bytes) = store::query(
+                session,
+                &job.builder.workspace,
+                &key,
+                (job.builder.cache_max, job.builder.cache_ttl),
+                &wanted,
+                job.compression,
+                builder,
+            )
+            .await?;
+            summary.query_bytes += bytes;
+            summary.bytes_sent += bytes;
+            Some(needed)
+        };
 
         let tar_mode = if plan.send.is_empty() {
             TarMode::None
@@ -341,16 +374,30 @@ pub async fn sync_context(
         summary.deleted = plan.delete.len() as u64;
         summary.chmod = plan.chmod.len() as u64;
         let content = Arc::new(AtomicU64::new(0));
-        let planned = planned_bytes(&plan, new);
-        let tar = (tar_mode != TarMode::None)
-            .then(|| scanned_tar(&scanned, &plan, job.compression, &content));
+        let mut planned = planned_bytes(&plan, new);
+        let tar = match (&needed, tar_mode) {
+            (_, TarMode::None) => None,
+            (None, _) => Some(scanned_tar(&scanned, &plan, job.compression, &content)),
+            (Some(needed), _) => {
+                let t = store::tar_inputs(&scanned, &plan, &wanted, needed, &new_hash);
+                planned = t.content_bytes;
+                summary.files_linked = t.links.len() as u64;
+                summary.blobs_sent = t.blobs_sent;
+                Some(store::tar_stream(
+                    t,
+                    job.compression,
+                    CHUNK,
+                    content.clone(),
+                ))
+            }
+        };
         debug!(
             delete = plan.delete.len(),
             chmod = plan.chmod.len(),
             send = plan.send.len(),
             "sending the request"
         );
-        let done = exchange(
+        let done = match exchange(
             &mut p,
             &mut buf,
             &mut stderr,
@@ -361,7 +408,18 @@ pub async fn sync_context(
             reporter,
             builder,
         )
-        .await?;
+        .await
+        {
+            // A store file evicted by another build between the query and
+            // the link: ask again, into a fresh copy.
+            Err(SyncError::Remote { message, .. }) if needed.is_some() && summary.attempts < 2 => {
+                force_full = Some(format!(
+                    "linking from the builder's store failed ({message})"
+                ));
+                continue;
+            }
+            done => done?,
+        };
         summary.bytes_sent += done.bytes;
         summary.tree = done.tree.or(summary.tree.take());
         match done.outcome {
@@ -377,7 +435,10 @@ pub async fn sync_context(
             Outcome::Stale if summary.attempts < 2 => {
                 force_full = Some("the builder's copy changed while this build waited".into());
             }
-            Outcome::Mismatch(what) if base_hash.is_some() && summary.attempts < 2 => {
+            Outcome::Mismatch(what)
+                if (base_hash.is_some() || needed.is_some()) && summary.attempts < 2 =>
+            {
+                bypass_store = needed.is_some();
                 force_full = Some(format!(
                     "the updated copy did not match the manifest ({what})"
                 ));
