@@ -758,6 +758,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn scripts_parse_in_posix_shells() {
+        for script in [QUERY, PRUNE, STATUS] {
+            crate::test_support::assert_parses(script);
+        }
+    }
+
+    #[test]
     fn cache_max_table() {
         for (text, want) in [
             ("20%", Ok(CacheMax::Percent(20))),
