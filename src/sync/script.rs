@@ -582,6 +582,8 @@ mod tests {
             "id",
             "gzip",
             "printf",
+            "wc",
+            "grep",
         ] {
             let _ = std::os::unix::fs::symlink(bb, bin.join(applet));
         }

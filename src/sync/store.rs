@@ -570,11 +570,13 @@ evict_copy() {
   return $r
 }
 # Store files no copy links and this sync does not want: `<name>`.
+# (Lists are merged with sort and a loop: busybox has no join or comm.)
 unreferenced() {
-  (cd "$b" && find . -type f -links 1) | sed 's|^\./||' | sort > "$q/unref"
-  if [ -s "$q/want" ]; then
-    cut -d' ' -f1 "$q/want" | join -v1 "$q/unref" - > "$q/unref2" && mv -f "$q/unref2" "$q/unref"
-  fi
+  { (cd "$b" && find . -type f -links 1) | sed 's|^\./||; s|$| u|'
+    cut -d' ' -f1 "$q/want" | sed 's|$| a|'
+  } | sort -k1,1 -k2,2 | while read -r n t; do
+    case $t in a) wn=$n ;; *) [ "$n" = "$wn" ] || echo "$n" ;; esac
+  done > "$q/unref"
 }
 drop_unreferenced() {
   unreferenced
@@ -583,7 +585,7 @@ drop_unreferenced() {
 # Sets total, used (KiB of the filesystem), cache (KiB of the workspace).
 measure() {
   set -- $(df -Pk "$ws" | tail -n 1)
-  total=$2 used=$3
+  total=$2 used=$3 fs=$(($3 + $4))
   cache=$(du -sk "$ws" 2>/dev/null | cut -f1)
   case $max in
     *%) limit=$((total * ${max%\%} / 100)) ;;
@@ -611,7 +613,7 @@ evict() {
   expire
   while :; do
     measure
-    if [ $((cache + need)) -le "$limit" ] && [ $(( (used + need) * 10 )) -le $((total * 9)) ]; then
+    if [ $((cache + need)) -le "$limit" ] && [ $(( (used + need) * 10 )) -le $((fs * 9)) ]; then
       return 0
     fi
     victim=$(copies_lru | head -n 1)
@@ -622,8 +624,8 @@ evict() {
     fi
     drop_unreferenced
     measure
-    if [ $(( (used + need) * 10 )) -gt $((total * 9)) ]; then
-      echo "error the builder's disk would be more than 90% full after receiving $need KiB ($used of $total KiB used, the workspace takes $cache KiB, and every copy left is in use); free space on it, or lower cache_max" >&2
+    if [ $(( (used + need) * 10 )) -gt $((fs * 9)) ]; then
+      echo "error the builder's disk would be more than 90% full after receiving $need KiB ($used of $fs KiB used, the workspace takes $cache KiB, and every copy left is in use); free space on it, or lower cache_max" >&2
       return 1
     fi
     return 0
@@ -657,18 +659,33 @@ sort -u -k1,1 "$q/req" > "$q/want"
 # Present variants whose size matches their request; others are dropped.
 (cd "$b" && cut -d' ' -f1 "$q/want" | xargs -r stat -c '%n %s' -- 2>/dev/null) |
   sort -k1,1 > "$q/have"
-join "$q/want" "$q/have" | while read -r v want got; do
-  [ "$want" = "$got" ] || { rm -f -- "$b/$v"; echo "$v"; }
-done > "$q/bad"
-cut -d' ' -f1 "$q/have" | sort | join -v1 - "$q/bad" > "$q/ok"
-join -v1 "$q/want" "$q/ok" > "$q/miss"
+# Missing: `<variant> <size>` lines wanted and not present with that size.
+{ sed 's/$/ h/' "$q/have"; sed 's/$/ w/' "$q/want"; } | sort -k1,1 -k3,3 |
+  while read -r v s t; do
+    case $t in
+      h) hv=$v hs=$s ;;
+      *) if [ "$hv" != "$v" ]; then
+           echo "$v $s"
+         elif [ "$hs" != "$s" ]; then
+           rm -f -- "$b/$v"
+           echo "$v $s"
+         fi ;;
+    esac
+  done > "$q/miss"
 kb=0
 while read -r v s; do kb=$((kb + s / 1024 + 1)); done < "$q/miss"
 evict "$kb" || exit 75
 # Missing variants of content the store holds under another variant are
 # made here, hashed, and renamed into place.
-(cd "$b" && ls -f) | sed -n 's/^\([0-9a-f]\{64\}\)-.*/\1 &/p' | sort -k1,1 > "$q/bysha"
-sed 's/^\([0-9a-f]\{64\}\)-/\1 &/' "$q/miss" | sort -k1,1 | join - "$q/bysha" > "$q/src"
+{ (cd "$b" && find . -type f) | sed -n 's|^\./\([0-9a-f]\{64\}\)-.*|\1 0 &|p'
+  sed 's/^\([0-9a-f]\{64\}\)-.*/\1 1 &/' "$q/miss"
+} | sort -k1,1 -k2,2 | while read -r h k v s; do
+  if [ "$k" = 0 ]; then
+    [ "$h" = "$cur" ] || { cur=$h src=${v#./}; }
+  elif [ "$h" = "$cur" ]; then
+    echo "$h $v $s $src"
+  fi
+done > "$q/src"
 rl=
 cp --reflink=auto /dev/null "$q/rl" 2>/dev/null && rl=--reflink=auto
 mkdir "$q/m"
@@ -762,6 +779,154 @@ mod tests {
         for script in [QUERY, PRUNE, STATUS] {
             crate::test_support::assert_parses(script);
         }
+    }
+
+    /// dash with the system's tools, and busybox sh with busybox's alone.
+    fn shells(dir: &std::path::Path) -> Vec<(Vec<String>, String)> {
+        let mut out = vec![(vec!["dash".to_string()], "/usr/bin:/bin".to_string())];
+        let bb = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists());
+        let Some(bb) = bb else {
+            crate::test_support::require("busybox");
+            return out;
+        };
+        let bin = dir.join("bb-bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        for applet in [
+            "sh",
+            "find",
+            "stat",
+            "sort",
+            "sha256sum",
+            "xargs",
+            "cut",
+            "chmod",
+            "rm",
+            "mkdir",
+            "mv",
+            "cat",
+            "id",
+            "gzip",
+            "printf",
+            "sed",
+            "grep",
+            "wc",
+            "du",
+            "df",
+            "touch",
+            "cp",
+            "head",
+            "tail",
+            "readlink",
+        ] {
+            let _ = std::os::unix::fs::symlink(bb, bin.join(applet));
+        }
+        let _ = std::os::unix::fs::symlink("/usr/bin/flock", bin.join("flock"));
+        out.push((vec![bb.to_string(), "sh".into()], bin.display().to_string()));
+        out
+    }
+
+    fn run(argv: &[String], path: &str, args: &[&str], stdin: &[u8]) -> std::process::Output {
+        use std::io::Write;
+        let mut child = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .args(args)
+            .env_clear()
+            .env("PATH", path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// The query keeps what matches, drops a store file whose size is not
+    /// its name's, makes a missing variant from another one of the same
+    /// content (hashed before it is renamed in), and asks for the rest.
+    #[test]
+    fn the_query_reuses_repairs_and_asks() {
+        use sha2::Digest;
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        for (i, (argv, path)) in shells(dir.path()).iter().enumerate() {
+            let ws = dir.path().join(format!("ws{i}"));
+            let b = ws.join("store/b");
+            std::fs::create_dir_all(&b).unwrap();
+            let sha = |d: &[u8]| -> [u8; 32] { sha2::Sha256::digest(d).into() };
+            let hello = sha(b"hello\n");
+            let v1 = variant(&hello, 0o644, 1_700_000_000, 0);
+            std::fs::write(b.join(&v1), "hello\n").unwrap();
+            let v2 = variant(&hello, 0o755, 1_700_000_001, 500);
+            let v3 = variant(&sha(b"other"), 0o644, 1, 0);
+            let v4 = variant(&sha(b"right"), 0o644, 1, 0);
+            std::fs::write(b.join(&v4), "wrong size").unwrap();
+            let req = format!("{v1} 6\n{v2} 6\n{v3} 5\n{v4} 5\n");
+            let ws_s = ws.display().to_string();
+            let args = ["-c", QUERY, "q", &ws_s, "k", "20%", "43200", "plain"];
+            let out = run(argv, path, &args, req.as_bytes());
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{argv:?}: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let needed = parse_needed(&out.stdout).unwrap();
+            assert_eq!(needed, HashSet::from([v3.clone(), v4.clone()]), "{argv:?}");
+            assert!(
+                !b.join(&v4).exists(),
+                "{argv:?}: the wrong-sized file is dropped"
+            );
+            let md = std::fs::metadata(b.join(&v2)).unwrap();
+            assert_eq!(md.mode() & 0o7777, 0o755, "{argv:?}");
+            assert_eq!(md.mtime(), 1_700_000_001, "{argv:?}");
+            assert_eq!(std::fs::read(b.join(&v2)).unwrap(), b"hello\n");
+            assert!(
+                !ws.join("store").read_dir().unwrap().any(|e| e
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("q."))
+            );
+            // A name that could lead elsewhere is refused.
+            let out = run(argv, path, &args, b"../../etc/passwd 1\n");
+            assert!(!out.status.success(), "{argv:?}");
+        }
+    }
+
+    /// A sync that would fill the disk past 90 % fails with a message that
+    /// says so (df is replaced here: the test must not fill the disk).
+    #[test]
+    fn a_sync_never_fills_the_disk_past_ninety_percent() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("fake");
+        std::fs::create_dir_all(&bin).unwrap();
+        let df = bin.join("df");
+        std::fs::write(
+            &df,
+            "#!/bin/sh\necho 'Filesystem 1024-blocks Used Available Capacity Mounted'\necho '/dev/x 1000000 880000 120000 88% /'\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&df, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let ws = dir.path().join("ws").display().to_string();
+        let path = format!("{}:/usr/bin:/bin", bin.display());
+        let argv = vec!["dash".to_string()];
+        let args = ["-c", QUERY, "q", &ws, "k", "90%", "43200", "plain"];
+        let big = format!("{} 50000000\n", variant(&[1; 32], 0o644, 1, 0));
+        let out = run(&argv, &path, &args, big.as_bytes());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(75), "{err}");
+        assert!(err.contains("more than 90% full"), "{err}");
+        let small = format!("{} 5000\n", variant(&[1; 32], 0o644, 1, 0));
+        let out = run(&argv, &path, &args, small.as_bytes());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]
