@@ -9,7 +9,9 @@
 //! `context` is a symlink to it, for `-f context/Dockerfile`; the lease's
 //! cleanup of the run folder never touches the copy, and a Dockerfile
 //! outside the context still lands in the run folder as before). Copies no
-//! build used for 30 days are removed by the next sync on that builder.
+//! build used for `cache_ttl` (30 days) are removed by the next sync on that
+//! builder, and [`store`] evicts the least recently synced ones beyond
+//! `cache_max`.
 //!
 //! - The key is a hash of this machine's id, a random id of this
 //!   installation (kept in the local cache folder, so machines cloned with
@@ -22,6 +24,11 @@
 //!   `chmod`s and entries to send; [`stream`]: the tar stream, with
 //!   nanosecond mtimes; [`script`]: the sh program that applies them with
 //!   tar and checks the result.
+//! - [`store`]: one content store per workspace; every copy's files are
+//!   hard links into it, the client first asks which of the files it would
+//!   send the builder lacks, and the tar stream carries only that content
+//!   plus one hard-link header per file. `cache_max` and `cache_ttl` bound
+//!   it.
 //! - Each build sends one tar stream of the added and changed entries, after
 //!   a few lines carrying the deletions. The copy is marked dirty while it
 //!   changes and clean (with the manifest hash) only after the builder's

@@ -28,6 +28,13 @@
 //! So a copy is never marked clean unless it was checked, and any
 //! interruption leaves it dirty, which the next build sees.
 //!
+//! With the content store ([`super::store`]), the tar stream's files are hard
+//! links to `.absconda-store-<manifest>/…`, a symlink to the store the
+//! script puts beside the unpacked entries for the time of the unpacking,
+//! or to `.absconda-in-<manifest>/…`, the content sent with them, which the
+//! script hashes and renames into the store (a mismatch is removed and
+//! reported as `mismatch content`) before the listing is checked.
+//!
 //! The apply step trusts neither the request nor the old copy: a delta is
 //! unpacked into a staging folder and moved into the copy entry by entry,
 //! deletions and `chmod`s are applied only where every folder above the

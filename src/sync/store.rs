@@ -532,6 +532,8 @@ prepare() {
     echo "error cannot create $b as $(id -un)" >&2
     return 1
   fi
+  # A query killed outright (no EXIT trap) leaves its scratch folder.
+  find "$st" -mindepth 1 -maxdepth 1 -name 'q.*' -mmin +60 -exec rm -rf {} + 2>/dev/null
   # The sync script's sweep of old copies reads the TTL here.
   printf '%s\n' "$ttl" > "$st/ttl.tmp" && mv -f "$st/ttl.tmp" "$st/ttl"
 }
