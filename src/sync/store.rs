@@ -571,14 +571,16 @@ evict_copy() {
   exec 7>&-
   return $r
 }
-# Store files no copy links and this sync does not want: `<name>`.
-# (Lists are merged with sort and a loop: busybox has no join or comm.)
+# Store files no copy links and this sync does not want: `<name>`, from
+# $1 extra `find` tests. (Lists are compared with sort | uniq: busybox has
+# no join or comm, and a sh loop reads its input a byte at a time.)
 unreferenced() {
-  { (cd "$b" && find . -type f -links 1) | sed 's|^\./||; s|$| u|'
-    cut -d' ' -f1 "$q/want" | sed 's|$| a|'
-  } | sort -k1,1 -k2,2 | while read -r n t; do
-    case $t in a) wn=$n ;; *) [ "$n" = "$wn" ] || echo "$n" ;; esac
-  done > "$q/unref"
+  (cd "$b" && find . -type f -links 1 "$@") | sed 's|^\./||' > "$q/unref"
+  if [ -s "$q/unref" ] && [ -s "$q/want" ]; then
+    cut -d' ' -f1 "$q/want" > "$q/wn"
+    sort "$q/unref" "$q/wn" "$q/wn" | uniq -u > "$q/unref2"
+    mv -f "$q/unref2" "$q/unref"
+  fi
 }
 drop_unreferenced() {
   unreferenced
@@ -602,8 +604,8 @@ expire() {
       grep -qx -- "$k" "$q/live" && continue
       evict_copy "$k"
     done
-  unreferenced
-  (cd "$b" && xargs -r sh -c 'find "$@" -prune -cmin +'"$ttl"' -exec rm -f {} +' absconda-expire < "$q/unref") 2>/dev/null
+  unreferenced -cmin +"$ttl"
+  (cd "$b" && xargs -r rm -f -- < "$q/unref")
   return 0
 }
 # Makes room for $1 KiB more: least recently synced copies go, then the
@@ -649,61 +651,67 @@ mkdir "$q" || { echo "error cannot create $q" >&2; exit 70; }
 trap 'rm -rf "$q"' EXIT
 if [ "$z" = gzip ]; then gzip -dc; else cat; fi > "$q/req" ||
   { echo "error the store query was cut short" >&2; exit 2; }
-while read -r v s; do
-  case $v in
-    [0-9a-f]*-[0-7]*-[0-9]*.[0-9]*) ;;
-    *) echo "error refused the store name $v" >&2; exit 2 ;;
-  esac
-  case $v$s in *[!0-9a-f.-]*|'') echo "error refused the store name $v $s" >&2; exit 2 ;; esac
-  case $s in ''|*[!0-9]*) echo "error refused the size $s" >&2; exit 2 ;; esac
-done < "$q/req"
+# Every line `<sha256>-<mode>-<sec>.<nsec> <size>`, nothing else (a sh
+# loop would read the request a byte at a time).
+if grep -v -x '[0-9a-f]\{64\}-[0-7]\{1,5\}-[0-9]\{1,20\}\.[0-9]\{9\} [0-9]\{1,20\}' "$q/req" |
+   head -n 1 | grep -q .; then
+  echo "error refused a store name in the request" >&2
+  exit 2
+fi
 sort -u -k1,1 "$q/req" > "$q/want"
 # Present variants whose size matches their request; others are dropped.
 (cd "$b" && cut -d' ' -f1 "$q/want" | xargs -r stat -c '%n %s' -- 2>/dev/null) |
   sort -k1,1 > "$q/have"
-# Missing: `<variant> <size>` lines wanted and not present with that size.
-{ sed 's/$/ h/' "$q/have"; sed 's/$/ w/' "$q/want"; } | sort -k1,1 -k3,3 |
-  while read -r v s t; do
-    case $t in
-      h) hv=$v hs=$s ;;
-      *) if [ "$hv" != "$v" ]; then
-           echo "$v $s"
-         elif [ "$hs" != "$s" ]; then
-           rm -f -- "$b/$v"
-           echo "$v $s"
-         fi ;;
-    esac
-  done > "$q/miss"
-kb=0
-while read -r v s; do kb=$((kb + s / 1024 + 1)); done < "$q/miss"
+# Present with the size asked for; present with another size (dropped);
+# missing: `<variant> <size>` lines wanted and not present with that size.
+sort "$q/want" "$q/have" | uniq -d > "$q/ok"
+sort "$q/have" "$q/ok" | uniq -u | cut -d' ' -f1 > "$q/bad"
+(cd "$b" && xargs -r rm -f -- < "$q/bad")
+sort "$q/want" "$q/ok" | uniq -u > "$q/miss"
+kb=$(( ($(cut -d' ' -f2 "$q/miss" | tr '\n' '+') 0) / 1024 + $(wc -l < "$q/miss") ))
 evict "$kb" || exit 75
 # Missing variants of content the store holds under another variant are
 # made here, hashed, and renamed into place.
-{ (cd "$b" && find . -type f) | sed -n 's|^\./\([0-9a-f]\{64\}\)-.*|\1 0 &|p'
-  sed 's/^\([0-9a-f]\{64\}\)-.*/\1 1 &/' "$q/miss"
-} | sort -k1,1 -k2,2 | while read -r h k v s; do
-  if [ "$k" = 0 ]; then
-    [ "$h" = "$cur" ] || { cur=$h src=${v#./}; }
-  elif [ "$h" = "$cur" ]; then
-    echo "$h $v $s $src"
+: > "$q/src"
+if [ -s "$q/miss" ]; then
+  (cd "$b" && find . -type f) | sed -n 's|^\./\([0-9a-f]\{64\}\)-|\1 |p' | sort -u -k1,1 > "$q/one"
+  cut -c1-64 "$q/miss" | sort -u > "$q/msha"
+  cut -d' ' -f1 "$q/one" | sort "$q/msha" - | uniq -d > "$q/both"
+  if [ -s "$q/both" ]; then
+    # `<sha> <variant> <size> <source>` for each variant made from a source.
+    grep -F -f "$q/both" "$q/one" | sed 's/^\([0-9a-f]*\) /\1-/' > "$q/srcs"
+    { sed 's/^\([0-9a-f]\{64\}\)-.*/\1 0 &/' "$q/srcs"
+      grep -F -f "$q/both" "$q/miss" | sed 's/^\([0-9a-f]\{64\}\)-.*/\1 1 &/'
+    } | sort -k1,1 -k2,2 | while read -r h k v s; do
+      if [ "$k" = 0 ]; then cur=$h src=$v
+      elif [ "$h" = "$cur" ]; then echo "$h $v $s $src"; fi
+    done > "$q/src"
   fi
-done > "$q/src"
+fi
 rl=
 cp --reflink=auto /dev/null "$q/rl" 2>/dev/null && rl=--reflink=auto
 mkdir "$q/m"
-last=
+# Two programs a file (modes are set below, a few `chmod`s for all), run
+# on every core: starting programs is what this costs.
+jobs=$(nproc 2>/dev/null || echo 2)
+case $jobs in ''|*[!0-9]*) jobs=2 ;; esac
+last= n=0
 while read -r h v s src; do
   [ "$v" != "$last" ] || continue
   last=$v
-  mode=${v#*-}; mode=${mode%%-*}; t=${v##*-}
+  t=${v##*-}
   f=$q/m/$v
-  if cp $rl -- "$b/$src" "$f" 2>/dev/null && chmod "$mode" "$f" &&
-     { touch -c -d "@$t" "$f" 2>/dev/null || touch -c -d "@${t%.*}" "$f"; }; then
-    :
-  else
-    rm -f -- "$f"
-  fi
+  { cp $rl -- "$b/$src" "$f" 2>/dev/null &&
+      { touch -c -d "@$t" "$f" 2>/dev/null || touch -c -d "@${t%.*}" "$f"; } ||
+      rm -f -- "$f"; } &
+  n=$((n + 1))
+  [ $((n % (jobs * 2))) != 0 ] || wait
 done < "$q/src"
+wait
+(cd "$q/m" && find . -type f) | sed 's|^\./||' > "$q/mlist"
+for mode in $(sed 's/^[0-9a-f]*-\([0-7]*\)-.*/\1/' "$q/mlist" | sort -u); do
+  grep "^[0-9a-f]*-$mode-" "$q/mlist" | (cd "$q/m" && xargs -r chmod "$mode" --)
+done
 (cd "$q/m" && find . -type f -exec sha256sum {} +) | while read -r h n; do
   n=${n#./}
   case $n in */*) continue ;; "$h"-*) echo "$n" ;; esac
@@ -821,6 +829,8 @@ mod tests {
             "head",
             "tail",
             "readlink",
+            "uniq",
+            "nproc",
         ] {
             let _ = std::os::unix::fs::symlink(bb, bin.join(applet));
         }
