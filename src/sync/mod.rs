@@ -306,6 +306,14 @@ pub async fn sync_context(
         debug!(?state, "the builder's copy");
 
         let (base, reason, rebooted) = choose_base(&state, &cache, force_full.take());
+        // A copy changed on the builder may have changed its files in
+        // place, and so the store's content they link: send it all again,
+        // which replaces that content in the store too.
+        if matches!(&state, CopyState::Clean { recorded_listing, current_listing, .. }
+            if recorded_listing != current_listing)
+        {
+            bypass_store = true;
+        }
         let mut plan = match base {
             Some(b) => Plan::delta(b, new),
             None => Plan::full(new),
@@ -445,7 +453,8 @@ pub async fn sync_context(
             Outcome::Mismatch(what)
                 if (base_hash.is_some() || needed.is_some()) && summary.attempts < 2 =>
             {
-                bypass_store = needed.is_some();
+                // What failed may be the store's content: send it all again.
+                bypass_store = true;
                 force_full = Some(format!(
                     "the updated copy did not match the manifest ({what})"
                 ));
