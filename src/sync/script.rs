@@ -343,7 +343,7 @@ cd "$ws/contexts" &&
 find . -mindepth 1 -maxdepth 1 -type d -mmin +"$ttl" ! -name "$key" 2>/dev/null |
   while IFS= read -r old; do
     old=${old#./}
-    if find "$ws/runs" -mindepth 2 -maxdepth 2 -name context -type l -exec readlink {} + 2>/dev/null |
+    if find "$ws/runs" -mindepth 2 -maxdepth 2 -name context -type l -exec readlink {} \; 2>/dev/null |
        grep -qx -- "$ws/contexts/$old/tree"; then
       continue
     fi

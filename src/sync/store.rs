@@ -539,7 +539,7 @@ prepare() {
 }
 # Copies a build may be reading: those a run folder links to.
 live() {
-  find "$ws/runs" -mindepth 2 -maxdepth 2 -name context -type l -exec readlink {} + 2>/dev/null |
+  find "$ws/runs" -mindepth 2 -maxdepth 2 -name context -type l -exec readlink {} \; 2>/dev/null |
     sed -n 's|.*/contexts/\([^/]*\)/tree$|\1|p' | sort -u > "$q/live"
 }
 # rm -rf of a copy: its folders may be read-only, never its files (links).
@@ -905,6 +905,47 @@ mod tests {
             // A name that could lead elsewhere is refused.
             let out = run(argv, path, &args, b"../../etc/passwd 1\n");
             assert!(!out.status.success(), "{argv:?}");
+        }
+    }
+
+    /// `remote prune --all` removes every copy but one a run folder links
+    /// to, and then the content only the removed copies linked, in dash and
+    /// in busybox sh (whose readlink takes one name).
+    #[test]
+    fn prune_keeps_copies_that_run_folders_link_to() {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, (argv, path)) in shells(dir.path()).iter().enumerate() {
+            let ws = dir.path().join(format!("ws{i}"));
+            let b = ws.join("store/b");
+            std::fs::create_dir_all(&b).unwrap();
+            for (k, content) in [("live", "a"), ("old", "b"), ("other", "c")] {
+                let tree = ws.join("contexts").join(k).join("tree");
+                std::fs::create_dir_all(&tree).unwrap();
+                let blob = b.join(format!("{k}-blob"));
+                std::fs::write(&blob, content).unwrap();
+                std::fs::hard_link(&blob, tree.join("f")).unwrap();
+            }
+            for (r, k) in [("r1", "live"), ("r2", "other")] {
+                let run = ws.join("runs").join(r);
+                std::fs::create_dir_all(&run).unwrap();
+                let target = ws.join("contexts").join(k).join("tree");
+                std::os::unix::fs::symlink(&target, run.join("context")).unwrap();
+            }
+            let ws_s = ws.display().to_string();
+            let args = ["-c", PRUNE, "p", &ws_s, "20%", "43200", "1", "0"];
+            let out = run(argv, path, &args, b"");
+            assert!(
+                out.status.success(),
+                "{argv:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(said.contains("copy old "), "{argv:?}: {said}");
+            assert!(!ws.join("contexts/old").exists(), "{argv:?}");
+            assert!(ws.join("contexts/live/tree/f").exists(), "{argv:?}");
+            assert!(ws.join("contexts/other/tree/f").exists(), "{argv:?}");
+            assert!(!b.join("old-blob").exists(), "{argv:?}");
+            assert!(b.join("live-blob").exists(), "{argv:?}");
         }
     }
 
