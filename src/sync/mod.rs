@@ -347,7 +347,7 @@ pub async fn sync_context(
         } else if bypass_store {
             Some(wanted.iter().map(|w| w.variant.clone()).collect())
         } else {
-            let (needed, bytes) = store::query(
+            store::query(
                 session,
                 &job.builder.workspace,
                 &key,
@@ -356,10 +356,12 @@ pub async fn sync_context(
                 job.compression,
                 builder,
             )
-            .await?;
-            summary.query_bytes += bytes;
-            summary.bytes_sent += bytes;
-            Some(needed)
+            .await?
+            .map(|(needed, bytes)| {
+                summary.query_bytes += bytes;
+                summary.bytes_sent += bytes;
+                needed
+            })
         };
 
         let tar_mode = if plan.send.is_empty() {

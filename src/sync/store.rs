@@ -333,7 +333,8 @@ pub fn tar_stream(
 const ANSWER_LIMIT: usize = 64 << 20;
 
 /// Asks the builder which of `wanted` it lacks, after making room for them.
-/// Returns the needed variants and the bytes written.
+/// Returns the needed variants and the bytes written, or `None` when the
+/// workspace's store cannot be used by this user.
 pub async fn query(
     session: &Session,
     workspace: &str,
@@ -342,7 +343,7 @@ pub async fn query(
     wanted: &[Wanted],
     compression: Compression,
     builder: &str,
-) -> Result<(HashSet<String>, u64), SyncError> {
+) -> Result<Option<(HashSet<String>, u64)>, SyncError> {
     let mut request = query_request(wanted);
     let gzip = compression == Compression::Gzip;
     if gzip {
@@ -364,6 +365,12 @@ pub async fn query(
         .rev()
         .find_map(|l| l.strip_prefix("error "))
         .map(str::to_string);
+    // 70: the store cannot be used here (another user's, or a symlink):
+    // the sync sends the content as it did before there was a store.
+    if out.status == ExitStatus::Code(70) {
+        tracing::warn!(%builder, error = ?error, "the content store is not usable; sending content");
+        return Ok(None);
+    }
     if out.status != ExitStatus::Code(0) {
         return Err(SyncError::Remote {
             builder: builder.to_string(),
@@ -377,7 +384,7 @@ pub async fn query(
         });
     }
     match parse_needed(&out.stdout) {
-        Some(needed) => Ok((needed, request.len() as u64)),
+        Some(needed) => Ok(Some((needed, request.len() as u64))),
         None => Err(SyncError::Remote {
             builder: builder.to_string(),
             message: "the content store query gave no answer".into(),
