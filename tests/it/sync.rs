@@ -1888,3 +1888,33 @@ async fn store_remote_prune_dry_run_lists_without_deleting() {
     assert_eq!(st["store"]["copies"], 0, "{st}");
     assert_eq!(st["store"]["blobs"], 0, "{st}");
 }
+
+/// A workspace whose store this user cannot use (here a symlink, which
+/// the store refuses to write through) still syncs: the content is sent as
+/// it was before there was a store, and nothing is written through the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_an_unusable_store_falls_back_to_sending_content() {
+    if !sshd_only() {
+        return;
+    }
+    let sshd = Sshd::start(None);
+    let b = bench(&sshd, "").await;
+    let ws = b.project.workspace.clone();
+    let elsewhere = b.project.dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::create_dir_all(&ws).unwrap();
+    symlink(&elsewhere, ws.join("store")).unwrap();
+    let a = Client::new(&b.project.dir.path().join("clients"), "a");
+    write_context(&a.ctx, 41, 64 << 10);
+    let s = sync_client(&b.session, &b.builder, &a, false, Compression::None, "")
+        .await
+        .unwrap();
+    assert!(s.matched, "{s:?}");
+    assert_eq!((s.files_linked, s.query_bytes), (0, 0), "{s:?}");
+    assert_same(
+        &local_tree(&a.ctx),
+        &builder_tree(&copy_tree(&ws, &s)),
+        "without a store",
+    );
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+}
