@@ -215,6 +215,9 @@ pub enum RemoteCommand {
     List(ListArgs),
     /// Show one builder's state: reachable, docker version, BuildKit, disk, lease.
     Status(NameArgs),
+    /// Remove context copies and stored content no build needs: those unused
+    /// for `cache_ttl` (every copy not in use with --all), then down to `cache_max`.
+    Prune(PruneArgs),
     /// Start a builder VM and wait until it can build.
     Start(NameArgs),
     /// Stop a builder VM.
@@ -277,6 +280,23 @@ pub struct MetricsArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ListArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PruneArgs {
+    /// The builder, as named in the builders file.
+    pub name: String,
+    /// Every context copy no build is using, whatever its age.
+    #[arg(long)]
+    pub all: bool,
+    /// List what would be removed, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub config: ConfigArg,
     /// JSON on stdout.

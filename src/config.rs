@@ -187,6 +187,12 @@ pub struct Builder {
     /// Jump hosts, in order, before the builder.
     pub jump: Vec<crate::ssh::jump::JumpHost>,
     pub workspace: String,
+    /// How much of the builder's disk the content store and the context
+    /// copies may take (`cache_max:`, default 20 % of the filesystem).
+    pub cache_max: crate::sync::store::CacheMax,
+    /// Copies and content unused this long go (`cache_ttl:`, default 30 days).
+    #[serde(with = "secs")]
+    pub cache_ttl: Duration,
     pub docker: String,
     pub compression: CompressionSetting,
     pub buildkit: BuildkitSetting,
@@ -304,6 +310,8 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("jump", Kind::StrList),
     ("ssh_config", Kind::Str),
     ("workspace", Kind::Str),
+    ("cache_max", Kind::Str),
+    ("cache_ttl", Kind::Str),
     ("docker", Kind::Str),
     ("compression", Kind::Str),
     ("buildkit", Kind::Str),
@@ -364,6 +372,8 @@ const DEFAULT_KEYS: &[&str] = &[
     "jump",
     "ssh_config",
     "workspace",
+    "cache_max",
+    "cache_ttl",
     "docker",
     "compression",
     "buildkit",
@@ -1175,6 +1185,17 @@ impl ConfigFile {
             workspace: r
                 .string("workspace")?
                 .unwrap_or_else(|| "/var/lib/absconda".into()),
+            cache_max: match r.string("cache_max")? {
+                None => crate::sync::store::CacheMax::default(),
+                Some(v) => crate::sync::store::CacheMax::parse(&v)
+                    .map_err(|m| r.invalid("cache_max", m))?,
+            },
+            cache_ttl: match r.string("cache_ttl")? {
+                None => crate::sync::store::DEFAULT_TTL,
+                Some(v) => {
+                    crate::sync::store::parse_ttl(&v).map_err(|m| r.invalid("cache_ttl", m))?
+                }
+            },
             docker: r.string("docker")?.unwrap_or_else(|| "docker".into()),
             compression,
             buildkit,

@@ -24,6 +24,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(&args),
         Command::Remote(RemoteCommand::List(args)) => remote::list(args).await,
         Command::Remote(RemoteCommand::Status(args)) => remote::status(args).await,
+        Command::Remote(RemoteCommand::Prune(args)) => remote::prune(args).await,
         Command::Remote(RemoteCommand::Start(args)) => remote::start(args).await,
         Command::Remote(RemoteCommand::Stop(args)) => remote::stop(args).await,
         Command::Remote(RemoteCommand::Provision(args)) => provision::provision(args).await,

@@ -44,6 +44,8 @@ pub struct Status {
     pub builds_count: u64,
     /// How the key is trusted: `key`, `oslogin`, `metadata`, `instance-connect`.
     pub access: Option<String>,
+    /// The workspace's content store and context copies.
+    pub store: Option<crate::sync::store::StoreStatus>,
 }
 
 /// A build waiting in a builder's queue.
@@ -182,6 +184,7 @@ async fn probe_into(
     st.user = Some(session.user().to_string());
     st.host_key = Some(crate::ssh::known_hosts::fingerprint(session.host_key()));
     let probe = build::probe(&session, b).await;
+    st.store = store_status(&session, b).await;
     session.close().await;
     let p = probe?;
     st.buildkit = Some(p.buildkit_available());
@@ -201,6 +204,108 @@ async fn probe_into(
     st.docker_server = p.docker_server;
     if st.platform.is_none() {
         st.platform = p.platform;
+    }
+    Ok(())
+}
+
+/// The store's size, files, copies and oldest use, if the builder answers.
+async fn store_status(
+    session: &crate::ssh::Session,
+    b: &Builder,
+) -> Option<crate::sync::store::StoreStatus> {
+    let cmd = crate::sync::store::status_command(&b.workspace);
+    let out = session
+        .output_limited("the content store status", &cmd, b"", 4096)
+        .await
+        .ok()?;
+    crate::sync::store::StoreStatus::parse(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// An SSH session to a running builder (a cloud one is asked for its address).
+async fn connect(b: &Builder, state: &StateFile) -> anyhow::Result<crate::ssh::Session> {
+    if let Some(cloud) = Cloud::for_builder(b)? {
+        let info = cloud.describe().await?;
+        if info.status != crate::cloud::Status::Running {
+            anyhow::bail!(
+                "`{}` is {}; start it with `absconda remote start {}`",
+                b.name,
+                info.status,
+                b.name
+            );
+        }
+        let host = lifecycle::builder_address(b, &info)
+            .ok_or_else(|| anyhow::anyhow!("`{}` has no address", b.name))?;
+        let (session, _) =
+            lifecycle::connect_cloud_builder(b, &cloud, &host, &crate::report::Silent).await?;
+        return Ok(session);
+    }
+    let endpoint = match &b.host {
+        Some(h) => crate::provisioned::Endpoint {
+            target: build::ssh_target(b, h),
+            pins: Vec::new(),
+            provisioned: None,
+        },
+        None => crate::provisioned::endpoint(b, &state.load()?)?,
+    };
+    Ok(crate::provisioned::connect(&endpoint).await?)
+}
+
+/// `remote prune NAME [--all] [--dry-run]`: context copies past `cache_ttl`
+/// (every copy with `--all`) that no build is using, then store content no
+/// copy links, then down to `cache_max`.
+pub async fn prune(args: crate::cli::PruneArgs) -> anyhow::Result<()> {
+    let file = config::load(args.config.remote_config.as_deref())?;
+    let state = StateFile::default_location();
+    let builder = lifecycle::with_provisioned(&file.builder(&args.name)?, &state);
+    let session = connect(&builder, &state).await?;
+    let cmd = crate::sync::store::prune_command(
+        &builder.workspace,
+        (builder.cache_max, builder.cache_ttl),
+        args.all,
+        args.dry_run,
+    );
+    let out = session
+        .output_limited("pruning the content store", &cmd, b"", 16 << 20)
+        .await;
+    session.close().await;
+    let out = out?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let msg = stderr
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("error "))
+            .unwrap_or(stderr.trim());
+        anyhow::bail!("pruning `{}` failed: {msg}", builder.name);
+    }
+    let pruned = crate::sync::store::parse_pruned(&String::from_utf8_lossy(&out.stdout));
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "dry_run": args.dry_run, "removed": pruned })
+        );
+        return Ok(());
+    }
+    let verb = if args.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    let now = chrono::Utc::now().timestamp();
+    for p in &pruned {
+        match p {
+            crate::sync::store::Pruned::Copy { key, last_use, kib } => eprintln!(
+                "{verb} copy {key} ({}, last synced {} ago)",
+                build::human_bytes(kib * 1024),
+                human::duration(std::time::Duration::from_secs(
+                    now.saturating_sub(*last_use).max(0) as u64
+                ))
+            ),
+            crate::sync::store::Pruned::Blobs { count, kib } => eprintln!(
+                "{verb} {count} store files no copy links ({})",
+                build::human_bytes(kib * 1024)
+            ),
+        }
     }
     Ok(())
 }
@@ -305,6 +410,29 @@ pub async fn status(args: NameArgs) -> anyhow::Result<()> {
         );
         if let (Some(a), Some(p)) = (st.disk_avail_bytes, st.disk_used_percent) {
             println!("disk:       {} free ({p:.0}% used)", build::human_bytes(a));
+        }
+        if let Some(s) = &st.store {
+            let now = chrono::Utc::now().timestamp();
+            println!(
+                "store:      {} in {} files; {} context copies{}; workspace {} (limit {}, ttl {})",
+                build::human_bytes(s.store_bytes),
+                s.blobs,
+                s.copies,
+                s.oldest_use
+                    .map(|t| format!(
+                        ", least recently used {}",
+                        human::duration(std::time::Duration::from_secs(
+                            now.saturating_sub(t).max(0) as u64
+                        )) + " ago"
+                    ))
+                    .unwrap_or_default(),
+                build::human_bytes(s.workspace_bytes),
+                match builder.cache_max {
+                    crate::sync::store::CacheMax::Bytes(b) => build::human_bytes(b),
+                    crate::sync::store::CacheMax::Percent(p) => format!("{p}% of the disk"),
+                },
+                human::duration(builder.cache_ttl),
+            );
         }
         println!(
             "lease:      {}",

@@ -39,8 +39,8 @@ use std::path::PathBuf;
 pub use hash::{sha256_file, sha256_files};
 pub use ignore::{DockerIgnore, InvalidPattern};
 pub use tar::{
-    Compression, ExtraFile, TarChunks, TarStats, TarTask, tar_stream, tar_stream_with_progress,
-    write_tar,
+    Compression, ExtraFile, HardLink, TarChunks, TarStats, TarTask, tar_stream,
+    tar_stream_with_links, tar_stream_with_progress, write_tar, write_tar_links,
 };
 pub use walk::{Entry, EntryKind, walk};
 

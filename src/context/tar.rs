@@ -237,6 +237,81 @@ fn spawn_tar(
     (rx, handle)
 }
 
+/// A hard link in the archive: `name` (relative, like [`Entry::rel`]) is
+/// another name of `target`, which the unpacking side resolves from the
+/// folder it unpacks into. The sync links a copy's files to the builder's
+/// content store this way, with one header and no content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HardLink {
+    pub name: String,
+    pub target: String,
+}
+
+/// [`tar_stream_with_progress`] without a prefix, with `links` written
+/// after `entries` and `extra` (so every folder they need exists by then).
+pub fn tar_stream_with_links(
+    entries: Vec<Entry>,
+    extra: Vec<ExtraFile>,
+    links: Vec<HardLink>,
+    compression: Compression,
+    chunk: usize,
+    content: Arc<AtomicU64>,
+) -> (TarChunks, TarTask) {
+    let chunk = chunk.max(BLOCK);
+    let (tx, rx) = mpsc::channel(STREAM_DEPTH);
+    let handle = tokio::task::spawn_blocking(move || {
+        let out = ChannelWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(chunk),
+            chunk,
+            sent: Arc::new(AtomicU64::new(0)),
+        };
+        let result = write_tar_links(&entries, &extra, &links, compression, out, content);
+        if let Err(error) = &result
+            && !matches!(error, ContextError::StreamClosed { .. })
+        {
+            let _ = tx.blocking_send(Err(io::Error::other(error_chain(error))));
+        }
+        result
+    });
+    (rx, handle)
+}
+
+/// [`write_tar`] without a prefix, then `links` (blocking).
+pub fn write_tar_links<W: Write>(
+    entries: &[Entry],
+    extra: &[ExtraFile],
+    links: &[HardLink],
+    compression: Compression,
+    out: W,
+    content: Arc<AtomicU64>,
+) -> Result<TarStats, ContextError> {
+    check_extra_names(entries, extra)?;
+    let mut writer = TarWriter::new(out, compression);
+    writer.content = content;
+    for entry in entries {
+        writer.entry("", entry)?;
+    }
+    for file in extra {
+        writer.extra("", file)?;
+    }
+    for link in links {
+        let path = PathBuf::from(&link.name);
+        writer.header(
+            link.name.as_bytes(),
+            EntryType::Link,
+            0o644,
+            0,
+            0,
+            Some(link.target.as_bytes()),
+            &path,
+        )?;
+    }
+    let stats = writer.finish()?;
+    debug!(?stats, links = links.len(), "wrote the context archive");
+    Ok(stats)
+}
+
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();

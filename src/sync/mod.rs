@@ -9,7 +9,9 @@
 //! `context` is a symlink to it, for `-f context/Dockerfile`; the lease's
 //! cleanup of the run folder never touches the copy, and a Dockerfile
 //! outside the context still lands in the run folder as before). Copies no
-//! build used for 30 days are removed by the next sync on that builder.
+//! build used for `cache_ttl` (30 days) are removed by the next sync on that
+//! builder, and [`store`] evicts the least recently synced ones beyond
+//! `cache_max`.
 //!
 //! - The key is a hash of this machine's id, a random id of this
 //!   installation (kept in the local cache folder, so machines cloned with
@@ -22,6 +24,11 @@
 //!   `chmod`s and entries to send; [`stream`]: the tar stream, with
 //!   nanosecond mtimes; [`script`]: the sh program that applies them with
 //!   tar and checks the result.
+//! - [`store`]: one content store per workspace; every copy's files are
+//!   hard links into it, the client first asks which of the files it would
+//!   send the builder lacks, and the tar stream carries only that content
+//!   plus one hard-link header per file. `cache_max` and `cache_ttl` bound
+//!   it.
 //! - Each build sends one tar stream of the added and changed entries, after
 //!   a few lines carrying the deletions. The copy is marked dirty while it
 //!   changes and clean (with the manifest hash) only after the builder's
@@ -42,6 +49,7 @@ pub mod cache;
 pub mod manifest;
 pub mod plan;
 pub mod script;
+pub mod store;
 pub mod stream;
 
 use std::path::{Path, PathBuf};
@@ -114,6 +122,13 @@ pub struct SyncSummary {
     pub entries: u64,
     /// Files in the tar stream.
     pub files_sent: u64,
+    /// Files linked from the builder's content store (their content was
+    /// already there, or is sent once for all of them).
+    pub files_linked: u64,
+    /// File contents sent to the store.
+    pub blobs_sent: u64,
+    /// Bytes of the store query (the plan's file names in the store).
+    pub query_bytes: u64,
     /// Files, folders and symlinks in the tar stream.
     pub entries_sent: u64,
     /// Paths removed from the copy (topmost only).
@@ -249,6 +264,9 @@ pub async fn sync_context(
 
     let t = Instant::now();
     let mut force_full: Option<String> = None;
+    // After content that failed its hash, the next attempt sends every
+    // file's content again instead of linking what the store holds.
+    let mut bypass_store = false;
     loop {
         summary.attempts += 1;
         let mut p = session
@@ -288,7 +306,15 @@ pub async fn sync_context(
         debug!(?state, "the builder's copy");
 
         let (base, reason, rebooted) = choose_base(&state, &cache, force_full.take());
-        let plan = match base {
+        // A copy changed on the builder may have changed its files in
+        // place, and so the store's content they link: send it all again,
+        // which replaces that content in the store too.
+        if matches!(&state, CopyState::Clean { recorded_listing, current_listing, .. }
+            if recorded_listing != current_listing)
+        {
+            bypass_store = true;
+        }
+        let mut plan = match base {
             Some(b) => Plan::delta(b, new),
             None => Plan::full(new),
         };
@@ -313,6 +339,30 @@ pub async fn sync_context(
             }
             save(&mut cache).await;
         }
+
+        store::no_file_chmods(&mut plan, new);
+        let wanted = store::wanted(&scanned, &plan);
+        let needed = if wanted.is_empty() {
+            None
+        } else if bypass_store {
+            Some(wanted.iter().map(|w| w.variant.clone()).collect())
+        } else {
+            store::query(
+                session,
+                &job.builder.workspace,
+                &key,
+                (job.builder.cache_max, job.builder.cache_ttl),
+                &wanted,
+                job.compression,
+                builder,
+            )
+            .await?
+            .map(|(needed, bytes)| {
+                summary.query_bytes += bytes;
+                summary.bytes_sent += bytes;
+                needed
+            })
+        };
 
         let tar_mode = if plan.send.is_empty() {
             TarMode::None
@@ -341,16 +391,30 @@ pub async fn sync_context(
         summary.deleted = plan.delete.len() as u64;
         summary.chmod = plan.chmod.len() as u64;
         let content = Arc::new(AtomicU64::new(0));
-        let planned = planned_bytes(&plan, new);
-        let tar = (tar_mode != TarMode::None)
-            .then(|| scanned_tar(&scanned, &plan, job.compression, &content));
+        let mut planned = planned_bytes(&plan, new);
+        let tar = match (&needed, tar_mode) {
+            (_, TarMode::None) => None,
+            (None, _) => Some(scanned_tar(&scanned, &plan, job.compression, &content)),
+            (Some(needed), _) => {
+                let t = store::tar_inputs(&scanned, &plan, &wanted, needed, &new_hash);
+                planned = t.content_bytes;
+                summary.files_linked = t.links.len() as u64;
+                summary.blobs_sent = t.blobs_sent;
+                Some(store::tar_stream(
+                    t,
+                    job.compression,
+                    CHUNK,
+                    content.clone(),
+                ))
+            }
+        };
         debug!(
             delete = plan.delete.len(),
             chmod = plan.chmod.len(),
             send = plan.send.len(),
             "sending the request"
         );
-        let done = exchange(
+        let done = match exchange(
             &mut p,
             &mut buf,
             &mut stderr,
@@ -361,7 +425,18 @@ pub async fn sync_context(
             reporter,
             builder,
         )
-        .await?;
+        .await
+        {
+            // A store file evicted by another build between the query and
+            // the link: ask again, into a fresh copy.
+            Err(SyncError::Remote { message, .. }) if needed.is_some() && summary.attempts < 2 => {
+                force_full = Some(format!(
+                    "linking from the builder's store failed ({message})"
+                ));
+                continue;
+            }
+            done => done?,
+        };
         summary.bytes_sent += done.bytes;
         summary.tree = done.tree.or(summary.tree.take());
         match done.outcome {
@@ -377,7 +452,11 @@ pub async fn sync_context(
             Outcome::Stale if summary.attempts < 2 => {
                 force_full = Some("the builder's copy changed while this build waited".into());
             }
-            Outcome::Mismatch(what) if base_hash.is_some() && summary.attempts < 2 => {
+            Outcome::Mismatch(what)
+                if (base_hash.is_some() || needed.is_some()) && summary.attempts < 2 =>
+            {
+                // What failed may be the store's content: send it all again.
+                bypass_store = true;
                 force_full = Some(format!(
                     "the updated copy did not match the manifest ({what})"
                 ));

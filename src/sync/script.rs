@@ -28,6 +28,13 @@
 //! So a copy is never marked clean unless it was checked, and any
 //! interruption leaves it dirty, which the next build sees.
 //!
+//! With the content store ([`super::store`]), the tar stream's files are hard
+//! links to `.absconda-store-<manifest>/…`, a symlink to the store the
+//! script puts beside the unpacked entries for the time of the unpacking,
+//! or to `.absconda-in-<manifest>/…`, the content sent with them, which the
+//! script hashes and renames into the store (a mismatch is removed and
+//! reported as `mismatch content`) before the listing is checked.
+//!
 //! The apply step trusts neither the request nor the old copy: a delta is
 //! unpacked into a staging folder and moved into the copy entry by entry,
 //! deletions and `chmod`s are applied only where every folder above the
@@ -182,7 +189,10 @@ inside() {
 wipe() {
   if [ -L "$1" ]; then rm -f -- "$1"; return; fi
   [ -e "$1" ] || return 0
-  rm -rf -- "$1" 2>/dev/null || { chmod -R u+rwx -- "$1"; rm -rf -- "$1"; }
+  rm -rf -- "$1" 2>/dev/null && return 0
+  # Folders only: a file may be a link into the store, shared by other copies.
+  find "$1" -type d ! -perm -700 -exec chmod u+rwx {} + 2>/dev/null
+  rm -rf -- "$1"
 }
 EOF
 )
@@ -191,6 +201,28 @@ decode() {
   printf '%s' "$1" | tr '\376\377' '\n\000'
 }
 putstate 'v1 dirty' || fail "cannot write $dir/state"
+storelink=.absconda-store-$new incoming=.absconda-in-$new badblobs=0
+# Content sent for the store lands in $incoming: each file is hashed and
+# renamed into the store only when the hash matches its name; one that
+# does not is removed (the copy then fails its check and is sent again).
+ingest() {
+  [ -d "$into/$incoming" ] && [ ! -L "$into/$incoming" ] || return 0
+  mkdir -p "$ws/store/b" || fail "cannot create $ws/store/b"
+  (cd "$into/$incoming" && find . -type f -exec sha256sum {} +) |
+    while read -r h n; do
+      n=${n#./}
+      case $n in
+        */*) ;;
+        "$h"-*) printf '%s\n' "$n" ;;
+        *) rm -f -- "$into/$incoming/$n"; echo "bad $n" >&2 ;;
+      esac
+    done > "$dir/ingest" 2> "$dir/ingest.bad"
+  badblobs=$(wc -l < "$dir/ingest.bad")
+  (cd "$into/$incoming" && xargs -r sh -c 'exec mv -f -- "$@" "$0"' "$ws/store/b" < "$dir/ingest") ||
+    fail "cannot move the received content into $ws/store/b"
+  rm -f "$dir/ingest" "$dir/ingest.bad"
+  wipe "$into/$incoming" || fail "cannot remove $into/$incoming"
+}
 
 # Nothing the request, the tar stream or the old copy holds may write,
 # change or delete anything outside $tree: a name is refused unless it is
@@ -222,8 +254,15 @@ case $tarmode in
     z=
     [ "$tarmode" = gzip ] && z=-z
     { [ "$into" = "$tree" ] || mkdir "$stage"; } || fail "cannot create $stage"
-    (cd "$into" && umask 0 && exec tar -x $p -o $z -f -) ||
-      fail "tar could not unpack the changes into $into" ;;
+    # Files the store holds arrive as hard links through this symlink.
+    if [ -d "$ws/store/b" ] && [ ! -L "$ws/store" ] && [ ! -L "$ws/store/b" ]; then
+      ln -s "$ws/store/b" "$into/$storelink" || fail "cannot link the store into $into"
+    fi
+    (cd "$into" && umask 0 && exec tar -x $p -o $z -f -)
+    untarred=$?
+    rm -f "$into/$storelink"
+    [ "$untarred" = 0 ] || fail "tar could not unpack the changes into $into"
+    ingest ;;
   none) ;;
   *) fail "unknown archive mode $tarmode" ;;
 esac
@@ -267,6 +306,9 @@ fi
 echo "applied $got"
 ok=yes
 [ "$got" = "$expect" ] || ok=listing
+if [ "$badblobs" != 0 ]; then
+  if [ "$ok" = yes ]; then ok=content; else ok="$ok content"; fi
+fi
 if [ "$verify" = 1 ]; then
   f=$( { decode "$vlist" | xargs -0 -r sha256sum -- | cut -c1-64
          decode "$vodd" | xargs -0 -r -n 1 sh -c 'sha256sum < "$1" | cut -c1-64' absconda-hash
@@ -293,11 +335,19 @@ fi
 putstate "v1 clean $new $all $boot" || fail "cannot write $dir/state"
 echo "result clean"
 
-# Copies nobody has built from for 30 days go (under the lease, so none is in use).
+# Copies nobody has built from for the store's TTL (in minutes; 30 days
+# unless the store says otherwise) go, unless a run folder links to them.
+ttl=$(cat "$ws/store/ttl" 2>/dev/null)
+case $ttl in ''|*[!0-9]*) ttl=43200 ;; esac
 cd "$ws/contexts" &&
-find . -mindepth 1 -maxdepth 1 -type d -mtime +30 ! -name "$key" 2>/dev/null |
+find . -mindepth 1 -maxdepth 1 -type d -mmin +"$ttl" ! -name "$key" 2>/dev/null |
   while IFS= read -r old; do
-    rm -rf "$old" 2>/dev/null || { chmod -R u+rwx "$old"; rm -rf "$old"; }
+    old=${old#./}
+    if find "$ws/runs" -mindepth 2 -maxdepth 2 -name context -type l -exec readlink {} \; 2>/dev/null |
+       grep -qx -- "$ws/contexts/$old/tree"; then
+      continue
+    fi
+    wipe "$old"
   done
 exit 0
 "#
@@ -539,6 +589,8 @@ mod tests {
             "id",
             "gzip",
             "printf",
+            "wc",
+            "grep",
         ] {
             let _ = std::os::unix::fs::symlink(bb, bin.join(applet));
         }

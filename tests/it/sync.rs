@@ -1313,3 +1313,608 @@ fn no_incremental_streams_everything_and_an_outside_dockerfile_still_works() {
         "--no-incremental leaves the copy alone"
     );
 }
+
+// ---------------------------------------------------------------------------
+// The content store: one per workspace, shared by every client
+
+/// One client of the shared builder: its own context folder (its own path)
+/// and its own local cache (a fresh CI runner has an empty one).
+struct Client {
+    ctx: PathBuf,
+    cache: PathBuf,
+}
+
+impl Client {
+    fn new(root: &Path, name: &str) -> Client {
+        let c = Client {
+            ctx: root.join(name).join("app"),
+            cache: root.join(format!("cache-{name}")),
+        };
+        std::fs::create_dir_all(c.ctx.parent().unwrap()).unwrap();
+        c
+    }
+
+    /// A checkout of `from` at this client's path: `cp -a` keeps the
+    /// mtimes (a restored CI cache), `cp -r` gives new ones (a fresh clone).
+    fn clone_of(root: &Path, name: &str, from: &Path, keep_mtimes: bool) -> Client {
+        let c = Client::new(root, name);
+        let flag = if keep_mtimes { "-a" } else { "-r" };
+        let st = std::process::Command::new("cp")
+            .arg(flag)
+            .arg(from)
+            .arg(&c.ctx)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        c
+    }
+}
+
+async fn sync_client(
+    session: &Session,
+    builder: &absconda::config::Builder,
+    c: &Client,
+    verify: bool,
+    compression: Compression,
+    run_dir: &str,
+) -> Result<SyncSummary, absconda::sync::SyncError> {
+    let req = BuildRequest {
+        context_dir: Some(c.ctx.clone()),
+        dockerfile: c.ctx.join("Dockerfile"),
+        ..BuildRequest::default()
+    };
+    let prepared = prepare_context(&req).await.unwrap();
+    let job = SyncJob {
+        builder,
+        run_dir,
+        identity: absconda::sync::identity(Some(&c.ctx), &[]),
+        compression,
+        verify,
+        cache_root: Some(c.cache.clone()),
+    };
+    sync_context(session, &job, prepared.entries, prepared.extra, &Silent).await
+}
+
+fn copy_tree(ws: &Path, s: &SyncSummary) -> PathBuf {
+    ws.join("contexts").join(&s.key).join("tree")
+}
+
+/// The copy matches the client's context, file by file, hashed on the
+/// builder too, and every file of it is a hard link into the store.
+async fn check_copy(session: &Session, ctx: &Path, tree: &Path, what: &str) {
+    let local = local_tree(ctx);
+    assert_same(&local, &builder_tree(tree), what);
+    let expected: BTreeMap<String, String> = local
+        .iter()
+        .filter_map(|(k, v)| match v {
+            Node::File { sha, .. } => Some((k.clone(), sha.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        sha256sum_on_builder(session, tree).await,
+        expected,
+        "{what}: sha256sum on the builder"
+    );
+    for name in expected.keys() {
+        let md = tree.join(name).symlink_metadata().unwrap();
+        assert!(
+            md.nlink() >= 2,
+            "{what}: {name:?} is not linked to the store"
+        );
+    }
+}
+
+/// Every file in the store holds the content its name says.
+fn assert_store_sound(ws: &Path) -> usize {
+    let b = ws.join("store/b");
+    let mut n = 0;
+    for e in std::fs::read_dir(&b).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().into_string().unwrap();
+        let sha = sha_hex(&std::fs::read(e.path()).unwrap());
+        assert!(
+            name.starts_with(&format!("{sha}-")),
+            "store file {name} holds other content ({sha})"
+        );
+        n += 1;
+    }
+    n
+}
+
+fn du_kib(path: &Path) -> u64 {
+    let out = std::process::Command::new("du")
+        .arg("-sk")
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn write_context(ctx: &Path, seed: u64, big: usize) {
+    std::fs::create_dir_all(ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"),
+    )
+    .unwrap();
+    for i in 0..200 {
+        let p = ctx.join(format!("src/m{}/f{i}.rs", i % 4));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, format!("fn f{i}_{seed}() {{}}\n").repeat(20)).unwrap();
+    }
+    std::fs::write(ctx.join("big.bin"), random_bytes(seed, big)).unwrap();
+}
+
+/// The random-edit property test with three clients (three paths, three
+/// local caches) of one builder: each copy always matches its client's
+/// context, is made of links into the one store, and a client whose
+/// checkout the builder has seen sends no content at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_random_edits_from_several_clients_share_one_store() {
+    if !sshd_only() {
+        return;
+    }
+    let seed: u64 = std::env::var("ABSCONDA_SYNC_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("property test seed: {seed} (replay with ABSCONDA_SYNC_SEED={seed})");
+    let sshd = Sshd::start(None);
+    let b = bench(&sshd, "").await;
+    let ws = b.project.workspace.clone();
+    let root = b.project.dir.path().join("clients");
+    let first = Client::new(&root, "c0");
+    std::fs::create_dir_all(&first.ctx).unwrap();
+    std::fs::write(
+        first.ctx.join("Dockerfile"),
+        format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"),
+    )
+    .unwrap();
+    std::fs::write(first.ctx.join(".dockerignore"), "**/*.tmp\n").unwrap();
+    let lease = acquire_lease(
+        &b.session,
+        &b.builder,
+        Duration::from_secs(30),
+        None,
+        &Silent,
+    )
+    .await
+    .unwrap();
+    let mut eds = vec![Editor {
+        rng: StdRng::seed_from_u64(seed),
+        root: first.ctx.clone(),
+        counter: 0,
+        log: Vec::new(),
+    }];
+    for _ in 0..25 {
+        eds[0].edit();
+    }
+    let s = sync_client(&b.session, &b.builder, &first, false, Compression::None, "")
+        .await
+        .unwrap();
+    check_copy(&b.session, &first.ctx, &copy_tree(&ws, &s), "first client").await;
+    let mut clients = vec![first];
+    for i in 1..3 {
+        let c = Client::clone_of(&root, &format!("c{i}"), &clients[0].ctx, true);
+        let s = sync_client(&b.session, &b.builder, &c, false, Compression::Gzip, "")
+            .await
+            .unwrap();
+        assert_eq!(s.mode, "full", "{s:?}");
+        assert_eq!(s.blobs_sent, 0, "seen content is not sent again: {s:?}");
+        check_copy(
+            &b.session,
+            &c.ctx,
+            &copy_tree(&ws, &s),
+            &format!("clone c{i}"),
+        )
+        .await;
+        eds.push(Editor {
+            rng: StdRng::seed_from_u64(seed.wrapping_add(i as u64)),
+            root: c.ctx.clone(),
+            counter: 1000 * i as u32,
+            log: Vec::new(),
+        });
+        clients.push(c);
+    }
+    let mut pick = StdRng::seed_from_u64(seed ^ 0x5eed);
+    for round in 0..30 {
+        let i = pick.random_range(0..clients.len());
+        let before = eds[i].log.len();
+        for _ in 0..pick.random_range(0..5) {
+            eds[i].edit();
+        }
+        let verify = pick.random_bool(0.2);
+        let compression = if pick.random_bool(0.5) {
+            Compression::Gzip
+        } else {
+            Compression::None
+        };
+        let s = sync_client(&b.session, &b.builder, &clients[i], verify, compression, "")
+            .await
+            .unwrap();
+        let what = format!(
+            "seed {seed}, round {round}, client {i}, after {:?}",
+            &eds[i].log[before..]
+        );
+        assert_eq!(s.mode, "delta", "{what}: {s:?}");
+        assert!(s.matched, "{what}: {s:?}");
+        check_copy(&b.session, &clients[i].ctx, &copy_tree(&ws, &s), &what).await;
+    }
+    // The other copies were never touched by these syncs.
+    for (i, c) in clients.iter().enumerate() {
+        let s = sync_client(&b.session, &b.builder, c, true, Compression::None, "")
+            .await
+            .unwrap();
+        assert!(s.matched && s.entries_sent == 0, "client {i}: {s:?}");
+        check_copy(
+            &b.session,
+            &c.ctx,
+            &copy_tree(&ws, &s),
+            &format!("end, client {i}"),
+        )
+        .await;
+    }
+    assert_store_sound(&ws);
+    assert!(lease.release(Duration::from_secs(10)).await);
+}
+
+/// A fresh CI runner (new path, empty local cache) building content the
+/// builder has seen sends the manifest and little more, measured on the
+/// wire; ten copies of one context take about the disk of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_a_fresh_runner_sends_no_seen_content_and_ten_copies_cost_one() {
+    if !sshd_only() {
+        return;
+    }
+    let sshd = Sshd::start(None);
+    let project = Project::with_builder(&sshd, "    compression: gzip\n");
+    let wire = CountingProxy::start("127.0.0.1:0", ([127, 0, 0, 1], sshd.port).into());
+    route_through(&project, &sshd, wire.addr.port());
+    let file = absconda::config::load(Some(&project.config)).unwrap();
+    let builder = file.builder("local").unwrap();
+    let session = Session::connect(&ssh_target(&builder, builder.host.as_deref().unwrap()))
+        .await
+        .unwrap();
+    let ws = project.workspace.clone();
+    let root = project.dir.path().join("clients");
+    let first = Client::new(&root, "c0");
+    write_context(&first.ctx, 7, 8 << 20);
+
+    let before = wire.up();
+    let s = sync_client(&session, &builder, &first, false, Compression::Gzip, "")
+        .await
+        .unwrap();
+    let cold = wire.up() - before;
+    check_copy(&session, &first.ctx, &copy_tree(&ws, &s), "first").await;
+    let one = du_kib(&ws);
+    let entries = s.entries;
+
+    let mut worst = 0;
+    for i in 1..10 {
+        let c = Client::clone_of(&root, &format!("c{i}"), &first.ctx, true);
+        let before = wire.up();
+        let s = sync_client(&session, &builder, &c, false, Compression::Gzip, "")
+            .await
+            .unwrap();
+        let sent = wire.up() - before;
+        worst = worst.max(sent);
+        assert_eq!(s.blobs_sent, 0, "{s:?}");
+        check_copy(&session, &c.ctx, &copy_tree(&ws, &s), &format!("copy {i}")).await;
+    }
+    let ten = du_kib(&ws);
+    // What the manifest of these entries costs at least: a SHA-256, a
+    // path, a size, a mode and an mtime each.
+    let manifest: u64 = entries * (32 + 24 + 16);
+    eprintln!(
+        "store: cold send {cold} bytes; fresh runner at most {worst} bytes on the wire \
+         for {entries} entries (manifest estimate {manifest}); workspace {one} KiB for one copy, {ten} KiB for ten"
+    );
+    assert!(
+        worst <= manifest + (64 << 10),
+        "a fresh runner sent {worst} bytes (manifest ~{manifest})"
+    );
+    assert!(
+        ten * 10 <= one * 11,
+        "ten copies take {ten} KiB, one took {one} KiB"
+    );
+
+    // A fresh clone gives every file a new mtime: the builder makes the
+    // new variants from what it holds, and no content crosses the wire.
+    let fresh = Client::clone_of(&root, "fresh", &first.ctx, false);
+    let before = wire.up();
+    let s = sync_client(&session, &builder, &fresh, false, Compression::Gzip, "")
+        .await
+        .unwrap();
+    let sent = wire.up() - before;
+    eprintln!("store: fresh clone with new mtimes sent {sent} bytes");
+    assert_eq!(s.blobs_sent, 0, "{s:?}");
+    assert!(sent <= manifest + (64 << 10), "{sent}");
+    check_copy(&session, &fresh.ctx, &copy_tree(&ws, &s), "fresh clone").await;
+    assert_store_sound(&ws);
+}
+
+/// Under a small `cache_max`, least recently synced copies and then the
+/// content no copy links go, but never a copy a run folder links to (a
+/// build reading it), also while other syncs run at the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_a_small_cache_max_evicts_old_copies_never_live_ones() {
+    if !sshd_only() {
+        return;
+    }
+    let sshd = Sshd::start(None);
+    let b = bench(&sshd, "    cache_max: 5M\n").await;
+    let ws = b.project.workspace.clone();
+    let root = b.project.dir.path().join("clients");
+    let mk = |name: &str, seed: u64| {
+        let c = Client::new(&root, name);
+        write_context(&c.ctx, seed, 2 << 20);
+        c
+    };
+    let (x, y, z) = (mk("x", 1), mk("y", 2), mk("z", 3));
+    let run_x = ws.join("runs/run-x");
+    std::fs::create_dir_all(&run_x).unwrap();
+    let sx = sync_client(
+        &b.session,
+        &b.builder,
+        &x,
+        false,
+        Compression::None,
+        &run_x.display().to_string(),
+    )
+    .await
+    .unwrap();
+    let sy = sync_client(&b.session, &b.builder, &y, false, Compression::None, "")
+        .await
+        .unwrap();
+    let sz = sync_client(&b.session, &b.builder, &z, false, Compression::None, "")
+        .await
+        .unwrap();
+    assert!(
+        copy_tree(&ws, &sx).exists(),
+        "the copy a run folder links to stays"
+    );
+    check_copy(&b.session, &x.ctx, &copy_tree(&ws, &sx), "live copy x").await;
+    assert!(
+        !copy_tree(&ws, &sy).exists(),
+        "the least recently used copy goes"
+    );
+    check_copy(&b.session, &z.ctx, &copy_tree(&ws, &sz), "z").await;
+    let y_big = sha_hex(&std::fs::read(y.ctx.join("big.bin")).unwrap());
+    assert!(
+        !std::fs::read_dir(ws.join("store/b")).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&y_big)),
+        "content only y's copy linked goes with it"
+    );
+
+    // Two syncs at once, each with a run folder, beside the live x.
+    let session2 = Session::connect(&ssh_target(&b.builder, b.builder.host.as_deref().unwrap()))
+        .await
+        .unwrap();
+    let (v, w) = (mk("v", 4), mk("w", 5));
+    for r in ["run-v", "run-w"] {
+        std::fs::create_dir_all(ws.join("runs").join(r)).unwrap();
+    }
+    let (rv, rw) = (
+        ws.join("runs/run-v").display().to_string(),
+        ws.join("runs/run-w").display().to_string(),
+    );
+    let (sv, sw) = tokio::join!(
+        sync_client(&b.session, &b.builder, &v, false, Compression::None, &rv),
+        sync_client(&session2, &b.builder, &w, false, Compression::None, &rw),
+    );
+    let (sv, sw) = (sv.unwrap(), sw.unwrap());
+    check_copy(&b.session, &v.ctx, &copy_tree(&ws, &sv), "v").await;
+    check_copy(&b.session, &w.ctx, &copy_tree(&ws, &sw), "w").await;
+    check_copy(&b.session, &x.ctx, &copy_tree(&ws, &sx), "live copy x").await;
+    assert!(
+        !copy_tree(&ws, &sz).exists(),
+        "z was the oldest copy not in use"
+    );
+    assert_store_sound(&ws);
+}
+
+/// A store file whose content was changed on the builder is detected: by
+/// its size before it is linked, or by `--verify` when the size is the
+/// same; the content is sent again and the store repaired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_a_tampered_blob_is_detected_and_repaired() {
+    if !sshd_only() {
+        return;
+    }
+    let sshd = Sshd::start(None);
+    let b = bench(&sshd, "").await;
+    let ws = b.project.workspace.clone();
+    let root = b.project.dir.path().join("clients");
+    let a = Client::new(&root, "a");
+    write_context(&a.ctx, 11, 64 << 10);
+    sync_client(&b.session, &b.builder, &a, false, Compression::None, "")
+        .await
+        .unwrap();
+    let big = sha_hex(&std::fs::read(a.ctx.join("big.bin")).unwrap());
+    let blob = std::fs::read_dir(ws.join("store/b"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&big))
+        .unwrap();
+    let mtime = blob.metadata().unwrap().modified().unwrap();
+
+    // Another size: dropped by the store query, sent again.
+    std::fs::write(&blob, b"tampered").unwrap();
+    let c1 = Client::clone_of(&root, "c1", &a.ctx, true);
+    let s = sync_client(&b.session, &b.builder, &c1, false, Compression::None, "")
+        .await
+        .unwrap();
+    assert_eq!(s.blobs_sent, 1, "{s:?}");
+    check_copy(
+        &b.session,
+        &c1.ctx,
+        &copy_tree(&ws, &s),
+        "after a resized blob",
+    )
+    .await;
+
+    // Same size and mtime: only hashing can tell; --verify does.
+    let mut data = std::fs::read(&blob).unwrap();
+    data[100] ^= 0xff;
+    std::fs::write(&blob, &data).unwrap();
+    set_mtime(&blob, mtime);
+    let c2 = Client::clone_of(&root, "c2", &a.ctx, true);
+    let s = sync_client(&b.session, &b.builder, &c2, true, Compression::None, "")
+        .await
+        .unwrap();
+    assert_eq!(s.attempts, 2, "{s:?}");
+    assert!(s.matched, "{s:?}");
+    check_copy(
+        &b.session,
+        &c2.ctx,
+        &copy_tree(&ws, &s),
+        "after a same-size tamper",
+    )
+    .await;
+    assert_store_sound(&ws);
+}
+
+/// A sync cut off in the middle of linking (the copy marked dirty, half of
+/// its links gone, received content left unhashed beside it) is repaired
+/// by the next build, and nothing of it reaches the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_a_crash_while_linking_is_repaired_by_the_next_build() {
+    if !sshd_only() {
+        return;
+    }
+    let sshd = Sshd::start(None);
+    let b = bench(&sshd, "").await;
+    let ws = b.project.workspace.clone();
+    let root = b.project.dir.path().join("clients");
+    let a = Client::new(&root, "a");
+    write_context(&a.ctx, 21, 64 << 10);
+    let s = sync_client(&b.session, &b.builder, &a, false, Compression::None, "")
+        .await
+        .unwrap();
+    let dir = ws.join("contexts").join(&s.key);
+    let tree = dir.join("tree");
+    // What an apply killed half way leaves.
+    std::fs::write(dir.join("state"), "v1 dirty\n").unwrap();
+    for i in (0..200).step_by(2) {
+        let _ = std::fs::remove_file(tree.join(format!("src/m{}/f{i}.rs", i % 4)));
+    }
+    let incoming = tree.join(format!(".absconda-in-{}", "0".repeat(64)));
+    std::fs::create_dir_all(&incoming).unwrap();
+    std::fs::write(
+        incoming.join(format!("{}-644-1.000000000", "ab".repeat(32))),
+        "never hashed",
+    )
+    .unwrap();
+    std::fs::write(a.ctx.join("new.txt"), "a change meanwhile").unwrap();
+
+    let s = sync_client(&b.session, &b.builder, &a, false, Compression::None, "")
+        .await
+        .unwrap();
+    assert_eq!(s.mode, "full", "{s:?}");
+    assert!(
+        s.reason.as_deref().unwrap_or("").contains("interrupted"),
+        "{s:?}"
+    );
+    assert_eq!(s.blobs_sent, 1, "only the new file's content: {s:?}");
+    check_copy(&b.session, &a.ctx, &tree, "after the crash").await;
+    assert_store_sound(&ws);
+}
+
+/// `remote prune --dry-run` lists what would go and removes nothing;
+/// `remote prune --all` then removes it, and `remote status` shows the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_remote_prune_dry_run_lists_without_deleting() {
+    if !sshd_only() {
+        return;
+    }
+    let sshd = Sshd::start(None);
+    let b = bench(&sshd, "").await;
+    let ws = b.project.workspace.clone();
+    let root = b.project.dir.path().join("clients");
+    let a = Client::new(&root, "a");
+    write_context(&a.ctx, 31, 64 << 10);
+    let s = sync_client(&b.session, &b.builder, &a, false, Compression::None, "")
+        .await
+        .unwrap();
+    let files_before = assert_store_sound(&ws);
+    assert!(files_before > 0);
+
+    let out = b
+        .project
+        .cmd()
+        .args(["remote", "prune", "local", "--all", "--dry-run"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(&format!("would remove copy {}", s.key)),
+        "{said}"
+    );
+    assert!(copy_tree(&ws, &s).exists(), "a dry run deletes nothing");
+    assert_eq!(assert_store_sound(&ws), files_before);
+
+    let out = b
+        .project
+        .cmd()
+        .args(["remote", "prune", "local", "--all"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!copy_tree(&ws, &s).exists());
+    assert_eq!(
+        assert_store_sound(&ws),
+        0,
+        "no copy links anything any more"
+    );
+
+    let out = b
+        .project
+        .cmd()
+        .args(["remote", "status", "local", "--json"])
+        .output()
+        .unwrap();
+    let st: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_eq!(st["store"]["copies"], 0, "{st}");
+    assert_eq!(st["store"]["blobs"], 0, "{st}");
+}
+
+/// A workspace whose store this user cannot use (here a symlink, which
+/// the store refuses to write through) still syncs: the content is sent as
+/// it was before there was a store, and nothing is written through the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_an_unusable_store_falls_back_to_sending_content() {
+    if !sshd_only() {
+        return;
+    }
+    let sshd = Sshd::start(None);
+    let b = bench(&sshd, "").await;
+    let ws = b.project.workspace.clone();
+    let elsewhere = b.project.dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::create_dir_all(&ws).unwrap();
+    symlink(&elsewhere, ws.join("store")).unwrap();
+    let a = Client::new(&b.project.dir.path().join("clients"), "a");
+    write_context(&a.ctx, 41, 64 << 10);
+    let s = sync_client(&b.session, &b.builder, &a, false, Compression::None, "")
+        .await
+        .unwrap();
+    assert!(s.matched, "{s:?}");
+    assert_eq!((s.files_linked, s.query_bytes), (0, 0), "{s:?}");
+    assert_same(
+        &local_tree(&a.ctx),
+        &builder_tree(&copy_tree(&ws, &s)),
+        "without a store",
+    );
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+}
