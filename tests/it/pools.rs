@@ -184,7 +184,12 @@ fn concurrent_clients_share_a_pool_one_build_per_builder_at_a_time() {
     }
     yaml.push_str("pools:\n  farm:\n    builders: [b1, b2, b3]\n    prefer: idle\n");
     std::fs::write(&config, yaml).unwrap();
-    let dockerfile = SPAN_DOCKERFILE.replace("BASE", BASE_IMAGE);
+    // Each build's step sleeps 12 s: the builders share this machine's two
+    // cores, so a step that waits, not one that computes, shows what the
+    // pool does for throughput.
+    let dockerfile = SPAN_DOCKERFILE
+        .replace("BASE", BASE_IMAGE)
+        .replace("sleep 4", "sleep 12");
 
     // Six clients, two builds each, all at once.
     let clients: Vec<Client> = (0..6)
@@ -268,6 +273,24 @@ fn concurrent_clients_share_a_pool_one_build_per_builder_at_a_time() {
     for (builder, list) in &spans {
         assert!(list.len() >= 2, "`{builder}` took only {list:?}: {spans:?}");
     }
+    // Close to serial ÷ 3: one builder would run the twelve steps one
+    // after the other (their sum); the pool ran them, from the first
+    // step's start to the last one's end as the steps themselves printed,
+    // in at most half of that (÷ 2 leaves room for the lease hand-over,
+    // sync and docker start between one builder's builds).
+    let serial: f64 = all.iter().map(|(s, e, _)| e - s).sum();
+    let first = all.iter().map(|a| a.0).fold(f64::INFINITY, f64::min);
+    let last = all.iter().map(|a| a.1).fold(0.0, f64::max);
+    eprintln!(
+        "pool of 3: steps {serial:.1}s one after another, {:.1}s in the pool ({:.2}x)",
+        last - first,
+        serial / (last - first)
+    );
+    assert!(
+        last - first <= serial / 2.0,
+        "the pool took {:.1}s for steps that take {serial:.1}s one after another: {spans:?}",
+        last - first
+    );
     // `remote metrics POOL` on one client: its builds, where they ran and
     // how long they queued.
     let metrics = Command::new(BIN)
