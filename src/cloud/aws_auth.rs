@@ -913,6 +913,29 @@ impl SignedHeaders {
     pub fn get(&self, name: &str) -> Option<&str> {
         self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
+
+    /// Adds the headers to a request; all but the date are marked
+    /// sensitive, which keeps them out of HTTP/2 header compression tables
+    /// and `Debug` output.
+    pub fn apply(
+        &self,
+        mut request: reqwest::RequestBuilder,
+        creds: &Credentials,
+    ) -> Result<reqwest::RequestBuilder, super::CloudError> {
+        for (name, value) in self.iter() {
+            let mut value = reqwest::header::HeaderValue::from_str(value).map_err(|_| {
+                super::CloudError::Auth {
+                    source_name: creds.source.to_string(),
+                    message: format!(
+                        "the credentials contain characters not allowed in the `{name}` header"
+                    ),
+                }
+            })?;
+            value.set_sensitive(name != "x-amz-date");
+            request = request.header(name, value);
+        }
+        Ok(request)
+    }
 }
 
 impl fmt::Debug for SignedHeaders {

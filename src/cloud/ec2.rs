@@ -227,35 +227,11 @@ impl Ec2 {
             .post(self.endpoint.clone())
             .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
             .body(body);
-        for (name, value) in signed.iter() {
-            let mut value =
-                reqwest::header::HeaderValue::from_str(value).map_err(|_| CloudError::Auth {
-                    source_name: creds.source.to_string(),
-                    message: format!(
-                        "the credentials contain characters not allowed in the `{name}` header"
-                    ),
-                })?;
-            // Kept out of HTTP/2 header compression tables and `Debug` output.
-            value.set_sensitive(name != "x-amz-date");
-            request = request.header(name, value);
-        }
+        request = signed.apply(request, &creds)?;
         tracing::debug!(action, endpoint = %redact_url(&self.endpoint), "ec2 request");
-        let transport = |e: reqwest::Error| CloudError::Transport {
-            url: redact_url(&self.endpoint),
-            source: Box::new(e.without_url()),
-        };
-        let response = request.send().await.map_err(transport)?;
-        let status = response.status();
-        let retry_after = parse_retry_after(response.headers());
-        let body = super::read_body(response, super::BODY_LIMIT)
-            .await
-            .map_err(|e| match e {
-                super::BodyError::Http(e) => transport(e),
-                e => CloudError::Protocol {
-                    url: redact_url(&self.endpoint),
-                    message: e.to_string(),
-                },
-            })?;
+        let (status, headers, body) =
+            super::exchange(request, &redact_url(&self.endpoint), super::BODY_LIMIT).await?;
+        let retry_after = parse_retry_after(&headers);
         let text = String::from_utf8_lossy(&body).into_owned();
         tracing::debug!(action, status = status.as_u16(), "ec2 answer");
         if status.is_success() {

@@ -468,25 +468,11 @@ impl Gce {
             // Google answers 411 to a POST without a length.
             request = request.header(reqwest::header::CONTENT_LENGTH, "0");
         }
-        let response = request.send().await.map_err(|e| CloudError::Transport {
-            url: url.to_string(),
-            source: Box::new(e.without_url()),
-        })?;
-        let status = response.status().as_u16();
-        let retry_after = parse_retry_after(response.headers());
-        let content_type = content_type(response.headers());
-        let body = super::read_body(response, super::BODY_LIMIT)
-            .await
-            .map_err(|e| match e {
-                super::BodyError::Http(e) => CloudError::Transport {
-                    url: url.to_string(),
-                    source: Box::new(e.without_url()),
-                },
-                e => CloudError::Protocol {
-                    url: url.to_string(),
-                    message: e.to_string(),
-                },
-            })?;
+        let (status, headers, body) =
+            super::exchange(request, url.as_str(), super::BODY_LIMIT).await?;
+        let status = status.as_u16();
+        let retry_after = parse_retry_after(&headers);
+        let content_type = content_type(&headers);
         tracing::debug!(%method, %url, status, "compute API answered");
         if (200..300).contains(&status) {
             return serde_json::from_slice(&body).map_err(|e| CloudError::Protocol {

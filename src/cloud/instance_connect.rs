@@ -132,17 +132,7 @@ impl<'a> InstanceConnect<'a> {
             .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
             .header("x-amz-target", TARGET)
             .body(body.to_string());
-        for (name, value) in signed.iter() {
-            let mut value =
-                reqwest::header::HeaderValue::from_str(value).map_err(|_| CloudError::Auth {
-                    source_name: creds.source.to_string(),
-                    message: format!(
-                        "the credentials contain characters not allowed in the `{name}` header"
-                    ),
-                })?;
-            value.set_sensitive(name != "x-amz-date");
-            request = request.header(name, value);
-        }
+        request = signed.apply(request, &creds)?;
         let url = format!(
             "{}://{}/",
             self.endpoint.scheme(),

@@ -61,6 +61,31 @@ pub async fn read_body(
     Ok(body)
 }
 
+/// Sends a request and reads its answer's status, headers and body (at most
+/// `limit` bytes). A failure to connect or read, or an overlong body, is an
+/// error naming `shown`: the URL as it may appear in logs and messages.
+pub async fn exchange(
+    request: reqwest::RequestBuilder,
+    shown: &str,
+    limit: usize,
+) -> Result<(reqwest::StatusCode, reqwest::header::HeaderMap, Vec<u8>), CloudError> {
+    let transport = |e: reqwest::Error| CloudError::Transport {
+        url: shown.to_string(),
+        source: Box::new(e.without_url()),
+    };
+    let response = request.send().await.map_err(transport)?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = read_body(response, limit).await.map_err(|e| match e {
+        BodyError::Http(e) => transport(e),
+        e => CloudError::Protocol {
+            url: shown.to_string(),
+            message: e.to_string(),
+        },
+    })?;
+    Ok((status, headers, body))
+}
+
 /// The normalised life-cycle state of a VM, whatever the cloud calls it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

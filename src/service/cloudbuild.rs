@@ -129,22 +129,7 @@ impl Gcp {
         }
         let shown = format!("{}{}", url.origin().ascii_serialization(), url.path());
         tracing::debug!(what, url = %shown, "google request");
-        let transport = |e: reqwest::Error| CloudError::Transport {
-            url: shown.clone(),
-            source: Box::new(e.without_url()),
-        };
-        let response = request.send().await.map_err(transport)?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = crate::cloud::read_body(response, BODY_LIMIT)
-            .await
-            .map_err(|e| match e {
-                crate::cloud::BodyError::Http(e) => transport(e),
-                e => CloudError::Protocol {
-                    url: shown.clone(),
-                    message: e.to_string(),
-                },
-            })?;
+        let (status, headers, body) = crate::cloud::exchange(request, &shown, BODY_LIMIT).await?;
         if status.is_success() || accept.contains(&status) {
             return Ok(Answer {
                 status,

@@ -166,17 +166,7 @@ impl Aws {
         for (name, value) in &all {
             request = request.header(*name, *value);
         }
-        for (name, value) in signed.iter() {
-            let mut value =
-                reqwest::header::HeaderValue::from_str(value).map_err(|_| CloudError::Auth {
-                    source_name: creds.source.to_string(),
-                    message: format!(
-                        "the credentials contain characters not allowed in the `{name}` header"
-                    ),
-                })?;
-            value.set_sensitive(name != "x-amz-date");
-            request = request.header(name, value);
-        }
+        request = signed.apply(request, &creds)?;
         let shown = format!(
             "{}://{}{}",
             url.scheme(),
@@ -184,22 +174,7 @@ impl Aws {
             url.path()
         );
         tracing::debug!(service, operation, url = %shown, "aws request");
-        let transport = |e: reqwest::Error| CloudError::Transport {
-            url: shown.clone(),
-            source: Box::new(e.without_url()),
-        };
-        let response = request.send().await.map_err(transport)?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = crate::cloud::read_body(response, BODY_LIMIT)
-            .await
-            .map_err(|e| match e {
-                crate::cloud::BodyError::Http(e) => transport(e),
-                e => CloudError::Protocol {
-                    url: shown.clone(),
-                    message: e.to_string(),
-                },
-            })?;
+        let (status, headers, body) = crate::cloud::exchange(request, &shown, BODY_LIMIT).await?;
         if status.is_success() {
             return Ok((headers, body));
         }
