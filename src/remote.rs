@@ -330,6 +330,13 @@ exit $st
 const UPLOAD: &str = r#"
 cd "$1" || exit 70
 shift
+if [ "$1" = --zstd ]; then
+  shift
+  # A pipe's status is tar's: a failed zstd leaves a mark.
+  { zstd -dcq || : > .zstd-failed; } | tar -x -o -f - "$@" || exit 1
+  if [ -e .zstd-failed ]; then echo "zstd could not decode the context" >&2; exit 1; fi
+  exit 0
+fi
 exec tar -x -o -f - "$@"
 "#;
 
@@ -385,6 +392,8 @@ if p=$("$docker" version --format '{{.Server.Os}}/{{.Server.Arch}}' 2>/dev/null)
   printf 'platform=%s\n' "$(printf '%s' "$p" | tr -cd 'a-z0-9_/' | cut -c1-64)"
 fi
 if "$docker" buildx version >/dev/null 2>&1; then echo buildx=1; else echo buildx=0; fi
+# The context may travel zstd-compressed when the builder can decode it.
+if command -v zstd >/dev/null 2>&1; then echo zstd=1; else echo zstd=0; fi
 if DOCKER_BUILDKIT=1 "$docker" build --help >/dev/null 2>&1; then echo buildkit_env=1; else echo buildkit_env=0; fi
 bh=$("$docker" build --help 2>/dev/null)
 case $bh in *--cache-to*) echo build_cache_to=1 ;; esac
@@ -482,10 +491,12 @@ pub fn run_in(run_dir: &str, argv: &[String]) -> String {
 }
 
 /// Unpacks a tar stream from stdin into the run folder.
-pub fn upload(run_dir: &str, gzip: bool) -> String {
+pub fn upload(run_dir: &str, compression: crate::context::Compression) -> String {
     let mut words = vec!["sh", "-c", UPLOAD, "absconda-upload", run_dir];
-    if gzip {
-        words.push("-z");
+    match compression {
+        crate::context::Compression::None => {}
+        crate::context::Compression::Gzip => words.push("-z"),
+        crate::context::Compression::Zstd => words.push("--zstd"),
     }
     shell::join(words)
 }
@@ -520,6 +531,8 @@ pub struct ProbeReport {
     pub build_cache_to: bool,
     /// `docker build` is buildx: it takes `--build-context`.
     pub build_context: bool,
+    /// `zstd` is on the builder's PATH: the context may be zstd-compressed.
+    pub zstd: bool,
     pub disk_total_kb: Option<u64>,
     pub disk_avail_kb: Option<u64>,
     pub lease_holder: Option<String>,
@@ -550,6 +563,7 @@ impl ProbeReport {
                 "buildkit_env" => r.buildkit_env = v == "1",
                 "build_cache_to" => r.build_cache_to = v == "1",
                 "build_context" => r.build_context = v == "1",
+                "zstd" => r.zstd = v == "1",
                 "disk_total_kb" => r.disk_total_kb = v.parse().ok(),
                 "disk_avail_kb" => r.disk_avail_kb = v.parse().ok(),
                 "lease_holder" => r.lease_holder = Some(v),

@@ -319,6 +319,7 @@ pub async fn sync_context(
         } else {
             match job.compression {
                 Compression::Gzip => TarMode::Gzip,
+                Compression::Zstd => TarMode::Zstd,
                 Compression::None => TarMode::Plain,
             }
         };

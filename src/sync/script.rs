@@ -217,13 +217,24 @@ into=$tree
 [ "$mode" = delta ] && into=$stage
 p=
 case $tarmode in
-  plain|gzip)
+  plain|gzip|zstd)
     case $(tar --version 2>/dev/null) in *'GNU tar'*|*bsdtar*) p=-p ;; esac
     z=
     [ "$tarmode" = gzip ] && z=-z
     { [ "$into" = "$tree" ] || mkdir "$stage"; } || fail "cannot create $stage"
-    (cd "$into" && umask 0 && exec tar -x $p -o $z -f -) ||
-      fail "tar could not unpack the changes into $into" ;;
+    if [ "$tarmode" = zstd ]; then
+      # A pipe's status is tar's: a failed zstd leaves a mark.
+      rm -f "$dir/zstd.failed"
+      (cd "$into" && umask 0 && { zstd -dcq || : > "$dir/zstd.failed"; } | tar -x $p -o -f -) ||
+        fail "tar could not unpack the changes into $into"
+      if [ -e "$dir/zstd.failed" ]; then
+        rm -f "$dir/zstd.failed"
+        fail "zstd could not decode the changes"
+      fi
+    else
+      (cd "$into" && umask 0 && exec tar -x $p -o $z -f -) ||
+        fail "tar could not unpack the changes into $into"
+    fi ;;
   none) ;;
   *) fail "unknown archive mode $tarmode" ;;
 esac
@@ -382,6 +393,9 @@ pub enum TarMode {
     None,
     Plain,
     Gzip,
+    /// Decoded with the builder's `zstd` (absconda sends it only to a
+    /// builder whose probe found one).
+    Zstd,
 }
 
 impl TarMode {
@@ -390,6 +404,7 @@ impl TarMode {
             TarMode::None => "none",
             TarMode::Plain => "plain",
             TarMode::Gzip => "gzip",
+            TarMode::Zstd => "zstd",
         }
     }
 }
@@ -543,6 +558,8 @@ mod tests {
             let _ = std::os::unix::fs::symlink(bb, bin.join(applet));
         }
         let _ = std::os::unix::fs::symlink("/usr/bin/flock", bin.join("flock"));
+        // busybox has no zstd applet; builders with busybox may have zstd.
+        let _ = std::os::unix::fs::symlink("/usr/bin/zstd", bin.join("zstd"));
         Some(Shell {
             argv: vec![bb.into(), "sh".into()],
             path: bin.display().to_string(),
@@ -587,6 +604,7 @@ mod tests {
             (true, _) => TarMode::None,
             (false, Compression::None) => TarMode::Plain,
             (false, Compression::Gzip) => TarMode::Gzip,
+            (false, Compression::Zstd) => TarMode::Zstd,
         };
         let new_hash = new.hash();
         let listing = new.listing_hash();
@@ -708,7 +726,7 @@ mod tests {
             shells.push(("busybox", bb));
         }
         for (name, sh) in &shells {
-            for compression in [Compression::None, Compression::Gzip] {
+            for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
                 let case = dir.path().join(format!("{name}-{compression:?}"));
                 let (ws, ctx) = (case.join("ws"), case.join("ctx"));
                 std::fs::create_dir_all(&ctx).unwrap();

@@ -1313,3 +1313,96 @@ fn no_incremental_streams_everything_and_an_outside_dockerfile_still_works() {
         "--no-incremental leaves the copy alone"
     );
 }
+
+/// Text like a source tree's: words from a small vocabulary, in lines.
+fn source_like_text(seed: u64, len: usize) -> String {
+    let words = [
+        "fn", "let", "match", "impl", "struct", "return", "self", ".into()", "(x)", ";", "{", "}",
+        "pub", "use", "// why", "value", "error", "config",
+    ];
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = String::with_capacity(len + 80);
+    while out.len() < len {
+        let mut line = String::new();
+        while line.len() < 70 {
+            line.push_str(words[rng.random_range(0..words.len())]);
+            line.push(' ');
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+/// `compression: zstd` sends fewer bytes than gzip for a compressible
+/// context (counted on the wire), and a builder without `zstd` on its PATH
+/// gets gzip instead, which its tar reads; both images hold the files.
+#[test]
+fn zstd_sends_less_than_gzip_and_falls_back_to_gzip_without_zstd() {
+    if !services() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    // The same machine, with a PATH that has everything of /usr/bin but zstd.
+    let bin = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir("/usr/bin").unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name();
+        if !name.to_string_lossy().contains("zstd") {
+            let _ = symlink(e.path(), bin.path().join(&name));
+        }
+    }
+    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let no_zstd = Sshd::start_with(
+        Some(&d.host),
+        "127.0.0.1",
+        None,
+        // (sshd sets PATH itself, and root's shell profile adds to it.)
+        &format!(
+            "ForceCommand PATH={}:/usr/sbin:/sbin; export PATH; eval \"$SSH_ORIGINAL_COMMAND\"\n",
+            bin.path().display()
+        ),
+    );
+    let body = source_like_text(12, 3 << 20);
+    let mut wire_bytes = BTreeMap::new();
+    for (name, server, setting, expect) in [
+        ("gzip", &sshd, "gzip", "gzip"),
+        ("zstd", &sshd, "zstd", "zstd"),
+        ("fallback", &no_zstd, "zstd", "gzip"),
+    ] {
+        let p = Project::with_builder(server, &format!("    compression: {setting}\n"));
+        let wire = CountingProxy::start("127.0.0.1:0", ([127, 0, 0, 1], server.port).into());
+        route_through(&p, server, wire.addr.port());
+        p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+        p.file("src/big.rs", &body);
+        let image = format!("sync/zstd-{name}");
+        for incremental in [true, false] {
+            let before = wire.up();
+            let mut args = Vec::new();
+            if !incremental {
+                args.push("--no-incremental");
+            }
+            let report = build_json(&p, &image, &args);
+            assert_eq!(report["compression"], expect, "{name}: {report}");
+            assert_eq!(
+                cat_in_image(&format!("{image}:t"), "/ctx/src/big.rs"),
+                body.as_bytes(),
+                "{name}"
+            );
+            let sent = wire.up() - before;
+            eprintln!("{name} (incremental: {incremental}): {sent} bytes on the wire");
+            if incremental {
+                wire_bytes.insert(name, sent);
+            }
+        }
+    }
+    assert!(
+        wire_bytes["zstd"] < wire_bytes["gzip"] * 9 / 10,
+        "zstd did not send less than gzip: {wire_bytes:?}"
+    );
+    assert!(
+        wire_bytes["gzip"] < body.len() as u64 / 2,
+        "not compressed: {wire_bytes:?}"
+    );
+}
