@@ -57,7 +57,7 @@ fn main() {
 }
 
 /// Copies `from` to `to`, each chunk leaving `delay` after it arrived.
-fn direction(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+pub fn direction(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
     let (tx, rx): (SyncSender<(Instant, Vec<u8>)>, Receiver<_>) = sync_channel(SLOTS);
     std::thread::spawn(move || {
         let mut buf = vec![0u8; CHUNK];
@@ -65,7 +65,10 @@ fn direction(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                    if tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
                         break;
                     }
                 }

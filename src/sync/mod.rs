@@ -200,6 +200,22 @@ pub fn last_synced(identity: &str, builder: &str) -> Option<std::time::SystemTim
         .ok()
 }
 
+/// A sync started together with the lease request, before the lease is
+/// held (see [`script::after_lease`]): the builder starts it once the lease
+/// script made the run folder, and the compression is decided (from the
+/// docker probe that runs meanwhile) before anything is sent.
+pub struct Early {
+    /// How long the builder waits for the lease.
+    pub wait: Duration,
+    /// `Some` once the compression is known; a dropped sender means the
+    /// build stopped before the sync could send anything.
+    pub compression: tokio::sync::watch::Receiver<Option<Compression>>,
+    /// Told the new manifest's hash just before the request goes out, so
+    /// that `docker build` can be started beside it (it waits on the
+    /// builder for the copy to be marked clean with that manifest).
+    pub sending: Option<tokio::sync::oneshot::Sender<String>>,
+}
+
 /// Brings the builder's copy of the context up to date and links it into
 /// the run folder. Must run while the builder's lease is held.
 pub async fn sync_context(
@@ -208,6 +224,18 @@ pub async fn sync_context(
     entries: Vec<Entry>,
     extra: Vec<ExtraFile>,
     reporter: &dyn Reporter,
+) -> Result<SyncSummary, SyncError> {
+    sync_context_early(session, job, entries, extra, reporter, None).await
+}
+
+/// [`sync_context`], started with the lease request when `early` is given.
+pub async fn sync_context_early(
+    session: &Session,
+    job: &SyncJob<'_>,
+    entries: Vec<Entry>,
+    extra: Vec<ExtraFile>,
+    reporter: &dyn Reporter,
+    mut early: Option<Early>,
 ) -> Result<SyncSummary, SyncError> {
     let builder = &job.builder.name;
     let t = Instant::now();
@@ -249,23 +277,29 @@ pub async fn sync_context(
 
     let t = Instant::now();
     let mut force_full: Option<String> = None;
+    let mut compression = job.compression;
     loop {
         summary.attempts += 1;
-        let mut p = session
-            .exec(
-                "the context sync",
-                &script::command(&job.builder.workspace, &key, job.run_dir),
-            )
-            .await?;
+        let mut command = script::command(&job.builder.workspace, &key, job.run_dir);
+        if let (Some(e), 1) = (&early, summary.attempts) {
+            command = script::after_lease(job.run_dir, e.wait.as_secs() + 60, &command);
+        }
+        let mut p = session.exec("the context sync", &command).await?;
         debug!("sync channel open");
         let mut buf = Vec::new();
         let mut stderr = Vec::new();
-        let line = tokio::time::timeout(STATE_TIMEOUT, p.reader.line(&mut buf, &mut stderr))
-            .await
-            .map_err(|_| SyncError::Timeout {
-                builder: builder.clone(),
-                after: STATE_TIMEOUT,
-            })?;
+        let line = loop {
+            let line = tokio::time::timeout(STATE_TIMEOUT, p.reader.line(&mut buf, &mut stderr))
+                .await
+                .map_err(|_| SyncError::Timeout {
+                    builder: builder.clone(),
+                    after: STATE_TIMEOUT,
+                })?;
+            // Said every second while the lease is not yet held.
+            if line.as_deref() != Some("waiting") {
+                break line;
+            }
+        };
         let state = match line.as_deref().and_then(CopyState::parse) {
             Some(s) => s,
             None if p.reader.overlong() => {
@@ -314,10 +348,23 @@ pub async fn sync_context(
             save(&mut cache).await;
         }
 
+        let mut sending = None;
+        if let Some(mut e) = early.take() {
+            match e.compression.wait_for(Option::is_some).await {
+                Ok(c) => compression = c.unwrap_or(compression),
+                Err(_) => {
+                    return Err(SyncError::Remote {
+                        builder: builder.clone(),
+                        message: "the build stopped before the context was sent".into(),
+                    });
+                }
+            }
+            sending = e.sending.take();
+        }
         let tar_mode = if plan.send.is_empty() {
             TarMode::None
         } else {
-            match job.compression {
+            match compression {
                 Compression::Gzip => TarMode::Gzip,
                 Compression::Zstd => TarMode::Zstd,
                 Compression::None => TarMode::Plain,
@@ -344,13 +391,16 @@ pub async fn sync_context(
         let content = Arc::new(AtomicU64::new(0));
         let planned = planned_bytes(&plan, new);
         let tar = (tar_mode != TarMode::None)
-            .then(|| scanned_tar(&scanned, &plan, job.compression, &content));
+            .then(|| scanned_tar(&scanned, &plan, compression, &content));
         debug!(
             delete = plan.delete.len(),
             chmod = plan.chmod.len(),
             send = plan.send.len(),
             "sending the request"
         );
+        if let Some(tell) = sending {
+            let _ = tell.send(new_hash.clone());
+        }
         let done = exchange(
             &mut p,
             &mut buf,

@@ -314,6 +314,41 @@ exit 0
 "#
 );
 
+/// Runs a command (the sync) once the run folder exists: sent together
+/// with the lease request, it waits for the lease script, which makes the
+/// folder only once it holds the lease, so the sync costs no round trip of
+/// its own. It says `waiting` every second: when absconda has gone, that
+/// write fails and ends it.
+const AFTER_LEASE: &str = r#"
+run=$1 wait=$2 cmd=$3
+case $run in ''|/*) ;; *) run=$PWD/$run ;; esac
+n=0
+while [ ! -d "$run" ]; do
+  n=$((n + 1))
+  if [ "$n" -gt $((wait * 50)) ]; then
+    echo "error the lease was not taken within ${wait}s" >&2
+    exit 75
+  fi
+  sleep 0.02
+  if [ $((n % 50)) -eq 0 ]; then echo waiting || exit 1; fi
+done
+eval "$cmd"
+"#;
+
+/// `command`, started once `run_dir` exists (see [`AFTER_LEASE`]), giving
+/// up after `wait_secs`.
+pub fn after_lease(run_dir: &str, wait_secs: u64, command: &str) -> String {
+    shell::join([
+        "sh",
+        "-c",
+        AFTER_LEASE,
+        "absconda-after-lease",
+        run_dir,
+        &wait_secs.to_string(),
+        command,
+    ])
+}
+
 /// Prints the copy's sorted listing, for explaining a mismatch.
 const LISTING: &str = concat!(prelude!(), "\nlisting_text\n");
 const FINGERPRINT: &str = concat!(prelude!(), "\n{ listing_text; echo /; stamp_text; }\n");
@@ -469,7 +504,7 @@ mod tests {
     /// The scripts must parse in dash and busybox sh, the shells of stock builders.
     #[test]
     fn scripts_parse_in_posix_shells() {
-        for script in [SYNC, LISTING, FINGERPRINT] {
+        for script in [SYNC, LISTING, FINGERPRINT, AFTER_LEASE] {
             crate::test_support::assert_parses(script);
         }
     }

@@ -1406,3 +1406,65 @@ fn zstd_sends_less_than_gzip_and_falls_back_to_gzip_without_zstd() {
         "not compressed: {wire_bytes:?}"
     );
 }
+
+/// Seconds after the SSH handshake of a `--json` build report.
+fn after_handshake(report: &serde_json::Value) -> f64 {
+    let connect: f64 = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p[0] == "connect")
+        .map(|p| p[1].as_f64().unwrap())
+        .sum();
+    report["total_seconds"].as_f64().unwrap() - connect
+}
+
+/// A no-change rebuild waits for at most 4 round trips after the SSH
+/// handshake (the lease, the probe and the copy's state in one; the
+/// request and `docker build` in one; the release; and the opening of the
+/// channels), counted from outside: the same rebuild through a proxy that
+/// adds 300 ms to every round trip takes at most 4 × 300 ms longer than
+/// through one that adds nothing.
+#[test]
+fn a_no_change_rebuild_waits_for_at_most_four_round_trips() {
+    if !services() {
+        return;
+    }
+    use crate::support::delay_proxy::DelayProxy;
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::with_builder(&sshd, "");
+    let upstream = ([127, 0, 0, 1], sshd.port).into();
+    let near = DelayProxy::start(upstream, Duration::ZERO);
+    let rtt = Duration::from_millis(300);
+    let far = DelayProxy::start(upstream, rtt / 2);
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+    for i in 0..50 {
+        p.file(&format!("src/f{i}.txt"), &format!("file {i}\n"));
+    }
+    let direct = std::fs::read_to_string(&p.config).unwrap();
+    let build = |port: u16| {
+        std::fs::write(&p.config, &direct).unwrap();
+        route_through(&p, &sshd, port);
+        build_json(&p, "sync/rtt", &[])
+    };
+    build(near.addr.port());
+    // Each address keeps its own docker probe: both are warm from here on.
+    build(far.addr.port());
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        let base = build(near.addr.port());
+        let slow = build(far.addr.port());
+        assert_eq!(sync_of(&slow)["mode"], "delta", "{slow}");
+        assert_eq!(sync_of(&slow)["files_sent"], 0, "{slow}");
+        let extra = after_handshake(&slow) - after_handshake(&base);
+        rounds.push(extra / rtt.as_secs_f64());
+    }
+    eprintln!("round trips after the handshake: {rounds:?}");
+    // The smallest of three tries: the machine is shared.
+    let best = rounds.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(
+        best <= 4.5,
+        "a no-change rebuild waited for {best:.1} round trips after the handshake ({rounds:?})"
+    );
+}

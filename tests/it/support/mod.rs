@@ -11,6 +11,7 @@
 pub mod absconda;
 pub mod azure_fake;
 pub mod counting_proxy;
+pub mod delay_proxy;
 pub mod docker;
 pub mod eice_fake;
 pub mod faulty_proxy;
