@@ -1428,7 +1428,10 @@ pub async fn build_on(
         && req.cache_from.is_empty()
         && req.cache_to.is_empty()
         && req.ssh.is_none()
-        && prepared.outside_dockerfile.is_none();
+        && prepared.outside_dockerfile.is_none()
+        // `docker login` runs in the run folder too, and would take the
+        // slot where the lease supervisor finds the build to stop it.
+        && logins.is_empty();
     let (sending, sent_manifest) = tokio::sync::oneshot::channel::<String>();
     let sending = build_early.then_some(sending);
     let stop_sync = CancellationToken::new();
@@ -1629,9 +1632,7 @@ pub async fn build_on(
             argv.insert(1, format!("DOCKER_CONFIG={dir}"));
         }
         let early = match early_build.take() {
-            Some(p) if docker_config.is_none() => {
-                run_started_build(p, &build_nonce, reporter).await?
-            }
+            Some(p) => run_started_build(p, &build_nonce, reporter).await?,
             _ => None,
         };
         if let Some((_, Some(id))) = &early {
