@@ -31,6 +31,17 @@
 //!   fresh copy. A delta whose result does not match is followed at once by
 //!   a full send, in the same build.
 //!
+//! A build sends the sync's command together with the lease request: the
+//! builder starts it once the lease script has made the run folder (see
+//! [`script::after_lease`]), so the copy's state arrives with the lease;
+//! the compression is chosen from the docker probe, which runs meanwhile,
+//! before anything is sent; and `docker build` is started beside the
+//! request, waiting on the builder until the copy is marked clean with the
+//! manifest sent (see [`crate::remote::build_after_sync`]). A no-change
+//! rebuild so waits for about four round trips after the SSH handshake:
+//! the channels opening, the lease with the copy's state, the request with
+//! the build, and the release.
+//!
 //! BuildKit keeps its own copy of a local context, keyed on the path given
 //! to `docker build`, and trusts a file whose size, mode and mtime (to the
 //! nanosecond) did not change. Building from the copy's own path, with the
