@@ -1468,3 +1468,60 @@ fn a_no_change_rebuild_waits_for_at_most_four_round_trips() {
         "a no-change rebuild waited for {best:.1} round trips after the handshake ({rounds:?})"
     );
 }
+
+/// The docker probe runs the docker CLI only when something its answers
+/// depend on changed: a wrapper in front of docker on the builder logs each
+/// call; a second build asks docker nothing, and a changed docker binary
+/// (here: the wrapper rewritten) is asked again.
+#[test]
+fn the_docker_probe_is_kept_until_docker_changes() {
+    if !services() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::with_builder(&sshd, "");
+    let bin = tempfile::tempdir().unwrap();
+    let wrapper = bin.path().join("docker");
+    let calls = bin.path().join("calls");
+    let real = crate::support::docker::DOCKER_CLI;
+    let write_wrapper = |comment: &str| {
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\n# {comment}\necho \"$*\" >> '{}'\nexec '{real}' \"$@\"\n",
+                calls.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    write_wrapper("first");
+    let config = std::fs::read_to_string(&p.config).unwrap();
+    std::fs::write(
+        &p.config,
+        config.replace(
+            &format!("    docker: {real}\n"),
+            &format!("    docker: {}\n", wrapper.display()),
+        ),
+    )
+    .unwrap();
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+    p.file("a.txt", "a\n");
+    let probes = || {
+        std::fs::read_to_string(&calls)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("version"))
+            .count()
+    };
+    build_json(&p, "sync/probe", &[]);
+    let first = probes();
+    assert!(first > 0, "the first build did not probe docker");
+    build_json(&p, "sync/probe", &[]);
+    assert_eq!(probes(), first, "the second build probed docker again");
+    // A different docker binary (another size): asked again.
+    write_wrapper("an upgraded docker binary");
+    build_json(&p, "sync/probe", &[]);
+    assert!(probes() > first, "a changed docker binary was not probed");
+}
