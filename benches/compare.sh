@@ -10,14 +10,18 @@
 #   - rsync -a ctx host:dir && ssh host docker build dir
 #   - rsync -az ... (on the slow link only, for the compression target)
 # in four cases (cold with the build cache pruned, no change, one 5 MiB file
-# changed, one small file changed) over two links: loopback, and a 50 Mbit/s
-# tbf-shaped veth into a network namespace where a second sshd runs. It sets
-# up its own dockerd, sshds and namespace and tears them down on exit.
+# changed, one small file changed) over three links: loopback, a 50 Mbit/s
+# tbf-shaped veth into a network namespace where a second sshd runs, and a
+# 100 ms round trip (benches/tools/delay_proxy.rs in front of the loopback
+# sshd, 50 ms each way; it listens on the veth's host address, so absconda
+# treats it as the remote link it stands for). It sets up its own dockerd,
+# sshds and namespace and tears them down on exit.
 #
 # Usage: benches/compare.sh            (about 10-15 minutes)
-#   BENCH_LINKS="loopback slow"  BENCH_CASES="cold nochange big small"
+#   BENCH_LINKS="loopback slow rtt"  BENCH_CASES="cold nochange big small"
 #   BENCH_METHODS="absconda tarssh dockerssh rsync rsyncz"  BENCH_RSS=1 (2 GiB RSS run)
-#   BENCH_RUNS_LOOPBACK=3 BENCH_RUNS_SLOW=1  BENCH_RUST_LOG=absconda=debug
+#   BENCH_RUNS_LOOPBACK=3 BENCH_RUNS_SLOW=1 BENCH_RUNS_RTT=1  BENCH_RTT_MS=100
+#   BENCH_RUST_LOG=absconda=debug
 #   BENCH_OUT=target/bench-compare (results)  BENCH_KEEP=1 keeps the work folder.  Must run as root (netns, tc, dockerd).
 #
 # The builder side logs in as a temporary user `absbench` (shell /bin/sh,
@@ -29,7 +33,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-LINKS=${BENCH_LINKS-"loopback slow"}
+LINKS=${BENCH_LINKS-"loopback slow rtt"}
 CASES=${BENCH_CASES-"cold nochange big small"}
 METHODS=${BENCH_METHODS-"absconda tarssh dockerssh rsync rsyncz"}
 RATE=${BENCH_RATE:-50mbit}
@@ -39,6 +43,8 @@ OUT=${BENCH_OUT:-$ROOT/target/bench-compare}
 # shows medians. The shaped link is slow and steady, loopback is noisy.
 RUNS_loopback=${BENCH_RUNS_LOOPBACK:-3}
 RUNS_slow=${BENCH_RUNS_SLOW:-1}
+RUNS_rtt=${BENCH_RUNS_RTT:-1}
+RTT_MS=${BENCH_RTT_MS:-100}
 # Short: unix socket paths are limited to 108 bytes.
 WORK=$(mktemp -d /tmp/abx.XXXXXX)
 NS=absbench
@@ -92,7 +98,7 @@ if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-for c in dockerd /usr/sbin/sshd ssh rsync ip tc busybox openssl "$CLI"; do
+for c in dockerd /usr/sbin/sshd ssh rsync ip tc busybox openssl rustc "$CLI"; do
   command -v "$c" >/dev/null || die "missing $c"
 done
 
@@ -100,6 +106,7 @@ mkdir -p "$OUT"
 log "building absconda (release)"
 (cd "$ROOT" && cargo build --release --quiet)
 ABSCONDA=$ROOT/target/release/absconda
+rustc -O --edition 2021 "$ROOT/benches/tools/delay_proxy.rs" -o "$WORK/delay_proxy"
 
 # --- the reference context ----------------------------------------------------
 # 2,000 small source files in 50 folders, 20 incompressible 5 MiB files and
@@ -217,8 +224,15 @@ sshd_config "$NS_IP" "$NS_PORT" "$WORK/sshd-ns.conf"
 ip netns exec "$NS" /usr/sbin/sshd -D -e -f "$WORK/sshd-ns.conf" 2>"$WORK/sshd-ns.log" &
 PIDS+=($!)
 
+# The 100 ms link: the loopback sshd behind the delay proxy, on the veth's
+# host address (local traffic: not shaped by the slow link's tbf).
+RTT_PORT=$(free_port)
+"$WORK/delay_proxy" "$HOST_IP:$RTT_PORT" "127.0.0.1:$LO_PORT" $((RTT_MS / 2)) 2>"$WORK/delay_proxy.log" &
+PIDS+=($!)
+
 hostkey=$(cat "$WORK/hostkey.pub")
-printf '[127.0.0.1]:%s %s\n[%s]:%s %s\n' "$LO_PORT" "$hostkey" "$NS_IP" "$NS_PORT" "$hostkey" > "$WORK/known_hosts"
+printf '[127.0.0.1]:%s %s\n[%s]:%s %s\n[%s]:%s %s\n' "$LO_PORT" "$hostkey" "$NS_IP" "$NS_PORT" "$hostkey" \
+  "$HOST_IP" "$RTT_PORT" "$hostkey" > "$WORK/known_hosts"
 cat > "$WORK/ssh_config" <<EOF
 Host loopback
   HostName 127.0.0.1
@@ -226,6 +240,9 @@ Host loopback
 Host slow
   HostName $NS_IP
   Port $NS_PORT
+Host rtt
+  HostName $HOST_IP
+  Port $RTT_PORT
 Host *
   User $BUSER
   IdentityFile $WORK/userkey
@@ -240,7 +257,7 @@ mkdir -p "$WORK/bin"
 printf '#!/bin/sh\nexec /usr/bin/ssh -F %s "$@"\n' "$WORK/ssh_config" > "$WORK/bin/ssh"
 chmod +x "$WORK/bin/ssh"
 SSH=(/usr/bin/ssh -F "$WORK/ssh_config")
-for l in loopback slow; do
+for l in loopback slow rtt; do
   for _ in $(seq 1 20); do "${SSH[@]}" "$l" true 2>/dev/null && break; sleep 0.5; done
   "${SSH[@]}" "$l" true || die "cannot reach sshd over $l"
 done
@@ -260,6 +277,15 @@ builders:
     provider: ssh
     host: $NS_IP
     port: $NS_PORT
+    user: $BUSER
+    identity_file: $WORK/userkey
+    known_hosts: $WORK/known_hosts
+    workspace: $WORK/b/ws
+    docker: $CLI
+  rtt:
+    provider: ssh
+    host: $HOST_IP
+    port: $RTT_PORT
     user: $BUSER
     identity_file: $WORK/userkey
     known_hosts: $WORK/known_hosts
@@ -342,7 +368,7 @@ for link in $LINKS; do
   runs=RUNS_$link
   for _ in $(seq 1 "${!runs}"); do
     for method in $METHODS; do
-      [ "$method" = rsyncz ] && [ "$link" != slow ] && continue
+      [ "$method" = rsyncz ] && [ "$link" = loopback ] && continue
       rm -rf "$CTX" && cp -a "$WORK/ctx.orig" "$CTX"
       # absconda does not trust the stat of a file changed within 2 s of a
       # scan (it hashes it again next time); users rarely build that soon
@@ -380,7 +406,7 @@ if [ -n "${BENCH_RSS:-}" ]; then
 fi
 
 # --- the table ----------------------------------------------------------------------
-awk -F'\t' -v ctx="$CTX_BYTES" -v runs="loopback $RUNS_loopback, slow $RUNS_slow" '
+awk -F'\t' -v ctx="$CTX_BYTES" -v runs="loopback $RUNS_loopback, slow $RUNS_slow, rtt $RUNS_rtt" '
   $1 == "rss" { rss[$2] = $3; next }
   { key = $1 SUBSEP $2
     k = key SUBSEP $3; n_[k]++; t[k, n_[k]] = $4; w[k, n_[k]] = $5; s[k, n_[k]] = $6

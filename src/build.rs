@@ -326,6 +326,78 @@ fn is_loopback(host: &str) -> bool {
             .unwrap_or(false)
 }
 
+/// Whether the build can run on a builder whose docker `probe` describes
+/// (checked before anything is sent); `Ok(true)` with BuildKit.
+fn check_probe(
+    builder: &Builder,
+    req: &BuildRequest,
+    probe: &ProbeReport,
+) -> Result<bool, BuildError> {
+    if probe.docker_server.is_none() {
+        return Err(BuildError::Docker {
+            builder: builder.name.clone(),
+            user: builder.user.clone(),
+            message: probe
+                .docker_error
+                .clone()
+                .unwrap_or_else(|| format!("`{}` did not answer", builder.docker)),
+        });
+    }
+    let buildkit = match builder.buildkit {
+        BuildkitSetting::On => true,
+        BuildkitSetting::Off => false,
+        BuildkitSetting::Auto => probe.buildkit_available(),
+    };
+    if (!req.secrets.is_empty() || req.ssh.is_some()) && !buildkit {
+        return Err(BuildError::SecretsNeedBuildKit {
+            builder: builder.name.clone(),
+        });
+    }
+    // A builder that cannot use the named contexts must not receive them.
+    if !req.build_contexts.is_empty() && (!buildkit || !probe.build_context) {
+        return Err(BuildError::BuildContextUnsupported {
+            builder: builder.name.clone(),
+            docker: format!(
+                "`{}`, docker {}",
+                builder.docker,
+                probe.docker_server.as_deref().unwrap_or("unknown")
+            ),
+            missing: if !buildkit {
+                BuildxGap::LegacyBuilder
+            } else if probe.buildx {
+                BuildxGap::NotDefault
+            } else {
+                BuildxGap::NoPlugin
+            },
+        });
+    }
+    Ok(buildkit)
+}
+
+/// How the context travels to the builder. On loopback, compressing costs
+/// more CPU time than the bytes it saves take to copy: none. Elsewhere the
+/// link is assumed slower than zstd on this machine's cores (hundreds of
+/// MB/s): zstd when the builder can decode it, else gzip, which every
+/// builder's tar reads.
+pub fn choose_compression(
+    setting: CompressionSetting,
+    loopback: bool,
+    builder_has_zstd: bool,
+) -> Compression {
+    let zstd_or_gzip = if builder_has_zstd {
+        Compression::Zstd
+    } else {
+        Compression::Gzip
+    };
+    match setting {
+        CompressionSetting::None => Compression::None,
+        CompressionSetting::Gzip => Compression::Gzip,
+        CompressionSetting::Zstd => zstd_or_gzip,
+        CompressionSetting::Auto if loopback => Compression::None,
+        CompressionSetting::Auto => zstd_or_gzip,
+    }
+}
+
 /// Who holds the lease, as other users will see it while they wait.
 fn holder_description() -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
@@ -553,11 +625,29 @@ pub async fn acquire_lease(
     self_stop: Option<&SelfStop>,
     reporter: &dyn Reporter,
 ) -> Result<Lease, BuildError> {
-    let run_dir = format!(
+    let run_dir = new_run_dir(builder);
+    acquire_lease_at(session, builder, run_dir, wait, self_stop, reporter).await
+}
+
+/// A fresh run folder's path under the builder's workspace.
+fn new_run_dir(builder: &Builder) -> String {
+    format!(
         "{}/runs/{}",
         builder.workspace.trim_end_matches('/'),
         run_id()
-    );
+    )
+}
+
+/// [`acquire_lease`] for the run folder `run_dir` (which the lease script
+/// creates once it holds the lease).
+async fn acquire_lease_at(
+    session: &Session,
+    builder: &Builder,
+    run_dir: String,
+    wait: Duration,
+    self_stop: Option<&SelfStop>,
+    reporter: &dyn Reporter,
+) -> Result<Lease, BuildError> {
     let cmd = remote::lease(
         &builder.workspace,
         &run_dir,
@@ -693,12 +783,19 @@ pub async fn idle_for_stop(session: &Session, builder: &Builder) -> Result<Remot
     }
 }
 
-/// Runs `docker` probes on the builder.
+/// Runs `docker` probes on the builder. What docker answered last time is
+/// kept in the local cache under the key the builder computes from what
+/// those answers depend on (see [`remote::probe`]): while the key holds,
+/// the builder runs no docker command, and the probe costs one cheap shell
+/// script.
 pub async fn probe(session: &Session, builder: &Builder) -> Result<ProbeReport, BuildError> {
+    let kept_at = probe_cache_path(session, builder);
+    let kept = kept_at.as_deref().and_then(load_probe);
+    let known = kept.as_ref().map(|k| k.key.as_str()).unwrap_or("");
     let out = session
         .output(
             "probing docker",
-            &remote::probe(&builder.docker, &builder.workspace),
+            &remote::probe(&builder.docker, &builder.workspace, known),
             b"",
         )
         .await
@@ -710,7 +807,72 @@ pub async fn probe(session: &Session, builder: &Builder) -> Result<ProbeReport, 
             },
             e => e.into(),
         })?;
-    Ok(ProbeReport::parse(&out.stdout_str()))
+    let report = ProbeReport::parse(&out.stdout_str());
+    match (report.cached, kept) {
+        (true, Some(kept)) => {
+            tracing::debug!(builder = %builder.name, "docker probe: the kept answers hold");
+            Ok(report.with_docker_of(&kept.report))
+        }
+        _ => {
+            if let (Some(path), Some(key), Some(_)) =
+                (kept_at, report.key.clone(), report.docker_server.as_ref())
+            {
+                let kept = KeptProbe {
+                    key,
+                    report: report.clone(),
+                };
+                tokio::task::spawn_blocking(move || save_probe(&path, &kept));
+            }
+            Ok(report)
+        }
+    }
+}
+
+/// A probe's docker answers and the key they hold under.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeptProbe {
+    key: String,
+    report: ProbeReport,
+}
+
+/// `<cache>/probes/<hash of the builder's address, user, docker and workspace>.json`
+fn probe_cache_path(session: &Session, builder: &Builder) -> Option<PathBuf> {
+    use sha2::{Digest, Sha256};
+    let root = crate::sync::cache::cache_root()?;
+    let mut h = Sha256::new();
+    for part in [
+        "absconda-probe-v1",
+        &builder.name,
+        session.addr(),
+        session.user(),
+        &builder.docker,
+        &builder.workspace,
+    ] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    Some(
+        root.join("probes")
+            .join(format!("{}.json", hex::encode(&h.finalize()[..16]))),
+    )
+}
+
+fn load_probe(path: &Path) -> Option<KeptProbe> {
+    let text = std::fs::read(path).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Best effort: a probe that is not kept is asked again next time.
+fn save_probe(path: &Path, kept: &KeptProbe) {
+    let Ok(data) = serde_json::to_vec(kept) else {
+        return;
+    };
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Err(e) = crate::outputs::write_atomic(path, &data) {
+        tracing::debug!(error = %e, "could not keep the docker probe");
+    }
 }
 
 fn docker_build_argv(
@@ -867,6 +1029,46 @@ async fn stream_stdout(
         })
         .await;
     Ok((status, out))
+}
+
+/// Follows the `docker build` started beside the sync (see
+/// [`remote::build_after_sync`]): its status and the image id it reported,
+/// or `None` when it did not run because the copy was not as sent.
+async fn run_started_build(
+    mut p: RemoteProcess,
+    nonce: &str,
+    reporter: &dyn Reporter,
+) -> Result<Option<(ExitStatus, Option<String>)>, BuildError> {
+    p.writer.eof().await?;
+    let mut said = String::new();
+    let status = p
+        .reader
+        .drain(|is_err, d| {
+            // The script's own line comes last, after docker's output.
+            let text = String::from_utf8_lossy(d);
+            match (is_err, text.find(nonce)) {
+                (true, Some(at)) if said.is_empty() => {
+                    let before = &d[..at];
+                    let before = before.strip_suffix(b"\n").unwrap_or(before);
+                    if !before.is_empty() {
+                        reporter.output(true, before);
+                    }
+                    said = text[at + nonce.len()..].trim().to_string();
+                }
+                _ => reporter.output(is_err, d),
+            }
+        })
+        .await;
+    if said == "not-synced" {
+        tracing::debug!("the early docker build found the copy not as sent; building again");
+        return Ok(None);
+    }
+    let id = said
+        .strip_prefix("iid ")
+        .map(str::trim)
+        .filter(|id| id.starts_with("sha256:") && id.len() == 71)
+        .map(str::to_string);
+    Ok(Some((status, id)))
 }
 
 /// The manifest digest `docker push` reports (`TAG: digest: sha256:… size: N`).
@@ -1098,9 +1300,8 @@ async fn upload(
         prepared.outside_dockerfile.as_deref(),
     )
     .await?;
-    let gzip = matches!(compression, Compression::Gzip);
     let mut p = session
-        .exec("the context upload", &remote::upload(run_dir, gzip))
+        .exec("the context upload", &remote::upload(run_dir, compression))
         .await?;
     let planned = prepared.bytes;
     let content = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -1206,111 +1407,169 @@ pub async fn build_on(
         }
     }
 
-    // Lease and probe, concurrently on two channels.
+    // Lease, probe and (for the incremental sync) the sync, concurrently on
+    // three channels: the sync script starts on the builder as soon as the
+    // lease script made the run folder, and sends its copy's state; the
+    // compression is decided from the probe before anything is sent.
     reporter.phase(Phase::Lease);
     let t = Instant::now();
+    let loopback = session
+        .addr()
+        .rsplit_once(':')
+        .is_some_and(|(h, _)| is_loopback(h));
+    let run_dir = match &held {
+        Some(lease) => lease.run_dir.clone(),
+        None => new_run_dir(builder),
+    };
+    let mut prepared = prepared;
+    let early_inputs = (req.incremental && req.build_contexts.is_empty()).then(|| {
+        (
+            std::mem::take(&mut prepared.entries),
+            std::mem::take(&mut prepared.extra),
+        )
+    });
+    let (decided, decision) = tokio::sync::watch::channel(None);
+    let (buildkit_known, buildkit_rx) = tokio::sync::watch::channel(None::<bool>);
+    // `docker build` starts beside the sync's request when nothing else
+    // must reach the builder first (see `remote::build_after_sync`).
+    let build_early = early_inputs.is_some()
+        && req.secrets.is_empty()
+        && req.cache_from.is_empty()
+        && req.cache_to.is_empty()
+        && req.ssh.is_none()
+        && prepared.outside_dockerfile.is_none()
+        // `docker login` runs in the run folder too, and would take the
+        // slot where the lease supervisor finds the build to stop it.
+        && logins.is_empty();
+    let (sending, sent_manifest) = tokio::sync::oneshot::channel::<String>();
+    let sending = build_early.then_some(sending);
+    let stop_sync = CancellationToken::new();
+    let lease_took = std::cell::Cell::new(Duration::ZERO);
     let lease_and_probe = async {
-        match held {
+        let (lease, probe) = match held {
             Some(lease) => (Ok(lease), probe(session, builder).await),
             None => tokio::join!(
-                acquire_lease(session, builder, req.remote_wait, self_stop, reporter),
+                acquire_lease_at(
+                    session,
+                    builder,
+                    run_dir.clone(),
+                    req.remote_wait,
+                    self_stop,
+                    reporter
+                ),
                 probe(session, builder)
             ),
+        };
+        match (&lease, &probe) {
+            (Ok(_), Ok(p)) if check_probe(builder, req, p).is_ok() => {
+                let c = choose_compression(builder.compression, loopback, p.zstd);
+                let _ = decided.send(Some(c));
+                let _ = buildkit_known.send(check_probe(builder, req, p).ok());
+            }
+            _ => stop_sync.cancel(),
+        }
+        lease_took.set(t.elapsed());
+        reporter.phase_done(Phase::Lease, t.elapsed());
+        if lease.is_ok() {
+            reporter.phase(Phase::Upload);
+        }
+        (lease, probe)
+    };
+    let identity = crate::sync::identity(req.context_dir.as_deref(), &req.extra_files);
+    let early_job = crate::sync::SyncJob {
+        builder,
+        run_dir: &run_dir,
+        identity,
+        compression: Compression::None,
+        verify: req.verify,
+        cache_root: None,
+    };
+    let early_sync = async {
+        let (entries, extra) = early_inputs?;
+        let early = crate::sync::Early {
+            wait: req.remote_wait,
+            compression: decision,
+            sending,
+        };
+        tokio::select! {
+            r = crate::sync::sync_context_early(session, &early_job, entries, extra, reporter, Some(early)) => Some(r),
+            _ = stop_sync.cancelled() => None,
         }
     };
-    let (lease, probe) = tokio::select! {
-        r = lease_and_probe => r,
+    let build_nonce = format!("{:032x}", rand::random::<u128>());
+    let early_build = async {
+        if !build_early {
+            return None;
+        }
+        let (opened, manifest) = tokio::join!(session.open("docker build"), sent_manifest);
+        let (opened, manifest) = (opened.ok()?, manifest.ok()?);
+        let mut rx = buildkit_rx;
+        let buildkit = (*rx.wait_for(Option::is_some).await.ok()?)?;
+        let extra = ["--iidfile".to_string(), ".iid".to_string()];
+        let mut argv =
+            docker_build_argv(builder, req, &prepared.dockerfile_arg, buildkit, "", &extra);
+        argv.pop();
+        let cmd =
+            remote::build_after_sync(&run_dir, &build_nonce, &manifest, builder.timeout, &argv);
+        opened.exec(&cmd).await.ok()
+    };
+    let ((lease, probe), early_synced, early_build) = tokio::select! {
+        r = async { tokio::join!(lease_and_probe, early_sync, early_build) } => r,
         _ = cancel.cancelled() => return Err(BuildError::Interrupted),
     };
+    let mut early_build = early_build;
     let mut held = lease?;
     let watch = &mut held.process;
     let lease = HeldRun {
         run_dir: held.run_dir.clone(),
     };
-    report.record(Phase::Lease, t.elapsed());
-    reporter.phase_done(Phase::Lease, t.elapsed());
+    report.record(Phase::Lease, lease_took.get());
+    let upload_started = t + lease_took.get();
 
     let work = async {
         let probe = probe?;
-        if probe.docker_server.is_none() {
-            return Err(BuildError::Docker {
-                builder: builder.name.clone(),
-                user: builder.user.clone(),
-                message: probe
-                    .docker_error
-                    .clone()
-                    .unwrap_or_else(|| format!("`{}` did not answer", builder.docker)),
-            });
-        }
-        let buildkit = match builder.buildkit {
-            BuildkitSetting::On => true,
-            BuildkitSetting::Off => false,
-            BuildkitSetting::Auto => probe.buildkit_available(),
-        };
+        let buildkit = check_probe(builder, req, &probe)?;
         report.buildkit = buildkit;
-        if (!req.secrets.is_empty() || req.ssh.is_some()) && !buildkit {
-            return Err(BuildError::SecretsNeedBuildKit {
-                builder: builder.name.clone(),
-            });
-        }
-        // Before anything is sent: a builder that cannot use the named
-        // contexts must not receive them.
-        if !req.build_contexts.is_empty() && (!buildkit || !probe.build_context) {
-            return Err(BuildError::BuildContextUnsupported {
-                builder: builder.name.clone(),
-                docker: format!(
-                    "`{}`, docker {}",
-                    builder.docker,
-                    probe.docker_server.as_deref().unwrap_or("unknown")
-                ),
-                missing: if !buildkit {
-                    BuildxGap::LegacyBuilder
-                } else if probe.buildx {
-                    BuildxGap::NotDefault
-                } else {
-                    BuildxGap::NoPlugin
-                },
-            });
-        }
-        let compression = match builder.compression {
-            CompressionSetting::Gzip => Compression::Gzip,
-            CompressionSetting::None => Compression::None,
-            CompressionSetting::Auto => {
-                if session
-                    .addr()
-                    .rsplit_once(':')
-                    .is_some_and(|(h, _)| is_loopback(h))
-                {
-                    Compression::None
-                } else {
-                    Compression::Gzip
-                }
-            }
-        };
-        report.compression = match compression {
-            Compression::Gzip => "gzip".into(),
-            Compression::None => "none".into(),
-        };
+        let compression = choose_compression(builder.compression, loopback, probe.zstd);
+        report.compression = compression.name().into();
 
-        reporter.phase(Phase::Upload);
-        let t = Instant::now();
+        let t = upload_started;
         let dockerfile_arg = prepared.dockerfile_arg.clone();
         let mut prepared = prepared;
         let named = std::mem::take(&mut prepared.named);
         report.files_sent = prepared.files;
         report.context_bytes = prepared.bytes;
-        report.bytes_sent = if req.incremental {
-            sync_upload(session, job, &lease.run_dir, prepared, compression, report).await?
-        } else {
-            upload(
-                session,
-                builder,
-                &lease.run_dir,
-                prepared,
-                compression,
-                reporter,
-            )
-            .await?
+        report.bytes_sent = match early_synced {
+            Some(summary) => {
+                let summary = summary?;
+                let dockerfile_bytes = put_outside_dockerfile(
+                    session,
+                    builder,
+                    &lease.run_dir,
+                    prepared.outside_dockerfile.as_deref(),
+                )
+                .await?;
+                report.files_sent = summary.files_sent;
+                let sent = summary.bytes_sent + dockerfile_bytes;
+                report.sync = Some(summary);
+                sent
+            }
+            // (With named contexts the sync starts only once the probe
+            // said the builder can use them: nothing is sent otherwise.)
+            None if req.incremental => {
+                sync_upload(session, job, &lease.run_dir, prepared, compression, report).await?
+            }
+            None => {
+                upload(
+                    session,
+                    builder,
+                    &lease.run_dir,
+                    prepared,
+                    compression,
+                    reporter,
+                )
+                .await?
+            }
         };
         let synced = crate::named_contexts::sync(
             session,
@@ -1381,7 +1640,21 @@ pub async fn build_on(
         if let (Some(dir), false) = (&docker_config, cache_refs.is_empty()) {
             argv.insert(1, format!("DOCKER_CONFIG={dir}"));
         }
+        let early = match early_build.take() {
+            Some(p) => run_started_build(p, &build_nonce, reporter).await?,
+            _ => None,
+        };
+        if let Some((_, Some(id))) = &early {
+            report.image_id = Some(id.clone());
+        }
         let (status, _) = match &req.ssh {
+            _ if early.is_some() => (
+                early
+                    .as_ref()
+                    .map(|e| e.0.clone())
+                    .unwrap_or(ExitStatus::Unknown),
+                Vec::new(),
+            ),
             None => {
                 stream(
                     session,
@@ -1412,7 +1685,7 @@ pub async fn build_on(
                 status,
             });
         }
-        if let Some(first) = req.images.first() {
+        if let (Some(first), None) = (req.images.first(), &report.image_id) {
             report.image_id = Some(image_id(session, builder, &lease.run_dir, first).await?);
         }
         if let Some(spec) = &req.output {
@@ -1550,6 +1823,27 @@ mod tests {
             cmd.contains("'lib2=/w s/contexts/k'\\''$(x)/tree'"),
             "{cmd}"
         );
+    }
+
+    #[test]
+    fn compression_per_link_and_builder() {
+        use CompressionSetting as S;
+        let cases = [
+            (S::Auto, true, true, Compression::None),
+            (S::Auto, false, true, Compression::Zstd),
+            (S::Auto, false, false, Compression::Gzip),
+            (S::Zstd, true, true, Compression::Zstd),
+            (S::Zstd, false, false, Compression::Gzip),
+            (S::Gzip, false, true, Compression::Gzip),
+            (S::None, false, true, Compression::None),
+        ];
+        for (setting, loopback, zstd, want) in cases {
+            assert_eq!(
+                choose_compression(setting, loopback, zstd),
+                want,
+                "{setting:?} loopback={loopback} zstd={zstd}"
+            );
+        }
     }
 
     #[test]

@@ -134,8 +134,11 @@ impl fmt::Display for ProviderKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CompressionSetting {
-    /// gzip unless the builder is on loopback.
+    /// None when the builder is on loopback; else zstd when the builder has
+    /// `zstd`, gzip when it has not.
     Auto,
+    /// zstd, or gzip on a builder without `zstd`.
+    Zstd,
     Gzip,
     None,
 }
@@ -1079,12 +1082,13 @@ impl ConfigFile {
         };
         let compression = match r.string("compression")?.as_deref() {
             None | Some("auto") => CompressionSetting::Auto,
+            Some("zstd") => CompressionSetting::Zstd,
             Some("gzip") => CompressionSetting::Gzip,
             Some("none") => CompressionSetting::None,
             Some(o) => {
                 return Err(r.invalid(
                     "compression",
-                    format!("`{o}`: use `auto`, `gzip` or `none`"),
+                    format!("`{o}`: use `auto`, `zstd`, `gzip` or `none`"),
                 ));
             }
         };

@@ -327,9 +327,47 @@ rm -f pid
 exit $st
 "#;
 
+/// `docker build` started beside the sync's request (in the run folder,
+/// under [`RUN`]): it waits until the sync linked the copy into the run
+/// folder and let go of the copy's lock, and runs only if the copy is then
+/// marked clean with the manifest absconda sent, on the copy's own path.
+/// Otherwise it prints `NONCE not-synced` on stderr and exits 99, and
+/// absconda runs the build itself. After a successful build it prints
+/// `NONCE iid IMAGE-ID` (from `--iidfile .iid`) on stderr, which saves a
+/// `docker image inspect`.
+const AFTER_SYNC: &str = r#"
+nonce=$1 want=$2 wait=$3
+shift 3
+refuse() { printf '%s not-synced\n' "$nonce" >&2; exit 99; }
+n=0
+while [ ! -L context ]; do
+  n=$((n + 1))
+  [ "$n" -le $((wait * 50)) ] || refuse
+  sleep 0.02
+done
+tree=$(readlink context) || refuse
+dir=${tree%/tree}
+exec 8<"$dir/lock" || refuse
+flock -s 8 || refuse
+read -r v st mh _ < "$dir/state" || refuse
+exec 8<&-
+[ "$v $st $mh" = "v1 clean $want" ] || refuse
+"$@" "$tree" </dev/null
+st=$?
+if [ "$st" -eq 0 ]; then printf '\n%s iid %s\n' "$nonce" "$(cat .iid 2>/dev/null)" >&2; fi
+exit "$st"
+"#;
+
 const UPLOAD: &str = r#"
 cd "$1" || exit 70
 shift
+if [ "$1" = --zstd ]; then
+  shift
+  # A pipe's status is tar's: a failed zstd leaves a mark.
+  { zstd -dcq || : > .zstd-failed; } | tar -x -o -f - "$@" || exit 1
+  if [ -e .zstd-failed ]; then echo "zstd could not decode the context" >&2; exit 1; fi
+  exit 0
+fi
 exec tar -x -o -f - "$@"
 "#;
 
@@ -375,7 +413,36 @@ printf 'secrets=%s\n' "$top/$id"
 "#;
 
 const PROBE: &str = r#"
-docker=$1 ws=$2
+docker=$1 ws=$2 known=$3
+# What the docker answers below depend on, cheap to read: the docker binary
+# and its plugins, the daemon's socket (a restarted or upgraded daemon
+# makes a new one), the CLI's configuration and contexts, zstd, and the
+# boot. absconda keeps the answers under this key and sends it back; while
+# it holds, the docker CLI is not run at all. A daemon not on a local
+# socket gives no key: it is asked every time.
+probe_key() {
+  case ${DOCKER_HOST:-unix:///var/run/docker.sock} in
+    unix://*) sock=${DOCKER_HOST:-unix:///var/run/docker.sock}; sock=${sock#unix://} ;;
+    *) return 0 ;;
+  esac
+  d=$(command -v "$docker" 2>/dev/null) || return 0
+  [ -S "$sock" ] || return 0
+  {
+    printf '%s\n' v1 "$d" "$sock" "${DOCKER_CONTEXT-}" "${DOCKER_CONFIG-}" "${DOCKER_BUILDKIT-}" \
+      "$(command -v zstd 2>/dev/null)" "$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)"
+    cfg=${DOCKER_CONFIG:-$HOME/.docker}
+    for f in "$d" "$sock" "$cfg/config.json" "$cfg/contexts/meta" "$cfg/cli-plugins/docker-buildx" \
+      /usr/local/lib/docker/cli-plugins/docker-buildx /usr/local/libexec/docker/cli-plugins/docker-buildx \
+      /usr/lib/docker/cli-plugins/docker-buildx /usr/libexec/docker/cli-plugins/docker-buildx; do
+      stat -L -c '%n %i %s %Y %Z' "$f" 2>/dev/null || echo "$f -"
+    done
+  } | sha256sum | cut -c1-64
+}
+key=$(probe_key)
+printf 'key=%s\n' "$key"
+if [ -n "$key" ] && [ "$key" = "$known" ]; then
+  echo cached=1
+else
 if v=$("$docker" version --format '{{.Server.Version}}' 2>&1); then
   printf 'server=%s\n' "$v"
 else
@@ -385,10 +452,13 @@ if p=$("$docker" version --format '{{.Server.Os}}/{{.Server.Arch}}' 2>/dev/null)
   printf 'platform=%s\n' "$(printf '%s' "$p" | tr -cd 'a-z0-9_/' | cut -c1-64)"
 fi
 if "$docker" buildx version >/dev/null 2>&1; then echo buildx=1; else echo buildx=0; fi
+# The context may travel zstd-compressed when the builder can decode it.
+if command -v zstd >/dev/null 2>&1; then echo zstd=1; else echo zstd=0; fi
 if DOCKER_BUILDKIT=1 "$docker" build --help >/dev/null 2>&1; then echo buildkit_env=1; else echo buildkit_env=0; fi
 bh=$("$docker" build --help 2>/dev/null)
 case $bh in *--cache-to*) echo build_cache_to=1 ;; esac
 case $bh in *--build-context*) echo build_context=1 ;; esac
+fi
 if [ -d "$ws" ]; then d=$ws; else d=$(dirname "$ws"); fi
 df -Pk "$d" 2>/dev/null | awk 'NR==2 { print "disk_total_kb=" $2; print "disk_avail_kb=" $4 }'
 if [ -e "$ws/.lease" ] && ! flock -n "$ws/.lease" true 2>/dev/null; then
@@ -481,11 +551,35 @@ pub fn run_in(run_dir: &str, argv: &[String]) -> String {
     shell::join(words)
 }
 
+/// `argv` (a `docker build` without its context) started beside the
+/// sync's request: see [`AFTER_SYNC`].
+pub fn build_after_sync(
+    run_dir: &str,
+    nonce: &str,
+    manifest: &str,
+    wait: Duration,
+    argv: &[String],
+) -> String {
+    let mut words: Vec<String> = vec![
+        "sh".into(),
+        "-c".into(),
+        AFTER_SYNC.into(),
+        "absconda-after-sync".into(),
+        nonce.into(),
+        manifest.into(),
+        wait.as_secs().to_string(),
+    ];
+    words.extend(argv.iter().cloned());
+    run_in(run_dir, &words)
+}
+
 /// Unpacks a tar stream from stdin into the run folder.
-pub fn upload(run_dir: &str, gzip: bool) -> String {
+pub fn upload(run_dir: &str, compression: crate::context::Compression) -> String {
     let mut words = vec!["sh", "-c", UPLOAD, "absconda-upload", run_dir];
-    if gzip {
-        words.push("-z");
+    match compression {
+        crate::context::Compression::None => {}
+        crate::context::Compression::Gzip => words.push("-z"),
+        crate::context::Compression::Zstd => words.push("--zstd"),
     }
     shell::join(words)
 }
@@ -504,14 +598,32 @@ pub fn secrets(workspace: &str, run_dir: &str, dir: &str) -> String {
     ])
 }
 
-/// Reports the builder's docker, BuildKit support, disk and lease.
-pub fn probe(docker: &str, workspace: &str) -> String {
-    shell::join(["sh", "-c", PROBE, "absconda-probe", docker, workspace])
+/// Reports the builder's docker, BuildKit support, disk and lease; when
+/// `known` is the key the builder computes (see [`PROBE`]), only the key,
+/// `cached=1`, the disk and the lease.
+pub fn probe(docker: &str, workspace: &str, known: &str) -> String {
+    shell::join([
+        "sh",
+        "-c",
+        PROBE,
+        "absconda-probe",
+        docker,
+        workspace,
+        known,
+    ])
 }
 
 /// What [`probe`] found.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ProbeReport {
+    /// What the docker answers depend on (see [`PROBE`]); `None` when they
+    /// cannot be kept.
+    #[serde(skip)]
+    pub key: Option<String>,
+    /// The builder's key matched the one sent: the docker fields are unset
+    /// and come from the kept report (see [`ProbeReport::with_docker_of`]).
+    #[serde(skip)]
+    pub cached: bool,
     pub docker_server: Option<String>,
     pub docker_error: Option<String>,
     pub buildx: bool,
@@ -520,6 +632,8 @@ pub struct ProbeReport {
     pub build_cache_to: bool,
     /// `docker build` is buildx: it takes `--build-context`.
     pub build_context: bool,
+    /// `zstd` is on the builder's PATH: the context may be zstd-compressed.
+    pub zstd: bool,
     pub disk_total_kb: Option<u64>,
     pub disk_avail_kb: Option<u64>,
     pub lease_holder: Option<String>,
@@ -544,12 +658,15 @@ impl ProbeReport {
             };
             let v = v.trim().to_string();
             match k {
+                "key" if !v.is_empty() => r.key = Some(v),
+                "cached" => r.cached = v == "1",
                 "server" => r.docker_server = Some(v),
                 "server_error" => r.docker_error = Some(v),
                 "buildx" => r.buildx = v == "1",
                 "buildkit_env" => r.buildkit_env = v == "1",
                 "build_cache_to" => r.build_cache_to = v == "1",
                 "build_context" => r.build_context = v == "1",
+                "zstd" => r.zstd = v == "1",
                 "disk_total_kb" => r.disk_total_kb = v.parse().ok(),
                 "disk_avail_kb" => r.disk_avail_kb = v.parse().ok(),
                 "lease_holder" => r.lease_holder = Some(v),
@@ -565,6 +682,22 @@ impl ProbeReport {
             }
         }
         r
+    }
+
+    /// This report with the docker fields of `kept` (a report made under
+    /// the same key).
+    pub fn with_docker_of(self, kept: &ProbeReport) -> ProbeReport {
+        ProbeReport {
+            docker_server: kept.docker_server.clone(),
+            docker_error: kept.docker_error.clone(),
+            buildx: kept.buildx,
+            buildkit_env: kept.buildkit_env,
+            build_cache_to: kept.build_cache_to,
+            build_context: kept.build_context,
+            zstd: kept.zstd,
+            platform: kept.platform.clone(),
+            ..self
+        }
     }
 
     /// Whether `docker build` can run with BuildKit.
@@ -706,6 +839,7 @@ mod tests {
                     .args(["-c", PROBE, "absconda-probe"])
                     .arg(&docker)
                     .arg(dir.path().join("ws"))
+                    .arg("")
                     .output()
                     .unwrap();
                 let r = ProbeReport::parse(&String::from_utf8_lossy(&out.stdout));
@@ -719,7 +853,9 @@ mod tests {
     /// The scripts must parse in dash and busybox sh, the shells of stock builders.
     #[test]
     fn scripts_parse_in_posix_shells() {
-        for script in [LEASE, SELF_STOP, STOP_CHECK, RUN, UPLOAD, PROBE, SECRETS] {
+        for script in [
+            LEASE, SELF_STOP, STOP_CHECK, RUN, UPLOAD, PROBE, SECRETS, AFTER_SYNC,
+        ] {
             crate::test_support::assert_parses(script);
         }
     }

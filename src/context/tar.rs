@@ -51,10 +51,28 @@ pub type TarTask = JoinHandle<Result<TarStats, ContextError>>;
 pub enum Compression {
     #[default]
     None,
-    /// gzip at the fastest level: worth it on slow links, and the builder
-    /// only needs `tar -z` (or docker) to read it.
+    /// gzip at the fastest level: the builder only needs `tar -z` (or
+    /// docker) to read it.
     Gzip,
+    /// zstd at level 3 on every core of this machine: smaller than gzip
+    /// and several times faster; the builder needs `zstd` or `tar --zstd`.
+    Zstd,
 }
+
+impl Compression {
+    /// The name used in settings, reports and the sync protocol.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// zstd's level for the context: its default, which compresses better than
+/// gzip's fastest level at several times its speed.
+const ZSTD_LEVEL: i32 = 3;
 
 /// A file that exists only in memory (a generated Dockerfile, a manifest),
 /// added after the walked entries. `name` is relative to the context, like
@@ -114,7 +132,7 @@ fn write_tar_progress<W: Write>(
 ) -> Result<TarStats, ContextError> {
     let prefix = normalize_prefix(prefix)?;
     check_extra_names(entries, extra)?;
-    let mut writer = TarWriter::new(out, compression);
+    let mut writer = TarWriter::new(out, compression)?;
     writer.content = content;
     let mut dir = String::new();
     for part in prefix.split('/').filter(|p| !p.is_empty()) {
@@ -287,7 +305,7 @@ pub fn write_tar_links<W: Write>(
     content: Arc<AtomicU64>,
 ) -> Result<TarStats, ContextError> {
     check_extra_names(entries, extra)?;
-    let mut writer = TarWriter::new(out, compression);
+    let mut writer = TarWriter::new(out, compression)?;
     writer.content = content;
     for entry in entries {
         writer.entry("", entry)?;
@@ -368,6 +386,7 @@ fn check_extra_names(entries: &[Entry], extra: &[ExtraFile]) -> Result<(), Conte
 enum Sink<W: Write> {
     Plain(BufWriter<Counting<W>>),
     Gzip(GzEncoder<BufWriter<Counting<W>>>),
+    Zstd(zstd::stream::write::Encoder<'static, BufWriter<Counting<W>>>),
 }
 
 impl<W: Write> Write for Sink<W> {
@@ -375,6 +394,7 @@ impl<W: Write> Write for Sink<W> {
         match self {
             Sink::Plain(w) => w.write(buf),
             Sink::Gzip(w) => w.write(buf),
+            Sink::Zstd(w) => w.write(buf),
         }
     }
 
@@ -382,6 +402,7 @@ impl<W: Write> Write for Sink<W> {
         match self {
             Sink::Plain(w) => w.write_all(buf),
             Sink::Gzip(w) => w.write_all(buf),
+            Sink::Zstd(w) => w.write_all(buf),
         }
     }
 
@@ -389,8 +410,18 @@ impl<W: Write> Write for Sink<W> {
         match self {
             Sink::Plain(w) => w.flush(),
             Sink::Gzip(w) => w.flush(),
+            Sink::Zstd(w) => w.flush(),
         }
     }
+}
+
+/// A zstd encoder with one worker per core (the calling thread only feeds
+/// it), so that compression keeps up with a fast link.
+fn zstd_encoder<W: Write>(out: W) -> io::Result<zstd::stream::write::Encoder<'static, W>> {
+    let mut z = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)?;
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    z.multithread(workers as u32)?;
+    Ok(z)
 }
 
 /// Counts the bytes that reach the real output.
@@ -420,7 +451,7 @@ struct TarWriter<W: Write> {
 }
 
 impl<W: Write> TarWriter<W> {
-    fn new(out: W, compression: Compression) -> Self {
+    fn new(out: W, compression: Compression) -> Result<Self, ContextError> {
         let counted = BufWriter::with_capacity(
             OUT_BUF,
             Counting {
@@ -431,13 +462,16 @@ impl<W: Write> TarWriter<W> {
         let sink = match compression {
             Compression::None => Sink::Plain(counted),
             Compression::Gzip => Sink::Gzip(GzEncoder::new(counted, flate2::Compression::fast())),
+            Compression::Zstd => {
+                Sink::Zstd(zstd_encoder(counted).map_err(|e| out_error(e, Path::new("zstd")))?)
+            }
         };
-        TarWriter {
+        Ok(TarWriter {
             sink,
             buf: vec![0; COPY_BUF],
             stats: TarStats::default(),
             content: Arc::new(AtomicU64::new(0)),
-        }
+        })
     }
 
     fn entry(&mut self, prefix: &str, entry: &Entry) -> Result<(), ContextError> {
@@ -669,6 +703,7 @@ impl<W: Write> TarWriter<W> {
         let counted = match self.sink {
             Sink::Plain(w) => w,
             Sink::Gzip(gz) => gz.finish().map_err(|e| out_error(e, end))?,
+            Sink::Zstd(z) => z.finish().map_err(|e| out_error(e, end))?,
         };
         let mut counting = counted
             .into_inner()
@@ -770,6 +805,7 @@ mod tests {
         let reader: Box<dyn io::Read + '_> = match compression {
             Compression::None => Box::new(bytes),
             Compression::Gzip => Box::new(flate2::read::GzDecoder::new(bytes)),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(bytes).unwrap()),
         };
         let mut archive = tar::Archive::new(reader);
         archive
@@ -827,7 +863,7 @@ mod tests {
             data: b"FROM scratch\n".to_vec(),
             mode: 0o644,
         }];
-        for compression in [Compression::None, Compression::Gzip] {
+        for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
             let mut out = Vec::new();
             let stats = write_tar(&entries, &extra, "ctx/", compression, &mut out).unwrap();
             assert_eq!(stats.bytes_out, out.len() as u64);

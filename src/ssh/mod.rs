@@ -642,9 +642,36 @@ impl Session {
             });
         }
         tracing::trace!(%what, %command, "exec");
+        tracing::debug!(%what, "channel open and exec");
         let channel = self.handle.channel_open_session().await.map_err(err)?;
         channel.exec(true, command).await.map_err(err)?;
         Ok(exec::RemoteProcess::new(channel, what, &self.addr))
+    }
+
+    /// Opens a session channel now, to start a command in it later with
+    /// [`Opened::exec`]: opening costs a round trip, which is then spent
+    /// while something else is still going on.
+    pub async fn open(&self, what: &str) -> Result<Opened, SshError> {
+        if self.handle.is_closed() {
+            return Err(SshError::Lost {
+                addr: self.addr.clone(),
+            });
+        }
+        let channel =
+            self.handle
+                .channel_open_session()
+                .await
+                .map_err(|source| SshError::Channel {
+                    what: what.to_string(),
+                    addr: self.addr.clone(),
+                    source,
+                })?;
+        tracing::debug!(%what, "channel opened ahead");
+        Ok(Opened {
+            channel,
+            what: what.to_string(),
+            addr: self.addr.clone(),
+        })
     }
 
     /// Like [`Session::exec`], with `forward` (the local agent, or keys
@@ -729,6 +756,34 @@ impl Session {
                 .disconnect(russh::Disconnect::ByApplication, "", "en")
                 .await;
         }
+    }
+}
+
+/// A session channel opened ahead of its command (see [`Session::open`]).
+pub struct Opened {
+    channel: russh::Channel<russh::client::Msg>,
+    what: String,
+    addr: String,
+}
+
+impl Opened {
+    /// Starts `command` in the channel (no round trip: its output is the
+    /// answer).
+    pub async fn exec(self, command: &str) -> Result<exec::RemoteProcess, SshError> {
+        tracing::trace!(what = %self.what, %command, "exec in an opened channel");
+        self.channel
+            .exec(true, command)
+            .await
+            .map_err(|source| SshError::Channel {
+                what: self.what.clone(),
+                addr: self.addr.clone(),
+                source,
+            })?;
+        Ok(exec::RemoteProcess::new(
+            self.channel,
+            &self.what,
+            &self.addr,
+        ))
     }
 }
 

@@ -38,6 +38,17 @@
 //!   fresh copy. A delta whose result does not match is followed at once by
 //!   a full send, in the same build.
 //!
+//! A build sends the sync's command together with the lease request: the
+//! builder starts it once the lease script has made the run folder (see
+//! [`script::after_lease`]), so the copy's state arrives with the lease;
+//! the compression is chosen from the docker probe, which runs meanwhile,
+//! before anything is sent; and `docker build` is started beside the
+//! request, waiting on the builder until the copy is marked clean with the
+//! manifest sent (see [`crate::remote::build_after_sync`]). A no-change
+//! rebuild so waits for about four round trips after the SSH handshake:
+//! the channels opening, the lease with the copy's state, the request with
+//! the build, and the release.
+//!
 //! BuildKit keeps its own copy of a local context, keyed on the path given
 //! to `docker build`, and trusts a file whose size, mode and mtime (to the
 //! nanosecond) did not change. Building from the copy's own path, with the
@@ -215,6 +226,22 @@ pub fn last_synced(identity: &str, builder: &str) -> Option<std::time::SystemTim
         .ok()
 }
 
+/// A sync started together with the lease request, before the lease is
+/// held (see [`script::after_lease`]): the builder starts it once the lease
+/// script made the run folder, and the compression is decided (from the
+/// docker probe that runs meanwhile) before anything is sent.
+pub struct Early {
+    /// How long the builder waits for the lease.
+    pub wait: Duration,
+    /// `Some` once the compression is known; a dropped sender means the
+    /// build stopped before the sync could send anything.
+    pub compression: tokio::sync::watch::Receiver<Option<Compression>>,
+    /// Told the new manifest's hash just before the request goes out, so
+    /// that `docker build` can be started beside it (it waits on the
+    /// builder for the copy to be marked clean with that manifest).
+    pub sending: Option<tokio::sync::oneshot::Sender<String>>,
+}
+
 /// Brings the builder's copy of the context up to date and links it into
 /// the run folder. Must run while the builder's lease is held.
 pub async fn sync_context(
@@ -223,6 +250,18 @@ pub async fn sync_context(
     entries: Vec<Entry>,
     extra: Vec<ExtraFile>,
     reporter: &dyn Reporter,
+) -> Result<SyncSummary, SyncError> {
+    sync_context_early(session, job, entries, extra, reporter, None).await
+}
+
+/// [`sync_context`], started with the lease request when `early` is given.
+pub async fn sync_context_early(
+    session: &Session,
+    job: &SyncJob<'_>,
+    entries: Vec<Entry>,
+    extra: Vec<ExtraFile>,
+    reporter: &dyn Reporter,
+    mut early: Option<Early>,
 ) -> Result<SyncSummary, SyncError> {
     let builder = &job.builder.name;
     let t = Instant::now();
@@ -267,23 +306,29 @@ pub async fn sync_context(
     // After content that failed its hash, the next attempt sends every
     // file's content again instead of linking what the store holds.
     let mut bypass_store = false;
+    let mut compression = job.compression;
     loop {
         summary.attempts += 1;
-        let mut p = session
-            .exec(
-                "the context sync",
-                &script::command(&job.builder.workspace, &key, job.run_dir),
-            )
-            .await?;
+        let mut command = script::command(&job.builder.workspace, &key, job.run_dir);
+        if let (Some(e), 1) = (&early, summary.attempts) {
+            command = script::after_lease(job.run_dir, e.wait.as_secs() + 60, &command);
+        }
+        let mut p = session.exec("the context sync", &command).await?;
         debug!("sync channel open");
         let mut buf = Vec::new();
         let mut stderr = Vec::new();
-        let line = tokio::time::timeout(STATE_TIMEOUT, p.reader.line(&mut buf, &mut stderr))
-            .await
-            .map_err(|_| SyncError::Timeout {
-                builder: builder.clone(),
-                after: STATE_TIMEOUT,
-            })?;
+        let line = loop {
+            let line = tokio::time::timeout(STATE_TIMEOUT, p.reader.line(&mut buf, &mut stderr))
+                .await
+                .map_err(|_| SyncError::Timeout {
+                    builder: builder.clone(),
+                    after: STATE_TIMEOUT,
+                })?;
+            // Said every second while the lease is not yet held.
+            if line.as_deref() != Some("waiting") {
+                break line;
+            }
+        };
         let state = match line.as_deref().and_then(CopyState::parse) {
             Some(s) => s,
             None if p.reader.overlong() => {
@@ -340,6 +385,20 @@ pub async fn sync_context(
             save(&mut cache).await;
         }
 
+        let mut sending = None;
+        if let Some(mut e) = early.take() {
+            match e.compression.wait_for(Option::is_some).await {
+                Ok(c) => compression = c.unwrap_or(compression),
+                Err(_) => {
+                    return Err(SyncError::Remote {
+                        builder: builder.clone(),
+                        message: "the build stopped before the context was sent".into(),
+                    });
+                }
+            }
+            sending = e.sending.take();
+        }
+
         store::no_file_chmods(&mut plan, new);
         let wanted = store::wanted(&scanned, &plan);
         let needed = if wanted.is_empty() {
@@ -353,7 +412,7 @@ pub async fn sync_context(
                 &key,
                 (job.builder.cache_max, job.builder.cache_ttl),
                 &wanted,
-                job.compression,
+                compression,
                 builder,
             )
             .await?
@@ -367,8 +426,9 @@ pub async fn sync_context(
         let tar_mode = if plan.send.is_empty() {
             TarMode::None
         } else {
-            match job.compression {
+            match compression {
                 Compression::Gzip => TarMode::Gzip,
+                Compression::Zstd => TarMode::Zstd,
                 Compression::None => TarMode::Plain,
             }
         };
@@ -394,18 +454,13 @@ pub async fn sync_context(
         let mut planned = planned_bytes(&plan, new);
         let tar = match (&needed, tar_mode) {
             (_, TarMode::None) => None,
-            (None, _) => Some(scanned_tar(&scanned, &plan, job.compression, &content)),
+            (None, _) => Some(scanned_tar(&scanned, &plan, compression, &content)),
             (Some(needed), _) => {
                 let t = store::tar_inputs(&scanned, &plan, &wanted, needed, &new_hash);
                 planned = t.content_bytes;
                 summary.files_linked = t.links.len() as u64;
                 summary.blobs_sent = t.blobs_sent;
-                Some(store::tar_stream(
-                    t,
-                    job.compression,
-                    CHUNK,
-                    content.clone(),
-                ))
+                Some(store::tar_stream(t, compression, CHUNK, content.clone()))
             }
         };
         debug!(
@@ -414,6 +469,9 @@ pub async fn sync_context(
             send = plan.send.len(),
             "sending the request"
         );
+        if let Some(tell) = sending.take() {
+            let _ = tell.send(new_hash.clone());
+        }
         let done = match exchange(
             &mut p,
             &mut buf,

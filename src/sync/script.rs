@@ -249,7 +249,7 @@ into=$tree
 [ "$mode" = delta ] && into=$stage
 p=
 case $tarmode in
-  plain|gzip)
+  plain|gzip|zstd)
     case $(tar --version 2>/dev/null) in *'GNU tar'*|*bsdtar*) p=-p ;; esac
     z=
     [ "$tarmode" = gzip ] && z=-z
@@ -258,8 +258,19 @@ case $tarmode in
     if [ -d "$ws/store/b" ] && [ ! -L "$ws/store" ] && [ ! -L "$ws/store/b" ]; then
       ln -s "$ws/store/b" "$into/$storelink" || fail "cannot link the store into $into"
     fi
-    (cd "$into" && umask 0 && exec tar -x $p -o $z -f -)
-    untarred=$?
+    if [ "$tarmode" = zstd ]; then
+      # A pipe's status is tar's: a failed zstd leaves a mark.
+      rm -f "$dir/zstd.failed"
+      (cd "$into" && umask 0 && { zstd -dcq || : > "$dir/zstd.failed"; } | tar -x $p -o -f -)
+      untarred=$?
+      if [ -e "$dir/zstd.failed" ]; then
+        rm -f "$dir/zstd.failed" "$into/$storelink"
+        fail "zstd could not decode the changes"
+      fi
+    else
+      (cd "$into" && umask 0 && exec tar -x $p -o $z -f -)
+      untarred=$?
+    fi
     rm -f "$into/$storelink"
     [ "$untarred" = 0 ] || fail "tar could not unpack the changes into $into"
     ingest ;;
@@ -353,6 +364,41 @@ exit 0
 "#
 );
 
+/// Runs a command (the sync) once the run folder exists: sent together
+/// with the lease request, it waits for the lease script, which makes the
+/// folder only once it holds the lease, so the sync costs no round trip of
+/// its own. It says `waiting` every second: when absconda has gone, that
+/// write fails and ends it.
+const AFTER_LEASE: &str = r#"
+run=$1 wait=$2 cmd=$3
+case $run in ''|/*) ;; *) run=$PWD/$run ;; esac
+n=0
+while [ ! -d "$run" ]; do
+  n=$((n + 1))
+  if [ "$n" -gt $((wait * 50)) ]; then
+    echo "error the lease was not taken within ${wait}s" >&2
+    exit 75
+  fi
+  sleep 0.02
+  if [ $((n % 50)) -eq 0 ]; then echo waiting || exit 1; fi
+done
+eval "$cmd"
+"#;
+
+/// `command`, started once `run_dir` exists (see [`AFTER_LEASE`]), giving
+/// up after `wait_secs`.
+pub fn after_lease(run_dir: &str, wait_secs: u64, command: &str) -> String {
+    shell::join([
+        "sh",
+        "-c",
+        AFTER_LEASE,
+        "absconda-after-lease",
+        run_dir,
+        &wait_secs.to_string(),
+        command,
+    ])
+}
+
 /// Prints the copy's sorted listing, for explaining a mismatch.
 const LISTING: &str = concat!(prelude!(), "\nlisting_text\n");
 const FINGERPRINT: &str = concat!(prelude!(), "\n{ listing_text; echo /; stamp_text; }\n");
@@ -432,6 +478,9 @@ pub enum TarMode {
     None,
     Plain,
     Gzip,
+    /// Decoded with the builder's `zstd` (absconda sends it only to a
+    /// builder whose probe found one).
+    Zstd,
 }
 
 impl TarMode {
@@ -440,6 +489,7 @@ impl TarMode {
             TarMode::None => "none",
             TarMode::Plain => "plain",
             TarMode::Gzip => "gzip",
+            TarMode::Zstd => "zstd",
         }
     }
 }
@@ -504,7 +554,7 @@ mod tests {
     /// The scripts must parse in dash and busybox sh, the shells of stock builders.
     #[test]
     fn scripts_parse_in_posix_shells() {
-        for script in [SYNC, LISTING, FINGERPRINT] {
+        for script in [SYNC, LISTING, FINGERPRINT, AFTER_LEASE] {
             crate::test_support::assert_parses(script);
         }
     }
@@ -595,6 +645,8 @@ mod tests {
             let _ = std::os::unix::fs::symlink(bb, bin.join(applet));
         }
         let _ = std::os::unix::fs::symlink("/usr/bin/flock", bin.join("flock"));
+        // busybox has no zstd applet; builders with busybox may have zstd.
+        let _ = std::os::unix::fs::symlink("/usr/bin/zstd", bin.join("zstd"));
         Some(Shell {
             argv: vec![bb.into(), "sh".into()],
             path: bin.display().to_string(),
@@ -639,6 +691,7 @@ mod tests {
             (true, _) => TarMode::None,
             (false, Compression::None) => TarMode::Plain,
             (false, Compression::Gzip) => TarMode::Gzip,
+            (false, Compression::Zstd) => TarMode::Zstd,
         };
         let new_hash = new.hash();
         let listing = new.listing_hash();
@@ -760,7 +813,7 @@ mod tests {
             shells.push(("busybox", bb));
         }
         for (name, sh) in &shells {
-            for compression in [Compression::None, Compression::Gzip] {
+            for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
                 let case = dir.path().join(format!("{name}-{compression:?}"));
                 let (ws, ctx) = (case.join("ws"), case.join("ctx"));
                 std::fs::create_dir_all(&ctx).unwrap();

@@ -1918,3 +1918,215 @@ async fn store_an_unusable_store_falls_back_to_sending_content() {
     );
     assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
 }
+
+/// Text like a source tree's: words from a small vocabulary, in lines.
+fn source_like_text(seed: u64, len: usize) -> String {
+    let words = [
+        "fn", "let", "match", "impl", "struct", "return", "self", ".into()", "(x)", ";", "{", "}",
+        "pub", "use", "// why", "value", "error", "config",
+    ];
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = String::with_capacity(len + 80);
+    while out.len() < len {
+        let mut line = String::new();
+        while line.len() < 70 {
+            line.push_str(words[rng.random_range(0..words.len())]);
+            line.push(' ');
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+/// `compression: zstd` sends fewer bytes than gzip for a compressible
+/// context (counted on the wire), and a builder without `zstd` on its PATH
+/// gets gzip instead, which its tar reads; both images hold the files.
+#[test]
+fn zstd_sends_less_than_gzip_and_falls_back_to_gzip_without_zstd() {
+    if !services() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    // The same machine, with a PATH that has everything of /usr/bin but zstd.
+    let bin = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir("/usr/bin").unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name();
+        if !name.to_string_lossy().contains("zstd") {
+            let _ = symlink(e.path(), bin.path().join(&name));
+        }
+    }
+    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let no_zstd = Sshd::start_with(
+        Some(&d.host),
+        "127.0.0.1",
+        None,
+        // (sshd sets PATH itself, and root's shell profile adds to it.)
+        &format!(
+            "ForceCommand PATH={}:/usr/sbin:/sbin; export PATH; eval \"$SSH_ORIGINAL_COMMAND\"\n",
+            bin.path().display()
+        ),
+    );
+    let body = source_like_text(12, 3 << 20);
+    let mut wire_bytes = BTreeMap::new();
+    for (name, server, setting, expect) in [
+        ("gzip", &sshd, "gzip", "gzip"),
+        ("zstd", &sshd, "zstd", "zstd"),
+        ("fallback", &no_zstd, "zstd", "gzip"),
+    ] {
+        let p = Project::with_builder(server, &format!("    compression: {setting}\n"));
+        let wire = CountingProxy::start("127.0.0.1:0", ([127, 0, 0, 1], server.port).into());
+        route_through(&p, server, wire.addr.port());
+        p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+        p.file("src/big.rs", &body);
+        let image = format!("sync/zstd-{name}");
+        for incremental in [true, false] {
+            let before = wire.up();
+            let mut args = Vec::new();
+            if !incremental {
+                args.push("--no-incremental");
+            }
+            let report = build_json(&p, &image, &args);
+            assert_eq!(report["compression"], expect, "{name}: {report}");
+            assert_eq!(
+                cat_in_image(&format!("{image}:t"), "/ctx/src/big.rs"),
+                body.as_bytes(),
+                "{name}"
+            );
+            let sent = wire.up() - before;
+            eprintln!("{name} (incremental: {incremental}): {sent} bytes on the wire");
+            if incremental {
+                wire_bytes.insert(name, sent);
+            }
+        }
+    }
+    assert!(
+        wire_bytes["zstd"] < wire_bytes["gzip"] * 9 / 10,
+        "zstd did not send less than gzip: {wire_bytes:?}"
+    );
+    assert!(
+        wire_bytes["gzip"] < body.len() as u64 / 2,
+        "not compressed: {wire_bytes:?}"
+    );
+}
+
+/// Seconds after the SSH handshake of a `--json` build report.
+fn after_handshake(report: &serde_json::Value) -> f64 {
+    let connect: f64 = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p[0] == "connect")
+        .map(|p| p[1].as_f64().unwrap())
+        .sum();
+    report["total_seconds"].as_f64().unwrap() - connect
+}
+
+/// A no-change rebuild waits for at most 4 round trips after the SSH
+/// handshake (the lease, the probe and the copy's state in one; the
+/// request and `docker build` in one; the release; and the opening of the
+/// channels), counted from outside: the same rebuild through a proxy that
+/// adds 300 ms to every round trip takes at most 4 × 300 ms longer than
+/// through one that adds nothing.
+#[test]
+fn a_no_change_rebuild_waits_for_at_most_four_round_trips() {
+    if !services() {
+        return;
+    }
+    use crate::support::delay_proxy::DelayProxy;
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::with_builder(&sshd, "");
+    let upstream = ([127, 0, 0, 1], sshd.port).into();
+    let near = DelayProxy::start(upstream, Duration::ZERO);
+    let rtt = Duration::from_millis(300);
+    let far = DelayProxy::start(upstream, rtt / 2);
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+    for i in 0..50 {
+        p.file(&format!("src/f{i}.txt"), &format!("file {i}\n"));
+    }
+    let direct = std::fs::read_to_string(&p.config).unwrap();
+    let build = |port: u16| {
+        std::fs::write(&p.config, &direct).unwrap();
+        route_through(&p, &sshd, port);
+        build_json(&p, "sync/rtt", &[])
+    };
+    build(near.addr.port());
+    // Each address keeps its own docker probe: both are warm from here on.
+    build(far.addr.port());
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        let base = build(near.addr.port());
+        let slow = build(far.addr.port());
+        assert_eq!(sync_of(&slow)["mode"], "delta", "{slow}");
+        assert_eq!(sync_of(&slow)["files_sent"], 0, "{slow}");
+        let extra = after_handshake(&slow) - after_handshake(&base);
+        rounds.push(extra / rtt.as_secs_f64());
+    }
+    eprintln!("round trips after the handshake: {rounds:?}");
+    // The smallest of three tries: the machine is shared.
+    let best = rounds.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(
+        best <= 4.5,
+        "a no-change rebuild waited for {best:.1} round trips after the handshake ({rounds:?})"
+    );
+}
+
+/// The docker probe runs the docker CLI only when something its answers
+/// depend on changed: a wrapper in front of docker on the builder logs each
+/// call; a second build asks docker nothing, and a changed docker binary
+/// (here: the wrapper rewritten) is asked again.
+#[test]
+fn the_docker_probe_is_kept_until_docker_changes() {
+    if !services() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::with_builder(&sshd, "");
+    let bin = tempfile::tempdir().unwrap();
+    let wrapper = bin.path().join("docker");
+    let calls = bin.path().join("calls");
+    let real = crate::support::docker::DOCKER_CLI;
+    let write_wrapper = |comment: &str| {
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\n# {comment}\necho \"$*\" >> '{}'\nexec '{real}' \"$@\"\n",
+                calls.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    write_wrapper("first");
+    let config = std::fs::read_to_string(&p.config).unwrap();
+    std::fs::write(
+        &p.config,
+        config.replace(
+            &format!("    docker: {real}\n"),
+            &format!("    docker: {}\n", wrapper.display()),
+        ),
+    )
+    .unwrap();
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+    p.file("a.txt", "a\n");
+    let probes = || {
+        std::fs::read_to_string(&calls)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("version"))
+            .count()
+    };
+    build_json(&p, "sync/probe", &[]);
+    let first = probes();
+    assert!(first > 0, "the first build did not probe docker");
+    build_json(&p, "sync/probe", &[]);
+    assert_eq!(probes(), first, "the second build probed docker again");
+    // A different docker binary (another size): asked again.
+    write_wrapper("an upgraded docker binary");
+    build_json(&p, "sync/probe", &[]);
+    assert!(probes() > first, "a changed docker binary was not probed");
+}

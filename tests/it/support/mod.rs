@@ -13,6 +13,7 @@ pub mod azure_fake;
 pub mod cloudbuild_fake;
 pub mod codebuild_gate;
 pub mod counting_proxy;
+pub mod delay_proxy;
 pub mod docker;
 pub mod eice_fake;
 pub mod faulty_proxy;
