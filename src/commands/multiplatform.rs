@@ -362,8 +362,29 @@ pub(super) async fn run(
             used.push(r.builder.clone());
         }
     }
-    let written = match index_from {
-        config::IndexFrom::Builder => {
+    // From this machine first (unless told otherwise); through a builder
+    // when told to, or when `auto` finds the registry unreachable from here.
+    let from_here = match index_from {
+        config::IndexFrom::Builder => None,
+        config::IndexFrom::Client | config::IndexFrom::Auto => {
+            let client = registry_api::Client::new(repo.clone(), creds.clone())?;
+            match write_index(&client, &built, &req.images).await {
+                Ok(w) => Some(w),
+                Err(e) if index_from == config::IndexFrom::Auto && is_unreachable(&e) => {
+                    printer.info(&format!(
+                        "this machine cannot reach the registry `{}` ({}); writing the index through a builder",
+                        repo.base,
+                        root_cause(&e)
+                    ));
+                    None
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let written = match from_here {
+        Some(w) => w,
+        None => {
             through_builder(
                 target,
                 &used,
@@ -375,31 +396,6 @@ pub(super) async fn run(
                 cancel,
             )
             .await?
-        }
-        config::IndexFrom::Client | config::IndexFrom::Auto => {
-            let client = registry_api::Client::new(repo.clone(), creds.clone())?;
-            match write_index(&client, &built, &req.images).await {
-                Ok(w) => w,
-                Err(e) if index_from == config::IndexFrom::Auto && is_unreachable(&e) => {
-                    printer.info(&format!(
-                        "this machine cannot reach the registry `{}` ({}); writing the index through a builder",
-                        repo.base,
-                        root_cause(&e)
-                    ));
-                    through_builder(
-                        target,
-                        &used,
-                        &repo,
-                        &creds,
-                        &built,
-                        &req.images,
-                        state,
-                        cancel,
-                    )
-                    .await?
-                }
-                Err(e) => return Err(e),
-            }
         }
     };
     let mut platforms = Vec::new();

@@ -465,12 +465,11 @@ pub async fn run(
         &gcp, builder, req, package, &bucket, &object, reporter, cancel, report,
     )
     .await;
-    if let Err(e) = gcp.delete(&bucket, &object).await {
-        reporter.info(&format!(
-            "could not delete the context `gs://{bucket}/{object}`: {}",
-            crate::exit::one_line(&anyhow::Error::new(e))
-        ));
-    }
+    super::report_delete(
+        reporter,
+        &format!("gs://{bucket}/{object}"),
+        gcp.delete(&bucket, &object).await,
+    );
     result
 }
 

@@ -550,12 +550,11 @@ pub async fn run(
         &aws, builder, req, package, &bucket, &key, &project, reporter, cancel, report,
     )
     .await;
-    if let Err(e) = aws.delete(&bucket, &key).await {
-        reporter.info(&format!(
-            "could not delete the context `s3://{bucket}/{key}`: {}",
-            crate::exit::one_line(&anyhow::Error::new(e))
-        ));
-    }
+    super::report_delete(
+        reporter,
+        &format!("s3://{bucket}/{key}"),
+        aws.delete(&bucket, &key).await,
+    );
     result
 }
 

@@ -183,6 +183,21 @@ pub fn check_request(builder: &Builder, req: &BuildRequest) -> Result<(), Servic
     Ok(())
 }
 
+/// Says, without failing the build, that the uploaded context `url` could
+/// not be deleted after the build.
+pub(crate) fn report_delete<E: std::error::Error + Send + Sync + 'static>(
+    reporter: &dyn Reporter,
+    url: &str,
+    deleted: Result<(), E>,
+) {
+    if let Err(e) = deleted {
+        reporter.info(&format!(
+            "could not delete the context `{url}`: {}",
+            crate::exit::one_line(&anyhow::Error::new(e))
+        ));
+    }
+}
+
 /// Packs the walked context into a gzip tar in the temporary folder
 /// (`$TMPDIR`), readable only by this user and removed with the package.
 pub async fn pack(prepared: PreparedContext) -> Result<Package, ServiceError> {
