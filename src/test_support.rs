@@ -48,3 +48,57 @@ pub fn assert_parses(script: &str) {
         assert!(status.success(), "{sh:?} -n rejects:\n{script}");
     }
 }
+
+/// busybox sh and a folder under `dir` holding busybox's applets (and
+/// util-linux's flock, which Debian's busybox lacks, and zstd, which
+/// builders with busybox may have), to put first on PATH: the builder
+/// scripts run there with busybox's tools alone. `None` (a failure in CI)
+/// without busybox.
+pub fn busybox_shell(dir: &std::path::Path) -> Option<(Vec<String>, String)> {
+    let bb = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let Some(bb) = bb else {
+        require("busybox");
+        return None;
+    };
+    let bin = dir.join("bb-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for applet in [
+        "sh",
+        "find",
+        "stat",
+        "sort",
+        "sha256sum",
+        "tar",
+        "xargs",
+        "tr",
+        "cut",
+        "readlink",
+        "chmod",
+        "rm",
+        "mkdir",
+        "mv",
+        "ln",
+        "cat",
+        "id",
+        "gzip",
+        "printf",
+        "sed",
+        "grep",
+        "wc",
+        "du",
+        "df",
+        "touch",
+        "cp",
+        "head",
+        "tail",
+        "uniq",
+        "nproc",
+    ] {
+        let _ = std::os::unix::fs::symlink(bb, bin.join(applet));
+    }
+    let _ = std::os::unix::fs::symlink("/usr/bin/flock", bin.join("flock"));
+    let _ = std::os::unix::fs::symlink("/usr/bin/zstd", bin.join("zstd"));
+    Some((vec![bb.to_string(), "sh".into()], bin.display().to_string()))
+}

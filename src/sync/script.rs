@@ -607,50 +607,9 @@ mod tests {
         }
     }
 
-    /// busybox sh with busybox's own applets first on PATH (flock is not a
-    /// busybox applet on Debian, so it comes from util-linux).
+    /// busybox sh with busybox's own applets first on PATH.
     fn busybox(dir: &Path) -> Option<Shell> {
-        let found = ["/bin/busybox", "/usr/bin/busybox"]
-            .into_iter()
-            .find(|p| Path::new(p).exists());
-        let Some(bb) = found else {
-            crate::test_support::require("busybox");
-            return None;
-        };
-        let bin = dir.join("bb-bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        for applet in [
-            "sh",
-            "find",
-            "stat",
-            "sort",
-            "sha256sum",
-            "tar",
-            "xargs",
-            "tr",
-            "cut",
-            "readlink",
-            "chmod",
-            "rm",
-            "mkdir",
-            "mv",
-            "ln",
-            "cat",
-            "id",
-            "gzip",
-            "printf",
-            "wc",
-            "grep",
-        ] {
-            let _ = std::os::unix::fs::symlink(bb, bin.join(applet));
-        }
-        let _ = std::os::unix::fs::symlink("/usr/bin/flock", bin.join("flock"));
-        // busybox has no zstd applet; builders with busybox may have zstd.
-        let _ = std::os::unix::fs::symlink("/usr/bin/zstd", bin.join("zstd"));
-        Some(Shell {
-            argv: vec![bb.into(), "sh".into()],
-            path: bin.display().to_string(),
-        })
+        crate::test_support::busybox_shell(dir).map(|(argv, path)| Shell { argv, path })
     }
 
     /// One sync through the script, locally: returns the state line and

@@ -801,48 +801,7 @@ mod tests {
     /// dash with the system's tools, and busybox sh with busybox's alone.
     fn shells(dir: &std::path::Path) -> Vec<(Vec<String>, String)> {
         let mut out = vec![(vec!["dash".to_string()], "/usr/bin:/bin".to_string())];
-        let bb = ["/bin/busybox", "/usr/bin/busybox"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists());
-        let Some(bb) = bb else {
-            crate::test_support::require("busybox");
-            return out;
-        };
-        let bin = dir.join("bb-bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        for applet in [
-            "sh",
-            "find",
-            "stat",
-            "sort",
-            "sha256sum",
-            "xargs",
-            "cut",
-            "chmod",
-            "rm",
-            "mkdir",
-            "mv",
-            "cat",
-            "id",
-            "gzip",
-            "printf",
-            "sed",
-            "grep",
-            "wc",
-            "du",
-            "df",
-            "touch",
-            "cp",
-            "head",
-            "tail",
-            "readlink",
-            "uniq",
-            "nproc",
-        ] {
-            let _ = std::os::unix::fs::symlink(bb, bin.join(applet));
-        }
-        let _ = std::os::unix::fs::symlink("/usr/bin/flock", bin.join("flock"));
-        out.push((vec![bb.to_string(), "sh".into()], bin.display().to_string()));
+        out.extend(crate::test_support::busybox_shell(dir));
         out
     }
 
