@@ -1441,7 +1441,7 @@ pub async fn build_on(
         // `docker login` runs in the run folder too, and would take the
         // slot where the lease supervisor finds the build to stop it.
         && logins.is_empty();
-    let (sending, sent_manifest) = tokio::sync::oneshot::channel::<String>();
+    let (sending, sent_manifest) = tokio::sync::oneshot::channel::<crate::sync::Sending>();
     let sending = build_early.then_some(sending);
     let stop_sync = CancellationToken::new();
     let lease_took = std::cell::Cell::new(Duration::ZERO);
@@ -1501,16 +1501,30 @@ pub async fn build_on(
         if !build_early {
             return None;
         }
-        let (opened, manifest) = tokio::join!(session.open("docker build"), sent_manifest);
-        let (opened, manifest) = (opened.ok()?, manifest.ok()?);
+        let (opened, sending) = tokio::join!(session.open("docker build"), sent_manifest);
+        let (opened, sending) = (opened.ok()?, sending.ok()?);
         let mut rx = buildkit_rx;
         let buildkit = (*rx.wait_for(Option::is_some).await.ok()?)?;
         let extra = ["--iidfile".to_string(), ".iid".to_string()];
-        let mut argv =
-            docker_build_argv(builder, req, &prepared.dockerfile_arg, buildkit, "", &extra);
+        // A streamed context is a tar archive: the Dockerfile is named
+        // inside it, not through the run folder's link to the copy.
+        let dockerfile = match sending.streamed {
+            true => prepared
+                .dockerfile_arg
+                .strip_prefix("context/")
+                .unwrap_or(&prepared.dockerfile_arg),
+            false => &prepared.dockerfile_arg,
+        };
+        let mut argv = docker_build_argv(builder, req, dockerfile, buildkit, "", &extra);
         argv.pop();
-        let cmd =
-            remote::build_after_sync(&run_dir, &build_nonce, &manifest, builder.timeout, &argv);
+        let cmd = remote::build_after_sync(
+            &run_dir,
+            &build_nonce,
+            &sending.manifest,
+            sending.streamed,
+            builder.timeout,
+            &argv,
+        );
         opened.exec(&cmd).await.ok()
     };
     let ((lease, probe), early_synced, early_build) = tokio::select! {

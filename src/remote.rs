@@ -335,10 +335,31 @@ exit $st
 /// absconda runs the build itself. After a successful build it prints
 /// `NONCE iid IMAGE-ID` (from `--iidfile .iid`) on stderr, which saves a
 /// `docker image inspect`.
+///
+/// With `streamed` (a cold send, see the sync script), it makes the fifo
+/// `context.tar` in the run folder and runs `docker build -` on it, so
+/// docker reads the context while the sync unpacks it into the copy; then
+/// it waits for the sync to let go of the copy and counts the build only if
+/// that sync marked the copy clean from this very stream (`streamed`).
 const AFTER_SYNC: &str = r#"
-nonce=$1 want=$2 wait=$3
-shift 3
+nonce=$1 want=$2 wait=$3 streamed=$4
+shift 4
 refuse() { printf '%s not-synced\n' "$nonce" >&2; exit 99; }
+if [ "$streamed" = 1 ]; then
+  rm -f context.tar
+  mkfifo -m 600 context.tar || refuse
+  "$@" - < context.tar
+  st=$?
+  rm -f context.tar
+  tree=$(readlink context) || refuse
+  exec 8<"${tree%/tree}/lock" || refuse
+  flock -s 8 || refuse
+  exec 8<&-
+  read -r w m < streamed || refuse
+  [ "$w $m" = "clean $want" ] || refuse
+  if [ "$st" -eq 0 ]; then printf '\n%s iid %s\n' "$nonce" "$(cat .iid 2>/dev/null)" >&2; fi
+  exit "$st"
+fi
 n=0
 while [ ! -L context ]; do
   n=$((n + 1))
@@ -557,6 +578,7 @@ pub fn build_after_sync(
     run_dir: &str,
     nonce: &str,
     manifest: &str,
+    streamed: bool,
     wait: Duration,
     argv: &[String],
 ) -> String {
@@ -568,6 +590,7 @@ pub fn build_after_sync(
         nonce.into(),
         manifest.into(),
         wait.as_secs().to_string(),
+        u8::from(streamed).to_string(),
     ];
     words.extend(argv.iter().cloned());
     run_in(run_dir, &words)

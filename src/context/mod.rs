@@ -39,8 +39,9 @@ use std::path::PathBuf;
 pub use hash::{sha256_file, sha256_files};
 pub use ignore::{DockerIgnore, InvalidPattern};
 pub use tar::{
-    Compression, ExtraFile, HardLink, TarChunks, TarStats, TarTask, tar_stream,
-    tar_stream_with_links, tar_stream_with_progress, write_tar, write_tar_links,
+    Compression, ExtraFile, HardLink, TarChunks, TarStats, TarTask, archive_len, tar_stream,
+    tar_stream_with_links, tar_stream_with_progress, two_archives_stream, write_tar,
+    write_tar_links, write_two_archives,
 };
 pub use walk::{Entry, EntryKind, walk};
 
@@ -87,6 +88,11 @@ pub enum ContextError {
         expected: u64,
         actual: u64,
     },
+
+    #[error(
+        "files of the context changed while it was being sent (an archive of {expected} bytes was announced, {actual} were written); build again"
+    )]
+    ContextChanged { expected: u64, actual: u64 },
 
     #[error("invalid archive prefix `{prefix}`")]
     InvalidPrefix { prefix: String },

@@ -313,21 +313,113 @@ pub fn write_tar_links<W: Write>(
     for file in extra {
         writer.extra("", file)?;
     }
-    for link in links {
-        let path = PathBuf::from(&link.name);
-        writer.header(
-            link.name.as_bytes(),
-            EntryType::Link,
-            0o644,
-            0,
-            0,
-            Some(link.target.as_bytes()),
-            &path,
-        )?;
-    }
+    writer.links(links)?;
     let stats = writer.finish()?;
     debug!(?stats, links = links.len(), "wrote the context archive");
     Ok(stats)
+}
+
+/// The length of the first archive of [`write_two_archives`] (before
+/// compression), from the files' sizes now: nothing is read.
+pub fn archive_len(entries: &[Entry], extra: &[ExtraFile]) -> Result<u64, ContextError> {
+    check_extra_names(entries, extra)?;
+    let mut writer = TarWriter::new(io::sink(), Compression::None)?;
+    writer.dry = true;
+    writer.root()?;
+    for entry in entries {
+        writer.entry("", entry)?;
+    }
+    for file in extra {
+        writer.extra("", file)?;
+    }
+    writer.end_archive()?;
+    Ok(writer.raw)
+}
+
+/// Two archives in one stream (compressed as one): `./`, then `entries`
+/// and `extra` as [`write_tar`] writes them without a prefix, which must come to
+/// `first_len` bytes before compression (see [`archive_len`]; a file that
+/// changed size in between fails the stream), then `then` (folders) and
+/// `links`. The builder can cut the first archive off at `first_len` and
+/// hand it on as it is (the sync's streamed build), and unpack the second
+/// beside it.
+#[allow(clippy::too_many_arguments)]
+pub fn write_two_archives<W: Write>(
+    entries: &[Entry],
+    extra: &[ExtraFile],
+    first_len: u64,
+    then: &[Entry],
+    links: &[HardLink],
+    compression: Compression,
+    out: W,
+    content: Arc<AtomicU64>,
+) -> Result<TarStats, ContextError> {
+    check_extra_names(entries, extra)?;
+    let mut writer = TarWriter::new(out, compression)?;
+    writer.content = content;
+    writer.root()?;
+    for entry in entries {
+        writer.entry("", entry)?;
+    }
+    for file in extra {
+        writer.extra("", file)?;
+    }
+    writer.end_archive()?;
+    if writer.raw != first_len {
+        return Err(ContextError::ContextChanged {
+            expected: first_len,
+            actual: writer.raw,
+        });
+    }
+    for entry in then {
+        writer.entry("", entry)?;
+    }
+    writer.links(links)?;
+    let stats = writer.finish()?;
+    debug!(?stats, first_len, links = links.len(), "wrote two archives");
+    Ok(stats)
+}
+
+/// [`write_two_archives`] as chunks through a bounded channel, like
+/// [`tar_stream_with_links`].
+#[allow(clippy::too_many_arguments)]
+pub fn two_archives_stream(
+    entries: Vec<Entry>,
+    extra: Vec<ExtraFile>,
+    first_len: u64,
+    then: Vec<Entry>,
+    links: Vec<HardLink>,
+    compression: Compression,
+    chunk: usize,
+    content: Arc<AtomicU64>,
+) -> (TarChunks, TarTask) {
+    let chunk = chunk.max(BLOCK);
+    let (tx, rx) = mpsc::channel(STREAM_DEPTH);
+    let handle = tokio::task::spawn_blocking(move || {
+        let out = ChannelWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(chunk),
+            chunk,
+            sent: Arc::new(AtomicU64::new(0)),
+        };
+        let result = write_two_archives(
+            &entries,
+            &extra,
+            first_len,
+            &then,
+            &links,
+            compression,
+            out,
+            content,
+        );
+        if let Err(error) = &result
+            && !matches!(error, ContextError::StreamClosed { .. })
+        {
+            let _ = tx.blocking_send(Err(io::Error::other(error_chain(error))));
+        }
+        result
+    });
+    (rx, handle)
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
@@ -448,6 +540,10 @@ struct TarWriter<W: Write> {
     stats: TarStats,
     /// File content bytes read so far, for progress.
     content: Arc<AtomicU64>,
+    /// Archive bytes before compression.
+    raw: u64,
+    /// Counts the archive without reading files or writing anything.
+    dry: bool,
 }
 
 impl<W: Write> TarWriter<W> {
@@ -471,6 +567,8 @@ impl<W: Write> TarWriter<W> {
             buf: vec![0; COPY_BUF],
             stats: TarStats::default(),
             content: Arc::new(AtomicU64::new(0)),
+            raw: 0,
+            dry: false,
         })
     }
 
@@ -511,6 +609,27 @@ impl<W: Write> TarWriter<W> {
                     path: entry.abs.clone(),
                     source,
                 };
+                if self.dry {
+                    let size = std::fs::metadata(&entry.abs).map_err(unreadable)?.len();
+                    if entry.mtime >= 0 && entry.mtime_nsec != 0 {
+                        let value = format!("{}.{:09}", entry.mtime, entry.mtime_nsec);
+                        self.pax(&[("mtime", value.as_bytes())], &entry.abs)?;
+                    }
+                    self.header(
+                        &name,
+                        EntryType::Regular,
+                        mode,
+                        entry.mtime,
+                        size,
+                        None,
+                        &entry.abs,
+                    )?;
+                    self.raw += size;
+                    self.pad(size, &entry.abs)?;
+                    self.stats.files += 1;
+                    self.stats.content_bytes += size;
+                    return Ok(());
+                }
                 let mut file = File::open(&entry.abs).map_err(unreadable)?;
                 // The size now, not at walk time: the header must match the
                 // bytes that follow it.
@@ -615,6 +734,7 @@ impl<W: Write> TarWriter<W> {
             self.sink
                 .write_all(&self.buf[..n])
                 .map_err(|e| out_error(e, path))?;
+            self.raw += n as u64;
             self.content.fetch_add(n as u64, Ordering::Relaxed);
             remaining -= n as u64;
         }
@@ -693,7 +813,49 @@ impl<W: Write> TarWriter<W> {
     }
 
     fn write(&mut self, data: &[u8], path: &Path) -> Result<(), ContextError> {
+        self.raw += data.len() as u64;
+        if self.dry {
+            return Ok(());
+        }
         self.sink.write_all(data).map_err(|e| out_error(e, path))
+    }
+
+    /// `./`, a plain folder header: the docker CLI takes its stdin for an
+    /// archive only when the first 512 bytes are a whole tar header, which
+    /// a PAX or long-name record before a file is not.
+    fn root(&mut self) -> Result<(), ContextError> {
+        self.header(
+            b"./",
+            EntryType::Directory,
+            0o755,
+            0,
+            0,
+            None,
+            Path::new("."),
+        )
+    }
+
+    /// Ends one archive (two zero blocks) without ending the stream: a
+    /// second archive may follow in the same compressed stream.
+    fn end_archive(&mut self) -> Result<(), ContextError> {
+        self.write(&[0; 2 * BLOCK], Path::new("end of archive"))
+    }
+
+    /// Hard links, each a header without content.
+    fn links(&mut self, links: &[HardLink]) -> Result<(), ContextError> {
+        for link in links {
+            let path = PathBuf::from(&link.name);
+            self.header(
+                link.name.as_bytes(),
+                EntryType::Link,
+                0o644,
+                0,
+                0,
+                Some(link.target.as_bytes()),
+                &path,
+            )?;
+        }
+        Ok(())
     }
 
     /// Two zero blocks end the archive; then everything is flushed.

@@ -138,6 +138,8 @@ pub struct SyncSummary {
     pub files_linked: u64,
     /// File contents sent to the store.
     pub blobs_sent: u64,
+    /// The context went to `docker build` while it arrived (a cold send).
+    pub streamed: bool,
     /// Bytes of the store query (the plan's file names in the store).
     pub query_bytes: u64,
     /// Files, folders and symlinks in the tar stream.
@@ -238,9 +240,24 @@ pub struct Early {
     pub compression: tokio::sync::watch::Receiver<Option<Compression>>,
     /// Told the new manifest's hash just before the request goes out, so
     /// that `docker build` can be started beside it (it waits on the
-    /// builder for the copy to be marked clean with that manifest).
-    pub sending: Option<tokio::sync::oneshot::Sender<String>>,
+    /// builder for the copy to be marked clean with that manifest), and
+    /// whether the context is streamed to it as it arrives.
+    pub sending: Option<tokio::sync::oneshot::Sender<Sending>>,
 }
+
+/// What [`Early::sending`] tells the build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sending {
+    pub manifest: String,
+    /// A cold send: the builder feeds the context to `docker build -`
+    /// through the run folder's fifo while it unpacks it into the copy.
+    pub streamed: bool,
+}
+
+/// At least this share of a cold send's content must be new to the
+/// builder for it to be streamed into `docker build` (the stream carries
+/// all of it; the rest of the time the store's links save the bytes).
+const STREAM_NEW_SHARE: f64 = 0.9;
 
 /// Brings the builder's copy of the context up to date and links it into
 /// the run folder. Must run while the builder's lease is held.
@@ -423,6 +440,38 @@ pub async fn sync_context_early(
             })
         };
 
+        // A cold send of content the builder has not seen goes to `docker
+        // build` while it arrives, when the build waits beside the sync.
+        let all_bytes = planned_bytes(&plan, new);
+        let new_bytes = match &needed {
+            Some(needed) => {
+                let linked: std::collections::HashSet<usize> =
+                    wanted.iter().map(|w| w.index).collect();
+                let mut seen = std::collections::HashSet::new();
+                let mut n = 0u64;
+                for w in &wanted {
+                    if needed.contains(&w.variant) && seen.insert(w.variant.as_str()) {
+                        n += w.size;
+                    }
+                }
+                n + plan
+                    .send
+                    .iter()
+                    .filter(|i| !linked.contains(i))
+                    .map(|&i| match &new.entries[i].kind {
+                        Kind::File { size, .. } => *size,
+                        _ => 0,
+                    })
+                    .sum::<u64>()
+            }
+            None => all_bytes,
+        };
+        let stream_cold = sending.is_some()
+            && base_hash.is_none()
+            && !plan.send.is_empty()
+            && all_bytes > 0
+            && new_bytes as f64 >= all_bytes as f64 * STREAM_NEW_SHARE;
+
         let tar_mode = if plan.send.is_empty() {
             TarMode::None
         } else {
@@ -440,8 +489,8 @@ pub async fn sync_context_early(
             delete: &plan.delete,
             chmod: &plan.chmod,
             verify: verify_plan.as_ref(),
-        }
-        .encode();
+            stream: None,
+        };
         summary.entries_sent = plan.send.len() as u64;
         summary.files_sent = plan
             .send
@@ -451,9 +500,49 @@ pub async fn sync_context_early(
         summary.deleted = plan.delete.len() as u64;
         summary.chmod = plan.chmod.len() as u64;
         let content = Arc::new(AtomicU64::new(0));
-        let mut planned = planned_bytes(&plan, new);
+        let mut planned = all_bytes;
+        let streamed = if stream_cold {
+            let (entries, extra) = scanned.tar_inputs(&plan.send);
+            let (then, links) = match &needed {
+                Some(needed) => store::stream_links(&scanned, &wanted, needed, &new_hash),
+                None => (Vec::new(), Vec::new()),
+            };
+            let measured = tokio::task::spawn_blocking(move || {
+                context::archive_len(&entries, &extra).map(|n| (n, entries, extra))
+            })
+            .await
+            .map_err(|e| SyncError::Remote {
+                builder: builder.clone(),
+                message: format!("measuring the context archive panicked: {e}"),
+            })??;
+            Some((measured, then, links))
+        } else {
+            None
+        };
+        let stream_len = streamed.as_ref().map(|((n, _, _), _, _)| *n);
+        let request = Request {
+            stream: stream_len,
+            ..request
+        }
+        .encode();
         let tar = match (&needed, tar_mode) {
             (_, TarMode::None) => None,
+            _ if streamed.is_some() => {
+                let ((first_len, entries, extra), then, links) =
+                    streamed.expect("checked just above");
+                summary.blobs_sent = links.len() as u64;
+                summary.streamed = true;
+                Some(context::two_archives_stream(
+                    entries,
+                    extra,
+                    first_len,
+                    then,
+                    links,
+                    compression,
+                    CHUNK,
+                    content.clone(),
+                ))
+            }
             (None, _) => Some(scanned_tar(&scanned, &plan, compression, &content)),
             (Some(needed), _) => {
                 let t = store::tar_inputs(&scanned, &plan, &wanted, needed, &new_hash);
@@ -470,7 +559,10 @@ pub async fn sync_context_early(
             "sending the request"
         );
         if let Some(tell) = sending.take() {
-            let _ = tell.send(new_hash.clone());
+            let _ = tell.send(Sending {
+                manifest: new_hash.clone(),
+                streamed: stream_len.is_some(),
+            });
         }
         let done = match exchange(
             &mut p,

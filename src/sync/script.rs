@@ -149,7 +149,15 @@ if [ "$1" != v1 ]; then
   echo "error unknown sync request: $1" >&2
   exit 2
 fi
-mode=$2 base=$3 new=$4 tarmode=$5 expect=$6 verify=$7 vfiles=$8 vlinks=$9
+mode=$2 base=$3 new=$4 tarmode=$5 expect=$6 verify=$7 vfiles=$8 vlinks=$9 stream=${10:--}
+case $stream in
+  -) ;;
+  *[!0-9]*|'') echo "error refused the stream length $stream" >&2; exit 2 ;;
+  *) if [ "$mode" != full ] || [ "$tarmode" = none ]; then
+       echo "error a streamed send is a full send with content" >&2
+       exit 2
+     fi ;;
+esac
 if ! { IFS= read -r dels && IFS= read -r mods && IFS= read -r vlist &&
        IFS= read -r vodd && IFS= read -r vlnk; }; then
   echo "error the sync request was cut short" >&2
@@ -200,6 +208,11 @@ eval "$lib"
 decode() {
   printf '%s' "$1" | tr '\376\377' '\n\000'
 }
+# A build waiting on the run folder's fifo for a streamed send is let go
+# at exit, whatever happened (see the unpacking below).
+if [ "$stream" != - ] && [ -n "$run" ]; then
+  trap 'if [ -p "$run/context.tar" ]; then : 9<>"$run/context.tar"; fi' EXIT
+fi
 putstate 'v1 dirty' || fail "cannot write $dir/state"
 storelink=.absconda-store-$new incoming=.absconda-in-$new badblobs=0
 # Content sent for the store lands in $incoming: each file is hashed and
@@ -254,11 +267,56 @@ case $tarmode in
     z=
     [ "$tarmode" = gzip ] && z=-z
     { [ "$into" = "$tree" ] || mkdir "$stage"; } || fail "cannot create $stage"
+    # A streamed cold send: two archives, the context as it is and then the
+    # links that put its content into the store. The first, cut off at its
+    # announced length, goes both into the copy and to the `docker build`
+    # waiting on the run folder's fifo (see remote.rs, AFTER_SYNC), which
+    # so reads the context while it arrives. The run's context link is made
+    # first: the build finds the copy's lock through it, and waits there for
+    # this script's verdict.
+    fifo=
+    if [ "$stream" != - ] && [ -n "$run" ]; then
+      rm -f "$run/streamed"
+      if [ -L "$run/context" ]; then rm -f "$run/context"; fi
+      ln -s "$tree" "$run/context" || fail "cannot link the copy into $run"
+      n=0
+      while [ ! -p "$run/context.tar" ] && [ "$n" -lt 1500 ]; do
+        n=$((n + 1))
+        sleep 0.02
+      done
+      [ -p "$run/context.tar" ] && fifo=$run/context.tar
+    fi
+    # GNU tee stops at a reader that went away unless told not to; busybox
+    # tee goes on by itself.
+    tp=
+    case $(tee --version 2>/dev/null) in *GNU*) tp=-p ;; esac
+    untar() { (cd "$into" && umask 0 && exec tar -x $p -o -f -); }
+    fork() { if [ -n "$fifo" ]; then tee $tp "$fifo"; else cat; fi; }
+    # Exactly the first archive's bytes (busybox head reads ahead; dd with
+    # fullblock, GNU or busybox, reads what it is asked for).
+    first() {
+      big=$((stream / 1048576)) rest=$((stream % 1048576))
+      { [ "$big" = 0 ] || dd bs=1048576 count="$big" iflag=fullblock 2>/dev/null; } &&
+        { [ "$rest" = 0 ] || dd bs="$rest" count=1 iflag=fullblock 2>/dev/null; }
+    }
+    both() { { first | fork | untar; } && untar; }
     # Files the store holds arrive as hard links through this symlink.
     if [ -d "$ws/store/b" ] && [ ! -L "$ws/store" ] && [ ! -L "$ws/store/b" ]; then
       ln -s "$ws/store/b" "$into/$storelink" || fail "cannot link the store into $into"
     fi
-    if [ "$tarmode" = zstd ]; then
+    if [ "$stream" != - ]; then
+      rm -f "$dir/zstd.failed"
+      case $tarmode in
+        zstd) { zstd -dcq || : > "$dir/zstd.failed"; } | both ;;
+        gzip) gzip -dc | both ;;
+        *) both ;;
+      esac
+      untarred=$?
+      if [ -e "$dir/zstd.failed" ]; then
+        rm -f "$dir/zstd.failed" "$into/$storelink"
+        fail "zstd could not decode the changes"
+      fi
+    elif [ "$tarmode" = zstd ]; then
       # A pipe's status is tar's: a failed zstd leaves a mark.
       rm -f "$dir/zstd.failed"
       (cd "$into" && umask 0 && { zstd -dcq || : > "$dir/zstd.failed"; } | tar -x $p -o -f -)
@@ -344,6 +402,9 @@ if [ "$ok" != yes ]; then
   exit 3
 fi
 putstate "v1 clean $new $all $boot" || fail "cannot write $dir/state"
+if [ "$stream" != - ] && [ -n "$run" ]; then
+  printf 'clean %s\n' "$new" > "$run/streamed.tmp" && mv -f "$run/streamed.tmp" "$run/streamed"
+fi
 echo "result clean"
 
 # Copies nobody has built from for the store's TTL (in minutes; 30 days
@@ -504,6 +565,9 @@ pub struct Request<'a> {
     pub delete: &'a [String],
     pub chmod: &'a [(u32, String)],
     pub verify: Option<&'a super::manifest::VerifyPlan>,
+    /// A streamed cold send (see [`crate::context::write_two_archives`]):
+    /// the length of the first archive before compression.
+    pub stream: Option<u64>,
 }
 
 impl Request<'_> {
@@ -514,7 +578,7 @@ impl Request<'_> {
             None => ("-", "-"),
         };
         let mut out = format!(
-            "v1 {} {} {} {} {} {} {} {}\n",
+            "v1 {} {} {} {} {} {} {} {} {}\n",
             if self.base.is_some() { "delta" } else { "full" },
             self.base.unwrap_or("-"),
             self.new_manifest,
@@ -522,7 +586,9 @@ impl Request<'_> {
             self.expected_listing,
             u8::from(self.verify.is_some()),
             vfiles,
-            vlinks
+            vlinks,
+            self.stream
+                .map_or_else(|| "-".to_string(), |n| n.to_string())
         )
         .into_bytes();
         out.extend(encode_line(self.delete.iter().map(String::as_str)));
@@ -662,6 +728,7 @@ mod tests {
             delete: &plan.delete,
             chmod: &plan.chmod,
             verify: verify_plan.as_ref(),
+            stream: None,
         }
         .encode();
         if tar_mode != TarMode::None {
@@ -974,10 +1041,247 @@ mod tests {
             delete: &["a b".into(), "c\nd".into()],
             chmod: &[(0o755, "x".into())],
             verify: None,
+            stream: None,
         };
         assert_eq!(
             req.encode(),
-            b"v1 delta B N gzip L 0 - -\na b\xFFc\xFEd\xFF\n00755\xFFx\xFF\n\n\n\n"
+            b"v1 delta B N gzip L 0 - - -\na b\xFFc\xFEd\xFF\n00755\xFFx\xFF\n\n\n\n"
+        );
+    }
+
+    /// A streamed cold send: a reader on the run folder's fifo (standing
+    /// in for `docker build -`) gets exactly the context's own archive,
+    /// with nothing of the store in it, while the copy is unpacked, its
+    /// files linked into the store and the copy marked clean; in dash with
+    /// GNU tools (zstd too, when present) and in busybox sh.
+    #[test]
+    fn a_streamed_send_feeds_the_fifo_the_copy_and_the_store() {
+        use crate::sync::store;
+        use std::os::unix::fs::MetadataExt;
+        let home = tempfile::tempdir().unwrap();
+        let ctx = home.path().join("ctx");
+        make_tree(&ctx);
+        std::fs::write(ctx.join("big.bin"), vec![7u8; 300_000]).unwrap();
+        let mut shells: Vec<(Shell, Compression)> = vec![(gnu(), Compression::None)];
+        if Command::new("zstd").arg("--version").output().is_ok() {
+            shells.push((gnu(), Compression::Zstd));
+        }
+        shells.push((gnu(), Compression::Gzip));
+        shells.extend(busybox(home.path()).map(|b| (b, Compression::None)));
+        for (i, (sh, compression)) in shells.iter().enumerate() {
+            let ws = home.path().join(format!("ws{i}"));
+            let run = ws.join("runs/r1");
+            std::fs::create_dir_all(&run).unwrap();
+            let entries = walk(&ctx, &DockerIgnore::parse(""), &[]).unwrap();
+            let scanned = scan(entries, Vec::new(), &[]).unwrap();
+            let new = scanned.manifest.clone();
+            let plan = Plan::full(&new);
+            let wanted = store::wanted(&scanned, &plan);
+            let needed = wanted.iter().map(|w| w.variant.clone()).collect();
+            let new_hash = new.hash();
+            let (entries, extra) = scanned.tar_inputs(&plan.send);
+            let first_len = crate::context::archive_len(&entries, &extra).unwrap();
+            let (then, links) = store::stream_links(&scanned, &wanted, &needed, &new_hash);
+            assert!(!links.is_empty());
+            let tar_mode = match compression {
+                Compression::None => TarMode::Plain,
+                Compression::Gzip => TarMode::Gzip,
+                Compression::Zstd => TarMode::Zstd,
+            };
+            let listing = new.listing_hash();
+            let mut input = Request {
+                base: None,
+                new_manifest: &new_hash,
+                tar: tar_mode,
+                expected_listing: &listing,
+                delete: &[],
+                chmod: &[],
+                verify: None,
+                stream: Some(first_len),
+            }
+            .encode();
+            let mut body = Vec::new();
+            crate::context::write_two_archives(
+                &entries,
+                &extra,
+                first_len,
+                &then,
+                &links,
+                Compression::None,
+                &mut body,
+                Default::default(),
+            )
+            .unwrap();
+            crate::context::write_two_archives(
+                &entries,
+                &extra,
+                first_len,
+                &then,
+                &links,
+                *compression,
+                &mut input,
+                Default::default(),
+            )
+            .unwrap();
+            // The build's side: the fifo, and a reader that keeps what it got.
+            let fifo = run.join("context.tar");
+            assert!(
+                Command::new("mkfifo")
+                    .arg(&fifo)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            let got = run.join("got.tar");
+            let reader = Command::new("sh")
+                .args(["-c", "cat < \"$1\" > \"$2\"", "reader"])
+                .arg(&fifo)
+                .arg(&got)
+                .spawn()
+                .unwrap();
+            let mut child = Command::new(&sh.argv[0])
+                .args(&sh.argv[1..])
+                .args(["-c", SYNC, "absconda-sync"])
+                .arg(&ws)
+                .arg("k")
+                .arg(&run)
+                .env_clear()
+                .env("PATH", &sh.path)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            let writer = std::thread::spawn(move || stdin.write_all(&input));
+            let out = child.wait_with_output().unwrap();
+            writer.join().unwrap().unwrap();
+            let said = String::from_utf8_lossy(&out.stdout);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                said.ends_with("result clean\n"),
+                "{:?} {compression:?}: {said}\n{err}",
+                sh.argv
+            );
+            let mut reader = reader;
+            assert!(reader.wait().unwrap().success());
+            let fed = std::fs::read(&got).unwrap();
+            assert_eq!(fed.len() as u64, first_len, "{:?} {compression:?}", sh.argv);
+            assert_eq!(fed, body[..first_len as usize], "{:?}", sh.argv);
+            let marker = std::fs::read_to_string(run.join("streamed")).unwrap();
+            assert_eq!(marker, format!("clean {new_hash}\n"));
+            let tree = ws.join("contexts/k/tree");
+            assert_eq!(
+                std::fs::read(tree.join("big.bin")).unwrap(),
+                vec![7u8; 300_000]
+            );
+            assert_eq!(std::fs::read_link(run.join("context")).unwrap(), tree);
+            // Every file of the copy is one of the store's, under its name.
+            let blobs = std::fs::read_dir(ws.join("store/b"))
+                .unwrap_or_else(|e| panic!("{:?} {compression:?}: {e}: {said}\n{err}", sh.argv))
+                .count();
+            assert_eq!(blobs, links.len(), "{:?}", sh.argv);
+            let md = std::fs::metadata(tree.join("big.bin")).unwrap();
+            assert_eq!(md.nlink(), 2, "{:?}", sh.argv);
+            assert!(
+                !std::fs::read_dir(&tree).unwrap().any(|e| e
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".absconda")),
+                "{:?}",
+                sh.argv
+            );
+        }
+    }
+
+    /// With no reader on the fifo (the build never came), the sync still
+    /// fills the copy after its wait, and the fifo is opened at exit, so
+    /// a reader that comes late sees the end instead of waiting forever.
+    #[test]
+    fn a_streamed_send_without_a_reader_still_fills_the_copy() {
+        let home = tempfile::tempdir().unwrap();
+        let ctx = home.path().join("ctx");
+        make_tree(&ctx);
+        let sh = gnu();
+        let ws = home.path().join("ws");
+        let run = ws.join("runs/r1");
+        std::fs::create_dir_all(&run).unwrap();
+        let entries = walk(&ctx, &DockerIgnore::parse(""), &[]).unwrap();
+        let scanned = scan(entries, Vec::new(), &[]).unwrap();
+        let new = scanned.manifest.clone();
+        let plan = Plan::full(&new);
+        let (entries, extra) = scanned.tar_inputs(&plan.send);
+        let first_len = crate::context::archive_len(&entries, &extra).unwrap();
+        let new_hash = new.hash();
+        let listing = new.listing_hash();
+        let mut input = Request {
+            base: None,
+            new_manifest: &new_hash,
+            tar: TarMode::Plain,
+            expected_listing: &listing,
+            delete: &[],
+            chmod: &[],
+            verify: None,
+            stream: Some(first_len),
+        }
+        .encode();
+        crate::context::write_two_archives(
+            &entries,
+            &extra,
+            first_len,
+            &[],
+            &[],
+            Compression::None,
+            &mut input,
+            Default::default(),
+        )
+        .unwrap();
+        // A fifo nobody reads: the sync must not wait on it forever. (The
+        // script waits 30 s for a fifo that is not there; this one is, and
+        // tee would block opening it, so a reader opens it, reads nothing
+        // and goes away: tee must go on writing the copy.)
+        let fifo = run.join("context.tar");
+        assert!(
+            Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let quitter = Command::new("sh")
+            .args(["-c", "exec 3< \"$1\"; exec 3<&-", "quitter"])
+            .arg(&fifo)
+            .spawn()
+            .unwrap();
+        let mut child = Command::new(&sh.argv[0])
+            .args(&sh.argv[1..])
+            .args(["-c", SYNC, "absconda-sync"])
+            .arg(&ws)
+            .arg("k")
+            .arg(&run)
+            .env_clear()
+            .env("PATH", &sh.path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output().unwrap();
+        let _ = writer.join().unwrap();
+        let mut quitter = quitter;
+        quitter.wait().unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.ends_with("result clean\n"),
+            "{said}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            std::fs::read(ws.join("contexts/k/tree/plain.txt")).unwrap(),
+            b"hello\n"
         );
     }
 }

@@ -319,6 +319,43 @@ pub fn tar_inputs(
     }
 }
 
+/// The second archive of a streamed cold send: the incoming folder and,
+/// for each needed variant, a hard link to the first file of the context
+/// that holds it, which the sync script then hashes and moves into the
+/// store like content sent under its variant's name.
+pub fn stream_links(
+    scanned: &Scanned,
+    wanted: &[Wanted],
+    needed: &HashSet<String>,
+    new_manifest: &str,
+) -> (Vec<Entry>, Vec<HardLink>) {
+    let inc = incoming_dir(new_manifest);
+    let mut seen = HashSet::new();
+    let mut links = Vec::new();
+    for w in wanted {
+        if needed.contains(&w.variant) && seen.insert(w.variant.as_str()) {
+            links.push(HardLink {
+                name: format!("{inc}/{}", w.variant),
+                target: scanned.manifest.entries[w.index].path.clone(),
+            });
+        }
+    }
+    if links.is_empty() {
+        return (Vec::new(), links);
+    }
+    let dir = Entry {
+        rel: inc,
+        abs: Default::default(),
+        kind: EntryKind::Dir,
+        mode: 0o700,
+        mtime: 0,
+        mtime_nsec: 0,
+        ino: 0,
+        dev: 0,
+    };
+    (vec![dir], links)
+}
+
 /// Streams a [`StoreTar`].
 pub fn tar_stream(
     t: StoreTar,

@@ -174,6 +174,7 @@ impl Attack {
             delete: &delete,
             chmod: &chmod,
             verify: None,
+            stream: None,
         }
         .encode();
         input.extend_from_slice(tar);

@@ -2132,3 +2132,109 @@ fn the_docker_probe_is_kept_until_docker_changes() {
     build_json(&p, "sync/probe", &[]);
     assert!(probes() > first, "a changed docker binary was not probed");
 }
+
+/// A cold build streams the context into `docker build -` while the
+/// builder unpacks it into its copy: docker's own log says it loaded a
+/// remote (tar) context, the image holds every file, the copy is complete
+/// and its files are the store's; the next build reads the copy as a
+/// folder. A Dockerfile in a subfolder is found inside the stream.
+#[test]
+fn a_cold_build_streams_the_context_into_docker_build() {
+    if !services() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::with_builder(&sshd, "");
+    p.file(
+        "build/Dockerfile",
+        &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"),
+    );
+    for i in 0..50 {
+        p.file(&format!("src/f{i}.txt"), &format!("file {i}\n").repeat(100));
+    }
+    let big = random_bytes(3, 3 << 20);
+    std::fs::write(p.context.join("big.bin"), &big).unwrap();
+    let image = "sync/streamed:t";
+    let dockerfile = p.context.join("build/Dockerfile").display().to_string();
+    let args = [
+        "--tag",
+        "t",
+        "--json",
+        "--dockerfile",
+        &dockerfile,
+        "--progress",
+        "plain",
+    ];
+    let out = p.build("sync/streamed", &args);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    let cold: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sync_of(&cold)["mode"], "full", "{cold}");
+    assert_eq!(sync_of(&cold)["streamed"], true, "{cold}");
+    if cold["buildkit"] == true {
+        assert!(all.contains("load remote build context"), "{all}");
+    }
+    assert_eq!(sha_hex(&cat_in_image(image, "/ctx/big.bin")), sha_hex(&big));
+    assert_eq!(
+        cat_in_image(image, "/ctx/src/f7.txt"),
+        "file 7\n".repeat(100).as_bytes()
+    );
+    // The copy: every file, each linked from the store.
+    let copy = copies(&p).pop().unwrap().join("tree");
+    assert_same(
+        &local_tree(&p.context),
+        &builder_tree(&copy),
+        "streamed copy",
+    );
+    let md = std::fs::metadata(copy.join("big.bin")).unwrap();
+    assert_eq!(md.nlink(), 2, "the copy's file is the store's");
+    assert!(p.run_folders().is_empty(), "{:?}", p.run_folders());
+
+    let out = p.build("sync/streamed", &args);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    let same: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sync_of(&same)["mode"], "delta", "{same}");
+    assert_eq!(sync_of(&same)["streamed"], false, "{same}");
+    if same["buildkit"] == true {
+        assert!(!all.contains("load remote build context"), "{all}");
+    }
+}
+
+/// A streamed build whose Dockerfile fails stops reading the stream at
+/// once: absconda reports docker's failure, and the sync still completes
+/// the copy (the next build sends nothing but the change).
+#[test]
+fn a_streamed_build_that_fails_early_still_completes_the_copy() {
+    if !services() {
+        return;
+    }
+    let d = docker();
+    let sshd = Sshd::start(Some(&d.host));
+    let p = Project::with_builder(&sshd, "");
+    p.file("Dockerfile", "FROM\n");
+    std::fs::write(p.context.join("big.bin"), random_bytes(4, 4 << 20)).unwrap();
+    let out = p.build("sync/broken", &["--tag", "t"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let copy = copies(&p).pop().unwrap();
+    assert_eq!(
+        state_of(&p).split(' ').nth(1),
+        Some("clean"),
+        "{}",
+        text(&out)
+    );
+    assert_same(
+        &local_tree(&p.context),
+        &builder_tree(&copy.join("tree")),
+        "copy after a failed streamed build",
+    );
+    p.file(
+        "Dockerfile",
+        &format!("FROM {BASE_IMAGE}\nCOPY big.bin /\n"),
+    );
+    let fixed = build_json(&p, "sync/broken", &[]);
+    assert_eq!(sync_of(&fixed)["mode"], "delta", "{fixed}");
+    assert_eq!(fixed["files_sent"], 1, "{fixed}");
+    assert!(p.run_folders().is_empty(), "{:?}", p.run_folders());
+}
