@@ -1490,6 +1490,9 @@ pub async fn build_on(
             wait: req.remote_wait,
             compression: decision,
             sending,
+            // Its layers are not reused by builds from the copy's folder:
+            // only where asked for, or where nothing is reused anyway.
+            stream: builder.stream_cold || req.no_cache,
         };
         tokio::select! {
             r = crate::sync::sync_context_early(session, &early_job, entries, extra, reporter, Some(early)) => Some(r),

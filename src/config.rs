@@ -198,6 +198,11 @@ pub struct Builder {
     pub cache_ttl: Duration,
     pub docker: String,
     pub compression: CompressionSetting,
+    /// A cold send is fed to `docker build` while the builder unpacks it
+    /// (`stream_cold:`, default false; `--no-cache` builds always do): the
+    /// layers such a build leaves are not reused by later builds from the
+    /// copy, whose context is a folder rather than an archive.
+    pub stream_cold: bool,
     pub buildkit: BuildkitSetting,
     /// Where `--secret` values are stored during a build; `None`: a tmpfs
     /// (`/dev/shm` or `$XDG_RUNTIME_DIR`), refusing disk-backed folders.
@@ -317,6 +322,7 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("cache_ttl", Kind::Str),
     ("docker", Kind::Str),
     ("compression", Kind::Str),
+    ("stream_cold", Kind::Bool),
     ("buildkit", Kind::Str),
     ("secret_dir", Kind::Str),
     ("timeout", Kind::Int),
@@ -379,6 +385,7 @@ const DEFAULT_KEYS: &[&str] = &[
     "cache_ttl",
     "docker",
     "compression",
+    "stream_cold",
     "buildkit",
     "secret_dir",
     "timeout",
@@ -1202,6 +1209,7 @@ impl ConfigFile {
             },
             docker: r.string("docker")?.unwrap_or_else(|| "docker".into()),
             compression,
+            stream_cold: r.bool("stream_cold")?.unwrap_or(false),
             buildkit,
             secret_dir: r.string("secret_dir")?,
             timeout: secs("timeout", 3600)?,

@@ -243,6 +243,8 @@ pub struct Early {
     /// builder for the copy to be marked clean with that manifest), and
     /// whether the context is streamed to it as it arrives.
     pub sending: Option<tokio::sync::oneshot::Sender<Sending>>,
+    /// A cold send may be streamed into the build (see [`Sending`]).
+    pub stream: bool,
 }
 
 /// What [`Early::sending`] tells the build.
@@ -403,7 +405,9 @@ pub async fn sync_context_early(
         }
 
         let mut sending = None;
+        let mut may_stream = false;
         if let Some(mut e) = early.take() {
+            may_stream = e.stream;
             match e.compression.wait_for(Option::is_some).await {
                 Ok(c) => compression = c.unwrap_or(compression),
                 Err(_) => {
@@ -466,7 +470,8 @@ pub async fn sync_context_early(
             }
             None => all_bytes,
         };
-        let stream_cold = sending.is_some()
+        let stream_cold = may_stream
+            && sending.is_some()
             && base_hash.is_none()
             && !plan.send.is_empty()
             && all_bytes > 0

@@ -764,6 +764,8 @@ fn an_unchanged_rebuild_sends_almost_nothing_and_one_change_its_compressed_size(
     let build = || build_json(&p, "sync/little", &[]);
     let (cold, bytes) = sent_by(&mut || build());
     assert_eq!(sync_of(&cold)["mode"], "full", "{cold}");
+    // Not streamed by default: its layers are reused by the builds after.
+    assert_eq!(sync_of(&cold)["streamed"], false, "{cold}");
     assert_eq!(
         sync_of(&cold)["reason"],
         "first build of this context on this builder"
@@ -2133,11 +2135,12 @@ fn the_docker_probe_is_kept_until_docker_changes() {
     assert!(probes() > first, "a changed docker binary was not probed");
 }
 
-/// A cold build streams the context into `docker build -` while the
-/// builder unpacks it into its copy: docker's own log says it loaded a
-/// remote (tar) context, the image holds every file, the copy is complete
-/// and its files are the store's; the next build reads the copy as a
-/// folder. A Dockerfile in a subfolder is found inside the stream.
+/// With `stream_cold: true`, a cold build streams the context into
+/// `docker build -` while the builder unpacks it into its copy: docker's
+/// own log says it loaded a remote (tar) context, the image holds every
+/// file, the copy is complete and its files are the store's; the next
+/// build reads the copy as a folder. A Dockerfile in a subfolder is found
+/// inside the stream.
 #[test]
 fn a_cold_build_streams_the_context_into_docker_build() {
     if !services() {
@@ -2145,7 +2148,7 @@ fn a_cold_build_streams_the_context_into_docker_build() {
     }
     let d = docker();
     let sshd = Sshd::start(Some(&d.host));
-    let p = Project::with_builder(&sshd, "");
+    let p = Project::with_builder(&sshd, "    stream_cold: true\n");
     p.file(
         "build/Dockerfile",
         &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"),
@@ -2172,6 +2175,7 @@ fn a_cold_build_streams_the_context_into_docker_build() {
     let cold: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(sync_of(&cold)["mode"], "full", "{cold}");
     assert_eq!(sync_of(&cold)["streamed"], true, "{cold}");
+    assert!(cold["buildkit"].is_boolean(), "{cold}");
     if cold["buildkit"] == true {
         assert!(all.contains("load remote build context"), "{all}");
     }
@@ -2202,9 +2206,10 @@ fn a_cold_build_streams_the_context_into_docker_build() {
     }
 }
 
-/// A streamed build whose Dockerfile fails stops reading the stream at
-/// once: absconda reports docker's failure, and the sync still completes
-/// the copy (the next build sends nothing but the change).
+/// A `--no-cache` cold build is streamed (nothing is reused anyway); one
+/// whose Dockerfile fails stops reading the stream at once: absconda
+/// reports docker's failure, and the sync still completes the copy (the
+/// next build sends nothing but the change).
 #[test]
 fn a_streamed_build_that_fails_early_still_completes_the_copy() {
     if !services() {
@@ -2215,8 +2220,19 @@ fn a_streamed_build_that_fails_early_still_completes_the_copy() {
     let p = Project::with_builder(&sshd, "");
     p.file("Dockerfile", "FROM\n");
     std::fs::write(p.context.join("big.bin"), random_bytes(4, 4 << 20)).unwrap();
-    let out = p.build("sync/broken", &["--tag", "t"]);
+    let out = p.build("sync/broken", &["--tag", "t", "--no-cache", "--json"]);
     assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("dockerfile parse error")
+            || String::from_utf8_lossy(&out.stderr).contains("FROM requires"),
+        "{}",
+        text(&out)
+    );
+    // BuildKit names the context it read: the stream, not the folder.
+    let all = text(&out);
+    if all.contains("[internal]") {
+        assert!(all.contains("load remote build context"), "{all}");
+    }
     let copy = copies(&p).pop().unwrap();
     assert_eq!(
         state_of(&p).split(' ').nth(1),
