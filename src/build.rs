@@ -656,12 +656,9 @@ async fn acquire_lease_at(
         self_stop,
     );
     let mut process = session.exec("the builder lease", &cmd).await?;
-    // Protocol lines start with this build's nonce (see `remote::lease`).
-    let nonce = format!("{:032x}", rand::random::<u128>());
-    process
-        .writer
-        .write_all(format!("{nonce}\n").as_bytes())
-        .await?;
+    // Protocol lines start with the nonce the script says first (see
+    // `remote::lease`); until then, nothing counts.
+    let mut nonce = String::new();
     let mut buf = Vec::new();
     let mut stderr = Vec::new();
     let mut holder = String::new();
@@ -696,6 +693,15 @@ async fn acquire_lease_at(
                 },
             });
         };
+        if nonce.is_empty() {
+            if let Some(n) = line.strip_prefix("nonce ")
+                && n.len() == 64
+                && n.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                nonce = n.to_string();
+            }
+            continue;
+        }
         let Some(line) = line
             .strip_prefix(nonce.as_str())
             .and_then(|l| l.strip_prefix(' '))

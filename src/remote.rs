@@ -15,8 +15,8 @@
 //! depend on the client surviving. absconda sends it a line every
 //! [`LEASE_HEARTBEAT`]; after 45s of silence it cleans up the same way, so a
 //! client that vanished without closing TCP holds the builder for under a
-//! minute. Its protocol lines start with a nonce absconda sends first, so no
-//! builder-side text can forge one.
+//! minute. Its protocol lines start with a nonce the script makes and says
+//! first, so no builder-side text can forge one.
 
 use std::time::Duration;
 
@@ -35,11 +35,17 @@ ws=$1 run=$2 holder=$3 wait=$4 stop_delay=$5 poweroff=$6 identity=$7 metadata=$8
 SELF_STOP=$9
 umask 077
 trap '' HUP PIPE
-# absconda's first line is this build's nonce, and every protocol line
-# starts with it: no text from the builder (the holder file, a user name)
-# can pass for one. Holder text is cut to printable ASCII on one line.
-IFS= read -r nonce || exit 1
-case $nonce in ''|*[!0-9a-f]*) echo "error the lease request had no nonce" >&2; exit 2 ;; esac
+# Every protocol line starts with this build's nonce, made here and said
+# first (so absconda need not send one, which would cost a round trip: sshd
+# opens a session's input only once the command runs): no text from the
+# builder (the holder file, a user name) can pass for a protocol line, as
+# none of it could know the nonce. Holder text is cut to printable ASCII on
+# one line.
+nonce=$(tr -d '-' < /proc/sys/kernel/random/uuid 2>/dev/null)$(tr -d '-' < /proc/sys/kernel/random/uuid 2>/dev/null)
+case $nonce in
+  *[!0-9a-f]*|'') echo "error cannot read /proc/sys/kernel/random/uuid for a nonce" >&2; exit 70 ;;
+esac
+printf 'nonce %s\n' "$nonce"
 say() { printf '%s %s\n' "$nonce" "$*"; }
 holder_now() { tr -cd '\040-\176' < "$ws/.lease-holder" 2>/dev/null | cut -c1-200; }
 if ! mkdir -p "$ws/runs" 2>/dev/null || ! [ -w "$ws" ]; then
