@@ -10,9 +10,11 @@
 //! the same metadata, as a copy made with `cp -a`, a cache restored by CI,
 //! or the same checkout from two paths) cost their content once. A copy
 //! whose files carry other mtimes gets its own variants, made on the
-//! builder from the content it already holds (`cp --reflink=auto`, so
-//! filesystems with reflinks still share the blocks): the content never
-//! crosses the network twice.
+//! builder from the content it already holds (a reflink where the
+//! filesystem has them, so the blocks are still shared): the content never
+//! crosses the network twice. One python3 makes them all where the builder
+//! has one; without it, a sh loop starts a `cp` a file and a `touch` an
+//! mtime (busybox's touch sets whole seconds, as its tar does).
 //!
 //! Nothing is ever changed in place: a store file is created under a
 //! temporary name, hashed with `sha256sum`, and renamed into place only
@@ -683,6 +685,85 @@ evict() {
     };
 }
 
+/// The python3 program that makes the missing variants, from `$q/src`
+/// lines `<sha> <variant> <size> <source>` on stdin (argv: the store, the
+/// folder to make them in): a reflink where the filesystem has them
+/// (`FICLONE`), else a copy in the kernel, then the mode and the mtime to
+/// the nanosecond, both from the name. A file that fails is removed and
+/// left for the client to send. Quoted in sh with `'`, so it has none.
+macro_rules! make_variants_py {
+    () => {
+        r#"
+import os, sys
+try:
+    from fcntl import ioctl
+except ImportError:
+    ioctl = None
+FICLONE = 0x40049409
+b, m = os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2])
+
+def copy(i, o):
+    if ioctl is not None:
+        try:
+            ioctl(o, FICLONE, i)
+            return
+        except OSError:
+            pass
+    off = 0
+    if hasattr(os, "sendfile"):
+        try:
+            while True:
+                n = os.sendfile(o, i, off, 1 << 30)
+                if n == 0:
+                    return
+                off += n
+        except OSError:
+            os.ftruncate(o, 0)
+            os.lseek(o, 0, os.SEEK_SET)
+            off = 0
+    while True:
+        d = os.pread(i, 1 << 20, off)
+        if not d:
+            return
+        off += len(d)
+        while d:
+            d = d[os.write(o, d):]
+
+seen = set()
+for line in sys.stdin.buffer:
+    w = line.split()
+    if len(w) != 4 or w[1] in seen:
+        continue
+    v, src = w[1], w[3]
+    seen.add(v)
+    f = os.path.join(m, v)
+    made = False
+    try:
+        mode, t = v.split(b"-")[1:]
+        sec, frac = t.split(b".")
+        ns = int(sec) * 1000000000 + int(frac)
+        i = os.open(os.path.join(b, src), os.O_RDONLY)
+        try:
+            o = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            made = True
+            try:
+                copy(i, o)
+                os.fchmod(o, int(mode, 8))
+                os.utime(o, ns=(ns, ns))
+            finally:
+                os.close(o)
+        finally:
+            os.close(i)
+    except Exception:
+        if made:
+            try:
+                os.unlink(f)
+            except OSError:
+                pass
+"#
+    };
+}
+
 /// Answers which variants the builder lacks (see the module doc).
 pub const QUERY: &str = concat!(
     "ws=$1 key=$2 max=$3 ttl=$4 z=$5 keep=$2\n",
@@ -732,30 +813,65 @@ if [ -s "$q/miss" ]; then
     done > "$q/src"
   fi
 fi
-rl=
-cp --reflink=auto /dev/null "$q/rl" 2>/dev/null && rl=--reflink=auto
 mkdir "$q/m"
-# Two programs a file (modes are set below, a few `chmod`s for all), run
-# on every core: starting programs is what this costs.
-jobs=$(nproc 2>/dev/null || echo 2)
-case $jobs in ''|*[!0-9]*) jobs=2 ;; esac
-last= n=0
-while read -r h v s src; do
-  [ "$v" != "$last" ] || continue
-  last=$v
-  t=${v##*-}
-  f=$q/m/$v
-  { cp $rl -- "$b/$src" "$f" 2>/dev/null &&
-      { touch -c -d "@$t" "$f" 2>/dev/null || touch -c -d "@${t%.*}" "$f"; } ||
-      rm -f -- "$f"; } &
-  n=$((n + 1))
-  [ $((n % (jobs * 2))) != 0 ] || wait
-done < "$q/src"
-wait
-(cd "$q/m" && find . -type f) | sed 's|^\./||' > "$q/mlist"
-for mode in $(sed 's/^[0-9a-f]*-\([0-7]*\)-.*/\1/' "$q/mlist" | sort -u); do
-  grep "^[0-9a-f]*-$mode-" "$q/mlist" | (cd "$q/m" && xargs -r chmod "$mode" --)
-done
+# One python3 makes them all where there is one (cloud images have it);
+# it fails only as a whole, and then the sh loop below makes them.
+if [ ! -s "$q/src" ]; then
+  :
+elif command -v python3 >/dev/null 2>&1 &&
+  python3 -I -S -c '"#,
+    make_variants_py!(),
+    r#"' "$b" "$q/m" < "$q/src" 2>/dev/null; then
+  :
+else
+  rm -rf "$q/m" && mkdir "$q/m" || exit 70
+  rl=
+  cp --reflink=auto /dev/null "$q/rl" 2>/dev/null && rl=--reflink=auto
+  # One `cp` a file, on every core: starting programs is what this costs.
+  jobs=$(nproc 2>/dev/null || echo 2)
+  case $jobs in ''|*[!0-9]*) jobs=2 ;; esac
+  last= n=0
+  while read -r h v s src; do
+    [ "$v" != "$last" ] || continue
+    last=$v
+    { cp $rl -- "$b/$src" "$q/m/$v" 2>/dev/null || rm -f -- "$q/m/$v"; } &
+    n=$((n + 1))
+    [ $((n % (jobs * 2))) != 0 ] || wait
+  done < "$q/src"
+  wait
+  (cd "$q/m" && find . -type f) | sed 's|^\./||' > "$q/mlist"
+  # One `touch` for the files of one mtime (a checkout writes many within
+  # one clock tick), and a few `chmod`s for all. A touch without
+  # nanoseconds (busybox) sets whole seconds, as tar does there; a file
+  # whose mtime cannot be set is dropped and sent.
+  : > "$q/probe"
+  ns=
+  touch -c -d @1.000000001 "$q/probe" 2>/dev/null && ns=1
+  stamp() {
+    at=$1
+    shift
+    [ -n "$ns" ] || at=${at%.*}
+    touch -c -d "@$at" -- "$@" 2>/dev/null || rm -f -- "$@"
+  }
+  stamp_all() {
+    cur=
+    set --
+    while read -r t v; do
+      if [ "$t" != "$cur" ] || [ $# -ge 200 ]; then
+        [ $# = 0 ] || stamp "$cur" "$@"
+        set --
+        cur=$t
+      fi
+      set -- "$@" "$q/m/$v"
+    done
+    [ $# = 0 ] || stamp "$cur" "$@"
+  }
+  sed 's/.*-\([0-9]*\.[0-9]*\)$/\1 &/' "$q/mlist" | sort > "$q/mt"
+  stamp_all < "$q/mt"
+  for mode in $(sed 's/^[0-9a-f]*-\([0-7]*\)-.*/\1/' "$q/mlist" | sort -u); do
+    grep "^[0-9a-f]*-$mode-" "$q/mlist" | (cd "$q/m" && xargs -r chmod "$mode" --)
+  done
+fi
 (cd "$q/m" && find . -type f -exec sha256sum {} +) | while read -r h n; do
   n=${n#./}
   case $n in */*) continue ;; "$h"-*) echo "$n" ;; esac
@@ -858,6 +974,99 @@ mod tests {
         child.wait_with_output().unwrap()
     }
 
+    /// Where the builder's tools are found, for the ways variants are made.
+    struct Tools {
+        argv: Vec<String>,
+        path: String,
+        /// python3 is on `path`.
+        python: bool,
+        /// `touch -d @sec.nsec` works (not busybox's).
+        nanoseconds: bool,
+    }
+
+    /// The system's tools with dash (python3 makes the variants), the same
+    /// tools without python3 (the sh loop, with GNU touch), and busybox sh
+    /// with busybox's tools alone.
+    fn variant_tools(dir: &std::path::Path) -> Vec<Tools> {
+        let mut out = Vec::new();
+        if ["/usr/bin/python3", "/bin/python3"]
+            .iter()
+            .any(|p| std::path::Path::new(p).exists())
+        {
+            out.push(Tools {
+                argv: vec!["dash".into()],
+                path: "/usr/bin:/bin".into(),
+                python: true,
+                nanoseconds: true,
+            });
+        } else {
+            crate::test_support::require("/usr/bin/python3");
+        }
+        let bin = without_python(dir);
+        out.push(Tools {
+            argv: vec![bin.join("dash").display().to_string()],
+            path: bin.display().to_string(),
+            python: false,
+            nanoseconds: true,
+        });
+        if let Some((argv, path)) = crate::test_support::busybox_shell(dir) {
+            out.push(Tools {
+                argv,
+                path,
+                python: false,
+                nanoseconds: false,
+            });
+        }
+        out
+    }
+
+    /// A folder of links to the system's tools the store's programs use,
+    /// without python3.
+    fn without_python(dir: &std::path::Path) -> std::path::PathBuf {
+        let bin = dir.join("no-python");
+        std::fs::create_dir_all(&bin).unwrap();
+        for tool in [
+            "dash",
+            "sh",
+            "find",
+            "stat",
+            "sort",
+            "sha256sum",
+            "xargs",
+            "tr",
+            "cut",
+            "readlink",
+            "chmod",
+            "rm",
+            "mkdir",
+            "mv",
+            "cat",
+            "id",
+            "gzip",
+            "printf",
+            "sed",
+            "grep",
+            "wc",
+            "du",
+            "df",
+            "touch",
+            "cp",
+            "head",
+            "tail",
+            "uniq",
+            "nproc",
+            "flock",
+        ] {
+            let found = ["/usr/bin", "/bin"]
+                .iter()
+                .map(|d| std::path::Path::new(d).join(tool))
+                .find(|p| p.exists())
+                .unwrap_or_else(|| panic!("`{tool}` is not installed"));
+            let _ = std::os::unix::fs::symlink(found, bin.join(tool));
+        }
+        bin
+    }
+
     /// The query keeps what matches, drops a store file whose size is not
     /// its name's, makes a missing variant from another one of the same
     /// content (hashed before it is renamed in), and asks for the rest.
@@ -866,7 +1075,8 @@ mod tests {
         use sha2::Digest;
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        for (i, (argv, path)) in shells(dir.path()).iter().enumerate() {
+        for (i, tools) in variant_tools(dir.path()).iter().enumerate() {
+            let (argv, path) = (&tools.argv, &tools.path);
             let ws = dir.path().join(format!("ws{i}"));
             let b = ws.join("store/b");
             std::fs::create_dir_all(&b).unwrap();
@@ -878,7 +1088,9 @@ mod tests {
             let v3 = variant(&sha(b"other"), 0o644, 1, 0);
             let v4 = variant(&sha(b"right"), 0o644, 1, 0);
             std::fs::write(b.join(&v4), "wrong size").unwrap();
-            let req = format!("{v1} 6\n{v2} 6\n{v3} 5\n{v4} 5\n");
+            // An mtime no file can have: that variant fails alone.
+            let v5 = format!("{}-644-99999999999999999999.000000000", hex::encode(hello));
+            let req = format!("{v1} 6\n{v2} 6\n{v3} 5\n{v4} 5\n{v5} 6\n");
             let ws_s = ws.display().to_string();
             let args = ["-c", QUERY, "q", &ws_s, "k", "20%", "43200", "plain"];
             let out = run(argv, path, &args, req.as_bytes());
@@ -889,14 +1101,22 @@ mod tests {
                 String::from_utf8_lossy(&out.stderr)
             );
             let needed = parse_needed(&out.stdout).unwrap();
-            assert_eq!(needed, HashSet::from([v3.clone(), v4.clone()]), "{argv:?}");
+            assert_eq!(
+                needed,
+                HashSet::from([v3.clone(), v4.clone(), v5.clone()]),
+                "{argv:?} {path}"
+            );
+            assert!(!b.join(&v5).exists(), "{argv:?} {path}");
             assert!(
                 !b.join(&v4).exists(),
                 "{argv:?}: the wrong-sized file is dropped"
             );
             let md = std::fs::metadata(b.join(&v2)).unwrap();
-            assert_eq!(md.mode() & 0o7777, 0o755, "{argv:?}");
-            assert_eq!(md.mtime(), 1_700_000_001, "{argv:?}");
+            assert_eq!(md.mode() & 0o7777, 0o755, "{argv:?} {path}");
+            assert_eq!(md.mtime(), 1_700_000_001, "{argv:?} {path}");
+            // busybox's touch sets whole seconds, as its tar does.
+            let nsec = if tools.nanoseconds { 500 } else { 0 };
+            assert_eq!(md.mtime_nsec(), nsec, "{argv:?} {path}");
             assert_eq!(std::fs::read(b.join(&v2)).unwrap(), b"hello\n");
             assert!(
                 !ws.join("store").read_dir().unwrap().any(|e| e
@@ -908,6 +1128,94 @@ mod tests {
             // A name that could lead elsewhere is refused.
             let out = run(argv, path, &args, b"../../etc/passwd 1\n");
             assert!(!out.status.success(), "{argv:?}");
+        }
+    }
+
+    /// Variants are made without a program start per file where python3
+    /// is (none of `cp` or `touch`), and with one `cp` a file and one
+    /// `touch` an mtime without it: `cp` and `touch` first on PATH count
+    /// their starts. Either way every variant has its content, mode and
+    /// mtime to the nanosecond.
+    #[test]
+    fn making_variants_starts_a_few_programs() {
+        use sha2::Digest;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("starts");
+        let wrap = dir.path().join("wrap");
+        std::fs::create_dir_all(&wrap).unwrap();
+        for tool in ["cp", "touch"] {
+            let real = ["/usr/bin", "/bin"]
+                .iter()
+                .map(|d| std::path::Path::new(d).join(tool))
+                .find(|p| p.exists())
+                .unwrap();
+            let script = wrap.join(tool);
+            std::fs::write(
+                &script,
+                format!(
+                    "#!/bin/sh\necho {tool} >> '{}'\nexec '{}' \"$@\"\n",
+                    log.display(),
+                    real.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        for tools in variant_tools(dir.path()) {
+            if tools.argv.len() > 1 {
+                continue; // busybox runs its own applets, not PATH's
+            }
+            // 500 files through python3; 100 without, whose starts cost.
+            let (files, per_mtime) = if tools.python { (500, 50) } else { (100, 25) };
+            let ws = tempfile::tempdir_in(dir.path()).unwrap();
+            let b = ws.path().join("store/b");
+            std::fs::create_dir_all(&b).unwrap();
+            let mut req = String::new();
+            let mut made = Vec::new();
+            for n in 0..files {
+                let content = format!("file {n}\n");
+                let sha: [u8; 32] = sha2::Sha256::digest(&content).into();
+                std::fs::write(b.join(variant(&sha, 0o644, 1_600_000_000, 0)), &content).unwrap();
+                let mode = if n % 3 == 0 { 0o755 } else { 0o644 };
+                let nsec = 123_456_789 + (n / per_mtime) as u32 * 4_000_000;
+                let v = variant(&sha, mode, 1_700_000_000, nsec);
+                req.push_str(&format!("{v} {}\n", content.len()));
+                made.push((v, content, mode, nsec));
+            }
+            let _ = std::fs::remove_file(&log);
+            let path = format!("{}:{}", wrap.display(), tools.path);
+            let ws_s = ws.path().display().to_string();
+            let args = ["-c", QUERY, "q", &ws_s, "k", "20%", "43200", "plain"];
+            let out = run(&tools.argv, &path, &args, req.as_bytes());
+            assert!(
+                out.status.success(),
+                "{path}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let needed = parse_needed(&out.stdout).unwrap();
+            assert!(needed.is_empty(), "{path}: {needed:?}");
+            for (v, content, mode, nsec) in &made {
+                let md = std::fs::metadata(b.join(v)).unwrap();
+                assert_eq!(md.mode() & 0o7777, *mode, "{path}: {v}");
+                assert_eq!(md.mtime(), 1_700_000_000, "{path}: {v}");
+                assert_eq!(md.mtime_nsec(), i64::from(*nsec), "{path}: {v}");
+                assert_eq!(std::fs::read_to_string(b.join(v)).unwrap(), *content);
+            }
+            let starts = std::fs::read_to_string(&log).unwrap_or_default();
+            let count = |tool: &str| starts.lines().filter(|l| *l == tool).count();
+            if tools.python {
+                assert_eq!((count("cp"), count("touch")), (0, 0), "{path}");
+            } else {
+                // A probe each, then a file each and an mtime each.
+                assert_eq!(count("cp"), files + 1, "{path}");
+                assert_eq!(count("touch"), files / per_mtime + 1, "{path}");
+            }
+            // With every variant there, nothing is started for them.
+            let _ = std::fs::remove_file(&log);
+            let out = run(&tools.argv, &path, &args, req.as_bytes());
+            assert!(parse_needed(&out.stdout).unwrap().is_empty(), "{path}");
+            assert!(!log.exists(), "{path}: {:?}", std::fs::read_to_string(&log));
         }
     }
 
