@@ -2254,3 +2254,44 @@ fn a_streamed_build_that_fails_early_still_completes_the_copy() {
     assert_eq!(fixed["files_sent"], 1, "{fixed}");
     assert!(p.run_folders().is_empty(), "{:?}", p.run_folders());
 }
+
+/// On loopback, where `compression: auto` sends content as it is, a fresh
+/// runner's stream of links into the store (headers only) is gzipped: the
+/// wire carries about the manifest, not 1.5 KiB of headers a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_a_fresh_runner_on_loopback_sends_its_links_compressed() {
+    if !sshd_only() {
+        return;
+    }
+    let sshd = Sshd::start(None);
+    let project = Project::with_builder(&sshd, "    compression: auto\n");
+    let wire = CountingProxy::start("127.0.0.1:0", ([127, 0, 0, 1], sshd.port).into());
+    route_through(&project, &sshd, wire.addr.port());
+    let file = absconda::config::load(Some(&project.config)).unwrap();
+    let builder = file.builder("local").unwrap();
+    let session = Session::connect(&ssh_target(&builder, builder.host.as_deref().unwrap()))
+        .await
+        .unwrap();
+    let ws = project.workspace.clone();
+    let root = project.dir.path().join("clients");
+    let first = Client::new(&root, "c0");
+    write_context(&first.ctx, 11, 1 << 20);
+    let s = sync_client(&session, &builder, &first, false, Compression::None, "")
+        .await
+        .unwrap();
+    let entries = s.entries;
+    let fresh = Client::clone_of(&root, "c1", &first.ctx, true);
+    let before = wire.up();
+    let s = sync_client(&session, &builder, &fresh, false, Compression::None, "")
+        .await
+        .unwrap();
+    let sent = wire.up() - before;
+    assert_eq!(s.blobs_sent, 0, "{s:?}");
+    check_copy(&session, &fresh.ctx, &copy_tree(&ws, &s), "fresh runner").await;
+    let manifest: u64 = entries * (32 + 24 + 16);
+    eprintln!("fresh runner on loopback: {sent} bytes on the wire for {entries} entries");
+    assert!(
+        sent <= manifest + (64 << 10),
+        "a fresh runner sent {sent} bytes (manifest ~{manifest})"
+    );
+}
