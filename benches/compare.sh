@@ -110,7 +110,10 @@ cleanup() {
   fi
   ip link del "$VH" 2>/dev/null
   ip netns del "$NS" 2>/dev/null
-  [ -n "$CREATED_USER" ] && userdel "$CREATED_USER" 2>/dev/null
+  if [ -n "$CREATED_USER" ]; then
+    # userdel refuses while a process of the user lives (a session ending).
+    for _ in $(seq 1 20); do userdel "$CREATED_USER" 2>/dev/null && break; sleep 0.5; done
+  fi
   if [ -z "${BENCH_KEEP:-}" ]; then
     # dockerd's overlay mounts must be gone before the folder can be removed.
     umount -R "$WORK/docker" 2>/dev/null
@@ -570,8 +573,9 @@ if [ -n "${BENCH_RSS:-}" ]; then
     wire=
     if [ -n "$b0" ] && [ -n "$b1" ]; then wire=$((b1 - b0)); fi
     rss=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$WORK/rss.err")
-    printf 'rss\t%s\t%s\t%.2f\t%s\t%s\n' "$run" "$rss" "$(echo "$t1 - $t0" | bc -l)" "$wire" "$RSS_MB" >> "$RESULTS"
-    log "$RSS_MB MiB context, $run: peak RSS $rss kB, $(echo "$t1 - $t0" | bc -l) s, wire ${wire:--} bytes"
+    secs=$(printf '%.2f' "$(echo "$t1 - $t0" | bc -l)")
+    printf 'rss\t%s\t%s\t%s\t%s\t%s\n' "$run" "$rss" "$secs" "$wire" "$RSS_MB" >> "$RESULTS"
+    log "$RSS_MB MiB context, $run: peak RSS $rss kB, $secs s, wire ${wire:--} bytes"
     if [ "$run" = fresh ]; then rm -rf "$WORK/ctx2g-fresh" "$WORK/cache-rss-fresh"; fi
   done
   rm -rf "$big"
@@ -627,7 +631,9 @@ awk -F'\t' -v ctx="$CTX_BYTES" -v runs="loopback $RUNS_loopback, slow $RUNS_slow
       printf "| link | runners | after 1 | after 10 | 10 / 1 |\n|---|---|---|---|---|\n"
       for (i = 1; i <= nd; i++) {
         split(dorder[i], kv, SUBSEP); a = du[kv[1], kv[2], 1]; b = du[kv[1], kv[2], 10]
-        printf "| %s | %s | %d kB | %d kB | %s |\n", kv[1], kv[2] == "copies10" ? "ten cp -a copies (same mtimes)" : "ten clones (new mtimes)", a, b, a > 0 ? sprintf("%.2f", b / a) : "-"
+        what = (kv[2] == "copies10") ? "ten cp -a copies (same mtimes)" : "ten clones (new mtimes)"
+        ratio = (a > 0) ? sprintf("%.2f", b / a) : "-"
+        printf "| %s | %s | %d kB | %d kB | %s |\n", kv[1], what, a, b, ratio
       }
     }
     if (ni > 0) {
