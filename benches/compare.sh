@@ -38,7 +38,7 @@
 #   BENCH_LINKS="loopback slow rtt"  BENCH_CASES="cold nochange big small"
 #     (more: fresh freshclone copies10; a fresh runner's case builds the
 #     context first if the method has not built it yet in its sequence)
-#   BENCH_METHODS="absconda tarssh dockerssh rsync rsyncz floor"  BENCH_RSS=1 (2 GiB RSS run)
+#   BENCH_METHODS="absconda tarssh dockerssh rsync rsyncz floor abstream"  BENCH_RSS=1 (2 GiB RSS run)
 #   BENCH_RUNS_LOOPBACK=3 BENCH_RUNS_SLOW=1 BENCH_RUNS_RTT=1  BENCH_RTT_MS=100
 #   BENCH_SCALE=1 (N > 1 divides the reference context's and the RSS run's
 #     file counts and sizes by N, for a quick check of the script itself)
@@ -61,7 +61,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LINKS=${BENCH_LINKS-"loopback slow rtt"}
 CASES=${BENCH_CASES-"cold nochange big small"}
-METHODS=${BENCH_METHODS-"absconda tarssh dockerssh rsync rsyncz floor"}
+METHODS=${BENCH_METHODS-"absconda tarssh dockerssh rsync rsyncz floor abstream"}
 SCALE=${BENCH_SCALE:-1}
 case $SCALE in ''|*[!0-9]*|0) echo "compare.sh: BENCH_SCALE must be a positive whole number" >&2; exit 2 ;; esac
 RATE=${BENCH_RATE:-50mbit}
@@ -365,6 +365,11 @@ for l in loopback slow rtt; do
     sed -e "s|^  $l:\$|  $l-iso:|" -e "s|workspace: .*|workspace: $WORK/b/wsi|"
 done > "$WORK/iso.yaml"
 cat "$WORK/iso.yaml" >> "$WORK/absconda-remote.yaml"
+# abstream's builders: the same, with cold sends streamed into docker build.
+for l in loopback slow rtt; do
+  sed -n "/^  $l:\$/,/^    docker:/p" "$WORK/absconda-remote.yaml" |
+    sed -e "s|^  $l:\$|  $l-stream:|" -e "s|^    docker: \(.*\)|    docker: \1\n    stream_cold: true|"
+done >> "$WORK/absconda-remote.yaml"
 cat >> "$WORK/absconda-remote.yaml" <<EOF
 defaults:
   timeout: 3600
@@ -384,12 +389,15 @@ m_absconda() { # link tag
   env -i PATH=/usr/bin:/bin HOME="$WORK/home" XDG_CACHE_HOME="$CACHE" USER=bench \
     ${BENCH_RUST_LOG:+RUST_LOG=$BENCH_RUST_LOG} \
     ABSCONDA_REMOTE_CONFIG="$WORK/absconda-remote.yaml" \
-    "$ABSCONDA" build --remote-builder "$1${ISO:+-iso}" --context "$CTX" --repository bench/absconda --tag "$2" --json \
+    "$ABSCONDA" build --remote-builder "$1${ISO:+-iso}${STREAM:+-stream}" --context "$CTX" --repository bench/absconda --tag "$2" --json \
     >"$WORK/last.json" 2>"$WORK/last.err" || { cat "$WORK/last.err" >&2; return 1; }
   sed -n 's/^  "bytes_sent": \([0-9]*\),*$/\1/p' "$WORK/last.json" >&3
   grep '^absconda: sent' "$WORK/last.err" >&2 || true
   cp "$WORK/last.err" "$OUT/absconda-$1-$2.log"
 }
+# absconda with `stream_cold: true`: a cold send goes into docker build as
+# it arrives (its layers are not reused by later builds from the copy).
+m_abstream() { STREAM=1 m_absconda "$@"; }
 m_tarssh() {
   tar -C "$CTX" -cf - . | "${SSH[@]}" "$1" "$CLI" build -q -t "bench/tarssh:$2" - >/dev/null
 }
@@ -607,13 +615,14 @@ awk -F'\t' -v ctx="$CTX_BYTES" -v runs="loopback $RUNS_loopback, slow $RUNS_slow
     printf "fresh / freshclone: a new checkout path (cp -a / new mtimes) and an empty local cache, after a first build;\n"
     printf "rsync uses its usual fixed remote folder. copies10*: absconda, ten fresh runners on a workspace of their own\n"
     printf "(-first: the first of them; copies10, copies10clone: median of the other nine).\n\n"
-    printf "| link | case | absconda | tar \\| ssh | DOCKER_HOST=ssh:// | rsync -a + ssh | rsync -az + ssh | floor (docker build on the builder) | absconda / best of the three | bytes: absconda | bytes: tar \\| ssh | bytes: DOCKER_HOST | bytes: rsync -a | bytes: rsync -az |\n"
-    printf "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    split("absconda tarssh dockerssh rsync rsyncz floor", m, " ")
+    printf "abstream: absconda with stream_cold: true (a cold send goes into docker build as it arrives).\n\n"
+    printf "| link | case | absconda | tar \\| ssh | DOCKER_HOST=ssh:// | rsync -a + ssh | rsync -az + ssh | floor (docker build on the builder) | abstream | absconda / best of the three | bytes: absconda | bytes: tar \\| ssh | bytes: DOCKER_HOST | bytes: rsync -a | bytes: rsync -az |\n"
+    printf "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    split("absconda tarssh dockerssh rsync rsyncz floor abstream", m, " ")
     for (i = 1; i <= n; i++) {
       key = order[i]; split(key, kv, SUBSEP)
       best = ""; bestm = ""
-      for (j = 1; j <= 6; j++) {
+      for (j = 1; j <= 7; j++) {
         k = key SUBSEP m[j]
         med[j] = (k in has) ? median(t, k, n_[k]) : ""
         by[j] = (k in has) ? median(w, k, n_[k]) : ""
@@ -622,7 +631,7 @@ awk -F'\t' -v ctx="$CTX_BYTES" -v runs="loopback $RUNS_loopback, slow $RUNS_slow
         if (j >= 2 && j <= 4 && med[j] != "" && (best == "" || med[j] < best)) { best = med[j]; bestm = m[j] }
       }
       row = sprintf("| %s | %s |", kv[1], kv[2])
-      for (j = 1; j <= 6; j++) row = row sprintf(" %s |", sec(med[j]))
+      for (j = 1; j <= 7; j++) row = row sprintf(" %s |", sec(med[j]))
       ratio = (best != "" && best > 0 && med[1] != "") ? sprintf("%.2f (vs %s)", med[1] / best, bestm) : "-"
       printf "%s %s | %s | %s | %s | %s | %s |\n", row, ratio, mb(by[1]), mb(by[2]), mb(by[3]), mb(by[4]), mb(by[5])
     }
