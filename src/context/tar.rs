@@ -234,6 +234,20 @@ fn spawn_tar(
     sent: Arc<AtomicU64>,
     content: Arc<AtomicU64>,
 ) -> (TarChunks, TarTask) {
+    spawn_writer(chunk, sent, move |out| {
+        write_tar_progress(&entries, &extra, &prefix, compression, out, content)
+    })
+}
+
+/// Runs `write` on a blocking thread into a [`ChannelWriter`] of `chunk`
+/// bytes a chunk, counting what it hands out in `sent`. A failed archive
+/// ends the stream with an `Err` item, so no reader takes a cut archive for
+/// a whole one.
+fn spawn_writer(
+    chunk: usize,
+    sent: Arc<AtomicU64>,
+    write: impl FnOnce(ChannelWriter) -> Result<TarStats, ContextError> + Send + 'static,
+) -> (TarChunks, TarTask) {
     let chunk = chunk.max(BLOCK);
     let (tx, rx) = mpsc::channel(STREAM_DEPTH);
     let handle = tokio::task::spawn_blocking(move || {
@@ -243,7 +257,7 @@ fn spawn_tar(
             chunk,
             sent,
         };
-        let result = write_tar_progress(&entries, &extra, &prefix, compression, out, content);
+        let result = write(out);
         if let Err(error) = &result
             && !matches!(error, ContextError::StreamClosed { .. })
         {
@@ -275,24 +289,9 @@ pub fn tar_stream_with_links(
     chunk: usize,
     content: Arc<AtomicU64>,
 ) -> (TarChunks, TarTask) {
-    let chunk = chunk.max(BLOCK);
-    let (tx, rx) = mpsc::channel(STREAM_DEPTH);
-    let handle = tokio::task::spawn_blocking(move || {
-        let out = ChannelWriter {
-            tx: tx.clone(),
-            buf: Vec::with_capacity(chunk),
-            chunk,
-            sent: Arc::new(AtomicU64::new(0)),
-        };
-        let result = write_tar_links(&entries, &extra, &links, compression, out, content);
-        if let Err(error) = &result
-            && !matches!(error, ContextError::StreamClosed { .. })
-        {
-            let _ = tx.blocking_send(Err(io::Error::other(error_chain(error))));
-        }
-        result
-    });
-    (rx, handle)
+    spawn_writer(chunk, Arc::new(AtomicU64::new(0)), move |out| {
+        write_tar_links(&entries, &extra, &links, compression, out, content)
+    })
 }
 
 /// [`write_tar`] without a prefix, then `links` (blocking).
@@ -393,16 +392,8 @@ pub fn two_archives_stream(
     chunk: usize,
     content: Arc<AtomicU64>,
 ) -> (TarChunks, TarTask) {
-    let chunk = chunk.max(BLOCK);
-    let (tx, rx) = mpsc::channel(STREAM_DEPTH);
-    let handle = tokio::task::spawn_blocking(move || {
-        let out = ChannelWriter {
-            tx: tx.clone(),
-            buf: Vec::with_capacity(chunk),
-            chunk,
-            sent: Arc::new(AtomicU64::new(0)),
-        };
-        let result = write_two_archives(
+    spawn_writer(chunk, Arc::new(AtomicU64::new(0)), move |out| {
+        write_two_archives(
             &entries,
             &extra,
             first_len,
@@ -411,15 +402,8 @@ pub fn two_archives_stream(
             compression,
             out,
             content,
-        );
-        if let Err(error) = &result
-            && !matches!(error, ContextError::StreamClosed { .. })
-        {
-            let _ = tx.blocking_send(Err(io::Error::other(error_chain(error))));
-        }
-        result
-    });
-    (rx, handle)
+        )
+    })
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {

@@ -1049,6 +1049,29 @@ mod tests {
         );
     }
 
+    /// The sync script for copy `k` of `ws`, linking into `run`, fed
+    /// `input` while its output is read.
+    fn sync_with_input(sh: &Shell, ws: &Path, run: &Path, input: Vec<u8>) -> std::process::Output {
+        let mut child = Command::new(&sh.argv[0])
+            .args(&sh.argv[1..])
+            .args(["-c", SYNC, "absconda-sync"])
+            .arg(ws)
+            .arg("k")
+            .arg(run)
+            .env_clear()
+            .env("PATH", &sh.path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap().unwrap();
+        out
+    }
+
     /// A streamed cold send: a reader on the run folder's fifo (standing
     /// in for `docker build -`) gets exactly the context's own archive,
     /// with nothing of the store in it, while the copy is unpacked, its
@@ -1139,23 +1162,7 @@ mod tests {
                 .arg(&got)
                 .spawn()
                 .unwrap();
-            let mut child = Command::new(&sh.argv[0])
-                .args(&sh.argv[1..])
-                .args(["-c", SYNC, "absconda-sync"])
-                .arg(&ws)
-                .arg("k")
-                .arg(&run)
-                .env_clear()
-                .env("PATH", &sh.path)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut stdin = child.stdin.take().unwrap();
-            let writer = std::thread::spawn(move || stdin.write_all(&input));
-            let out = child.wait_with_output().unwrap();
-            writer.join().unwrap().unwrap();
+            let out = sync_with_input(sh, &ws, &run, input);
             let said = String::from_utf8_lossy(&out.stdout);
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(
@@ -1254,23 +1261,7 @@ mod tests {
             .arg(&fifo)
             .spawn()
             .unwrap();
-        let mut child = Command::new(&sh.argv[0])
-            .args(&sh.argv[1..])
-            .args(["-c", SYNC, "absconda-sync"])
-            .arg(&ws)
-            .arg("k")
-            .arg(&run)
-            .env_clear()
-            .env("PATH", &sh.path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let writer = std::thread::spawn(move || stdin.write_all(&input));
-        let out = child.wait_with_output().unwrap();
-        let _ = writer.join().unwrap();
+        let out = sync_with_input(&sh, &ws, &run, input);
         let mut quitter = quitter;
         quitter.wait().unwrap();
         let said = String::from_utf8_lossy(&out.stdout);

@@ -300,16 +300,7 @@ pub fn tar_inputs(
     }
     let blobs_sent = blobs.len() as u64;
     if !blobs.is_empty() {
-        entries.push(Entry {
-            rel: inc,
-            abs: Default::default(),
-            kind: EntryKind::Dir,
-            mode: 0o700,
-            mtime: 0,
-            mtime_nsec: 0,
-            ino: 0,
-            dev: 0,
-        });
+        entries.push(incoming_entry(inc));
         entries.extend(blobs);
     }
     StoreTar {
@@ -345,8 +336,13 @@ pub fn stream_links(
     if links.is_empty() {
         return (Vec::new(), links);
     }
-    let dir = Entry {
-        rel: inc,
+    (vec![incoming_entry(inc)], links)
+}
+
+/// The folder the received content lands in before it enters the store.
+fn incoming_entry(rel: String) -> Entry {
+    Entry {
+        rel,
         abs: Default::default(),
         kind: EntryKind::Dir,
         mode: 0o700,
@@ -354,8 +350,7 @@ pub fn stream_links(
         mtime_nsec: 0,
         ino: 0,
         dev: 0,
-    };
-    (vec![dir], links)
+    }
 }
 
 /// Streams a [`StoreTar`].
