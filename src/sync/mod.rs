@@ -441,8 +441,9 @@ pub async fn sync_context_early(
                 &key,
                 (job.builder.cache_max, job.builder.cache_ttl),
                 &wanted,
-                // Lines of hex names: gzip halves them, for next to no work.
-                if auto_compression && wanted.len() >= 32 && compression == Compression::None {
+                // Lines of hex names: gzip halves them, for next to no work
+                // (also where the content goes zstd: the query speaks gzip).
+                if wanted.len() >= 32 && (auto_compression || compression != Compression::None) {
                     Compression::Gzip
                 } else {
                     compression
