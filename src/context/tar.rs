@@ -593,31 +593,16 @@ impl<W: Write> TarWriter<W> {
                     path: entry.abs.clone(),
                     source,
                 };
-                if self.dry {
-                    let size = std::fs::metadata(&entry.abs).map_err(unreadable)?.len();
-                    if entry.mtime >= 0 && entry.mtime_nsec != 0 {
-                        let value = format!("{}.{:09}", entry.mtime, entry.mtime_nsec);
-                        self.pax(&[("mtime", value.as_bytes())], &entry.abs)?;
-                    }
-                    self.header(
-                        &name,
-                        EntryType::Regular,
-                        mode,
-                        entry.mtime,
-                        size,
-                        None,
-                        &entry.abs,
-                    )?;
-                    self.raw += size;
-                    self.pad(size, &entry.abs)?;
-                    self.stats.files += 1;
-                    self.stats.content_bytes += size;
-                    return Ok(());
-                }
-                let mut file = File::open(&entry.abs).map_err(unreadable)?;
                 // The size now, not at walk time: the header must match the
-                // bytes that follow it.
-                let size = file.metadata().map_err(unreadable)?.len();
+                // bytes that follow it. A dry run only measures.
+                let (mut file, size) = if self.dry {
+                    let size = std::fs::metadata(&entry.abs).map_err(unreadable)?.len();
+                    (None, size)
+                } else {
+                    let file = File::open(&entry.abs).map_err(unreadable)?;
+                    let size = file.metadata().map_err(unreadable)?.len();
+                    (Some(file), size)
+                };
                 if entry.mtime >= 0 && entry.mtime_nsec != 0 {
                     let value = format!("{}.{:09}", entry.mtime, entry.mtime_nsec);
                     self.pax(&[("mtime", value.as_bytes())], &entry.abs)?;
@@ -631,7 +616,13 @@ impl<W: Write> TarWriter<W> {
                     None,
                     &entry.abs,
                 )?;
-                self.copy(&mut file, size, &entry.abs)?;
+                match &mut file {
+                    Some(file) => self.copy(file, size, &entry.abs)?,
+                    None => {
+                        self.raw += size;
+                        self.pad(size, &entry.abs)?;
+                    }
+                }
                 self.stats.files += 1;
                 self.stats.content_bytes += size;
             }
@@ -1227,5 +1218,67 @@ mod tests {
             matches!(result, Err(ContextError::StreamClosed { ref path }) if path.ends_with("big")),
             "{result:?}"
         );
+    }
+
+    /// The first of two archives comes to exactly the length measured
+    /// before, starts with a whole plain header (what the docker CLI needs
+    /// to take its stdin for an archive), and a file that grew in between
+    /// fails the stream instead of shifting the cut.
+    #[test]
+    fn two_archives_cut_where_measured_or_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a"), "hello").unwrap();
+        fs::create_dir(dir.path().join("d")).unwrap();
+        fs::write(dir.path().join("d/b"), vec![1u8; 1000]).unwrap();
+        let entries = walk(dir.path(), &DockerIgnore::default(), &[]).unwrap();
+        let extra = vec![ExtraFile {
+            name: "gen".into(),
+            data: b"x".to_vec(),
+            mode: 0o644,
+        }];
+        let first = archive_len(&entries, &extra).unwrap();
+        let links = vec![HardLink {
+            name: "again".into(),
+            target: "a".into(),
+        }];
+        let mut out = Vec::new();
+        write_two_archives(
+            &entries,
+            &extra,
+            first,
+            &[],
+            &links,
+            Compression::None,
+            &mut out,
+            Default::default(),
+        )
+        .unwrap();
+        let mut head = tar::Archive::new(&out[..first as usize]);
+        let names: Vec<String> = head
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["./", "a", "d/", "d/b", "gen"]);
+        assert_eq!(
+            &out[first as usize - 1024..first as usize],
+            &[0u8; 1024][..]
+        );
+        let mut tail = tar::Archive::new(&out[first as usize..]);
+        let link = tail.entries().unwrap().next().unwrap().unwrap();
+        assert_eq!(link.header().entry_type(), EntryType::Link);
+        fs::write(dir.path().join("d/b"), vec![1u8; 2000]).unwrap();
+        let err = write_two_archives(
+            &entries,
+            &extra,
+            first,
+            &[],
+            &links,
+            Compression::None,
+            io::sink(),
+            Default::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ContextError::ContextChanged { .. }), "{err}");
     }
 }
