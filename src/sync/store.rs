@@ -576,7 +576,8 @@ prepare() {
   # A query killed outright (no EXIT trap) leaves its scratch folder.
   find "$st" -mindepth 1 -maxdepth 1 -name 'q.*' -mmin +60 -exec rm -rf {} + 2>/dev/null
   # The sync script's sweep of old copies reads the TTL here.
-  printf '%s\n' "$ttl" > "$st/ttl.tmp" && mv -f "$st/ttl.tmp" "$st/ttl"
+  # (Under a name of its own: queries of other builds run at the same time.)
+  printf '%s\n' "$ttl" > "$st/ttl.$$" && mv -f "$st/ttl.$$" "$st/ttl"
 }
 # Copies a build may be reading: those a run folder links to.
 live() {
@@ -1211,6 +1212,51 @@ mod tests {
             let out = run(&tools.argv, &path, &args, req.as_bytes());
             assert!(parse_needed(&out.stdout).unwrap().is_empty(), "{path}");
             assert!(!log.exists(), "{path}: {:?}", std::fs::read_to_string(&log));
+        }
+    }
+
+    /// Queries of several builds at once on one workspace all answer (they
+    /// once shared a temporary file, and a lost race made the store look
+    /// unusable, so content was sent and not linked).
+    #[test]
+    fn concurrent_queries_all_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        std::fs::create_dir_all(ws.join("store/b")).unwrap();
+        let ws_s = ws.display().to_string();
+        let req = format!("{} 5\n", variant(&[3; 32], 0o644, 1, 0));
+        let children: Vec<_> = (0..24)
+            .map(|i| {
+                use std::io::Write;
+                let mut c = std::process::Command::new("dash")
+                    .args([
+                        "-c",
+                        QUERY,
+                        "q",
+                        &ws_s,
+                        &format!("k{i}"),
+                        "20%",
+                        "43200",
+                        "plain",
+                    ])
+                    .env_clear()
+                    .env("PATH", "/usr/bin:/bin")
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                c.stdin.take().unwrap().write_all(req.as_bytes()).unwrap();
+                c
+            })
+            .collect();
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success() && parse_needed(&out.stdout).is_some(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 
