@@ -608,6 +608,13 @@ evict_copy() {
     exec 7>>"$c/lock" || return 1
     flock -n 7 || { exec 7>&-; return 1; }
   fi
+  # A sync that ended after the live list was made links its copy into its
+  # run folder under this lock: look again now that it is held.
+  if find "$ws/runs" -mindepth 2 -maxdepth 2 -name context -type l -exec readlink {} \; 2>/dev/null |
+     sed -n 's|.*/contexts/\([^/]*\)/tree$|\1|p' | grep -qx -- "$1"; then
+    exec 7>&-
+    return 1
+  fi
   remove_copy "$c"
   r=$?
   exec 7>&-
