@@ -318,14 +318,6 @@ pub fn ssh_target(b: &Builder, host: &str) -> Target {
     crate::provisioned::target_at(b, host, b.port)
 }
 
-fn is_loopback(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .map(|ip| ip.is_loopback())
-            .unwrap_or(false)
-}
-
 /// Whether the build can run on a builder whose docker `probe` describes
 /// (checked before anything is sent); `Ok(true)` with BuildKit.
 fn check_probe(
@@ -1419,10 +1411,7 @@ pub async fn build_on(
     // compression is decided from the probe before anything is sent.
     reporter.phase(Phase::Lease);
     let t = Instant::now();
-    let loopback = session
-        .addr()
-        .rsplit_once(':')
-        .is_some_and(|(h, _)| is_loopback(h));
+    let loopback = session.on_loopback();
     let run_dir = match &held {
         Some(lease) => lease.run_dir.clone(),
         None => new_run_dir(builder),

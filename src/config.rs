@@ -203,6 +203,12 @@ pub struct Builder {
     /// layers such a build leaves are not reused by later builds from the
     /// copy, whose context is a folder rather than an archive.
     pub stream_cold: bool,
+    /// Channels that carry a large upload of new content at once
+    /// (`upload_channels:`, 1 to 16; `None`: 4, or 1 to a builder on
+    /// loopback). Each SSH channel may have only the window sshd grants it
+    /// in flight (2 MiB for OpenSSH), which holds one channel to 2 MiB a
+    /// round trip on a long link.
+    pub upload_channels: Option<u8>,
     pub buildkit: BuildkitSetting,
     /// Where `--secret` values are stored during a build; `None`: a tmpfs
     /// (`/dev/shm` or `$XDG_RUNTIME_DIR`), refusing disk-backed folders.
@@ -323,6 +329,7 @@ const BUILDER_KEYS: &[(&str, Kind)] = &[
     ("docker", Kind::Str),
     ("compression", Kind::Str),
     ("stream_cold", Kind::Bool),
+    ("upload_channels", Kind::Int),
     ("buildkit", Kind::Str),
     ("secret_dir", Kind::Str),
     ("timeout", Kind::Int),
@@ -386,6 +393,7 @@ const DEFAULT_KEYS: &[&str] = &[
     "docker",
     "compression",
     "stream_cold",
+    "upload_channels",
     "buildkit",
     "secret_dir",
     "timeout",
@@ -1099,6 +1107,18 @@ impl ConfigFile {
                 ));
             }
         };
+        let upload_channels = match r.int("upload_channels")? {
+            None => None,
+            Some(n @ 1..=16) => Some(n as u8),
+            Some(n) => {
+                return Err(r.invalid(
+                    "upload_channels",
+                    format!(
+                        "`{n}`: give from 1 to 16 channels (leave it out for 4, or 1 on loopback)"
+                    ),
+                ));
+            }
+        };
         let buildkit = match r.value("buildkit")? {
             None => BuildkitSetting::Auto,
             Some(Value::Bool(true)) => BuildkitSetting::On,
@@ -1210,6 +1230,7 @@ impl ConfigFile {
             docker: r.string("docker")?.unwrap_or_else(|| "docker".into()),
             compression,
             stream_cold: r.bool("stream_cold")?.unwrap_or(false),
+            upload_channels,
             buildkit,
             secret_dir: r.string("secret_dir")?,
             timeout: secs("timeout", 3600)?,

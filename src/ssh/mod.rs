@@ -620,6 +620,19 @@ impl Session {
         &self.addr
     }
 
+    /// Whether the builder is reached on this machine's loopback.
+    pub fn on_loopback(&self) -> bool {
+        let host = self
+            .addr
+            .rsplit_once(':')
+            .map_or(self.addr.as_str(), |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+
     /// The verified host key.
     pub fn host_key(&self) -> &PublicKey {
         &self.host_key

@@ -138,6 +138,9 @@ pub struct SyncSummary {
     pub files_linked: u64,
     /// File contents sent to the store.
     pub blobs_sent: u64,
+    /// Channels that carried large new content at once, before the
+    /// stream (0: the stream carried it all).
+    pub upload_channels: u32,
     /// The context went to `docker build` while it arrived (a cold send).
     pub streamed: bool,
     /// Bytes of the store query (the plan's file names in the store).
@@ -462,26 +465,7 @@ pub async fn sync_context_early(
         // build` while it arrives, when the build waits beside the sync.
         let all_bytes = planned_bytes(&plan, new);
         let new_bytes = match &needed {
-            Some(needed) => {
-                let linked: std::collections::HashSet<usize> =
-                    wanted.iter().map(|w| w.index).collect();
-                let mut seen = std::collections::HashSet::new();
-                let mut n = 0u64;
-                for w in &wanted {
-                    if needed.contains(&w.variant) && seen.insert(w.variant.as_str()) {
-                        n += w.size;
-                    }
-                }
-                n + plan
-                    .send
-                    .iter()
-                    .filter(|i| !linked.contains(i))
-                    .map(|&i| match &new.entries[i].kind {
-                        Kind::File { size, .. } => *size,
-                        _ => 0,
-                    })
-                    .sum::<u64>()
-            }
+            Some(needed) => store::new_content(new, &plan, &wanted, needed),
             None => all_bytes,
         };
         let stream_cold = may_stream
@@ -513,16 +497,6 @@ pub async fn sync_context_early(
                 Compression::None => TarMode::Plain,
             }
         };
-        let request = Request {
-            base: base_hash.as_deref(),
-            new_manifest: &new_hash,
-            tar: tar_mode,
-            expected_listing: &expected_listing,
-            delete: &plan.delete,
-            chmod: &plan.chmod,
-            verify: verify_plan.as_ref(),
-            stream: None,
-        };
         summary.entries_sent = plan.send.len() as u64;
         summary.files_sent = plan
             .send
@@ -551,17 +525,62 @@ pub async fn sync_context_early(
         } else {
             None
         };
+        // Large new content goes over several channels at once, into the
+        // store, before the stream: one channel has only the window sshd
+        // grants it in flight, which caps it on a long link.
+        let mut needed = needed;
+        if streamed.is_none()
+            && tar_mode != TarMode::None
+            && let Some(n) = needed.as_mut()
+        {
+            let channels =
+                store::upload_channels(job.builder.upload_channels, session.on_loopback());
+            let uploads = store::parallel_uploads(&scanned, &wanted, n, channels);
+            if !uploads.is_empty() {
+                let count = uploads.len();
+                let sent = Arc::new(AtomicU64::new(summary.bytes_sent));
+                let already = summary.bytes_sent;
+                let t = Instant::now();
+                let (stored, bytes) = store::put_parallel(
+                    session,
+                    &job.builder.workspace,
+                    uploads,
+                    compression,
+                    (&sent, &content),
+                    &|total, done| {
+                        reporter.upload_progress(total);
+                        reporter.upload_content(done, all_bytes);
+                    },
+                )
+                .await;
+                debug!(
+                    channels = count,
+                    stored = stored.len(),
+                    bytes,
+                    seconds = t.elapsed().as_secs_f64(),
+                    "parallel upload"
+                );
+                summary.bytes_sent = already + bytes;
+                summary.blobs_sent += stored.len() as u64;
+                summary.upload_channels = count as u32;
+                n.retain(|v| !stored.contains(v));
+            }
+        }
         let stream_len = streamed.as_ref().map(|((n, _, _), _, _)| *n);
         let request = Request {
+            base: base_hash.as_deref(),
+            new_manifest: &new_hash,
+            tar: tar_mode,
+            expected_listing: &expected_listing,
+            delete: &plan.delete,
+            chmod: &plan.chmod,
+            verify: verify_plan.as_ref(),
             stream: stream_len,
-            ..request
         }
         .encode();
-        let tar = match (&needed, tar_mode) {
-            (_, TarMode::None) => None,
-            _ if streamed.is_some() => {
-                let ((first_len, entries, extra), then, links) =
-                    streamed.expect("checked just above");
+        let tar = match (&needed, tar_mode, streamed) {
+            (_, TarMode::None, _) => None,
+            (_, _, Some(((first_len, entries, extra), then, links))) => {
                 summary.blobs_sent = links.len() as u64;
                 summary.streamed = true;
                 Some(context::two_archives_stream(
@@ -575,12 +594,12 @@ pub async fn sync_context_early(
                     content.clone(),
                 ))
             }
-            (None, _) => Some(scanned_tar(&scanned, &plan, compression, &content)),
-            (Some(needed), _) => {
+            (None, _, None) => Some(scanned_tar(&scanned, &plan, compression, &content)),
+            (Some(needed), _, None) => {
                 let t = store::tar_inputs(&scanned, &plan, &wanted, needed, &new_hash);
-                planned = t.content_bytes;
+                planned = content.load(Ordering::Relaxed) + t.content_bytes;
                 summary.files_linked = t.links.len() as u64;
-                summary.blobs_sent = t.blobs_sent;
+                summary.blobs_sent += t.blobs_sent;
                 Some(store::tar_stream(t, compression, CHUNK, content.clone()))
             }
         };

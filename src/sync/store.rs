@@ -245,6 +245,33 @@ pub fn store_link(new_manifest: &str) -> String {
     format!(".absconda-store-{new_manifest}")
 }
 
+/// The file content a stream carries with a store, before compression:
+/// each needed variant once, and the plan's files the store does not take.
+pub fn new_content(
+    new: &Manifest,
+    plan: &Plan,
+    wanted: &[Wanted],
+    needed: &HashSet<String>,
+) -> u64 {
+    let linked: HashSet<usize> = wanted.iter().map(|w| w.index).collect();
+    let mut seen = HashSet::new();
+    let variants: u64 = wanted
+        .iter()
+        .filter(|w| needed.contains(&w.variant) && seen.insert(w.variant.as_str()))
+        .map(|w| w.size)
+        .sum();
+    let others: u64 = plan
+        .send
+        .iter()
+        .filter(|i| !linked.contains(i))
+        .filter_map(|&i| match new.entries.get(i).map(|e| &e.kind) {
+            Some(Kind::File { size, .. }) => Some(*size),
+            _ => None,
+        })
+        .sum();
+    variants + others
+}
+
 /// What the tar stream carries with a store: the plan's other entries, the
 /// needed content under [`incoming_dir`], and a hard link per stored file.
 pub struct StoreTar {
@@ -271,8 +298,7 @@ pub fn tar_inputs(
         .filter(|i| !linked.contains(i))
         .collect();
     let (mut entries, extra) = scanned.tar_inputs(&others);
-    let mut content_bytes: u64 = extra.iter().map(|x| x.data.len() as u64).sum();
-    content_bytes += entries.iter().map(Entry::size).sum::<u64>();
+    let content_bytes = new_content(&scanned.manifest, plan, wanted, needed);
     let inc = incoming_dir(new_manifest);
     let st = store_link(new_manifest);
     let mut sent = HashSet::new();
@@ -286,7 +312,6 @@ pub fn tar_inputs(
                 let mut blob = e.clone();
                 blob.rel = format!("{inc}/{}", w.variant);
                 blob.mode = e.mode & COPIED_MODE_BITS;
-                content_bytes += w.size;
                 blobs.push(blob);
             }
             format!("{inc}/{}", w.variant)
@@ -362,6 +387,237 @@ pub fn tar_stream(
 ) -> (context::TarChunks, context::TarTask) {
     context::tar_stream_with_links(t.entries, t.extra, t.links, compression, chunk, content)
 }
+
+/// Needed content of at least this size may go over a parallel upload.
+pub const PARALLEL_MIN_FILE: u64 = 1 << 20;
+/// Parallel uploads are used only for at least this much such content.
+pub const PARALLEL_MIN_TOTAL: u64 = 16 << 20;
+
+/// The upload channels for a builder: `upload_channels:`, else 4, or 1
+/// on loopback (where the channels would share the same cores that copy
+/// the bytes, for no window to gain).
+pub fn upload_channels(setting: Option<u8>, loopback: bool) -> usize {
+    match setting {
+        Some(n) => usize::from(n.max(1)),
+        None if loopback => 1,
+        None => 4,
+    }
+}
+
+/// One parallel upload: whole files of needed content, each under its
+/// variant's name, for [`PUT`].
+#[derive(Debug, Default)]
+pub struct Upload {
+    pub entries: Vec<Entry>,
+    pub variants: Vec<String>,
+    pub bytes: u64,
+}
+
+/// Splits the needed content of at least [`PARALLEL_MIN_FILE`] into
+/// `channels` uploads of about the same size (the largest file first, each
+/// to the lightest upload). Empty when one channel would carry it all
+/// anyway: fewer than two channels or such files, or less than
+/// [`PARALLEL_MIN_TOTAL`] of them.
+pub fn parallel_uploads(
+    scanned: &Scanned,
+    wanted: &[Wanted],
+    needed: &HashSet<String>,
+    channels: usize,
+) -> Vec<Upload> {
+    let mut seen = HashSet::new();
+    let mut big: Vec<&Wanted> = wanted
+        .iter()
+        .filter(|w| {
+            w.size >= PARALLEL_MIN_FILE
+                && needed.contains(&w.variant)
+                && seen.insert(w.variant.as_str())
+        })
+        .collect();
+    let total: u64 = big.iter().map(|w| w.size).sum();
+    if channels < 2 || big.len() < 2 || total < PARALLEL_MIN_TOTAL {
+        return Vec::new();
+    }
+    big.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.variant.cmp(&b.variant)));
+    let mut uploads: Vec<Upload> = (0..channels.min(big.len()))
+        .map(|_| Upload::default())
+        .collect();
+    for w in big {
+        let Some(Source::Entry(e)) = scanned.sources.get(w.index) else {
+            continue;
+        };
+        let lightest = uploads
+            .iter_mut()
+            .min_by_key(|u| u.bytes)
+            .expect("at least two uploads");
+        let mut blob = e.clone();
+        blob.rel = w.variant.clone();
+        blob.mode = e.mode & COPIED_MODE_BITS;
+        lightest.entries.push(blob);
+        lightest.variants.push(w.variant.clone());
+        lightest.bytes += w.size;
+    }
+    uploads.retain(|u| !u.entries.is_empty());
+    uploads
+}
+
+/// The most of [`PUT`]'s answer read (one line per stored variant).
+const PUT_ANSWER_LIMIT: usize = 16 << 20;
+
+/// Sends `uploads` at once, each on an SSH channel of its own, into the
+/// store (see [`PUT`]). Returns the variants the store now holds and the
+/// bytes written. An upload that fails is only logged: its content stays
+/// needed, and the sync's own stream carries it.
+pub async fn put_parallel(
+    session: &Session,
+    workspace: &str,
+    uploads: Vec<Upload>,
+    compression: Compression,
+    progress: (&Arc<AtomicU64>, &Arc<AtomicU64>),
+    report: &(dyn Fn(u64, u64) + Sync),
+) -> (HashSet<String>, u64) {
+    use std::sync::atomic::Ordering;
+    let (sent, content) = progress;
+    let command = put_command(workspace, compression);
+    let one = |upload: Upload| {
+        let command = &command;
+        async move {
+            let mut p = session
+                .exec("a parallel upload", command)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut rx, producer) = context::tar_stream_with_links(
+                upload.entries,
+                Vec::new(),
+                Vec::new(),
+                compression,
+                256 * 1024,
+                content.clone(),
+            );
+            let writer = &p.writer;
+            let reader = &mut p.reader;
+            let mut mine = 0u64;
+            let send = async {
+                let result = async {
+                    while let Some(chunk) = rx.recv().await {
+                        let chunk =
+                            chunk.map_err(|e| format!("the upload's archive broke: {e}"))?;
+                        writer.write_all(&chunk).await.map_err(|e| e.to_string())?;
+                        let n = chunk.len() as u64;
+                        mine += n;
+                        let total = sent.fetch_add(n, Ordering::Relaxed) + n;
+                        report(total, content.load(Ordering::Relaxed));
+                    }
+                    Ok::<(), String>(())
+                }
+                .await;
+                let closed = writer.eof().await.map_err(|e| e.to_string());
+                result.and(closed)
+            };
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            let recv = reader.drain(|is_err, d| {
+                if is_err {
+                    crate::ssh::exec::keep_tail(&mut err, d, crate::ssh::exec::STDERR_LIMIT);
+                } else if out.len() + d.len() <= PUT_ANSWER_LIMIT {
+                    out.extend_from_slice(d);
+                }
+            });
+            let (sent_ok, status) = tokio::join!(send, recv);
+            let _ = producer.await;
+            let stored: HashSet<String> = String::from_utf8_lossy(&out)
+                .lines()
+                .filter_map(|l| l.strip_prefix("stored "))
+                .filter(|v| upload.variants.iter().any(|u| u == v))
+                .map(str::to_string)
+                .collect();
+            if status != ExitStatus::Code(0) || sent_ok.is_err() {
+                tracing::warn!(
+                    %status,
+                    error = ?sent_ok.err(),
+                    stderr = %String::from_utf8_lossy(&err).trim(),
+                    "a parallel upload failed; the sync's stream carries its content"
+                );
+            }
+            Ok::<_, String>((stored, mine))
+        }
+    };
+    let results = futures_util::future::join_all(uploads.into_iter().map(one)).await;
+    let mut stored = HashSet::new();
+    let mut bytes = 0;
+    for r in results {
+        match r {
+            Ok((s, b)) => {
+                stored.extend(s);
+                bytes += b;
+            }
+            Err(e) => tracing::warn!(error = %e, "a parallel upload could not start"),
+        }
+    }
+    (stored, bytes)
+}
+
+/// The put program: `sh -c PUT absconda-put <workspace> <plain|gzip|zstd>`.
+pub fn put_command(workspace: &str, compression: Compression) -> String {
+    shell::join([
+        "sh",
+        "-c",
+        PUT,
+        "absconda-put",
+        workspace,
+        match compression {
+            Compression::None => "plain",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        },
+    ])
+}
+
+/// Takes a tar stream of whole files named by their variant into the
+/// store: unpacked into a scratch folder of its own, each file hashed and
+/// renamed into the store only when the hash matches its name (anything
+/// else is dropped with the folder); prints `stored <variant>` for each.
+/// The store must exist (the sync's query made it and room for the
+/// content).
+pub const PUT: &str = r#"ws=$1 z=$2
+set -f
+umask 077
+export LC_ALL=C
+case $ws in /*) ;; *) ws=$PWD/$ws ;; esac
+st=$ws/store
+b=$st/b
+for d in "$st" "$b"; do
+  if [ -L "$d" ] || [ ! -d "$d" ]; then
+    echo "error $d is not a real folder: the store is kept only in one" >&2
+    exit 70
+  fi
+done
+p=$st/p.$$
+rm -rf "$p"
+mkdir "$p" "$p/in" || { echo "error cannot create $p" >&2; exit 70; }
+trap 'rm -rf "$p"' EXIT
+tp=
+case $(tar --version 2>/dev/null) in *'GNU tar'*|*bsdtar*) tp=-p ;; esac
+case $z in
+  zstd) { zstd -dcq || : > "$p/zstd.failed"; } | (cd "$p/in" && umask 0 && exec tar -x $tp -o -f -) ;;
+  gzip) (cd "$p/in" && umask 0 && exec tar -x $tp -o -z -f -) ;;
+  *) (cd "$p/in" && umask 0 && exec tar -x $tp -o -f -) ;;
+esac
+if [ $? != 0 ] || [ -e "$p/zstd.failed" ]; then
+  echo "error the upload could not be unpacked" >&2
+  exit 1
+fi
+(cd "$p/in" && find . -type f -exec sha256sum {} +) | while read -r h n; do
+  n=${n#./}
+  case $n in
+    */*) ;;
+    "$h"-[0-7]*-[0-9]*.[0-9]*) echo "$n" ;;
+    *) echo "bad $n" >&2 ;;
+  esac
+done > "$p/ok"
+(cd "$p/in" && xargs -r sh -c 'exec mv -f -- "$@" "$0"' "$b" < "$p/ok") ||
+  { echo "error cannot move the received content into $b" >&2; exit 1; }
+sed 's/^/stored /' "$p/ok"
+"#;
 
 /// The most of [`QUERY`]'s answer read (one line per needed variant).
 const ANSWER_LIMIT: usize = 64 << 20;
@@ -574,7 +830,7 @@ prepare() {
     return 1
   fi
   # A query killed outright (no EXIT trap) leaves its scratch folder.
-  find "$st" -mindepth 1 -maxdepth 1 -name 'q.*' -mmin +60 -exec rm -rf {} + 2>/dev/null
+  find "$st" -mindepth 1 -maxdepth 1 \( -name 'q.*' -o -name 'p.*' \) -mmin +60 -exec rm -rf {} + 2>/dev/null
   # The sync script's sweep of old copies reads the TTL here.
   # (Under a name of its own: queries of other builds run at the same time.)
   printf '%s\n' "$ttl" > "$st/ttl.$$" && mv -f "$st/ttl.$$" "$st/ttl"
@@ -949,7 +1205,7 @@ mod tests {
 
     #[test]
     fn scripts_parse_in_posix_shells() {
-        for script in [QUERY, PRUNE, STATUS] {
+        for script in [QUERY, PRUNE, STATUS, PUT] {
             crate::test_support::assert_parses(script);
         }
     }
@@ -1132,6 +1388,157 @@ mod tests {
             let out = run(argv, path, &args, b"../../etc/passwd 1\n");
             assert!(!out.status.success(), "{argv:?}");
         }
+    }
+
+    /// A parallel upload keeps the files whose content matches their
+    /// name, with the mode and mtime the name gives, and nothing else:
+    /// not a file whose hash differs, not one in a folder, and leaves no
+    /// scratch folder behind; without a store it refuses.
+    #[test]
+    fn put_stores_only_what_its_name_says() {
+        use sha2::Digest;
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sha = |d: &[u8]| -> [u8; 32] { sha2::Sha256::digest(d).into() };
+        let good = variant(&sha(b"good\n"), 0o755, 1_700_000_000, 123_456_789);
+        let bad = variant(&sha(b"something else"), 0o644, 1_700_000_000, 0);
+        let nested = variant(&sha(b"nested\n"), 0o644, 1_700_000_000, 0);
+        let entry = |rel: &str, data: &[u8], mode: u32| {
+            let f = dir.path().join(format!("src-{}", rel.replace('/', "_")));
+            std::fs::write(&f, data).unwrap();
+            Entry {
+                rel: rel.to_string(),
+                abs: f,
+                kind: EntryKind::File {
+                    size: data.len() as u64,
+                },
+                mode,
+                mtime: 1_700_000_000,
+                mtime_nsec: if mode == 0o755 { 123_456_789 } else { 0 },
+                ino: 0,
+                dev: 0,
+            }
+        };
+        let entries = vec![
+            entry(&good, b"good\n", 0o755),
+            entry(&bad, b"tampered\n", 0o644),
+            incoming_entry("sub".into()),
+            entry(&format!("sub/{nested}"), b"nested\n", 0o644),
+        ];
+        for (i, (argv, path)) in shells(dir.path()).iter().enumerate() {
+            for compression in [Compression::None, Compression::Gzip] {
+                let ws = dir.path().join(format!("ws{i}-{compression:?}"));
+                let b = ws.join("store/b");
+                let mut archive = Vec::new();
+                context::write_tar(&entries, &[], "", compression, &mut archive).unwrap();
+                let z = if compression == Compression::Gzip {
+                    "gzip"
+                } else {
+                    "plain"
+                };
+                let ws_s = ws.display().to_string();
+                let args = ["-c", PUT, "p", &ws_s, z];
+                let out = run(argv, path, &args, &archive);
+                assert_eq!(out.status.code(), Some(70), "{argv:?}: no store yet");
+                std::fs::create_dir_all(&b).unwrap();
+                let out = run(argv, path, &args, &archive);
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    out.status.success(),
+                    "{argv:?}: {stdout} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                assert_eq!(stdout, format!("stored {good}\n"), "{argv:?}");
+                let names: Vec<String> = std::fs::read_dir(&b)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect();
+                assert_eq!(names, vec![good.clone()], "{argv:?}");
+                let md = std::fs::metadata(b.join(&good)).unwrap();
+                assert_eq!(md.mode() & 0o7777, 0o755, "{argv:?}");
+                assert_eq!(md.mtime(), 1_700_000_000, "{argv:?}");
+                assert_eq!(std::fs::read(b.join(&good)).unwrap(), b"good\n");
+                let left: Vec<String> = std::fs::read_dir(ws.join("store"))
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect();
+                assert_eq!(left, vec!["b".to_string()], "{argv:?}: scratch left");
+                // A cut archive stores nothing and says so.
+                let out = run(argv, path, &args, &archive[..archive.len() / 3]);
+                assert!(!out.status.success() || out.stdout.is_empty(), "{argv:?}");
+            }
+        }
+    }
+
+    /// New content of 1 MiB and more is split into uploads of about the
+    /// same size, each file once; content the builder has, small files,
+    /// one channel or little content leave it all to the stream.
+    #[test]
+    fn large_new_content_is_split_evenly_across_channels() {
+        use crate::context::DockerIgnore;
+        let dir = tempfile::tempdir().unwrap();
+        for i in 1..=6u8 {
+            std::fs::write(
+                dir.path().join(format!("f{i}")),
+                vec![i; usize::from(i) << 20],
+            )
+            .unwrap();
+        }
+        // The same content twice (one variant), one the builder holds,
+        // and a small file.
+        std::fs::write(dir.path().join("held"), vec![9u8; 3 << 20]).unwrap();
+        std::fs::write(dir.path().join("small"), b"small").unwrap();
+        let entries = crate::context::walk(dir.path(), &DockerIgnore::parse(""), &[]).unwrap();
+        let scanned = super::super::cache::scan(entries, Vec::new(), &[]).unwrap();
+        let plan = Plan::full(&scanned.manifest);
+        let wanted = wanted(&scanned, &plan);
+        let held = wanted.iter().find(|w| {
+            w.size == 3 << 20 && {
+                let path = &scanned.manifest.entries[w.index].path;
+                path.ends_with("held")
+            }
+        });
+        let needed: HashSet<String> = wanted
+            .iter()
+            .filter(|w| Some(*w) != held)
+            .map(|w| w.variant.clone())
+            .collect();
+        let ups = parallel_uploads(&scanned, &wanted, &needed, 3);
+        assert_eq!(ups.len(), 3);
+        let sizes: Vec<u64> = ups.iter().map(|u| u.bytes).collect();
+        assert_eq!(
+            sizes,
+            vec![7 << 20; 3],
+            "largest first, each to the lightest"
+        );
+        let mut all: Vec<&String> = ups.iter().flat_map(|u| &u.variants).collect();
+        all.sort();
+        let mut want: Vec<&String> = wanted
+            .iter()
+            .filter(|w| w.size >= PARALLEL_MIN_FILE && needed.contains(&w.variant))
+            .map(|w| &w.variant)
+            .collect();
+        want.sort();
+        want.dedup();
+        assert_eq!(all, want);
+        for u in &ups {
+            for (e, v) in u.entries.iter().zip(&u.variants) {
+                assert_eq!(&e.rel, v, "a file goes under its variant's name");
+            }
+        }
+        assert!(parallel_uploads(&scanned, &wanted, &needed, 1).is_empty());
+        let few: HashSet<String> = wanted
+            .iter()
+            .filter(|w| w.size <= 2 << 20)
+            .map(|w| w.variant.clone())
+            .collect();
+        assert!(
+            parallel_uploads(&scanned, &wanted, &few, 4).is_empty(),
+            "3 MiB is not worth more channels"
+        );
+        assert_eq!(upload_channels(None, true), 1);
+        assert_eq!(upload_channels(None, false), 4);
+        assert_eq!(upload_channels(Some(8), true), 8);
     }
 
     /// Variants are made without a program start per file where python3

@@ -2295,3 +2295,112 @@ async fn store_a_fresh_runner_on_loopback_sends_its_links_compressed() {
         "a fresh runner sent {sent} bytes (manifest ~{manifest})"
     );
 }
+
+/// With `upload_channels: 3`, a cold send of six new files of 1 to 6 MiB
+/// goes over three channels at once, into the store, before the sync's
+/// own stream: seen from sshd's side (a wrapper records what each upload
+/// channel read, and every upload waits, with a deadline, until another
+/// one runs beside it). The image holds every file, the copy matches and
+/// links the store, no scratch folder is left, and an unchanged rebuild
+/// opens no upload.
+#[test]
+fn large_new_content_goes_over_several_channels_at_once() {
+    if !services() {
+        return;
+    }
+    let d = docker();
+    let logs = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(logs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let wrap = logs.path().join("wrap.sh");
+    std::fs::write(
+        &wrap,
+        format!(
+            r#"case $SSH_ORIGINAL_COMMAND in
+  *absconda-put*)
+    d={logs}/put.$$
+    mkdir "$d" && cat > "$d/in"
+    n=0
+    while [ "$(ls -d {logs}/put.* | wc -l)" -lt 2 ] && [ "$n" -lt 600 ]; do
+      n=$((n + 1)); sleep 0.05
+    done
+    [ "$(ls -d {logs}/put.* | wc -l)" -lt 2 ] || : > "$d/beside"
+    eval "$SSH_ORIGINAL_COMMAND" < "$d/in" ;;
+  *) eval "$SSH_ORIGINAL_COMMAND" ;;
+esac
+"#,
+            logs = logs.path().display()
+        ),
+    )
+    .unwrap();
+    let sshd = Sshd::start_with(
+        Some(&d.host),
+        "127.0.0.1",
+        None,
+        &format!("ForceCommand . {}\n", wrap.display()),
+    );
+    let p = Project::with_builder(&sshd, "    upload_channels: 3\n    compression: none\n");
+    p.file("Dockerfile", &format!("FROM {BASE_IMAGE}\nCOPY . /ctx/\n"));
+    for i in 0..20 {
+        p.file(&format!("src/f{i}.txt"), &format!("file {i}\n"));
+    }
+    let mut big = Vec::new();
+    for i in 1..=6u64 {
+        let data = random_bytes(40 + i, (i as usize) << 20);
+        std::fs::write(p.context.join(format!("big{i}.bin")), &data).unwrap();
+        big.push(data);
+    }
+    let image = "sync/channels:t";
+    let report = build_json(&p, "sync/channels", &[]);
+    assert_eq!(sync_of(&report)["mode"], "full", "{report}");
+    let puts: Vec<PathBuf> = std::fs::read_dir(logs.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("put."))
+        .collect();
+    assert_eq!(puts.len(), 3, "uploads: {puts:?}");
+    let mut carried = 0;
+    for put in &puts {
+        assert!(
+            put.join("beside").exists(),
+            "{put:?} ran while no other upload did"
+        );
+        let n = std::fs::metadata(put.join("in")).unwrap().len();
+        assert!(n > 6 << 20, "{put:?} carried only {n} bytes");
+        carried += n;
+    }
+    assert!(carried >= 21 << 20, "the uploads carried {carried} bytes");
+    for (i, data) in big.iter().enumerate() {
+        assert_eq!(
+            sha_hex(&cat_in_image(image, &format!("/ctx/big{}.bin", i + 1))),
+            sha_hex(data)
+        );
+    }
+    assert_eq!(cat_in_image(image, "/ctx/src/f7.txt"), b"file 7\n");
+    let copy = copies(&p).pop().unwrap().join("tree");
+    assert_same(&local_tree(&p.context), &builder_tree(&copy), "copy");
+    for i in 1..=6 {
+        let md = std::fs::metadata(copy.join(format!("big{i}.bin"))).unwrap();
+        assert_eq!(md.nlink(), 2, "big{i}.bin is not the store's");
+    }
+    assert!(assert_store_sound(&p.workspace) >= 26);
+    let left: Vec<String> = std::fs::read_dir(p.workspace.join("store"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "b" && n != "ttl")
+        .collect();
+    assert!(left.is_empty(), "left in the store: {left:?}");
+
+    let report = build_json(&p, "sync/channels", &[]);
+    assert_eq!(sync_of(&report)["mode"], "delta", "{report}");
+    let after = std::fs::read_dir(logs.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("put.")
+        })
+        .count();
+    assert_eq!(after, 3, "an unchanged rebuild opened an upload");
+}
