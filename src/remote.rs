@@ -351,20 +351,28 @@ const AFTER_SYNC: &str = r#"
 nonce=$1 want=$2 wait=$3 streamed=$4
 shift 4
 refuse() { printf '%s not-synced\n' "$nonce" >&2; exit 99; }
+# Holds the copy's lock, shared: its sync has ended (a sync holds it alone).
+locked() {
+  tree=$(readlink context) || refuse
+  exec 8<"${tree%/tree}/lock" || refuse
+  flock -s 8 || refuse
+}
+# Ends with the build's status, saying the image id after a success.
+finish() {
+  if [ "$1" -eq 0 ]; then printf '\n%s iid %s\n' "$nonce" "$(cat .iid 2>/dev/null)" >&2; fi
+  exit "$1"
+}
 if [ "$streamed" = 1 ]; then
   rm -f context.tar
   mkfifo -m 600 context.tar || refuse
   "$@" - < context.tar
   st=$?
   rm -f context.tar
-  tree=$(readlink context) || refuse
-  exec 8<"${tree%/tree}/lock" || refuse
-  flock -s 8 || refuse
-  exec 8<&-
+  locked
   read -r w m < streamed || refuse
+  exec 8<&-
   [ "$w $m" = "clean $want" ] || refuse
-  if [ "$st" -eq 0 ]; then printf '\n%s iid %s\n' "$nonce" "$(cat .iid 2>/dev/null)" >&2; fi
-  exit "$st"
+  finish "$st"
 fi
 n=0
 while [ ! -L context ]; do
@@ -372,17 +380,12 @@ while [ ! -L context ]; do
   [ "$n" -le $((wait * 50)) ] || refuse
   sleep 0.02
 done
-tree=$(readlink context) || refuse
-dir=${tree%/tree}
-exec 8<"$dir/lock" || refuse
-flock -s 8 || refuse
-read -r v st mh _ < "$dir/state" || refuse
+locked
+read -r v st mh _ < "${tree%/tree}/state" || refuse
 exec 8<&-
 [ "$v $st $mh" = "v1 clean $want" ] || refuse
 "$@" "$tree" </dev/null
-st=$?
-if [ "$st" -eq 0 ]; then printf '\n%s iid %s\n' "$nonce" "$(cat .iid 2>/dev/null)" >&2; fi
-exit "$st"
+finish $?
 "#;
 
 const UPLOAD: &str = r#"
