@@ -18,6 +18,13 @@ fn ok() -> bool {
         && crate::support::require("docker-registry")
 }
 
+/// A self-stop test's builder is a machine of its own (see
+/// [`Sshd::start_on_own_machine`]): on the machine every test shares,
+/// another test's build would rightly keep it on.
+fn self_stop_ok() -> bool {
+    ok() && crate::support::require("unshare") && crate::support::require("nsenter")
+}
+
 fn gce_project(fake: &GceFake, sshd: &Sshd, extra: &str) -> Project {
     let yaml = format!(
         "    provider: gcp\n    project: {}\n    zone: {}\n    instance: builder\n    api_endpoint: {}\n    ready_timeout: 60\n{extra}",
@@ -144,12 +151,11 @@ fn a_stopped_builder_without_auto_start_is_not_started() {
 
 #[test]
 fn self_stop_fires_after_stop_delay_and_a_new_build_cancels_it() {
-    let _quiet = crate::support::no_long_leases();
-    if !ok() {
+    if !self_stop_ok() {
         return;
     }
     let d = docker();
-    let sshd = Sshd::start(Some(&d.host));
+    let sshd = Sshd::start_on_own_machine(Some(&d.host));
     let fake = GceFake::start();
     fake.add_instance("builder", "RUNNING");
     fake.set_metadata_instance("builder");
@@ -186,12 +192,11 @@ fn self_stop_fires_after_stop_delay_and_a_new_build_cancels_it() {
 
 #[test]
 fn self_stop_does_nothing_on_another_instance_or_an_ssh_builder() {
-    let _quiet = crate::support::no_long_leases();
-    if !ok() {
+    if !self_stop_ok() {
         return;
     }
     let d = docker();
-    let sshd = Sshd::start(Some(&d.host));
+    let sshd = Sshd::start_on_own_machine(Some(&d.host));
     let fake = GceFake::start();
     fake.add_instance("builder", "RUNNING");
     fake.add_instance("other", "RUNNING");
@@ -358,8 +363,7 @@ fn processes_with(needle: &str) -> usize {
 /// instance it fires; where IMDS names another instance it does nothing.
 #[test]
 fn ec2_self_stop_checks_the_instance_id_over_imdsv2() {
-    let _quiet = crate::support::no_long_leases();
-    if !(ok() && crate::support::require("curl")) {
+    if !(self_stop_ok() && crate::support::require("curl")) {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -368,7 +372,7 @@ fn ec2_self_stop_checks_the_instance_id_over_imdsv2() {
     };
     let id = rt.block_on(moto.run_instance(Some("absconda-builder")));
     let d = docker();
-    let sshd = Sshd::start(Some(&d.host));
+    let sshd = Sshd::start_on_own_machine(Some(&d.host));
     let marker = crate::support::tempdir();
     for (imds_says, fires) in [
         (id.clone(), true),
@@ -512,14 +516,15 @@ pub(crate) fn wait_for_self_stop(workspace: &std::path::Path) {
     }
 }
 
+/// Another workspace's build on the builder keeps it on; once no lease is
+/// held, it stops.
 #[test]
 fn self_stop_waits_while_another_workspace_on_the_machine_holds_its_lease() {
-    let _quiet = crate::support::no_long_leases();
-    if !ok() {
+    if !self_stop_ok() {
         return;
     }
     let d = docker();
-    let sshd = Sshd::start(Some(&d.host));
+    let sshd = Sshd::start_on_own_machine(Some(&d.host));
     let fake = GceFake::start();
     fake.add_instance("builder", "RUNNING");
     fake.set_metadata_instance("builder");
@@ -538,18 +543,20 @@ fn self_stop_waits_while_another_workspace_on_the_machine_holds_its_lease() {
     std::fs::create_dir(other.path().join("runs")).unwrap();
     let lease = other.path().join(".lease");
     std::fs::write(&lease, "").unwrap();
-    /// Kills the lease holder, also when the test fails.
+    /// Holds the lease until its stdin closes: ends the holder, also when
+    /// the test fails.
     struct Holder(std::process::Child);
     impl Drop for Holder {
         fn drop(&mut self) {
-            let _ = self.0.kill();
+            drop(self.0.stdin.take());
             let _ = self.0.wait();
         }
     }
     let holder = Holder(
-        std::process::Command::new("sh")
-            .args(["-c", "exec 9<\"$1\" && flock 9 && exec sleep 120", "hold"])
+        sshd.on_machine("sh")
+            .args(["-c", "exec 9<\"$1\" && flock 9 && read -r _", "hold"])
             .arg(&lease)
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap(),
     );
@@ -573,6 +580,7 @@ fn self_stop_waits_while_another_workspace_on_the_machine_holds_its_lease() {
     wait_for_self_stop(&p.workspace);
     let busy = flag.exists();
     drop(holder);
+    assert!(!held(), "the other lease is still held");
     assert!(
         !busy,
         "powered off while another workspace's build held its lease"
@@ -582,9 +590,9 @@ fn self_stop_waits_while_another_workspace_on_the_machine_holds_its_lease() {
     // Once that build is over, the self-stop fires.
     let out = p.build("selfstop/shared", &[]);
     assert!(out.status.success(), "{}", text(&out));
-    wait_for_self_stop(&p.workspace);
-    assert!(
-        flag.exists(),
-        "the self-stop did not fire once every lease was free"
+    crate::support::wait_until(
+        "the self-stop firing once every lease was free",
+        Duration::from_secs(60),
+        || flag.exists(),
     );
 }

@@ -168,7 +168,6 @@ const SPAN_DOCKERFILE: &str = "FROM BASE\nARG NONCE\nRUN echo \"span $(cut -d' '
 
 #[test]
 fn concurrent_clients_share_a_pool_one_build_per_builder_at_a_time() {
-    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -326,7 +325,6 @@ fn concurrent_clients_share_a_pool_one_build_per_builder_at_a_time() {
 
 #[test]
 fn a_pool_sends_a_context_to_the_builder_that_holds_its_copy() {
-    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -391,7 +389,6 @@ fn a_pool_sends_a_context_to_the_builder_that_holds_its_copy() {
 
 #[test]
 fn a_pool_skips_an_unreachable_builder_and_a_vm_the_zone_cannot_start() {
-    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -473,7 +470,6 @@ fn tickets(ws: &Path) -> usize {
 
 #[test]
 fn builds_waiting_for_a_busy_builder_go_first_come_first_served() {
-    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -592,7 +588,6 @@ fn builds_waiting_for_a_busy_builder_go_first_come_first_served() {
 
 #[test]
 fn a_pool_moves_on_when_ec2_has_no_capacity_for_a_vm() {
-    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -680,7 +675,6 @@ fn a_pool_moves_on_when_ec2_has_no_capacity_for_a_vm() {
 
 #[test]
 fn a_build_lost_on_one_member_is_retried_on_another() {
-    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -774,7 +768,6 @@ fn two_platform_pool(dir: &Path) -> (Member, Member, PathBuf) {
 
 #[test]
 fn a_pool_builds_each_platform_natively_and_pushes_an_index() {
-    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -917,7 +910,6 @@ fn a_pool_builds_each_platform_natively_and_pushes_an_index() {
 
 #[test]
 fn a_platform_no_builder_offers_is_refused_before_anything_starts() {
-    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -1015,7 +1007,6 @@ fn a_platform_no_builder_offers_is_refused_before_anything_starts() {
 /// service: the builders' docker and absconda each get their own.
 #[test]
 fn the_index_goes_to_a_registry_that_wants_bearer_tokens() {
-    let _leases = crate::support::long_leases();
     if !services() || !crate::support::require("openssl") {
         return;
     }
@@ -1190,7 +1181,6 @@ fn direct_yaml(name: &str, sshd: &Sshd, dir: &Path, extra: &str) -> String {
 /// `index_from: client` the build says it cannot be written.
 #[test]
 fn the_index_goes_through_a_builder_when_this_machine_cannot_reach_the_registry() {
-    let _leases = crate::support::long_leases();
     if !services() || !crate::support::require("ip") {
         return;
     }
@@ -1323,7 +1313,6 @@ fn the_index_goes_through_a_builder_when_this_machine_cannot_reach_the_registry(
 /// says arm64. Without it the same build is refused before anything starts.
 #[test]
 fn a_pool_with_emulate_builds_a_platform_no_builder_has() {
-    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }
@@ -1646,7 +1635,6 @@ fn the_registry_api_speaks_tls_through_a_builders_ssh_channel() {
 
 #[test]
 fn a_pool_whose_builders_are_busy_overflows_to_its_build_service() {
-    let _leases = crate::support::long_leases();
     if !services() {
         return;
     }

@@ -53,21 +53,6 @@ pub fn skip_or_fail(what: &str) {
 /// How long one test may run before the watchdog fails the whole run.
 pub const TEST_DEADLINE: Duration = Duration::from_secs(280);
 
-/// The self-stop on a builder waits while any workspace on the machine has
-/// its lease held (several users may share one builder), and in tests every
-/// test shares this machine. Tests that hold leases for long (many
-/// concurrent builds) take [`long_leases`]; the self-stop tests take
-/// [`no_long_leases`], so that they see only their own builds.
-static LONG_LEASES: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-pub fn long_leases() -> std::sync::RwLockReadGuard<'static, ()> {
-    LONG_LEASES.read().unwrap_or_else(|e| e.into_inner())
-}
-
-pub fn no_long_leases() -> std::sync::RwLockWriteGuard<'static, ()> {
-    LONG_LEASES.write().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Puts the calling test under the watchdog (idempotent; the harness's
 /// entry points call it). libtest names each test's thread after the test,
 /// so a test that hangs is reported by name: after [`TEST_DEADLINE`] the

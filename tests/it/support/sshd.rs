@@ -18,6 +18,11 @@ pub struct Sshd {
     pub known_hosts: PathBuf,
     pub listen: String,
     child: Option<Child>,
+    /// sshd's pid here: the child itself, or `unshare`'s child for
+    /// [`Sshd::start_on_own_machine`].
+    sshd_pid: u32,
+    /// Whether sshd is the first process of a PID namespace of its own.
+    own_machine: bool,
     config: PathBuf,
 }
 
@@ -44,6 +49,46 @@ impl Sshd {
         netns: Option<&str>,
         extra: &str,
     ) -> Sshd {
+        Sshd::launch(docker_host, listen, netns, extra, false)
+    }
+
+    /// Starts sshd on loopback as the first process of a PID namespace of
+    /// its own, with its own `/proc`: what the builder's scripts find there
+    /// is only what runs through this sshd or [`Sshd::on_machine`], as on a
+    /// builder VM. Every test shares this machine, and the self-stop looks
+    /// at every workspace in use on its machine: a self-stop test needs a
+    /// machine that other tests' builds are not on. The network and the
+    /// files are shared (the fakes, dockerd and the test's folders are
+    /// reached as usual). Everything started there dies with sshd. Needs
+    /// `unshare` and `nsenter` (util-linux) and root.
+    pub fn start_on_own_machine(docker_host: Option<&str>) -> Sshd {
+        Sshd::launch(docker_host, "127.0.0.1", None, "", true)
+    }
+
+    /// `program` run on this sshd's machine (see
+    /// [`Sshd::start_on_own_machine`]), as a child of `nsenter`, which
+    /// passes its stdio and exit status through.
+    pub fn on_machine(&self, program: &str) -> Command {
+        assert!(self.own_machine, "sshd has no machine of its own");
+        let mut c = Command::new("nsenter");
+        c.args([
+            "--target",
+            &self.sshd_pid.to_string(),
+            "--pid",
+            "--mount",
+            "--",
+        ])
+        .arg(program);
+        c
+    }
+
+    fn launch(
+        docker_host: Option<&str>,
+        listen: &str,
+        netns: Option<&str>,
+        extra: &str,
+        own_machine: bool,
+    ) -> Sshd {
         let dir = tempdir();
         let d = dir.path();
         keygen(&d.join("hostkey"), "ed25519");
@@ -53,7 +98,7 @@ impl Sshd {
         // Another process may take the free port before sshd binds it: then
         // sshd exits, and the next attempt takes another port.
         let mut attempt = 0;
-        let (port, host_key_pub, known_hosts, config_path, child) = loop {
+        let (port, host_key_pub, known_hosts, config_path, child, sshd_pid) = loop {
             attempt += 1;
             let port = free_port();
             // A test that brings its own `AuthorizedKeysFile` (sshd takes the
@@ -111,6 +156,14 @@ impl Sshd {
                     c.args(["netns", "exec", ns, SSHD]);
                     c
                 }
+                // sshd is PID 1 there and reaps what its sessions leave
+                // behind; `--kill-child` kills it when `unshare` dies, and
+                // the kernel then kills everything else in the namespace.
+                None if own_machine => {
+                    let mut c = Command::new("unshare");
+                    c.args(["--pid", "--mount-proc", "--kill-child", SSHD]);
+                    c
+                }
                 None => Command::new(SSHD),
             };
             cmd.args(["-D", "-e", "-f"])
@@ -129,7 +182,19 @@ impl Sshd {
                     })
             });
             if !exited {
-                break (port, host_key_pub, known_hosts, config_path, child);
+                let sshd_pid = if own_machine {
+                    child_of(child.id()).expect("sshd under unshare")
+                } else {
+                    child.id()
+                };
+                break (
+                    port,
+                    host_key_pub,
+                    known_hosts,
+                    config_path,
+                    child,
+                    sshd_pid,
+                );
             }
             assert!(
                 attempt < 5,
@@ -144,6 +209,8 @@ impl Sshd {
             known_hosts,
             listen: listen.to_string(),
             child: Some(child),
+            sshd_pid,
+            own_machine,
             config: config_path,
             dir,
         }
@@ -171,9 +238,9 @@ impl Sshd {
     /// Cuts every open connection (as a network failure or a VM powering
     /// off would), leaving the listener up for new ones.
     pub fn drop_connections(&self) {
-        if let Some(c) = &self.child {
+        if self.child.is_some() {
             let _ = Command::new("pkill")
-                .args(["-KILL", "-P", &c.id().to_string()])
+                .args(["-KILL", "-P", &self.sshd_pid.to_string()])
                 .status();
         }
     }
@@ -184,6 +251,23 @@ impl Sshd {
             let _ = c.wait();
         }
     }
+}
+
+/// The pid of a child of `parent` (`unshare --fork` has one).
+fn child_of(parent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+        let ppid: u32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        (ppid == parent).then_some(pid)
+    })
 }
 
 impl Drop for Sshd {
