@@ -335,7 +335,11 @@ pub async fn sync_context_early(
     let mut compression = job.compression;
     loop {
         summary.attempts += 1;
-        let mut command = script::command(&job.builder.workspace, &key, job.run_dir);
+        // A copy this key never held may be another copy of exactly this
+        // manifest (a fresh checkout of content the workspace has built),
+        // unless this attempt must send everything.
+        let seek = (force_full.is_none() && !bypass_store).then_some(new_hash.as_str());
+        let mut command = script::command(&job.builder.workspace, &key, job.run_dir, seek);
         if let (Some(e), 1) = (&early, summary.attempts) {
             command = script::after_lease(job.run_dir, e.wait.as_secs() + 60, &command);
         }
@@ -376,7 +380,7 @@ pub async fn sync_context_early(
         };
         debug!(?state, "the builder's copy");
 
-        let (base, reason, rebooted) = choose_base(&state, &cache, force_full.take());
+        let (base, reason, rebooted) = choose_base(&state, &cache, new, force_full.take());
         // A copy changed on the builder may have changed its files in
         // place, and so the store's content they link: send it all again,
         // which replaces that content in the store too.
@@ -689,6 +693,7 @@ pub async fn sync_context_early(
 fn choose_base<'a>(
     state: &CopyState,
     cache: &'a LocalCache,
+    new: &'a Manifest,
     force_full: Option<String>,
 ) -> (Option<&'a Manifest>, Option<String>, bool) {
     if let Some(reason) = force_full {
@@ -718,7 +723,12 @@ fn choose_base<'a>(
                     false,
                 );
             }
-            match cache.manifest_with_hash(manifest) {
+            // Another copy that holds exactly what is about to be sent
+            // (see [`script::command`]): nothing to send.
+            let known = cache
+                .manifest_with_hash(manifest)
+                .or_else(|| (*manifest == new.hash()).then_some(new));
+            match known {
                 Some(m) => (Some(m), None, *rebooted),
                 None => (
                     None,
@@ -1052,8 +1062,25 @@ mod tests {
                 Some("forced"),
             ),
         ];
+        // A copy of exactly the manifest about to be sent is a base
+        // without any record of it.
+        let empty = LocalCache {
+            path: None,
+            data: cache::CacheData::default(),
+        };
+        let (base, why, _) = choose_base(&clean(&h, "l", "l", false), &empty, &m, None);
+        assert!(base.is_some() && why.is_none());
+        let other = Manifest {
+            entries: vec![manifest::ManifestEntry {
+                path: "a".into(),
+                mode: 0o644,
+                kind: Kind::Dir,
+            }],
+        };
+        let (base, _, _) = choose_base(&clean(&h, "l", "l", false), &empty, &other, None);
+        assert!(base.is_none());
         for (state, force, delta, rebooted, reason) in cases {
-            let (base, why, reboot) = choose_base(&state, &cache, force);
+            let (base, why, reboot) = choose_base(&state, &cache, &m, force);
             assert_eq!(base.is_some(), delta, "{state:?}");
             assert_eq!(reboot, rebooted, "{state:?}");
             match reason {

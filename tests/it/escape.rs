@@ -180,7 +180,7 @@ impl Attack {
         input.extend_from_slice(tar);
         let out = self
             .session
-            .output("sync", &command(&self.ws(), KEY, ""), &input)
+            .output("sync", &command(&self.ws(), KEY, "", None), &input)
             .await
             .unwrap();
         format!(

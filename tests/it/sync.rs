@@ -1204,8 +1204,13 @@ fn setuid_and_setgid_bits_never_reach_the_builders_copy() {
     assert!(state_of(&p).contains("clean"), "{}", state_of(&p));
 }
 
+/// Two installations on one machine id (two laptops cloned from one
+/// image) with one context path get a copy each: while the context is
+/// exactly what the first built, the second builds from that copy and
+/// changes nothing in it; once it differs, the second sends into a copy of
+/// its own, and the first's copy keeps the first's files.
 #[test]
-fn two_installations_on_one_machine_id_never_share_a_copy() {
+fn two_installations_on_one_machine_id_never_write_each_others_copy() {
     if !services() {
         return;
     }
@@ -1218,22 +1223,46 @@ fn two_installations_on_one_machine_id_never_share_a_copy() {
     p.file("who.txt", "same");
     let caches = [p.dir.path().join("cache-a"), p.dir.path().join("cache-b")];
     p.env = vec![("XDG_CACHE_HOME".into(), caches[0].display().to_string())];
-    build_json(&p, "sync/install-a", &[]);
+    let ra = build_json(&p, "sync/install-a", &[]);
     assert_eq!(copies(&p).len(), 1);
+    let a_tree = sync_of(&ra)["tree"].as_str().unwrap().to_string();
     p.env = vec![("XDG_CACHE_HOME".into(), caches[1].display().to_string())];
     let rb = build_json(&p, "sync/install-b", &[]);
-    assert_eq!(sync_of(&rb)["mode"], "full", "b must not reuse a's copy");
-    assert_eq!(copies(&p).len(), 2, "one copy per installation");
+    assert_eq!(sync_of(&rb)["mode"], "delta", "{rb}");
+    assert_eq!(sync_of(&rb)["entries_sent"], 0, "{rb}");
+    assert_eq!(sync_of(&rb)["tree"], a_tree.as_str(), "{rb}");
+    assert_ne!(sync_of(&rb)["key"], sync_of(&ra)["key"]);
+    assert_eq!(copies(&p).len(), 1, "no copy for exactly the same files");
     let ids: Vec<String> = caches
         .iter()
         .map(|c| std::fs::read_to_string(c.join("absconda/installation-id")).unwrap())
         .collect();
     assert_eq!(ids[0].trim().len(), 32);
     assert_ne!(ids[0], ids[1]);
+
+    p.file("who.txt", "b changed it");
+    let rb = build_json(&p, "sync/install-b", &[]);
+    assert_eq!(
+        sync_of(&rb)["mode"],
+        "full",
+        "b must not change a's copy: {rb}"
+    );
+    assert_ne!(sync_of(&rb)["tree"], a_tree.as_str(), "{rb}");
+    assert_eq!(copies(&p).len(), 2, "one copy per installation");
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&a_tree).join("who.txt")).unwrap(),
+        "same",
+        "a's copy keeps a's files"
+    );
+    assert_eq!(
+        cat_in_image("sync/install-b:t", "/ctx/who.txt"),
+        b"b changed it"
+    );
     // Each installation keeps its own copy up to date.
     p.env = vec![("XDG_CACHE_HOME".into(), caches[0].display().to_string())];
     let ra = build_json(&p, "sync/install-a", &[]);
     assert_eq!(sync_of(&ra)["mode"], "delta");
+    assert_eq!(sync_of(&ra)["tree"], a_tree.as_str());
     assert_eq!(copies(&p).len(), 2);
 }
 
@@ -1377,8 +1406,18 @@ async fn sync_client(
     sync_context(session, &job, prepared.entries, prepared.extra, &Silent).await
 }
 
+/// The copy the sync left the build: its own, or another copy that holds
+/// exactly this context (a fresh checkout of content already built).
 fn copy_tree(ws: &Path, s: &SyncSummary) -> PathBuf {
-    ws.join("contexts").join(&s.key).join("tree")
+    match &s.tree {
+        Some(t) => PathBuf::from(t),
+        None => ws.join("contexts").join(&s.key).join("tree"),
+    }
+}
+
+/// Whether the sync used another copy than its own.
+fn shared_copy(ws: &Path, s: &SyncSummary) -> bool {
+    copy_tree(ws, s) != ws.join("contexts").join(&s.key).join("tree")
 }
 
 /// The copy matches the client's context, file by file, hashed on the
@@ -1501,14 +1540,20 @@ async fn store_random_edits_from_several_clients_share_one_store() {
         .await
         .unwrap();
     check_copy(&b.session, &first.ctx, &copy_tree(&ws, &s), "first client").await;
+    let first_tree = copy_tree(&ws, &s);
     let mut clients = vec![first];
+    // A clone with the same mtimes is exactly the first client's context:
+    // it builds from that copy, sending nothing.
+    let mut shared = vec![false];
     for i in 1..3 {
         let c = Client::clone_of(&root, &format!("c{i}"), &clients[0].ctx, true);
         let s = sync_client(&b.session, &b.builder, &c, false, Compression::Gzip, "")
             .await
             .unwrap();
-        assert_eq!(s.mode, "full", "{s:?}");
-        assert_eq!(s.blobs_sent, 0, "seen content is not sent again: {s:?}");
+        assert_eq!(s.mode, "delta", "{s:?}");
+        assert_eq!((s.entries_sent, s.blobs_sent), (0, 0), "{s:?}");
+        assert_eq!(copy_tree(&ws, &s), first_tree, "{s:?}");
+        shared.push(true);
         check_copy(
             &b.session,
             &c.ctx,
@@ -1544,7 +1589,12 @@ async fn store_random_edits_from_several_clients_share_one_store() {
             "seed {seed}, round {round}, client {i}, after {:?}",
             &eds[i].log[before..]
         );
-        assert_eq!(s.mode, "delta", "{what}: {s:?}");
+        // A client that built from another's copy makes its own at its
+        // first change: a full send, of links for what the store holds.
+        if !shared[i] {
+            assert_eq!(s.mode, "delta", "{what}: {s:?}");
+        }
+        shared[i] = shared_copy(&ws, &s);
         assert!(s.matched, "{what}: {s:?}");
         check_copy(&b.session, &clients[i].ctx, &copy_tree(&ws, &s), &what).await;
     }
@@ -1594,19 +1644,37 @@ async fn store_a_fresh_runner_sends_no_seen_content_and_ten_copies_cost_one() {
         .unwrap();
     let cold = wire.up() - before;
     check_copy(&session, &first.ctx, &copy_tree(&ws, &s), "first").await;
+    let first_sync = s.clone();
     let one = du_kib(&ws);
     let entries = s.entries;
 
+    // The same checkout at another path builds from the first copy:
+    // nothing but the question crosses the wire, and no copy is made.
+    let same = Client::clone_of(&root, "same", &first.ctx, true);
+    let before = wire.up();
+    let s = sync_client(&session, &builder, &same, false, Compression::Gzip, "")
+        .await
+        .unwrap();
+    let sent = wire.up() - before;
+    assert_eq!(copy_tree(&ws, &s), copy_tree(&ws, &first_sync), "{s:?}");
+    assert_eq!((s.mode, s.entries_sent), ("delta", 0), "{s:?}");
+    assert!(sent <= 16 << 10, "{sent} bytes for an unchanged checkout");
+    assert_eq!(std::fs::read_dir(ws.join("contexts")).unwrap().count(), 1);
+    check_copy(&session, &same.ctx, &copy_tree(&ws, &s), "same checkout").await;
+
+    // Checkouts of one commit each (one file apart): copies of their own.
     let mut worst = 0;
     for i in 1..10 {
         let c = Client::clone_of(&root, &format!("c{i}"), &first.ctx, true);
+        std::fs::write(c.ctx.join("runner.txt"), format!("runner {i}\n")).unwrap();
         let before = wire.up();
         let s = sync_client(&session, &builder, &c, false, Compression::Gzip, "")
             .await
             .unwrap();
         let sent = wire.up() - before;
         worst = worst.max(sent);
-        assert_eq!(s.blobs_sent, 0, "{s:?}");
+        assert_eq!(s.blobs_sent, 1, "only runner.txt is new: {s:?}");
+        assert!(!shared_copy(&ws, &s), "{s:?}");
         check_copy(&session, &c.ctx, &copy_tree(&ws, &s), &format!("copy {i}")).await;
     }
     let ten = du_kib(&ws);
@@ -2281,12 +2349,14 @@ async fn store_a_fresh_runner_on_loopback_sends_its_links_compressed() {
         .unwrap();
     let entries = s.entries;
     let fresh = Client::clone_of(&root, "c1", &first.ctx, true);
+    // One file apart: a copy of its own, of links into the store.
+    std::fs::write(fresh.ctx.join("runner.txt"), "runner 1\n").unwrap();
     let before = wire.up();
     let s = sync_client(&session, &builder, &fresh, false, Compression::None, "")
         .await
         .unwrap();
     let sent = wire.up() - before;
-    assert_eq!(s.blobs_sent, 0, "{s:?}");
+    assert_eq!(s.blobs_sent, 1, "only runner.txt is new: {s:?}");
     check_copy(&session, &fresh.ctx, &copy_tree(&ws, &s), "fresh runner").await;
     let manifest: u64 = entries * (32 + 24 + 16);
     eprintln!("fresh runner on loopback: {sent} bytes on the wire for {entries} entries");
