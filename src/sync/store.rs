@@ -388,10 +388,13 @@ pub fn tar_stream(
     context::tar_stream_with_links(t.entries, t.extra, t.links, compression, chunk, content)
 }
 
-/// Needed content of at least this size may go over a parallel upload.
+/// Files of at least this size make a send worth several channels...
 pub const PARALLEL_MIN_FILE: u64 = 1 << 20;
-/// Parallel uploads are used only for at least this much such content.
+/// ...when they add up to this much.
 pub const PARALLEL_MIN_TOTAL: u64 = 16 << 20;
+/// What a file costs an upload beyond its content: its tar header, and
+/// hashing and renaming it on the builder.
+const PER_FILE: u64 = 4 << 10;
 
 /// The upload channels for a builder: `upload_channels:`, else 4, or 1
 /// on loopback (where the channels would share the same cores that copy
@@ -413,11 +416,12 @@ pub struct Upload {
     pub bytes: u64,
 }
 
-/// Splits the needed content of at least [`PARALLEL_MIN_FILE`] into
-/// `channels` uploads of about the same size (the largest file first, each
-/// to the lightest upload). Empty when one channel would carry it all
-/// anyway: fewer than two channels or such files, or less than
-/// [`PARALLEL_MIN_TOTAL`] of them.
+/// Splits the needed content into `channels` uploads of about the same
+/// size (the largest file first, each to the lightest upload), so that the
+/// sync's own stream carries only links and what the store does not take.
+/// Empty when one channel would do as well: fewer than two channels, or
+/// less than [`PARALLEL_MIN_TOTAL`] in at least two files of
+/// [`PARALLEL_MIN_FILE`] or more.
 pub fn parallel_uploads(
     scanned: &Scanned,
     wanted: &[Wanted],
@@ -425,36 +429,40 @@ pub fn parallel_uploads(
     channels: usize,
 ) -> Vec<Upload> {
     let mut seen = HashSet::new();
-    let mut big: Vec<&Wanted> = wanted
+    let mut files: Vec<&Wanted> = wanted
         .iter()
-        .filter(|w| {
-            w.size >= PARALLEL_MIN_FILE
-                && needed.contains(&w.variant)
-                && seen.insert(w.variant.as_str())
-        })
+        .filter(|w| needed.contains(&w.variant) && seen.insert(w.variant.as_str()))
         .collect();
-    let total: u64 = big.iter().map(|w| w.size).sum();
-    if channels < 2 || big.len() < 2 || total < PARALLEL_MIN_TOTAL {
+    let big: Vec<u64> = files
+        .iter()
+        .map(|w| w.size)
+        .filter(|&n| n >= PARALLEL_MIN_FILE)
+        .collect();
+    if channels < 2 || big.len() < 2 || big.iter().sum::<u64>() < PARALLEL_MIN_TOTAL {
         return Vec::new();
     }
-    big.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.variant.cmp(&b.variant)));
-    let mut uploads: Vec<Upload> = (0..channels.min(big.len()))
+    files.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.variant.cmp(&b.variant)));
+    let mut uploads: Vec<Upload> = (0..channels.min(files.len()))
         .map(|_| Upload::default())
         .collect();
-    for w in big {
+    let mut load = vec![0u64; uploads.len()];
+    for w in files {
         let Some(Source::Entry(e)) = scanned.sources.get(w.index) else {
             continue;
         };
-        let lightest = uploads
-            .iter_mut()
-            .min_by_key(|u| u.bytes)
+        let (i, _) = load
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, l)| **l)
             .expect("at least two uploads");
+        load[i] += w.size + PER_FILE;
         let mut blob = e.clone();
         blob.rel = w.variant.clone();
         blob.mode = e.mode & COPIED_MODE_BITS;
-        lightest.entries.push(blob);
-        lightest.variants.push(w.variant.clone());
-        lightest.bytes += w.size;
+        let u = &mut uploads[i];
+        u.entries.push(blob);
+        u.variants.push(w.variant.clone());
+        u.bytes += w.size;
     }
     uploads.retain(|u| !u.entries.is_empty());
     uploads
@@ -1471,9 +1479,10 @@ mod tests {
         }
     }
 
-    /// New content of 1 MiB and more is split into uploads of about the
-    /// same size, each file once; content the builder has, small files,
-    /// one channel or little content leave it all to the stream.
+    /// New content is split into uploads of about the same size, each
+    /// file once, small ones too; content the builder has stays out, and
+    /// one channel or little content in large files leaves it all to the
+    /// stream.
     #[test]
     fn large_new_content_is_split_evenly_across_channels() {
         use crate::context::DockerIgnore;
@@ -1506,17 +1515,18 @@ mod tests {
             .collect();
         let ups = parallel_uploads(&scanned, &wanted, &needed, 3);
         assert_eq!(ups.len(), 3);
-        let sizes: Vec<u64> = ups.iter().map(|u| u.bytes).collect();
+        let mut sizes: Vec<u64> = ups.iter().map(|u| u.bytes).collect();
+        sizes.sort();
         assert_eq!(
             sizes,
-            vec![7 << 20; 3],
-            "largest first, each to the lightest"
+            vec![7 << 20, 7 << 20, (7 << 20) + 5],
+            "largest first, each to the lightest; the small file too"
         );
         let mut all: Vec<&String> = ups.iter().flat_map(|u| &u.variants).collect();
         all.sort();
         let mut want: Vec<&String> = wanted
             .iter()
-            .filter(|w| w.size >= PARALLEL_MIN_FILE && needed.contains(&w.variant))
+            .filter(|w| needed.contains(&w.variant))
             .map(|w| &w.variant)
             .collect();
         want.sort();

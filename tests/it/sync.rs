@@ -2439,6 +2439,15 @@ esac
         carried += n;
     }
     assert!(carried >= 21 << 20, "the uploads carried {carried} bytes");
+    // The small files went with them: the sync's stream carries links.
+    let small_in_puts = puts
+        .iter()
+        .filter(|put| {
+            let data = std::fs::read(put.join("in")).unwrap();
+            data.windows(b"file 7\n".len()).any(|w| w == b"file 7\n")
+        })
+        .count();
+    assert_eq!(small_in_puts, 1, "src/f7.txt is in one upload");
     for (i, data) in big.iter().enumerate() {
         assert_eq!(
             sha_hex(&cat_in_image(image, &format!("/ctx/big{}.bin", i + 1))),
