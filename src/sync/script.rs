@@ -155,8 +155,11 @@ case $seek in
   *[!0-9a-f]*|'') seek=- ;;
 esac
 if [ "$state" = none ] && [ "$seek" != - ]; then
-  for a in $(find "$ws/contexts" -mindepth 2 -maxdepth 2 -name state -type f \
-               -exec grep -l "^v1 clean $seek " {} + 2>/dev/null); do
+  # (A list in a file, read by this shell: a name may hold spaces.)
+  list=$dir/alias.list
+  find "$ws/contexts" -mindepth 2 -maxdepth 2 -name state -type f \
+    -exec grep -l "^v1 clean $seek " {} + > "$list" 2>/dev/null
+  while IFS= read -r a; do
     a=${a%/state}
     case $a in "$ws/contexts/"*/*|"$dir") continue ;; "$ws/contexts/"*) ;; *) continue ;; esac
     [ -d "$a" ] && [ ! -L "$a" ] && [ -f "$a/lock" ] && [ ! -L "$a/lock" ] || continue
@@ -169,13 +172,14 @@ if [ "$state" = none ] && [ "$seek" != - ]; then
       exec 8>&9 9>&-
       aliased=1
       # This key's own folder holds nothing yet: it goes.
-      rm -f "$odir/lock" && rmdir "$odir" 2>/dev/null
+      rm -f "$odir/lock" "$list" && rmdir "$odir" 2>/dev/null
       break
     fi
     exec 9>&-
     dir=$odir tree=$odir/tree
     copy_state
-  done
+  done < "$list"
+  rm -f "$list"
 fi
 printf 'state %s %s %s %s %s\n' "$state" "$mh" "$lh" "$cur" "$bootst"
 
