@@ -542,8 +542,8 @@ pub async fn sync_context_early(
             let uploads = store::parallel_uploads(&scanned, &wanted, n, channels);
             if !uploads.is_empty() {
                 let count = uploads.len();
-                let sent = Arc::new(AtomicU64::new(summary.bytes_sent));
                 let already = summary.bytes_sent;
+                let sent = AtomicU64::new(already);
                 let t = Instant::now();
                 let (stored, bytes) = store::put_parallel(
                     session,
@@ -812,29 +812,19 @@ async fn exchange(
     let reader = &mut p.reader;
     let send = async {
         let mut sent = request.len() as u64;
-        let result = async {
-            writer.write_all(&request).await?;
-            if let Some(mut rx) = rx {
-                while let Some(chunk) = rx.recv().await {
-                    let chunk = chunk.map_err(|e| SyncError::Remote {
-                        builder: builder.to_string(),
-                        message: format!("the context archive broke: {e}"),
-                    })?;
-                    writer.write_all(&chunk).await?;
-                    sent += chunk.len() as u64;
-                    reporter.upload_progress(already_sent + sent);
-                    reporter.upload_content(content.load(Ordering::Relaxed), planned);
-                }
-            }
-            Ok::<(), SyncError>(())
-        }
-        .await;
-        // Close stdin even after a failure here (a file that shrank while
-        // being read): the builder's tar then sees a cut archive and
-        // fails, instead of waiting for the rest forever.
-        let closed = writer.eof().await;
-        result?;
-        closed?;
+        pump(writer, &request, rx, |n| {
+            sent += n;
+            reporter.upload_progress(already_sent + sent);
+            reporter.upload_content(content.load(Ordering::Relaxed), planned);
+        })
+        .await
+        .map_err(|e| match e {
+            Pumped::Archive(e) => SyncError::Remote {
+                builder: builder.to_string(),
+                message: format!("the context archive broke: {e}"),
+            },
+            Pumped::Ssh(e) => e.into(),
+        })?;
         Ok::<u64, SyncError>(sent)
     };
     // Read to the end rather than line by line: sshd may report the exit
@@ -914,6 +904,42 @@ async fn exchange(
         bytes,
         tree,
     })
+}
+
+/// Why [`pump`] stopped.
+enum Pumped {
+    /// Reading the context for the archive failed.
+    Archive(std::io::Error),
+    Ssh(SshError),
+}
+
+/// Writes `head` and then an archive's chunks to a channel's stdin,
+/// telling `each` the bytes of every chunk, and then closes stdin, also
+/// after a failure (a file that shrank while being read): the builder's
+/// tar then sees a cut archive and fails, instead of waiting for the rest
+/// forever.
+async fn pump(
+    writer: &crate::ssh::exec::Writer,
+    head: &[u8],
+    rx: Option<context::TarChunks>,
+    mut each: impl FnMut(u64),
+) -> Result<(), Pumped> {
+    let result = async {
+        if !head.is_empty() {
+            writer.write_all(head).await.map_err(Pumped::Ssh)?;
+        }
+        if let Some(mut rx) = rx {
+            while let Some(chunk) = rx.recv().await {
+                let chunk = chunk.map_err(Pumped::Archive)?;
+                writer.write_all(&chunk).await.map_err(Pumped::Ssh)?;
+                each(chunk.len() as u64);
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let closed = writer.eof().await.map_err(Pumped::Ssh);
+    result.and(closed)
 }
 
 fn remote_error(builder: &str, line: Option<&str>, stderr: &[u8]) -> SyncError {

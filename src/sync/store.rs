@@ -309,10 +309,7 @@ pub fn tar_inputs(
             if sent.insert(w.variant.clone())
                 && let Some(Source::Entry(e)) = scanned.sources.get(w.index)
             {
-                let mut blob = e.clone();
-                blob.rel = format!("{inc}/{}", w.variant);
-                blob.mode = e.mode & COPIED_MODE_BITS;
-                blobs.push(blob);
+                blobs.push(blob_entry(e, format!("{inc}/{}", w.variant)));
             }
             format!("{inc}/{}", w.variant)
         } else {
@@ -334,6 +331,16 @@ pub fn tar_inputs(
         links,
         content_bytes,
         blobs_sent,
+    }
+}
+
+/// A context file sent as store content under `rel`: with the permission
+/// bits its variant names, and never a setuid or setgid bit.
+fn blob_entry(e: &Entry, rel: String) -> Entry {
+    Entry {
+        rel,
+        mode: e.mode & COPIED_MODE_BITS,
+        ..e.clone()
     }
 }
 
@@ -456,11 +463,8 @@ pub fn parallel_uploads(
             .min_by_key(|(_, l)| **l)
             .expect("at least two uploads");
         load[i] += w.size + PER_FILE;
-        let mut blob = e.clone();
-        blob.rel = w.variant.clone();
-        blob.mode = e.mode & COPIED_MODE_BITS;
         let u = &mut uploads[i];
-        u.entries.push(blob);
+        u.entries.push(blob_entry(e, w.variant.clone()));
         u.variants.push(w.variant.clone());
         u.bytes += w.size;
     }
@@ -480,7 +484,7 @@ pub async fn put_parallel(
     workspace: &str,
     uploads: Vec<Upload>,
     compression: Compression,
-    progress: (&Arc<AtomicU64>, &Arc<AtomicU64>),
+    progress: (&AtomicU64, &Arc<AtomicU64>),
     report: &(dyn Fn(u64, u64) + Sync),
 ) -> (HashSet<String>, u64) {
     use std::sync::atomic::Ordering;
@@ -493,33 +497,28 @@ pub async fn put_parallel(
                 .exec("a parallel upload", command)
                 .await
                 .map_err(|e| e.to_string())?;
-            let (mut rx, producer) = context::tar_stream_with_links(
+            let (rx, producer) = context::tar_stream_with_links(
                 upload.entries,
                 Vec::new(),
                 Vec::new(),
                 compression,
-                256 * 1024,
+                super::CHUNK,
                 content.clone(),
             );
             let writer = &p.writer;
             let reader = &mut p.reader;
             let mut mine = 0u64;
             let send = async {
-                let result = async {
-                    while let Some(chunk) = rx.recv().await {
-                        let chunk =
-                            chunk.map_err(|e| format!("the upload's archive broke: {e}"))?;
-                        writer.write_all(&chunk).await.map_err(|e| e.to_string())?;
-                        let n = chunk.len() as u64;
-                        mine += n;
-                        let total = sent.fetch_add(n, Ordering::Relaxed) + n;
-                        report(total, content.load(Ordering::Relaxed));
-                    }
-                    Ok::<(), String>(())
-                }
-                .await;
-                let closed = writer.eof().await.map_err(|e| e.to_string());
-                result.and(closed)
+                super::pump(writer, &[], Some(rx), |n| {
+                    mine += n;
+                    let total = sent.fetch_add(n, Ordering::Relaxed) + n;
+                    report(total, content.load(Ordering::Relaxed));
+                })
+                .await
+                .map_err(|e| match e {
+                    super::Pumped::Archive(e) => format!("the upload's archive broke: {e}"),
+                    super::Pumped::Ssh(e) => e.to_string(),
+                })
             };
             let mut out = Vec::new();
             let mut err = Vec::new();
